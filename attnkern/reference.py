@@ -1,0 +1,153 @@
+"""The naive attention math: the oracle for every test and the fallback path.
+
+`reference_attention` works on SDPA-style tensors of any dtype (float64 included) using torch's own
+broadcasting, independently of the normalization in problem.py, and is differentiable by autograd.
+It materializes the (…, L, S) score matrix: O(L·S) memory, by design.
+
+`reference_attention_backward` is the same math's backward written out (the formulas every kernel
+implements), used by the "reference" backend so that it honours the same forward/backward contract.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from . import masks
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _causal_allowed(L: int, S: int, causal: int, device) -> torch.Tensor:
+    rows = torch.arange(L, device=device).unsqueeze(-1)
+    cols = torch.arange(S, device=device)
+    return cols <= rows + masks.causal_offset(causal, L, S)
+
+
+def _expand_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    if t.dim() < 3 or t.shape[-3] == heads:
+        return t
+    return t.repeat_interleave(heads // t.shape[-3], dim=-3)
+
+
+def reference_scores(
+    query, key, attn_mask=None, *, causal=0, scale=None, enable_gqa=False, compute_dtype=None
+) -> torch.Tensor:
+    """Scaled, masked scores `s` (−inf where masked) in `compute_dtype` (default: the query's dtype)."""
+    causal = masks.parse_causal(causal)
+    dtype = compute_dtype or query.dtype
+    E = query.shape[-1]
+    scale = 1.0 / math.sqrt(E) if scale is None else scale
+    if enable_gqa:
+        key = _expand_heads(key, query.shape[-3])
+    s = (query.to(dtype) @ key.to(dtype).transpose(-2, -1)) * scale
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            s = s.masked_fill(~attn_mask, float("-inf"))
+        else:
+            s = s + attn_mask.to(dtype)
+    if causal != masks.CAUSAL_NONE:
+        allowed = _causal_allowed(s.shape[-2], s.shape[-1], causal, s.device)
+        s = s.masked_fill(~allowed, float("-inf"))
+    return s
+
+
+def reference_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: Optional[torch.Tensor] = None,
+    *,
+    causal=masks.CAUSAL_NONE,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+    dropout_p: float = 0.0,
+    compute_dtype: Optional[torch.dtype] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Naive attention. Returns (out in query's dtype, natural-log row log-sum-exp).
+
+    `causal`: an int code from masks.py or anything `masks.parse_causal` takes. Fully masked rows give
+    output 0, log-sum-exp −inf, and zero gradients. `compute_dtype` runs the math in another dtype
+    (e.g. float32 for half inputs); the log-sum-exp is float32, or float64 for float64 math.
+    """
+    dtype = compute_dtype or query.dtype
+    s = reference_scores(
+        query, key, attn_mask, causal=causal, scale=scale, enable_gqa=enable_gqa, compute_dtype=dtype
+    )
+    # Softmax with a detached, finite row max: exact (softmax is shift invariant), and a fully masked
+    # row gives e = 0 everywhere, hence output 0 and zero gradients instead of NaN.
+    if s.shape[-1] == 0:  # no keys at all: every row is "fully masked"
+        m = s.new_zeros(s.shape[:-1] + (1,))
+    else:
+        m = s.detach().amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(s - m)
+    denom = e.sum(dim=-1, keepdim=True)
+    empty = denom == 0
+    denom_safe = torch.where(empty, torch.ones_like(denom), denom)
+    p = e / denom_safe
+    lse = torch.where(empty, torch.full_like(denom, float("-inf")), torch.log(denom_safe) + m).squeeze(-1)
+    if dropout_p > 0.0:
+        p = torch.nn.functional.dropout(p, p=dropout_p, training=True)
+    if enable_gqa:
+        value = _expand_heads(value, query.shape[-3])
+    out = p @ value.to(dtype)
+    lse_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    return out.to(query.dtype), lse.to(lse_dtype)
+
+
+def reduce_to_shape(t: torch.Tensor, shape) -> torch.Tensor:
+    """Sum `t` over the dims where `shape` (same rank) has size 1 and `t` does not."""
+    dims = [d for d, (have, want) in enumerate(zip(t.shape, shape)) if want == 1 and have != 1]
+    return t.sum(dim=dims, keepdim=True) if dims else t
+
+
+def reference_attention_backward(
+    dout: torch.Tensor,
+    dlse: Optional[torch.Tensor],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    causal: int,
+    mask_grad: bool,
+    compute_dtype: Optional[torch.dtype] = None,
+):
+    """The backward every kernel implements, on canonical 4-D tensors (see problem.py):
+
+        P = exp(S - lse)              (recomputed; 0 on fully masked rows)
+        dV = Pᵀ dO                    dP = dO Vᵀ
+        delta = rowsum(dO ∘ O) − dlse
+        dS = P ∘ (dP − delta)         (the gradient of the masked, scaled scores = the float mask's)
+        dQ = scale · dS K             dK = scale · dSᵀ Q
+    dK/dV are summed over each kv head's query-head group; dMask over the mask's broadcast dims.
+    Returns (dq, dk, dv, dmask or None) in the inputs' dtypes.
+    """
+    dtype = compute_dtype or q.dtype
+    Hq, Hkv = q.shape[1], k.shape[1]
+    group = Hq // Hkv
+    kx, vx = _expand_heads(k, Hq).to(dtype), _expand_heads(v, Hq).to(dtype)
+    s = reference_scores(q, k, mask, causal=causal, scale=scale, enable_gqa=True, compute_dtype=dtype)
+    lse_c = lse.to(dtype).unsqueeze(-1)
+    lse_c = torch.where(torch.isinf(lse_c), torch.full_like(lse_c, float("inf")), lse_c)
+    p = torch.exp(s - lse_c)
+    do = dout.to(dtype)
+    dv = p.transpose(-2, -1) @ do
+    dp = do @ vx.transpose(-2, -1)
+    delta = (do * out.to(dtype)).sum(-1, keepdim=True)
+    if dlse is not None:
+        delta = delta - dlse.to(dtype).unsqueeze(-1)
+    ds = p * (dp - delta)
+    dq = scale * (ds @ kx)
+    dk = scale * (ds.transpose(-2, -1) @ q.to(dtype))
+    B, _, S, E = k.shape
+    dk = dk.view(B, Hkv, group, S, E).sum(2)
+    dv = dv.view(B, Hkv, group, S, v.shape[-1]).sum(2)
+    dmask = None
+    if mask_grad:
+        dmask = reduce_to_shape(ds, mask.shape).to(mask.dtype)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dmask

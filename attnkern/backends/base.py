@@ -1,0 +1,75 @@
+"""The forward/backward contract every backend implements.
+
+Inputs are the canonical tensors of problem.py: q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev),
+mask None or (Bm, Hm, Lm, Sm) (each dim 1 or full; bool = attend, float = added to the scaled scores),
+any strides. `causal` is a masks.CAUSAL_* code.
+
+    forward(q, k, v, mask, scale, causal) -> (out (B, Hq, L, Ev) in q's dtype, lse (B, Hq, L) float32)
+    backward(dout, dlse, q, k, v, mask, out, lse, scale, causal, mask_grad)
+        -> (dq, dk, dv, dmask or None)
+
+A fully masked row has out = 0, lse = -inf and zero gradients. `dlse` (may be None) is the gradient of
+the returned log-sum-exp. Outputs are allocated with the helpers below so that the fake (meta)
+implementations in ops.py produce identical shapes and strides.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+#: ATTNKERN_POISON=1 fills every buffer a kernel must write with NaN first, so that an element a kernel
+#: forgets to write fails the tests instead of passing on whatever memory held. A debugging aid.
+POISON = os.environ.get("ATTNKERN_POISON", "0") == "1"
+
+
+def _poisoned(t: torch.Tensor) -> torch.Tensor:
+    return t.fill_(float("nan")) if POISON and t.is_floating_point() else t
+
+
+def new_output(q: torch.Tensor, Ev: int) -> torch.Tensor:
+    """Output (B, H, L, Ev) laid out like q: if q is a (B, L, H, E) buffer viewed as (B, H, L, E), so is
+    the output, so that the usual `out.transpose(1, 2).reshape(B, L, H * Ev)` needs no copy."""
+    B, H, L, _ = q.shape
+    if H > 1 and L > 1 and q.stride(1) < q.stride(2):
+        return _poisoned(q.new_empty((B, L, H, Ev)).transpose(1, 2))
+    return _poisoned(q.new_empty((B, H, L, Ev)))
+
+
+def new_lse(q: torch.Tensor) -> torch.Tensor:
+    B, H, L, _ = q.shape
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return _poisoned(q.new_empty((B, H, L), dtype=dtype))
+
+
+def new_grad(t: torch.Tensor) -> torch.Tensor:
+    """A gradient buffer for input t: t's layout when t is dense, else contiguous."""
+    return _poisoned(torch.empty_like(t))
+
+
+def new_mask_grad(mask: torch.Tensor) -> torch.Tensor:
+    """The float32 accumulation buffer of a mask gradient, (Bm, Hm, Lm, Sm) contiguous."""
+    return _poisoned(torch.empty(mask.shape, dtype=torch.float32, device=mask.device))
+
+
+class Backend:
+    """Base class: subclasses set `name` and implement the methods below."""
+
+    name: str = "?"
+    #: Whether `auto` may choose this backend (the reference is only ever a fallback).
+    fused: bool = True
+
+    def availability(self, device: torch.device) -> Optional[str]:
+        """None if this backend can run on `device` in this process, else the reason it cannot."""
+        raise NotImplementedError
+
+    def unsupported_reason(self, problem) -> Optional[str]:
+        """None if the backend computes `problem` (an AttentionProblem), else why not."""
+        raise NotImplementedError
+
+    def forward(self, q, k, v, mask, scale: float, causal: int):
+        raise NotImplementedError
+
+    def backward(self, dout, dlse, q, k, v, mask, out, lse, scale: float, causal: int, mask_grad: bool):
+        raise NotImplementedError

@@ -1,0 +1,71 @@
+"""The "triton" backend: the fused kernels of attnkern/triton behind the backend contract.
+
+Runs on CUDA GPUs, and on the CPU under the Triton interpreter (TRITON_INTERPRET=1 set before attnkern
+is imported), which is how the CPU test suite exercises the very same kernels.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+
+import torch
+
+from .base import Backend
+
+MAX_HEAD_DIM = 256
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# Triton decides interpreted vs compiled when the kernels are decorated, so the variable counts only if
+# it was set before attnkern was imported; read it once, here, to stay consistent with the kernels.
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Found, not imported: importing triton costs about a second, paid on the first kernel call instead.
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
+
+class TritonBackend(Backend):
+    name = "triton"
+
+    def availability(self, device):
+        if not _TRITON_FOUND:
+            return "triton is not installed (pip install triton)"
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                return "CUDA is not available in this torch build"
+            return None
+        if device.type == "cpu":
+            if INTERPRETING:
+                return None
+            return ("CPU tensors run Triton kernels only under the interpreter: set TRITON_INTERPRET=1 "
+                    "before importing attnkern")
+        return f"Triton kernels run on CUDA devices, not {device.type}"
+
+    def unsupported_reason(self, problem):
+        if problem.dtype not in KERNEL_DTYPES:
+            return f"the Triton kernels take float16, bfloat16 and float32, not {problem.dtype}"
+        if max(problem.E, problem.Ev) > MAX_HEAD_DIM:
+            return f"head dims up to {MAX_HEAD_DIM} (got E={problem.E}, Ev={problem.Ev})"
+        if problem.dtype == torch.bfloat16:
+            if problem.device.type == "cpu":
+                return "the Triton CPU interpreter computes bfloat16 dots wrongly; bfloat16 runs on a GPU"
+            if torch.cuda.get_device_capability(problem.device) < (8, 0):
+                return "bfloat16 kernels need a GPU of compute capability 8.0 or newer"
+        if problem.dropout_p > 0.0:
+            return "dropout is not fused yet (dropout_p > 0)"
+        return None
+
+    def forward(self, q, k, v, mask, scale, causal):
+        from ..triton import attention_forward
+
+        with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+            return attention_forward(q, k, v, mask, scale, causal)
+
+    def backward(self, dout, dlse, q, k, v, mask, out, lse, scale, causal, mask_grad):
+        from ..triton import attention_backward
+
+        with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+            return attention_backward(dout, dlse, q, k, v, mask, out, lse, scale, causal, mask_grad)
+

@@ -1,0 +1,432 @@
+"""Fused attention backward: preprocess, a dK/dV pass, a dQ pass, and (only when a float mask needs a
+gradient) a dMask pass. No atomics anywhere, so results are deterministic run to run.
+
+The passes recompute P = exp2(S2 - lse2) from the saved log-sum-exp instead of storing L×S
+probabilities. The preprocess turns the natural-log lse into lse2 = lse·log2(e), with +inf for fully
+masked rows (lse = -inf), so that P comes out 0 there rather than exp2(-inf + inf) = NaN. It also forms
+delta = rowsum(dO ∘ O) − dlse, where dlse is the gradient of the returned log-sum-exp.
+
+    dV = Pᵀ dO,  dP = dO Vᵀ,  dS = P ∘ (dP − delta),  dQ = scale·dS K,  dK = scale·dSᵀ Q,  dMask = dS
+
+dK/dV programs own a key block of one kv head and loop over that head's whole query-head group, so
+grouped-query attention needs neither atomics nor a materialized repeat. The dMask pass owns one tile
+of the (Bm, Hm, Lm, Sm) mask gradient and sums over exactly the dims the mask broadcasts over.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ..backends.base import new_grad, new_mask_grad
+from ..masks import CAUSAL_NONE, causal_offset, mask_kind
+from . import configs
+from .common import LOG2E, load_tile, mask_scores, store_tile
+from .forward import mask_args, precision_for
+
+
+@triton.jit
+def _bwd_preprocess_kernel(
+    O, DO, LSE, DLSE, DELTA, LSE2,
+    stride_ob, stride_oh, stride_ol, stride_oe,
+    stride_dob, stride_doh, stride_dol, stride_doe,
+    stride_dlb, stride_dlh, stride_dll,
+    H, L,
+    EV: tl.constexpr, BLOCK_EV: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_ev = tl.arange(0, BLOCK_EV)
+    o = load_tile(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_ev[None, :] * stride_oe,
+                  offs_m, offs_ev, L, EV, True, BLOCK_EV != EV)
+    do = load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dol
+                   + offs_ev[None, :] * stride_doe, offs_m, offs_ev, L, EV, True, BLOCK_EV != EV)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    row = (b * H + h) * L + offs_m
+    in_range = offs_m < L
+    if HAS_DLSE:
+        dlse = tl.load(DLSE + b * stride_dlb + h * stride_dlh + offs_m * stride_dll, mask=in_range, other=0.0)
+        delta -= dlse.to(tl.float32)
+    lse = tl.load(LSE + row, mask=in_range, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    tl.store(DELTA + row, delta, mask=in_range)
+    tl.store(LSE2 + row, lse2, mask=in_range)
+
+
+@triton.jit
+def _dkdv_tile(
+    dk, dv, k, v, q_base, do_base, mask_base, lse2_base, delta_base, start_m, offs_n, offs_m0, offs_e, offs_ev,
+    stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms,
+    L, S, qk_scale, causal_off,
+    E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
+    MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Accumulate one query tile's contribution to a key block's dK, dV. Works on Sᵀ (keys × queries)."""
+    offs_m = start_m + offs_m0
+    qT = load_tile(q_base + offs_e[:, None] * stride_qe + offs_m[None, :] * stride_ql,
+                   offs_e, offs_m, E, L, BLOCK_E != E, CHECK_M)
+    if CHECK_M:  # rows past L: lse2 = +inf makes their P exactly 0
+        lse2 = tl.load(lse2_base + offs_m, mask=offs_m < L, other=float("inf"))
+        delta = tl.load(delta_base + offs_m, mask=offs_m < L, other=0.0)
+    else:
+        lse2 = tl.load(lse2_base + offs_m)
+        delta = tl.load(delta_base + offs_m)
+    sT = tl.dot(k, qT, input_precision=PRECISION) * qk_scale
+    sT = mask_scores(sT, offs_m[None, :], offs_n[:, None], mask_base, stride_ml, stride_ms, L, S, causal_off,
+                     MASK_KIND, APPLY_CAUSAL, CHECK_M, CHECK_N)
+    pT = tl.math.exp2(sT - lse2[None, :])
+    do = load_tile(do_base + offs_m[:, None] * stride_dol + offs_ev[None, :] * stride_doe,
+                   offs_m, offs_ev, L, EV, CHECK_M, BLOCK_EV != EV)
+    dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
+    dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    dsT = pT * (dpT - delta[None, :])
+    dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.autotune(
+    configs=configs.configs_for(configs.BWD_CONFIGS),
+    key=["L_BUCKET", "S_BUCKET", "E", "EV", "MASK_KIND", "IS_CAUSAL", "PRECISION"],
+    prune_configs_by={"early_config_prune": configs.prune},
+)
+@triton.heuristics({
+    "EVEN_M": lambda a: a["L"] % a["BLOCK_M"] == 0,
+    "EVEN_N": lambda a: a["S"] % a["BLOCK_N"] == 0,
+})
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, M, DO, LSE2, DELTA, DK, DV,
+    stride_qb, stride_qh, stride_ql, stride_qe,
+    stride_kb, stride_kh, stride_ks, stride_ke,
+    stride_vb, stride_vh, stride_vs, stride_ve,
+    stride_mb, stride_mh, stride_ml, stride_ms,
+    stride_dob, stride_doh, stride_dol, stride_doe,
+    stride_dkb, stride_dkh, stride_dks, stride_dke,
+    stride_dvb, stride_dvh, stride_dvs, stride_dve,
+    H, GROUP, L, S, qk_scale, scale, causal_off, L_BUCKET, S_BUCKET,
+    E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    hk = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_ev = tl.arange(0, BLOCK_EV)
+
+    k = load_tile(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_ks + offs_e[None, :] * stride_ke,
+                  offs_n, offs_e, S, E, not EVEN_N, BLOCK_E != E)
+    v = load_tile(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vs + offs_ev[None, :] * stride_ve,
+                  offs_n, offs_ev, S, EV, not EVEN_N, BLOCK_EV != EV)
+    dk = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_EV], dtype=tl.float32)
+
+    # Query rows that see any key of this block: i + causal_off >= start_n. Rows that see all of
+    # them (i + causal_off >= start_n + BLOCK_N - 1) need no causal compare.
+    lo = 0
+    mid = 0
+    if IS_CAUSAL:
+        lo = tl.maximum(start_n - causal_off, 0) // BLOCK_M * BLOCK_M
+        mid = tl.minimum(tl.maximum(start_n + BLOCK_N - 1 - causal_off + BLOCK_M - 1, 0) // BLOCK_M * BLOCK_M, L)
+        mid = tl.maximum(mid, lo)
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_dob + h * stride_doh
+        mask_base = M + b * stride_mb + h * stride_mh
+        lse2_base = LSE2 + (b * H + h) * L
+        delta_base = DELTA + (b * H + h) * L
+        if IS_CAUSAL:
+            for start_m in range(lo, mid, BLOCK_M):
+                dk, dv = _dkdv_tile(
+                    dk, dv, k, v, q_base, do_base, mask_base, lse2_base, delta_base, start_m, offs_n, offs_m0,
+                    offs_e, offs_ev, stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms,
+                    L, S, qk_scale, causal_off, E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True,
+                    not EVEN_M, not EVEN_N, PRECISION)
+            for start_m in range(mid, L, BLOCK_M):
+                dk, dv = _dkdv_tile(
+                    dk, dv, k, v, q_base, do_base, mask_base, lse2_base, delta_base, start_m, offs_n, offs_m0,
+                    offs_e, offs_ev, stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms,
+                    L, S, qk_scale, causal_off, E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False,
+                    not EVEN_M, not EVEN_N, PRECISION)
+        else:
+            for start_m in range(0, L, BLOCK_M):
+                dk, dv = _dkdv_tile(
+                    dk, dv, k, v, q_base, do_base, mask_base, lse2_base, delta_base, start_m, offs_n, offs_m0,
+                    offs_e, offs_ev, stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms,
+                    L, S, qk_scale, causal_off, E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False,
+                    not EVEN_M, not EVEN_N, PRECISION)
+
+    dk = dk * scale
+    store_tile(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dks + offs_e[None, :] * stride_dke,
+               dk.to(DK.dtype.element_ty), offs_n, offs_e, S, E, not EVEN_N, BLOCK_E != E)
+    store_tile(DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvs + offs_ev[None, :] * stride_dve,
+               dv.to(DV.dtype.element_ty), offs_n, offs_ev, S, EV, not EVEN_N, BLOCK_EV != EV)
+
+
+@triton.jit
+def _dq_tile(
+    dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_e, offs_ev,
+    stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms,
+    L, S, qk_scale, causal_off,
+    E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
+    MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    offs_n = start_n + offs_n0
+    kT = load_tile(k_base + offs_e[:, None] * stride_ke + offs_n[None, :] * stride_ks,
+                   offs_e, offs_n, E, S, BLOCK_E != E, CHECK_N)
+    vT = load_tile(v_base + offs_ev[:, None] * stride_ve + offs_n[None, :] * stride_vs,
+                   offs_ev, offs_n, EV, S, BLOCK_EV != EV, CHECK_N)
+    s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
+    s = mask_scores(s, offs_m[:, None], offs_n[None, :], mask_base, stride_ml, stride_ms, L, S, causal_off,
+                    MASK_KIND, APPLY_CAUSAL, CHECK_M, CHECK_N)
+    p = tl.math.exp2(s - lse2[:, None])
+    dp = tl.dot(do, vT, input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PRECISION)
+    return dq
+
+
+@triton.autotune(
+    configs=configs.configs_for(configs.BWD_CONFIGS),
+    key=["L_BUCKET", "S_BUCKET", "E", "EV", "MASK_KIND", "IS_CAUSAL", "PRECISION"],
+    prune_configs_by={"early_config_prune": configs.prune},
+)
+@triton.heuristics({
+    "EVEN_M": lambda a: a["L"] % a["BLOCK_M"] == 0,
+    "EVEN_N": lambda a: a["S"] % a["BLOCK_N"] == 0,
+})
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, M, DO, LSE2, DELTA, DQ,
+    stride_qb, stride_qh, stride_ql, stride_qe,
+    stride_kb, stride_kh, stride_ks, stride_ke,
+    stride_vb, stride_vh, stride_vs, stride_ve,
+    stride_mb, stride_mh, stride_ml, stride_ms,
+    stride_dob, stride_doh, stride_dol, stride_doe,
+    stride_dqb, stride_dqh, stride_dql, stride_dqe,
+    H, GROUP, L, S, qk_scale, scale, causal_off, L_BUCKET, S_BUCKET,
+    E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    if IS_CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    hk = h // GROUP
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_ev = tl.arange(0, BLOCK_EV)
+
+    q = load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_e[None, :] * stride_qe,
+                  offs_m, offs_e, L, E, not EVEN_M, BLOCK_E != E)
+    do = load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dol
+                   + offs_ev[None, :] * stride_doe, offs_m, offs_ev, L, EV, not EVEN_M, BLOCK_EV != EV)
+    row = (b * H + h) * L + offs_m
+    if EVEN_M:
+        lse2 = tl.load(LSE2 + row)
+        delta = tl.load(DELTA + row)
+    else:
+        lse2 = tl.load(LSE2 + row, mask=offs_m < L, other=float("inf"))
+        delta = tl.load(DELTA + row, mask=offs_m < L, other=0.0)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    mask_base = M + b * stride_mb + h * stride_mh
+    dq = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
+
+    if IS_CAUSAL:
+        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_off, 0), S)
+        n_full = tl.minimum(tl.maximum(start_m + causal_off + 1, 0) // BLOCK_N * BLOCK_N, hi)
+        for start_n in range(0, n_full, BLOCK_N):
+            dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_e,
+                          offs_ev, stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms,
+                          L, S, qk_scale, causal_off, E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False,
+                          not EVEN_M, not EVEN_N, PRECISION)
+        for start_n in range(n_full, hi, BLOCK_N):
+            dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_e,
+                          offs_ev, stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms,
+                          L, S, qk_scale, causal_off, E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True,
+                          not EVEN_M, not EVEN_N, PRECISION)
+    else:
+        for start_n in range(0, S, BLOCK_N):
+            dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_e,
+                          offs_ev, stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms,
+                          L, S, qk_scale, causal_off, E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False,
+                          not EVEN_M, not EVEN_N, PRECISION)
+
+    dq = dq * scale
+    store_tile(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dql + offs_e[None, :] * stride_dqe,
+               dq.to(DQ.dtype.element_ty), offs_m, offs_e, L, E, not EVEN_M, BLOCK_E != E)
+
+
+@triton.jit
+def _attn_bwd_dmask_kernel(
+    Q, K, V, M, DO, LSE2, DELTA, DM,
+    stride_qb, stride_qh, stride_ql, stride_qe,
+    stride_kb, stride_kh, stride_ks, stride_ke,
+    stride_vb, stride_vh, stride_vs, stride_ve,
+    stride_mb, stride_mh, stride_ml, stride_ms,
+    stride_dob, stride_doh, stride_dol, stride_doe,
+    stride_dmb, stride_dmh, stride_dml, stride_dms,
+    B, H, GROUP, L, S, HM, qk_scale, causal_off,
+    E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    SUM_B: tl.constexpr, SUM_H: tl.constexpr, SUM_L: tl.constexpr, SUM_S: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One (BLOCK_M × BLOCK_N) tile of dMask (Bm, Hm, Lm, Sm) = dS summed over the broadcast dims.
+
+    A dim that the mask broadcasts over (SUM_*) is looped over inside the program, so the sum is
+    formed in registers in a fixed order: deterministic, and the buffer is written once.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    bm = (pid_bh // HM).to(tl.int64)
+    hm = (pid_bh % HM).to(tl.int64)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_ev = tl.arange(0, BLOCK_EV)
+
+    # A summed dim loops over its whole extent; int64 bounds keep the loop variables int64.
+    b_lo = bm
+    b_hi = bm + 1
+    if SUM_B:
+        b_lo = bm * 0
+        b_hi = b_lo + B
+    h_lo = hm
+    h_hi = hm + 1
+    if SUM_H:
+        h_lo = hm * 0
+        h_hi = h_lo + H
+    m_lo = pid_m * BLOCK_M
+    m_hi = m_lo + BLOCK_M
+    if SUM_L:
+        m_lo = 0
+        m_hi = L
+    n_lo = pid_n * BLOCK_N
+    n_hi = n_lo + BLOCK_N
+    if SUM_S:
+        n_lo = 0
+        n_hi = S
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for b in range(b_lo, b_hi):
+        for h in range(h_lo, h_hi):
+            hk = h // GROUP
+            q_base = Q + b * stride_qb + h * stride_qh
+            do_base = DO + b * stride_dob + h * stride_doh
+            k_base = K + b * stride_kb + hk * stride_kh
+            v_base = V + b * stride_vb + hk * stride_vh
+            mask_base = M + b * stride_mb + h * stride_mh
+            row0 = (b * H + h) * L
+            for start_m in range(m_lo, m_hi, BLOCK_M):
+                offs_m = start_m + offs_m0
+                q = load_tile(q_base + offs_m[:, None] * stride_ql + offs_e[None, :] * stride_qe,
+                              offs_m, offs_e, L, E, True, BLOCK_E != E)
+                do = load_tile(do_base + offs_m[:, None] * stride_dol + offs_ev[None, :] * stride_doe,
+                               offs_m, offs_ev, L, EV, True, BLOCK_EV != EV)
+                lse2 = tl.load(LSE2 + row0 + offs_m, mask=offs_m < L, other=float("inf"))
+                delta = tl.load(DELTA + row0 + offs_m, mask=offs_m < L, other=0.0)
+                for start_n in range(n_lo, n_hi, BLOCK_N):
+                    offs_n = start_n + offs_n0
+                    kT = load_tile(k_base + offs_e[:, None] * stride_ke + offs_n[None, :] * stride_ks,
+                                   offs_e, offs_n, E, S, BLOCK_E != E, True)
+                    vT = load_tile(v_base + offs_ev[:, None] * stride_ve + offs_n[None, :] * stride_vs,
+                                   offs_ev, offs_n, EV, S, BLOCK_EV != EV, True)
+                    s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
+                    s = mask_scores(s, offs_m[:, None], offs_n[None, :], mask_base, stride_ml, stride_ms,
+                                    L, S, causal_off, 2, IS_CAUSAL, True, True)
+                    p = tl.math.exp2(s - lse2[:, None])
+                    dp = tl.dot(do, vT, input_precision=PRECISION)
+                    ds = p * (dp - delta[:, None])
+                    acc += ds
+    offs_m = pid_m * BLOCK_M + offs_m0
+    offs_n = pid_n * BLOCK_N + offs_n0
+    dm_base = DM + bm * stride_dmb + hm * stride_dmh
+    if SUM_L:
+        if SUM_S:
+            tl.store(dm_base, tl.sum(tl.sum(acc, 1), 0))
+        else:
+            tl.store(dm_base + offs_n * stride_dms, tl.sum(acc, 0), mask=offs_n < S)
+    else:
+        if SUM_S:
+            tl.store(dm_base + offs_m * stride_dml, tl.sum(acc, 1), mask=offs_m < L)
+        else:
+            store_tile(dm_base + offs_m[:, None] * stride_dml + offs_n[None, :] * stride_dms, acc,
+                       offs_m, offs_n, L, S, True, True)
+
+
+def dmask_blocks(E: int, Ev: int, dtype):
+    """(BLOCK_M, BLOCK_N, warps) of the dMask kernel: the first backward config of the head dim and
+    dtype (not autotuned: it runs only for learned masks, once per backward)."""
+    if configs.INTERPRET:
+        return configs.INTERPRET_BLOCK, configs.INTERPRET_BLOCK, 4
+    c = configs.first_config(configs.BWD_CONFIGS, max(configs.head_block(E), configs.head_block(Ev)), dtype)
+    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps
+
+
+def attention_backward(dout, dlse, q, k, v, mask, out, lse, scale: float, causal: int, mask_grad: bool):
+    """Triton backward on canonical tensors (see backends/base.py). Returns (dq, dk, dv, dmask or None)."""
+    B, H, L, E = q.shape
+    Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
+    group = H // Hkv
+    dq, dk, dv = new_grad(q), new_grad(k), new_grad(v)
+    delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+    lse2 = torch.empty_like(delta)
+    block_e, block_ev = configs.head_block(E), configs.head_block(Ev)
+    off = causal_offset(causal, L, S)
+    precision = precision_for(q.dtype)
+    is_causal = causal != CAUSAL_NONE
+    kind = mask_kind(mask)
+    mask_t, m_strides = mask_args(mask)
+    mask_ptr = mask_t if mask_t is not None else q
+
+    pre_block = 64 if block_ev <= 128 else 32
+    dlse_strides = dlse.stride() if dlse is not None else (0, 0, 0)
+    _bwd_preprocess_kernel[(triton.cdiv(L, pre_block), H, B)](
+        out, dout, lse, dlse if dlse is not None else lse, delta, lse2,
+        *out.stride(), *dout.stride(), *dlse_strides, H, L,
+        EV=Ev, BLOCK_EV=block_ev, HAS_DLSE=dlse is not None, BLOCK_M=pre_block,
+    )
+
+    common = dict(E=E, EV=Ev, BLOCK_E=block_e, BLOCK_EV=block_ev, MASK_KIND=kind, IS_CAUSAL=is_causal,
+                  PRECISION=precision)
+    qk_scale = scale * LOG2E.value
+    _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), Hkv, B)](
+        q, k, v, mask_ptr, dout, lse2, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *dk.stride(), *dv.stride(),
+        H, group, L, S, qk_scale, scale, off, configs.bucket(L), configs.bucket(S), **common,
+    )
+    _attn_bwd_dq_kernel[lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), H, B)](
+        q, k, v, mask_ptr, dout, lse2, delta, dq,
+        *q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *dq.stride(),
+        H, group, L, S, qk_scale, scale, off, configs.bucket(L), configs.bucket(S), **common,
+    )
+
+    dmask = None
+    if mask_grad:
+        Bm, Hm, Lm, Sm = mask.shape
+        sum_b, sum_h, sum_l, sum_s = Bm == 1 and B > 1, Hm == 1 and H > 1, Lm == 1 and L > 1, Sm == 1 and S > 1
+        bm_, bn_, warps = dmask_blocks(E, Ev, q.dtype)
+        dm = new_mask_grad(mask)
+        grid = (1 if sum_l else triton.cdiv(L, bm_), 1 if sum_s else triton.cdiv(S, bn_), Bm * Hm)
+        _attn_bwd_dmask_kernel[grid](
+            q, k, v, mask_ptr, dout, lse2, delta, dm,
+            *q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *dm.stride(),
+            B, H, group, L, S, Hm, qk_scale, off,
+            E=E, EV=Ev, BLOCK_E=block_e, BLOCK_EV=block_ev, IS_CAUSAL=is_causal, PRECISION=precision,
+            SUM_B=sum_b, SUM_H=sum_h, SUM_L=sum_l, SUM_S=sum_s, BLOCK_M=bm_, BLOCK_N=bn_, num_warps=warps,
+        )
+        dmask = dm.to(mask.dtype)
+    return dq, dk, dv, dmask

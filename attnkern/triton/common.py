@@ -1,0 +1,69 @@
+"""Tile helpers shared by the forward and backward kernels.
+
+Scores inside the kernels are in base 2: s2 = (q·k) · scale · log2(e) (+ mask · log2(e)), so the
+softmax uses exp2; the log-sum-exp handed to and from Python is in natural log.
+"""
+import triton
+import triton.language as tl
+
+# constexpr so compiled kernels may read them (plain globals only work under the interpreter); Python
+# code reads `.value`.
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def load_tile(ptrs, rows, cols, n_rows, n_cols, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """Load a 2-D tile; out-of-range elements read as 0. Bounds are only checked where they can fail."""
+    if CHECK_ROWS:
+        if CHECK_COLS:
+            x = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
+        else:
+            x = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+    else:
+        if CHECK_COLS:
+            x = tl.load(ptrs, mask=cols[None, :] < n_cols, other=0.0)
+        else:
+            x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def store_tile(ptrs, x, rows, cols, n_rows, n_cols, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    if CHECK_ROWS:
+        if CHECK_COLS:
+            tl.store(ptrs, x, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols))
+        else:
+            tl.store(ptrs, x, mask=rows[:, None] < n_rows)
+    else:
+        if CHECK_COLS:
+            tl.store(ptrs, x, mask=cols[None, :] < n_cols)
+        else:
+            tl.store(ptrs, x)
+
+
+@triton.jit
+def mask_scores(
+    s, qi, kj, mask_base, stride_ml, stride_ms, L, S, causal_offset,
+    MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr, CHECK_Q: tl.constexpr, CHECK_K: tl.constexpr,
+):
+    """Apply the user mask, the causal diagonal and the sequence bounds to a base-2 score tile.
+
+    `qi` and `kj` are the query-row and key-column indices shaped to broadcast against `s`
+    ([:, None] and [None, :], or the transpose for the kernels that hold Sᵀ). Masked scores become -inf.
+    """
+    if MASK_KIND != 0:
+        m_ptrs = mask_base + qi * stride_ml + kj * stride_ms
+        if CHECK_Q or CHECK_K:
+            m = tl.load(m_ptrs, mask=(qi < L) & (kj < S), other=0)
+        else:
+            m = tl.load(m_ptrs)
+        if MASK_KIND == 1:
+            s = tl.where(m != 0, s, float("-inf"))
+        else:
+            s = s + m.to(tl.float32) * LOG2E
+    if APPLY_CAUSAL:
+        s = tl.where(kj <= qi + causal_offset, s, float("-inf"))
+    if CHECK_K:
+        s = tl.where(kj < S, s, float("-inf"))
+    return s

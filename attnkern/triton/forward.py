@@ -1,0 +1,174 @@
+"""Fused attention forward: one program per (query block, head, batch), online softmax over K/V tiles.
+
+Never materializes the L×S scores. Causal problems stop the key loop at the block's diagonal and apply
+the causal compare only on the tiles that straddle it; fully masked rows end with l = 0, which gives
+output 0 and log-sum-exp -inf.
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backends.base import new_lse, new_output
+from ..masks import CAUSAL_NONE, causal_offset
+from . import configs
+from .common import LN2, LOG2E, load_tile, mask_scores, store_tile
+
+
+@triton.jit
+def _fwd_tile(
+    acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_e, offs_ev,
+    stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms,
+    L, S, qk_scale, causal_off,
+    E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
+    MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    offs_n = start_n + offs_n0
+    # K is read transposed, (BLOCK_E, BLOCK_N), straight from memory.
+    kT = load_tile(k_base + offs_e[:, None] * stride_ke + offs_n[None, :] * stride_ks,
+                   offs_e, offs_n, E, S, BLOCK_E != E, CHECK_N)
+    s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
+    s = mask_scores(s, offs_m[:, None], offs_n[None, :], mask_base, stride_ml, stride_ms, L, S, causal_off,
+                    MASK_KIND, APPLY_CAUSAL, CHECK_M, CHECK_N)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row with nothing visible yet keeps m = -inf; subtract 0 instead so exp2 sees -inf, not NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = load_tile(v_base + offs_n[:, None] * stride_vs + offs_ev[None, :] * stride_ve,
+                  offs_n, offs_ev, S, EV, CHECK_N, BLOCK_EV != EV)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.autotune(
+    configs=configs.configs_for(configs.FWD_CONFIGS),
+    key=["L_BUCKET", "S_BUCKET", "E", "EV", "MASK_KIND", "IS_CAUSAL", "PRECISION"],
+    prune_configs_by={"early_config_prune": configs.prune},
+)
+@triton.heuristics({
+    "EVEN_M": lambda a: a["L"] % a["BLOCK_M"] == 0,
+    "EVEN_N": lambda a: a["S"] % a["BLOCK_N"] == 0,
+})
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, M, O, LSE,
+    stride_qb, stride_qh, stride_ql, stride_qe,
+    stride_kb, stride_kh, stride_ks, stride_ke,
+    stride_vb, stride_vh, stride_vs, stride_ve,
+    stride_mb, stride_mh, stride_ml, stride_ms,
+    stride_ob, stride_oh, stride_ol, stride_oe,
+    H, GROUP, L, S, qk_scale, causal_off, L_BUCKET, S_BUCKET,
+    E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    if IS_CAUSAL:  # the longest rows (most key tiles) first, for a better tail across SMs
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    hk = (h // GROUP).to(tl.int64)
+    h64 = h.to(tl.int64)
+
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_ev = tl.arange(0, BLOCK_EV)
+
+    q_base = Q + b * stride_qb + h64 * stride_qh
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    mask_base = M + b * stride_mb + h64 * stride_mh
+    q = load_tile(q_base + offs_m[:, None] * stride_ql + offs_e[None, :] * stride_qe,
+                  offs_m, offs_e, L, E, not EVEN_M, BLOCK_E != E)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_EV], dtype=tl.float32)
+
+    if IS_CAUSAL:
+        # Keys this block can see: j <= start_m + BLOCK_M - 1 + causal_off. Tiles that end at or
+        # before the first row's diagonal need no causal compare.
+        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_off, 0), S)
+        n_full = tl.minimum(tl.maximum(start_m + causal_off + 1, 0) // BLOCK_N * BLOCK_N, hi)
+        for start_n in range(0, n_full, BLOCK_N):
+            acc, l_i, m_i = _fwd_tile(
+                acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_e, offs_ev,
+                stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms, L, S, qk_scale, causal_off,
+                E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False, not EVEN_M, not EVEN_N, PRECISION)
+        for start_n in range(n_full, hi, BLOCK_N):
+            acc, l_i, m_i = _fwd_tile(
+                acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_e, offs_ev,
+                stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms, L, S, qk_scale, causal_off,
+                E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, not EVEN_M, not EVEN_N, PRECISION)
+    else:
+        for start_n in range(0, S, BLOCK_N):
+            acc, l_i, m_i = _fwd_tile(
+                acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_e, offs_ev,
+                stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms, L, S, qk_scale, causal_off,
+                E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False, not EVEN_M, not EVEN_N, PRECISION)
+
+    empty = l_i == 0.0  # every key masked: output 0, lse -inf
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+
+    o_base = O + b * stride_ob + h64 * stride_oh
+    store_tile(o_base + offs_m[:, None] * stride_ol + offs_ev[None, :] * stride_oe, out.to(O.dtype.element_ty),
+               offs_m, offs_ev, L, EV, not EVEN_M, BLOCK_EV != EV)
+    lse_ptrs = LSE + (b * H + h64) * L + offs_m
+    if EVEN_M:
+        tl.store(lse_ptrs, lse)
+    else:
+        tl.store(lse_ptrs, lse, mask=offs_m < L)
+
+
+def precision_for(dtype) -> str:
+    """How float32 dots run (half dots ignore it). By default "tf32x3": three TF32 tensor-core products
+    per dot, float32-class accuracy at tensor-core speed ("ieee" compiles to scalar FMAs that spill
+    registers). "tf32" when the user allowed TF32 in torch; ATTNKERN_FP32_PRECISION overrides both."""
+    if str(dtype) not in ("torch.float32", "float32"):
+        return "ieee"
+    forced = os.environ.get("ATTNKERN_FP32_PRECISION")
+    if forced:
+        if forced not in ("ieee", "tf32x3", "tf32"):
+            raise ValueError(f"ATTNKERN_FP32_PRECISION must be ieee, tf32x3 or tf32, got {forced!r}")
+        return forced
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
+
+
+def mask_args(mask):
+    """(pointer tensor, strides) for the kernels; size-1 (broadcast) dims read with stride 0."""
+    if mask is None:
+        return None, (0, 0, 0, 0)
+    strides = tuple(0 if size == 1 else st for size, st in zip(mask.shape, mask.stride()))
+    if mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)  # the kernels test `!= 0`
+    return mask, strides
+
+
+def attention_forward(q, k, v, mask, scale: float, causal: int):
+    """Triton forward on canonical tensors (see backends/base.py). Returns (out, lse)."""
+    B, H, L, E = q.shape
+    Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
+    out = new_output(q, Ev)
+    lse = new_lse(q)
+    mask_t, m_strides = mask_args(mask)
+    from ..masks import mask_kind
+
+    grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), H, B)  # noqa: E731
+    _attn_fwd_kernel[grid](
+        q, k, v, mask_t if mask_t is not None else q, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *m_strides, *out.stride(),
+        H, H // Hkv, L, S, scale * LOG2E.value, causal_offset(causal, L, S),
+        configs.bucket(L), configs.bucket(S),
+        E=E, EV=Ev, BLOCK_E=configs.head_block(E), BLOCK_EV=configs.head_block(Ev),
+        MASK_KIND=mask_kind(mask), IS_CAUSAL=causal != CAUSAL_NONE, PRECISION=precision_for(q.dtype),
+    )
+    return out, lse

@@ -1,0 +1,148 @@
+"""Public entry points: `scaled_dot_product_attention` (torch's signature and semantics), `attention`
+(the richer API) and `explain` (which path a call takes, and why).
+
+Every call goes the same way: normalize the arguments into one AttentionProblem (problem.py), choose a
+backend (backends/__init__.py), run it through the custom ops (ops.py), view the result back into the
+caller's shape.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+
+from . import backends, config, masks, ops, reference
+from .problem import AttentionProblem, normalize
+
+
+class AttnkernFallbackWarning(UserWarning):
+    """A call runs the naive reference path because no fused kernel covers it."""
+
+
+_warned = set()
+
+
+def _warn_fallback(choice: backends.Choice) -> None:
+    if not choice.fallback or torch.compiler.is_compiling():
+        return
+    key = tuple(sorted(choice.rejected.items()))
+    if key in _warned:
+        return
+    _warned.add(key)
+    warnings.warn(f"attnkern: {choice.reason}", AttnkernFallbackWarning, stacklevel=4)
+
+
+def _requested(backend: Optional[str]) -> str:
+    return config.requested_backend() if backend is None else backends.check_name(backend)
+
+
+def _run(problem: AttentionProblem, backend: Optional[str]):
+    choice = backends.select(problem, _requested(backend))
+    _warn_fallback(choice)
+    if choice.backend == "reference" and problem.dropout_p > 0.0:
+        # Dropout needs its random mask in the backward: the differentiable naive path keeps it.
+        out, lse = reference.reference_attention(
+            problem.q, problem.k, problem.v, problem.mask, causal=problem.causal, scale=problem.scale,
+            enable_gqa=True, dropout_p=problem.dropout_p,
+            compute_dtype=torch.float64 if problem.dtype == torch.float64 else torch.float32,
+        )
+    else:
+        out, lse = ops.attention_forward(
+            problem.q, problem.k, problem.v, problem.mask, problem.scale, problem.causal, choice.backend
+        )
+    return out.reshape(problem.output_shape()), lse.reshape(problem.lse_shape())
+
+
+def scaled_dot_product_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """Drop-in for `torch.nn.functional.scaled_dot_product_attention`: same signature, same result.
+
+    query (N, ..., Hq, L, E), key (N, ..., H, S, E), value (N, ..., H, S, Ev) -> (N, ..., Hq, L, Ev).
+    A bool mask marks the keys to attend (True); a float mask is added to the scaled scores; masks
+    broadcast to (N, ..., Hq, L, S). `is_causal` is top-left aligned and combines with `attn_mask`.
+    Fully masked rows give 0. The backend is the one set by `use_backend` or ATTNKERN_BACKEND (auto).
+    """
+    problem = normalize(
+        query, key, value, attn_mask, dropout_p,
+        masks.CAUSAL_TOP_LEFT if is_causal else masks.CAUSAL_NONE, scale, enable_gqa,
+    )
+    return _run(problem, None)[0]
+
+
+def attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    causal=False,
+    attn_mask: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+    dropout_p: float = 0.0,
+    return_lse: bool = True,
+    backend: Optional[str] = None,
+):
+    """Attention with the options SDPA lacks. Returns (out, lse) or, with return_lse=False, out.
+
+    causal: False, "top_left" (= True, SDPA's is_causal) or "bottom_right" (FlashAttention's: the last
+        query row sees the last key, so with Lq > Lk the first Lq - Lk rows see nothing and give 0).
+    lse: the natural-log log-sum-exp of each row's scaled, masked scores, (N, ..., Hq, L), float32
+        (float64 for float64 inputs); -inf for a fully masked row. It is differentiable.
+    backend: "auto", "triton", "reference", ...; None means `use_backend(...)`/ATTNKERN_BACKEND/auto.
+        An explicit backend that cannot run the call raises BackendUnavailableError with the reason.
+    """
+    problem = normalize(
+        query, key, value, attn_mask, dropout_p, masks.parse_causal(causal), scale, enable_gqa
+    )
+    out, lse = _run(problem, backend)
+    return (out, lse) if return_lse else out
+
+
+@dataclass
+class Explanation:
+    """What `explain` found: the backend a call runs on, why, and what normalization did."""
+
+    backend: str
+    reason: str
+    fallback: bool
+    problem: str
+    rejected: Dict[str, str] = field(default_factory=dict)
+    notes: List[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"backend: {self.backend}" + (" (fallback)" if self.fallback else ""),
+                 f"why: {self.reason}", f"problem: {self.problem}"]
+        lines += [f"not {name}: {why}" for name, why in self.rejected.items()]
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def explain(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
+    causal=None, backend: Optional[str] = None,
+) -> Explanation:
+    """Say which path a call with these arguments takes and why, without running it.
+
+    Takes SDPA's arguments, plus `causal=` (as in `attention`, overrides is_causal) and `backend=`.
+    An explicit backend that cannot run the call is reported, not raised.
+    """
+    code = masks.parse_causal(causal) if causal is not None else (
+        masks.CAUSAL_TOP_LEFT if is_causal else masks.CAUSAL_NONE)
+    problem = normalize(query, key, value, attn_mask, dropout_p, code, scale, enable_gqa)
+    requested = _requested(backend)
+    try:
+        choice = backends.select(problem, requested)
+    except backends.BackendUnavailableError as exc:
+        return Explanation("none", str(exc), False, problem.summary(), notes=list(problem.notes))
+    return Explanation(choice.backend, choice.reason, choice.fallback, problem.summary(),
+                       dict(choice.rejected), list(problem.notes))

@@ -1,0 +1,196 @@
+"""The one case generator every backend's tests draw from.
+
+A `Case` names a problem (shapes, heads, causal alignment, mask kind and broadcast shape, memory
+layout, rank); `make_inputs` draws fresh random tensors for it. Adding a backend to the test matrix
+gives it all of these cases at once.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Optional, Tuple
+
+import torch
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    L: int
+    S: int
+    E: int = 64
+    Ev: Optional[int] = None  # None: = E
+    B: int = 1
+    Hq: int = 2
+    Hkv: Optional[int] = None  # None: = Hq; fewer -> GQA (enable_gqa=True)
+    causal: str = "none"  # "none" | "top_left" | "bottom_right"
+    # Mask kind: "none", "bool", "float" (constant), "float_grad" (requires grad: tests dMask).
+    mask: str = "none"
+    # Which score dims the mask has at full size ("b", "h", "l", "s"); the rest are 1. "ls" = (L, S),
+    # "bs" = (B, 1, 1, S) key padding, "hls" = (H, L, S), ...; rank_drop removes leading size-1 dims.
+    mask_dims: str = "ls"
+    # Rows (query indices) whose keys are all masked out by the mask: their output and grads are 0.
+    masked_rows: Tuple[int, ...] = ()
+    layout: str = "contiguous"  # "contiguous" | "blhe" (B, L, H, E) viewed as (B, H, L, E) |
+    # "padded" (rows of a wider buffer) | "e_strided" (head dim not unit-stride)
+    rank: int = 4  # 3: (H, L, E); 4: (B, H, L, E); 5: (B, 2, H, L, E)
+    kv_batch_broadcast: bool = False  # key/value have batch size 1 (broadcast over the query batch)
+    kv_head_broadcast: bool = False  # key/value have 1 head without enable_gqa (broadcast)
+    gpu_only: bool = False  # too large for the Triton interpreter
+
+    @property
+    def ev(self) -> int:
+        return self.E if self.Ev is None else self.Ev
+
+    @property
+    def hkv(self) -> int:
+        return self.Hq if self.Hkv is None else self.Hkv
+
+    @property
+    def enable_gqa(self) -> bool:
+        return self.hkv != self.Hq and not self.kv_head_broadcast
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _batch_dims(case: Case):
+    if case.rank == 3:
+        return ()
+    if case.rank == 4:
+        return (case.B,)
+    return (case.B, 2)
+
+
+def _make(shape, dtype, device, layout, gen):
+    """A random tensor of `shape` (..., H, N, D) stored in `layout`."""
+    if layout == "blhe" and len(shape) >= 4:
+        *lead, H, N, D = shape
+        base = torch.randn(*lead, N, H, D, generator=gen, dtype=torch.float64)
+        t = base.to(device=device, dtype=dtype).transpose(-3, -2)
+    elif layout == "padded":
+        base = torch.randn(*shape[:-1], shape[-1] + 8, generator=gen, dtype=torch.float64)
+        t = base.to(device=device, dtype=dtype)[..., 3:3 + shape[-1]]
+    elif layout == "e_strided":
+        base = torch.randn(*shape[:-2], shape[-1], shape[-2], generator=gen, dtype=torch.float64)
+        t = base.to(device=device, dtype=dtype).transpose(-1, -2)
+    else:
+        t = torch.randn(*shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    return t
+
+
+def mask_shape(case: Case):
+    full = {"b": _batch_dims(case), "h": (case.Hq,), "l": (case.L,), "s": (case.S,)}
+    shape = []
+    for dim in "bhls":
+        shape += list(full[dim]) if dim in case.mask_dims else [1] * len(full[dim])
+    while shape and shape[0] == 1 and len(shape) > 1:  # drop leading 1s, as users write (L, S)
+        shape.pop(0)
+    return tuple(shape)
+
+
+def make_inputs(case: Case, dtype: torch.dtype, device, seed: int = 0, requires_grad: bool = True):
+    """Fresh random (q, k, v, attn_mask) for `case`, leaves requiring grad (the mask only if float_grad)."""
+    gen = torch.Generator().manual_seed(seed)
+    batch = _batch_dims(case)
+    kv_batch = tuple(1 for _ in batch) if case.kv_batch_broadcast else batch
+    kv_heads = 1 if case.kv_head_broadcast else case.hkv
+    q = _make((*batch, case.Hq, case.L, case.E), dtype, device, case.layout, gen)
+    k = _make((*kv_batch, kv_heads, case.S, case.E), dtype, device, case.layout, gen)
+    v = _make((*kv_batch, kv_heads, case.S, case.ev), dtype, device, case.layout, gen)
+    mask = None
+    if case.mask != "none":
+        shape = mask_shape(case)
+        if case.mask == "bool":
+            mask = torch.rand(shape, generator=gen) > 0.25
+            # keep every row attendable unless it is meant to be fully masked
+            mask[..., 0] = True
+            for r in case.masked_rows:
+                mask[..., r, :] = False
+        else:
+            mask = torch.randn(shape, generator=gen, dtype=torch.float64)
+            mask = mask.masked_fill(torch.rand(shape, generator=gen) < 0.1, float("-inf"))
+            mask[..., 0] = torch.where(torch.isinf(mask[..., 0]), 0.0, mask[..., 0])
+            for r in case.masked_rows:
+                mask[..., r, :] = float("-inf")
+            mask = mask.to(dtype)
+        mask = mask.to(device)
+    leaves = [q, k, v] + ([mask] if case.mask == "float_grad" else [])
+    if requires_grad:
+        for t in leaves:
+            t.requires_grad_(True)
+    return q, k, v, mask
+
+
+def upstream_grads(out: torch.Tensor, lse: torch.Tensor, seed: int = 1):
+    """Random dO and d(lse) (fully masked rows' lse is -inf; its gradient stays finite)."""
+    gen = torch.Generator().manual_seed(seed)
+    do = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
+    dlse = torch.randn(lse.shape, generator=gen, dtype=torch.float64).to(lse.device, lse.dtype)
+    return do, dlse
+
+
+def as_kwargs(case: Case):
+    return dict(causal=case.causal if case.causal != "none" else False, enable_gqa=case.enable_gqa)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The cases. Each line covers one concern; together they cover lengths 1, 17, 113, 203, 256, Lq ≠ Lk
+# both ways, head dims 16..256 with Ev ≠ E, every mask kind and broadcast shape, fully masked rows,
+# GQA 6:2 and 4:1, non-contiguous layouts, 3-D and 5-D inputs, and all causal alignments.
+CASES = [
+    Case("L1_S1", L=1, S=1, E=16),
+    Case("L1_S17_causal", L=1, S=17, E=16, causal="top_left"),
+    Case("L17_S1_br", L=17, S=1, E=16, causal="bottom_right"),
+    Case("L17_e40_causal", L=17, S=17, E=40, causal="top_left"),
+    Case("L113_S203_e64", L=113, S=203, E=64),
+    Case("L203_S113_e80", L=203, S=113, E=80, B=2, Hq=1),
+    Case("L256_e128_causal", L=256, S=256, E=128, Hq=1, causal="top_left"),
+    Case("L113_S203_e32_causal_tl", L=113, S=203, E=32, causal="top_left"),
+    Case("L203_S113_e32_causal_tl", L=203, S=113, E=32, causal="top_left"),
+    Case("L17_S203_e256_br", L=17, S=203, E=256, Hq=1, causal="bottom_right"),
+    Case("L203_S17_e16_br", L=203, S=17, E=16, causal="bottom_right"),  # first 186 rows see nothing
+    Case("L113_S113_e64_br", L=113, S=113, E=64, causal="bottom_right"),
+    Case("e40_ev80", L=113, S=17, E=40, Ev=80),
+    Case("e96_ev16_causal", L=17, S=113, E=96, Ev=16, causal="bottom_right"),
+    Case("gqa_6_2_e96", L=17, S=113, E=96, Hq=6, Hkv=2),
+    Case("gqa_4_1_causal", L=113, S=113, E=64, Hq=4, Hkv=1, causal="top_left"),
+    Case("gqa_4_2_mask_float_grad", L=17, S=113, E=32, Hq=4, Hkv=2, mask="float_grad", mask_dims="hls"),
+    Case("mask_bool_ls", L=113, S=203, E=64, mask="bool", mask_dims="ls"),
+    Case("mask_bool_keypad", L=17, S=113, E=64, B=2, mask="bool", mask_dims="bs"),
+    Case("mask_bool_bhls_causal", L=113, S=113, E=16, B=2, mask="bool", mask_dims="bhls", causal="top_left"),
+    Case("mask_bool_rows_masked", L=113, S=17, E=40, mask="bool", mask_dims="ls", masked_rows=(0, 5, 112)),
+    Case("mask_float_hls", L=113, S=113, E=64, mask="float", mask_dims="hls"),
+    Case("mask_float_rows_masked", L=17, S=113, E=64, mask="float", mask_dims="bhls", masked_rows=(3, 16)),
+    Case("mask_grad_ls", L=113, S=203, E=32, B=2, mask="float_grad", mask_dims="ls"),
+    Case("mask_grad_bhls_br", L=113, S=113, E=32, B=2, mask="float_grad", mask_dims="bhls",
+         causal="bottom_right"),
+    Case("mask_grad_keypad", L=113, S=17, E=16, B=2, mask="float_grad", mask_dims="bs"),
+    Case("mask_grad_h1s", L=17, S=113, E=16, mask="float_grad", mask_dims="hs"),
+    Case("mask_grad_row_bias", L=113, S=17, E=16, mask="float_grad", mask_dims="l"),
+    Case("mask_grad_s_only", L=17, S=203, E=16, mask="float_grad", mask_dims="s", causal="top_left"),
+    Case("mask_grad_rows_masked", L=17, S=17, E=16, mask="float_grad", mask_dims="hls", masked_rows=(4,)),
+    Case("layout_blhe", L=113, S=113, E=64, B=2, Hq=3, layout="blhe"),
+    Case("layout_padded_gqa", L=17, S=203, E=40, Hq=4, Hkv=2, layout="padded"),
+    Case("layout_e_strided", L=113, S=17, E=32, layout="e_strided", causal="top_left"),
+    Case("rank3", L=113, S=17, E=64, rank=3, Hq=2),
+    Case("rank5_mask", L=17, S=113, E=32, rank=5, mask="float_grad", mask_dims="bls"),
+    Case("kv_batch_broadcast", L=17, S=113, E=32, B=2, kv_batch_broadcast=True),
+    Case("kv_head_broadcast", L=17, S=113, E=32, Hq=3, Hkv=1, kv_head_broadcast=True),
+    # Sizes for a GPU: the interpreter would take minutes.
+    Case("gpu_L1024_e64_causal", L=1024, S=1024, E=64, B=2, Hq=8, causal="top_left", gpu_only=True),
+    Case("gpu_L2048_e128", L=2048, S=2048, E=128, B=1, Hq=4, gpu_only=True),
+    Case("gpu_L1000_S3000_e128_gqa", L=1000, S=3000, E=128, Hq=8, Hkv=2, causal="bottom_right", gpu_only=True),
+    Case("gpu_L4096_e64_mask_grad", L=1537, S=4096, E=64, B=2, Hq=2, mask="float_grad", mask_dims="hls",
+         gpu_only=True),
+    Case("gpu_L2049_e256_causal", L=2049, S=2049, E=256, Hq=2, causal="top_left", gpu_only=True),
+    Case("gpu_L777_e80_keypad", L=777, S=777, E=80, B=4, Hq=4, mask="bool", mask_dims="bs", gpu_only=True),
+]
+
+
+def case_by_name(name: str) -> Case:
+    return next(c for c in CASES if c.name == name)
+
+
+def cases(device_type: str):
+    return [c for c in CASES if device_type == "cuda" or not c.gpu_only]

@@ -1,0 +1,28 @@
+"""Which (backend, dtype) pairs the shared cases run on, on this machine.
+
+A fused backend joins the matrix by adding its name here. Pairs a backend cannot run here (the
+interpreter's broken bfloat16 dots, say) are left out of the matrix and tested instead to be refused
+with a clear reason (test_api.py).
+"""
+import torch
+
+from conftest import DEVICE, ON_GPU
+
+F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
+
+if ON_GPU:
+    BACKEND_DTYPES = {"triton": (F16, BF16, F32), "reference": (F16, BF16, F32)}
+else:
+    BACKEND_DTYPES = {"triton": (F32, F16), "reference": (F32, F16, BF16)}
+
+
+def pairs():
+    return [(b, d) for b, ds in BACKEND_DTYPES.items() for d in ds]
+
+
+def pair_id(pair) -> str:
+    backend, dtype = pair
+    return f"{backend}-{str(dtype).replace('torch.', '')}"
+
+
+__all__ = ["DEVICE", "BACKEND_DTYPES", "pairs", "pair_id"]

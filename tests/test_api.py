@@ -1,0 +1,195 @@
+"""The public API's behaviour beyond numerics: backend choice, explain, fallbacks and their warnings,
+dropout, layouts without copies, determinism, empty and 2-D problems, scale."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attnkern
+from attnkern import api, backends
+from attnkern.problem import normalize
+from matrix import DEVICE, pairs
+from attnkern.tolerance import assert_all, check
+
+FUSED = "triton"
+
+
+def rand(*shape, dtype=torch.float32, grad=False):
+    return torch.randn(*shape, dtype=dtype, device=DEVICE).requires_grad_(grad)
+
+
+@pytest.fixture(autouse=True)
+def fresh_warnings():
+    api._warned.clear()
+    yield
+    api._warned.clear()
+
+
+def test_use_backend_and_environment_choose_the_backend(monkeypatch):
+    q, k, v = rand(1, 2, 5, 16), rand(1, 2, 7, 16), rand(1, 2, 7, 16)
+    assert attnkern.explain(q, k, v).backend == FUSED
+    with attnkern.use_backend("reference"):
+        assert attnkern.explain(q, k, v).backend == "reference"
+        with attnkern.use_backend(FUSED):
+            assert attnkern.explain(q, k, v).backend == FUSED
+        assert attnkern.explain(q, k, v).backend == "reference"
+        # an explicit argument wins over the context
+        assert attnkern.explain(q, k, v, backend=FUSED).backend == FUSED
+    monkeypatch.setenv("ATTNKERN_BACKEND", "reference")
+    assert attnkern.explain(q, k, v).backend == "reference"
+    with attnkern.use_backend("auto"):
+        assert attnkern.explain(q, k, v).backend == FUSED
+
+
+def test_backends_really_run_what_explain_says(monkeypatch):
+    """Count the forward calls each backend receives."""
+    calls = []
+    for name in ("triton", "reference"):
+        b = backends.get(name)
+        orig = b.forward
+        monkeypatch.setattr(b, "forward", lambda *a, _o=orig, _n=name: (calls.append(_n), _o(*a))[1])
+    q, k, v = rand(1, 2, 5, 16), rand(1, 2, 7, 16), rand(1, 2, 7, 16)
+    attnkern.scaled_dot_product_attention(q, k, v)
+    with attnkern.use_backend("reference"):
+        attnkern.scaled_dot_product_attention(q, k, v)
+    assert calls == ["triton", "reference"]
+
+
+def test_explain_says_why():
+    q, k, v = rand(2, 4, 5, 16), rand(2, 2, 7, 16), rand(2, 2, 7, 16)
+    e = attnkern.explain(q, k, v, enable_gqa=True, is_causal=True)
+    assert e.backend == FUSED and not e.fallback
+    assert "Hq=4 Hkv=2 L=5 S=7 E=16" in e.problem and "causal=top_left" in e.problem
+    e = attnkern.explain(q.double(), k.double(), v.double(), enable_gqa=True)
+    assert e.backend == "reference" and e.fallback
+    assert "float16, bfloat16 and float32, not torch.float64" in e.rejected["triton"]
+    assert "backend: reference (fallback)" in str(e)
+    e = attnkern.explain(q, k, v, enable_gqa=True, dropout_p=0.1)
+    assert e.backend == "reference" and "dropout" in e.rejected["triton"]
+    e = attnkern.explain(q.double(), k.double(), v.double(), enable_gqa=True, backend="triton")
+    assert e.backend == "none" and "cannot run this call" in e.reason
+    e = attnkern.explain(q, k, v, enable_gqa=True, causal="bottom_right")
+    assert "causal=bottom_right" in e.problem
+
+
+def test_fallback_warns_once_per_reason():
+    q, k, v = rand(1, 2, 5, 16, dtype=torch.float64), rand(1, 2, 7, 16, dtype=torch.float64), rand(
+        1, 2, 7, 16, dtype=torch.float64)
+    with pytest.warns(attnkern.AttnkernFallbackWarning, match=r"no fused kernel covers this call \(triton: .*float64"):
+        attnkern.scaled_dot_product_attention(q, k, v)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attnkern.scaled_dot_product_attention(q, k, v)  # same reason: silent now
+        with attnkern.use_backend("reference"):  # asked for: no warning at all
+            attnkern.scaled_dot_product_attention(q.float(), k.float(), v.float())
+
+
+def test_float64_runs_on_the_reference_path_exactly():
+    q, k, v = rand(1, 2, 5, 16, dtype=torch.float64), rand(1, 2, 7, 16, dtype=torch.float64), rand(
+        1, 2, 7, 16, dtype=torch.float64)
+    with attnkern.use_backend("reference"):
+        out = attnkern.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), rtol=1e-12, atol=1e-12)
+
+
+def test_dropout_runs_the_reference_path_with_gradients():
+    q, k, v = rand(1, 2, 33, 16, grad=True), rand(1, 2, 40, 16, grad=True), rand(1, 2, 40, 16, grad=True)
+    with pytest.warns(attnkern.AttnkernFallbackWarning, match="dropout"):
+        torch.manual_seed(0)
+        a = attnkern.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+    torch.manual_seed(0)
+    b = attnkern.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+    torch.testing.assert_close(a, b)  # the same RNG state gives the same dropout mask
+    no_drop = attnkern.scaled_dot_product_attention(q, k, v)
+    assert not torch.allclose(a, no_drop)
+    a.sum().backward()
+    assert all(torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0 for t in (q, k, v))
+    # p = 1 drops everything
+    assert torch.all(attnkern.scaled_dot_product_attention(q, k, v, dropout_p=1.0) == 0)
+    # the expectation over masks is the undropped output
+    torch.manual_seed(1)
+    with torch.no_grad():
+        mean = torch.stack([attnkern.scaled_dot_product_attention(q, k, v, dropout_p=0.3)
+                            for _ in range(300)]).mean(0)
+    assert (mean - no_drop).abs().mean() < 0.05 * no_drop.abs().mean()
+
+
+def test_strided_views_reach_the_kernel_without_copies():
+    base = rand(2, 9, 4, 16)  # (B, L, H, E) as a model produces it
+    q = base.transpose(1, 2)
+    mask = torch.randn(9, 9, device=DEVICE)
+    p = normalize(q, q, q, attn_mask=mask)
+    assert p.q.data_ptr() == base.data_ptr() and p.q.stride() == q.stride()
+    assert p.mask.data_ptr() == mask.data_ptr()  # broadcast, never expanded in memory
+    assert p.mask.shape == (1, 1, 9, 9)
+    key_pad = torch.ones(2, 1, 1, 9, dtype=torch.bool, device=DEVICE)
+    assert normalize(q, q, q, attn_mask=key_pad).mask.data_ptr() == key_pad.data_ptr()
+    five = rand(2, 3, 4, 9, 16)
+    assert normalize(five, five, five).q.data_ptr() == five.data_ptr()
+
+
+def test_output_keeps_the_query_layout():
+    base = rand(2, 9, 4, 16)
+    q = base.transpose(1, 2)
+    out = attnkern.scaled_dot_product_attention(q, q, q)
+    assert out.transpose(1, 2).is_contiguous()  # so out.transpose(1, 2).reshape(B, L, H*E) is free
+    assert attnkern.scaled_dot_product_attention(base, base, base).is_contiguous()
+
+
+def test_backward_is_deterministic():
+    q, k, v = rand(1, 4, 40, 32, grad=True), rand(1, 2, 50, 32, grad=True), rand(1, 2, 50, 32, grad=True)
+    mask = rand(4, 40, 50, grad=True)
+    grads = []
+    for _ in range(2):
+        out = attnkern.attention(q, k, v, attn_mask=mask, enable_gqa=True, causal="bottom_right",
+                                 return_lse=False, backend=FUSED)
+        out.backward(torch.ones_like(out))
+        grads.append([t.grad.clone() for t in (q, k, v, mask)])
+        for t in (q, k, v, mask):
+            t.grad = None
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_empty_problems_match_torch():
+    for L, S in ((0, 7), (5, 0)):
+        q, k, v = rand(1, 2, L, 8, grad=True), rand(1, 2, S, 8, grad=True), rand(1, 2, S, 8, grad=True)
+        out = attnkern.scaled_dot_product_attention(q, k, v)
+        ref = F.scaled_dot_product_attention(q, k, v)
+        assert out.shape == ref.shape and torch.equal(out, ref)
+        out.sum().backward()
+
+
+def test_two_dim_inputs_and_scale():
+    q, k, v = rand(5, 16), rand(7, 16), rand(7, 16)
+    for backend in ("triton", "reference"):
+        with attnkern.use_backend(backend):
+            out = attnkern.scaled_dot_product_attention(q, k, v, scale=0.3)
+        torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, scale=0.3), rtol=1e-5, atol=1e-5)
+
+
+def test_fp32_mask_with_half_inputs():
+    """torch accepts a float32 mask for half inputs; so do we, and the mask's precision is kept."""
+    q, k, v = rand(1, 2, 17, 32, dtype=torch.float16), rand(1, 2, 20, 32, dtype=torch.float16), rand(
+        1, 2, 20, 32, dtype=torch.float16)
+    mask = torch.randn(17, 20, device=DEVICE)
+    out = attnkern.attention(q, k, v, attn_mask=mask, backend=FUSED, return_lse=False)
+    ref64 = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask.double())
+    ref_lp = attnkern.reference_attention(q, k, v, mask)[0]
+    assert_all([check("out", out, ref64, ref_lp, torch.float16)])
+
+
+def test_lse_is_returned_and_consistent():
+    q, k, v = rand(2, 3, 17, 16), rand(2, 3, 20, 16), rand(2, 3, 20, 16)
+    out, lse = attnkern.attention(q, k, v, backend=FUSED)
+    assert lse.shape == (2, 3, 17) and lse.dtype == torch.float32
+    scores = (q.double() @ k.double().transpose(-1, -2)) / 4.0
+    torch.testing.assert_close(lse.double(), torch.logsumexp(scores, -1), rtol=1e-5, atol=1e-5)
+    assert attnkern.attention(q, k, v, return_lse=False).shape == out.shape
+
+
+def test_matrix_covers_every_backend():
+    """A registered fused backend must be in the shared test matrix."""
+    tested = {b for b, _ in pairs()}
+    assert set(backends.names()) - {"auto"} <= tested

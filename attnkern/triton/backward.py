@@ -19,7 +19,7 @@ import triton.language as tl
 from ..backends.base import new_grad, new_mask_grad
 from ..masks import CAUSAL_NONE, causal_offset, mask_kind
 from . import configs
-from .common import LOG2E, load_tile, mask_scores, store_tile
+from .common import index_range, needs_int64, LOG2E, load_tile, mask_scores, store_tile
 from .forward import mask_args, precision_for
 
 
@@ -31,12 +31,13 @@ def _bwd_preprocess_kernel(
     stride_dlb, stride_dlh, stride_dll,
     H, L,
     EV: tl.constexpr, BLOCK_EV: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr,
+    I64: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_ev = tl.arange(0, BLOCK_EV)
+    offs_m = index_range(pid_m * BLOCK_M, BLOCK_M, I64)
+    offs_ev = index_range(0, BLOCK_EV, I64)
     o = load_tile(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_ev[None, :] * stride_oe,
                   offs_m, offs_ev, L, EV, True, BLOCK_EV != EV)
     do = load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dol
@@ -108,15 +109,16 @@ def _attn_bwd_dkdv_kernel(
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+    I64: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     hk = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     start_n = pid_n * BLOCK_N
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_m0 = tl.arange(0, BLOCK_M)
-    offs_e = tl.arange(0, BLOCK_E)
-    offs_ev = tl.arange(0, BLOCK_EV)
+    offs_n = index_range(start_n, BLOCK_N, I64)
+    offs_m0 = index_range(0, BLOCK_M, I64)
+    offs_e = index_range(0, BLOCK_E, I64)
+    offs_ev = index_range(0, BLOCK_EV, I64)
 
     k = load_tile(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_ks + offs_e[None, :] * stride_ke,
                   offs_n, offs_e, S, E, not EVEN_N, BLOCK_E != E)
@@ -214,6 +216,7 @@ def _attn_bwd_dq_kernel(
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+    I64: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     if IS_CAUSAL:
@@ -222,10 +225,10 @@ def _attn_bwd_dq_kernel(
     b = tl.program_id(2).to(tl.int64)
     hk = h // GROUP
     start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    offs_e = tl.arange(0, BLOCK_E)
-    offs_ev = tl.arange(0, BLOCK_EV)
+    offs_m = index_range(start_m, BLOCK_M, I64)
+    offs_n0 = index_range(0, BLOCK_N, I64)
+    offs_e = index_range(0, BLOCK_E, I64)
+    offs_ev = index_range(0, BLOCK_EV, I64)
 
     q = load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_e[None, :] * stride_qe,
                   offs_m, offs_e, L, E, not EVEN_M, BLOCK_E != E)
@@ -281,7 +284,7 @@ def _attn_bwd_dmask_kernel(
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
     SUM_B: tl.constexpr, SUM_H: tl.constexpr, SUM_L: tl.constexpr, SUM_S: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, I64: tl.constexpr,
 ):
     """One (BLOCK_M × BLOCK_N) tile of dMask (Bm, Hm, Lm, Sm) = dS summed over the broadcast dims.
 
@@ -293,10 +296,10 @@ def _attn_bwd_dmask_kernel(
     pid_bh = tl.program_id(2)
     bm = (pid_bh // HM).to(tl.int64)
     hm = (pid_bh % HM).to(tl.int64)
-    offs_m0 = tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    offs_e = tl.arange(0, BLOCK_E)
-    offs_ev = tl.arange(0, BLOCK_EV)
+    offs_m0 = index_range(0, BLOCK_M, I64)
+    offs_n0 = index_range(0, BLOCK_N, I64)
+    offs_e = index_range(0, BLOCK_E, I64)
+    offs_ev = index_range(0, BLOCK_EV, I64)
 
     # A summed dim loops over its whole extent; int64 bounds keep the loop variables int64.
     b_lo = bm
@@ -392,16 +395,17 @@ def attention_backward(dout, dlse, q, k, v, mask, out, lse, scale: float, causal
     mask_t, m_strides = mask_args(mask)
     mask_ptr = mask_t if mask_t is not None else q
 
+    i64 = needs_int64(q, k, v, mask, out, dout, dq, dk, dv)
     pre_block = 64 if block_ev <= 128 else 32
     dlse_strides = dlse.stride() if dlse is not None else (0, 0, 0)
     _bwd_preprocess_kernel[(triton.cdiv(L, pre_block), H, B)](
         out, dout, lse, dlse if dlse is not None else lse, delta, lse2,
         *out.stride(), *dout.stride(), *dlse_strides, H, L,
-        EV=Ev, BLOCK_EV=block_ev, HAS_DLSE=dlse is not None, BLOCK_M=pre_block,
+        EV=Ev, BLOCK_EV=block_ev, HAS_DLSE=dlse is not None, BLOCK_M=pre_block, I64=i64,
     )
 
     common = dict(E=E, EV=Ev, BLOCK_E=block_e, BLOCK_EV=block_ev, MASK_KIND=kind, IS_CAUSAL=is_causal,
-                  PRECISION=precision)
+                  PRECISION=precision, I64=i64)
     qk_scale = scale * LOG2E.value
     _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), Hkv, B)](
         q, k, v, mask_ptr, dout, lse2, delta, dk, dv,
@@ -426,7 +430,8 @@ def attention_backward(dout, dlse, q, k, v, mask, out, lse, scale: float, causal
             *q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *dm.stride(),
             B, H, group, L, S, Hm, qk_scale, off,
             E=E, EV=Ev, BLOCK_E=block_e, BLOCK_EV=block_ev, IS_CAUSAL=is_causal, PRECISION=precision,
-            SUM_B=sum_b, SUM_H=sum_h, SUM_L=sum_l, SUM_S=sum_s, BLOCK_M=bm_, BLOCK_N=bn_, num_warps=warps,
+            SUM_B=sum_b, SUM_H=sum_h, SUM_L=sum_l, SUM_S=sum_s, BLOCK_M=bm_, BLOCK_N=bn_, I64=i64,
+            num_warps=warps,
         )
         dmask = dm.to(mask.dtype)
     return dq, dk, dv, dmask

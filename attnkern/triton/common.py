@@ -13,6 +13,16 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
+def index_range(start, BLOCK: tl.constexpr, I64: tl.constexpr):
+    """start + [0, BLOCK): int64 when a tensor spans 2**31 elements or more (I64), so that
+    index × stride products cannot wrap around; int32 otherwise (fewer registers)."""
+    r = tl.arange(0, BLOCK)
+    if I64:
+        r = r.to(tl.int64)
+    return start + r
+
+
+@triton.jit
 def load_tile(ptrs, rows, cols, n_rows, n_cols, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
     """Load a 2-D tile; out-of-range elements read as 0. Bounds are only checked where they can fail."""
     if CHECK_ROWS:
@@ -67,3 +77,11 @@ def mask_scores(
     if CHECK_K:
         s = tl.where(kj < S, s, float("-inf"))
     return s
+
+
+def needs_int64(*tensors) -> bool:
+    """Whether some tensor's largest element offset reaches 2**31 (the kernels' I64 switch)."""
+    return any(
+        t is not None and sum((size - 1) * abs(st) for size, st in zip(t.shape, t.stride())) >= 2**31
+        for t in tensors
+    )

@@ -13,7 +13,7 @@ import triton.language as tl
 from ..backends.base import new_lse, new_output
 from ..masks import CAUSAL_NONE, causal_offset
 from . import configs
-from .common import LN2, LOG2E, load_tile, mask_scores, store_tile
+from .common import index_range, needs_int64, LN2, LOG2E, load_tile, mask_scores, store_tile
 
 
 @triton.jit
@@ -66,6 +66,7 @@ def _attn_fwd_kernel(
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+    I64: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     if IS_CAUSAL:  # the longest rows (most key tiles) first, for a better tail across SMs
@@ -76,10 +77,10 @@ def _attn_fwd_kernel(
     h64 = h.to(tl.int64)
 
     start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    offs_e = tl.arange(0, BLOCK_E)
-    offs_ev = tl.arange(0, BLOCK_EV)
+    offs_m = index_range(start_m, BLOCK_M, I64)
+    offs_n0 = index_range(0, BLOCK_N, I64)
+    offs_e = index_range(0, BLOCK_E, I64)
+    offs_ev = index_range(0, BLOCK_EV, I64)
 
     q_base = Q + b * stride_qb + h64 * stride_qh
     k_base = K + b * stride_kb + hk * stride_kh
@@ -170,5 +171,6 @@ def attention_forward(q, k, v, mask, scale: float, causal: int):
         configs.bucket(L), configs.bucket(S),
         E=E, EV=Ev, BLOCK_E=configs.head_block(E), BLOCK_EV=configs.head_block(Ev),
         MASK_KIND=mask_kind(mask), IS_CAUSAL=causal != CAUSAL_NONE, PRECISION=precision_for(q.dtype),
+        I64=needs_int64(q, k, v, mask, out),
     )
     return out, lse

@@ -1,0 +1,328 @@
+// Fused attention backward on the CPU: recomputes P from the saved log-sum-exp, five GEMMs per tile.
+//
+// Tasks are (batch, kv head, query chunk), as in the forward. A task packs its kv head's K^T, V^T and
+// (scale K) once, then for every query head of the group and every block of query rows:
+//     S  = (scale Q) K^T,  P = exp(S + mask - lse)          (0 where masked; 0 for fully masked rows;
+//                                                            computed in base 2, as in the forward)
+//     dP = dO V^T,  dS = P (dP - delta),  delta = rowsum(dO O) - dlse
+//     dV += P^T dO,  dK += dS^T (scale Q),  dQ += dS (scale K)
+// dK/dV accumulate in per-task buffers (O(S*E)); when a kv head's rows are split over several tasks
+// their partial sums are added afterwards in chunk order, so results do not depend on scheduling.
+// A float mask's gradient (dS summed over the mask's broadcast dims) is a separate pass whose tasks
+// each own disjoint entries of the gradient: deterministic, no atomics.
+#include <ATen/Parallel.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <vector>
+
+#include "attention_cpu.h"
+#include "tile_math.h"
+
+namespace attnkern {
+namespace cpu {
+
+namespace {
+
+// One (batch, kv head)'s K and V, panel-packed for the GEMMs (see tile_math.h); repacked only when the
+// (batch, kv head) changes or more keys are needed:
+//   kt  K^T    panels of NR keys, K-dim E       (B of S  = (scale Q) K^T)
+//   vt  V^T    panels of NR keys, K-dim Ev      (B of dP = dO V^T)
+//   kr  scale K panels of NR head-dim columns, K-dim keys (B of dQ = dS (scale K))
+template <typename scalar_t, typename acc_t>
+struct PackedKV {
+  Scratch<acc_t> kt_buf, vt_buf, kr_buf;
+  acc_t *kt = nullptr, *vt = nullptr, *kr = nullptr;
+  int64_t b = -1, hk = -1, keys = -1, sp = 0;
+
+  void pack(const AttentionParams& p, int64_t b_, int64_t hk_, int64_t keys_, int64_t Ep, acc_t scale) {
+    if (b_ == b && hk_ == hk && keys_ <= keys) return;
+    constexpr int64_t NR = kNR<acc_t>;
+    b = b_, hk = hk_, keys = keys_;
+    sp = round_up(std::max<int64_t>(keys, 1), NR);
+    kt = kt_buf.get(p.E * sp);
+    vt = vt_buf.get(p.Ev * sp);
+    kr = kr_buf.get(sp * Ep);
+    const auto* kb = static_cast<const scalar_t*>(p.k) + b * p.k_st.b + hk * p.k_st.h;
+    const auto* vb = static_cast<const scalar_t*>(p.v) + b * p.v_st.b + hk * p.v_st.h;
+    pack_panels(kt, p.E * NR, kb, p.k_st.e, p.k_st.l, p.E, keys, acc_t(1));
+    pack_panels(vt, p.Ev * NR, vb, p.v_st.e, p.v_st.l, p.Ev, keys, acc_t(1));
+    pack_panels(kr, sp * NR, kb, p.k_st.l, p.k_st.e, keys, p.E, scale);
+  }
+  const acc_t* kt_block(int64_t n0, const AttentionParams& p) const { return kt + (n0 / kNR<acc_t>) * p.E * kNR<acc_t>; }
+  const acc_t* vt_block(int64_t n0, const AttentionParams& p) const { return vt + (n0 / kNR<acc_t>) * p.Ev * kNR<acc_t>; }
+};
+
+// One block of query rows, packed: scale*log2(e)*Q and dO row-major (the A of S and dP), scale*Q and
+// dO in panels (the B of dK and dV), and per row delta and the base-2 log-sum-exp to subtract (+inf for
+// fully masked rows, so that P = 2^(-inf - inf) = 0 rather than NaN).
+template <typename scalar_t, typename acc_t>
+struct QueryBlock {
+  Scratch<acc_t> q_buf, do_buf, qp_buf, dop_buf, stat_buf;
+  acc_t *qb = nullptr, *dob = nullptr, *qp = nullptr, *dop = nullptr, *delta = nullptr, *lse = nullptr;
+
+  void load(const AttentionParams& p, int64_t b, int64_t h, int64_t m0, int64_t mb, int64_t BM, int64_t Ep,
+            int64_t Evp, acc_t scale) {
+    constexpr int64_t NR = kNR<acc_t>;
+    qb = q_buf.get(BM * Ep);
+    dob = do_buf.get(BM * Evp);
+    qp = qp_buf.get(BM * Ep);
+    dop = dop_buf.get(BM * Evp);
+    delta = stat_buf.get(2 * BM);
+    lse = delta + BM;
+    const auto* q = static_cast<const scalar_t*>(p.q) + b * p.q_st.b + h * p.q_st.h + m0 * p.q_st.l;
+    const auto* dout = static_cast<const scalar_t*>(p.dout) + b * p.dout_st.b + h * p.dout_st.h + m0 * p.dout_st.l;
+    const auto* out = static_cast<const scalar_t*>(p.out) + b * p.out_st.b + h * p.out_st.h + m0 * p.out_st.l;
+    // Scores in base 2 (as the forward): S = (scale log2(e) Q) K^T; dK takes plain scale Q.
+    pack_rows(qb, Ep, q, p.q_st.l, p.q_st.e, mb, p.E, static_cast<acc_t>(scale * kLog2e));
+    pack_rows(dob, Evp, dout, p.dout_st.l, p.dout_st.e, mb, p.Ev, acc_t(1));
+    pack_panels(qp, BM * NR, q, p.q_st.l, p.q_st.e, mb, p.E, scale);
+    pack_panels(dop, BM * NR, dob, Evp, int64_t(1), mb, p.Ev, acc_t(1));
+    const acc_t* lse_src = static_cast<const acc_t*>(p.lse) + (b * p.Hq + h) * p.L + m0;
+    for (int64_t i = 0; i < mb; ++i) {
+      acc_t d = 0;
+      const scalar_t* orow = out + i * p.out_st.l;
+      for (int64_t e = 0; e < p.Ev; ++e) d += dob[i * Evp + e] * static_cast<acc_t>(orow[e * p.out_st.e]);
+      if (p.dlse) {
+        const auto* dl = static_cast<const acc_t*>(p.dlse);
+        d -= dl[b * p.dlse_st.b + h * p.dlse_st.h + (m0 + i) * p.dlse_st.l];
+      }
+      delta[i] = d;
+      lse[i] = lse_src[i] == neg_inf<acc_t>() ? std::numeric_limits<acc_t>::infinity()
+                                             : lse_src[i] * static_cast<acc_t>(kLog2e);
+    }
+  }
+};
+
+// Key range [0, n_end) a block of rows [m0, m0 + mb) sees, and [0, n_full) that all its rows see.
+inline void key_range(const AttentionParams& p, int64_t m0, int64_t mb, int64_t& n_end, int64_t& n_full) {
+  n_end = n_full = p.S;
+  if (p.causal_enabled()) {
+    n_end = std::clamp<int64_t>(m0 + mb + p.causal_offset, 0, p.S);
+    n_full = std::clamp<int64_t>(m0 + p.causal_offset + 1, 0, p.S);
+  }
+}
+
+// P = 2^(S + masks - lse) (all in base 2) over a (mb x nbp) tile, then dS = P (dP - delta) into dp.
+template <typename acc_t>
+inline void probabilities_and_ds(const RowMasker<acc_t>& masker, acc_t* sb, acc_t* dp, int64_t ld, int64_t m0,
+                                 int64_t mb, int64_t n0, int64_t nb, int64_t nbp, bool causal_check,
+                                 const acc_t* lse, const acc_t* delta) {
+  for (int64_t i = 0; i < mb; ++i) {
+    acc_t* srow = sb + i * ld;
+    acc_t* drow = dp + i * ld;
+    masker.apply(srow, m0 + i, n0, nb, nbp, causal_check);
+    const Vec<acc_t> l(lse[i]), d(delta[i]);
+    for (int64_t j = 0; j < nbp; j += Vec<acc_t>::size()) {
+      const Vec<acc_t> pv = exp2_vec<acc_t>(Vec<acc_t>::loadu(srow + j) - l);
+      pv.store(srow + j);
+      (pv * (Vec<acc_t>::loadu(drow + j) - d)).store(drow + j);
+    }
+  }
+}
+
+template <typename scalar_t>
+void backward_kernel(const AttentionParams& p, const Blocking& blk) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int64_t NR = kNR<acc_t>;
+  const int64_t BM = blk.block_m, BN = blk.block_n;
+  const int64_t Ep = round_up(p.E, NR), Evp = round_up(p.Ev, NR), BNp = round_up(BN, NR);
+  const int64_t n_chunks = blk.query_chunks;
+  const int64_t chunk_rows = round_up((p.L + n_chunks - 1) / n_chunks, BM);
+  const int64_t n_tasks = p.B * p.Hkv * n_chunks;
+  const acc_t scale = static_cast<acc_t>(p.scale);
+
+  // With several chunks per kv head, each chunk's dK/dV go to its own slot, summed afterwards.
+  std::vector<acc_t> partial;
+  const int64_t slot = p.S * (Ep + Evp);
+  if (n_chunks > 1) partial.assign(static_cast<size_t>(n_tasks * slot), acc_t(0));
+
+  auto* dq = static_cast<scalar_t*>(p.dq);
+  auto* dk = static_cast<scalar_t*>(p.dk);
+  auto* dv = static_cast<scalar_t*>(p.dv);
+
+  std::atomic<int64_t> next_task{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    PackedKV<scalar_t, acc_t> kv;
+    QueryBlock<scalar_t, acc_t> qblk;
+    Scratch<acc_t> s_buf, dp_buf, dq_buf, acc_buf;
+    for (int64_t task = next_task++; task < n_tasks; task = next_task++) {
+      const int64_t chunk = task % n_chunks;
+      const int64_t hk = (task / n_chunks) % p.Hkv;
+      const int64_t b = task / (n_chunks * p.Hkv);
+      const int64_t r0 = std::min(p.L, chunk * chunk_rows), r1 = std::min(p.L, r0 + chunk_rows);
+      int64_t keys = p.S;
+      if (p.causal_enabled()) keys = std::clamp<int64_t>(r1 + p.causal_offset, 0, p.S);
+
+      acc_t* dk_acc = n_chunks > 1 ? partial.data() + task * slot : acc_buf.get(std::max<int64_t>(slot, 1));
+      acc_t* dv_acc = dk_acc + p.S * Ep;
+      if (n_chunks == 1) fill(dk_acc, slot, acc_t(0));
+      if (r0 < r1) {  // rows that see no key still get their dQ written (as zeros)
+        kv.pack(p, b, hk, keys, Ep, scale);
+        acc_t* sb = s_buf.get(BM * BNp);
+        acc_t* dpb = dp_buf.get(BM * BNp);
+        acc_t* dqb = dq_buf.get(BM * Ep);
+        for (int64_t g = 0; g < p.group; ++g) {
+          const int64_t h = hk * p.group + g;
+          const RowMasker<acc_t> masker{p, b, h};
+          for (int64_t m0 = r0; m0 < r1; m0 += BM) {
+            const int64_t mb = std::min(BM, r1 - m0);
+            qblk.load(p, b, h, m0, mb, BM, Ep, Evp, scale);
+            fill(dqb, mb * Ep, acc_t(0));
+            int64_t n_end, n_full;
+            key_range(p, m0, mb, n_end, n_full);
+            for (int64_t n0 = 0; n0 < n_end; n0 += BN) {
+              const int64_t nb = std::min(BN, n_end - n0), nbp = round_up(nb, NR);
+              gemm<acc_t, false, false>(mb, nbp, p.E, qblk.qb, Ep, kv.kt_block(n0, p), p.E * NR, sb, BNp);
+              gemm<acc_t, false, false>(mb, nbp, p.Ev, qblk.dob, Evp, kv.vt_block(n0, p), p.Ev * NR, dpb, BNp);
+              probabilities_and_ds(masker, sb, dpb, BNp, m0, mb, n0, nb, nbp,
+                                   p.causal_enabled() && n0 + nb > n_full, qblk.lse, qblk.delta);
+              gemm<acc_t, true, true>(nb, Evp, mb, sb, BNp, qblk.dop, BM * NR, dv_acc + n0 * Evp, Evp);
+              gemm<acc_t, true, true>(nb, Ep, mb, dpb, BNp, qblk.qp, BM * NR, dk_acc + n0 * Ep, Ep);
+              gemm<acc_t, false, true>(mb, Ep, nb, dpb, BNp, kv.kr + n0 * NR, kv.sp * NR, dqb, Ep);
+            }
+            scalar_t* dq_rows = dq + b * p.dq_st.b + h * p.dq_st.h + m0 * p.dq_st.l;
+            for (int64_t i = 0; i < mb; ++i) store_row(dq_rows + i * p.dq_st.l, p.dq_st.e, dqb + i * Ep, p.E, acc_t(1));
+          }
+        }
+      }
+      if (n_chunks == 1) {  // this task saw every query row of its kv head: write dK, dV
+        for (int64_t s = 0; s < p.S; ++s) {
+          store_row(dk + b * p.dk_st.b + hk * p.dk_st.h + s * p.dk_st.l, p.dk_st.e, dk_acc + s * Ep, p.E, acc_t(1));
+          store_row(dv + b * p.dv_st.b + hk * p.dv_st.h + s * p.dv_st.l, p.dv_st.e, dv_acc + s * Evp, p.Ev, acc_t(1));
+        }
+      }
+    }
+  });
+
+  if (n_chunks > 1) {  // sum the chunks' partial dK/dV in chunk order
+    at::parallel_for(0, p.B * p.Hkv * p.S, 64, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> row(static_cast<size_t>(Ep + Evp));
+      for (int64_t idx = begin; idx < end; ++idx) {
+        const int64_t s = idx % p.S, bh = idx / p.S, hk = bh % p.Hkv, b = bh / p.Hkv;
+        std::fill(row.begin(), row.end(), acc_t(0));
+        for (int64_t c = 0; c < n_chunks; ++c) {
+          const acc_t* src = partial.data() + (bh * n_chunks + c) * slot;
+          for (int64_t e = 0; e < Ep; ++e) row[e] += src[s * Ep + e];
+          for (int64_t e = 0; e < Evp; ++e) row[Ep + e] += src[p.S * Ep + s * Evp + e];
+        }
+        store_row(dk + b * p.dk_st.b + hk * p.dk_st.h + s * p.dk_st.l, p.dk_st.e, row.data(), p.E, acc_t(1));
+        store_row(dv + b * p.dv_st.b + hk * p.dv_st.h + s * p.dv_st.l, p.dv_st.e, row.data() + Ep, p.Ev, acc_t(1));
+      }
+    });
+  }
+}
+
+// dMask (Bm, Hm, Lm, Sm) = dS summed over the dims the mask broadcasts over. A task owns one
+// (bm, hm) and, when the mask has full rows, one block of them: it loops over every (b, h) that
+// reads those entries and writes only its own entries.
+template <typename scalar_t>
+void mask_grad_kernel(const AttentionParams& p, const Blocking& blk) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int64_t NR = kNR<acc_t>;
+  const int64_t BM = blk.block_m, BN = blk.block_n;
+  const int64_t Ep = round_up(p.E, NR), Evp = round_up(p.Ev, NR), BNp = round_up(BN, NR);
+  const bool rows_full = p.Lm == p.L && p.L > 1, cols_full = p.Sm == p.S && p.S > 1;
+  const int64_t row_blocks = rows_full ? (p.L + BM - 1) / BM : 1;
+  const int64_t n_tasks = p.Bm * p.Hm * row_blocks;
+  const acc_t scale = static_cast<acc_t>(p.scale);
+  auto* dmask = static_cast<acc_t*>(p.dmask);
+
+  std::atomic<int64_t> next_task{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    PackedKV<scalar_t, acc_t> kv;
+    QueryBlock<scalar_t, acc_t> qblk;
+    Scratch<acc_t> s_buf, dp_buf;
+    acc_t* sb = s_buf.get(BM * BNp);
+    acc_t* dpb = dp_buf.get(BM * BNp);
+    for (int64_t task = next_task++; task < n_tasks; task = next_task++) {
+      const int64_t rb = task % row_blocks, hm = (task / row_blocks) % p.Hm, bm = task / (row_blocks * p.Hm);
+      const int64_t r0 = rows_full ? rb * BM : 0, r1 = rows_full ? std::min(p.L, r0 + BM) : p.L;
+      acc_t* dm = dmask + (bm * p.Hm + hm) * p.Lm * p.Sm;  // this (bm, hm)'s (Lm, Sm) slice
+      if (rows_full) {
+        fill(dm + r0 * p.Sm, (r1 - r0) * p.Sm, acc_t(0));
+      } else {
+        fill(dm, p.Lm * p.Sm, acc_t(0));
+      }
+      for (int64_t b = (p.Bm == 1 ? 0 : bm); b < (p.Bm == 1 ? p.B : bm + 1); ++b) {
+        for (int64_t h = (p.Hm == 1 ? 0 : hm); h < (p.Hm == 1 ? p.Hq : hm + 1); ++h) {
+          const int64_t hk = h / p.group;
+          const RowMasker<acc_t> masker{p, b, h};
+          int64_t keys = p.S;
+          if (p.causal_enabled()) keys = std::clamp<int64_t>(r1 + p.causal_offset, 0, p.S);
+          if (keys == 0) continue;
+          kv.pack(p, b, hk, keys, Ep, scale);
+          for (int64_t m0 = r0; m0 < r1; m0 += BM) {
+            const int64_t mb = std::min(BM, r1 - m0);
+            qblk.load(p, b, h, m0, mb, BM, Ep, Evp, scale);
+            int64_t n_end, n_full;
+            key_range(p, m0, mb, n_end, n_full);
+            for (int64_t n0 = 0; n0 < n_end; n0 += BN) {
+              const int64_t nb = std::min(BN, n_end - n0), nbp = round_up(nb, NR);
+              gemm<acc_t, false, false>(mb, nbp, p.E, qblk.qb, Ep, kv.kt_block(n0, p), p.E * NR, sb, BNp);
+              gemm<acc_t, false, false>(mb, nbp, p.Ev, qblk.dob, Evp, kv.vt_block(n0, p), p.Ev * NR, dpb, BNp);
+              probabilities_and_ds(masker, sb, dpb, BNp, m0, mb, n0, nb, nbp,
+                                   p.causal_enabled() && n0 + nb > n_full, qblk.lse, qblk.delta);
+              for (int64_t i = 0; i < mb; ++i) {
+                const acc_t* ds = dpb + i * BNp;
+                acc_t* dm_row = dm + (rows_full ? (m0 + i) * p.Sm : 0);
+                if (cols_full) {
+                  for (int64_t j = 0; j < nb; ++j) dm_row[n0 + j] += ds[j];
+                } else {
+                  acc_t sum = 0;
+                  for (int64_t j = 0; j < nb; ++j) sum += ds[j];
+                  dm_row[0] += sum;
+                }
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void run_backward(const AttentionParams& p, const Blocking& blk) {
+  backward_kernel<scalar_t>(p, blk);
+  if (p.dmask) mask_grad_kernel<scalar_t>(p, blk);
+}
+
+}  // namespace
+
+Blocking choose_blocking(const AttentionParams& p, c10::ScalarType dtype, bool backward) {
+  Blocking blk;
+  // Rows in multiples of the micro-kernel's 6; keys in multiples of its 16 columns.
+  blk.block_m = dtype == c10::ScalarType::Double ? 30 : (backward ? 60 : 72);
+  blk.block_n = backward ? 64 : 256;
+  // Tuning knobs (multiples of 6 rows and 16 keys are what the micro-kernel wants).
+  if (const char* env = std::getenv(backward ? "ATTNKERN_CPU_BWD_BLOCK_M" : "ATTNKERN_CPU_FWD_BLOCK_M")) {
+    blk.block_m = std::max<int64_t>(1, std::atoll(env));
+  }
+  if (const char* env = std::getenv(backward ? "ATTNKERN_CPU_BWD_BLOCK_N" : "ATTNKERN_CPU_FWD_BLOCK_N")) {
+    blk.block_n = std::max<int64_t>(16, std::atoll(env) / 16 * 16);
+  }
+  // Enough tasks to keep every thread busy (and balance causal work): split each kv head's query rows
+  // when batch x kv heads alone are too few. The backward's splits cost a partial dK/dV buffer each.
+  const int64_t threads = at::get_num_threads();
+  const int64_t want = (backward ? 2 : 4) * threads;
+  const int64_t heads = std::max<int64_t>(p.B * p.Hkv, 1);
+  const int64_t max_chunks = std::max<int64_t>((p.L + blk.block_m - 1) / blk.block_m, 1);
+  blk.query_chunks = std::clamp<int64_t>((want + heads - 1) / heads, 1, max_chunks);
+  if (heads >= want) blk.query_chunks = 1;
+  return blk;
+}
+
+void attention_backward(const AttentionParams& p, c10::ScalarType dtype) {
+  const Blocking blk = choose_blocking(p, dtype, /*backward=*/true);
+  switch (dtype) {
+    case c10::ScalarType::Float: run_backward<float>(p, blk); break;
+    case c10::ScalarType::Double: run_backward<double>(p, blk); break;
+    case c10::ScalarType::BFloat16: run_backward<c10::BFloat16>(p, blk); break;
+    case c10::ScalarType::Half: run_backward<c10::Half>(p, blk); break;
+    default: TORCH_CHECK(false, "attnkern cpu backward: unsupported dtype ", dtype);
+  }
+}
+
+}  // namespace cpu
+}  // namespace attnkern

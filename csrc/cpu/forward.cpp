@@ -1,0 +1,142 @@
+// Fused attention forward on the CPU: tiled, online softmax, never materializing L x S scores.
+//
+// Work is split into tasks (batch, kv head, query chunk). A task packs its kv head's K^T and V once
+// (in acc_t, padded to the micro-kernel width), then for every query head of the group and every
+// block of BLOCK_M query rows streams key blocks of BLOCK_N:
+//     S = (scale log2(e) Q) K^T  GEMM, in register tiles of 6 x 16 (scores in base 2)
+//     S += log2(e) mask; causal/bounds -> -inf
+//     online softmax with 2^x: m, l, rescale the output accumulator
+//     O += P V                   GEMM
+// Tasks are handed out dynamically (an atomic counter), so causal problems balance across threads.
+// Extra memory per thread: K^T and V of one kv head (O(S*E)) plus O(BLOCK_M * (BLOCK_N + Ev)) tiles.
+#include <ATen/Parallel.h>
+
+#include <atomic>
+
+#include "attention_cpu.h"
+#include "tile_math.h"
+
+namespace attnkern {
+namespace cpu {
+
+namespace {
+
+template <typename scalar_t>
+void forward_kernel(const AttentionParams& p, const Blocking& blk) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int64_t NR = kNR<acc_t>;
+  const int64_t BM = blk.block_m, BN = blk.block_n;
+  const int64_t Ep = round_up(p.E, 1), Evp = round_up(p.Ev, NR), BNp = round_up(BN, NR);
+  const int64_t n_chunks = blk.query_chunks;
+  // Whole blocks per chunk: only the last block of the last chunk can be short.
+  const int64_t chunk_rows = round_up((p.L + n_chunks - 1) / n_chunks, BM);
+  const int64_t n_tasks = p.B * p.Hkv * n_chunks;
+  const acc_t scale = static_cast<acc_t>(p.scale * kLog2e);  // scores in base 2
+
+  const auto* q = static_cast<const scalar_t*>(p.q);
+  const auto* k = static_cast<const scalar_t*>(p.k);
+  const auto* v = static_cast<const scalar_t*>(p.v);
+  auto* out = static_cast<scalar_t*>(p.out);
+  auto* lse = static_cast<acc_t*>(p.lse);
+
+  std::atomic<int64_t> next_task{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    Scratch<acc_t> kt_buf, v_buf, q_buf, s_buf, o_buf, stat_buf;
+    int64_t packed_b = -1, packed_hk = -1, packed_keys = 0, packed_sp = 0;
+    acc_t *kt = nullptr, *vp = nullptr;
+    for (int64_t task = next_task++; task < n_tasks; task = next_task++) {
+      const int64_t chunk = task % n_chunks;
+      const int64_t hk = (task / n_chunks) % p.Hkv;
+      const int64_t b = task / (n_chunks * p.Hkv);
+      const int64_t r0 = chunk * chunk_rows, r1 = std::min(p.L, r0 + chunk_rows);
+      if (r0 >= r1) continue;
+      // Keys any row of this chunk can see.
+      int64_t keys = p.S;
+      if (p.causal_enabled()) keys = std::clamp<int64_t>(r1 + p.causal_offset, 0, p.S);
+      const int64_t Sp = round_up(std::max<int64_t>(keys, 1), NR);
+
+      if (b != packed_b || hk != packed_hk || keys > packed_keys) {
+        // K^T in panels of NR keys (K-dim E) and V in panels of NR columns (K-dim keys).
+        packed_sp = Sp;
+        kt = kt_buf.get(p.E * Sp);
+        vp = v_buf.get(Sp * Evp);
+        const scalar_t* kb = k + b * p.k_st.b + hk * p.k_st.h;
+        const scalar_t* vb = v + b * p.v_st.b + hk * p.v_st.h;
+        pack_panels(kt, p.E * NR, kb, p.k_st.e, p.k_st.l, p.E, keys, acc_t(1));
+        pack_panels(vp, packed_sp * NR, vb, p.v_st.l, p.v_st.e, keys, p.Ev, acc_t(1));
+        packed_b = b, packed_hk = hk, packed_keys = keys;
+      }
+
+      acc_t* qb = q_buf.get(BM * Ep);
+      acc_t* sb = s_buf.get(BM * BNp);
+      acc_t* ob = o_buf.get(BM * Evp);
+      acc_t* m_i = stat_buf.get(2 * BM);
+      acc_t* l_i = m_i + BM;
+
+      for (int64_t g = 0; g < p.group; ++g) {
+        const int64_t h = hk * p.group + g;
+        const RowMasker<acc_t> masker{p, b, h};
+        for (int64_t m0 = r0; m0 < r1; m0 += BM) {
+          const int64_t mb = std::min(BM, r1 - m0);
+          pack_rows(qb, Ep, q + b * p.q_st.b + h * p.q_st.h + m0 * p.q_st.l, p.q_st.l, p.q_st.e, mb, p.E, scale);
+          fill(m_i, mb, neg_inf<acc_t>());
+          fill(l_i, mb, acc_t(0));
+          fill(ob, mb * Evp, acc_t(0));
+
+          int64_t n_end = p.S, n_full = p.S;  // keys visible to some / to every row of the block
+          if (p.causal_enabled()) {
+            n_end = std::clamp<int64_t>(m0 + mb + p.causal_offset, 0, p.S);
+            n_full = std::clamp<int64_t>(m0 + p.causal_offset + 1, 0, p.S);
+          }
+          for (int64_t n0 = 0; n0 < n_end; n0 += BN) {
+            const int64_t nb = std::min(BN, n_end - n0);
+            const int64_t nbp = round_up(nb, NR);
+            gemm<acc_t, false, false>(mb, nbp, p.E, qb, Ep, kt + (n0 / NR) * p.E * NR, p.E * NR, sb, BNp);
+            const bool causal_check = p.causal_enabled() && n0 + nb > n_full;
+            for (int64_t i = 0; i < mb; ++i) {
+              acc_t* row = sb + i * BNp;
+              masker.apply(row, m0 + i, n0, nb, nbp, causal_check);
+              const acc_t m_new = std::max(m_i[i], cpu::row_max(row, nbp));
+              if (m_new == neg_inf<acc_t>()) {  // nothing visible yet in this row
+                fill(row, nbp, acc_t(0));
+                continue;
+              }
+              const acc_t alpha = std::exp2(m_i[i] - m_new);  // 0 when m_i was -inf
+              l_i[i] = l_i[i] * alpha + exp2_shift_sum(row, nbp, m_new);
+              m_i[i] = m_new;
+              if (alpha != acc_t(1)) {
+                acc_t* orow = ob + i * Evp;
+                at::vec::map([alpha](Vec<acc_t> x) { return x * Vec<acc_t>(alpha); }, orow, orow, Evp);
+              }
+            }
+            gemm<acc_t, false, true>(mb, Evp, nb, sb, BNp, vp + n0 * NR, packed_sp * NR, ob, Evp);
+          }
+
+          scalar_t* o_rows = out + b * p.out_st.b + h * p.out_st.h + m0 * p.out_st.l;
+          acc_t* lse_rows = lse + (b * p.Hq + h) * p.L + m0;
+          for (int64_t i = 0; i < mb; ++i) {
+            const bool empty = l_i[i] == acc_t(0);  // every key masked: output 0, lse -inf
+            store_row(o_rows + i * p.out_st.l, p.out_st.e, ob + i * Evp, p.Ev, empty ? acc_t(0) : acc_t(1) / l_i[i]);
+            lse_rows[i] = empty ? neg_inf<acc_t>() : (m_i[i] + std::log2(l_i[i])) * acc_t(kLn2);
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void attention_forward(const AttentionParams& p, c10::ScalarType dtype) {
+  const Blocking blk = choose_blocking(p, dtype, /*backward=*/false);
+  switch (dtype) {
+    case c10::ScalarType::Float: forward_kernel<float>(p, blk); break;
+    case c10::ScalarType::Double: forward_kernel<double>(p, blk); break;
+    case c10::ScalarType::BFloat16: forward_kernel<c10::BFloat16>(p, blk); break;
+    case c10::ScalarType::Half: forward_kernel<c10::Half>(p, blk); break;
+    default: TORCH_CHECK(false, "attnkern cpu forward: unsupported dtype ", dtype);
+  }
+}
+
+}  // namespace cpu
+}  // namespace attnkern

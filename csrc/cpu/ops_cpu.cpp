@@ -1,0 +1,45 @@
+// CPU implementations of the attnkern_ext ops.
+#include <torch/library.h>
+
+#include "../op_args.h"
+#include "attention_cpu.h"
+
+namespace attnkern {
+namespace {
+
+void check_isa() {
+#if defined(__AVX2__) && (defined(__x86_64__) || defined(_M_X64))
+  TORCH_CHECK(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"),
+              "attnkern: this build of the CPU kernels needs AVX2 and FMA, which this processor lacks; "
+              "rebuild attnkern on this machine");
+#endif
+}
+
+void forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 const std::optional<at::Tensor>& mask, double scale, int64_t causal, const at::Tensor& out,
+                 const at::Tensor& lse) {
+  check_isa();
+  const AttentionParams p = forward_params(q, k, v, mask, scale, causal, out, lse);
+  if (p.B * p.Hq * p.L == 0) return;
+  cpu::attention_forward(p, q.scalar_type());
+}
+
+void backward_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
+                  const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
+                  const at::Tensor& out, const at::Tensor& lse, double scale, int64_t causal,
+                  const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
+                  const std::optional<at::Tensor>& dmask) {
+  check_isa();
+  const AttentionParams p =
+      backward_params(dout, dlse, q, k, v, mask, out, lse, scale, causal, dq, dk, dv, dmask);
+  if (p.B * p.Hkv * p.S == 0 && p.B * p.Hq * p.L == 0) return;
+  cpu::attention_backward(p, q.scalar_type());
+}
+
+}  // namespace
+}  // namespace attnkern
+
+TORCH_LIBRARY_IMPL(attnkern_ext, CPU, m) {
+  m.impl("forward", &attnkern::forward_cpu);
+  m.impl("backward", &attnkern::backward_cpu);
+}

@@ -1,0 +1,27 @@
+// Argument checks and AttentionParams filling for the attnkern_ext ops, shared by every device's
+// implementation. The checks repeat the Python-side validation on purpose: the ops can be called
+// directly (torch.ops.attnkern_ext.*), and a bad call must raise, never read out of bounds.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include "params.h"
+
+namespace attnkern {
+
+// Checks q, k, v, mask, scale, causal and the outputs out (B, Hq, L, Ev) and lse (B, Hq, L); returns
+// the filled params (outputs included).
+AttentionParams forward_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const std::optional<at::Tensor>& mask, double scale, int64_t causal,
+                               const at::Tensor& out, const at::Tensor& lse);
+
+// The forward's checks plus dout, dlse, and the gradient buffers dq, dk, dv, dmask.
+AttentionParams backward_params(const at::Tensor& dout, const std::optional<at::Tensor>& dlse,
+                                const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const std::optional<at::Tensor>& mask, const at::Tensor& out,
+                                const at::Tensor& lse, double scale, int64_t causal, const at::Tensor& dq,
+                                const at::Tensor& dk, const at::Tensor& dv,
+                                const std::optional<at::Tensor>& dmask);
+
+}  // namespace attnkern

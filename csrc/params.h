@@ -1,0 +1,60 @@
+// The one description of an attention problem that every C++ kernel (CPU here, CUDA later) reads.
+//
+// Plain data only: pointers, int64 sizes and element strides, and flags, filled once by the op
+// layer (attention_ops.cpp) after its argument checks. Layout is the canonical one of
+// attnkern/problem.py:
+//   q (B, Hq, L, E)   k (B, Hkv, S, E)   v (B, Hkv, S, Ev)   out (B, Hq, L, Ev)   lse (B, Hq, L)
+//   mask (Bm, Hm, Lm, Sm), each dim 1 or full; a broadcast dim has stride 0 here.
+// Query head h reads kv head h / (Hq / Hkv). Row i sees key j iff j <= i + causal_offset when causal.
+#pragma once
+
+#include <cstdint>
+
+namespace attnkern {
+
+enum class MaskKind : int32_t { kNone = 0, kBool = 1, kFloat = 2 };
+enum class Causal : int32_t { kNone = 0, kTopLeft = 1, kBottomRight = 2 };
+
+struct Strides4 {
+  int64_t b = 0, h = 0, l = 0, e = 0;  // batch, head, row (query or key), column (head dim or key)
+};
+
+struct AttentionParams {
+  // Sizes.
+  int64_t B = 0, Hq = 0, Hkv = 0, L = 0, S = 0, E = 0, Ev = 0;
+  int64_t group = 1;  // Hq / Hkv
+
+  // Inputs of the forward.
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  const void* mask = nullptr;  // bool (1 byte, nonzero = attend) or float of mask_dtype
+  Strides4 q_st, k_st, v_st, mask_st;  // mask_st: (b, h, l, s), 0 on broadcast dims
+  int64_t Bm = 1, Hm = 1, Lm = 1, Sm = 1;  // the mask's own (canonical) sizes
+  MaskKind mask_kind = MaskKind::kNone;
+  int32_t mask_dtype = 0;  // c10::ScalarType of a float mask (may differ from q's: float32 masks)
+
+  double scale = 1.0;
+  Causal causal = Causal::kNone;
+  int64_t causal_offset = 0;  // S - L for bottom-right, 0 for top-left
+
+  // Outputs of the forward (inputs of the backward).
+  void* out = nullptr;
+  void* lse = nullptr;  // (B, Hq, L) contiguous, float32 (float64 for float64 inputs); natural log
+  Strides4 out_st;
+
+  // Backward.
+  const void* dout = nullptr;
+  const void* dlse = nullptr;  // may be null: no gradient flows into the lse
+  Strides4 dout_st;
+  Strides4 dlse_st;  // (b, h, l) in b, h, l; e unused
+  void* dq = nullptr;
+  void* dk = nullptr;
+  void* dv = nullptr;
+  void* dmask = nullptr;  // (Bm, Hm, Lm, Sm) contiguous, float32 (float64 for float64); null: no grad
+  Strides4 dq_st, dk_st, dv_st;
+
+  bool causal_enabled() const { return causal != Causal::kNone; }
+};
+
+}  // namespace attnkern

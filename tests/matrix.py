@@ -13,7 +13,11 @@ F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 if ON_GPU:
     BACKEND_DTYPES = {"triton": (F16, BF16, F32), "reference": (F16, BF16, F32)}
 else:
-    BACKEND_DTYPES = {"triton": (F32, F16), "reference": (F32, F16, BF16)}
+    BACKEND_DTYPES = {"cpu": (F32, F16, BF16), "triton": (F32, F16), "reference": (F32, F16, BF16)}
+
+# The backend "auto" picks for ordinary calls on this device, and the fused backends that run here.
+AUTO = "triton" if ON_GPU else "cpu"
+FUSED = [b for b in BACKEND_DTYPES if b != "reference"]
 
 
 def pairs():
@@ -25,4 +29,4 @@ def pair_id(pair) -> str:
     return f"{backend}-{str(dtype).replace('torch.', '')}"
 
 
-__all__ = ["DEVICE", "BACKEND_DTYPES", "pairs", "pair_id"]
+__all__ = ["AUTO", "DEVICE", "BACKEND_DTYPES", "FUSED", "pairs", "pair_id"]

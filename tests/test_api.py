@@ -9,10 +9,8 @@ import torch.nn.functional as F
 import attnkern
 from attnkern import api, backends
 from attnkern.problem import normalize
-from matrix import DEVICE, pairs
+from matrix import AUTO, DEVICE, FUSED, pairs
 from attnkern.tolerance import assert_all, check
-
-FUSED = "triton"
 
 
 def rand(*shape, dtype=torch.float32, grad=False):
@@ -28,24 +26,25 @@ def fresh_warnings():
 
 def test_use_backend_and_environment_choose_the_backend(monkeypatch):
     q, k, v = rand(1, 2, 5, 16), rand(1, 2, 7, 16), rand(1, 2, 7, 16)
-    assert attnkern.explain(q, k, v).backend == FUSED
+    other = FUSED[-1]
+    assert attnkern.explain(q, k, v).backend == AUTO
     with attnkern.use_backend("reference"):
         assert attnkern.explain(q, k, v).backend == "reference"
-        with attnkern.use_backend(FUSED):
-            assert attnkern.explain(q, k, v).backend == FUSED
+        with attnkern.use_backend(other):
+            assert attnkern.explain(q, k, v).backend == other
         assert attnkern.explain(q, k, v).backend == "reference"
         # an explicit argument wins over the context
-        assert attnkern.explain(q, k, v, backend=FUSED).backend == FUSED
+        assert attnkern.explain(q, k, v, backend=other).backend == other
     monkeypatch.setenv("ATTNKERN_BACKEND", "reference")
     assert attnkern.explain(q, k, v).backend == "reference"
     with attnkern.use_backend("auto"):
-        assert attnkern.explain(q, k, v).backend == FUSED
+        assert attnkern.explain(q, k, v).backend == AUTO
 
 
 def test_backends_really_run_what_explain_says(monkeypatch):
     """Count the forward calls each backend receives."""
     calls = []
-    for name in ("triton", "reference"):
+    for name in backends.names()[1:]:
         b = backends.get(name)
         orig = b.forward
         monkeypatch.setattr(b, "forward", lambda *a, _o=orig, _n=name: (calls.append(_n), _o(*a))[1])
@@ -53,36 +52,42 @@ def test_backends_really_run_what_explain_says(monkeypatch):
     attnkern.scaled_dot_product_attention(q, k, v)
     with attnkern.use_backend("reference"):
         attnkern.scaled_dot_product_attention(q, k, v)
-    assert calls == ["triton", "reference"]
+    assert calls == [AUTO, "reference"]
 
 
 def test_explain_says_why():
     q, k, v = rand(2, 4, 5, 16), rand(2, 2, 7, 16), rand(2, 2, 7, 16)
     e = attnkern.explain(q, k, v, enable_gqa=True, is_causal=True)
-    assert e.backend == FUSED and not e.fallback
+    assert e.backend == AUTO and not e.fallback
     assert "Hq=4 Hkv=2 L=5 S=7 E=16" in e.problem and "causal=top_left" in e.problem
-    e = attnkern.explain(q.double(), k.double(), v.double(), enable_gqa=True)
-    assert e.backend == "reference" and e.fallback
-    assert "float16, bfloat16 and float32, not torch.float64" in e.rejected["triton"]
-    assert "backend: reference (fallback)" in str(e)
     e = attnkern.explain(q, k, v, enable_gqa=True, dropout_p=0.1)
-    assert e.backend == "reference" and "dropout" in e.rejected["triton"]
+    assert e.backend == "reference" and e.fallback
+    assert all("dropout" in why for why in e.rejected.values()) and set(e.rejected) == set(FUSED)
+    assert "backend: reference (fallback)" in str(e)
     e = attnkern.explain(q.double(), k.double(), v.double(), enable_gqa=True, backend="triton")
-    assert e.backend == "none" and "cannot run this call" in e.reason
+    assert e.backend == "none" and "cannot run this call" in e.reason and "float64" in e.reason
     e = attnkern.explain(q, k, v, enable_gqa=True, causal="bottom_right")
     assert "causal=bottom_right" in e.problem
 
 
+def test_float64_goes_to_a_kernel_that_takes_it():
+    q = rand(1, 2, 5, 16, dtype=torch.float64)
+    e = attnkern.explain(q, q, q)
+    if DEVICE == "cpu":
+        assert e.backend == "cpu" and not e.fallback
+    else:
+        assert e.backend == "reference" and "float64" in e.rejected["triton"]
+
+
 def test_fallback_warns_once_per_reason():
-    q, k, v = rand(1, 2, 5, 16, dtype=torch.float64), rand(1, 2, 7, 16, dtype=torch.float64), rand(
-        1, 2, 7, 16, dtype=torch.float64)
-    with pytest.warns(attnkern.AttnkernFallbackWarning, match=r"no fused kernel covers this call \(triton: .*float64"):
-        attnkern.scaled_dot_product_attention(q, k, v)
+    q, k, v = rand(1, 2, 5, 16), rand(1, 2, 7, 16), rand(1, 2, 7, 16)
+    with pytest.warns(attnkern.AttnkernFallbackWarning, match=r"no fused kernel covers this call \(.*dropout"):
+        attnkern.scaled_dot_product_attention(q, k, v, dropout_p=0.2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        attnkern.scaled_dot_product_attention(q, k, v)  # same reason: silent now
+        attnkern.scaled_dot_product_attention(q, k, v, dropout_p=0.2)  # same reason: silent now
         with attnkern.use_backend("reference"):  # asked for: no warning at all
-            attnkern.scaled_dot_product_attention(q.float(), k.float(), v.float())
+            attnkern.scaled_dot_product_attention(q, k, v, dropout_p=0.2)
 
 
 def test_float64_runs_on_the_reference_path_exactly():
@@ -137,13 +142,14 @@ def test_output_keeps_the_query_layout():
     assert attnkern.scaled_dot_product_attention(base, base, base).is_contiguous()
 
 
-def test_backward_is_deterministic():
+@pytest.mark.parametrize("backend", FUSED)
+def test_backward_is_deterministic(backend):
     q, k, v = rand(1, 4, 40, 32, grad=True), rand(1, 2, 50, 32, grad=True), rand(1, 2, 50, 32, grad=True)
     mask = rand(4, 40, 50, grad=True)
     grads = []
     for _ in range(2):
         out = attnkern.attention(q, k, v, attn_mask=mask, enable_gqa=True, causal="bottom_right",
-                                 return_lse=False, backend=FUSED)
+                                 return_lse=False, backend=backend)
         out.backward(torch.ones_like(out))
         grads.append([t.grad.clone() for t in (q, k, v, mask)])
         for t in (q, k, v, mask):
@@ -163,7 +169,7 @@ def test_empty_problems_match_torch():
 
 def test_two_dim_inputs_and_scale():
     q, k, v = rand(5, 16), rand(7, 16), rand(7, 16)
-    for backend in ("triton", "reference"):
+    for backend in FUSED + ["reference"]:
         with attnkern.use_backend(backend):
             out = attnkern.scaled_dot_product_attention(q, k, v, scale=0.3)
         torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, scale=0.3), rtol=1e-5, atol=1e-5)
@@ -174,15 +180,16 @@ def test_fp32_mask_with_half_inputs():
     q, k, v = rand(1, 2, 17, 32, dtype=torch.float16), rand(1, 2, 20, 32, dtype=torch.float16), rand(
         1, 2, 20, 32, dtype=torch.float16)
     mask = torch.randn(17, 20, device=DEVICE)
-    out = attnkern.attention(q, k, v, attn_mask=mask, backend=FUSED, return_lse=False)
     ref64 = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask.double())
     ref_lp = attnkern.reference_attention(q, k, v, mask)[0]
-    assert_all([check("out", out, ref64, ref_lp, torch.float16)])
+    for backend in FUSED:
+        out = attnkern.attention(q, k, v, attn_mask=mask, backend=backend, return_lse=False)
+        assert_all([check(f"{backend} out", out, ref64, ref_lp, torch.float16)])
 
 
 def test_lse_is_returned_and_consistent():
     q, k, v = rand(2, 3, 17, 16), rand(2, 3, 20, 16), rand(2, 3, 20, 16)
-    out, lse = attnkern.attention(q, k, v, backend=FUSED)
+    out, lse = attnkern.attention(q, k, v)
     assert lse.shape == (2, 3, 17) and lse.dtype == torch.float32
     scores = (q.double() @ k.double().transpose(-1, -2)) / 4.0
     torch.testing.assert_close(lse.double(), torch.logsumexp(scores, -1), rtol=1e-5, atol=1e-5)
@@ -190,9 +197,10 @@ def test_lse_is_returned_and_consistent():
 
 
 def test_matrix_covers_every_backend():
-    """A registered fused backend must be in the shared test matrix."""
+    """Every registered backend that runs on this device is in the shared test matrix."""
     tested = {b for b, _ in pairs()}
-    assert set(backends.names()) - {"auto"} <= tested
+    runnable = {n for n in backends.names()[1:] if backends.get(n).availability(torch.device(DEVICE)) is None}
+    assert runnable <= tested
 
 
 def test_int64_indexing_switch():
@@ -220,7 +228,7 @@ def test_int64_indexing_path_is_correct(monkeypatch, causal):
             monkeypatch.setattr(fwd, "needs_int64", lambda *t: True)
             monkeypatch.setattr(bwd, "needs_int64", lambda *t: True)
         out = attnkern.attention(q, k, v, attn_mask=mask, causal=causal, enable_gqa=True, return_lse=False,
-                                 backend=FUSED)
+                                 backend="triton")
         out.backward(torch.ones_like(out))
         results.append([out.detach()] + [t.grad.clone() for t in (q, k, v, mask)])
         for t in (q, k, v, mask):

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from .base import Backend
+from .cpu import CpuBackend
 from .reference import ReferenceBackend
 from .triton import TritonBackend
 
@@ -79,5 +80,7 @@ def select(problem, requested: str) -> Choice:
                                "path runs it with O(L*S) memory", fallback=True, rejected=rejected)
 
 
-register(TritonBackend(), auto_rank=0)
+# auto: the C++ kernels for CPU tensors, Triton for CUDA tensors (and CPU under the interpreter).
+register(CpuBackend(), auto_rank=0)
+register(TritonBackend(), auto_rank=1)
 register(ReferenceBackend())

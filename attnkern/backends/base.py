@@ -48,9 +48,10 @@ def new_grad(t: torch.Tensor) -> torch.Tensor:
     return _poisoned(torch.empty_like(t))
 
 
-def new_mask_grad(mask: torch.Tensor) -> torch.Tensor:
-    """The float32 accumulation buffer of a mask gradient, (Bm, Hm, Lm, Sm) contiguous."""
-    return _poisoned(torch.empty(mask.shape, dtype=torch.float32, device=mask.device))
+def new_mask_grad(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The accumulation buffer of a mask gradient, (Bm, Hm, Lm, Sm) contiguous (float32, or float64
+    for float64 problems)."""
+    return _poisoned(torch.empty(mask.shape, dtype=dtype, device=mask.device))
 
 
 class Backend:

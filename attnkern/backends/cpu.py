@@ -1,0 +1,60 @@
+"""The "cpu" backend: the fused C++ kernels of csrc/cpu behind the backend contract.
+
+The extension (attnkern._C, built by setup.py) registers the torch ops attnkern_ext::forward and
+attnkern_ext::backward. It is optional: when it is missing or fails to load, attnkern still imports
+and this backend reports why it is unavailable.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from .base import Backend, new_grad, new_lse, new_mask_grad, new_output
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _load_extension():
+    """None if the ops are registered, else why not."""
+    try:
+        importlib.import_module("attnkern._C")
+    except ImportError as exc:
+        return (f"the C++ extension attnkern._C is not built ({exc}); reinstall with "
+                "`pip install --no-build-isolation -e .`")
+    if not hasattr(torch.ops, "attnkern_ext") or not hasattr(torch.ops.attnkern_ext, "forward"):
+        return "the C++ extension loaded but registered no attnkern_ext ops"
+    return None
+
+
+# Loaded once, at import: a missing extension is a property of the install, not of a call.
+EXTENSION_ERROR = _load_extension()
+
+
+class CpuBackend(Backend):
+    name = "cpu"
+
+    def availability(self, device):
+        if EXTENSION_ERROR:
+            return EXTENSION_ERROR
+        if device.type != "cpu":
+            return f"the C++ CPU kernels take CPU tensors, not {device.type}"
+        return None
+
+    def unsupported_reason(self, problem):
+        if problem.dtype not in KERNEL_DTYPES:
+            return f"the CPU kernels take float16, bfloat16, float32 and float64, not {problem.dtype}"
+        if problem.dropout_p > 0.0:
+            return "dropout is not fused yet (dropout_p > 0)"
+        return None
+
+    def forward(self, q, k, v, mask, scale, causal):
+        out, lse = new_output(q, v.shape[-1]), new_lse(q)
+        torch.ops.attnkern_ext.forward(q, k, v, mask, scale, causal, out, lse)
+        return out, lse
+
+    def backward(self, dout, dlse, q, k, v, mask, out, lse, scale, causal, mask_grad):
+        dq, dk, dv = new_grad(q), new_grad(k), new_grad(v)
+        dmask = new_mask_grad(mask, lse.dtype) if mask_grad else None
+        torch.ops.attnkern_ext.backward(dout, dlse, q, k, v, mask, out, lse, scale, causal, dq, dk, dv, dmask)
+        return dq, dk, dv, (dmask.to(mask.dtype) if dmask is not None else None)

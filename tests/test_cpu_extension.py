@@ -1,0 +1,119 @@
+"""The C++ extension: float64 gradcheck through the CPU kernels, and its own argument checks, called
+directly on the ops (bypassing the Python validation) to prove the C++ side refuses bad input too."""
+import pytest
+import torch
+
+import attnkern
+from attnkern.backends import cpu as cpu_backend
+
+pytestmark = pytest.mark.skipif(cpu_backend.EXTENSION_ERROR is not None,
+                                reason=f"C++ extension not built: {cpu_backend.EXTENSION_ERROR}")
+OPS = torch.ops.attnkern_ext if cpu_backend.EXTENSION_ERROR is None else None
+
+
+@pytest.mark.parametrize("causal,mask_kind,gqa", [
+    (False, None, False), ("top_left", "float", True), ("bottom_right", "bool", False), (False, "float_bs", True)])
+def test_gradcheck_float64(causal, mask_kind, gqa):
+    gen = torch.Generator().manual_seed(0)
+
+    def r(*s):
+        return torch.randn(*s, generator=gen, dtype=torch.float64).requires_grad_()
+
+    Hkv = 1 if gqa else 2
+    q, k, v = r(2, 2, 5, 6), r(2, Hkv, 7, 6), r(2, Hkv, 7, 3)
+    inputs = [q, k, v]
+    mask = None
+    if mask_kind == "float":
+        mask = r(2, 5, 7)
+        inputs.append(mask)
+    elif mask_kind == "float_bs":
+        mask = r(2, 1, 1, 7)
+        inputs.append(mask)
+    elif mask_kind == "bool":
+        mask = torch.rand(5, 7, generator=gen) > 0.3
+        mask[:, 0] = True
+
+    def fn(q, k, v, *m):
+        out, lse = attnkern.attention(q, k, v, attn_mask=m[0] if m else mask, causal=causal, enable_gqa=gqa,
+                                      backend="cpu")
+        return out, lse.masked_fill(torch.isinf(lse), 0.0)
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def _buffers(B=2, Hq=4, Hkv=2, L=5, S=7, E=8, Ev=8, dtype=torch.float32):
+    q, k, v = torch.randn(B, Hq, L, E, dtype=dtype), torch.randn(B, Hkv, S, E, dtype=dtype), torch.randn(
+        B, Hkv, S, Ev, dtype=dtype)
+    out = torch.empty(B, Hq, L, Ev, dtype=dtype)
+    lse = torch.empty(B, Hq, L, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    return q, k, v, out, lse
+
+
+def test_forward_op_direct_call_works():
+    q, k, v, out, lse = _buffers()
+    OPS.forward(q, k, v, None, 0.5, 1, out, lse)
+    ref, ref_lse = attnkern.reference_attention(q, k, v, causal=1, scale=0.5, enable_gqa=True)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda a: a.update(q=a["q"][0]), r"query must be 4-D \(batch, heads, length, head_dim\), got 3-D"),
+    (lambda a: a.update(k=a["k"].double()), r"query, key and value must have the same dtype"),
+    (lambda a: a.update(q=a["q"].int()), r"query must be float16, bfloat16, float32 or float64, got Int"),
+    (lambda a: a.update(k=a["k"][:1], v=a["v"][:1]), r"key and value must have the query's batch size 2"),
+    (lambda a: a.update(k=torch.randn(2, 3, 7, 8), v=torch.randn(2, 3, 7, 8)),
+     r"the query's heads \(4\) must be a multiple of the key/value heads \(3\)"),
+    (lambda a: a.update(v=a["v"][:, :1]), r"key and value must have the same number of heads"),
+    (lambda a: a.update(v=a["v"][:, :, :6]), r"key and value must have the same length"),
+    (lambda a: a.update(k=a["k"][..., :6]), r"key must have the query's head dim 8"),
+    (lambda a: a.update(mask=torch.ones(2, 4, 5, 6, dtype=torch.bool)),
+     r"attn_mask dim 3 \(key length\) must be 1 or 7, got shape \(2, 4, 5, 6\)"),
+    (lambda a: a.update(mask=torch.ones(5, 7, dtype=torch.bool)), r"attn_mask must be 4-D"),
+    (lambda a: a.update(mask=torch.ones(1, 1, 5, 7, dtype=torch.int32)),
+     r"attn_mask must be bool, float32 or the query's dtype Float, got Int"),
+    (lambda a: a.update(scale=float("inf")), r"scale must be finite"),
+    (lambda a: a.update(causal=3), r"causal must be 0 \(none\), 1 \(top-left\) or 2 \(bottom-right\), got 3"),
+    (lambda a: a.update(out=torch.empty(2, 4, 5, 9)),
+     r"out must have shape \(2, 4, 5, 8\) \(batch, query heads, query length, value head dim\)"),
+    (lambda a: a.update(out=torch.empty(2, 4, 5, 8, dtype=torch.float64)), r"out must have the query's dtype"),
+    (lambda a: a.update(lse=torch.empty(2, 4, 5, dtype=torch.float16)), r"lse must be Float"),
+    (lambda a: a.update(lse=torch.empty(2, 4, 6)), r"lse must have shape \(2, 4, 5\)"),
+])
+def test_forward_op_refuses_bad_arguments(mutate, message):
+    q, k, v, out, lse = _buffers()
+    args = dict(q=q, k=k, v=v, mask=None, scale=0.5, causal=0, out=out, lse=lse)
+    mutate(args)
+    with pytest.raises(RuntimeError, match=message):
+        OPS.forward(args["q"], args["k"], args["v"], args["mask"], args["scale"], args["causal"], args["out"],
+                    args["lse"])
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda a: a.update(dout=a["dout"][..., :4]), r"grad_out must have shape \(2, 4, 5, 8\)"),
+    (lambda a: a.update(dq=a["dq"].double()), r"grad_query must have the query's dtype"),
+    (lambda a: a.update(dk=torch.empty(2, 4, 7, 8)), r"grad_key must have shape \(2, 2, 7, 8\)"),
+    (lambda a: a.update(dlse=torch.zeros(2, 4, 6)), r"grad_lse must have shape \(2, 4, 5\)"),
+    (lambda a: a.update(dmask=torch.zeros(1, 1, 5, 7)), r"grad_mask needs a float attn_mask"),
+    (lambda a: a.update(mask=torch.zeros(1, 1, 5, 7), dmask=torch.zeros(1, 1, 5, 6)),
+     r"grad_mask must have shape \(1, 1, 5, 7\)"),
+])
+def test_backward_op_refuses_bad_arguments(mutate, message):
+    q, k, v, out, lse = _buffers()
+    OPS.forward(q, k, v, None, 0.5, 0, out, lse)
+    args = dict(dout=torch.randn_like(out), dlse=None, mask=None, dq=torch.empty_like(q), dk=torch.empty_like(k),
+                dv=torch.empty_like(v), dmask=None)
+    mutate(args)
+    with pytest.raises(RuntimeError, match=message):
+        OPS.backward(args["dout"], args["dlse"], q, k, v, args["mask"], out, lse, 0.5, 0, args["dq"], args["dk"],
+                     args["dv"], args["dmask"])
+
+
+def test_extension_is_optional(monkeypatch):
+    """Without the extension attnkern still imports and says why the backend is unavailable."""
+    monkeypatch.setattr(cpu_backend, "EXTENSION_ERROR", "the C++ extension attnkern._C is not built (test)")
+    q = torch.randn(1, 2, 5, 16)
+    e = attnkern.explain(q, q, q)
+    assert e.backend != "cpu" and "not built" in e.rejected["cpu"]
+    with pytest.raises(attnkern.BackendUnavailableError, match=r"backend='cpu' cannot run this call: .*not built"):
+        attnkern.attention(q, q, q, backend="cpu")

@@ -4,14 +4,17 @@
     attnkern.attention(q, k, v, causal=..., ...)          richer API: alignments, lse, backend choice
     attnkern.explain(q, k, v, ...)                        which path a call takes, and why
     attnkern.use_backend("triton")                        context manager (or ATTNKERN_BACKEND=...)
+    attnkern.replace_sdpa()                               torch's F.scaled_dot_product_attention runs attnkern
 """
 from .api import AttnkernFallbackWarning, Explanation, attention, explain, scaled_dot_product_attention
 from .backends import BackendUnavailableError
 from .backends import names as backend_names
 from .config import use_backend
+from .patching import replace_sdpa, restore_sdpa
 from .reference import reference_attention
 
 __version__ = "0.1.0"
+
 
 __all__ = [
     "AttnkernFallbackWarning",
@@ -21,6 +24,8 @@ __all__ = [
     "backend_names",
     "explain",
     "reference_attention",
+    "replace_sdpa",
+    "restore_sdpa",
     "scaled_dot_product_attention",
     "use_backend",
 ]

@@ -77,6 +77,9 @@ def _hf_forward(padding, pass_mask=True):
 
     def forward(model, impl):
         model.set_attn_implementation(impl)
+        if model.config._attn_implementation != impl:  # transformers 4.x ports models gradually
+            pytest.skip(f"{type(model).__name__} of transformers {transformers.__version__} does not dispatch "
+                        "through AttentionInterface (replace_sdpa with 'sdpa' still reaches it)")
         out = model(input_ids=ids, attention_mask=keep if pass_mask else None, labels=labels)
         return out.logits, out.loss
     return forward

@@ -15,6 +15,12 @@ the attention function computes what the "sdpa" function computes:
 - `scaling` and `dropout` as given; the output is (batch, length, heads, head_dim), weights None.
 Calls the fused kernels do not serve (dropout > 0, float64, a device without kernels, position bias, paged
 cache, ...) run transformers' own sdpa function instead; the reason is logged once on the "attnkern" logger.
+Logit softcapping and attention sinks, which neither computes, raise NotImplementedError (some versions'
+sdpa function would drop them silently).
+
+Models whose code dispatches through AttentionInterface take the name (nearly all in transformers 5; in 4.x,
+those already ported to it: Llama-style decoders, GPT-2, ... but not BERT). For the others, load them with "sdpa"
+and use `attnkern.replace_sdpa()`: their sdpa code calls torch.nn.functional.scaled_dot_product_attention.
 
 transformers is imported by this module only; `import attnkern` never imports it.
 """
@@ -29,16 +35,12 @@ from .. import dispatch
 try:
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "attnkern's transformers integration needs transformers >= 4.53 "
+        "attnkern's transformers integration needs transformers >= 4.54 "
         "(pip install 'attnkern[transformers]')"
     ) from exc
-
-try:
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-except ImportError:  # pragma: no cover - transformers < 4.53 builds masks without a mask registry
-    ALL_MASK_ATTENTION_FUNCTIONS = AttentionMaskInterface = None
 
 try:
     from transformers.generation.continuous_batching.cache import PagedAttentionCache
@@ -49,16 +51,15 @@ NAME = "attnkern"
 
 
 def _transformers_only(kwargs) -> Optional[str]:
-    """Why transformers' sdpa function must run this call itself, or None."""
-    if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
-        # sdpa would ignore them silently: refuse rather than give a wrong answer.
-        raise NotImplementedError(
-            "attn_implementation='attnkern' does not support attention sinks (s_aux); use 'eager' or "
-            "'flex_attention' for this model")
+    """Why transformers' sdpa function must run this call itself, or None. Raises for what neither
+    attnkern nor SDPA computes (some transformers versions' sdpa ignores it silently)."""
+    for what, names in (("attention sinks (s_aux)", ("s_aux", "sinks")), ("logit softcapping", ("softcap",))):
+        if any(kwargs.get(n) is not None for n in names):
+            raise NotImplementedError(
+                f"attn_implementation='attnkern' does not support {what}; use 'eager' or 'flex_attention' "
+                "for this model")
     if kwargs.get("position_bias") is not None:
         return "a position bias (transformers builds a float mask from it)"
-    if kwargs.get("softcap") is not None:
-        return "softcap"
     if isinstance(kwargs.get("cache"), PagedAttentionCache):
         return "a paged KV cache"
     if kwargs.get("output_attentions"):
@@ -86,7 +87,10 @@ def attention_forward(
         # As transformers' sdpa path: a single query (decoding) attends every cached key, and an explicit
         # mask already holds the causal pattern.
         causal = query.shape[2] > 1 and attention_mask is None and bool(causal)
-        q, k, v, mask = dispatch.autocast_like_sdpa((query, key, value, attention_mask))
+        mask = attention_mask
+        if mask is not None and mask.dim() == 4 and mask.shape[-1] > key.shape[-2]:
+            mask = mask[..., : key.shape[-2]]  # as transformers 4.x's sdpa path: some models build it longer
+        q, k, v, mask = dispatch.autocast_like_sdpa((query, key, value, mask))
         route = dispatch.route_sdpa(q, k, v, mask, dropout, causal, scaling,
                                     enable_gqa=key.shape[1] != query.shape[1])
         if not route.to_torch:
@@ -103,6 +107,6 @@ def register(name: str = NAME) -> str:
     if not isinstance(name, str) or not name or name in ("eager", "sdpa") or name.startswith("flash"):
         raise ValueError(f"name must be a new attention implementation name such as 'attnkern', got {name!r}")
     AttentionInterface.register(name, attention_forward)
-    if AttentionMaskInterface is not None:
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    # Without a mask function of its own a custom name gets no mask at all (transformers skips it).
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
     return name

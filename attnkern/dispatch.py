@@ -65,6 +65,14 @@ def route_sdpa(
         return Route(None, "nested tensors and tensor subclasses are left to torch")
     if attn_mask is not None and is_causal:
         return Route(None, "attn_mask together with is_causal: torch's backends differ on it (some raise)")
+    requested = config.requested_backend() if backend is None else backends.check_name(backend)
+    # Where no candidate runs on the device at all (a CPU without the interpreter), say so before paying
+    # for normalization: that is every call there.
+    candidates = backends.AUTO_ORDER if requested == "auto" else [requested]
+    unavailable = {name: backends.get(name).availability(query.device) for name in candidates}
+    if all(unavailable.values()):
+        why = "; ".join(f"{name}: {w}" for name, w in unavailable.items()) or "no fused backend is registered"
+        return Route(None, f"no fused kernel runs on this device ({why})")
     try:
         problem = normalize(
             query, key, value, attn_mask, dropout_p,
@@ -73,7 +81,6 @@ def route_sdpa(
     except (TypeError, ValueError) as exc:
         # torch either accepts what attnkern refuses, or raises its own error: let it decide.
         return Route(None, f"attnkern does not take these arguments ({exc})")
-    requested = config.requested_backend() if backend is None else backends.check_name(backend)
     if problem.is_empty:
         return Route(None, "empty problem (a zero-sized dim)", problem)
     if requested == "auto":

@@ -160,6 +160,17 @@ def test_unsupported_calls_run_torch_function(counted, caplog, monkeypatch, why)
     assert len(logged) == 1
 
 
+def test_devices_without_kernels_skip_the_argument_work(counted, monkeypatch):
+    """On a device no fused backend runs on, every call goes to torch without being normalized first."""
+    calls, _ = counted
+    monkeypatch.setattr(backends.get("triton"), "availability", lambda device: "no kernels here")
+    monkeypatch.setattr(dispatch, "normalize", lambda *a, **kw: pytest.fail("normalized a call no kernel runs"))
+    q = rand(1, 2, 5, 16)
+    with attnkern.replace_sdpa():
+        F.scaled_dot_product_attention(q, q, q)
+    assert calls == ["torch"]
+
+
 def test_arguments_attnkern_refuses_go_to_torch_too(counted):
     """torch decides about arguments attnkern does not take: here an int mask, which torch refuses."""
     calls, _ = counted

@@ -4,14 +4,26 @@
     attnkern.attention(q, k, v, causal=..., ...)          richer API: alignments, lse, backend choice
     attnkern.explain(q, k, v, ...)                        which path a call takes, and why
     attnkern.use_backend("triton")                        context manager (or ATTNKERN_BACKEND=...)
+    attnkern.replace_sdpa()                               torch's F.scaled_dot_product_attention runs attnkern
+    attnkern.register_transformers()                      attn_implementation="attnkern" in transformers
 """
 from .api import AttnkernFallbackWarning, Explanation, attention, explain, scaled_dot_product_attention
 from .backends import BackendUnavailableError
 from .backends import names as backend_names
 from .config import use_backend
+from .patching import replace_sdpa, restore_sdpa
 from .reference import reference_attention
 
 __version__ = "0.1.0"
+
+
+def register_transformers(name: str = "attnkern") -> str:
+    """Register attnkern with transformers' attention registries (see attnkern.integrations.transformers);
+    transformers is imported only here. Returns the name to pass as attn_implementation."""
+    from .integrations.transformers import register
+
+    return register(name)
+
 
 __all__ = [
     "AttnkernFallbackWarning",
@@ -21,6 +33,9 @@ __all__ = [
     "backend_names",
     "explain",
     "reference_attention",
+    "register_transformers",
+    "replace_sdpa",
+    "restore_sdpa",
     "scaled_dot_product_attention",
     "use_backend",
 ]

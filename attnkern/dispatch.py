@@ -1,0 +1,117 @@
+"""Routing of torch-SDPA calls that arrive from other people's code (replace_sdpa, the transformers
+integration): attnkern's fused kernels where they serve the call, torch's own SDPA everywhere else.
+
+The rule: a call runs on attnkern only where `auto` (or the pinned backend) picks a kernel that computes
+exactly what torch's SDPA computes. Everything else -- a device without kernels, float64, dropout, head
+dims over 256, arguments attnkern refuses, an explicit mask together with `is_causal` (torch's backends
+disagree on it) -- goes to torch, never to attnkern's slow reference path unless that path was asked for
+by name. The reason is logged once.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from . import api, backends, config, masks
+from .problem import AttentionProblem, normalize
+
+logger = logging.getLogger("attnkern")
+
+
+@dataclass
+class Route:
+    """Where one SDPA call goes: `backend` names the attnkern backend that runs it, or is None for torch."""
+
+    backend: Optional[str]
+    reason: str
+    problem: Optional[AttentionProblem] = None
+
+    @property
+    def to_torch(self) -> bool:
+        return self.backend is None
+
+
+def _plain_tensor(t) -> bool:
+    # Nested tensors and tensor subclasses (DTensor, ...) have their own SDPA overrides in torch.
+    return isinstance(t, torch.Tensor) and type(t) in (torch.Tensor, torch.nn.Parameter) and not t.is_nested
+
+
+def autocast_like_sdpa(tensors):
+    """Under autocast, torch's SDPA gets its floating inputs (float64 excepted) cast to the autocast dtype.
+    attnkern's custom ops are in no autocast list, so do that cast here before routing."""
+    if not isinstance(tensors[0], torch.Tensor):
+        return tensors
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(
+        t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
+        for t in tensors
+    )
+
+
+def route_sdpa(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+    backend: Optional[str] = None,
+) -> Route:
+    """Decide where a call with torch SDPA's arguments runs. `backend` pins an attnkern backend
+    (None: `use_backend(...)`/ATTNKERN_BACKEND/auto). Never raises for arguments torch might accept."""
+    if not all(_plain_tensor(t) for t in (query, key, value)) or (
+            attn_mask is not None and not _plain_tensor(attn_mask)):
+        return Route(None, "nested tensors and tensor subclasses are left to torch")
+    if attn_mask is not None and is_causal:
+        return Route(None, "attn_mask together with is_causal: torch's backends differ on it (some raise)")
+    requested = config.requested_backend() if backend is None else backends.check_name(backend)
+    # Where no candidate runs on the device at all (a CPU without the interpreter), say so before paying
+    # for normalization: that is every call there.
+    candidates = backends.AUTO_ORDER if requested == "auto" else [requested]
+    unavailable = {name: backends.get(name).availability(query.device) for name in candidates}
+    if all(unavailable.values()):
+        why = "; ".join(f"{name}: {w}" for name, w in unavailable.items()) or "no fused backend is registered"
+        return Route(None, f"no fused kernel runs on this device ({why})")
+    try:
+        problem = normalize(
+            query, key, value, attn_mask, dropout_p,
+            masks.CAUSAL_TOP_LEFT if is_causal else masks.CAUSAL_NONE, scale, enable_gqa,
+        )
+    except (TypeError, ValueError) as exc:
+        # torch either accepts what attnkern refuses, or raises its own error: let it decide.
+        return Route(None, f"attnkern does not take these arguments ({exc})")
+    if problem.is_empty:
+        return Route(None, "empty problem (a zero-sized dim)", problem)
+    if requested == "auto":
+        choice = backends.select(problem, "auto")
+        if choice.fallback or not backends.get(choice.backend).fused:
+            why = "; ".join(f"{name}: {w}" for name, w in choice.rejected.items()) or choice.reason
+            return Route(None, f"no fused kernel covers this call ({why})", problem)
+        return Route(choice.backend, choice.reason, problem)
+    chosen = backends.get(requested)
+    why = chosen.availability(problem.device) or chosen.unsupported_reason(problem)
+    if why:
+        return Route(None, f"the pinned backend {requested!r} cannot run this call: {why}", problem)
+    return Route(requested, "requested explicitly", problem)
+
+
+def run(route: Route) -> torch.Tensor:
+    """Run a call that `route_sdpa` sent to attnkern; returns the output in the query's shape."""
+    assert route.backend is not None and route.problem is not None, "run() takes a route to attnkern"
+    return api._run(route.problem, route.backend)[0]
+
+
+_logged = set()
+
+
+def log_fallback_once(route: Route, where: str) -> None:
+    """Log, once per (where, reason), that torch's SDPA runs a call instead of attnkern."""
+    if torch.compiler.is_compiling():
+        return
+    key = (where, route.reason)
+    if key in _logged:
+        return
+    _logged.add(key)
+    summary = f" [{route.problem.summary()}]" if route.problem is not None else ""
+    logger.warning("attnkern %s: torch's SDPA runs this call: %s%s", where, route.reason, summary)

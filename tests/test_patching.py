@@ -1,0 +1,346 @@
+"""replace_sdpa(): torch.nn.functional.scaled_dot_product_attention runs attnkern where its fused kernels
+serve the call and torch's original function everywhere else; patches nest, restore and show themselves."""
+import logging
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attnkern
+from attnkern import backends, dispatch, patching
+from attnkern.tolerance import assert_all, check
+from matrix import DEVICE
+
+TORCH_SDPA = F.scaled_dot_product_attention
+
+
+def rand(*shape, dtype=torch.float32, grad=False):
+    return torch.randn(*shape, dtype=dtype, device=DEVICE).requires_grad_(grad)
+
+
+@pytest.fixture(autouse=True)
+def unpatched():
+    """Every test starts and ends with torch's own function in place and fresh log-once state."""
+    assert F.scaled_dot_product_attention is TORCH_SDPA
+    dispatch._logged.clear()
+    yield
+    leaked = attnkern.restore_sdpa(all_patches=True)
+    F.scaled_dot_product_attention = TORCH_SDPA
+    assert not leaked, "a test left a replace_sdpa() patch in effect"
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Forward calls each attnkern backend receives, and calls of the function the patch wraps."""
+    calls = []
+    for name in ("triton", "reference"):
+        b = backends.get(name)
+        monkeypatch.setattr(b, "forward", lambda *a, _o=b.forward, _n=name: (calls.append(_n), _o(*a))[1])
+
+    def torch_sdpa(*args, **kwargs):
+        calls.append("torch")
+        return TORCH_SDPA(*args, **kwargs)
+
+    # Installed before replace_sdpa, so the patch takes it for the original (and restores it).
+    monkeypatch.setattr(F, "scaled_dot_product_attention", torch_sdpa)
+    return calls, torch_sdpa
+
+
+def test_context_manager_patches_and_restores(counted):
+    calls, original = counted
+    q, k, v = rand(2, 4, 9, 16), rand(2, 2, 11, 16), rand(2, 2, 11, 16)
+    with attnkern.replace_sdpa() as patch:
+        assert F.scaled_dot_product_attention is not original and patch.active
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert F.scaled_dot_product_attention is original and not patch.active
+    assert calls == ["triton"]
+    ref64 = TORCH_SDPA(q.double(), k.double(), v.double(), is_causal=True, enable_gqa=True)
+    assert_all([check("out", out, ref64, None, torch.float32)])
+
+
+def test_plain_call_and_restore_sdpa(counted):
+    calls, original = counted
+    patch = attnkern.replace_sdpa()
+    assert F.scaled_dot_product_attention is patching.scaled_dot_product_attention
+    assert attnkern.restore_sdpa() is True
+    assert F.scaled_dot_product_attention is original and not patch.active
+    assert attnkern.restore_sdpa() is False  # nothing left to undo: a no-op
+    assert patch.restore() is False
+    with pytest.raises(RuntimeError, match="already restored"):
+        with patch:
+            pass
+
+
+def test_nesting_restores_only_at_the_outermost_level_and_pins_backends(counted):
+    calls, original = counted
+    q = rand(1, 2, 5, 16)
+    with attnkern.replace_sdpa():
+        with attnkern.replace_sdpa(backend="reference"):
+            F.scaled_dot_product_attention(q, q, q)  # the innermost pin applies
+            inner = attnkern.replace_sdpa()  # a plain call inside, undone by restore_sdpa
+            F.scaled_dot_product_attention(q, q, q)
+            attnkern.restore_sdpa()
+            assert not inner.active
+            F.scaled_dot_product_attention(q, q, q)
+        assert F.scaled_dot_product_attention is patching.scaled_dot_product_attention
+        F.scaled_dot_product_attention(q, q, q)
+    assert F.scaled_dot_product_attention is original
+    F.scaled_dot_product_attention(q, q, q)
+    assert calls == ["reference", "triton", "reference", "triton", "torch"]
+
+
+def test_an_exception_inside_the_context_still_restores(counted):
+    _, original = counted
+    with pytest.raises(KeyError):
+        with attnkern.replace_sdpa():
+            with attnkern.replace_sdpa():
+                raise KeyError("boom")
+    assert F.scaled_dot_product_attention is original
+
+
+def test_out_of_order_restores_and_restore_all(counted):
+    _, original = counted
+    a, b, c = attnkern.replace_sdpa(), attnkern.replace_sdpa(backend="reference"), attnkern.replace_sdpa()
+    assert a.restore() and F.scaled_dot_product_attention is patching.scaled_dot_product_attention
+    assert attnkern.restore_sdpa(all_patches=True) is True
+    assert not b.active and not c.active and F.scaled_dot_product_attention is original
+
+
+def test_patch_is_visible_in_repr_and_logs(caplog):
+    caplog.set_level(logging.INFO, logger="attnkern")
+    with attnkern.replace_sdpa(backend="triton") as patch:
+        fn = F.scaled_dot_product_attention
+        assert "attnkern.replace_sdpa" in repr(fn) and fn.__name__ == "scaled_dot_product_attention"
+        assert fn.__wrapped__ is TORCH_SDPA and fn.__module__ == "attnkern.patching"
+        assert "backend=triton active" in repr(patch)
+    assert "backend=triton restored" in repr(patch)
+    messages = [r.getMessage() for r in caplog.records if r.name == "attnkern"]
+    assert any("now runs attnkern (backend=triton" in m for m in messages)
+    assert any("restored to" in m for m in messages)
+
+
+def test_bad_backend_names_the_argument():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        attnkern.replace_sdpa(backend="cuda")
+    assert F.scaled_dot_product_attention is TORCH_SDPA
+
+
+@pytest.mark.parametrize("why", ["float64", "dropout", "head_dim", "mask_and_causal", "no_kernels_here"])
+def test_unsupported_calls_run_torch_function(counted, caplog, monkeypatch, why):
+    """Calls the fused kernels do not serve go to torch's function -- never attnkern's reference path --
+    and give exactly torch's result; the reason is logged once."""
+    calls, _ = counted
+    dtype = torch.float64 if why == "float64" else torch.float32
+    E = 264 if why == "head_dim" else 16
+    q, k, v = rand(2, 2, 6, E, dtype=dtype), rand(2, 2, 8, E, dtype=dtype), rand(2, 2, 8, E, dtype=dtype)
+    kwargs = {"dropout_p": 0.3} if why == "dropout" else {}
+    if why == "mask_and_causal":
+        kwargs = {"attn_mask": torch.ones(6, 8, dtype=torch.bool, device=DEVICE), "is_causal": True}
+    if why == "no_kernels_here":  # as on a CPU without the Triton interpreter
+        monkeypatch.setattr(backends.get("triton"), "availability", lambda device: "no kernels here")
+    caplog.set_level(logging.WARNING, logger="attnkern")
+    results = []
+    with attnkern.replace_sdpa():
+        for _ in range(2):
+            torch.manual_seed(0)
+            try:
+                results.append(F.scaled_dot_product_attention(q, k, v, **kwargs))
+            except RuntimeError as exc:  # torch's own verdict stands (its math backend refuses mask+causal)
+                results.append(str(exc))
+    assert calls == ["torch", "torch"]
+    torch.manual_seed(0)
+    try:
+        want = TORCH_SDPA(q, k, v, **kwargs)
+    except RuntimeError as exc:
+        want = str(exc)
+    for got in results:
+        assert got == want if isinstance(want, str) else torch.equal(got, want)
+    logged = [r.getMessage() for r in caplog.records if "torch's SDPA runs this call" in r.getMessage()]
+    assert len(logged) == 1
+
+
+def test_devices_without_kernels_skip_the_argument_work(counted, monkeypatch):
+    """On a device no fused backend runs on, every call goes to torch without being normalized first."""
+    calls, _ = counted
+    monkeypatch.setattr(backends.get("triton"), "availability", lambda device: "no kernels here")
+    monkeypatch.setattr(dispatch, "normalize", lambda *a, **kw: pytest.fail("normalized a call no kernel runs"))
+    q = rand(1, 2, 5, 16)
+    with attnkern.replace_sdpa():
+        F.scaled_dot_product_attention(q, q, q)
+    assert calls == ["torch"]
+
+
+def test_arguments_attnkern_refuses_go_to_torch_too(counted):
+    """torch decides about arguments attnkern does not take: here an int mask, which torch refuses."""
+    calls, _ = counted
+    q = rand(1, 2, 5, 16)
+    with attnkern.replace_sdpa():
+        with pytest.raises(RuntimeError):
+            F.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(5, 5, dtype=torch.int32, device=DEVICE))
+    assert calls == ["torch"]
+
+
+def test_gradients_flow_through_the_patch():
+    q, k, v = rand(2, 4, 9, 16, grad=True), rand(2, 2, 11, 16, grad=True), rand(2, 2, 11, 16, grad=True)
+    mask = rand(4, 9, 11, grad=True)
+    with attnkern.replace_sdpa():
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v, mask), dout)
+    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v, mask)]
+    out64 = TORCH_SDPA(*leaves64[:3], attn_mask=leaves64[3], enable_gqa=True)
+    grads64 = torch.autograd.grad(out64, leaves64, dout.double())
+    assert_all([check("out", out, out64, None, torch.float32)]
+               + [check(f"d{n}", g, g64, None, torch.float32) for n, g, g64 in zip("qkvm", grads, grads64)])
+
+
+def test_autocast_casts_like_torch(counted):
+    calls, _ = counted
+    q, k, v = rand(1, 2, 7, 16), rand(1, 2, 9, 16), rand(1, 2, 9, 16)
+    with attnkern.replace_sdpa(), torch.autocast(DEVICE, dtype=torch.float16):
+        out = F.scaled_dot_product_attention(q, k, v)
+    with torch.autocast(DEVICE, dtype=torch.float16):
+        ref_lp = TORCH_SDPA(q, k, v)
+    assert calls == ["triton"] and out.dtype == ref_lp.dtype == torch.float16
+    ref64 = TORCH_SDPA(q.double(), k.double(), v.double())
+    assert_all([check("out", out, ref64, ref_lp, torch.float16)])
+
+
+def test_torch_compile_traces_the_patched_function_without_graph_breaks():
+    torch._dynamo.reset()
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm
+
+    def fn(q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True).square().sum()
+
+    leaves = [rand(2, 4, 9, 16, grad=True), rand(2, 2, 11, 16, grad=True), rand(2, 2, 11, 16, grad=True)]
+    mask = rand(9, 11)
+    with attnkern.replace_sdpa():
+        loss = torch.compile(fn, fullgraph=True, backend="aot_eager")(*leaves, mask)
+        loss.backward()
+        torch.compile(fn, fullgraph=True, backend=record)(*leaves, mask)
+    assert any("attnkern.attention_forward" in g for g in graphs)
+    got = [loss.detach()] + [t.grad for t in leaves]
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    loss64 = TORCH_SDPA(*leaves64, attn_mask=mask.double(), enable_gqa=True).square().sum()
+    want = [loss64.detach()] + list(torch.autograd.grad(loss64, leaves64))
+    assert_all([check(f"t{i}", a, b, None, torch.float32) for i, (a, b) in enumerate(zip(got, want))])
+    torch._dynamo.reset()
+
+
+def test_concurrent_patches_from_threads_leave_torch_restored(counted):
+    """Threads entering and leaving patches at once leave torch's function in place at the end. (Their calls
+    take torch's path: the Triton CPU interpreter itself is not thread-safe.)"""
+    calls, original = counted
+    q = rand(1, 2, 5, 16, dtype=torch.float64)
+    errors = []
+    barrier = threading.Barrier(4)
+
+    def worker():
+        try:
+            barrier.wait()
+            for _ in range(25):
+                with attnkern.replace_sdpa():
+                    F.scaled_dot_product_attention(q, q, q)
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and F.scaled_dot_product_attention is original and not patching._active
+    assert calls == ["torch"] * 100
+
+
+def test_a_patch_installed_over_ours_is_left_in_place(counted, caplog):
+    calls, original = counted
+
+    def theirs(*args, **kwargs):  # another library's patch, calling what it found: our wrapper
+        calls.append("theirs")
+        return ours(*args, **kwargs)
+
+    patch = attnkern.replace_sdpa()
+    ours = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = theirs
+    caplog.set_level(logging.WARNING, logger="attnkern")
+    patch.restore()
+    assert F.scaled_dot_product_attention is theirs
+    assert any("leaving it in place" in r.getMessage() for r in caplog.records)
+    q = rand(1, 2, 5, 16)
+    assert torch.equal(theirs(q, q, q), TORCH_SDPA(q, q, q))  # our wrapper inside passes straight through
+    assert calls == ["theirs", "torch"]
+    # Patching again while theirs is in place: no cycle, our wrapper inside their chain runs attnkern.
+    with attnkern.replace_sdpa():
+        assert patching.original_sdpa() is original and F.scaled_dot_product_attention is theirs
+        F.scaled_dot_product_attention(q, q, q)
+        F.scaled_dot_product_attention(q.double(), q.double(), q.double())
+    assert calls == ["theirs", "torch", "theirs", "triton", "theirs", "torch"]
+    F.scaled_dot_product_attention = original
+    # Once they are gone, patching installs as usual.
+    with attnkern.replace_sdpa():
+        assert F.scaled_dot_product_attention is patching.scaled_dot_product_attention
+    assert F.scaled_dot_product_attention is original
+
+
+def _count_module_calls(monkeypatch):
+    """Calls of the triton backend's forward and backward."""
+    calls = {"forward": 0, "backward": 0}
+    b = backends.get("triton")
+    for method in calls:
+        orig = getattr(b, method)
+
+        def counting(*args, _orig=orig, _method=method):
+            calls[_method] += 1
+            return _orig(*args)
+
+        monkeypatch.setattr(b, method, counting)
+    return calls
+
+
+def _torch_module_cases():
+    def mha():
+        m = torch.nn.MultiheadAttention(32, 4, batch_first=True)
+        return m, lambda m, x, pad: m(x, x, x, key_padding_mask=pad, need_weights=False)[0]
+
+    def encoder_layer():
+        m = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+        return m, lambda m, x, pad: m(x, src_key_padding_mask=pad, is_causal=False)
+
+    def decoder_layer():
+        m = torch.nn.TransformerDecoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+        causal = torch.nn.Transformer.generate_square_subsequent_mask(10, device=DEVICE)
+        return m, lambda m, x, pad: m(x, x.flip(1), tgt_mask=causal.to(x.dtype), tgt_is_causal=True,
+                                      memory_key_padding_mask=pad)
+
+    return {"mha": mha, "encoder_layer": encoder_layer, "decoder_layer": decoder_layer}
+
+
+@pytest.mark.parametrize("name", list(_torch_module_cases()))
+def test_torch_modules_in_training_mode_run_attnkern(monkeypatch, name):
+    torch.manual_seed(0)
+    module, call = _torch_module_cases()[name]()
+    module = module.to(DEVICE).train()
+    x = rand(2, 10, 32)
+    pad = torch.zeros(2, 10, dtype=torch.bool, device=DEVICE)
+    pad[1, 7:] = True  # True = padding, as torch's key_padding_mask
+    calls = _count_module_calls(monkeypatch)
+    with attnkern.replace_sdpa():
+        out = call(module, x, pad)
+    # A random projection: a plain sum of squares after a LayerNorm hardly depends on the parameters.
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    grads = torch.autograd.grad((out * w).sum(), list(module.parameters()))
+    sdpa_calls = {"mha": 1, "encoder_layer": 1, "decoder_layer": 2}[name]
+    assert calls == {"forward": sdpa_calls, "backward": sdpa_calls}
+    ref = module.double()
+    out64 = call(ref, x.double(), pad)
+    grads64 = torch.autograd.grad((out64 * w.double()).sum(), list(ref.parameters()))
+    names = [n for n, _ in ref.named_parameters()]
+    assert_all([check("out", out, out64, None, torch.float32)]
+               + [check(n, g, g64, None, torch.float32) for n, g, g64 in zip(names, grads, grads64)])

@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 
 from attnkern import backends
-from matrix import DEVICE
+from matrix import AUTO, DEVICE
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -20,13 +20,13 @@ def _load(name):
 def test_train_tiny_transformer(capsys, monkeypatch):
     example = _load("train_tiny_transformer")
     calls = []
-    b = backends.get("triton")
+    b = backends.get(AUTO)
     monkeypatch.setattr(b, "forward", lambda *a, _o=b.forward: (calls.append(1), _o(*a))[1])
     results = example.main(["--steps", "3", "--batch", "2", "--length", "16", "--hidden", "32", "--heads", "2",
                             "--layers", "1", "--vocab", "31", "--device", DEVICE, "--dtype", "float32"])
     printed = capsys.readouterr().out
-    # Here the kernels run (on a GPU, or on the CPU under the test suite's Triton interpreter).
-    assert results["path"] == "attnkern, backend 'triton'" and "attention runs on: attnkern" in printed
+    # Here the fused kernels run (Triton on a GPU, the C++ kernels on the CPU).
+    assert results["path"] == f"attnkern, backend '{AUTO}'" and "attention runs on: attnkern" in printed
     assert len(calls) == 3  # 1 layer x 3 steps, in the attnkern run only
     ours, theirs = results["attnkern"]["losses"], results["torch SDPA"]["losses"]
     assert len(ours) == len(theirs) == 3

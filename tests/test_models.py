@@ -16,7 +16,7 @@ import torch
 import attnkern
 from attnkern import backends
 from attnkern.tolerance import assert_all, check
-from matrix import DEVICE, ON_GPU
+from matrix import AUTO, DEVICE, ON_GPU
 
 transformers = pytest.importorskip("transformers", reason="needs the transformers extra (pip install -e .[test])")
 
@@ -40,7 +40,7 @@ def registered():
 def fused_calls(monkeypatch):
     """Calls of the fused backend's forward and backward."""
     calls = {"forward": 0, "backward": 0}
-    b = backends.get("triton")
+    b = backends.get(AUTO)
     for method in calls:
         orig = getattr(b, method)
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import attnkern
 from attnkern import backends, dispatch, patching
 from attnkern.tolerance import assert_all, check
-from matrix import DEVICE
+from matrix import AUTO, DEVICE
 
 TORCH_SDPA = F.scaled_dot_product_attention
 
@@ -34,7 +34,7 @@ def unpatched():
 def counted(monkeypatch):
     """Forward calls each attnkern backend receives, and calls of the function the patch wraps."""
     calls = []
-    for name in ("triton", "reference"):
+    for name in backends.names()[1:]:
         b = backends.get(name)
         monkeypatch.setattr(b, "forward", lambda *a, _o=b.forward, _n=name: (calls.append(_n), _o(*a))[1])
 
@@ -54,7 +54,7 @@ def test_context_manager_patches_and_restores(counted):
         assert F.scaled_dot_product_attention is not original and patch.active
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     assert F.scaled_dot_product_attention is original and not patch.active
-    assert calls == ["triton"]
+    assert calls == [AUTO]
     ref64 = TORCH_SDPA(q.double(), k.double(), v.double(), is_causal=True, enable_gqa=True)
     assert_all([check("out", out, ref64, None, torch.float32)])
 
@@ -87,7 +87,7 @@ def test_nesting_restores_only_at_the_outermost_level_and_pins_backends(counted)
         F.scaled_dot_product_attention(q, q, q)
     assert F.scaled_dot_product_attention is original
     F.scaled_dot_product_attention(q, q, q)
-    assert calls == ["reference", "triton", "reference", "triton", "torch"]
+    assert calls == ["reference", AUTO, "reference", AUTO, "torch"]
 
 
 def test_an_exception_inside_the_context_still_restores(counted):
@@ -126,6 +126,12 @@ def test_bad_backend_names_the_argument():
     assert F.scaled_dot_product_attention is TORCH_SDPA
 
 
+def _no_fused_kernels(monkeypatch):
+    """Make every fused backend unavailable, as on a device attnkern has no kernels for."""
+    for name in backends.AUTO_ORDER:
+        monkeypatch.setattr(backends.get(name), "availability", lambda device: "no kernels here")
+
+
 @pytest.mark.parametrize("why", ["float64", "dropout", "head_dim", "mask_and_causal", "no_kernels_here"])
 def test_unsupported_calls_run_torch_function(counted, caplog, monkeypatch, why):
     """Calls the fused kernels do not serve go to torch's function -- never attnkern's reference path --
@@ -133,15 +139,18 @@ def test_unsupported_calls_run_torch_function(counted, caplog, monkeypatch, why)
     calls, _ = counted
     dtype = torch.float64 if why == "float64" else torch.float32
     E = 264 if why == "head_dim" else 16
+    # float64 and head dims over 256 are refused by the Triton kernels on every device (the C++ CPU kernels
+    # take both: see test_float64_and_large_head_dims_run_on_the_cpu_kernels), so pin triton for them.
+    pin = "triton" if why in ("float64", "head_dim") else None
     q, k, v = rand(2, 2, 6, E, dtype=dtype), rand(2, 2, 8, E, dtype=dtype), rand(2, 2, 8, E, dtype=dtype)
     kwargs = {"dropout_p": 0.3} if why == "dropout" else {}
     if why == "mask_and_causal":
         kwargs = {"attn_mask": torch.ones(6, 8, dtype=torch.bool, device=DEVICE), "is_causal": True}
-    if why == "no_kernels_here":  # as on a CPU without the Triton interpreter
-        monkeypatch.setattr(backends.get("triton"), "availability", lambda device: "no kernels here")
+    if why == "no_kernels_here":  # as on a device attnkern has no kernels for
+        _no_fused_kernels(monkeypatch)
     caplog.set_level(logging.WARNING, logger="attnkern")
     results = []
-    with attnkern.replace_sdpa():
+    with attnkern.replace_sdpa(backend=pin):
         for _ in range(2):
             torch.manual_seed(0)
             try:
@@ -160,10 +169,20 @@ def test_unsupported_calls_run_torch_function(counted, caplog, monkeypatch, why)
     assert len(logged) == 1
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="the C++ kernels take CPU tensors")
+def test_float64_and_large_head_dims_run_on_the_cpu_kernels(counted):
+    calls, _ = counted
+    q = rand(1, 2, 5, 264, dtype=torch.float64)
+    with attnkern.replace_sdpa():
+        out = F.scaled_dot_product_attention(q, q, q)
+    assert calls == ["cpu"]
+    torch.testing.assert_close(out, TORCH_SDPA(q, q, q), rtol=1e-10, atol=1e-10)
+
+
 def test_devices_without_kernels_skip_the_argument_work(counted, monkeypatch):
     """On a device no fused backend runs on, every call goes to torch without being normalized first."""
     calls, _ = counted
-    monkeypatch.setattr(backends.get("triton"), "availability", lambda device: "no kernels here")
+    _no_fused_kernels(monkeypatch)
     monkeypatch.setattr(dispatch, "normalize", lambda *a, **kw: pytest.fail("normalized a call no kernel runs"))
     q = rand(1, 2, 5, 16)
     with attnkern.replace_sdpa():
@@ -202,7 +221,7 @@ def test_autocast_casts_like_torch(counted):
         out = F.scaled_dot_product_attention(q, k, v)
     with torch.autocast(DEVICE, dtype=torch.float16):
         ref_lp = TORCH_SDPA(q, k, v)
-    assert calls == ["triton"] and out.dtype == ref_lp.dtype == torch.float16
+    assert calls == [AUTO] and out.dtype == ref_lp.dtype == torch.float16
     ref64 = TORCH_SDPA(q.double(), k.double(), v.double())
     assert_all([check("out", out, ref64, ref_lp, torch.float16)])
 
@@ -234,8 +253,9 @@ def test_torch_compile_traces_the_patched_function_without_graph_breaks():
 
 
 def test_concurrent_patches_from_threads_leave_torch_restored(counted):
-    """Threads entering and leaving patches at once leave torch's function in place at the end. (Their calls
-    take torch's path: the Triton CPU interpreter itself is not thread-safe.)"""
+    """Threads entering and leaving patches at once leave torch's function in place at the end. The calls
+    are float64: on a GPU that is torch's path; on the CPU the C++ kernels take them (they are thread-safe;
+    the Triton CPU interpreter, which float64 also keeps away, is not)."""
     calls, original = counted
     q = rand(1, 2, 5, 16, dtype=torch.float64)
     errors = []
@@ -256,7 +276,7 @@ def test_concurrent_patches_from_threads_leave_torch_restored(counted):
     for t in threads:
         t.join()
     assert not errors and F.scaled_dot_product_attention is original and not patching._active
-    assert calls == ["torch"] * 100
+    assert calls == ["cpu" if DEVICE == "cpu" else "torch"] * 100
 
 
 def test_a_patch_installed_over_ours_is_left_in_place(counted, caplog):
@@ -280,8 +300,8 @@ def test_a_patch_installed_over_ours_is_left_in_place(counted, caplog):
     with attnkern.replace_sdpa():
         assert patching.original_sdpa() is original and F.scaled_dot_product_attention is theirs
         F.scaled_dot_product_attention(q, q, q)
-        F.scaled_dot_product_attention(q.double(), q.double(), q.double())
-    assert calls == ["theirs", "torch", "theirs", "triton", "theirs", "torch"]
+        F.scaled_dot_product_attention(q, q, q, dropout_p=0.5)
+    assert calls == ["theirs", "torch", "theirs", AUTO, "theirs", "torch"]
     F.scaled_dot_product_attention = original
     # Once they are gone, patching installs as usual.
     with attnkern.replace_sdpa():
@@ -290,9 +310,9 @@ def test_a_patch_installed_over_ours_is_left_in_place(counted, caplog):
 
 
 def _count_module_calls(monkeypatch):
-    """Calls of the triton backend's forward and backward."""
+    """Calls of the auto-chosen fused backend's forward and backward."""
     calls = {"forward": 0, "backward": 0}
-    b = backends.get("triton")
+    b = backends.get(AUTO)
     for method in calls:
         orig = getattr(b, method)
 

@@ -11,7 +11,7 @@ import torch
 import attnkern
 from attnkern import backends, dispatch
 from attnkern.tolerance import assert_all, check
-from matrix import DEVICE
+from matrix import AUTO, DEVICE
 
 transformers = pytest.importorskip("transformers", reason="needs the transformers extra (pip install -e .[test])")
 from attnkern.integrations import transformers as integration  # noqa: E402  (needs transformers)
@@ -29,8 +29,8 @@ def registered():
 def calls(monkeypatch):
     """What ran each attention: the fused backend's forward, or transformers' sdpa function."""
     seen = []
-    b = backends.get("triton")
-    monkeypatch.setattr(b, "forward", lambda *a, _o=b.forward: (seen.append("triton"), _o(*a))[1])
+    b = backends.get(AUTO)
+    monkeypatch.setattr(b, "forward", lambda *a, _o=b.forward: (seen.append(AUTO), _o(*a))[1])
     sdpa = integration.sdpa_attention_forward
     monkeypatch.setattr(integration, "sdpa_attention_forward",
                         lambda *a, **kw: (seen.append("transformers-sdpa"), sdpa(*a, **kw))[1])
@@ -61,12 +61,12 @@ def test_from_pretrained_and_set_attn_implementation(tmp_path, calls):
     ids, keep = tokens()
     with torch.no_grad():
         ours = model(input_ids=ids, attention_mask=keep).logits
-        assert calls == ["triton", "triton"]
+        assert calls == [AUTO, AUTO]
         model.set_attn_implementation("sdpa")
         theirs = model(input_ids=ids, attention_mask=keep).logits
         model.set_attn_implementation("attnkern")
         again = model(input_ids=ids, attention_mask=keep).logits
-    assert calls == ["triton"] * 4 and model.config._attn_implementation == "attnkern"
+    assert calls == [AUTO] * 4 and model.config._attn_implementation == "attnkern"
     assert torch.equal(ours, again)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
@@ -86,14 +86,14 @@ def test_decoding_with_a_kv_cache_matches_float64_sdpa(calls):
                 step_ids = out.logits[:, -1:].argmax(-1)
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         runs[name] = torch.stack(logits)
-    assert calls == ["triton"] * 6  # 2 layers x (prefill + 2 decoding steps), none on the fallback
+    assert calls == [AUTO] * 6  # 2 layers x (prefill + 2 decoding steps), none on the fallback
     assert_all([check("logits", runs["ours"], runs["ref64"], None, torch.float32)])
 
 
 def test_gqa_reads_kv_heads_in_place(monkeypatch):
     """The kernels get the key/value heads as they are (enable_gqa), not repeated to the query heads."""
     seen = []
-    b = backends.get("triton")
+    b = backends.get(AUTO)
     monkeypatch.setattr(b, "forward", lambda q, k, v, *a, _o=b.forward: (seen.append((q.shape[1], k.shape[1])),
                                                                          _o(q, k, v, *a))[1])
     ids, keep = tokens()
@@ -119,17 +119,22 @@ def test_dropout_in_training_falls_back_to_transformers_sdpa(calls, caplog):
     model.eval()  # no dropout at inference: the kernels run again
     with torch.no_grad():
         model(input_ids=ids, attention_mask=keep)
-    assert calls[2:] == ["triton", "triton"]
+    assert calls[2:] == [AUTO, AUTO]
 
 
-def test_float64_model_falls_back_and_matches_sdpa(calls):
+def test_float64_model_runs_where_a_kernel_takes_it_else_falls_back(calls):
+    """float64: the C++ CPU kernels take it; on a GPU (Triton: no float64) transformers' sdpa runs it."""
     model = llama().double()
     ids, keep = tokens()
     with torch.no_grad():
         ours = model(input_ids=ids, attention_mask=keep).logits
         model.set_attn_implementation("sdpa")
         theirs = model(input_ids=ids, attention_mask=keep).logits
-    assert calls == ["transformers-sdpa"] * 2 and torch.equal(ours, theirs)
+    if DEVICE == "cpu":
+        assert calls == ["cpu"] * 2
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
+    else:
+        assert calls == ["transformers-sdpa"] * 2 and torch.equal(ours, theirs)
 
 
 def test_sdpa_model_under_replace_sdpa_runs_attnkern(calls):
@@ -141,7 +146,7 @@ def test_sdpa_model_under_replace_sdpa_runs_attnkern(calls):
         assert calls == []
         with attnkern.replace_sdpa():
             patched = model(input_ids=ids, attention_mask=keep).logits
-    assert calls == ["triton", "triton"]
+    assert calls == [AUTO, AUTO]
     torch.testing.assert_close(patched, plain, rtol=1e-5, atol=1e-5)
 
 

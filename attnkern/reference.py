@@ -77,11 +77,7 @@ def reference_attention(
     )
     # Softmax with a detached, finite row max: exact (softmax is shift invariant), and a fully masked
     # row gives e = 0 everywhere, hence output 0 and zero gradients instead of NaN.
-    if s.shape[-1] == 0:  # no keys at all: every row is "fully masked"
-        m = s.new_zeros(s.shape[:-1] + (1,))
-    else:
-        m = s.detach().amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    m, _, _ = _softmax_parts(s.detach())
     e = torch.exp(s - m)
     denom = e.sum(dim=-1, keepdim=True)
     empty = denom == 0
@@ -103,6 +99,27 @@ def reduce_to_shape(t: torch.Tensor, shape) -> torch.Tensor:
     return t.sum(dim=dims, keepdim=True) if dims else t
 
 
+def _softmax_parts(s: torch.Tensor):
+    """(row max m, finite; e = exp(s - m); denominator) of scores s, robust to fully masked rows."""
+    if s.shape[-1] == 0:
+        m = s.new_zeros(s.shape[:-1] + (1,))
+    else:
+        m = s.amax(dim=-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(s - m)
+    return m, e, e.sum(dim=-1, keepdim=True)
+
+
+def reference_softmax_stats(q, k, mask, scale, causal, compute_dtype=None) -> torch.Tensor:
+    """The per-row statistics of the backend contract, (B, H, L, 2): the row max and log2 of the softmax
+    denominator relative to it; -inf for both on fully masked rows."""
+    s = reference_scores(q, k, mask, causal=causal, scale=scale, enable_gqa=True, compute_dtype=compute_dtype)
+    m, _, denom = _softmax_parts(s)
+    empty = denom == 0
+    m = torch.where(empty, torch.full_like(m, float("-inf")), m)
+    return torch.cat([m, torch.log2(denom)], dim=-1)
+
+
 def reference_attention_backward(
     dout: torch.Tensor,
     dlse: Optional[torch.Tensor],
@@ -111,7 +128,6 @@ def reference_attention_backward(
     v: torch.Tensor,
     mask: Optional[torch.Tensor],
     out: torch.Tensor,
-    lse: torch.Tensor,
     scale: float,
     causal: int,
     mask_grad: bool,
@@ -119,7 +135,7 @@ def reference_attention_backward(
 ):
     """The backward every kernel implements, on canonical 4-D tensors (see problem.py):
 
-        P = exp(S - lse)              (recomputed; 0 on fully masked rows)
+        P = softmax(S)                (recomputed; 0 on fully masked rows)
         dV = Pᵀ dO                    dP = dO Vᵀ
         delta = rowsum(dO ∘ O) − dlse
         dS = P ∘ (dP − delta)         (the gradient of the masked, scaled scores = the float mask's)
@@ -132,9 +148,8 @@ def reference_attention_backward(
     group = Hq // Hkv
     kx, vx = _expand_heads(k, Hq).to(dtype), _expand_heads(v, Hq).to(dtype)
     s = reference_scores(q, k, mask, causal=causal, scale=scale, enable_gqa=True, compute_dtype=dtype)
-    lse_c = lse.to(dtype).unsqueeze(-1)
-    lse_c = torch.where(torch.isinf(lse_c), torch.full_like(lse_c, float("inf")), lse_c)
-    p = torch.exp(s - lse_c)
+    _, e, denom = _softmax_parts(s)
+    p = e / torch.where(denom == 0, torch.ones_like(denom), denom)
     do = dout.to(dtype)
     dv = p.transpose(-2, -1) @ do
     dp = do @ vx.transpose(-2, -1)

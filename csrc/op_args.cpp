@@ -41,7 +41,7 @@ void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef want, co
 
 AttentionParams forward_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const std::optional<at::Tensor>& mask, double scale, int64_t causal,
-                               const at::Tensor& out, const at::Tensor& lse) {
+                               const at::Tensor& out, const at::Tensor* lse, const at::Tensor& stats) {
   const std::pair<const at::Tensor*, const char*> qkv[] = {{&q, "query"}, {&k, "key"}, {&v, "value"}};
   for (const auto& [t, name] : qkv) {
     TORCH_CHECK(t->defined(), "attnkern: ", name, " is undefined");
@@ -109,22 +109,31 @@ AttentionParams forward_params(const at::Tensor& q, const at::Tensor& k, const a
   check_shape(out, "out", {B, Hq, L, Ev}, "(batch, query heads, query length, value head dim)");
   TORCH_CHECK(out.scalar_type() == q.scalar_type(), "attnkern: out must have the query's dtype ",
               q.scalar_type(), ", got ", out.scalar_type());
-  check_same_device(lse, "lse", q);
-  check_shape(lse, "lse", {B, Hq, L}, "(batch, query heads, query length)");
-  TORCH_CHECK(lse.scalar_type() == lse_dtype, "attnkern: lse must be ", lse_dtype, ", got ", lse.scalar_type());
-  TORCH_CHECK(lse.is_contiguous(), "attnkern: lse must be contiguous");
+  if (lse) {
+    check_same_device(*lse, "lse", q);
+    check_shape(*lse, "lse", {B, Hq, L}, "(batch, query heads, query length)");
+    TORCH_CHECK(lse->scalar_type() == lse_dtype, "attnkern: lse must be ", lse_dtype, ", got ", lse->scalar_type());
+    TORCH_CHECK(lse->is_contiguous(), "attnkern: lse must be contiguous");
+    p.lse = lse->data_ptr();
+  }
+  check_same_device(stats, "stats", q);
+  check_shape(stats, "stats", {B, Hq, L, 2}, "(batch, query heads, query length, 2)");
+  TORCH_CHECK(stats.scalar_type() == lse_dtype, "attnkern: stats must be ", lse_dtype, ", got ",
+              stats.scalar_type());
+  TORCH_CHECK(stats.is_contiguous(), "attnkern: stats must be contiguous");
   p.out = out.data_ptr(), p.out_st = strides_of(out);
-  p.lse = lse.data_ptr();
+  p.stats = stats.data_ptr();
   return p;
 }
 
 AttentionParams backward_params(const at::Tensor& dout, const std::optional<at::Tensor>& dlse,
                                 const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const std::optional<at::Tensor>& mask, const at::Tensor& out,
-                                const at::Tensor& lse, double scale, int64_t causal, const at::Tensor& dq,
+                                const at::Tensor& stats, double scale, int64_t causal, const at::Tensor& dq,
                                 const at::Tensor& dk, const at::Tensor& dv,
                                 const std::optional<at::Tensor>& dmask) {
-  AttentionParams p = forward_params(q, k, v, mask, scale, causal, out, lse);
+  AttentionParams p = forward_params(q, k, v, mask, scale, causal, out, nullptr, stats);
+  const auto acc_dtype = stats.scalar_type();
   const std::tuple<const at::Tensor*, const at::Tensor*, const char*> like[] = {
       {&dout, &out, "grad_out"}, {&dq, &q, "grad_query"}, {&dk, &k, "grad_key"}, {&dv, &v, "grad_value"}};
   for (const auto& [t, ref, name] : like) {
@@ -139,9 +148,9 @@ AttentionParams backward_params(const at::Tensor& dout, const std::optional<at::
   p.dv = dv.data_ptr(), p.dv_st = strides_of(dv);
   if (dlse.has_value() && dlse->defined()) {
     check_same_device(*dlse, "grad_lse", q);
-    check_shape(*dlse, "grad_lse", lse.sizes(), "(like lse)");
-    TORCH_CHECK(dlse->scalar_type() == lse.scalar_type(), "attnkern: grad_lse must be ", lse.scalar_type(),
-                ", got ", dlse->scalar_type());
+    check_shape(*dlse, "grad_lse", {p.B, p.Hq, p.L}, "(batch, query heads, query length)");
+    TORCH_CHECK(dlse->scalar_type() == acc_dtype, "attnkern: grad_lse must be ", acc_dtype, ", got ",
+                dlse->scalar_type());
     p.dlse = dlse->data_ptr();
     p.dlse_st.b = dlse->stride(0), p.dlse_st.h = dlse->stride(1), p.dlse_st.l = dlse->stride(2);
   }
@@ -149,8 +158,8 @@ AttentionParams backward_params(const at::Tensor& dout, const std::optional<at::
     TORCH_CHECK(p.mask_kind == MaskKind::kFloat, "attnkern: grad_mask needs a float attn_mask");
     check_same_device(*dmask, "grad_mask", q);
     check_shape(*dmask, "grad_mask", mask->sizes(), "(like attn_mask)");
-    TORCH_CHECK(dmask->scalar_type() == lse.scalar_type() && dmask->is_contiguous(), "attnkern: grad_mask must be a contiguous ",
-                lse.scalar_type(), " buffer, got ", dmask->scalar_type());
+    TORCH_CHECK(dmask->scalar_type() == acc_dtype && dmask->is_contiguous(),
+                "attnkern: grad_mask must be a contiguous ", acc_dtype, " buffer, got ", dmask->scalar_type());
     p.dmask = dmask->data_ptr();
   }
   return p;

@@ -41,6 +41,10 @@ struct AttentionParams {
   // Outputs of the forward (inputs of the backward).
   void* out = nullptr;
   void* lse = nullptr;  // (B, Hq, L) contiguous, float32 (float64 for float64 inputs); natural log
+  // (B, Hq, L, 2) contiguous, lse's dtype: per row the max m of the scaled, masked scores and log2 of
+  // the softmax denominator, so the backward recomputes P = 2^((s - m) log2 e - log2 l) exactly even
+  // when scores are huge (a lse there cannot hold log2 l beside m). -inf, -inf on fully masked rows.
+  void* stats = nullptr;
   Strides4 out_st;
 
   // Backward.

@@ -31,6 +31,9 @@ class Case:
     mask_dims: str = "ls"
     # Rows (query indices) whose keys are all masked out by the mask: their output and grads are 0.
     masked_rows: Tuple[int, ...] = ()
+    # Float masks: rows set to the dtype's most negative finite value (as transformers' padding masks
+    # are), all of it (row `min_rows[0]`: a uniform softmax, not a masked row) or every other key.
+    min_rows: Tuple[int, ...] = ()
     layout: str = "contiguous"  # "contiguous" | "blhe" (B, L, H, E) viewed as (B, H, L, E) |
     # "padded" (rows of a wider buffer) | "e_strided" (head dim not unit-stride)
     rank: int = 4  # 3: (H, L, E); 4: (B, H, L, E); 5: (B, 2, H, L, E)
@@ -114,6 +117,12 @@ def make_inputs(case: Case, dtype: torch.dtype, device, seed: int = 0, requires_
             for r in case.masked_rows:
                 mask[..., r, :] = float("-inf")
             mask = mask.to(dtype)
+            lowest = torch.finfo(dtype).min
+            for i, r in enumerate(case.min_rows):
+                if i == 0:
+                    mask[..., r, :] = lowest
+                else:
+                    mask[..., r, ::2] = lowest
         mask = mask.to(device)
     leaves = [q, k, v] + ([mask] if case.mask == "float_grad" else [])
     if requires_grad:
@@ -170,6 +179,7 @@ CASES = [
     Case("mask_grad_row_bias", L=113, S=17, E=16, mask="float_grad", mask_dims="l"),
     Case("mask_grad_s_only", L=17, S=203, E=16, mask="float_grad", mask_dims="s", causal="top_left"),
     Case("mask_grad_rows_masked", L=17, S=17, E=16, mask="float_grad", mask_dims="hls", masked_rows=(4,)),
+    Case("mask_float_lowest_rows", L=17, S=40, E=16, mask="float_grad", mask_dims="ls", min_rows=(2, 9)),
     Case("layout_blhe", L=113, S=113, E=64, B=2, Hq=3, layout="blhe"),
     Case("layout_padded_gqa", L=17, S=203, E=40, Hq=4, Hkv=2, layout="padded"),
     Case("layout_e_strided", L=113, S=17, E=32, layout="e_strided", causal="top_left"),

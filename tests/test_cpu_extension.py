@@ -45,13 +45,14 @@ def _buffers(B=2, Hq=4, Hkv=2, L=5, S=7, E=8, Ev=8, dtype=torch.float32):
     q, k, v = torch.randn(B, Hq, L, E, dtype=dtype), torch.randn(B, Hkv, S, E, dtype=dtype), torch.randn(
         B, Hkv, S, Ev, dtype=dtype)
     out = torch.empty(B, Hq, L, Ev, dtype=dtype)
-    lse = torch.empty(B, Hq, L, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-    return q, k, v, out, lse
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    lse, stats = torch.empty(B, Hq, L, dtype=acc), torch.empty(B, Hq, L, 2, dtype=acc)
+    return q, k, v, out, lse, stats
 
 
 def test_forward_op_direct_call_works():
-    q, k, v, out, lse = _buffers()
-    OPS.forward(q, k, v, None, 0.5, 1, out, lse)
+    q, k, v, out, lse, stats = _buffers()
+    OPS.forward(q, k, v, None, 0.5, 1, out, lse, stats)
     ref, ref_lse = attnkern.reference_attention(q, k, v, causal=1, scale=0.5, enable_gqa=True)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
@@ -79,14 +80,17 @@ def test_forward_op_direct_call_works():
     (lambda a: a.update(out=torch.empty(2, 4, 5, 8, dtype=torch.float64)), r"out must have the query's dtype"),
     (lambda a: a.update(lse=torch.empty(2, 4, 5, dtype=torch.float16)), r"lse must be Float"),
     (lambda a: a.update(lse=torch.empty(2, 4, 6)), r"lse must have shape \(2, 4, 5\)"),
+    (lambda a: a.update(stats=torch.empty(2, 4, 5)), r"stats must have shape \(2, 4, 5, 2\)"),
+    (lambda a: a.update(stats=torch.empty(2, 4, 5, 2, dtype=torch.float64)), r"stats must be Float"),
+    (lambda a: a.update(stats=torch.empty(2, 4, 2, 5).transpose(-1, -2)), r"stats must be contiguous"),
 ])
 def test_forward_op_refuses_bad_arguments(mutate, message):
-    q, k, v, out, lse = _buffers()
-    args = dict(q=q, k=k, v=v, mask=None, scale=0.5, causal=0, out=out, lse=lse)
+    q, k, v, out, lse, stats = _buffers()
+    args = dict(q=q, k=k, v=v, mask=None, scale=0.5, causal=0, out=out, lse=lse, stats=stats)
     mutate(args)
     with pytest.raises(RuntimeError, match=message):
         OPS.forward(args["q"], args["k"], args["v"], args["mask"], args["scale"], args["causal"], args["out"],
-                    args["lse"])
+                    args["lse"], args["stats"])
 
 
 @pytest.mark.parametrize("mutate,message", [
@@ -99,13 +103,13 @@ def test_forward_op_refuses_bad_arguments(mutate, message):
      r"grad_mask must have shape \(1, 1, 5, 7\)"),
 ])
 def test_backward_op_refuses_bad_arguments(mutate, message):
-    q, k, v, out, lse = _buffers()
-    OPS.forward(q, k, v, None, 0.5, 0, out, lse)
+    q, k, v, out, lse, stats = _buffers()
+    OPS.forward(q, k, v, None, 0.5, 0, out, lse, stats)
     args = dict(dout=torch.randn_like(out), dlse=None, mask=None, dq=torch.empty_like(q), dk=torch.empty_like(k),
                 dv=torch.empty_like(v), dmask=None)
     mutate(args)
     with pytest.raises(RuntimeError, match=message):
-        OPS.backward(args["dout"], args["dlse"], q, k, v, args["mask"], out, lse, 0.5, 0, args["dq"], args["dk"],
+        OPS.backward(args["dout"], args["dlse"], q, k, v, args["mask"], out, stats, 0.5, 0, args["dq"], args["dk"],
                      args["dv"], args["dmask"])
 
 

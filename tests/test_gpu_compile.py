@@ -1,5 +1,5 @@
 """The Triton kernels compile for Hopper (sm90) and Ampere (sm80) with Triton's own GPU compiler, within
-the shared memory of the target, and the kernels the benchmarks time do not spill registers. Runs
+the shared memory of the target, and the kernels the benchmarks time spill at most a few registers. Runs
 without a GPU: the interpreter the other CPU tests use accepts code the GPU compiler rejects."""
 import os
 import subprocess

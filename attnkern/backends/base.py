@@ -4,13 +4,19 @@ Inputs are the canonical tensors of problem.py: q (B, Hq, L, E), k (B, Hkv, S, E
 mask None or (Bm, Hm, Lm, Sm) (each dim 1 or full; bool = attend, float = added to the scaled scores),
 any strides. `causal` is a masks.CAUSAL_* code.
 
-    forward(q, k, v, mask, scale, causal) -> (out (B, Hq, L, Ev) in q's dtype, lse (B, Hq, L) float32)
-    backward(dout, dlse, q, k, v, mask, out, lse, scale, causal, mask_grad)
+    forward(q, k, v, mask, scale, causal)
+        -> (out (B, Hq, L, Ev) in q's dtype, lse (B, Hq, L) float32, stats (B, Hq, L, 2) float32)
+    backward(dout, dlse, q, k, v, mask, out, stats, scale, causal, mask_grad)
         -> (dq, dk, dv, dmask or None)
 
 A fully masked row has out = 0, lse = -inf and zero gradients. `dlse` (may be None) is the gradient of
-the returned log-sum-exp. Outputs are allocated with the helpers below so that the fake (meta)
-implementations in ops.py produce identical shapes and strides.
+the returned log-sum-exp. `stats` is what the backward needs to recompute the probabilities: per row,
+the maximum m of the scaled, masked scores (natural units) and log2 of the softmax denominator, so
+that P = 2^((s - m) log2 e - log2 l). Keeping the two apart (rather than recomputing from
+lse = m + ln l) keeps P exact when scores are huge: a row whose mask is all -3.4e38 has an lse that
+cannot hold ln l beside it. Fully masked rows have m = log2 l = -inf. (float64 problems use float64 for lse and
+stats.) Outputs are allocated with the helpers below so that the fake (meta) implementations in ops.py
+produce identical shapes and strides.
 """
 from __future__ import annotations
 
@@ -43,6 +49,13 @@ def new_lse(q: torch.Tensor) -> torch.Tensor:
     return _poisoned(q.new_empty((B, H, L), dtype=dtype))
 
 
+def new_stats(q: torch.Tensor) -> torch.Tensor:
+    """Per-row softmax statistics (B, H, L, 2): [..., 0] = row max, [..., 1] = log2 of the denominator."""
+    B, H, L, _ = q.shape
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return _poisoned(q.new_empty((B, H, L, 2), dtype=dtype))
+
+
 def new_grad(t: torch.Tensor) -> torch.Tensor:
     """A gradient buffer for input t: t's layout when t is dense, else contiguous."""
     return _poisoned(torch.empty_like(t))
@@ -72,5 +85,5 @@ class Backend:
     def forward(self, q, k, v, mask, scale: float, causal: int):
         raise NotImplementedError
 
-    def backward(self, dout, dlse, q, k, v, mask, out, lse, scale: float, causal: int, mask_grad: bool):
+    def backward(self, dout, dlse, q, k, v, mask, out, stats, scale: float, causal: int, mask_grad: bool):
         raise NotImplementedError

@@ -10,7 +10,7 @@ import importlib
 
 import torch
 
-from .base import Backend, new_grad, new_lse, new_mask_grad, new_output
+from .base import Backend, new_grad, new_lse, new_mask_grad, new_output, new_stats
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -49,12 +49,12 @@ class CpuBackend(Backend):
         return None
 
     def forward(self, q, k, v, mask, scale, causal):
-        out, lse = new_output(q, v.shape[-1]), new_lse(q)
-        torch.ops.attnkern_ext.forward(q, k, v, mask, scale, causal, out, lse)
-        return out, lse
+        out, lse, stats = new_output(q, v.shape[-1]), new_lse(q), new_stats(q)
+        torch.ops.attnkern_ext.forward(q, k, v, mask, scale, causal, out, lse, stats)
+        return out, lse, stats
 
-    def backward(self, dout, dlse, q, k, v, mask, out, lse, scale, causal, mask_grad):
+    def backward(self, dout, dlse, q, k, v, mask, out, stats, scale, causal, mask_grad):
         dq, dk, dv = new_grad(q), new_grad(k), new_grad(v)
-        dmask = new_mask_grad(mask, lse.dtype) if mask_grad else None
-        torch.ops.attnkern_ext.backward(dout, dlse, q, k, v, mask, out, lse, scale, causal, dq, dk, dv, dmask)
+        dmask = new_mask_grad(mask, stats.dtype) if mask_grad else None
+        torch.ops.attnkern_ext.backward(dout, dlse, q, k, v, mask, out, stats, scale, causal, dq, dk, dv, dmask)
         return dq, dk, dv, (dmask.to(mask.dtype) if dmask is not None else None)

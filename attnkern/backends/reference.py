@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from .base import Backend, new_grad, new_lse, new_output
+from .base import Backend, new_grad, new_lse, new_output, new_stats
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -30,15 +30,16 @@ class ReferenceBackend(Backend):
             q, k, v, mask, causal=causal, scale=scale, enable_gqa=True,
             compute_dtype=_compute_dtype(q.dtype),
         )
-        out = new_output(q, v.shape[-1])
-        lse = new_lse(q)
+        out, lse, stats = new_output(q, v.shape[-1]), new_lse(q), new_stats(q)
         out.copy_(o)
         lse.copy_(l)
-        return out, lse
+        stats.copy_(reference.reference_softmax_stats(q, k, mask, scale, causal, _compute_dtype(q.dtype)))
+        return out, lse, stats
 
-    def backward(self, dout, dlse, q, k, v, mask, out, lse, scale, causal, mask_grad):
+    def backward(self, dout, dlse, q, k, v, mask, out, stats, scale, causal, mask_grad):
+        # Recomputes the softmax outright: the stats are not needed at the naive path's O(L*S) cost.
         grads = reference.reference_attention_backward(
-            dout, dlse, q, k, v, mask, out, lse, scale, causal, mask_grad,
+            dout, dlse, q, k, v, mask, out, scale, causal, mask_grad,
             compute_dtype=_compute_dtype(q.dtype),
         )
         dq, dk, dv = (new_grad(t).copy_(g) for t, g in zip((q, k, v), grads[:3]))

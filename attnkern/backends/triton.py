@@ -63,9 +63,9 @@ class TritonBackend(Backend):
         with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
             return attention_forward(q, k, v, mask, scale, causal)
 
-    def backward(self, dout, dlse, q, k, v, mask, out, lse, scale, causal, mask_grad):
+    def backward(self, dout, dlse, q, k, v, mask, out, stats, scale, causal, mask_grad):
         from ..triton import attention_backward
 
         with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-            return attention_backward(dout, dlse, q, k, v, mask, out, lse, scale, causal, mask_grad)
+            return attention_backward(dout, dlse, q, k, v, mask, out, stats, scale, causal, mask_grad)
 

@@ -1,10 +1,11 @@
 """Fused attention backward: preprocess, a dK/dV pass, a dQ pass, and (only when a float mask needs a
 gradient) a dMask pass. No atomics anywhere, so results are deterministic run to run.
 
-The passes recompute P = exp2(S2 - lse2) from the saved log-sum-exp instead of storing L×S
-probabilities. The preprocess turns the natural-log lse into lse2 = lse·log2(e), with +inf for fully
-masked rows (lse = -inf), so that P comes out 0 there rather than exp2(-inf + inf) = NaN. It also forms
-delta = rowsum(dO ∘ O) − dlse, where dlse is the gradient of the returned log-sum-exp.
+The passes recompute P = exp2((S - m) · log2(e) - log2 l) from the forward's per-row statistics (row
+max m, log2 of the denominator) instead of storing L×S probabilities; subtracting m first keeps P exact even
+for huge scores, where an lse could not hold log2 l. Fully masked rows read m = +inf, log2 l = 0, so P
+is 0 there rather than exp2(-inf + inf) = NaN. The preprocess forms delta = rowsum(dO ∘ O) − dlse,
+where dlse is the gradient of the returned log-sum-exp.
 
     dV = Pᵀ dO,  dP = dO Vᵀ,  dS = P ∘ (dP − delta),  dQ = scale·dS K,  dK = scale·dSᵀ Q,  dMask = dS
 
@@ -19,13 +20,13 @@ import triton.language as tl
 from ..backends.base import new_grad, new_mask_grad
 from ..masks import CAUSAL_NONE, causal_offset, mask_kind
 from . import configs
-from .common import index_range, needs_int64, LOG2E, load_tile, mask_scores, store_tile
+from .common import index_range, load_row_stats, load_tile, mask_scores, needs_int64, store_tile, LOG2E
 from .forward import mask_args, precision_for
 
 
 @triton.jit
 def _bwd_preprocess_kernel(
-    O, DO, LSE, DLSE, DELTA, LSE2,
+    O, DO, DLSE, DELTA,
     stride_ob, stride_oh, stride_ol, stride_oe,
     stride_dob, stride_doh, stride_dol, stride_doe,
     stride_dlb, stride_dlh, stride_dll,
@@ -43,22 +44,18 @@ def _bwd_preprocess_kernel(
     do = load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dol
                    + offs_ev[None, :] * stride_doe, offs_m, offs_ev, L, EV, True, BLOCK_EV != EV)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    row = (b * H + h) * L + offs_m
     in_range = offs_m < L
     if HAS_DLSE:
         dlse = tl.load(DLSE + b * stride_dlb + h * stride_dlh + offs_m * stride_dll, mask=in_range, other=0.0)
         delta -= dlse.to(tl.float32)
-    lse = tl.load(LSE + row, mask=in_range, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
-    tl.store(DELTA + row, delta, mask=in_range)
-    tl.store(LSE2 + row, lse2, mask=in_range)
+    tl.store(DELTA + (b * H + h) * L + offs_m, delta, mask=in_range)
 
 
 @triton.jit
 def _dkdv_tile(
-    dk, dv, k, v, q_base, do_base, mask_base, lse2_base, delta_base, start_m, offs_n, offs_m0, offs_e, offs_ev,
+    dk, dv, k, v, q_base, do_base, mask_base, stats_base, delta_base, start_m, offs_n, offs_m0, offs_e, offs_ev,
     stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms,
-    L, S, qk_scale, causal_off,
+    L, S, scale, causal_off,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -67,16 +64,15 @@ def _dkdv_tile(
     offs_m = start_m + offs_m0
     qT = load_tile(q_base + offs_e[:, None] * stride_qe + offs_m[None, :] * stride_ql,
                    offs_e, offs_m, E, L, BLOCK_E != E, CHECK_M)
-    if CHECK_M:  # rows past L: lse2 = +inf makes their P exactly 0
-        lse2 = tl.load(lse2_base + offs_m, mask=offs_m < L, other=float("inf"))
+    row_max, log2l = load_row_stats(stats_base, offs_m, L, CHECK_M)  # rows past L: P = 0
+    if CHECK_M:
         delta = tl.load(delta_base + offs_m, mask=offs_m < L, other=0.0)
     else:
-        lse2 = tl.load(lse2_base + offs_m)
         delta = tl.load(delta_base + offs_m)
-    sT = tl.dot(k, qT, input_precision=PRECISION) * qk_scale
+    sT = tl.dot(k, qT, input_precision=PRECISION) * scale
     sT = mask_scores(sT, offs_m[None, :], offs_n[:, None], mask_base, stride_ml, stride_ms, L, S, causal_off,
                      MASK_KIND, APPLY_CAUSAL, CHECK_M, CHECK_N)
-    pT = tl.math.exp2(sT - lse2[None, :])
+    pT = tl.math.exp2((sT - row_max[None, :]) * LOG2E - log2l[None, :])
     do = load_tile(do_base + offs_m[:, None] * stride_dol + offs_ev[None, :] * stride_doe,
                    offs_m, offs_ev, L, EV, CHECK_M, BLOCK_EV != EV)
     dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
@@ -97,7 +93,7 @@ def _dkdv_tile(
 })
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, M, DO, LSE2, DELTA, DK, DV,
+    Q, K, V, M, DO, STATS, DELTA, DK, DV,
     stride_qb, stride_qh, stride_ql, stride_qe,
     stride_kb, stride_kh, stride_ks, stride_ke,
     stride_vb, stride_vh, stride_vs, stride_ve,
@@ -105,7 +101,7 @@ def _attn_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dol, stride_doe,
     stride_dkb, stride_dkh, stride_dks, stride_dke,
     stride_dvb, stride_dvh, stride_dvs, stride_dve,
-    H, GROUP, L, S, qk_scale, scale, causal_off, L_BUCKET, S_BUCKET,
+    H, GROUP, L, S, scale, causal_off, L_BUCKET, S_BUCKET,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
@@ -140,27 +136,27 @@ def _attn_bwd_dkdv_kernel(
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DO + b * stride_dob + h * stride_doh
         mask_base = M + b * stride_mb + h * stride_mh
-        lse2_base = LSE2 + (b * H + h) * L
+        stats_base = STATS + (b * H + h) * L * 2
         delta_base = DELTA + (b * H + h) * L
         if IS_CAUSAL:
             for start_m in range(lo, mid, BLOCK_M):
                 dk, dv = _dkdv_tile(
-                    dk, dv, k, v, q_base, do_base, mask_base, lse2_base, delta_base, start_m, offs_n, offs_m0,
+                    dk, dv, k, v, q_base, do_base, mask_base, stats_base, delta_base, start_m, offs_n, offs_m0,
                     offs_e, offs_ev, stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms,
-                    L, S, qk_scale, causal_off, E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True,
+                    L, S, scale, causal_off, E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True,
                     not EVEN_M, not EVEN_N, PRECISION)
             for start_m in range(mid, L, BLOCK_M):
                 dk, dv = _dkdv_tile(
-                    dk, dv, k, v, q_base, do_base, mask_base, lse2_base, delta_base, start_m, offs_n, offs_m0,
+                    dk, dv, k, v, q_base, do_base, mask_base, stats_base, delta_base, start_m, offs_n, offs_m0,
                     offs_e, offs_ev, stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms,
-                    L, S, qk_scale, causal_off, E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False,
+                    L, S, scale, causal_off, E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False,
                     not EVEN_M, not EVEN_N, PRECISION)
         else:
             for start_m in range(0, L, BLOCK_M):
                 dk, dv = _dkdv_tile(
-                    dk, dv, k, v, q_base, do_base, mask_base, lse2_base, delta_base, start_m, offs_n, offs_m0,
+                    dk, dv, k, v, q_base, do_base, mask_base, stats_base, delta_base, start_m, offs_n, offs_m0,
                     offs_e, offs_ev, stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms,
-                    L, S, qk_scale, causal_off, E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False,
+                    L, S, scale, causal_off, E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False,
                     not EVEN_M, not EVEN_N, PRECISION)
 
     dk = dk * scale
@@ -172,9 +168,9 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_tile(
-    dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_e, offs_ev,
+    dq, q, do, row_max, log2l, delta, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_e, offs_ev,
     stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms,
-    L, S, qk_scale, causal_off,
+    L, S, scale, causal_off,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -184,10 +180,10 @@ def _dq_tile(
                    offs_e, offs_n, E, S, BLOCK_E != E, CHECK_N)
     vT = load_tile(v_base + offs_ev[:, None] * stride_ve + offs_n[None, :] * stride_vs,
                    offs_ev, offs_n, EV, S, BLOCK_EV != EV, CHECK_N)
-    s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
+    s = tl.dot(q, kT, input_precision=PRECISION) * scale
     s = mask_scores(s, offs_m[:, None], offs_n[None, :], mask_base, stride_ml, stride_ms, L, S, causal_off,
                     MASK_KIND, APPLY_CAUSAL, CHECK_M, CHECK_N)
-    p = tl.math.exp2(s - lse2[:, None])
+    p = tl.math.exp2((s - row_max[:, None]) * LOG2E - log2l[:, None])
     dp = tl.dot(do, vT, input_precision=PRECISION)
     ds = p * (dp - delta[:, None])
     dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PRECISION)
@@ -205,14 +201,14 @@ def _dq_tile(
 })
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, M, DO, LSE2, DELTA, DQ,
+    Q, K, V, M, DO, STATS, DELTA, DQ,
     stride_qb, stride_qh, stride_ql, stride_qe,
     stride_kb, stride_kh, stride_ks, stride_ke,
     stride_vb, stride_vh, stride_vs, stride_ve,
     stride_mb, stride_mh, stride_ml, stride_ms,
     stride_dob, stride_doh, stride_dol, stride_doe,
     stride_dqb, stride_dqh, stride_dql, stride_dqe,
-    H, GROUP, L, S, qk_scale, scale, causal_off, L_BUCKET, S_BUCKET,
+    H, GROUP, L, S, scale, causal_off, L_BUCKET, S_BUCKET,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
@@ -234,13 +230,12 @@ def _attn_bwd_dq_kernel(
                   offs_m, offs_e, L, E, not EVEN_M, BLOCK_E != E)
     do = load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dol
                    + offs_ev[None, :] * stride_doe, offs_m, offs_ev, L, EV, not EVEN_M, BLOCK_EV != EV)
-    row = (b * H + h) * L + offs_m
+    row0 = (b * H + h) * L
+    row_max, log2l = load_row_stats(STATS + row0 * 2, offs_m, L, not EVEN_M)
     if EVEN_M:
-        lse2 = tl.load(LSE2 + row)
-        delta = tl.load(DELTA + row)
+        delta = tl.load(DELTA + row0 + offs_m)
     else:
-        lse2 = tl.load(LSE2 + row, mask=offs_m < L, other=float("inf"))
-        delta = tl.load(DELTA + row, mask=offs_m < L, other=0.0)
+        delta = tl.load(DELTA + row0 + offs_m, mask=offs_m < L, other=0.0)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     mask_base = M + b * stride_mb + h * stride_mh
@@ -250,20 +245,20 @@ def _attn_bwd_dq_kernel(
         hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_off, 0), S)
         n_full = tl.minimum(tl.maximum(start_m + causal_off + 1, 0) // BLOCK_N * BLOCK_N, hi)
         for start_n in range(0, n_full, BLOCK_N):
-            dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_e,
+            dq = _dq_tile(dq, q, do, row_max, log2l, delta, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_e,
                           offs_ev, stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms,
-                          L, S, qk_scale, causal_off, E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False,
+                          L, S, scale, causal_off, E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False,
                           not EVEN_M, not EVEN_N, PRECISION)
         for start_n in range(n_full, hi, BLOCK_N):
-            dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_e,
+            dq = _dq_tile(dq, q, do, row_max, log2l, delta, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_e,
                           offs_ev, stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms,
-                          L, S, qk_scale, causal_off, E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True,
+                          L, S, scale, causal_off, E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True,
                           not EVEN_M, not EVEN_N, PRECISION)
     else:
         for start_n in range(0, S, BLOCK_N):
-            dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_e,
+            dq = _dq_tile(dq, q, do, row_max, log2l, delta, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_e,
                           offs_ev, stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms,
-                          L, S, qk_scale, causal_off, E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False,
+                          L, S, scale, causal_off, E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False,
                           not EVEN_M, not EVEN_N, PRECISION)
 
     dq = dq * scale
@@ -273,14 +268,14 @@ def _attn_bwd_dq_kernel(
 
 @triton.jit
 def _attn_bwd_dmask_kernel(
-    Q, K, V, M, DO, LSE2, DELTA, DM,
+    Q, K, V, M, DO, STATS, DELTA, DM,
     stride_qb, stride_qh, stride_ql, stride_qe,
     stride_kb, stride_kh, stride_ks, stride_ke,
     stride_vb, stride_vh, stride_vs, stride_ve,
     stride_mb, stride_mh, stride_ml, stride_ms,
     stride_dob, stride_doh, stride_dol, stride_doe,
     stride_dmb, stride_dmh, stride_dml, stride_dms,
-    B, H, GROUP, L, S, HM, qk_scale, causal_off,
+    B, H, GROUP, L, S, HM, scale, causal_off,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
     SUM_B: tl.constexpr, SUM_H: tl.constexpr, SUM_L: tl.constexpr, SUM_S: tl.constexpr,
@@ -339,7 +334,7 @@ def _attn_bwd_dmask_kernel(
                               offs_m, offs_e, L, E, True, BLOCK_E != E)
                 do = load_tile(do_base + offs_m[:, None] * stride_dol + offs_ev[None, :] * stride_doe,
                                offs_m, offs_ev, L, EV, True, BLOCK_EV != EV)
-                lse2 = tl.load(LSE2 + row0 + offs_m, mask=offs_m < L, other=float("inf"))
+                row_max, log2l = load_row_stats(STATS + row0 * 2, offs_m, L, True)
                 delta = tl.load(DELTA + row0 + offs_m, mask=offs_m < L, other=0.0)
                 for start_n in range(n_lo, n_hi, BLOCK_N):
                     offs_n = start_n + offs_n0
@@ -347,10 +342,10 @@ def _attn_bwd_dmask_kernel(
                                    offs_e, offs_n, E, S, BLOCK_E != E, True)
                     vT = load_tile(v_base + offs_ev[:, None] * stride_ve + offs_n[None, :] * stride_vs,
                                    offs_ev, offs_n, EV, S, BLOCK_EV != EV, True)
-                    s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
+                    s = tl.dot(q, kT, input_precision=PRECISION) * scale
                     s = mask_scores(s, offs_m[:, None], offs_n[None, :], mask_base, stride_ml, stride_ms,
                                     L, S, causal_off, 2, IS_CAUSAL, True, True)
-                    p = tl.math.exp2(s - lse2[:, None])
+                    p = tl.math.exp2((s - row_max[:, None]) * LOG2E - log2l[:, None])
                     dp = tl.dot(do, vT, input_precision=PRECISION)
                     ds = p * (dp - delta[:, None])
                     acc += ds
@@ -379,14 +374,13 @@ def dmask_blocks(E: int, Ev: int, dtype):
     return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps
 
 
-def attention_backward(dout, dlse, q, k, v, mask, out, lse, scale: float, causal: int, mask_grad: bool):
+def attention_backward(dout, dlse, q, k, v, mask, out, stats, scale: float, causal: int, mask_grad: bool):
     """Triton backward on canonical tensors (see backends/base.py). Returns (dq, dk, dv, dmask or None)."""
     B, H, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
     group = H // Hkv
     dq, dk, dv = new_grad(q), new_grad(k), new_grad(v)
     delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
-    lse2 = torch.empty_like(delta)
     block_e, block_ev = configs.head_block(E), configs.head_block(Ev)
     off = causal_offset(causal, L, S)
     precision = precision_for(q.dtype)
@@ -399,23 +393,22 @@ def attention_backward(dout, dlse, q, k, v, mask, out, lse, scale: float, causal
     pre_block = 64 if block_ev <= 128 else 32
     dlse_strides = dlse.stride() if dlse is not None else (0, 0, 0)
     _bwd_preprocess_kernel[(triton.cdiv(L, pre_block), H, B)](
-        out, dout, lse, dlse if dlse is not None else lse, delta, lse2,
+        out, dout, dlse if dlse is not None else delta, delta,
         *out.stride(), *dout.stride(), *dlse_strides, H, L,
         EV=Ev, BLOCK_EV=block_ev, HAS_DLSE=dlse is not None, BLOCK_M=pre_block, I64=i64,
     )
 
     common = dict(E=E, EV=Ev, BLOCK_E=block_e, BLOCK_EV=block_ev, MASK_KIND=kind, IS_CAUSAL=is_causal,
                   PRECISION=precision, I64=i64)
-    qk_scale = scale * LOG2E.value
     _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), Hkv, B)](
-        q, k, v, mask_ptr, dout, lse2, delta, dk, dv,
+        q, k, v, mask_ptr, dout, stats, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *dk.stride(), *dv.stride(),
-        H, group, L, S, qk_scale, scale, off, configs.bucket(L), configs.bucket(S), **common,
+        H, group, L, S, scale, off, configs.bucket(L), configs.bucket(S), **common,
     )
     _attn_bwd_dq_kernel[lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), H, B)](
-        q, k, v, mask_ptr, dout, lse2, delta, dq,
+        q, k, v, mask_ptr, dout, stats, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *dq.stride(),
-        H, group, L, S, qk_scale, scale, off, configs.bucket(L), configs.bucket(S), **common,
+        H, group, L, S, scale, off, configs.bucket(L), configs.bucket(S), **common,
     )
 
     dmask = None
@@ -426,9 +419,9 @@ def attention_backward(dout, dlse, q, k, v, mask, out, lse, scale: float, causal
         dm = new_mask_grad(mask)
         grid = (1 if sum_l else triton.cdiv(L, bm_), 1 if sum_s else triton.cdiv(S, bn_), Bm * Hm)
         _attn_bwd_dmask_kernel[grid](
-            q, k, v, mask_ptr, dout, lse2, delta, dm,
+            q, k, v, mask_ptr, dout, stats, delta, dm,
             *q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *dm.stride(),
-            B, H, group, L, S, Hm, qk_scale, off,
+            B, H, group, L, S, Hm, scale, off,
             E=E, EV=Ev, BLOCK_E=block_e, BLOCK_EV=block_ev, IS_CAUSAL=is_causal, PRECISION=precision,
             SUM_B=sum_b, SUM_H=sum_h, SUM_L=sum_l, SUM_S=sum_s, BLOCK_M=bm_, BLOCK_N=bn_, I64=i64,
             num_warps=warps,

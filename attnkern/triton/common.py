@@ -1,7 +1,8 @@
 """Tile helpers shared by the forward and backward kernels.
 
-Scores inside the kernels are in base 2: s2 = (q·k) · scale · log2(e) (+ mask · log2(e)), so the
-softmax uses exp2; the log-sum-exp handed to and from Python is in natural log.
+Scores, masks and row maxima stay in natural units: s = (q·k) · scale + mask, so any finite float mask
+(finfo.min included) adds without overflowing; only differences from the row max enter base 2,
+exp(s - m) = exp2((s - m) · log2(e)). The log-sum-exp handed to Python is in natural log.
 """
 import triton
 import triton.language as tl
@@ -20,6 +21,21 @@ def index_range(start, BLOCK: tl.constexpr, I64: tl.constexpr):
     if I64:
         r = r.to(tl.int64)
     return start + r
+
+
+@triton.jit
+def load_row_stats(stats_base, offs_m, L, CHECK: tl.constexpr):
+    """The forward's per-row softmax statistics (row max m, log2 denominator), ready for
+    P = exp2((s - m) · log2(e) - log2l): fully masked rows and rows past L get m = +inf, log2l = 0, so
+    P = 0."""
+    if CHECK:
+        m = tl.load(stats_base + offs_m * 2, mask=offs_m < L, other=float("inf"))
+        log2l = tl.load(stats_base + offs_m * 2 + 1, mask=offs_m < L, other=0.0)
+    else:
+        m = tl.load(stats_base + offs_m * 2)
+        log2l = tl.load(stats_base + offs_m * 2 + 1)
+    empty = m == float("-inf")
+    return tl.where(empty, float("inf"), m), tl.where(empty, 0.0, log2l)
 
 
 @triton.jit
@@ -57,7 +73,7 @@ def mask_scores(
     s, qi, kj, mask_base, stride_ml, stride_ms, L, S, causal_offset,
     MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr, CHECK_Q: tl.constexpr, CHECK_K: tl.constexpr,
 ):
-    """Apply the user mask, the causal diagonal and the sequence bounds to a base-2 score tile.
+    """Apply the user mask, the causal diagonal and the sequence bounds to a score tile.
 
     `qi` and `kj` are the query-row and key-column indices shaped to broadcast against `s`
     ([:, None] and [None, :], or the transpose for the kernels that hold Sᵀ). Masked scores become -inf.
@@ -71,7 +87,7 @@ def mask_scores(
         if MASK_KIND == 1:
             s = tl.where(m != 0, s, float("-inf"))
         else:
-            s = s + m.to(tl.float32) * LOG2E
+            s = s + m.to(tl.float32)
     if APPLY_CAUSAL:
         s = tl.where(kj <= qi + causal_offset, s, float("-inf"))
     if CHECK_K:

@@ -1,6 +1,7 @@
 """Fused attention forward: one program per (query block, head, batch), online softmax over K/V tiles.
 
-Never materializes the L×S scores. Causal problems stop the key loop at the block's diagonal and apply
+Never materializes the L×S scores. Saves per-row softmax statistics (row max, log2 of the
+denominator) beside the log-sum-exp for the backward. Causal problems stop the key loop at the block's diagonal and apply
 the causal compare only on the tiles that straddle it; fully masked rows end with l = 0, which gives
 output 0 and log-sum-exp -inf.
 """
@@ -10,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends.base import new_lse, new_output
+from ..backends.base import new_lse, new_output, new_stats
 from ..masks import CAUSAL_NONE, causal_offset
 from . import configs
 from .common import index_range, needs_int64, LN2, LOG2E, load_tile, mask_scores, store_tile
@@ -20,7 +21,7 @@ from .common import index_range, needs_int64, LN2, LOG2E, load_tile, mask_scores
 def _fwd_tile(
     acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_e, offs_ev,
     stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms,
-    L, S, qk_scale, causal_off,
+    L, S, scale, causal_off,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -29,14 +30,14 @@ def _fwd_tile(
     # K is read transposed, (BLOCK_E, BLOCK_N), straight from memory.
     kT = load_tile(k_base + offs_e[:, None] * stride_ke + offs_n[None, :] * stride_ks,
                    offs_e, offs_n, E, S, BLOCK_E != E, CHECK_N)
-    s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
+    s = tl.dot(q, kT, input_precision=PRECISION) * scale
     s = mask_scores(s, offs_m[:, None], offs_n[None, :], mask_base, stride_ml, stride_ms, L, S, causal_off,
                     MASK_KIND, APPLY_CAUSAL, CHECK_M, CHECK_N)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row with nothing visible yet keeps m = -inf; subtract 0 instead so exp2 sees -inf, not NaN.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
+    p = tl.math.exp2((s - m_safe[:, None]) * LOG2E)
+    alpha = tl.math.exp2((m_i - m_safe) * LOG2E)
     l_i = l_i * alpha + tl.sum(p, 1)
     v = load_tile(v_base + offs_n[:, None] * stride_vs + offs_ev[None, :] * stride_ve,
                   offs_n, offs_ev, S, EV, CHECK_N, BLOCK_EV != EV)
@@ -56,13 +57,13 @@ def _fwd_tile(
 })
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, M, O, LSE,
+    Q, K, V, M, O, LSE, STATS,
     stride_qb, stride_qh, stride_ql, stride_qe,
     stride_kb, stride_kh, stride_ks, stride_ke,
     stride_vb, stride_vh, stride_vs, stride_ve,
     stride_mb, stride_mh, stride_ml, stride_ms,
     stride_ob, stride_oh, stride_ol, stride_oe,
-    H, GROUP, L, S, qk_scale, causal_off, L_BUCKET, S_BUCKET,
+    H, GROUP, L, S, scale, causal_off, L_BUCKET, S_BUCKET,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
@@ -101,33 +102,39 @@ def _attn_fwd_kernel(
         for start_n in range(0, n_full, BLOCK_N):
             acc, l_i, m_i = _fwd_tile(
                 acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_e, offs_ev,
-                stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms, L, S, qk_scale, causal_off,
+                stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms, L, S, scale, causal_off,
                 E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False, not EVEN_M, not EVEN_N, PRECISION)
         for start_n in range(n_full, hi, BLOCK_N):
             acc, l_i, m_i = _fwd_tile(
                 acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_e, offs_ev,
-                stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms, L, S, qk_scale, causal_off,
+                stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms, L, S, scale, causal_off,
                 E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, not EVEN_M, not EVEN_N, PRECISION)
     else:
         for start_n in range(0, S, BLOCK_N):
             acc, l_i, m_i = _fwd_tile(
                 acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_e, offs_ev,
-                stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms, L, S, qk_scale, causal_off,
+                stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms, L, S, scale, causal_off,
                 E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False, not EVEN_M, not EVEN_N, PRECISION)
 
     empty = l_i == 0.0  # every key masked: output 0, lse -inf
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+    log2l = tl.where(empty, float("-inf"), tl.math.log2(l_safe))
+    lse = tl.where(empty, float("-inf"), m_i + log2l * LN2)
 
     o_base = O + b * stride_ob + h64 * stride_oh
     store_tile(o_base + offs_m[:, None] * stride_ol + offs_ev[None, :] * stride_oe, out.to(O.dtype.element_ty),
                offs_m, offs_ev, L, EV, not EVEN_M, BLOCK_EV != EV)
-    lse_ptrs = LSE + (b * H + h64) * L + offs_m
+    row = (b * H + h64) * L + offs_m
+    m_out = tl.where(empty, float("-inf"), m_i)
     if EVEN_M:
-        tl.store(lse_ptrs, lse)
+        tl.store(LSE + row, lse)
+        tl.store(STATS + row * 2, m_out)
+        tl.store(STATS + row * 2 + 1, log2l)
     else:
-        tl.store(lse_ptrs, lse, mask=offs_m < L)
+        tl.store(LSE + row, lse, mask=offs_m < L)
+        tl.store(STATS + row * 2, m_out, mask=offs_m < L)
+        tl.store(STATS + row * 2 + 1, log2l, mask=offs_m < L)
 
 
 def precision_for(dtype) -> str:
@@ -155,22 +162,21 @@ def mask_args(mask):
 
 
 def attention_forward(q, k, v, mask, scale: float, causal: int):
-    """Triton forward on canonical tensors (see backends/base.py). Returns (out, lse)."""
+    """Triton forward on canonical tensors (see backends/base.py). Returns (out, lse, stats)."""
     B, H, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
-    out = new_output(q, Ev)
-    lse = new_lse(q)
+    out, lse, stats = new_output(q, Ev), new_lse(q), new_stats(q)
     mask_t, m_strides = mask_args(mask)
     from ..masks import mask_kind
 
     grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), H, B)  # noqa: E731
     _attn_fwd_kernel[grid](
-        q, k, v, mask_t if mask_t is not None else q, out, lse,
+        q, k, v, mask_t if mask_t is not None else q, out, lse, stats,
         *q.stride(), *k.stride(), *v.stride(), *m_strides, *out.stride(),
-        H, H // Hkv, L, S, scale * LOG2E.value, causal_offset(causal, L, S),
+        H, H // Hkv, L, S, scale, causal_offset(causal, L, S),
         configs.bucket(L), configs.bucket(S),
         E=E, EV=Ev, BLOCK_E=configs.head_block(E), BLOCK_EV=configs.head_block(Ev),
         MASK_KIND=mask_kind(mask), IS_CAUSAL=causal != CAUSAL_NONE, PRECISION=precision_for(q.dtype),
         I64=needs_int64(q, k, v, mask, out),
     )
-    return out, lse
+    return out, lse, stats

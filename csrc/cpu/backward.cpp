@@ -2,8 +2,8 @@
 //
 // Tasks are (batch, kv head, query chunk), as in the forward. A task packs its kv head's K^T, V^T and
 // (scale K) once, then for every query head of the group and every block of query rows:
-//     S  = (scale Q) K^T,  P = exp(S + mask - lse)          (0 where masked; 0 for fully masked rows;
-//                                                            computed in base 2, as in the forward)
+//     S  = (scale Q) K^T,  P = exp(S + mask - m) / l          (m, l: the forward's per-row statistics;
+//                                                              0 where masked and on fully masked rows)
 //     dP = dO V^T,  dS = P (dP - delta),  delta = rowsum(dO O) - dlse
 //     dV += P^T dO,  dK += dS^T (scale Q),  dQ += dS (scale K)
 // dK/dV accumulate in per-task buffers (O(S*E)); when a kv head's rows are split over several tasks
@@ -53,13 +53,14 @@ struct PackedKV {
   const acc_t* vt_block(int64_t n0, const AttentionParams& p) const { return vt + (n0 / kNR<acc_t>) * p.Ev * kNR<acc_t>; }
 };
 
-// One block of query rows, packed: scale*log2(e)*Q and dO row-major (the A of S and dP), scale*Q and
-// dO in panels (the B of dK and dV), and per row delta and the base-2 log-sum-exp to subtract (+inf for
-// fully masked rows, so that P = 2^(-inf - inf) = 0 rather than NaN).
+// One block of query rows, packed: scale*Q and dO row-major (the A of S and dP) and in panels (the B of
+// dK and dV), and per row delta and the forward's softmax statistics: the row max (+inf for fully masked
+// rows, so that P = exp(-inf - inf) = 0 rather than NaN) and log2 of the denominator (0 there).
 template <typename scalar_t, typename acc_t>
 struct QueryBlock {
   Scratch<acc_t> q_buf, do_buf, qp_buf, dop_buf, stat_buf;
-  acc_t *qb = nullptr, *dob = nullptr, *qp = nullptr, *dop = nullptr, *delta = nullptr, *lse = nullptr;
+  acc_t *qb = nullptr, *dob = nullptr, *qp = nullptr, *dop = nullptr, *delta = nullptr;
+  acc_t *row_max = nullptr, *log2_denom = nullptr;
 
   void load(const AttentionParams& p, int64_t b, int64_t h, int64_t m0, int64_t mb, int64_t BM, int64_t Ep,
             int64_t Evp, acc_t scale) {
@@ -68,17 +69,17 @@ struct QueryBlock {
     dob = do_buf.get(BM * Evp);
     qp = qp_buf.get(BM * Ep);
     dop = dop_buf.get(BM * Evp);
-    delta = stat_buf.get(2 * BM);
-    lse = delta + BM;
+    delta = stat_buf.get(3 * BM);
+    row_max = delta + BM;
+    log2_denom = row_max + BM;
     const auto* q = static_cast<const scalar_t*>(p.q) + b * p.q_st.b + h * p.q_st.h + m0 * p.q_st.l;
     const auto* dout = static_cast<const scalar_t*>(p.dout) + b * p.dout_st.b + h * p.dout_st.h + m0 * p.dout_st.l;
     const auto* out = static_cast<const scalar_t*>(p.out) + b * p.out_st.b + h * p.out_st.h + m0 * p.out_st.l;
-    // Scores in base 2 (as the forward): S = (scale log2(e) Q) K^T; dK takes plain scale Q.
-    pack_rows(qb, Ep, q, p.q_st.l, p.q_st.e, mb, p.E, static_cast<acc_t>(scale * kLog2e));
+    pack_rows(qb, Ep, q, p.q_st.l, p.q_st.e, mb, p.E, scale);
     pack_rows(dob, Evp, dout, p.dout_st.l, p.dout_st.e, mb, p.Ev, acc_t(1));
     pack_panels(qp, BM * NR, q, p.q_st.l, p.q_st.e, mb, p.E, scale);
     pack_panels(dop, BM * NR, dob, Evp, int64_t(1), mb, p.Ev, acc_t(1));
-    const acc_t* lse_src = static_cast<const acc_t*>(p.lse) + (b * p.Hq + h) * p.L + m0;
+    const acc_t* stats = static_cast<const acc_t*>(p.stats) + ((b * p.Hq + h) * p.L + m0) * 2;
     for (int64_t i = 0; i < mb; ++i) {
       acc_t d = 0;
       const scalar_t* orow = out + i * p.out_st.l;
@@ -88,10 +89,17 @@ struct QueryBlock {
         d -= dl[b * p.dlse_st.b + h * p.dlse_st.h + (m0 + i) * p.dlse_st.l];
       }
       delta[i] = d;
-      lse[i] = lse_src[i] == neg_inf<acc_t>() ? std::numeric_limits<acc_t>::infinity()
-                                             : lse_src[i] * static_cast<acc_t>(kLog2e);
+      const bool empty = stats[2 * i] == neg_inf<acc_t>();
+      row_max[i] = empty ? std::numeric_limits<acc_t>::infinity() : stats[2 * i];
+      log2_denom[i] = empty ? acc_t(0) : stats[2 * i + 1];
     }
   }
+};
+
+// The per-row values probabilities_and_ds reads.
+template <typename acc_t>
+struct RowStats {
+  const acc_t *row_max, *log2_denom, *delta;
 };
 
 // Key range [0, n_end) a block of rows [m0, m0 + mb) sees, and [0, n_full) that all its rows see.
@@ -103,18 +111,19 @@ inline void key_range(const AttentionParams& p, int64_t m0, int64_t mb, int64_t&
   }
 }
 
-// P = 2^(S + masks - lse) (all in base 2) over a (mb x nbp) tile, then dS = P (dP - delta) into dp.
+// P = 2^((S + masks - m) log2 e - log2 l) over a (mb x nbp) tile, then dS = P (dP - delta) into dp.
+// Subtracting the row max first keeps P exact when the scores are huge.
 template <typename acc_t>
 inline void probabilities_and_ds(const RowMasker<acc_t>& masker, acc_t* sb, acc_t* dp, int64_t ld, int64_t m0,
                                  int64_t mb, int64_t n0, int64_t nb, int64_t nbp, bool causal_check,
-                                 const acc_t* lse, const acc_t* delta) {
+                                 const RowStats<acc_t>& st) {
   for (int64_t i = 0; i < mb; ++i) {
     acc_t* srow = sb + i * ld;
     acc_t* drow = dp + i * ld;
     masker.apply(srow, m0 + i, n0, nb, nbp, causal_check);
-    const Vec<acc_t> l(lse[i]), d(delta[i]);
+    const Vec<acc_t> m(st.row_max[i]), l(st.log2_denom[i]), d(st.delta[i]), to_log2(static_cast<acc_t>(kLog2e));
     for (int64_t j = 0; j < nbp; j += Vec<acc_t>::size()) {
-      const Vec<acc_t> pv = exp2_vec<acc_t>(Vec<acc_t>::loadu(srow + j) - l);
+      const Vec<acc_t> pv = exp2_vec<acc_t>((Vec<acc_t>::loadu(srow + j) - m) * to_log2 - l);
       pv.store(srow + j);
       (pv * (Vec<acc_t>::loadu(drow + j) - d)).store(drow + j);
     }
@@ -176,7 +185,7 @@ void backward_kernel(const AttentionParams& p, const Blocking& blk) {
               gemm<acc_t, false, false>(mb, nbp, p.E, qblk.qb, Ep, kv.kt_block(n0, p), p.E * NR, sb, BNp);
               gemm<acc_t, false, false>(mb, nbp, p.Ev, qblk.dob, Evp, kv.vt_block(n0, p), p.Ev * NR, dpb, BNp);
               probabilities_and_ds(masker, sb, dpb, BNp, m0, mb, n0, nb, nbp,
-                                   p.causal_enabled() && n0 + nb > n_full, qblk.lse, qblk.delta);
+                                   p.causal_enabled() && n0 + nb > n_full, {qblk.row_max, qblk.log2_denom, qblk.delta});
               gemm<acc_t, true, true>(nb, Evp, mb, sb, BNp, qblk.dop, BM * NR, dv_acc + n0 * Evp, Evp);
               gemm<acc_t, true, true>(nb, Ep, mb, dpb, BNp, qblk.qp, BM * NR, dk_acc + n0 * Ep, Ep);
               gemm<acc_t, false, true>(mb, Ep, nb, dpb, BNp, kv.kr + n0 * NR, kv.sp * NR, dqb, Ep);
@@ -262,7 +271,7 @@ void mask_grad_kernel(const AttentionParams& p, const Blocking& blk) {
               gemm<acc_t, false, false>(mb, nbp, p.E, qblk.qb, Ep, kv.kt_block(n0, p), p.E * NR, sb, BNp);
               gemm<acc_t, false, false>(mb, nbp, p.Ev, qblk.dob, Evp, kv.vt_block(n0, p), p.Ev * NR, dpb, BNp);
               probabilities_and_ds(masker, sb, dpb, BNp, m0, mb, n0, nb, nbp,
-                                   p.causal_enabled() && n0 + nb > n_full, qblk.lse, qblk.delta);
+                                   p.causal_enabled() && n0 + nb > n_full, {qblk.row_max, qblk.log2_denom, qblk.delta});
               for (int64_t i = 0; i < mb; ++i) {
                 const acc_t* ds = dpb + i * BNp;
                 acc_t* dm_row = dm + (rows_full ? (m0 + i) * p.Sm : 0);

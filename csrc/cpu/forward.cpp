@@ -3,9 +3,9 @@
 // Work is split into tasks (batch, kv head, query chunk). A task packs its kv head's K^T and V once
 // (in acc_t, padded to the micro-kernel width), then for every query head of the group and every
 // block of BLOCK_M query rows streams key blocks of BLOCK_N:
-//     S = (scale log2(e) Q) K^T  GEMM, in register tiles of 6 x 16 (scores in base 2)
-//     S += log2(e) mask; causal/bounds -> -inf
-//     online softmax with 2^x: m, l, rescale the output accumulator
+//     S = (scale Q) K^T          GEMM, in register tiles of 6 x 16
+//     S += mask; causal/bounds -> -inf
+//     online softmax, exp(s - m) as 2^((s - m) log2 e): m, l, rescale the output accumulator
 //     O += P V                   GEMM
 // Tasks are handed out dynamically (an atomic counter), so causal problems balance across threads.
 // Extra memory per thread: K^T and V of one kv head (O(S*E)) plus O(BLOCK_M * (BLOCK_N + Ev)) tiles.
@@ -31,13 +31,14 @@ void forward_kernel(const AttentionParams& p, const Blocking& blk) {
   // Whole blocks per chunk: only the last block of the last chunk can be short.
   const int64_t chunk_rows = round_up((p.L + n_chunks - 1) / n_chunks, BM);
   const int64_t n_tasks = p.B * p.Hkv * n_chunks;
-  const acc_t scale = static_cast<acc_t>(p.scale * kLog2e);  // scores in base 2
+  const acc_t scale = static_cast<acc_t>(p.scale);
 
   const auto* q = static_cast<const scalar_t*>(p.q);
   const auto* k = static_cast<const scalar_t*>(p.k);
   const auto* v = static_cast<const scalar_t*>(p.v);
   auto* out = static_cast<scalar_t*>(p.out);
   auto* lse = static_cast<acc_t*>(p.lse);
+  auto* stats = static_cast<acc_t*>(p.stats);
 
   std::atomic<int64_t> next_task{0};
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
@@ -101,8 +102,8 @@ void forward_kernel(const AttentionParams& p, const Blocking& blk) {
                 fill(row, nbp, acc_t(0));
                 continue;
               }
-              const acc_t alpha = std::exp2(m_i[i] - m_new);  // 0 when m_i was -inf
-              l_i[i] = l_i[i] * alpha + exp2_shift_sum(row, nbp, m_new);
+              const acc_t alpha = std::exp(m_i[i] - m_new);  // 0 when m_i was -inf
+              l_i[i] = l_i[i] * alpha + exp_shift_sum(row, nbp, m_new);
               m_i[i] = m_new;
               if (alpha != acc_t(1)) {
                 acc_t* orow = ob + i * Evp;
@@ -114,10 +115,14 @@ void forward_kernel(const AttentionParams& p, const Blocking& blk) {
 
           scalar_t* o_rows = out + b * p.out_st.b + h * p.out_st.h + m0 * p.out_st.l;
           acc_t* lse_rows = lse + (b * p.Hq + h) * p.L + m0;
+          acc_t* stat_rows = stats + ((b * p.Hq + h) * p.L + m0) * 2;
           for (int64_t i = 0; i < mb; ++i) {
             const bool empty = l_i[i] == acc_t(0);  // every key masked: output 0, lse -inf
             store_row(o_rows + i * p.out_st.l, p.out_st.e, ob + i * Evp, p.Ev, empty ? acc_t(0) : acc_t(1) / l_i[i]);
-            lse_rows[i] = empty ? neg_inf<acc_t>() : (m_i[i] + std::log2(l_i[i])) * acc_t(kLn2);
+            const acc_t log2l = empty ? neg_inf<acc_t>() : std::log2(l_i[i]);
+            stat_rows[2 * i] = empty ? neg_inf<acc_t>() : m_i[i];
+            stat_rows[2 * i + 1] = log2l;
+            lse_rows[i] = empty ? neg_inf<acc_t>() : m_i[i] + log2l * acc_t(kLn2);
           }
         }
       }

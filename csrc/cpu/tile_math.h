@@ -44,6 +44,12 @@ constexpr int64_t kNR = 2 * Vec<T>::size();
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+template <typename T>
+inline T neg_inf() {
+  return -std::numeric_limits<T>::infinity();
+}
+
+
 // A 64-byte aligned scratch buffer that only grows (one per thread, reused across tasks).
 template <typename T>
 class Scratch {
@@ -202,8 +208,9 @@ void pack_panels(acc_t* dst, int64_t panel_stride, const scalar_t* src, int64_t 
   }
 }
 
-// Scores inside the CPU kernels are in base 2 (q is pre-scaled by scale * log2(e), float masks by
-// log2(e)), so the softmax needs 2^x: no Cody-Waite reduction, only x = n + f, |f| <= 1/2.
+// Scores, masks and row maxima stay in natural units (any finite float mask, finfo.min included, then
+// adds without overflow); only differences from the row max enter base 2: exp(s - m) = 2^((s - m) log2 e).
+// 2^x needs no Cody-Waite reduction, only x = n + f, |f| <= 1/2.
 constexpr double kLog2e = 1.4426950408889634;
 constexpr double kLn2 = 0.6931471805599453;
 
@@ -244,13 +251,14 @@ inline T row_max(const T* row, int64_t n) {
   return *std::max_element(lanes, lanes + Vec<T>::size());
 }
 
-// row[j] = 2^(row[j] - shift) over [0, n), n a multiple of the vector width; returns the sum.
+// row[j] = exp(row[j] - shift) = 2^((row[j] - shift) log2 e) over [0, n), n a multiple of the vector
+// width; returns the sum.
 template <typename T>
-inline T exp2_shift_sum(T* row, int64_t n, T shift) {
-  const Vec<T> s(shift);
+inline T exp_shift_sum(T* row, int64_t n, T shift) {
+  const Vec<T> s(shift), to_log2(static_cast<T>(kLog2e));
   Vec<T> sum(T(0));
   for (int64_t j = 0; j < n; j += Vec<T>::size()) {
-    const Vec<T> e = exp2_vec<T>(Vec<T>::loadu(row + j) - s);
+    const Vec<T> e = exp2_vec<T>((Vec<T>::loadu(row + j) - s) * to_log2);
     e.store(row + j);
     sum = sum + e;
   }
@@ -261,10 +269,6 @@ inline T exp2_shift_sum(T* row, int64_t n, T shift) {
   return total;
 }
 
-template <typename T>
-inline T neg_inf() {
-  return -std::numeric_limits<T>::infinity();
-}
 
 // dst[0, n) = value (vectorized fill).
 template <typename T>
@@ -305,17 +309,16 @@ inline void apply_mask_row(acc_t* row, const mask_t* m, int64_t stride, int64_t 
     for (int64_t j = 0; j < n; ++j) {
       if (!m[j * stride]) row[j] = neg_inf<acc_t>();
     }
-  } else {  // float masks are added in the kernels' base-2 units
-    const acc_t to_log2 = static_cast<acc_t>(kLog2e);
+  } else {
     if (stride == 0) {
-      const acc_t add = static_cast<acc_t>(m[0]) * to_log2;
+      const acc_t add = static_cast<acc_t>(m[0]);
       for (int64_t j = 0; j < n; ++j) row[j] += add;
       return;
     }
     if (stride == 1) {
-      for (int64_t j = 0; j < n; ++j) row[j] += static_cast<acc_t>(m[j]) * to_log2;
+      for (int64_t j = 0; j < n; ++j) row[j] += static_cast<acc_t>(m[j]);
     } else {
-      for (int64_t j = 0; j < n; ++j) row[j] += static_cast<acc_t>(m[j * stride]) * to_log2;
+      for (int64_t j = 0; j < n; ++j) row[j] += static_cast<acc_t>(m[j * stride]);
     }
   }
 }

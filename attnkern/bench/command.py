@@ -16,7 +16,7 @@ from .grid import (BenchConfig, default_config, parse_causal, parse_dtypes, pars
                    parse_lengths, parse_modes, parse_positive_ints)
 from .progress import Progress
 from .providers import by_name, default_providers, left_out_by_default, parse_providers
-from .runner import ERROR, OK, Sweep, __doc__ as RUNNER_DOC
+from .runner import ERROR, MODES_DOC, OK, Sweep
 
 DESCRIPTION = """\
 Measure attention throughput over sequence lengths: every attnkern backend available on the device,
@@ -161,7 +161,7 @@ def run(args, parser: argparse.ArgumentParser, out=None) -> int:
         "timing": ("CUDA events around each call, one synchronization at the end" if device.type == "cuda"
                    else f"time.perf_counter around each call, {torch.get_num_threads()} threads")
                   + "; median and quartiles of the timed runs; input sets rotate across runs",
-        "modes": " ".join(RUNNER_DOC.split("Modes:")[1].split()),
+        "modes": MODES_DOC,
         "peak_memory": memory,
         "layout": "contiguous (B, H, L, E) inputs; causal = top-left (torch's is_causal)",
         "left_out_by_default": left_out,

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import gc
 import statistics
 import time
 from typing import Callable, List, Optional
@@ -131,7 +130,6 @@ def peak_extra_bytes(setup: Callable[[int], object], run: Callable[[object], Non
         return max(0, torch.cuda.max_memory_allocated(device) - before)
     if device.type != "cpu" or cpu_memory_method() is not None:
         return None
-    gc.collect()
     _malloc_trim()
     _reset_peak_rss()
     before = _status_kib("VmRSS")

@@ -25,6 +25,9 @@ from .grid import BenchConfig, Shape
 from .providers import Provider, Unsupported, by_name
 
 OK, UNSUPPORTED, OOM, ERROR = "ok", "unsupported", "OOM", "error"
+MODES_DOC = ("fwd: an inference forward (torch.no_grad); bwd: the backward alone, torch.autograd.grad of the "
+             "output with a random upstream gradient w.r.t. q, k, v (the forward runs untimed before each run); "
+             "fwd+bwd: both")
 
 # Input sets rotate across repeats until together they exceed this many bytes (bigger than the GPU's L2
 # cache, or a CPU's last-level cache), so no repeat finds its inputs cached by the one before.
@@ -158,6 +161,15 @@ def _score_memory_guard(provider: Provider, shape: Shape, mode: str, device: tor
             f"{available / 2**30:.1f} GiB available")
 
 
+def _release(device: torch.device) -> None:
+    """Free what a finished shape or a failed call left: reference cycles (an exception's frames hold
+    its tensors), then the CUDA caching allocator's unused blocks. gc.collect costs ~0.1 s with torch
+    loaded, so this runs per shape and per failure, not per call."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 class Sweep:
     """Runs a BenchConfig; `cells` holds one dict per (shape, provider, mode), in sweep order."""
 
@@ -192,8 +204,12 @@ class Sweep:
                     run(setup(0))  # the first call: compiles/autotunes, and shows whether the cell runs
                     measure.synchronize(self.device)
                 except Exception as exc:  # noqa: BLE001 - every failure becomes a marked cell
-                    status, reason = classify(exc, caught)
-                    self._cell(shape, provider.name, mode, status, reason)
+                    failure = classify(exc, caught)
+                else:
+                    failure = None
+                if failure:
+                    self._cell(shape, provider.name, mode, *failure)
+                    _release(self.device)  # outside the except block, so the traceback is gone
                     return
                 first_ms = (time.perf_counter() - t0) * 1e3
                 notes = list(dict.fromkeys(_first_line(w.message, 200) for w in caught))[:3]
@@ -204,6 +220,7 @@ class Sweep:
         except Exception as exc:  # noqa: BLE001
             status, reason = classify(exc)
             self._cell(shape, provider.name, mode, status, reason)
+            _release(self.device)
             return
         stats = measure.summarize(times)
         tflops = shape.flops(mode) / (stats["median_ms"] * 1e-3) / 1e12 if stats["median_ms"] > 0 else None
@@ -231,7 +248,6 @@ class Sweep:
             return
         for mode in cfg.modes:
             self._measure_mode(provider, fn, shape, mode, sets)
-            gc.collect()
 
     def run(self) -> List[Dict]:
         cfg = self.config
@@ -251,10 +267,8 @@ class Sweep:
             for p in providers:
                 self._run_provider(p, shape, sets)
                 self._advance(shape, p)
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
             del sets
-            gc.collect()
+            _release(self.device)
         add_speedups(self.cells, cfg.baseline)
         return self.cells
 

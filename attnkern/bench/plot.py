@@ -78,7 +78,8 @@ def write_plot(doc: Dict, path: str, dpi: int = 90) -> None:
             why.append(f"{p} ({'/'.join(statuses)})")
         fig.text(0.5, 0.005, "no data: " + ", ".join(why), ha="center", va="bottom", fontsize=7, color="0.4")
     device = doc.get("device", {})
-    where = device.get("type", "?") + (f", {device['threads']} thread(s)" if device.get("threads") else "")
+    threads = device.get("threads")
+    where = device.get("type", "?") + (f", {threads} thread{'s' if threads != 1 else ''}" if threads else "")
     fig.suptitle(f"attnkern bench: {device.get('name', '?')} ({where}), torch "
                  f"{doc.get('versions', {}).get('torch', '?')}, {str(doc.get('date', ''))[:10]}", fontsize=10)
     legend_rows = (len(by_label) + 4) // 5

@@ -205,7 +205,7 @@ def run_check(target: Target, case: GradCase, dtype: torch.dtype, device: torch.
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backends", type=arg_type(parse_backends), metavar="NAMES",
                    help=f"attnkern backends ({', '.join(backends.names())}) and/or torch (torch's SDPA); "
-                        "default: every attnkern backend that runs on the device")
+                        "default: every attnkern backend that runs on the device, or none when --fn is given")
     p.add_argument("--fn", action="append", default=[], metavar="MODULE:FUNCTION",
                    help="also check your own function with SDPA's signature (repeatable)")
     p.add_argument("--dtypes", type=arg_type(parse_dtypes), metavar="D,...",

@@ -6,6 +6,9 @@
     attnkern.use_backend("triton")                        context manager (or ATTNKERN_BACKEND=...)
     attnkern.replace_sdpa()                               torch's F.scaled_dot_product_attention runs attnkern
     attnkern.register_transformers()                      attn_implementation="attnkern" in transformers
+    attnkern.testing.check_gradients(fn, q, k, v, ...)   validate any SDPA-signature function's gradients
+
+Command line: `attnkern bench`, `attnkern check-grads`, `attnkern selfcheck` (see attnkern/cli.py).
 """
 from .api import AttnkernFallbackWarning, Explanation, attention, explain, scaled_dot_product_attention
 from .backends import BackendUnavailableError
@@ -13,6 +16,7 @@ from .backends import names as backend_names
 from .config import use_backend
 from .patching import replace_sdpa, restore_sdpa
 from .reference import reference_attention
+from . import testing
 
 __version__ = "0.1.0"
 
@@ -37,5 +41,6 @@ __all__ = [
     "replace_sdpa",
     "restore_sdpa",
     "scaled_dot_product_attention",
+    "testing",
     "use_backend",
 ]

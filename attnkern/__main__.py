@@ -1,6 +1,6 @@
-"""`python -m attnkern`: check this install on this machine (see selfcheck.py)."""
+"""`python -m attnkern [bench | check-grads | selfcheck]`; without a command, the self-check."""
 import sys
 
-from .selfcheck import main
+from .cli import main
 
 sys.exit(main(sys.argv[1:]))

@@ -13,31 +13,50 @@ log-sum-exp of fully masked rows); NaN never passes.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def check(name: str, x: torch.Tensor, ref64: torch.Tensor, ref_lp: torch.Tensor, dtype: torch.dtype,
-          factor: float = 2.0) -> str:
-    """'' if `x` passes the rule against `ref64`, else a message saying by how much it fails."""
+@dataclass
+class Verdict:
+    """What the rule found for one tensor: the measured error, the bound it must not exceed, and why it
+    failed ('' when it passed). `measure` says which quantity `error` and `bound` are."""
+
+    name: str
+    passed: bool
+    measure: str = ""  # "max abs error" (fp16/bf16) or "error norm" (fp32/fp64); "" if not measured
+    error: Optional[float] = None
+    bound: Optional[float] = None
+    message: str = ""
+
+
+def evaluate(name: str, x: torch.Tensor, ref64: torch.Tensor, ref_lp: torch.Tensor, dtype: torch.dtype,
+             factor: float = 2.0) -> Verdict:
+    """Apply the rule to `x` against `ref64` (and `ref_lp` for fp16/bf16); see the module docstring."""
     if x is None or ref64 is None:
-        return "" if x is None and ref64 is None else f"{name}: one of result/reference is missing"
+        if x is None and ref64 is None:
+            return Verdict(name, True)
+        return Verdict(name, False, message=f"{name}: one of result/reference is missing")
     if tuple(x.shape) != tuple(ref64.shape):
-        return f"{name}: shape {tuple(x.shape)} != reference {tuple(ref64.shape)}"
+        return Verdict(name, False, message=f"{name}: shape {tuple(x.shape)} != reference {tuple(ref64.shape)}")
     x = x.detach().to(torch.float64).cpu()
     ref64 = ref64.detach().to(torch.float64).cpu()
     if torch.isnan(x).any():
-        return f"{name}: {int(torch.isnan(x).sum())} NaN values (first at {tuple(torch.nonzero(torch.isnan(x))[0].tolist())})"
+        return Verdict(name, False, message=(
+            f"{name}: {int(torch.isnan(x).sum())} NaN values "
+            f"(first at {tuple(torch.nonzero(torch.isnan(x))[0].tolist())})"))
     finite = torch.isfinite(ref64)
     if not torch.equal(torch.isfinite(x), finite) or not torch.equal(x[~finite], ref64[~finite]):
         bad = torch.nonzero(torch.isfinite(x) != finite)
         where = tuple(bad[0].tolist()) if len(bad) else "?"
-        return f"{name}: non-finite values differ from the reference (first at {where})"
+        return Verdict(name, False, message=f"{name}: non-finite values differ from the reference (first at {where})")
     x, ref64 = x[finite], ref64[finite]
     if x.numel() == 0:
-        return ""
+        return Verdict(name, True)
     if dtype in LOW_PRECISION:
         ref_lp = ref_lp.detach().to(torch.float64).cpu()[finite]
         err = (x - ref64).abs().max().item()
@@ -48,8 +67,14 @@ def check(name: str, x: torch.Tensor, ref64: torch.Tensor, ref_lp: torch.Tensor,
         bound = 1e-5 * ref64.norm().item() + 1e-6 * math.sqrt(x.numel())
         what = "error norm"
     if err <= bound:
-        return ""
-    return f"{name}: {what} {err:.3e} > bound {bound:.3e} (dtype {dtype})"
+        return Verdict(name, True, what, err, bound)
+    return Verdict(name, False, what, err, bound, f"{name}: {what} {err:.3e} > bound {bound:.3e} (dtype {dtype})")
+
+
+def check(name: str, x: torch.Tensor, ref64: torch.Tensor, ref_lp: torch.Tensor, dtype: torch.dtype,
+          factor: float = 2.0) -> str:
+    """'' if `x` passes the rule against `ref64`, else a message saying by how much it fails."""
+    return evaluate(name, x, ref64, ref_lp, dtype, factor).message
 
 
 def assert_all(results) -> None:

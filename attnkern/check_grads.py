@@ -1,0 +1,330 @@
+"""`attnkern check-grads`: validate outputs and gradients of attnkern's backends (or any SDPA-signature
+function) against the float64 reference, on one shape from the command line or a default battery.
+
+Each check is one `attnkern.testing.check_gradients` call; this module only chooses what to check,
+prints the reports and sets the exit status: 0 when every check that ran passed, 1 when any failed
+(or none could run), 2 for bad arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import backends
+from .api import explain, scaled_dot_product_attention
+from .backends import BackendUnavailableError
+from .bench import environment
+from .bench.grid import DTYPE_NAMES, DTYPES, parse_dtypes
+from .cliutil import arg_type, finite_float, positive_int, resolve_device
+from .config import use_backend
+from .testing import check_gradients
+
+MASKS = ("none", "bool", "keypad", "float", "float-grad")
+
+
+@dataclass(frozen=True)
+class GradCase:
+    name: str
+    B: int = 1
+    H: int = 2
+    Hkv: Optional[int] = None  # None: = H; fewer: grouped-query attention (enable_gqa)
+    L: int = 128
+    S: Optional[int] = None  # None: = L
+    E: int = 64
+    Ev: Optional[int] = None  # None: = E
+    causal: bool = False
+    # none; bool (L, S) with a fully masked row; keypad bool (B, 1, 1, S); float (H, L, S) constant;
+    # float-grad (H, L, S) requiring grad (checks d_mask)
+    mask: str = "none"
+
+    @property
+    def hkv(self) -> int:
+        return self.Hkv or self.H
+
+    @property
+    def s(self) -> int:
+        return self.S or self.L
+
+    @property
+    def ev(self) -> int:
+        return self.Ev or self.E
+
+    def describe(self) -> str:
+        return (f"B={self.B} H={self.H}" + (f"/{self.hkv}" if self.hkv != self.H else "") + f" L={self.L}"
+                + (f" S={self.s}" if self.s != self.L else "") + f" E={self.E}"
+                + (f" Ev={self.ev}" if self.ev != self.E else "") + (" causal" if self.causal else "")
+                + (f" mask={self.mask}" if self.mask != "none" else ""))
+
+
+def battery(device: torch.device) -> List[GradCase]:
+    """The default cases: each covers one feature; sizes fit the device (tiny on a CPU)."""
+    if device.type == "cuda":
+        return [
+            GradCase("plain", B=2, H=8, L=1024, E=128),
+            GradCase("causal gqa", B=2, H=8, Hkv=2, L=2048, E=64, causal=True),
+            GradCase("Lq != Lk, key padding", B=4, H=4, L=1000, S=3000, E=80, mask="keypad"),
+            GradCase("learned bias (d_mask)", B=2, H=4, L=512, S=768, E=64, mask="float-grad"),
+            GradCase("Ev != E, fully masked row", B=1, H=4, L=777, S=513, E=96, Ev=32, mask="bool"),
+        ]
+    return [
+        GradCase("plain", B=2, H=2, L=64, E=32),
+        GradCase("causal gqa", B=1, H=4, Hkv=2, L=96, E=64, causal=True),
+        GradCase("Lq != Lk, key padding", B=2, H=2, L=48, S=80, E=40, mask="keypad"),
+        GradCase("learned bias (d_mask)", B=1, H=2, L=40, S=56, E=16, mask="float-grad"),
+        GradCase("Ev != E, fully masked row", B=1, H=2, L=33, S=47, E=48, Ev=16, mask="bool"),
+    ]
+
+
+def make_inputs(case: GradCase, dtype: torch.dtype, device: torch.device, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+
+    q, k, v = randn(case.B, case.H, case.L, case.E), randn(case.B, case.hkv, case.s, case.E), \
+        randn(case.B, case.hkv, case.s, case.ev)
+    mask = None
+    if case.mask == "bool":
+        mask = torch.rand(case.L, case.s, generator=gen) > 0.3
+        mask[:, 0] = True
+        mask[case.L // 2, :] = False  # a fully masked row: output and gradients 0, never NaN
+    elif case.mask == "keypad":
+        lengths = torch.randint(max(1, case.s // 2), case.s + 1, (case.B,), generator=gen)
+        mask = (torch.arange(case.s)[None, :] < lengths[:, None]).view(case.B, 1, 1, case.s)
+    elif case.mask in ("float", "float-grad"):
+        mask = randn(case.H, case.L, case.s)
+        mask.requires_grad_(case.mask == "float-grad")
+    if mask is not None and mask.dtype == torch.bool:
+        mask = mask.to(device)
+    return q, k, v, mask
+
+
+# --------------------------------------------------------------------------------------------------
+# What is checked: attnkern backends by name, torch's SDPA, or a user's function.
+
+@dataclass
+class Target:
+    label: str
+    fn: Callable
+    backend: Optional[str] = None  # an attnkern backend name (for availability and "auto" resolution)
+
+
+def _attnkern_fn(backend: str) -> Callable:
+    def fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        with use_backend(backend):
+            return scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+
+    fn.__qualname__ = f"attnkern[{backend}]"
+    return fn
+
+
+def load_function(spec: str) -> Callable:
+    """'package.module:attribute' -> the callable it names (ValueError with the reason otherwise)."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"expected MODULE:FUNCTION (e.g. mypkg.attn:my_sdpa), got {spec!r}")
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"cannot import {module_name!r}: {exc}") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"{module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"{spec} is not callable")
+    return obj
+
+
+def parse_backends(text: str) -> List[str]:
+    known = backends.names() + ["torch"]
+    out = []
+    for t in str(text).split(","):
+        t = t.strip()
+        if t not in known:
+            raise ValueError(f"unknown backend {t!r}; choose from {', '.join(known)}")
+        out.append(t)
+    return list(dict.fromkeys(out))
+
+
+def targets(names: List[str], functions: List[str]) -> List[Target]:
+    out = []
+    for n in names:
+        if n == "torch":
+            out.append(Target("torch", F.scaled_dot_product_attention))
+        else:
+            out.append(Target(n, _attnkern_fn(n), backend=n))
+    for spec in functions:
+        out.append(Target(spec, load_function(spec)))
+    return out
+
+
+def default_backends(device: torch.device) -> List[str]:
+    """Every attnkern backend that runs on this device (not "auto": it is one of them)."""
+    return [n for n in backends.names() if n != "auto" and backends.get(n).availability(device) is None]
+
+
+# --------------------------------------------------------------------------------------------------
+
+def run_check(target: Target, case: GradCase, dtype: torch.dtype, device: torch.device, seed: int,
+              gradcheck: bool, scale: Optional[float] = None) -> Dict:
+    """One check, as a dict: status PASS / FAIL / SKIP, the reason, the report (when one was made)."""
+    q, k, v, mask = make_inputs(case, dtype, device, seed)
+    gqa = case.hkv != case.H
+    label = target.label
+    if target.backend is not None:
+        exp = explain(q, k, v, attn_mask=mask, is_causal=case.causal, scale=scale, enable_gqa=gqa,
+                      backend=target.backend)
+        if exp.backend == "none":
+            return {"status": "SKIP", "reason": exp.reason, "label": label}
+        if target.backend == "auto":
+            label = f"auto->{exp.backend}"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. auto's fallback warning: the label says which path ran
+            report = check_gradients(target.fn, q, k, v, attn_mask=mask, is_causal=case.causal, scale=scale,
+                                     enable_gqa=gqa, seed=seed, gradcheck=gradcheck, name=f"{label} / {case.name}")
+    except (BackendUnavailableError, NotImplementedError) as exc:
+        return {"status": "SKIP", "reason": str(exc).splitlines()[0], "label": label}
+    except Exception as exc:  # noqa: BLE001 - the function under test failed: that is a failed check
+        return {"status": "FAIL", "reason": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                "label": label}
+    return {"status": "PASS" if report.passed else "FAIL", "reason": "; ".join(report.failures()),
+            "label": label, "report": report}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backends", type=arg_type(parse_backends), metavar="NAMES",
+                   help=f"attnkern backends ({', '.join(backends.names())}) and/or torch (torch's SDPA); "
+                        "default: every attnkern backend that runs on the device, or none when --fn is given")
+    p.add_argument("--fn", action="append", default=[], metavar="MODULE:FUNCTION",
+                   help="also check your own function with SDPA's signature (repeatable)")
+    p.add_argument("--dtypes", type=arg_type(parse_dtypes), metavar="D,...",
+                   help="fp16, bf16, fp32, fp64 (default fp16,bf16,fp32 on a GPU; fp32,fp16 on a CPU)")
+    p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if available)")
+    s = p.add_argument_group("one shape instead of the default battery (any of these selects it)")
+    s.add_argument("--batch", type=arg_type(positive_int), metavar="B", help="batch (default 1)")
+    s.add_argument("--heads", type=arg_type(positive_int), metavar="H", help="query heads (default 2)")
+    s.add_argument("--kv-heads", type=arg_type(positive_int), metavar="Hkv", help="key/value heads (default = H; fewer: GQA)")
+    s.add_argument("--seqlen", type=arg_type(positive_int), metavar="L", help="query length (default 128)")
+    s.add_argument("--kv-seqlen", type=arg_type(positive_int), metavar="S", help="key length (default = L)")
+    s.add_argument("--head-dim", type=arg_type(positive_int), metavar="E", help="head dim (default 64)")
+    s.add_argument("--v-head-dim", type=arg_type(positive_int), metavar="Ev", help="value head dim (default = E)")
+    s.add_argument("--causal", action="store_true", help="is_causal=True (top-left)")
+    s.add_argument("--mask", choices=MASKS, help="attention mask kind (default none)")
+    s.add_argument("--scale", type=arg_type(finite_float), help="softmax scale (default 1/sqrt(E))")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs and upstream gradient")
+    p.add_argument("--gradcheck", action="store_true",
+                   help="also run torch.autograd.gradcheck in float64 (where the backend runs float64)")
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH ('-' for stdout)")
+    p.add_argument("--quiet", action="store_true", help="one line per check, no error tables")
+
+
+_SHAPE_FLAGS = ("batch", "heads", "kv_heads", "seqlen", "kv_seqlen", "head_dim", "v_head_dim", "causal", "mask")
+
+
+def custom_case(args, parser) -> Optional[GradCase]:
+    if not any(getattr(args, f) not in (None, False) for f in _SHAPE_FLAGS):
+        return None
+    H = args.heads or 2
+    Hkv = args.kv_heads or H
+    if H % Hkv:
+        parser.error(f"argument --kv-heads: the query heads ({H}) must be a multiple of the key/value heads ({Hkv})")
+    return GradCase("command line", B=args.batch or 1, H=H, Hkv=Hkv, L=args.seqlen or 128, S=args.kv_seqlen,
+                    E=args.head_dim or 64, Ev=args.v_head_dim, causal=args.causal, mask=args.mask or "none")
+
+
+def run(args, parser: argparse.ArgumentParser, out=None) -> int:
+    out = out or sys.stdout
+    device = resolve_device(args.device, parser)
+    try:
+        chosen = targets(args.backends if args.backends is not None else
+                         ([] if args.fn else default_backends(device)), args.fn)
+    except ValueError as exc:
+        parser.error(f"argument --fn: {exc}")
+    if args.dtypes:
+        dtypes = [DTYPES[d] for d in args.dtypes]
+    else:
+        dtypes = [torch.float16, torch.bfloat16, torch.float32] if device.type == "cuda" else [torch.float32, torch.float16]
+    case = custom_case(args, parser)
+    cases = [case] if case is not None else battery(device)
+    text_out = sys.stderr if args.json == "-" else out
+
+    results = []
+    for target in chosen:
+        for dtype in dtypes:
+            for c in cases:
+                r = run_check(target, c, dtype, device, args.seed, args.gradcheck, args.scale)
+                r.update(case=c, dtype=dtype)
+                results.append(r)
+                _print_result(r, args.quiet, text_out)
+
+    counts = {s: sum(r["status"] == s for r in results) for s in ("PASS", "FAIL", "SKIP")}
+    print(f"\n{counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped", file=text_out)
+    status = 0
+    if counts["FAIL"]:
+        status = 1
+    elif not counts["PASS"]:
+        print("nothing was checked: every check was skipped", file=sys.stderr)
+        status = 1
+    if args.json:
+        doc = {"schema": "attnkern-check-grads/1", **environment.environment(device), "passed": status == 0,
+               "counts": counts, "checks": [_as_json(r) for r in results]}
+        text = json.dumps(_finite(doc), indent=1, allow_nan=False, default=str)
+        if args.json == "-":
+            print(text, file=out)
+        else:
+            try:
+                with open(args.json, "w") as f:
+                    f.write(text + "\n")
+            except OSError as exc:
+                print(f"could not write {args.json}: {exc}", file=sys.stderr)
+                return 1
+    return status
+
+
+def _finite(x):
+    """JSON has no NaN/Infinity: non-finite floats (e.g. a relative error against a zero reference) -> None."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def _as_json(r: Dict) -> Dict:
+    c: GradCase = r["case"]
+    return {"target": r["label"], "case": c.name, "shape": c.describe(), "dtype": DTYPE_NAMES[r["dtype"]],
+            "status": r["status"], "reason": r["reason"],
+            "report": r["report"].to_dict() if "report" in r else None}
+
+
+def _print_result(r: Dict, quiet: bool, out) -> None:
+    c: GradCase = r["case"]
+    print(f"{r['status']}  {r['label']:<16} {DTYPE_NAMES[r['dtype']]:<5} {c.name:<28} {c.describe()}", file=out)
+    if r["status"] == "SKIP" or "report" not in r:
+        if r["reason"]:
+            print(f"      {r['reason']}", file=out)
+        return
+    if quiet:
+        for msg in r["report"].failures():
+            print(f"      {msg}", file=out)
+    else:
+        print(r["report"].table(), file=out)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="attnkern check-grads", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv), parser)

@@ -1,0 +1,247 @@
+"""`attnkern bench` on tiny CPU cells: every cell lands in the JSON (measured or marked with a reason),
+the PNG is an image, the markdown summary and --compare work, exit codes and flag errors are right;
+plus the FLOP convention and the CPU peak-memory measurement."""
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from attnkern import cli
+from attnkern.bench import measure, providers
+from attnkern.bench.grid import BenchConfig, parse_kv_seqlen, parse_length
+from attnkern.bench.runner import OK, Sweep, cell_key
+from attnkern.flops import attention_flops, causal_pairs
+from attnkern.reference import _causal_allowed
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--seqlens", "16,32", "--tokens", "64", "--head-dims", "16", "--heads", "2", "--repeats", "2",
+        "--warmup", "0", "--no-progress", "--device", "cpu"]
+
+
+def test_flops_follow_the_design_convention():
+    assert attention_flops(2, 3, 128, 128, 64) == 4 * 2 * 3 * 128 * 128 * 64
+    assert attention_flops(2, 3, 128, 128, 64, causal=True) == 4 * 2 * 3 * 128 * 128 * 64 / 2
+    assert attention_flops(1, 1, 10, 20, 64, 32) == 2 * 10 * 20 * (64 + 32)
+    assert attention_flops(1, 1, 8, 8, 16, mode="bwd") == 2.5 * attention_flops(1, 1, 8, 8, 16)
+    assert attention_flops(1, 1, 8, 8, 16, mode="fwd+bwd") == 3.5 * attention_flops(1, 1, 8, 8, 16)
+    for L, S in [(3, 7), (7, 3), (1, 5), (16, 9)]:  # non-square causal: the unmasked pairs exactly
+        for causal in ("top_left", "bottom_right"):
+            code = 1 if causal == "top_left" else 2
+            assert causal_pairs(L, S, causal) == int(_causal_allowed(L, S, code, "cpu").sum()), (L, S, causal)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        attention_flops(1, 1, 8, 8, 16, mode="forward")
+
+
+def test_length_parsing():
+    assert parse_length("512") == 512 and parse_length("2k") == 2048 and parse_length("1.5K") == 1536
+    assert parse_kv_seqlen("x2") == "x2" and parse_kv_seqlen("4k") == "4096"
+    for bad in ("0", "-4", "abc", "1.3", "2m"):
+        with pytest.raises(ValueError):
+            parse_length(bad)
+
+
+def test_cpu_peak_memory_sees_a_large_temporary():
+    if measure.cpu_memory_method() is not None:
+        pytest.skip(measure.cpu_memory_method())
+    n = 16 << 20  # 64 MiB of float32, written so that its pages are resident
+
+    def run(_):
+        t = torch.ones(n)
+        t.add_(1.0)
+
+    peak = measure.peak_extra_bytes(lambda i: None, run, torch.device("cpu"))
+    assert 60 << 20 <= peak <= 200 << 20
+
+
+def _run(argv, capsys):
+    rc = cli.main(argv)
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def test_sweep_writes_every_cell_a_png_and_a_summary(tmp_path, capsys):
+    out = tmp_path / "run.json"
+    names = "attnkern:reference,sdpa,sdpa:efficient,naive"
+    rc, stdout, _ = _run(["bench", *TINY, "--causal", "both", "--modes", "fwd,bwd,fwd+bwd", "--providers", names,
+                          "--json", str(out), "--markdown", str(tmp_path / "run.md")], capsys)
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    # every (shape, mode, provider) cell, exactly once
+    expected = {(L, causal, mode, p) for L in (16, 32) for causal in (False, True)
+                for mode in ("fwd", "bwd", "fwd+bwd") for p in names.split(",")}
+    got = [(c["Lq"], c["causal"], c["mode"], c["provider"]) for c in doc["cells"]]
+    assert sorted(got) == sorted(expected)
+    assert len({cell_key(c) for c in doc["cells"]}) == len(doc["cells"])
+    for c in doc["cells"]:
+        assert c["B"] == 64 // c["Lq"] and c["H"] == 2 and c["E"] == 16 and c["dtype"] == "fp32"
+        if c["status"] == OK:
+            assert len(c["times_ms"]) == 2 and c["min_ms"] <= c["median_ms"] <= c["max_ms"]
+            assert c["tflops"] == pytest.approx(c["flops"] / (c["median_ms"] * 1e-3) / 1e12)
+            assert c["peak_mem_bytes"] is None or c["peak_mem_bytes"] >= 0
+        else:
+            assert c["reason"] and c["tflops"] is None
+    by = {(c["Lq"], c["causal"], c["mode"], c["provider"]): c for c in doc["cells"]}
+    # torch has no CPU efficient kernel: marked, with the reason; the others ran
+    for k, c in by.items():
+        if k[-1] == "sdpa:efficient":
+            assert c["status"] == "unsupported" and "no CPU efficient kernel" in c["reason"]
+        else:
+            assert c["status"] == OK
+            # the baseline's speedup over itself is 1; the others' are time ratios
+            base = by[k[:-1] + ("sdpa",)]
+            assert c["speedup_vs_baseline"] == pytest.approx(base["median_ms"] / c["median_ms"])
+    assert doc["schema"] == "attnkern-bench/1" and doc["device"]["type"] == "cpu" and doc["device"]["name"]
+    assert doc["versions"]["torch"] == torch.__version__ and doc["date"] and "git_commit" in doc
+    assert doc["config"]["seqlens"] == [16, 32] and doc["config"]["repeats"] == 2
+
+    png = tmp_path / "run.png"  # default: the results file's name with .png
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from matplotlib.image import imread
+
+    image = imread(str(png))
+    assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 200
+    summary = (tmp_path / "run.md").read_text()
+    assert "## fp32  E=16  H=2  causal  fwd+bwd" in summary and "| naive |" in summary
+    assert "unsupported: torch has no CPU efficient kernel" in stdout and "vs sdpa" in stdout
+
+
+def test_a_dtype_a_provider_cannot_do_is_marked(tmp_path, capsys):
+    """Under the test suite's Triton interpreter, bfloat16 is refused (the interpreter computes its dots
+    wrongly) while float32 runs: the bf16 cells say so and the rest of the sweep is measured."""
+    out = tmp_path / "run.json"
+    rc, _, _ = _run(["bench", *TINY, "--seqlens", "16", "--causal", "yes", "--dtypes", "fp32,bf16",
+                     "--modes", "fwd,fwd+bwd", "--repeats", "1", "--providers", "attnkern:triton,sdpa",
+                     "--no-plot", "--json", str(out)], capsys)
+    assert rc == 0
+    cells = json.loads(out.read_text())["cells"]
+    assert len(cells) == 2 * 2 * 2
+    for c in cells:
+        if c["provider"] == "attnkern:triton" and c["dtype"] == "bf16":
+            assert c["status"] == "unsupported" and "bfloat16" in c["reason"]
+        else:
+            assert c["status"] == OK and c["median_ms"] > 0
+
+
+def test_out_of_memory_and_errors_are_marked_and_the_sweep_goes_on(monkeypatch):
+    def oom(shape, device):
+        def fn(q, k, v):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB")
+        return fn
+
+    def broken(shape, device):
+        def fn(q, k, v):
+            raise ValueError("a bug in the provider")
+        return fn
+
+    monkeypatch.setattr(providers.NaiveProvider, "build", lambda self, shape, device: oom(shape, device))
+    monkeypatch.setattr(providers.FlexProvider, "build", lambda self, shape, device: broken(shape, device))
+    cfg = BenchConfig(device="cpu", seqlens=[16, 32], head_dims=[16], dtypes=["fp32"], modes=["fwd", "fwd+bwd"],
+                      causal=[True], providers=["naive", "flex", "sdpa"], tokens=32, heads=2, repeats=2, warmup=0)
+    cells = Sweep(cfg).run()
+    assert len(cells) == 2 * 2 * 3
+    status = {(c["Lq"], c["mode"], c["provider"]): c for c in cells}
+    for (L, mode, p), c in status.items():
+        if p == "naive":
+            assert c["status"] == "OOM" and "out of memory" in c["reason"]
+        elif p == "flex":
+            assert c["status"] == "error" and "ValueError: a bug in the provider" in c["reason"]
+        else:
+            assert c["status"] == OK and c["median_ms"] > 0
+
+
+def test_strict_exits_nonzero_on_errors(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(providers.NaiveProvider, "build",
+                        lambda self, shape, device: (lambda q, k, v: 1 / 0))
+    argv = ["bench", *TINY, "--modes", "fwd", "--causal", "no", "--providers", "sdpa,naive", "--no-plot",
+            "--json", str(tmp_path / "r.json")]
+    rc, _, err = _run(argv, capsys)
+    assert rc == 0 and "ZeroDivisionError" in err
+    rc, _, _ = _run(argv + ["--strict"], capsys)
+    assert rc == 1
+
+
+def test_nothing_measurable_exits_nonzero(tmp_path, capsys):
+    rc, _, err = _run(["bench", *TINY, "--modes", "fwd", "--providers", "sdpa:cudnn", "--no-plot",
+                       "--json", str(tmp_path / "r.json")], capsys)
+    assert rc == 1 and "no cell could be measured" in err
+    cells = json.loads((tmp_path / "r.json").read_text())["cells"]
+    assert cells and all(c["status"] == "unsupported" for c in cells)
+
+
+def test_compare_prints_per_cell_speedups(tmp_path, capsys):
+    a = tmp_path / "a.json"
+    rc, _, _ = _run(["bench", *TINY, "--modes", "fwd", "--causal", "no", "--providers", "sdpa,naive",
+                     "--no-plot", "--json", str(a)], capsys)
+    assert rc == 0
+    doc = json.loads(a.read_text())
+    faster = copy.deepcopy(doc)
+    for c in faster["cells"]:
+        c["median_ms"] = c["median_ms"] / (2.0 if c["provider"] == "sdpa" else 0.5)
+    b = tmp_path / "b.json"
+    b.write_text(json.dumps(faster))
+    rc, out, _ = _run(["bench", "--compare", str(a), str(b)], capsys)
+    assert rc == 0
+    rows = [line for line in out.splitlines() if line.startswith("fp32 ")]
+    assert len(rows) == 4  # 2 lengths x 2 providers
+    assert all(line.endswith("2.00x") for line in rows if " sdpa " in line)
+    assert all(line.endswith("0.50x") for line in rows if " naive " in line)
+    assert "sdpa" in out.split("geometric mean")[1] and "2.00x over 2 cell(s)" in out
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["bench", "--seqlens", "0"], "--seqlens"),
+    (["bench", "--seqlens", "1k,abc"], "--seqlens"),
+    (["bench", "--modes", "fwdd"], "--modes"),
+    (["bench", "--dtypes", "fp8"], "--dtypes"),
+    (["bench", "--providers", "cudnn"], "--providers"),
+    (["bench", "--heads", "4", "--gqa", "3"], "--gqa"),
+    (["bench", "--tokens", "1k", "--batch", "2"], "--batch"),
+    (["bench", "--kv-seqlen", "x-1"], "--kv-seqlen"),
+    (["bench", "--repeats", "0"], "--repeats"),
+    (["bench", "--device", "tpu"], "--device"),
+    (["bench", "--baseline", "fast"], "--baseline"),
+    (["bench", "--compare", "missing.json", "missing.json"], "--compare"),
+    (["check-grads", "--backends", "cuda-magic"], "--backends"),
+    (["check-grads", "--fn", "no_colon"], "--fn"),
+    (["check-grads", "--fn", "math:no_such_function"], "--fn"),
+    (["check-grads", "--heads", "6", "--kv-heads", "4"], "--kv-heads"),
+    (["check-grads", "--seqlen", "0"], "--seqlen"),
+    (["check-grads", "--mask", "diagonal"], "--mask"),
+    (["check-grads", "--scale", "nan"], "--scale"),
+    (["frobnicate"], "COMMAND"),
+])
+def test_bad_flags_name_the_flag(argv, flag, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and flag in err, err
+
+
+def test_no_command_runs_the_selfcheck(monkeypatch):
+    from attnkern import selfcheck
+
+    monkeypatch.setattr(selfcheck, "main", lambda argv: 42)
+    assert cli.main([]) == 42
+
+
+def test_module_entry_point_and_the_bench_suite_run(tmp_path):
+    """`python -m attnkern bench` in a fresh process (no interpreter: Triton is left out on a CPU), and
+    `pytest bench/ --benchmark-only` on one cell per provider kind."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "ATTNKERN_POISON")}
+    res = subprocess.run([sys.executable, "-m", "attnkern", "bench", *TINY, "--modes", "fwd", "--causal", "no",
+                          "--out-dir", str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "not included: attnkern:triton" in res.stdout
+    files = sorted(os.listdir(tmp_path))
+    assert [f.rsplit(".", 1)[1] for f in files] == ["json", "png"] and files[0].startswith("bench-cpu-")
+    res = subprocess.run([sys.executable, "-m", "pytest", "bench/", "--benchmark-only", "-q", "-p", "no:cacheprovider",
+                          "--bench-seqlens", "32", "--bench-tokens", "64", "--bench-modes", "fwd,bwd",
+                          "--bench-causal", "yes", "--bench-providers", "attnkern:reference,sdpa,sdpa:efficient"],
+                         cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "4 passed, 2 skipped" in res.stdout, res.stdout

@@ -18,6 +18,14 @@ struct Blocking {
 
 Blocking choose_blocking(const AttentionParams& p, c10::ScalarType dtype, bool backward);
 
+// The query chunk task number `task` works on. Tasks are handed out in index order by an atomic
+// counter; causal chunks are numbered from the last (whose rows see the most keys), so the longest
+// tasks start first and the short ones fill the tail.
+inline int64_t task_chunk(const AttentionParams& p, int64_t task, int64_t n_chunks) {
+  const int64_t c = task % n_chunks;
+  return p.causal_enabled() ? n_chunks - 1 - c : c;
+}
+
 // Fills p.out and p.lse.
 void attention_forward(const AttentionParams& p, c10::ScalarType dtype);
 

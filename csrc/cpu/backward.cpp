@@ -156,14 +156,15 @@ void backward_kernel(const AttentionParams& p, const Blocking& blk) {
     QueryBlock<scalar_t, acc_t> qblk;
     Scratch<acc_t> s_buf, dp_buf, dq_buf, acc_buf;
     for (int64_t task = next_task++; task < n_tasks; task = next_task++) {
-      const int64_t chunk = task % n_chunks;
+      const int64_t chunk = task_chunk(p, task, n_chunks);
       const int64_t hk = (task / n_chunks) % p.Hkv;
       const int64_t b = task / (n_chunks * p.Hkv);
       const int64_t r0 = std::min(p.L, chunk * chunk_rows), r1 = std::min(p.L, r0 + chunk_rows);
       int64_t keys = p.S;
       if (p.causal_enabled()) keys = std::clamp<int64_t>(r1 + p.causal_offset, 0, p.S);
 
-      acc_t* dk_acc = n_chunks > 1 ? partial.data() + task * slot : acc_buf.get(std::max<int64_t>(slot, 1));
+      acc_t* dk_acc = n_chunks > 1 ? partial.data() + ((b * p.Hkv + hk) * n_chunks + chunk) * slot
+                                   : acc_buf.get(std::max<int64_t>(slot, 1));
       acc_t* dv_acc = dk_acc + p.S * Ep;
       if (n_chunks == 1) fill(dk_acc, slot, acc_t(0));
       if (r0 < r1) {  // rows that see no key still get their dQ written (as zeros)
@@ -313,8 +314,11 @@ Blocking choose_blocking(const AttentionParams& p, c10::ScalarType dtype, bool b
   }
   // Enough tasks to keep every thread busy (and balance causal work): split each kv head's query rows
   // when batch x kv heads alone are too few. The backward's splits cost a partial dK/dV buffer each.
+  // Non-causal tasks are equal, so two per thread balance; causal ones are not (later rows see more
+  // keys): four per thread, handed out longest first (see task_chunk). Each extra forward chunk
+  // repacks its kv head's K and V; each backward one adds a dK/dV buffer.
   const int64_t threads = at::get_num_threads();
-  const int64_t want = (backward ? 2 : 4) * threads;
+  const int64_t want = (backward || !p.causal_enabled() ? 2 : 4) * threads;
   const int64_t heads = std::max<int64_t>(p.B * p.Hkv, 1);
   const int64_t max_chunks = std::max<int64_t>((p.L + blk.block_m - 1) / blk.block_m, 1);
   blk.query_chunks = std::clamp<int64_t>((want + heads - 1) / heads, 1, max_chunks);

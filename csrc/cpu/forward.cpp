@@ -46,7 +46,7 @@ void forward_kernel(const AttentionParams& p, const Blocking& blk) {
     int64_t packed_b = -1, packed_hk = -1, packed_keys = 0, packed_sp = 0;
     acc_t *kt = nullptr, *vp = nullptr;
     for (int64_t task = next_task++; task < n_tasks; task = next_task++) {
-      const int64_t chunk = task % n_chunks;
+      const int64_t chunk = task_chunk(p, task, n_chunks);
       const int64_t hk = (task / n_chunks) % p.Hkv;
       const int64_t b = task / (n_chunks * p.Hkv);
       const int64_t r0 = chunk * chunk_rows, r1 = std::min(p.L, r0 + chunk_rows);

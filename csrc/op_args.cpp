@@ -94,7 +94,9 @@ AttentionParams forward_params(const at::Tensor& q, const at::Tensor& k, const a
                 "attnkern: attn_mask must be bool, float32 or the query's dtype ", q.scalar_type(), ", got ", mt);
     p.mask = m.data_ptr();
     p.mask_kind = mt == at::kBool ? MaskKind::kBool : MaskKind::kFloat;
-    p.mask_dtype = static_cast<int32_t>(mt);
+    p.mask_elem = mt == at::kDouble ? MaskElem::kFloat64
+                  : mt == at::kHalf ? MaskElem::kFloat16
+                  : mt == at::kBFloat16 ? MaskElem::kBFloat16 : MaskElem::kFloat32;
     p.Bm = m.size(0), p.Hm = m.size(1), p.Lm = m.size(2), p.Sm = m.size(3);
     Strides4 st = strides_of(m);
     if (p.Bm == 1) st.b = 0;

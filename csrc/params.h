@@ -13,6 +13,8 @@
 namespace attnkern {
 
 enum class MaskKind : int32_t { kNone = 0, kBool = 1, kFloat = 2 };
+// Element type of a float mask (kernels see no c10 types: CUDA kernel units include no torch headers).
+enum class MaskElem : int32_t { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 enum class Causal : int32_t { kNone = 0, kTopLeft = 1, kBottomRight = 2 };
 
 struct Strides4 {
@@ -28,11 +30,11 @@ struct AttentionParams {
   const void* q = nullptr;
   const void* k = nullptr;
   const void* v = nullptr;
-  const void* mask = nullptr;  // bool (1 byte, nonzero = attend) or float of mask_dtype
+  const void* mask = nullptr;  // bool (1 byte, nonzero = attend) or float of mask_elem
   Strides4 q_st, k_st, v_st, mask_st;  // mask_st: (b, h, l, s), 0 on broadcast dims
   int64_t Bm = 1, Hm = 1, Lm = 1, Sm = 1;  // the mask's own (canonical) sizes
   MaskKind mask_kind = MaskKind::kNone;
-  int32_t mask_dtype = 0;  // c10::ScalarType of a float mask (may differ from q's: float32 masks)
+  MaskElem mask_elem = MaskElem::kFloat32;  // a float mask's element type (float32 or q's dtype)
 
   double scale = 1.0;
   Causal causal = Causal::kNone;

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 import attnkern
-from attnkern.backends import cpu as cpu_backend
+from attnkern.backends import extension
 
-pytestmark = pytest.mark.skipif(cpu_backend.EXTENSION_ERROR is not None,
-                                reason=f"C++ extension not built: {cpu_backend.EXTENSION_ERROR}")
-OPS = torch.ops.attnkern_ext if cpu_backend.EXTENSION_ERROR is None else None
+pytestmark = pytest.mark.skipif(extension.EXTENSION_ERROR is not None,
+                                reason=f"C++ extension not built: {extension.EXTENSION_ERROR}")
+OPS = torch.ops.attnkern_ext if extension.EXTENSION_ERROR is None else None
 
 
 @pytest.mark.parametrize("causal,mask_kind,gqa", [
@@ -115,7 +115,7 @@ def test_backward_op_refuses_bad_arguments(mutate, message):
 
 def test_extension_is_optional(monkeypatch):
     """Without the extension attnkern still imports and says why the backend is unavailable."""
-    monkeypatch.setattr(cpu_backend, "EXTENSION_ERROR", "the C++ extension attnkern._C is not built (test)")
+    monkeypatch.setattr(extension, "EXTENSION_ERROR", "the C++ extension attnkern._C is not built (test)")
     q = torch.randn(1, 2, 5, 16)
     e = attnkern.explain(q, q, q)
     assert e.backend != "cpu" and "not built" in e.rejected["cpu"]

@@ -1,42 +1,24 @@
 """The "cpu" backend: the fused C++ kernels of csrc/cpu behind the backend contract.
 
-The extension (attnkern._C, built by setup.py) registers the torch ops attnkern_ext::forward and
-attnkern_ext::backward. It is optional: when it is missing or fails to load, attnkern still imports
-and this backend reports why it is unavailable.
+The extension (attnkern._C, built by setup.py; see extension.py) registers the torch ops
+attnkern_ext::forward and attnkern_ext::backward. When it is missing this backend says why.
 """
 from __future__ import annotations
 
-import importlib
-
 import torch
 
+from . import extension
 from .base import Backend, new_grad, new_lse, new_mask_grad, new_output, new_stats
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _load_extension():
-    """None if the ops are registered, else why not."""
-    try:
-        importlib.import_module("attnkern._C")
-    except ImportError as exc:
-        return (f"the C++ extension attnkern._C is not built ({exc}); reinstall with "
-                "`pip install --no-build-isolation -e .`")
-    if not hasattr(torch.ops, "attnkern_ext") or not hasattr(torch.ops.attnkern_ext, "forward"):
-        return "the C++ extension loaded but registered no attnkern_ext ops"
-    return None
-
-
-# Loaded once, at import: a missing extension is a property of the install, not of a call.
-EXTENSION_ERROR = _load_extension()
 
 
 class CpuBackend(Backend):
     name = "cpu"
 
     def availability(self, device):
-        if EXTENSION_ERROR:
-            return EXTENSION_ERROR
+        if extension.EXTENSION_ERROR:
+            return extension.EXTENSION_ERROR
         if device.type != "cpu":
             return f"the C++ CPU kernels take CPU tensors, not {device.type}"
         return None

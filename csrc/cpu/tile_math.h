@@ -337,21 +337,19 @@ struct RowMasker {
       if (p.mask_kind == MaskKind::kBool) {
         apply_mask_row(row, static_cast<const uint8_t*>(p.mask) + off, p.mask_st.e, nb);
       } else {
-        switch (static_cast<c10::ScalarType>(p.mask_dtype)) {
-          case c10::ScalarType::Float:
+        switch (p.mask_elem) {
+          case MaskElem::kFloat32:
             apply_mask_row(row, static_cast<const float*>(p.mask) + off, p.mask_st.e, nb);
             break;
-          case c10::ScalarType::Double:
+          case MaskElem::kFloat64:
             apply_mask_row(row, static_cast<const double*>(p.mask) + off, p.mask_st.e, nb);
             break;
-          case c10::ScalarType::BFloat16:
+          case MaskElem::kBFloat16:
             apply_mask_row(row, static_cast<const c10::BFloat16*>(p.mask) + off, p.mask_st.e, nb);
             break;
-          case c10::ScalarType::Half:
+          case MaskElem::kFloat16:
             apply_mask_row(row, static_cast<const c10::Half*>(p.mask) + off, p.mask_st.e, nb);
             break;
-          default:
-            break;  // rejected by the op's checks
         }
       }
     }

@@ -1,9 +1,10 @@
 """Build script: the C++ operator library as the Python extension attnkern._C.
 
 Metadata lives in pyproject.toml. Install with `pip install --no-build-isolation -e .` (torch must already
-be installed: the extension is compiled against it). The source list is csrc/sources_cpu.txt, which
-CMakeLists.txt reads too. ATTNKERN_NO_EXTENSION=1 skips the C++ build (attnkern then runs without its
-"cpu" backend and says so).
+be installed: the extension is compiled against it). The source lists are csrc/sources_cpu.txt and, when
+torch has CUDA and nvcc is found, csrc/sources_cuda.txt (the CUDA kernels, for TORCH_CUDA_ARCH_LIST,
+default "8.0;9.0"); CMakeLists.txt reads the same lists. ATTNKERN_NO_EXTENSION=1 skips the C++ build
+(attnkern then runs without its "cpu" backend and says so); ATTNKERN_NO_CUDA=1 skips the CUDA kernels.
 """
 import os
 import platform
@@ -26,18 +27,42 @@ def cpu_flags():
     return flags
 
 
+def with_cuda():
+    """Whether to compile the CUDA kernels: a CUDA build of torch and an nvcc (CUDA_HOME)."""
+    if os.environ.get("ATTNKERN_NO_CUDA") == "1":
+        return False
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def nvcc_flags():
+    return ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-DNDEBUG"]
+
+
 def extensions():
     if os.environ.get("ATTNKERN_NO_EXTENSION") == "1":
         return [], {}
-    from torch.utils.cpp_extension import BuildExtension, CppExtension
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     sources = read_sources("csrc/sources_cpu.txt") + ["csrc/module.cpp"]
-    ext = CppExtension(
-        "attnkern._C",
-        sources,
-        extra_compile_args={"cxx": cpu_flags()},
-        extra_link_args=["-fopenmp"],
-    )
+    if with_cuda():
+        # Ampere and Hopper (the kernels use mma.sync, ldmatrix and cp.async: sm80 and newer).
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        ext = CUDAExtension(
+            "attnkern._C",
+            sources + read_sources("csrc/sources_cuda.txt"),
+            extra_compile_args={"cxx": cpu_flags(), "nvcc": nvcc_flags()},
+            extra_link_args=["-fopenmp"],
+        )
+    else:
+        ext = CppExtension(
+            "attnkern._C",
+            sources,
+            extra_compile_args={"cxx": cpu_flags()},
+            extra_link_args=["-fopenmp"],
+        )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

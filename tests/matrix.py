@@ -12,6 +12,10 @@ F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 
 if ON_GPU:
     BACKEND_DTYPES = {"triton": (F16, BF16, F32), "reference": (F16, BF16, F32)}
+    from attnkern.backends import extension
+
+    if extension.has_kernels_for("CUDA"):  # the CUDA C++ kernels, when the build compiled them
+        BACKEND_DTYPES = {"cuda": (F16, BF16), **BACKEND_DTYPES}
 else:
     BACKEND_DTYPES = {"cpu": (F32, F16, BF16), "triton": (F32, F16), "reference": (F32, F16, BF16)}
 

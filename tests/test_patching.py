@@ -122,7 +122,7 @@ def test_patch_is_visible_in_repr_and_logs(caplog):
 
 def test_bad_backend_names_the_argument():
     with pytest.raises(ValueError, match="backend must be one of"):
-        attnkern.replace_sdpa(backend="cuda")
+        attnkern.replace_sdpa(backend="cudnn")
     assert F.scaled_dot_product_attention is TORCH_SDPA
 
 

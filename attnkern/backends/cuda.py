@@ -1,0 +1,103 @@
+"""The "cuda" backend: the CUDA C++ kernels of csrc/cuda (mma.sync, ldmatrix, cp.async; sm80+).
+
+Compiled into attnkern._C when setup.py finds a CUDA torch and nvcc. `auto` does not pick it yet:
+it is chosen by name (backend="cuda", use_backend("cuda")) until GPU measurements show where it beats
+the Triton kernels (see the closing notes of the CUDA issue). The reasons below mirror the checks of
+csrc/cuda/ops_cuda.cpp, so explain() can say why a call is refused before the op would raise. Inputs
+the kernels cannot read in place (a strided head dim, a view not 16-byte aligned) are copied first;
+(B, L, H, E) views and the like are read as they are. Head dims that are not multiples of 8 are
+zero-padded to one (a copy), so every head dim up to 256 runs.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import extension
+from .base import Backend, new_grad, new_lse, new_mask_grad, new_output, new_stats
+
+MAX_HEAD_DIM = 256
+HEAD_DIM_MULTIPLE = 8  # the kernels copy rows in 16-byte (8-element) chunks
+
+
+def _padded(t: torch.Tensor) -> torch.Tensor:
+    """t with its head dim zero-padded to a multiple of 8 (a fresh contiguous tensor), or t itself.
+    Zero columns change no score (q·k) and only add zero output columns (p·v), which are cut off."""
+    extra = -t.shape[-1] % HEAD_DIM_MULTIPLE
+    return torch.nn.functional.pad(t, (0, extra)) if extra else t
+
+
+def _cut(t: torch.Tensor, make_buffer, width: int) -> torch.Tensor:
+    """t itself when it is `width` wide, else its first `width` head-dim columns copied into
+    make_buffer() (a buffer laid out like the unpadded input)."""
+    if t.shape[-1] == width:
+        return t
+    return make_buffer().copy_(t[..., :width])
+
+
+def _ready(t: torch.Tensor) -> torch.Tensor:
+    """t itself when the kernels can read it in place (views such as (B, L, H, E) -> (B, H, L, E)
+    included), else a fresh contiguous copy (a strided head dim, a misaligned view)."""
+    if _layout_problem(t, "") is None:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _layout_problem(t: torch.Tensor, name: str):
+    """Why the kernels' 16-byte cp.async copies cannot read `t` in place, or None."""
+    if t.stride(3) != 1 and t.shape[3] != 1:
+        return f"{name} needs a unit-stride head dim (last dim), got strides {tuple(t.stride())}"
+    if t.data_ptr() % 16:
+        return f"{name} must start at a 16-byte aligned address"
+    elem = t.element_size()
+    for d in range(3):
+        if t.shape[d] != 1 and (t.stride(d) * elem) % 16:
+            return f"{name}'s stride of dim {d} must be a multiple of 16 bytes, got strides {tuple(t.stride())}"
+    return None
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+
+    def availability(self, device):
+        if extension.EXTENSION_ERROR:
+            return extension.EXTENSION_ERROR
+        if not extension.has_kernels_for("CUDA"):
+            return "attnkern._C was built without its CUDA kernels (no CUDA torch or nvcc at build time)"
+        if device.type != "cuda":
+            return f"the CUDA kernels take CUDA tensors, not {device.type}"
+        if torch.cuda.get_device_capability(device) < (8, 0):
+            return "the CUDA kernels need compute capability 8.0 or newer"
+        return None
+
+    def unsupported_reason(self, problem):
+        if problem.dtype not in (torch.float16, torch.bfloat16):
+            return f"the CUDA kernels take float16 and bfloat16, not {problem.dtype}"
+        if max(problem.E, problem.Ev) > MAX_HEAD_DIM:
+            return f"head dims up to {MAX_HEAD_DIM} (got E={problem.E}, Ev={problem.Ev})"
+        if problem.dropout_p > 0.0:
+            return "dropout is not fused yet (dropout_p > 0)"
+        if problem.B > 65535 or problem.Hq > 65535:
+            return "batch and heads up to 65535 each"
+        return None
+
+    # Head dims that are not multiples of 8 run zero-padded to the next multiple (then on the next
+    # instantiated size, like every head dim); `scale` is always passed explicitly, so padding does
+    # not change it.
+    def forward(self, q, k, v, mask, scale, causal):
+        q0, Ev = q, v.shape[-1]
+        q, k, v = _ready(_padded(q)), _ready(_padded(k)), _ready(_padded(v))
+        # The output is laid out like the caller's query, padded or not.
+        out, lse, stats = new_output(q0, v.shape[-1]), new_lse(q), new_stats(q)
+        torch.ops.attnkern_ext.forward(q, k, v, mask, scale, causal, out, lse, stats)
+        return _cut(out, lambda: new_output(q0, Ev), Ev), lse, stats
+
+    def backward(self, dout, dlse, q, k, v, mask, out, stats, scale, causal, mask_grad):
+        # The kernels read with 16-byte copies; autograd may hand over an expanded or strided dO.
+        q0, k0, v0 = q, k, v
+        q, k, v = _ready(_padded(q)), _ready(_padded(k)), _ready(_padded(v))
+        dout, out = _ready(_padded(dout)), _ready(_padded(out))
+        dq, dk, dv = new_grad(q), new_grad(k), new_grad(v)
+        dmask = new_mask_grad(mask, stats.dtype) if mask_grad else None
+        torch.ops.attnkern_ext.backward(dout, dlse, q, k, v, mask, out, stats, scale, causal, dq, dk, dv, dmask)
+        dq, dk, dv = (_cut(g, lambda t=t: new_grad(t), t.shape[-1]) for g, t in ((dq, q0), (dk, k0), (dv, v0)))
+        return dq, dk, dv, (dmask.to(mask.dtype) if dmask is not None else None)

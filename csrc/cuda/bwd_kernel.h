@@ -1,0 +1,520 @@
+// Attention backward on tensor cores (sm80+). Deterministic: no atomics anywhere.
+//
+//   preprocess   delta = rowsum(dO * O) - dlse, one warp per query row
+//   dK/dV pass   one CTA per (block of kBlockN keys, kv head, batch); warp w owns 16 keys. It loops
+//                over its kv head's query-head group and the query tiles that see its keys:
+//                  S^T = K Q^T, P^T = 2^((S^T - m) log2 e - log2 l)   (m, l: the forward's row stats)
+//                  dP^T = V dO^T, dS^T = P^T (dP^T - delta)
+//                  dV += P^T dO, dK += dS^T Q       (accumulated in registers, written once)
+//                Head dims over 128 split the dK/dV columns across two CTAs (kSplit = 2), each
+//                recomputing S^T and dP^T, to stay within the register file.
+//   dQ pass      one CTA per (block of query rows, head, batch), looping over key tiles:
+//                  S = Q K^T, P, dP = dO V^T, dS = P (dP - delta), dQ += dS K
+//   dMask pass   only for a float mask that requires grad: one CTA per tile of the (Bm, Hm, Lm, Sm)
+//                gradient, summing dS over the dims the mask broadcasts over in a fixed order.
+#pragma once
+
+#include "mask.h"
+#include "tile.h"
+
+namespace attnkern {
+namespace cuda {
+
+template <int kHeadDim_, int kBlockM_, int kNWarps_, int kSplit_, typename T_>
+struct BwdTraits {
+  using T = T_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kNWarps = kNWarps_;
+  static constexpr int kThreads = kNWarps * 32;
+  static constexpr int kBlockN = 16 * kNWarps;  // keys per dK/dV CTA
+  static constexpr int kBlockM = kBlockM_;      // query rows per tile of the dK/dV loop
+  static constexpr int kSplit = kSplit_;        // CTAs sharing one key block's dK/dV columns
+  static constexpr int kWidth = smem_width(kHeadDim);
+  using KVTile = SmemTile<kBlockN, kWidth>;
+  using QTile = SmemTile<kBlockM, kWidth>;
+  static constexpr int kSmemBytes =
+      (2 * KVTile::kElems + 2 * 2 * QTile::kElems) * int(sizeof(T)) + 2 * 3 * kBlockM * int(sizeof(float));
+  static_assert(kHeadDim % (16 * kSplit) == 0, "split head dims in whole k16 tiles");
+};
+
+template <int kHeadDim_, int kBlockN_, int kNWarps_, typename T_>
+struct DqTraits {
+  using T = T_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kNWarps = kNWarps_;
+  static constexpr int kThreads = kNWarps * 32;
+  static constexpr int kBlockM = 16 * kNWarps;  // query rows per CTA
+  static constexpr int kBlockN = kBlockN_;      // keys per tile
+  static constexpr int kWidth = smem_width(kHeadDim);
+  using QTile = SmemTile<kBlockM, kWidth>;
+  using KVTile = SmemTile<kBlockN, kWidth>;
+  static constexpr int kSmemBytes = (2 * QTile::kElems + 2 * 2 * KVTile::kElems) * int(sizeof(T));
+};
+
+// The forward's per-row statistics, ready for P = 2^((s - m) log2 e - log2l): rows past L and fully
+// masked rows get m = +inf, log2l = 0, so their P is exactly 0 (not 2^(-inf + inf) = NaN).
+__device__ __forceinline__ void row_stats(const AttentionParams& p, int64_t bh, int64_t i, float& m, float& log2l) {
+  if (i >= p.L) {
+    m = INFINITY, log2l = 0.f;
+    return;
+  }
+  const float* st = static_cast<const float*>(p.stats) + (bh * p.L + i) * 2;
+  m = st[0] == kNegInf ? INFINITY : st[0];
+  log2l = st[0] == kNegInf ? 0.f : st[1];
+}
+
+// ---------------------------------------------------------------------------------------------------
+// delta[b, h, i] = sum_e dO * O - dlse, one warp per row (lanes stride the head dim).
+template <typename T>
+__global__ void attention_bwd_preprocess_kernel(const AttentionParams p, float* delta) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t i = int64_t(blockIdx.x) * (blockDim.x / 32) + warp;
+  const int64_t h = blockIdx.y, b = blockIdx.z;
+  if (i >= p.L) return;
+  const T* o = static_cast<const T*>(p.out) + b * p.out_st.b + h * p.out_st.h + i * p.out_st.l;
+  const T* d = static_cast<const T*>(p.dout) + b * p.dout_st.b + h * p.dout_st.h + i * p.dout_st.l;
+  float acc = 0.f;
+  for (int64_t e = lane; e < p.Ev; e += 32) acc += to_float(o[e * p.out_st.e]) * to_float(d[e * p.dout_st.e]);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  if (lane == 0) {
+    if (p.dlse) acc -= static_cast<const float*>(p.dlse)[b * p.dlse_st.b + h * p.dlse_st.h + i * p.dlse_st.l];
+    delta[(b * p.Hq + h) * p.L + i] = acc;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+template <typename Traits, bool kHasMask>
+__global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dkdv_kernel(const AttentionParams p,
+                                                                              const float* delta) {
+  using T = typename Traits::T;
+  using KVTile = typename Traits::KVTile;
+  using QTile = typename Traits::QTile;
+  constexpr int kHD = Traits::kHeadDim, kBM = Traits::kBlockM, kBN = Traits::kBlockN;
+  constexpr int kThreads = Traits::kThreads;
+  constexpr int kMT = kBM / 8;                    // n8 tiles of S^T (queries)
+  constexpr int kOT = kHD / 8 / Traits::kSplit;   // n8 tiles of this CTA's dK/dV columns
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sK = reinterpret_cast<T*>(smem_raw);
+  T* sV = sK + KVTile::kElems;
+  T* sQ = sV + KVTile::kElems;             // [2][QTile]
+  T* sdO = sQ + 2 * QTile::kElems;         // [2][QTile]
+  float* sStat = reinterpret_cast<float*>(sdO + 2 * QTile::kElems);  // [2][3][kBM]: m, log2l, delta
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane >> 2, t = lane & 3;
+  const int n_block = blockIdx.x / Traits::kSplit, split = blockIdx.x % Traits::kSplit;
+  const int64_t hk = blockIdx.y, b = blockIdx.z;
+  const int n0 = n_block * kBN;
+  const int col0 = split * kOT * 8;  // first dK/dV column of this CTA
+  const bool causal = p.causal != Causal::kNone;
+
+  const T* kb = static_cast<const T*>(p.k) + b * p.k_st.b + hk * p.k_st.h + int64_t(n0) * p.k_st.l;
+  const T* vb = static_cast<const T*>(p.v) + b * p.v_st.b + hk * p.v_st.h + int64_t(n0) * p.v_st.l;
+  load_tile_async<KVTile, kThreads, kHD>(sK, kb, p.k_st.l, int(p.S - n0), int(p.E), tid);
+  load_tile_async<KVTile, kThreads, kHD>(sV, vb, p.v_st.l, int(p.S - n0), int(p.Ev), tid);
+  cp_async_commit();
+
+  // Query rows that see any key of this block: i + offset >= n0.
+  int m_lo = 0;
+  if (causal) m_lo = int(max(int64_t(n0) - p.causal_offset, int64_t(0)) / kBM * kBM);
+  const int m_tiles = m_lo < p.L ? int((p.L - m_lo + kBM - 1) / kBM) : 0;
+  const int n_iters = int(p.group) * m_tiles;  // (query head of the group, query tile) pairs
+
+  float dk[kOT][4], dv[kOT][4];
+#pragma unroll
+  for (int i = 0; i < kOT; ++i) {
+    dk[i][0] = dk[i][1] = dk[i][2] = dk[i][3] = 0.f;
+    dv[i][0] = dv[i][1] = dv[i][2] = dv[i][3] = 0.f;
+  }
+  const int wrow = warp * 16;
+
+  auto tile_of = [&](int it, int64_t& h, int& m0) {
+    h = hk * p.group + it / m_tiles;
+    m0 = m_lo + (it % m_tiles) * kBM;
+  };
+  auto prefetch = [&](int it, int stage) {
+    int64_t h;
+    int m0;
+    tile_of(it, h, m0);
+    const T* q = static_cast<const T*>(p.q) + b * p.q_st.b + h * p.q_st.h + int64_t(m0) * p.q_st.l;
+    const T* d = static_cast<const T*>(p.dout) + b * p.dout_st.b + h * p.dout_st.h + int64_t(m0) * p.dout_st.l;
+    load_tile_async<QTile, kThreads, kHD>(sQ + stage * QTile::kElems, q, p.q_st.l, int(p.L - m0), int(p.E), tid);
+    load_tile_async<QTile, kThreads, kHD>(sdO + stage * QTile::kElems, d, p.dout_st.l, int(p.L - m0), int(p.Ev), tid);
+  };
+  if (n_iters > 0) prefetch(0, 0);
+  cp_async_commit();
+
+  for (int it = 0; it < n_iters; ++it) {
+    const int stage = it & 1;
+    int64_t h;
+    int m0;
+    tile_of(it, h, m0);
+    if (it + 1 < n_iters) prefetch(it + 1, stage ^ 1);
+    cp_async_commit();
+    // This tile's row statistics into shared memory (plain loads: 3 * kBM floats).
+    float* st = sStat + stage * 3 * kBM;
+    for (int r = tid; r < kBM; r += kThreads) {
+      float m, l2;
+      row_stats(p, b * p.Hq + h, m0 + r, m, l2);
+      st[r] = m;
+      st[kBM + r] = l2;
+      st[2 * kBM + r] = m0 + r < p.L ? delta[(b * p.Hq + h) * p.L + m0 + r] : 0.f;
+    }
+    cp_async_wait<1>();
+    __syncthreads();
+    const T* sQs = sQ + stage * QTile::kElems;
+    const T* sdOs = sdO + stage * QTile::kElems;
+    const MaskReader mask(p, b, h);
+
+    // S^T = K Q^T and dP^T = V dO^T: rows = this warp's 16 keys, columns = the tile's queries.
+    float s[kMT][4], dp[kMT][4];
+#pragma unroll
+    for (int j = 0; j < kMT; ++j) {
+      s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+      dp[j][0] = dp[j][1] = dp[j][2] = dp[j][3] = 0.f;
+    }
+#pragma unroll 2
+    for (int kk = 0; kk < kHD; kk += 16) {
+      uint32_t ak[4], av[4];
+      ldmatrix_x4(ak, sK + KVTile::offset(wrow + (lane & 15), kk + (lane >> 4) * 8));
+      ldmatrix_x4(av, sV + KVTile::offset(wrow + (lane & 15), kk + (lane >> 4) * 8));
+#pragma unroll
+      for (int j = 0; j < kMT; j += 2) {
+        uint32_t bq[4], bd[4];
+        const int row = j * 8 + (lane & 7) + ((lane >> 4) << 3), col = kk + ((lane >> 3) & 1) * 8;
+        ldmatrix_x4(bq, sQs + QTile::offset(row, col));
+        ldmatrix_x4(bd, sdOs + QTile::offset(row, col));
+        mma_16816<T>(s[j], ak, bq[0], bq[1]);
+        mma_16816<T>(s[j + 1], ak, bq[2], bq[3]);
+        mma_16816<T>(dp[j], av, bd[0], bd[1]);
+        mma_16816<T>(dp[j + 1], av, bd[2], bd[3]);
+      }
+    }
+
+    // P^T and dS^T in place (element (key, query)).
+    const bool check = true;  // bounds, causal and masks vary over queries: always mask here
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int64_t key = n0 + wrow + g + 8 * r;
+#pragma unroll
+      for (int j = 0; j < kMT; ++j) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int qi = j * 8 + 2 * t + c;
+          const float x = mask_score<kHasMask>(s[j][2 * r + c], m0 + qi, key, p, mask, check);
+          const float pv = fast_exp2((x - st[qi]) * kLog2e - st[kBM + qi]);
+          s[j][2 * r + c] = pv;
+          dp[j][2 * r + c] = pv * (dp[j][2 * r + c] - st[2 * kBM + qi]);
+        }
+      }
+    }
+
+    // dV += P^T dO, then dK += dS^T Q, over this CTA's columns: two passes, so that P is dead
+    // before dS's operands load (fewer live registers than one interleaved pass).
+#pragma unroll
+    for (int kk = 0; kk < kMT; kk += 2) {
+      const uint32_t ap[4] = {pack2<T>(s[kk][0], s[kk][1]), pack2<T>(s[kk][2], s[kk][3]),
+                              pack2<T>(s[kk + 1][0], s[kk + 1][1]), pack2<T>(s[kk + 1][2], s[kk + 1][3])};
+#pragma unroll
+      for (int ot = 0; ot < kOT; ot += 2) {
+        uint32_t bd[4];
+        ldmatrix_x4_trans(bd, sdOs + QTile::offset(kk * 8 + (lane & 15), col0 + ot * 8 + (lane >> 4) * 8));
+        mma_16816<T>(dv[ot], ap, bd[0], bd[1]);
+        mma_16816<T>(dv[ot + 1], ap, bd[2], bd[3]);
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < kMT; kk += 2) {
+      const uint32_t ads[4] = {pack2<T>(dp[kk][0], dp[kk][1]), pack2<T>(dp[kk][2], dp[kk][3]),
+                               pack2<T>(dp[kk + 1][0], dp[kk + 1][1]), pack2<T>(dp[kk + 1][2], dp[kk + 1][3])};
+#pragma unroll
+      for (int ot = 0; ot < kOT; ot += 2) {
+        uint32_t bq[4];
+        ldmatrix_x4_trans(bq, sQs + QTile::offset(kk * 8 + (lane & 15), col0 + ot * 8 + (lane >> 4) * 8));
+        mma_16816<T>(dk[ot], ads, bq[0], bq[1]);
+        mma_16816<T>(dk[ot + 1], ads, bq[2], bq[3]);
+      }
+    }
+    __syncthreads();
+  }
+  cp_async_wait<0>();
+
+  // Write dK (times scale) and dV: this warp's 16 keys, this CTA's columns.
+  T* dkb = static_cast<T*>(p.dk) + b * p.dk_st.b + hk * p.dk_st.h;
+  T* dvb = static_cast<T*>(p.dv) + b * p.dv_st.b + hk * p.dv_st.h;
+  const float scale = static_cast<float>(p.scale);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t key = n0 + wrow + g + 8 * r;
+    if (key >= p.S) continue;
+#pragma unroll
+    for (int ot = 0; ot < kOT; ++ot) {
+      const int col = col0 + ot * 8 + 2 * t;
+      if (col < p.E) {
+        *reinterpret_cast<uint32_t*>(dkb + key * p.dk_st.l + col) =
+            pack2<T>(dk[ot][2 * r] * scale, dk[ot][2 * r + 1] * scale);
+      }
+      if (col < p.Ev) {
+        *reinterpret_cast<uint32_t*>(dvb + key * p.dv_st.l + col) = pack2<T>(dv[ot][2 * r], dv[ot][2 * r + 1]);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Shared by the dQ and dMask passes: for one tile of query rows (in sQ/sdO, stats in registers) and one
+// tile of keys (in sKs/sVs), compute dS (in s) for this warp's 16 rows.
+template <typename Traits, bool kHasMask>
+__device__ __forceinline__ void compute_ds(float (&s)[Traits::kBlockN / 8][4], const typename Traits::T* sQ,
+                                           const typename Traits::T* sdO, const typename Traits::T* sKs,
+                                           const typename Traits::T* sVs, int wrow, int lane, int64_t m0,
+                                           int64_t n0, const float (&m)[2], const float (&log2l)[2],
+                                           const float (&dl)[2], bool check, const AttentionParams& p,
+                                           const MaskReader& mask) {
+  using T = typename Traits::T;
+  using QTile = typename Traits::QTile;
+  using KVTile = typename Traits::KVTile;
+  constexpr int kHD = Traits::kHeadDim, kNT = Traits::kBlockN / 8;
+  const int g = lane >> 2, t = lane & 3;
+  float dp[kNT][4];
+#pragma unroll
+  for (int j = 0; j < kNT; ++j) {
+    s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+    dp[j][0] = dp[j][1] = dp[j][2] = dp[j][3] = 0.f;
+  }
+#pragma unroll 2
+  for (int kk = 0; kk < kHD; kk += 16) {
+    uint32_t aq[4], ad[4];
+    ldmatrix_x4(aq, sQ + QTile::offset(wrow + (lane & 15), kk + (lane >> 4) * 8));
+    ldmatrix_x4(ad, sdO + QTile::offset(wrow + (lane & 15), kk + (lane >> 4) * 8));
+#pragma unroll
+    for (int j = 0; j < kNT; j += 2) {
+      uint32_t bk[4], bv[4];
+      const int row = j * 8 + (lane & 7) + ((lane >> 4) << 3), col = kk + ((lane >> 3) & 1) * 8;
+      ldmatrix_x4(bk, sKs + KVTile::offset(row, col));
+      ldmatrix_x4(bv, sVs + KVTile::offset(row, col));
+      mma_16816<T>(s[j], aq, bk[0], bk[1]);
+      mma_16816<T>(s[j + 1], aq, bk[2], bk[3]);
+      mma_16816<T>(dp[j], ad, bv[0], bv[1]);
+      mma_16816<T>(dp[j + 1], ad, bv[2], bv[3]);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t i = m0 + wrow + g + 8 * r;
+#pragma unroll
+    for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const float x = mask_score<kHasMask>(s[j][2 * r + c], i, n0 + j * 8 + 2 * t + c, p, mask, check);
+        const float pv = fast_exp2((x - m[r]) * kLog2e - log2l[r]);
+        s[j][2 * r + c] = pv * (dp[j][2 * r + c] - dl[r]);
+      }
+    }
+  }
+}
+
+template <typename Traits, bool kHasMask>
+__global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dq_kernel(const AttentionParams p,
+                                                                            const float* delta) {
+  using T = typename Traits::T;
+  using QTile = typename Traits::QTile;
+  using KVTile = typename Traits::KVTile;
+  constexpr int kHD = Traits::kHeadDim, kBM = Traits::kBlockM, kBN = Traits::kBlockN;
+  constexpr int kThreads = Traits::kThreads;
+  constexpr int kNT = kBN / 8, kOT = kHD / 8;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sdO = sQ + QTile::kElems;
+  T* sK = sdO + QTile::kElems;  // [2][KVTile]
+  T* sV = sK + 2 * KVTile::kElems;
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane >> 2, t = lane & 3;
+  const bool causal = p.causal != Causal::kNone;
+  const int m_block = causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  const int64_t h = blockIdx.y, b = blockIdx.z, hk = h / p.group;
+  const int m0 = m_block * kBM;
+  const int wrow = warp * 16;
+
+  const T* q = static_cast<const T*>(p.q) + b * p.q_st.b + h * p.q_st.h + int64_t(m0) * p.q_st.l;
+  const T* d = static_cast<const T*>(p.dout) + b * p.dout_st.b + h * p.dout_st.h + int64_t(m0) * p.dout_st.l;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_st.b + hk * p.k_st.h;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_st.b + hk * p.v_st.h;
+  const MaskReader mask(p, b, h);
+
+  int n_end = int(p.S), n_full = int(p.S);
+  if (causal) {
+    n_end = int(min(max(int64_t(m0) + kBM + p.causal_offset, int64_t(0)), p.S));
+    n_full = int(min(max(int64_t(m0) + p.causal_offset + 1, int64_t(0)), p.S));
+  }
+  const int n_blocks = (n_end + kBN - 1) / kBN;
+
+  load_tile_async<QTile, kThreads, kHD>(sQ, q, p.q_st.l, int(p.L - m0), int(p.E), tid);
+  load_tile_async<QTile, kThreads, kHD>(sdO, d, p.dout_st.l, int(p.L - m0), int(p.Ev), tid);
+  cp_async_commit();
+  if (n_blocks > 0) {
+    load_tile_async<KVTile, kThreads, kHD>(sK, k, p.k_st.l, n_end, int(p.E), tid);
+    load_tile_async<KVTile, kThreads, kHD>(sV, v, p.v_st.l, n_end, int(p.Ev), tid);
+  }
+  cp_async_commit();
+
+  float m[2], log2l[2], dl[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t i = m0 + wrow + g + 8 * r;
+    row_stats(p, b * p.Hq + h, i, m[r], log2l[r]);
+    dl[r] = i < p.L ? delta[(b * p.Hq + h) * p.L + i] : 0.f;
+  }
+  float dq[kOT][4];
+#pragma unroll
+  for (int i = 0; i < kOT; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+
+  for (int nb = 0; nb < n_blocks; ++nb) {
+    const int stage = nb & 1;
+    const int n0 = nb * kBN;
+    if (nb + 1 < n_blocks) {
+      const int n1 = n0 + kBN;
+      load_tile_async<KVTile, kThreads, kHD>(sK + (stage ^ 1) * KVTile::kElems, k + int64_t(n1) * p.k_st.l,
+                                             p.k_st.l, n_end - n1, int(p.E), tid);
+      load_tile_async<KVTile, kThreads, kHD>(sV + (stage ^ 1) * KVTile::kElems, v + int64_t(n1) * p.v_st.l,
+                                             p.v_st.l, n_end - n1, int(p.Ev), tid);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    const T* sKs = sK + stage * KVTile::kElems;
+    const T* sVs = sV + stage * KVTile::kElems;
+
+    float ds[kNT][4];
+    const bool check = n0 + kBN > p.S || (causal && n0 + kBN > n_full) || kHasMask;
+    compute_ds<Traits, kHasMask>(ds, sQ, sdO, sKs, sVs, wrow, lane, m0, n0, m, log2l, dl, check, p, mask);
+
+    // dQ += dS K
+#pragma unroll
+    for (int kk = 0; kk < kNT; kk += 2) {
+      const uint32_t a[4] = {pack2<T>(ds[kk][0], ds[kk][1]), pack2<T>(ds[kk][2], ds[kk][3]),
+                             pack2<T>(ds[kk + 1][0], ds[kk + 1][1]), pack2<T>(ds[kk + 1][2], ds[kk + 1][3])};
+#pragma unroll
+      for (int ot = 0; ot < kOT; ot += 2) {
+        uint32_t bk[4];
+        ldmatrix_x4_trans(bk, sKs + KVTile::offset(kk * 8 + (lane & 15), ot * 8 + (lane >> 4) * 8));
+        mma_16816<T>(dq[ot], a, bk[0], bk[1]);
+        mma_16816<T>(dq[ot + 1], a, bk[2], bk[3]);
+      }
+    }
+    __syncthreads();
+  }
+  cp_async_wait<0>();
+
+  T* dqb = static_cast<T*>(p.dq) + b * p.dq_st.b + h * p.dq_st.h;
+  const float scale = static_cast<float>(p.scale);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t i = m0 + wrow + g + 8 * r;
+    if (i >= p.L) continue;
+#pragma unroll
+    for (int ot = 0; ot < kOT; ++ot) {
+      const int col = ot * 8 + 2 * t;
+      if (col < p.E) {
+        *reinterpret_cast<uint32_t*>(dqb + i * p.dq_st.l + col) =
+            pack2<T>(dq[ot][2 * r] * scale, dq[ot][2 * r + 1] * scale);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// dMask (Bm, Hm, Lm, Sm), float32: one CTA per (kBlockM x kBlockN) tile of it (or per row strip /
+// column strip / single value when the mask broadcasts over L and/or S), looping over every (b, h,
+// query tile, key tile) that reads those entries; sums in registers, then in shared memory, in a
+// fixed order.
+template <typename Traits>
+__global__ void __launch_bounds__(Traits::kThreads, 1) attention_bwd_dmask_kernel(const AttentionParams p,
+                                                                               const float* delta, float* dmask) {
+  using T = typename Traits::T;
+  using QTile = typename Traits::QTile;
+  using KVTile = typename Traits::KVTile;
+  constexpr int kHD = Traits::kHeadDim, kBM = Traits::kBlockM, kBN = Traits::kBlockN;
+  constexpr int kThreads = Traits::kThreads;
+  constexpr int kNT = kBN / 8;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sdO = sQ + QTile::kElems;
+  T* sK = sdO + QTile::kElems;
+  T* sV = sK + KVTile::kElems;
+  float* sAcc = reinterpret_cast<float*>(smem_raw);  // reused for the final reduction (kBM x kBN)
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane >> 2, t = lane & 3;
+  const bool sum_b = p.Bm == 1 && p.B > 1, sum_h = p.Hm == 1 && p.Hq > 1;
+  const bool sum_l = p.Lm == 1 && p.L > 1, sum_s = p.Sm == 1 && p.S > 1;
+  const int64_t bh = blockIdx.z, bm = bh / p.Hm, hm = bh % p.Hm;
+  const int64_t r0 = sum_l ? 0 : int64_t(blockIdx.x) * kBM, r1 = sum_l ? p.L : min(r0 + kBM, p.L);
+  const int64_t c0 = sum_s ? 0 : int64_t(blockIdx.y) * kBN, c1 = sum_s ? p.S : min(c0 + kBN, p.S);
+  const int wrow = warp * 16;
+
+  float acc[kNT][4];
+#pragma unroll
+  for (int j = 0; j < kNT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+
+  for (int64_t b = sum_b ? 0 : bm; b < (sum_b ? p.B : bm + 1); ++b) {
+    for (int64_t h = sum_h ? 0 : hm; h < (sum_h ? p.Hq : hm + 1); ++h) {
+      const int64_t hk = h / p.group;
+      const MaskReader mask(p, b, h);
+      for (int64_t m0 = r0; m0 < r1; m0 += kBM) {
+        const T* q = static_cast<const T*>(p.q) + b * p.q_st.b + h * p.q_st.h + m0 * p.q_st.l;
+        const T* d = static_cast<const T*>(p.dout) + b * p.dout_st.b + h * p.dout_st.h + m0 * p.dout_st.l;
+        __syncthreads();
+        load_tile_async<QTile, kThreads, kHD>(sQ, q, p.q_st.l, int(p.L - m0), int(p.E), tid);
+        load_tile_async<QTile, kThreads, kHD>(sdO, d, p.dout_st.l, int(p.L - m0), int(p.Ev), tid);
+        float m[2], log2l[2], dl[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int64_t i = m0 + wrow + g + 8 * r;
+          row_stats(p, b * p.Hq + h, i, m[r], log2l[r]);
+          dl[r] = i < p.L ? delta[(b * p.Hq + h) * p.L + i] : 0.f;
+        }
+        for (int64_t n0 = c0; n0 < c1; n0 += kBN) {
+          const T* k = static_cast<const T*>(p.k) + b * p.k_st.b + hk * p.k_st.h + n0 * p.k_st.l;
+          const T* v = static_cast<const T*>(p.v) + b * p.v_st.b + hk * p.v_st.h + n0 * p.v_st.l;
+          if (n0 != c0) __syncthreads();
+          load_tile_async<KVTile, kThreads, kHD>(sK, k, p.k_st.l, int(p.S - n0), int(p.E), tid);
+          load_tile_async<KVTile, kThreads, kHD>(sV, v, p.v_st.l, int(p.S - n0), int(p.Ev), tid);
+          cp_async_commit();
+          cp_async_wait<0>();
+          __syncthreads();
+          float ds[kNT][4];
+          compute_ds<Traits, true>(ds, sQ, sdO, sK, sV, wrow, lane, m0, n0, m, log2l, dl, true, p, mask);
+#pragma unroll
+          for (int j = 0; j < kNT; ++j) {
+            acc[j][0] += ds[j][0], acc[j][1] += ds[j][1], acc[j][2] += ds[j][2], acc[j][3] += ds[j][3];
+          }
+        }
+      }
+    }
+  }
+
+  // Tile -> shared memory -> sums over broadcast rows/columns, in a fixed order -> dmask.
+  __syncthreads();
+#pragma unroll
+  for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) sAcc[(wrow + g + 8 * (e >> 1)) * kBN + j * 8 + 2 * t + (e & 1)] = acc[j][e];
+  }
+  __syncthreads();
+  float* dm = dmask + (bm * p.Hm + hm) * p.Lm * p.Sm;
+  const int rows = sum_l ? 1 : int(r1 - r0), cols = sum_s ? 1 : int(c1 - c0);
+  for (int idx = tid; idx < rows * cols; idx += kThreads) {
+    const int rr = idx / cols, cc = idx % cols;
+    float total = 0.f;
+    for (int i = (sum_l ? 0 : rr); i < (sum_l ? kBM : rr + 1); ++i) {
+      for (int j = (sum_s ? 0 : cc); j < (sum_s ? kBN : cc + 1); ++j) total += sAcc[i * kBN + j];
+    }
+    dm[(r0 + rr) * p.Sm + (c0 + cc)] = total;
+  }
+}
+
+}  // namespace cuda
+}  // namespace attnkern

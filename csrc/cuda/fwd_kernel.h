@@ -1,0 +1,183 @@
+// Attention forward on tensor cores (sm80+), FlashAttention-2 style.
+//
+// One CTA per (block of kBlockM query rows, query head, batch); warp w owns rows [16w, 16w + 16).
+// Q is loaded once into shared memory; K/V tiles of kBlockN keys stream through a two-stage cp.async
+// pipeline (the next tile loads while this one computes). Per tile, in registers:
+//     S = Q K^T (mma m16n8k16, fp32 accumulators); scale; user mask, causal diagonal, key bound
+//     online softmax: row max m (natural units), P = 2^((S - m) log2 e), rescale O by 2^((m_old - m) log2 e)
+//     O += P V   (P reused from the S accumulators as the A operand, converted to T)
+// Causal problems stop at the block's diagonal; only tiles that cross it (or the key bound, or any
+// tile when there is a user mask) pay for per-element masking. Writes O, the lse and the per-row
+// statistics (row max, log2 denominator) the backward recomputes P from.
+#pragma once
+
+#include "mask.h"
+#include "tile.h"
+
+namespace attnkern {
+namespace cuda {
+
+template <typename Traits, bool kHasMask>
+__global__ void __launch_bounds__(Traits::kThreads) attention_fwd_kernel(const AttentionParams p) {
+  using T = typename Traits::T;
+  using QTile = typename Traits::QTile;
+  using KVTile = typename Traits::KVTile;
+  constexpr int kHD = Traits::kHeadDim, kBM = Traits::kBlockM, kBN = Traits::kBlockN;
+  constexpr int kThreads = Traits::kThreads;
+  constexpr int kNT = kBN / 8;  // n8 tiles of a warp's score rows
+  constexpr int kOT = kHD / 8;  // n8 tiles of a warp's output rows
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sK = sQ + QTile::kElems;
+  T* sV = sK + Traits::kStages * KVTile::kElems;
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane >> 2, t = lane & 3;
+  const bool causal = p.causal != Causal::kNone;
+  // Causal: the longest rows (most key tiles) first, for a better tail across SMs.
+  const int m_block = causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  const int64_t h = blockIdx.y, b = blockIdx.z, hk = h / p.group;
+  const int m0 = m_block * kBM;
+
+  const T* q = static_cast<const T*>(p.q) + b * p.q_st.b + h * p.q_st.h + int64_t(m0) * p.q_st.l;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_st.b + hk * p.k_st.h;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_st.b + hk * p.v_st.h;
+  const MaskReader mask(p, b, h);
+
+  // Keys this block sees: [0, n_end); keys every row of it sees: [0, n_full).
+  int n_end = int(p.S), n_full = int(p.S);
+  if (causal) {
+    n_end = int(min(max(int64_t(m0) + kBM + p.causal_offset, int64_t(0)), p.S));
+    n_full = int(min(max(int64_t(m0) + p.causal_offset + 1, int64_t(0)), p.S));
+  }
+  const int n_blocks = (n_end + kBN - 1) / kBN;
+
+  load_tile_async<QTile, kThreads, kHD>(sQ, q, p.q_st.l, int(p.L - m0), int(p.E), tid);
+  cp_async_commit();
+  if (n_blocks > 0) {
+    load_tile_async<KVTile, kThreads, kHD>(sK, k, p.k_st.l, n_end, int(p.E), tid);
+    load_tile_async<KVTile, kThreads, kHD>(sV, v, p.v_st.l, n_end, int(p.Ev), tid);
+  }
+  cp_async_commit();
+
+  float o[kOT][4];
+#pragma unroll
+  for (int i = 0; i < kOT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float row_max[2] = {kNegInf, kNegInf}, row_sum[2] = {0.f, 0.f};  // rows g and g + 8 of the warp
+  const int wrow = warp * 16;
+
+  for (int nb = 0; nb < n_blocks; ++nb) {
+    const int stage = nb & 1;
+    const int n0 = nb * kBN;
+    if (nb + 1 < n_blocks) {  // prefetch the next tile into the other stage
+      const int n1 = n0 + kBN;
+      load_tile_async<KVTile, kThreads, kHD>(sK + (stage ^ 1) * KVTile::kElems, k + int64_t(n1) * p.k_st.l,
+                                             p.k_st.l, n_end - n1, int(p.E), tid);
+      load_tile_async<KVTile, kThreads, kHD>(sV + (stage ^ 1) * KVTile::kElems, v + int64_t(n1) * p.v_st.l,
+                                             p.v_st.l, n_end - n1, int(p.Ev), tid);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();  // Q and this tile have landed
+    __syncthreads();
+    const T* sKs = sK + stage * KVTile::kElems;
+    const T* sVs = sV + stage * KVTile::kElems;
+
+    // S = Q K^T
+    float s[kNT][4];
+#pragma unroll
+    for (int j = 0; j < kNT; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll 2
+    for (int kk = 0; kk < kHD; kk += 16) {
+      uint32_t a[4];
+      ldmatrix_x4(a, sQ + QTile::offset(wrow + (lane & 15), kk + (lane >> 4) * 8));
+#pragma unroll
+      for (int j = 0; j < kNT; j += 2) {
+        uint32_t bf[4];
+        ldmatrix_x4(bf, sKs + KVTile::offset(j * 8 + (lane & 7) + ((lane >> 4) << 3), kk + ((lane >> 3) & 1) * 8));
+        mma_16816<T>(s[j], a, bf[0], bf[1]);
+        mma_16816<T>(s[j + 1], a, bf[2], bf[3]);
+      }
+    }
+
+    // Scale and mask, then the online softmax update of rows g and g + 8.
+    const bool check = n0 + kBN > p.S || (causal && n0 + kBN > n_full) || kHasMask;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int64_t i = m0 + wrow + g + 8 * r;
+      float mx = kNegInf;
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          float& x = s[j][2 * r + c];
+          x = mask_score<kHasMask>(x, i, n0 + j * 8 + 2 * t + c, p, mask, check);
+          mx = fmaxf(mx, x);
+        }
+      }
+      const float m_new = fmaxf(row_max[r], quad_max(mx));
+      const float m_safe = m_new == kNegInf ? 0.f : m_new;  // nothing visible yet: keep P at 0, not NaN
+      const float alpha = fast_exp2((row_max[r] - m_safe) * kLog2e);
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          float& x = s[j][2 * r + c];
+          x = fast_exp2((x - m_safe) * kLog2e);
+          sum += x;
+        }
+      }
+      row_sum[r] = row_sum[r] * alpha + sum;  // this thread's part; the quad's parts add up at the end
+      row_max[r] = m_new;
+#pragma unroll
+      for (int i2 = 0; i2 < kOT; ++i2) {
+        o[i2][2 * r] *= alpha;
+        o[i2][2 * r + 1] *= alpha;
+      }
+    }
+
+    // O += P V: two n8 score tiles make one k16 A fragment.
+#pragma unroll
+    for (int kk = 0; kk < kNT; kk += 2) {
+      const uint32_t a[4] = {pack2<T>(s[kk][0], s[kk][1]), pack2<T>(s[kk][2], s[kk][3]),
+                             pack2<T>(s[kk + 1][0], s[kk + 1][1]), pack2<T>(s[kk + 1][2], s[kk + 1][3])};
+#pragma unroll
+      for (int ot = 0; ot < kOT; ot += 2) {
+        uint32_t bf[4];
+        ldmatrix_x4_trans(bf, sVs + KVTile::offset(kk * 8 + (lane & 15), ot * 8 + (lane >> 4) * 8));
+        mma_16816<T>(o[ot], a, bf[0], bf[1]);
+        mma_16816<T>(o[ot + 1], a, bf[2], bf[3]);
+      }
+    }
+    __syncthreads();  // everyone is done with this stage before the next prefetch overwrites it
+  }
+  cp_async_wait<0>();
+
+  // Normalize and store O; the lse and the statistics come from the quad's first thread.
+  T* out = static_cast<T*>(p.out) + b * p.out_st.b + h * p.out_st.h;
+  float* lse = static_cast<float*>(p.lse) + (b * p.Hq + h) * p.L;
+  float* stats = static_cast<float*>(p.stats) + (b * p.Hq + h) * p.L * 2;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t i = m0 + wrow + g + 8 * r;
+    const float l = quad_sum(row_sum[r]);
+    if (i >= p.L) continue;
+    const float inv = l > 0.f ? 1.f / l : 0.f;  // every key masked: output 0
+#pragma unroll
+    for (int ot = 0; ot < kOT; ++ot) {
+      const int col = ot * 8 + 2 * t;
+      if (col < p.Ev) {
+        *reinterpret_cast<uint32_t*>(out + i * p.out_st.l + col) = pack2<T>(o[ot][2 * r] * inv, o[ot][2 * r + 1] * inv);
+      }
+    }
+    if (t == 0) {
+      const float log2l = l > 0.f ? log2f(l) : kNegInf;
+      lse[i] = l > 0.f ? row_max[r] + log2l * kLn2 : kNegInf;
+      stats[2 * i] = l > 0.f ? row_max[r] : kNegInf;
+      stats[2 * i + 1] = log2l;
+    }
+  }
+}
+
+}  // namespace cuda
+}  // namespace attnkern

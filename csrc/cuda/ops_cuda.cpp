@@ -1,0 +1,126 @@
+// CUDA implementations of the attnkern_ext ops: the shared argument checks, the CUDA kernels' own
+// requirements, then dispatch to the (dtype, head dim) instantiation. No kernel code here (dispatch.h
+// only declares the entry points), so this unit compiles with the host compiler.
+// c10's stream and guard headers, not ATen/cuda/CUDAContext.h: that one pulls in cuBLAS and cuSPARSE
+// headers, which a bare toolkit (and the offline syntax check) need not have.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#include <torch/library.h>
+
+#include <cstdint>
+
+#include "../op_args.h"
+#include "dispatch.h"
+
+namespace attnkern {
+namespace {
+
+// The instantiated head dim a problem runs on: the smallest in cuda::kHeadDims >= max(E, Ev).
+int head_dim_bucket(int64_t e) {
+  for (int hd : cuda::kHeadDims) {
+    if (e <= hd) return hd;
+  }
+  return -1;
+}
+
+// What the kernels assume of a tensor: cp.async copies 16-byte chunks, so the head dim is unit-stride
+// and every row (and the base) is 16-byte aligned.
+void check_layout(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.stride(3) == 1 || t.size(3) == 1, "attnkern cuda: ", name,
+              " needs a unit-stride head dim (last dim), got strides ", t.strides());
+  const int64_t elem = t.element_size();
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "attnkern cuda: ", name,
+              " must start at a 16-byte aligned address");
+  for (int d = 0; d < 3; ++d) {
+    TORCH_CHECK(t.size(d) == 1 || (t.stride(d) * elem) % 16 == 0, "attnkern cuda: ", name, " stride of dim ", d,
+                " must be a multiple of 16 bytes, got strides ", t.strides());
+  }
+}
+
+void check_problem(const AttentionParams& p, const at::Tensor& q) {
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+              "attnkern cuda: the CUDA kernels take float16 and bfloat16, got ", q.scalar_type());
+  int major = 0, minor = 0;
+  const int dev = q.device().index();
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+  TORCH_CHECK(major >= 8, "attnkern cuda: the kernels need compute capability 8.0 or newer, got ", major, ".",
+              minor);
+  TORCH_CHECK(p.E % 8 == 0 && p.Ev % 8 == 0, "attnkern cuda: head dims must be multiples of 8, got E=", p.E,
+              " Ev=", p.Ev);
+  TORCH_CHECK(head_dim_bucket(std::max(p.E, p.Ev)) > 0, "attnkern cuda: head dims up to 256, got E=", p.E,
+              " Ev=", p.Ev);
+  TORCH_CHECK(p.B <= 65535 && p.Hq <= 65535, "attnkern cuda: batch and heads up to 65535 each (grid limits)");
+}
+
+template <typename T>
+cudaError_t run_fwd(int hd, const AttentionParams& p, cudaStream_t s) {
+  switch (hd) {
+    case 32: return cuda::run_attention_fwd<T, 32>(p, s);
+    case 64: return cuda::run_attention_fwd<T, 64>(p, s);
+    case 96: return cuda::run_attention_fwd<T, 96>(p, s);
+    case 128: return cuda::run_attention_fwd<T, 128>(p, s);
+    case 160: return cuda::run_attention_fwd<T, 160>(p, s);
+    case 192: return cuda::run_attention_fwd<T, 192>(p, s);
+    default: return cuda::run_attention_fwd<T, 256>(p, s);
+  }
+}
+
+template <typename T>
+cudaError_t run_bwd(int hd, const AttentionParams& p, float* delta, cudaStream_t s) {
+  switch (hd) {
+    case 32: return cuda::run_attention_bwd<T, 32>(p, delta, s);
+    case 64: return cuda::run_attention_bwd<T, 64>(p, delta, s);
+    case 96: return cuda::run_attention_bwd<T, 96>(p, delta, s);
+    case 128: return cuda::run_attention_bwd<T, 128>(p, delta, s);
+    case 160: return cuda::run_attention_bwd<T, 160>(p, delta, s);
+    case 192: return cuda::run_attention_bwd<T, 192>(p, delta, s);
+    default: return cuda::run_attention_bwd<T, 256>(p, delta, s);
+  }
+}
+
+void forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const std::optional<at::Tensor>& mask, double scale, int64_t causal, const at::Tensor& out,
+                  const at::Tensor& lse, const at::Tensor& stats) {
+  const AttentionParams p = forward_params(q, k, v, mask, scale, causal, out, &lse, stats);
+  check_problem(p, q);
+  check_layout(q, "query"), check_layout(k, "key"), check_layout(v, "value"), check_layout(out, "out");
+  if (p.B * p.Hq * p.L == 0) return;
+  const c10::cuda::CUDAGuard guard(q.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const int hd = head_dim_bucket(std::max(p.E, p.Ev));
+  const cudaError_t err = q.scalar_type() == at::kHalf ? run_fwd<__half>(hd, p, stream)
+                                                       : run_fwd<__nv_bfloat16>(hd, p, stream);
+  TORCH_CHECK(err == cudaSuccess, "attnkern cuda forward: ", cudaGetErrorString(err));
+}
+
+void backward_cuda(const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
+                   const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
+                   const at::Tensor& out, const at::Tensor& stats, double scale, int64_t causal,
+                   const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
+                   const std::optional<at::Tensor>& dmask) {
+  const AttentionParams p =
+      backward_params(dout, dlse, q, k, v, mask, out, stats, scale, causal, dq, dk, dv, dmask);
+  check_problem(p, q);
+  check_layout(q, "query"), check_layout(k, "key"), check_layout(v, "value"), check_layout(out, "out");
+  check_layout(dout, "grad_out"), check_layout(dq, "grad_query"), check_layout(dk, "grad_key");
+  check_layout(dv, "grad_value");
+  const c10::cuda::CUDAGuard guard(q.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const at::Tensor delta = at::empty({p.B, p.Hq, p.L}, q.options().dtype(at::kFloat));
+  const int hd = head_dim_bucket(std::max(p.E, p.Ev));
+  const cudaError_t err =
+      q.scalar_type() == at::kHalf ? run_bwd<__half>(hd, p, delta.data_ptr<float>(), stream)
+                                   : run_bwd<__nv_bfloat16>(hd, p, delta.data_ptr<float>(), stream);
+  TORCH_CHECK(err == cudaSuccess, "attnkern cuda backward: ", cudaGetErrorString(err));
+}
+
+}  // namespace
+}  // namespace attnkern
+
+TORCH_LIBRARY_IMPL(attnkern_ext, CUDA, m) {
+  m.impl("forward", &attnkern::forward_cuda);
+  m.impl("backward", &attnkern::backward_cuda);
+}

@@ -1,0 +1,84 @@
+// Shared-memory tiles and the traits that size the CUDA kernels.
+//
+// A tile is kRows x kWidth b16 elements, row-major, with its 16-byte chunks XOR-swizzled inside each
+// group of 8 chunks (chunk c of row r lives at c ^ (r % 8)), so that the eight rows an ldmatrix reads
+// fall in eight different bank groups. The width is the head dim rounded up to a whole group (64
+// elements; 32 for head dim 32, swizzled by (r / 2) % 4), which is why head dims 96 and 160 pad their
+// shared-memory rows to 128 and 192.
+#pragma once
+
+#include <stdint.h>
+
+#include "ptx.h"
+
+namespace attnkern {
+namespace cuda {
+
+__host__ __device__ constexpr int smem_width(int head_dim) { return head_dim <= 32 ? 32 : (head_dim + 63) / 64 * 64; }
+
+template <int kRows_, int kWidth_>
+struct SmemTile {
+  static constexpr int kRows = kRows_;
+  static constexpr int kWidth = kWidth_;
+  static constexpr int kChunks = kWidth / 8;  // 16-byte chunks per row
+  static constexpr int kElems = kRows * kWidth;
+
+  // Element offset of (row, col); col's chunk is swizzled, its offset within the chunk kept.
+  __device__ __forceinline__ static int offset(int row, int col) {
+    const int chunk = col >> 3;
+    const int swz = kChunks >= 8 ? ((chunk & ~7) | ((chunk ^ row) & 7)) : (chunk ^ ((row >> 1) & 3));
+    return row * kWidth + swz * 8 + (col & 7);
+  }
+};
+
+// cp.async a (rows x head_dim) block of a global tensor (row stride `row_stride` elements, unit stride
+// along the head dim) into a tile: rows >= `valid_rows` and head-dim chunks >= `head_dim` read as zero.
+template <typename Tile, int kThreads, int kHeadDim, typename T>
+__device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, int64_t row_stride, int valid_rows,
+                                                int head_dim, int tid) {
+  constexpr int kChunksPerRow = kHeadDim / 8;
+  constexpr int kTotal = Tile::kRows * kChunksPerRow;
+  constexpr int kIters = (kTotal + kThreads - 1) / kThreads;
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    const int i = it * kThreads + tid;
+    if (kTotal % kThreads == 0 || i < kTotal) {
+      const int row = i / kChunksPerRow;
+      const int chunk = i % kChunksPerRow;
+      const bool valid = row < valid_rows && chunk * 8 < head_dim;
+      const T* src = valid ? gmem + row * row_stride + chunk * 8 : gmem;
+      cp_async_16(smem + Tile::offset(row, chunk * 8), src, valid);
+    }
+  }
+}
+
+// Row max / row sum across the four threads (t = lane % 4) that hold one row of an mma C fragment.
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// Sizes of the forward kernel for one head dim (template parameters are compile-time constants).
+//   kBlockM query rows per CTA = 16 per warp; kBlockN keys per K/V tile; kStages K/V buffers.
+template <int kHeadDim_, int kBlockN_, int kNWarps_, typename T_>
+struct FwdTraits {
+  using T = T_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kNWarps = kNWarps_;
+  static constexpr int kThreads = kNWarps * 32;
+  static constexpr int kBlockM = 16 * kNWarps;
+  static constexpr int kBlockN = kBlockN_;
+  static constexpr int kStages = 2;
+  static constexpr int kWidth = smem_width(kHeadDim);
+  using QTile = SmemTile<kBlockM, kWidth>;
+  using KVTile = SmemTile<kBlockN, kWidth>;
+  static constexpr int kSmemBytes = (QTile::kElems + 2 * kStages * KVTile::kElems) * int(sizeof(T));
+  static_assert(kHeadDim % 16 == 0 && kBlockN % 16 == 0, "mma tiles are 16 wide");
+};
+
+}  // namespace cuda
+}  // namespace attnkern

@@ -122,11 +122,7 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dkdv_kernel(co
   const int n_iters = int(p.group) * m_tiles;  // (query head of the group, query tile) pairs
 
   float dk[kOT][4], dv[kOT][4];
-#pragma unroll
-  for (int i = 0; i < kOT; ++i) {
-    dk[i][0] = dk[i][1] = dk[i][2] = dk[i][3] = 0.f;
-    dv[i][0] = dv[i][1] = dv[i][2] = dv[i][3] = 0.f;
-  }
+  zero(dk), zero(dv);
   const int wrow = warp * 16;
 
   auto tile_of = [&](int it, int64_t& h, int& m0) {
@@ -169,28 +165,9 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dkdv_kernel(co
 
     // S^T = K Q^T and dP^T = V dO^T: rows = this warp's 16 keys, columns = the tile's queries.
     float s[kMT][4], dp[kMT][4];
-#pragma unroll
-    for (int j = 0; j < kMT; ++j) {
-      s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-      dp[j][0] = dp[j][1] = dp[j][2] = dp[j][3] = 0.f;
-    }
-#pragma unroll 2
-    for (int kk = 0; kk < kHD; kk += 16) {
-      uint32_t ak[4], av[4];
-      ldmatrix_x4(ak, sK + KVTile::offset(wrow + (lane & 15), kk + (lane >> 4) * 8));
-      ldmatrix_x4(av, sV + KVTile::offset(wrow + (lane & 15), kk + (lane >> 4) * 8));
-#pragma unroll
-      for (int j = 0; j < kMT; j += 2) {
-        uint32_t bq[4], bd[4];
-        const int row = j * 8 + (lane & 7) + ((lane >> 4) << 3), col = kk + ((lane >> 3) & 1) * 8;
-        ldmatrix_x4(bq, sQs + QTile::offset(row, col));
-        ldmatrix_x4(bd, sdOs + QTile::offset(row, col));
-        mma_16816<T>(s[j], ak, bq[0], bq[1]);
-        mma_16816<T>(s[j + 1], ak, bq[2], bq[3]);
-        mma_16816<T>(dp[j], av, bd[0], bd[1]);
-        mma_16816<T>(dp[j + 1], av, bd[2], bd[3]);
-      }
-    }
+    zero(s), zero(dp);
+    warp_mma_abt<T, KVTile, QTile, kHD, kMT>(s, sK, wrow, sQs, lane);
+    warp_mma_abt<T, KVTile, QTile, kHD, kMT>(dp, sV, wrow, sdOs, lane);
 
     // P^T and dS^T in place (element (key, query)).
     const bool check = true;  // bounds, causal and masks vary over queries: always mask here
@@ -210,32 +187,9 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dkdv_kernel(co
       }
     }
 
-    // dV += P^T dO, then dK += dS^T Q, over this CTA's columns: two passes, so that P is dead
-    // before dS's operands load (fewer live registers than one interleaved pass).
-#pragma unroll
-    for (int kk = 0; kk < kMT; kk += 2) {
-      const uint32_t ap[4] = {pack2<T>(s[kk][0], s[kk][1]), pack2<T>(s[kk][2], s[kk][3]),
-                              pack2<T>(s[kk + 1][0], s[kk + 1][1]), pack2<T>(s[kk + 1][2], s[kk + 1][3])};
-#pragma unroll
-      for (int ot = 0; ot < kOT; ot += 2) {
-        uint32_t bd[4];
-        ldmatrix_x4_trans(bd, sdOs + QTile::offset(kk * 8 + (lane & 15), col0 + ot * 8 + (lane >> 4) * 8));
-        mma_16816<T>(dv[ot], ap, bd[0], bd[1]);
-        mma_16816<T>(dv[ot + 1], ap, bd[2], bd[3]);
-      }
-    }
-#pragma unroll
-    for (int kk = 0; kk < kMT; kk += 2) {
-      const uint32_t ads[4] = {pack2<T>(dp[kk][0], dp[kk][1]), pack2<T>(dp[kk][2], dp[kk][3]),
-                               pack2<T>(dp[kk + 1][0], dp[kk + 1][1]), pack2<T>(dp[kk + 1][2], dp[kk + 1][3])};
-#pragma unroll
-      for (int ot = 0; ot < kOT; ot += 2) {
-        uint32_t bq[4];
-        ldmatrix_x4_trans(bq, sQs + QTile::offset(kk * 8 + (lane & 15), col0 + ot * 8 + (lane >> 4) * 8));
-        mma_16816<T>(dk[ot], ads, bq[0], bq[1]);
-        mma_16816<T>(dk[ot + 1], ads, bq[2], bq[3]);
-      }
-    }
+    // dV += P^T dO, then dK += dS^T Q, over this CTA's columns: P is dead before dS's operands load.
+    warp_mma_pb<T, QTile, kMT, kOT>(dv, s, sdOs, col0, lane);
+    warp_mma_pb<T, QTile, kMT, kOT>(dk, dp, sQs, col0, lane);
     __syncthreads();
   }
   cp_async_wait<0>();
@@ -278,28 +232,9 @@ __device__ __forceinline__ void compute_ds(float (&s)[Traits::kBlockN / 8][4], c
   constexpr int kHD = Traits::kHeadDim, kNT = Traits::kBlockN / 8;
   const int g = lane >> 2, t = lane & 3;
   float dp[kNT][4];
-#pragma unroll
-  for (int j = 0; j < kNT; ++j) {
-    s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-    dp[j][0] = dp[j][1] = dp[j][2] = dp[j][3] = 0.f;
-  }
-#pragma unroll 2
-  for (int kk = 0; kk < kHD; kk += 16) {
-    uint32_t aq[4], ad[4];
-    ldmatrix_x4(aq, sQ + QTile::offset(wrow + (lane & 15), kk + (lane >> 4) * 8));
-    ldmatrix_x4(ad, sdO + QTile::offset(wrow + (lane & 15), kk + (lane >> 4) * 8));
-#pragma unroll
-    for (int j = 0; j < kNT; j += 2) {
-      uint32_t bk[4], bv[4];
-      const int row = j * 8 + (lane & 7) + ((lane >> 4) << 3), col = kk + ((lane >> 3) & 1) * 8;
-      ldmatrix_x4(bk, sKs + KVTile::offset(row, col));
-      ldmatrix_x4(bv, sVs + KVTile::offset(row, col));
-      mma_16816<T>(s[j], aq, bk[0], bk[1]);
-      mma_16816<T>(s[j + 1], aq, bk[2], bk[3]);
-      mma_16816<T>(dp[j], ad, bv[0], bv[1]);
-      mma_16816<T>(dp[j + 1], ad, bv[2], bv[3]);
-    }
-  }
+  zero(s), zero(dp);
+  warp_mma_abt<T, QTile, KVTile, kHD, kNT>(s, sQ, wrow, sKs, lane);
+  warp_mma_abt<T, QTile, KVTile, kHD, kNT>(dp, sdO, wrow, sVs, lane);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int64_t i = m0 + wrow + g + 8 * r;
@@ -344,11 +279,8 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dq_kernel(cons
   const T* v = static_cast<const T*>(p.v) + b * p.v_st.b + hk * p.v_st.h;
   const MaskReader mask(p, b, h);
 
-  int n_end = int(p.S), n_full = int(p.S);
-  if (causal) {
-    n_end = int(min(max(int64_t(m0) + kBM + p.causal_offset, int64_t(0)), p.S));
-    n_full = int(min(max(int64_t(m0) + p.causal_offset + 1, int64_t(0)), p.S));
-  }
+  const KeyRange keys(p, m0, kBM);
+  const int n_end = keys.end, n_full = keys.full;
   const int n_blocks = (n_end + kBN - 1) / kBN;
 
   load_tile_async<QTile, kThreads, kHD>(sQ, q, p.q_st.l, int(p.L - m0), int(p.E), tid);
@@ -368,8 +300,7 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dq_kernel(cons
     dl[r] = i < p.L ? delta[(b * p.Hq + h) * p.L + i] : 0.f;
   }
   float dq[kOT][4];
-#pragma unroll
-  for (int i = 0; i < kOT; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+  zero(dq);
 
   for (int nb = 0; nb < n_blocks; ++nb) {
     const int stage = nb & 1;
@@ -392,18 +323,7 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dq_kernel(cons
     compute_ds<Traits, kHasMask>(ds, sQ, sdO, sKs, sVs, wrow, lane, m0, n0, m, log2l, dl, check, p, mask);
 
     // dQ += dS K
-#pragma unroll
-    for (int kk = 0; kk < kNT; kk += 2) {
-      const uint32_t a[4] = {pack2<T>(ds[kk][0], ds[kk][1]), pack2<T>(ds[kk][2], ds[kk][3]),
-                             pack2<T>(ds[kk + 1][0], ds[kk + 1][1]), pack2<T>(ds[kk + 1][2], ds[kk + 1][3])};
-#pragma unroll
-      for (int ot = 0; ot < kOT; ot += 2) {
-        uint32_t bk[4];
-        ldmatrix_x4_trans(bk, sKs + KVTile::offset(kk * 8 + (lane & 15), ot * 8 + (lane >> 4) * 8));
-        mma_16816<T>(dq[ot], a, bk[0], bk[1]);
-        mma_16816<T>(dq[ot + 1], a, bk[2], bk[3]);
-      }
-    }
+    warp_mma_pb<T, KVTile, kNT, kOT>(dq, ds, sKs, 0, lane);
     __syncthreads();
   }
   cp_async_wait<0>();
@@ -456,8 +376,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) attention_bwd_dmask_kerne
   const int wrow = warp * 16;
 
   float acc[kNT][4];
-#pragma unroll
-  for (int j = 0; j < kNT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+  zero(acc);
 
   for (int64_t b = sum_b ? 0 : bm; b < (sum_b ? p.B : bm + 1); ++b) {
     for (int64_t h = sum_h ? 0 : hm; h < (sum_h ? p.Hq : hm + 1); ++h) {

@@ -44,12 +44,8 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_fwd_kernel(const A
   const T* v = static_cast<const T*>(p.v) + b * p.v_st.b + hk * p.v_st.h;
   const MaskReader mask(p, b, h);
 
-  // Keys this block sees: [0, n_end); keys every row of it sees: [0, n_full).
-  int n_end = int(p.S), n_full = int(p.S);
-  if (causal) {
-    n_end = int(min(max(int64_t(m0) + kBM + p.causal_offset, int64_t(0)), p.S));
-    n_full = int(min(max(int64_t(m0) + p.causal_offset + 1, int64_t(0)), p.S));
-  }
+  const KeyRange keys(p, m0, kBM);
+  const int n_end = keys.end, n_full = keys.full;
   const int n_blocks = (n_end + kBN - 1) / kBN;
 
   load_tile_async<QTile, kThreads, kHD>(sQ, q, p.q_st.l, int(p.L - m0), int(p.E), tid);
@@ -61,8 +57,7 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_fwd_kernel(const A
   cp_async_commit();
 
   float o[kOT][4];
-#pragma unroll
-  for (int i = 0; i < kOT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  zero(o);
   float row_max[2] = {kNegInf, kNegInf}, row_sum[2] = {0.f, 0.f};  // rows g and g + 8 of the warp
   const int wrow = warp * 16;
 
@@ -84,20 +79,8 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_fwd_kernel(const A
 
     // S = Q K^T
     float s[kNT][4];
-#pragma unroll
-    for (int j = 0; j < kNT; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-#pragma unroll 2
-    for (int kk = 0; kk < kHD; kk += 16) {
-      uint32_t a[4];
-      ldmatrix_x4(a, sQ + QTile::offset(wrow + (lane & 15), kk + (lane >> 4) * 8));
-#pragma unroll
-      for (int j = 0; j < kNT; j += 2) {
-        uint32_t bf[4];
-        ldmatrix_x4(bf, sKs + KVTile::offset(j * 8 + (lane & 7) + ((lane >> 4) << 3), kk + ((lane >> 3) & 1) * 8));
-        mma_16816<T>(s[j], a, bf[0], bf[1]);
-        mma_16816<T>(s[j + 1], a, bf[2], bf[3]);
-      }
-    }
+    zero(s);
+    warp_mma_abt<T, QTile, KVTile, kHD, kNT>(s, sQ, wrow, sKs, lane);
 
     // Scale and mask, then the online softmax update of rows g and g + 8.
     const bool check = n0 + kBN > p.S || (causal && n0 + kBN > n_full) || kHasMask;
@@ -136,19 +119,8 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_fwd_kernel(const A
       }
     }
 
-    // O += P V: two n8 score tiles make one k16 A fragment.
-#pragma unroll
-    for (int kk = 0; kk < kNT; kk += 2) {
-      const uint32_t a[4] = {pack2<T>(s[kk][0], s[kk][1]), pack2<T>(s[kk][2], s[kk][3]),
-                             pack2<T>(s[kk + 1][0], s[kk + 1][1]), pack2<T>(s[kk + 1][2], s[kk + 1][3])};
-#pragma unroll
-      for (int ot = 0; ot < kOT; ot += 2) {
-        uint32_t bf[4];
-        ldmatrix_x4_trans(bf, sVs + KVTile::offset(kk * 8 + (lane & 15), ot * 8 + (lane >> 4) * 8));
-        mma_16816<T>(o[ot], a, bf[0], bf[1]);
-        mma_16816<T>(o[ot + 1], a, bf[2], bf[3]);
-      }
-    }
+    // O += P V
+    warp_mma_pb<T, KVTile, kNT, kOT>(o, s, sVs, 0, lane);
     __syncthreads();  // everyone is done with this stage before the next prefetch overwrites it
   }
   cp_async_wait<0>();

@@ -16,7 +16,7 @@ namespace cuda {
 // tiles so the output accumulators (head_dim / 2 floats per thread) and scores fit in registers.
 template <typename T, int HD>
 struct FwdConfig {
-  using Traits = FwdTraits<HD, (HD <= 64 ? 128 : (HD <= 192 ? 64 : 32)), 4, T>;
+  using Traits = FwdTraits<HD, (HD <= 64 ? 128 : (HD <= 128 ? 64 : 32)), 4, T>;
 };
 
 // dK/dV: 4 warps (64 keys per CTA), query tiles of 64 rows up to head dim 64, else 32; head dims over

@@ -49,6 +49,18 @@ struct MaskReader {
   }
 };
 
+// The keys a block of query rows [m0, m0 + rows) sees: [0, end); the keys every one of its rows
+// sees: [0, full) (tiles past `full` need per-element causal masking).
+struct KeyRange {
+  int end, full;
+  __device__ __forceinline__ KeyRange(const AttentionParams& p, int64_t m0, int rows) : end(int(p.S)), full(int(p.S)) {
+    if (p.causal != Causal::kNone) {
+      end = int(min(max(m0 + rows + p.causal_offset, int64_t(0)), p.S));
+      full = int(min(max(m0 + p.causal_offset + 1, int64_t(0)), p.S));
+    }
+  }
+};
+
 // One score element: scale it, add the mask, and send it to -inf where the key is out of range or
 // past the causal diagonal. (i, j): query row and key column, absolute. kHasMask is a template
 // argument so that kernels without a user mask carry none of the mask-reading code (registers).

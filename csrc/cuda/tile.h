@@ -52,6 +52,52 @@ __device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, int64_t 
   }
 }
 
+// acc[j] += A[a_row0 + 0..15, :] . B[8j + 0..7, :]^T for j < kNT, over kK columns: one warp's 16 x 8kNT
+// block of A B^T, both operands row-major in swizzled shared-memory tiles (S = Q K^T, dP = dO V^T,
+// and their transposes). The k loop only addresses shared memory, so it is unrolled by 2, not fully:
+// full unrolling lets ptxas hoist every fragment load and spill at head dim 128.
+template <typename T, typename ATile, typename BTile, int kK, int kNT>
+__device__ __forceinline__ void warp_mma_abt(float (&acc)[kNT][4], const T* sA, int a_row0, const T* sB, int lane) {
+#pragma unroll 2
+  for (int kk = 0; kk < kK; kk += 16) {
+    uint32_t a[4];
+    ldmatrix_x4(a, sA + ATile::offset(a_row0 + (lane & 15), kk + (lane >> 4) * 8));
+#pragma unroll
+    for (int j = 0; j < kNT; j += 2) {
+      uint32_t bf[4];
+      ldmatrix_x4(bf, sB + BTile::offset(j * 8 + (lane & 7) + ((lane >> 4) << 3), kk + ((lane >> 3) & 1) * 8));
+      mma_16816<T>(acc[j], a, bf[0], bf[1]);
+      mma_16816<T>(acc[j + 1], a, bf[2], bf[3]);
+    }
+  }
+}
+
+// acc[ot] += P . B[:, col0 + 8ot + 0..7] for ot < kOT: P is a warp's 16 x 8kPT block of scores in mma C
+// fragments (rounded to T here, two n8 fragments making one k16 A operand), B a row-major tile read
+// transposed by ldmatrix (O += P V, dQ += dS K, dV += P^T dO, dK += dS^T Q).
+template <typename T, typename BTile, int kPT, int kOT>
+__device__ __forceinline__ void warp_mma_pb(float (&acc)[kOT][4], const float (&pf)[kPT][4], const T* sB, int col0,
+                                            int lane) {
+#pragma unroll
+  for (int kk = 0; kk < kPT; kk += 2) {
+    const uint32_t a[4] = {pack2<T>(pf[kk][0], pf[kk][1]), pack2<T>(pf[kk][2], pf[kk][3]),
+                           pack2<T>(pf[kk + 1][0], pf[kk + 1][1]), pack2<T>(pf[kk + 1][2], pf[kk + 1][3])};
+#pragma unroll
+    for (int ot = 0; ot < kOT; ot += 2) {
+      uint32_t bf[4];
+      ldmatrix_x4_trans(bf, sB + BTile::offset(kk * 8 + (lane & 15), col0 + ot * 8 + (lane >> 4) * 8));
+      mma_16816<T>(acc[ot], a, bf[0], bf[1]);
+      mma_16816<T>(acc[ot + 1], a, bf[2], bf[3]);
+    }
+  }
+}
+
+template <int kN>
+__device__ __forceinline__ void zero(float (&acc)[kN][4]) {
+#pragma unroll
+  for (int i = 0; i < kN; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+}
+
 // Row max / row sum across the four threads (t = lane % 4) that hold one row of an mma C fragment.
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));

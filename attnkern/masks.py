@@ -15,6 +15,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from .shapes import broadcast_shapes
+
 # Causal alignments. Query row i may attend key j iff j <= i + offset, where the offset is 0 for
 # top-left (torch's `is_causal`, `tril(diagonal=0)`) and S - L for bottom-right (FlashAttention's).
 CAUSAL_NONE = 0
@@ -76,7 +78,7 @@ def canonical_mask(
     """
     full = (*batch_shape, H, L, S)
     try:
-        ok = mask.dim() <= len(full) and tuple(torch.broadcast_shapes(mask.shape, full)) == full
+        ok = mask.dim() <= len(full) and broadcast_shapes(mask.shape, full) == full
     except RuntimeError:
         ok = False
     if not ok:

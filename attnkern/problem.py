@@ -16,6 +16,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import masks
+from .shapes import broadcast_shapes
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -173,7 +174,7 @@ def normalize(
             f"value.shape={tuple(value.shape)}"
         )
     try:
-        batch_shape = tuple(torch.broadcast_shapes(qb, kb, vb))
+        batch_shape = broadcast_shapes(qb, kb, vb)
     except RuntimeError:
         raise ValueError(
             "the batch dims (all but the last three) of query, key and value must broadcast: got "
@@ -190,7 +191,7 @@ def normalize(
         H = Hq
     else:
         try:
-            (H,) = torch.broadcast_shapes((Hq,), (Hk,), (Hv,))
+            (H,) = broadcast_shapes((Hq,), (Hk,), (Hv,))
         except RuntimeError:
             raise ValueError(
                 f"query, key and value head counts (dim -3) must match or be 1: query has {Hq}, key {Hk}, "

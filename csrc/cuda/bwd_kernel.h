@@ -109,10 +109,9 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dkdv_kernel(co
   const int col0 = split * kOT * 8;  // first dK/dV column of this CTA
   const bool causal = p.causal != Causal::kNone;
 
-  const T* kb = static_cast<const T*>(p.k) + b * p.k_st.b + hk * p.k_st.h + int64_t(n0) * p.k_st.l;
-  const T* vb = static_cast<const T*>(p.v) + b * p.v_st.b + hk * p.v_st.h + int64_t(n0) * p.v_st.l;
-  load_tile_async<KVTile, kThreads, kHD>(sK, kb, p.k_st.l, int(p.S - n0), int(p.E), tid);
-  load_tile_async<KVTile, kThreads, kHD>(sV, vb, p.v_st.l, int(p.S - n0), int(p.Ev), tid);
+  const T* k = static_cast<const T*>(p.k) + b * p.k_st.b + hk * p.k_st.h;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_st.b + hk * p.v_st.h;
+  load_kv_async<KVTile, kThreads, kHD>(sK, sV, k, v, p, n0, p.S, tid);
   cp_async_commit();
 
   // Query rows that see any key of this block: i + offset >= n0.
@@ -287,8 +286,7 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dq_kernel(cons
   load_tile_async<QTile, kThreads, kHD>(sdO, d, p.dout_st.l, int(p.L - m0), int(p.Ev), tid);
   cp_async_commit();
   if (n_blocks > 0) {
-    load_tile_async<KVTile, kThreads, kHD>(sK, k, p.k_st.l, n_end, int(p.E), tid);
-    load_tile_async<KVTile, kThreads, kHD>(sV, v, p.v_st.l, n_end, int(p.Ev), tid);
+    load_kv_async<KVTile, kThreads, kHD>(sK, sV, k, v, p, 0, n_end, tid);
   }
   cp_async_commit();
 
@@ -306,11 +304,8 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dq_kernel(cons
     const int stage = nb & 1;
     const int n0 = nb * kBN;
     if (nb + 1 < n_blocks) {
-      const int n1 = n0 + kBN;
-      load_tile_async<KVTile, kThreads, kHD>(sK + (stage ^ 1) * KVTile::kElems, k + int64_t(n1) * p.k_st.l,
-                                             p.k_st.l, n_end - n1, int(p.E), tid);
-      load_tile_async<KVTile, kThreads, kHD>(sV + (stage ^ 1) * KVTile::kElems, v + int64_t(n1) * p.v_st.l,
-                                             p.v_st.l, n_end - n1, int(p.Ev), tid);
+      load_kv_async<KVTile, kThreads, kHD>(sK + (stage ^ 1) * KVTile::kElems, sV + (stage ^ 1) * KVTile::kElems, k,
+                                           v, p, n0 + kBN, n_end, tid);
     }
     cp_async_commit();
     cp_async_wait<1>();
@@ -382,6 +377,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) attention_bwd_dmask_kerne
     for (int64_t h = sum_h ? 0 : hm; h < (sum_h ? p.Hq : hm + 1); ++h) {
       const int64_t hk = h / p.group;
       const MaskReader mask(p, b, h);
+      const T* k = static_cast<const T*>(p.k) + b * p.k_st.b + hk * p.k_st.h;
+      const T* v = static_cast<const T*>(p.v) + b * p.v_st.b + hk * p.v_st.h;
       for (int64_t m0 = r0; m0 < r1; m0 += kBM) {
         const T* q = static_cast<const T*>(p.q) + b * p.q_st.b + h * p.q_st.h + m0 * p.q_st.l;
         const T* d = static_cast<const T*>(p.dout) + b * p.dout_st.b + h * p.dout_st.h + m0 * p.dout_st.l;
@@ -396,11 +393,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) attention_bwd_dmask_kerne
           dl[r] = i < p.L ? delta[(b * p.Hq + h) * p.L + i] : 0.f;
         }
         for (int64_t n0 = c0; n0 < c1; n0 += kBN) {
-          const T* k = static_cast<const T*>(p.k) + b * p.k_st.b + hk * p.k_st.h + n0 * p.k_st.l;
-          const T* v = static_cast<const T*>(p.v) + b * p.v_st.b + hk * p.v_st.h + n0 * p.v_st.l;
           if (n0 != c0) __syncthreads();
-          load_tile_async<KVTile, kThreads, kHD>(sK, k, p.k_st.l, int(p.S - n0), int(p.E), tid);
-          load_tile_async<KVTile, kThreads, kHD>(sV, v, p.v_st.l, int(p.S - n0), int(p.Ev), tid);
+          load_kv_async<KVTile, kThreads, kHD>(sK, sV, k, v, p, n0, p.S, tid);
           cp_async_commit();
           cp_async_wait<0>();
           __syncthreads();

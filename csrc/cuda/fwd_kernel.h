@@ -51,8 +51,7 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_fwd_kernel(const A
   load_tile_async<QTile, kThreads, kHD>(sQ, q, p.q_st.l, int(p.L - m0), int(p.E), tid);
   cp_async_commit();
   if (n_blocks > 0) {
-    load_tile_async<KVTile, kThreads, kHD>(sK, k, p.k_st.l, n_end, int(p.E), tid);
-    load_tile_async<KVTile, kThreads, kHD>(sV, v, p.v_st.l, n_end, int(p.Ev), tid);
+    load_kv_async<KVTile, kThreads, kHD>(sK, sV, k, v, p, 0, n_end, tid);
   }
   cp_async_commit();
 
@@ -65,11 +64,8 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_fwd_kernel(const A
     const int stage = nb & 1;
     const int n0 = nb * kBN;
     if (nb + 1 < n_blocks) {  // prefetch the next tile into the other stage
-      const int n1 = n0 + kBN;
-      load_tile_async<KVTile, kThreads, kHD>(sK + (stage ^ 1) * KVTile::kElems, k + int64_t(n1) * p.k_st.l,
-                                             p.k_st.l, n_end - n1, int(p.E), tid);
-      load_tile_async<KVTile, kThreads, kHD>(sV + (stage ^ 1) * KVTile::kElems, v + int64_t(n1) * p.v_st.l,
-                                             p.v_st.l, n_end - n1, int(p.Ev), tid);
+      load_kv_async<KVTile, kThreads, kHD>(sK + (stage ^ 1) * KVTile::kElems, sV + (stage ^ 1) * KVTile::kElems, k,
+                                           v, p, n0 + kBN, n_end, tid);
     }
     cp_async_commit();
     cp_async_wait<1>();  // Q and this tile have landed

@@ -6,6 +6,7 @@
 
 #include "../params.h"
 #include "ptx.h"
+#include "tile.h"
 
 namespace attnkern {
 namespace cuda {
@@ -60,6 +61,15 @@ struct KeyRange {
     }
   }
 };
+
+// Keys [n0, n0 + KVTile::kRows) of one kv head's K and V (k, v: its first rows) into a K and a V tile;
+// keys >= n_end read as zero. cp.async: the caller commits and waits.
+template <typename KVTile, int kThreads, int kHD, typename T>
+__device__ __forceinline__ void load_kv_async(T* sK, T* sV, const T* k, const T* v, const AttentionParams& p,
+                                              int64_t n0, int64_t n_end, int tid) {
+  load_tile_async<KVTile, kThreads, kHD>(sK, k + n0 * p.k_st.l, p.k_st.l, int(n_end - n0), int(p.E), tid);
+  load_tile_async<KVTile, kThreads, kHD>(sV, v + n0 * p.v_st.l, p.v_st.l, int(n_end - n0), int(p.Ev), tid);
+}
 
 // One score element: scale it, add the mask, and send it to -inf where the key is out of range or
 // past the causal diagonal. (i, j): query row and key column, absolute. kHasMask is a template

@@ -24,6 +24,24 @@ AUTO = "triton" if ON_GPU else "cpu"
 FUSED = [b for b in BACKEND_DTYPES if b != "reference"]
 
 
+def count_fused_calls(monkeypatch):
+    """Wrap the forward and backward of the backend `auto` picks here so they count their calls; the
+    returned dict fills in as they run (monkeypatch undoes the wrapping)."""
+    from attnkern import backends
+
+    calls = {"forward": 0, "backward": 0}
+    b = backends.get(AUTO)
+    for method in calls:
+        orig = getattr(b, method)
+
+        def counting(*args, _orig=orig, _method=method):
+            calls[_method] += 1
+            return _orig(*args)
+
+        monkeypatch.setattr(b, method, counting)
+    return calls
+
+
 def pairs():
     return [(b, d) for b, ds in BACKEND_DTYPES.items() for d in ds]
 
@@ -33,4 +51,4 @@ def pair_id(pair) -> str:
     return f"{backend}-{str(dtype).replace('torch.', '')}"
 
 
-__all__ = ["AUTO", "DEVICE", "BACKEND_DTYPES", "FUSED", "pairs", "pair_id"]
+__all__ = ["AUTO", "DEVICE", "BACKEND_DTYPES", "FUSED", "count_fused_calls", "pairs", "pair_id"]

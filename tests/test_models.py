@@ -14,9 +14,8 @@ import pytest
 import torch
 
 import attnkern
-from attnkern import backends
 from attnkern.tolerance import assert_all, check
-from matrix import AUTO, DEVICE, ON_GPU
+from matrix import DEVICE, ON_GPU, count_fused_calls
 
 transformers = pytest.importorskip("transformers", reason="needs the transformers extra (pip install -e .[test])")
 
@@ -39,17 +38,7 @@ def registered():
 @pytest.fixture
 def fused_calls(monkeypatch):
     """Calls of the fused backend's forward and backward."""
-    calls = {"forward": 0, "backward": 0}
-    b = backends.get(AUTO)
-    for method in calls:
-        orig = getattr(b, method)
-
-        def counting(*args, _orig=orig, _method=method):
-            calls[_method] += 1
-            return _orig(*args)
-
-        monkeypatch.setattr(b, method, counting)
-    return calls
+    return count_fused_calls(monkeypatch)
 
 
 def _tokens(seed, padding):

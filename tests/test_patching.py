@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import attnkern
 from attnkern import backends, dispatch, patching
 from attnkern.tolerance import assert_all, check
-from matrix import AUTO, DEVICE
+from matrix import AUTO, DEVICE, count_fused_calls
 
 TORCH_SDPA = F.scaled_dot_product_attention
 
@@ -309,21 +309,6 @@ def test_a_patch_installed_over_ours_is_left_in_place(counted, caplog):
     assert F.scaled_dot_product_attention is original
 
 
-def _count_module_calls(monkeypatch):
-    """Calls of the auto-chosen fused backend's forward and backward."""
-    calls = {"forward": 0, "backward": 0}
-    b = backends.get(AUTO)
-    for method in calls:
-        orig = getattr(b, method)
-
-        def counting(*args, _orig=orig, _method=method):
-            calls[_method] += 1
-            return _orig(*args)
-
-        monkeypatch.setattr(b, method, counting)
-    return calls
-
-
 def _torch_module_cases():
     def mha():
         m = torch.nn.MultiheadAttention(32, 4, batch_first=True)
@@ -350,7 +335,7 @@ def test_torch_modules_in_training_mode_run_attnkern(monkeypatch, name):
     x = rand(2, 10, 32)
     pad = torch.zeros(2, 10, dtype=torch.bool, device=DEVICE)
     pad[1, 7:] = True  # True = padding, as torch's key_padding_mask
-    calls = _count_module_calls(monkeypatch)
+    calls = count_fused_calls(monkeypatch)
     with attnkern.replace_sdpa():
         out = call(module, x, pad)
     # A random projection: a plain sum of squares after a LayerNorm hardly depends on the parameters.

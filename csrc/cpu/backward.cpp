@@ -130,6 +130,21 @@ inline void probabilities_and_ds(const RowMasker<acc_t>& masker, acc_t* sb, acc_
   }
 }
 
+// One (query block, key tile) step shared by both passes: S = Q K^T into sb and dP = dO V^T into dpb,
+// then P (in sb) and dS (in dpb) by probabilities_and_ds. Ep, Evp: the packed query block's row widths.
+template <typename scalar_t, typename acc_t>
+inline void tile_p_and_ds(const AttentionParams& p, const RowMasker<acc_t>& masker,
+                          const QueryBlock<scalar_t, acc_t>& qblk, const PackedKV<scalar_t, acc_t>& kv, int64_t m0,
+                          int64_t mb, int64_t n0, int64_t nb, int64_t n_full, int64_t Ep, int64_t Evp, acc_t* sb,
+                          acc_t* dpb, int64_t BNp) {
+  constexpr int64_t NR = kNR<acc_t>;
+  const int64_t nbp = round_up(nb, NR);
+  gemm<acc_t, false, false>(mb, nbp, p.E, qblk.qb, Ep, kv.kt_block(n0, p), p.E * NR, sb, BNp);
+  gemm<acc_t, false, false>(mb, nbp, p.Ev, qblk.dob, Evp, kv.vt_block(n0, p), p.Ev * NR, dpb, BNp);
+  probabilities_and_ds(masker, sb, dpb, BNp, m0, mb, n0, nb, nbp, p.causal_enabled() && n0 + nb > n_full,
+                       {qblk.row_max, qblk.log2_denom, qblk.delta});
+}
+
 template <typename scalar_t>
 void backward_kernel(const AttentionParams& p, const Blocking& blk) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -182,11 +197,8 @@ void backward_kernel(const AttentionParams& p, const Blocking& blk) {
             int64_t n_end, n_full;
             key_range(p, m0, mb, n_end, n_full);
             for (int64_t n0 = 0; n0 < n_end; n0 += BN) {
-              const int64_t nb = std::min(BN, n_end - n0), nbp = round_up(nb, NR);
-              gemm<acc_t, false, false>(mb, nbp, p.E, qblk.qb, Ep, kv.kt_block(n0, p), p.E * NR, sb, BNp);
-              gemm<acc_t, false, false>(mb, nbp, p.Ev, qblk.dob, Evp, kv.vt_block(n0, p), p.Ev * NR, dpb, BNp);
-              probabilities_and_ds(masker, sb, dpb, BNp, m0, mb, n0, nb, nbp,
-                                   p.causal_enabled() && n0 + nb > n_full, {qblk.row_max, qblk.log2_denom, qblk.delta});
+              const int64_t nb = std::min(BN, n_end - n0);
+              tile_p_and_ds(p, masker, qblk, kv, m0, mb, n0, nb, n_full, Ep, Evp, sb, dpb, BNp);
               gemm<acc_t, true, true>(nb, Evp, mb, sb, BNp, qblk.dop, BM * NR, dv_acc + n0 * Evp, Evp);
               gemm<acc_t, true, true>(nb, Ep, mb, dpb, BNp, qblk.qp, BM * NR, dk_acc + n0 * Ep, Ep);
               gemm<acc_t, false, true>(mb, Ep, nb, dpb, BNp, kv.kr + n0 * NR, kv.sp * NR, dqb, Ep);
@@ -268,11 +280,8 @@ void mask_grad_kernel(const AttentionParams& p, const Blocking& blk) {
             int64_t n_end, n_full;
             key_range(p, m0, mb, n_end, n_full);
             for (int64_t n0 = 0; n0 < n_end; n0 += BN) {
-              const int64_t nb = std::min(BN, n_end - n0), nbp = round_up(nb, NR);
-              gemm<acc_t, false, false>(mb, nbp, p.E, qblk.qb, Ep, kv.kt_block(n0, p), p.E * NR, sb, BNp);
-              gemm<acc_t, false, false>(mb, nbp, p.Ev, qblk.dob, Evp, kv.vt_block(n0, p), p.Ev * NR, dpb, BNp);
-              probabilities_and_ds(masker, sb, dpb, BNp, m0, mb, n0, nb, nbp,
-                                   p.causal_enabled() && n0 + nb > n_full, {qblk.row_max, qblk.log2_denom, qblk.delta});
+              const int64_t nb = std::min(BN, n_end - n0);
+              tile_p_and_ds(p, masker, qblk, kv, m0, mb, n0, nb, n_full, Ep, Evp, sb, dpb, BNp);
               for (int64_t i = 0; i < mb; ++i) {
                 const acc_t* ds = dpb + i * BNp;
                 acc_t* dm_row = dm + (rows_full ? (m0 + i) * p.Sm : 0);

@@ -58,6 +58,10 @@ def _layout_problem(t: torch.Tensor, name: str):
 class CudaBackend(Backend):
     name = "cuda"
 
+    def _ops(self):
+        """The op namespace the glue below calls (cuda_emu.py's subclass swaps in the emulated kernels)."""
+        return torch.ops.attnkern_ext
+
     def availability(self, device):
         if extension.EXTENSION_ERROR:
             return extension.EXTENSION_ERROR
@@ -88,7 +92,7 @@ class CudaBackend(Backend):
         q, k, v = _ready(_padded(q)), _ready(_padded(k)), _ready(_padded(v))
         # The output is laid out like the caller's query, padded or not.
         out, lse, stats = new_output(q0, v.shape[-1]), new_lse(q), new_stats(q)
-        torch.ops.attnkern_ext.forward(q, k, v, mask, scale, causal, out, lse, stats)
+        self._ops().forward(q, k, v, mask, scale, causal, out, lse, stats)
         return _cut(out, lambda: new_output(q0, Ev), Ev), lse, stats
 
     def backward(self, dout, dlse, q, k, v, mask, out, stats, scale, causal, mask_grad):
@@ -98,6 +102,6 @@ class CudaBackend(Backend):
         dout, out = _ready(_padded(dout)), _ready(_padded(out))
         dq, dk, dv = new_grad(q), new_grad(k), new_grad(v)
         dmask = new_mask_grad(mask, stats.dtype) if mask_grad else None
-        torch.ops.attnkern_ext.backward(dout, dlse, q, k, v, mask, out, stats, scale, causal, dq, dk, dv, dmask)
+        self._ops().backward(dout, dlse, q, k, v, mask, out, stats, scale, causal, dq, dk, dv, dmask)
         dq, dk, dv = (_cut(g, lambda t=t: new_grad(t), t.shape[-1]) for g, t in ((dq, q0), (dk, k0), (dv, v0)))
         return dq, dk, dv, (dmask.to(mask.dtype) if dmask is not None else None)

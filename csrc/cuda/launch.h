@@ -47,7 +47,7 @@ cudaError_t run_attention_fwd(const AttentionParams& p, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
   const dim3 grid(unsigned((p.L + Traits::kBlockM - 1) / Traits::kBlockM), unsigned(p.Hq), unsigned(p.B));
   if (grid.x * grid.y * grid.z == 0) return cudaSuccess;  // nothing to compute (a launch would fail)
-  kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(p);
+  ATTNKERN_LAUNCH(kernel, grid, Traits::kThreads, Traits::kSmemBytes, stream)(p);
   return cudaGetLastError();
 }
 
@@ -58,7 +58,7 @@ cudaError_t launch_dkdv(const AttentionParams& p, const float* delta, cudaStream
   if (err != cudaSuccess) return err;
   const dim3 grid(unsigned((p.S + Traits::kBlockN - 1) / Traits::kBlockN * Traits::kSplit), unsigned(p.Hkv),
                   unsigned(p.B));
-  kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(p, delta);
+  ATTNKERN_LAUNCH(kernel, grid, Traits::kThreads, Traits::kSmemBytes, stream)(p, delta);
   return cudaGetLastError();
 }
 
@@ -71,9 +71,8 @@ cudaError_t run_attention_bwd(const AttentionParams& p, float* delta, cudaStream
   cudaError_t err = cudaSuccess;
   constexpr int kRowsPerBlock = 8;  // preprocess: one warp per row
   if (p.L > 0) {
-    attention_bwd_preprocess_kernel<T><<<dim3(unsigned((p.L + kRowsPerBlock - 1) / kRowsPerBlock), unsigned(p.Hq),
-                                              unsigned(p.B)),
-                                         kRowsPerBlock * 32, 0, stream>>>(p, delta);
+    const dim3 grid_pre(unsigned((p.L + kRowsPerBlock - 1) / kRowsPerBlock), unsigned(p.Hq), unsigned(p.B));
+    ATTNKERN_LAUNCH(attention_bwd_preprocess_kernel<T>, grid_pre, kRowsPerBlock * 32, 0, stream)(p, delta);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
 
@@ -86,7 +85,7 @@ cudaError_t run_attention_bwd(const AttentionParams& p, float* delta, cudaStream
     auto dq = has_mask ? attention_bwd_dq_kernel<Dq, true> : attention_bwd_dq_kernel<Dq, false>;
     if ((err = allow_smem(dq, Dq::kSmemBytes)) != cudaSuccess) return err;
     const dim3 grid_q(unsigned((p.L + Dq::kBlockM - 1) / Dq::kBlockM), unsigned(p.Hq), unsigned(p.B));
-    dq<<<grid_q, Dq::kThreads, Dq::kSmemBytes, stream>>>(p, delta);
+    ATTNKERN_LAUNCH(dq, grid_q, Dq::kThreads, Dq::kSmemBytes, stream)(p, delta);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
   if (p.dmask && p.L > 0 && p.S > 0) {
@@ -95,7 +94,7 @@ cudaError_t run_attention_bwd(const AttentionParams& p, float* delta, cudaStream
     const bool sum_l = p.Lm == 1 && p.L > 1, sum_s = p.Sm == 1 && p.S > 1;
     const dim3 grid_m(sum_l ? 1u : unsigned((p.L + Dq::kBlockM - 1) / Dq::kBlockM),
                       sum_s ? 1u : unsigned((p.S + Dq::kBlockN - 1) / Dq::kBlockN), unsigned(p.Bm * p.Hm));
-    dm<<<grid_m, Dq::kThreads, Dq::kSmemBytes, stream>>>(p, delta, static_cast<float*>(p.dmask));
+    ATTNKERN_LAUNCH(dm, grid_m, Dq::kThreads, Dq::kSmemBytes, stream)(p, delta, static_cast<float*>(p.dmask));
     err = cudaGetLastError();
   }
   return err;

@@ -67,9 +67,14 @@ def _sources_digest(files: List[str], extra: str) -> str:
     return h.hexdigest()[:16]
 
 
+def _kernel_units() -> List[str]:
+    """The instantiation units of csrc/cuda/inst and the emulator's own test kernels."""
+    return sorted(glob.glob(os.path.join(CSRC, "cuda", "inst", "*.cu"))) + [os.path.join(EMU_DIR, "selftest.cu")]
+
+
 def _compile_kernels(include: str, out_dir: str, jobs: int) -> List[str]:
     """One object per instantiation unit of csrc/cuda/inst, compiled `jobs` at a time."""
-    units = sorted(glob.glob(os.path.join(CSRC, "cuda", "inst", "*.cu")))
+    units = _kernel_units()
     cxx = os.environ.get("CXX", "g++")
 
     def one(unit):
@@ -114,7 +119,7 @@ def _build_and_load(verbose: bool) -> None:
         raise RuntimeError("no CUDA headers found (set CUDA_HOME)")
     host = [os.path.join(EMU_DIR, "runtime.cpp"), os.path.join(EMU_DIR, "ops_emu.cpp"),
             os.path.join(CSRC, "op_args.cpp")]
-    units = glob.glob(os.path.join(CSRC, "cuda", "inst", "*.cu"))
+    units = _kernel_units()
     digest = _sources_digest(host + units, " ".join(KERNEL_FLAGS + INSTRUMENT) + include + sys.version)
     out = os.path.join(build_dir(), digest)
     os.makedirs(out, exist_ok=True)

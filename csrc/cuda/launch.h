@@ -19,16 +19,19 @@ struct FwdConfig {
   using Traits = FwdTraits<HD, (HD <= 64 ? 128 : (HD <= 128 ? 64 : 32)), 4, T>;
 };
 
-// dK/dV: 4 warps (64 keys per CTA), query tiles of 64 rows up to head dim 64, else 32; head dims over
-// 128 split dK/dV across two CTAs (each recomputing S and dP) so the dK and dV accumulators fit in
-// registers. dQ and dMask: 4 warps (64 rows), key tiles of 64 up to head dim 64, else 32.
+// dK/dV: 4 warps (64 keys per CTA), query tiles of 64 rows up to head dim 64, else 32 (16 over head
+// dim 192); head dims over 128 split dK/dV across two CTAs (each recomputing S and dP) so the dK and dV
+// accumulators fit in registers. dQ and dMask: 4 warps (64 rows), key tiles of 64 up to head dim 64,
+// else 32 (16 over head dim 192). Head dim 256 takes the 16-row tiles so that its backward fits the
+// 99 KB of shared memory of sm_86/sm_89 (with 32 it needed 129 KB: no launch there).
 template <typename T, int HD>
 struct BwdConfig {
-  using DkDv = BwdTraits<HD, (HD <= 64 ? 64 : 32), 4, (HD <= 128 ? 1 : 2), T>;
-  // With a user mask the per-element mask reads need registers too: query tiles of 32 rows, and the
-  // column split from head dim 128 on.
-  using DkDvMasked = BwdTraits<HD, 32, 4, (HD < 128 ? 1 : 2), T>;
-  using Dq = DqTraits<HD, (HD <= 64 ? 64 : 32), 4, T>;
+  static constexpr int kTile = HD <= 64 ? 64 : (HD <= 192 ? 32 : 16);
+  using DkDv = BwdTraits<HD, kTile, 4, (HD <= 128 ? 1 : 2), T>;
+  // With a user mask the per-element mask reads need registers too: query tiles of at most 32 rows,
+  // and the column split from head dim 128 on.
+  using DkDvMasked = BwdTraits<HD, (kTile < 32 ? kTile : 32), 4, (HD < 128 ? 1 : 2), T>;
+  using Dq = DqTraits<HD, kTile, 4, T>;
 };
 
 template <typename Kernel>

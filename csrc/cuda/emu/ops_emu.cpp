@@ -119,9 +119,51 @@ void backward_emu(const at::Tensor& dout, const std::optional<at::Tensor>& dlse,
 }
 
 }  // namespace
+
+namespace cuda {  // selftest.cu
+cudaError_t emu_warp_gemm_check(bool bf16, int hd, const void* q, const void* k, const void* v, float* s, float* o,
+                                float* o_split);
+void emu_run_broken(int which, const __half* in, float* out);
+}  // namespace cuda
+
+namespace {
+
+// The emulator's own tests: one of the broken kernels of selftest.cu (0: missing __syncthreads, 1: a
+// read before cp.async.wait_group, 2: a store one past a shared tile, 3: a store one past a global
+// tensor, 4: a barrier only one warp reaches; 5-8: launches past the limits). Each must raise the
+// emulator's report.
+void run_broken_kernel(int64_t which) {
+  const at::Tensor in = at::randn({128, 8}, at::kFloat).to(at::kHalf);
+  const at::Tensor out = at::zeros({which == 3 ? 100 : 128}, at::kFloat);
+  const emu::GlobalRanges ranges{span(in, "in"), span(out, "out")};
+  cuda::emu_run_broken(int(which), static_cast<const __half*>(in.data_ptr()), out.data_ptr<float>());
+}
+
+// S = Q K^T and O = round(S) V through the kernels' warp GEMM helpers (64 x hd inputs, fp16/bf16).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> warp_gemm_check(const at::Tensor& q, const at::Tensor& k,
+                                                              const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 2 && q.size(0) == 64 && q.is_contiguous() && k.sizes() == q.sizes() &&
+                  v.sizes() == q.sizes() && k.is_contiguous() && v.is_contiguous(),
+              "warp_gemm_check takes contiguous (64, hd) q, k, v");
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, "fp16 or bf16");
+  const int hd = int(q.size(1));
+  at::Tensor s = at::full({64, 64}, NAN, q.options().dtype(at::kFloat));
+  at::Tensor o = at::full({64, hd}, NAN, q.options().dtype(at::kFloat)), o_split = at::full_like(o, NAN);
+  const emu::GlobalRanges ranges{span(q, "q"), span(k, "k"), span(v, "v"), span(s, "s"), span(o, "o"),
+                                 span(o_split, "o_split")};
+  const cudaError_t err = cuda::emu_warp_gemm_check(q.scalar_type() == at::kBFloat16, hd, q.data_ptr(), k.data_ptr(),
+                                                    v.data_ptr(), s.data_ptr<float>(), o.data_ptr<float>(),
+                                                    o_split.data_ptr<float>());
+  TORCH_CHECK(err == cudaSuccess, "warp_gemm_check: head dim ", hd, " is not instantiated");
+  return {s, o, o_split};
+}
+
+}  // namespace
 }  // namespace attnkern
 
 TORCH_LIBRARY(attnkern_emu, m) {
+  m.def("run_broken_kernel(int which) -> ()");
+  m.def("warp_gemm_check(Tensor q, Tensor k, Tensor v) -> (Tensor, Tensor, Tensor)");
   m.def(
       "forward(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float scale, int causal, "
       "Tensor(a!) out, Tensor(b!) lse, Tensor(c!) stats) -> ()");
@@ -134,4 +176,9 @@ TORCH_LIBRARY(attnkern_emu, m) {
 TORCH_LIBRARY_IMPL(attnkern_emu, CPU, m) {
   m.impl("forward", &attnkern::forward_emu);
   m.impl("backward", &attnkern::backward_emu);
+  m.impl("warp_gemm_check", &attnkern::warp_gemm_check);
+}
+
+TORCH_LIBRARY_IMPL(attnkern_emu, CompositeExplicitAutograd, m) {
+  m.impl("run_broken_kernel", &attnkern::run_broken_kernel);
 }

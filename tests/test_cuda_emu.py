@@ -31,7 +31,7 @@ def emu():
     (0, r"shared-memory race: write-after-read hazard at shared offset \d+ .*no __syncthreads"),
     (1, r"read of shared offset \d+ \(load\) while a cp\.async into it is in flight .*not yet retired by "
         r"cp\.async\.wait_group"),
-    (2, r"out-of-bounds shared write of 2 bytes at shared offset 2048 \(the launch has 2048 bytes"),
+    (2, r"out-of-bounds shared write of 2 bytes at shared offset 2048 \(store; the launch has 2048 bytes"),
     (3, r"out-of-bounds global write of 4 bytes at 0x[0-9a-f]+ \(store\); nearest tensor: out .* 4 bytes past its end"),
     (4, r"deadlock: threads 0-31: waiting at __syncthreads; threads 32-127: exited"),
 ], ids=["missing_syncthreads", "read_before_cp_async_wait", "store_past_shared_tile", "store_past_global",

@@ -180,7 +180,7 @@ void shared_access(size_t off, size_t n, bool write, int tid, const char* what) 
   if (off + n > L.smem) {
     std::ostringstream os;
     os << "out-of-bounds shared " << (write ? "write" : "read") << " of " << n << " bytes at shared offset " << off
-       << " (the launch has " << L.smem << " bytes of dynamic shared memory) by " << what;
+       << " (" << what << "; the launch has " << L.smem << " bytes of dynamic shared memory)";
     fail(os.str(), tid);
   }
   const uint32_t wep = L.warps[tid / 32].sync_epoch;

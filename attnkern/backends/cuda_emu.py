@@ -79,6 +79,8 @@ def _compile_kernels(include: str, out_dir: str, jobs: int) -> List[str]:
 
     def one(unit):
         obj = os.path.join(out_dir, os.path.basename(unit)[:-3] + ".o")
+        if os.path.exists(obj):  # the directory is keyed by the sources: an object there is current
+            return obj
         cmd = [cxx, *KERNEL_FLAGS, *INSTRUMENT, "-I", CSRC, "-I", include, "-c", unit, "-o", obj + ".tmp"]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode:
@@ -120,11 +122,16 @@ def _build_and_load(verbose: bool) -> None:
     host = [os.path.join(EMU_DIR, "runtime.cpp"), os.path.join(EMU_DIR, "ops_emu.cpp"),
             os.path.join(CSRC, "op_args.cpp")]
     units = _kernel_units()
-    digest = _sources_digest(host + units, " ".join(KERNEL_FLAGS + INSTRUMENT) + include + sys.version)
-    out = os.path.join(build_dir(), digest)
+    flags = " ".join(KERNEL_FLAGS + INSTRUMENT) + include
+    # Kernel objects are keyed by what they compile from; the module by that and the host sources.
+    kernel_digest = _sources_digest(units, flags)
+    digest = _sources_digest(host + units, flags + sys.version + torch.__version__)
+    obj_dir = os.path.join(build_dir(), "kernels-" + kernel_digest)
+    out = os.path.join(build_dir(), "module-" + digest)
+    os.makedirs(obj_dir, exist_ok=True)
     os.makedirs(out, exist_ok=True)
     jobs = int(os.environ.get("ATTNKERN_EMU_JOBS", "0")) or max(1, min(len(os.sched_getaffinity(0)), 8))
-    objs = _compile_kernels(include, out, jobs)
+    objs = _compile_kernels(include, obj_dir, jobs)
     os.environ.setdefault("MAX_JOBS", str(jobs))
     cpp_extension.load(
         name=f"attnkern_cuda_emu_{digest}",

@@ -1,4 +1,4 @@
-// The SIMT emulator: CUDA threads as cooperative fibers (ucontext), one CTA at a time, with the
+// The SIMT emulator: CUDA threads as cooperative fibers, one CTA at a time, with the
 // checks compute-sanitizer makes. Compiled WITHOUT address instrumentation; the kernel units are
 // compiled with it (outline calls), and their every load and store arrives in on_access() below.
 //
@@ -40,6 +40,69 @@ alignas(128) unsigned char smem_raw[kSmemWindow];
 namespace emu {
 namespace {
 
+// Fiber contexts. On x86-64 a switch saves the callee-saved registers and the FP control words on the
+// old stack and loads them from the new one (no signal-mask system call, unlike swapcontext: the
+// emulator switches about 64 times per warp collective); elsewhere, ucontext.
+#if defined(__x86_64__)
+extern "C" void attnkern_emu_switch(void** save_sp, void* load_sp);
+asm(R"(
+.text
+.p2align 4
+.type attnkern_emu_switch,@function
+attnkern_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+.size attnkern_emu_switch, .-attnkern_emu_switch
+)");
+
+struct Context {
+  void* sp = nullptr;
+};
+
+// A fresh context that starts in entry() (which must never return) on [stack, stack + bytes).
+void make_context(Context& c, unsigned char* stack, size_t bytes, void (*entry)()) {
+  uintptr_t top = (reinterpret_cast<uintptr_t>(stack) + bytes) & ~uintptr_t(15);
+  uint64_t* p = reinterpret_cast<uint64_t*>(top);
+  *--p = 0;                                    // entry's (never used) return address
+  *--p = reinterpret_cast<uint64_t>(entry);    // popped by `ret`: 16-byte aligned slot
+  for (int i = 0; i < 6; ++i) *--p = 0;        // rbp, rbx, r12-r15
+  *--p = 0x1F80ull | (0x037Full << 32);       // mxcsr, x87 control word (the defaults)
+  c.sp = p;
+}
+void switch_context(Context& from, Context& to) { attnkern_emu_switch(&from.sp, to.sp); }
+#else
+struct Context {
+  ucontext_t uc;
+};
+void make_context(Context& c, unsigned char* stack, size_t bytes, void (*entry)()) {
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = stack;
+  c.uc.uc_stack.ss_size = bytes;
+  c.uc.uc_link = nullptr;
+  makecontext(&c.uc, entry, 0);
+}
+void switch_context(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+#endif
+
 constexpr size_t kStackBytes = 256 * 1024;  // per fiber: the kernels' fragments live on it
 constexpr int kNoThread = -1, kManyThreads = -2;
 
@@ -78,7 +141,7 @@ struct CollArgs {
 };
 
 struct Fiber {
-  ucontext_t ctx;
+  Context ctx;
   unsigned char* stack = nullptr;
   State state = State::kRunnable;
   Coll coll = Coll::kNone;
@@ -107,7 +170,7 @@ struct Launch {
   void (*thunk)(const void*) = nullptr;
   const void* ctx = nullptr;
   uintptr_t host_stack_lo = 0, host_stack_hi = 0;
-  ucontext_t sched;
+  Context sched;
   std::vector<Fiber> fibers;
   std::vector<Warp> warps;
   int cur = -1;
@@ -154,14 +217,14 @@ std::string where(const Launch& L, int tid) {
     L.failed = true;
     L.error = "attnkern cuda-emu: " + what + " [" + where(L, tid) + "]";
   }
-  swapcontext(&L.fibers[L.cur].ctx, &L.sched);
+  switch_context(L.fibers[L.cur].ctx, L.sched);
   abort();  // never resumed
 }
 
 void yield(State s) {
   Launch& L = *g_launch;
   L.fibers[L.cur].state = s;
-  swapcontext(&L.fibers[L.cur].ctx, &L.sched);
+  switch_context(L.fibers[L.cur].ctx, L.sched);
 }
 
 std::string hex(const void* p) {
@@ -425,7 +488,8 @@ void fiber_main() {
   Launch& L = *g_launch;
   L.thunk(L.ctx);
   L.fibers[L.cur].state = State::kDone;
-  // Returning resumes uc_link: the scheduler.
+  switch_context(L.fibers[L.cur].ctx, L.sched);  // never resumed
+  abort();
 }
 
 std::string describe_threads(const Launch& L) {
@@ -652,11 +716,7 @@ void launch(const void* kernel, const char* name, dim3 grid, dim3 block, size_t 
           Fiber& f = L.fibers[t];
           f.state = State::kRunnable, f.coll = Coll::kNone, f.copies.clear(), f.committed = f.retired = 0;
           f.stack = g_stacks[t];
-          getcontext(&f.ctx);
-          f.ctx.uc_stack.ss_sp = f.stack;
-          f.ctx.uc_stack.ss_size = kStackBytes;
-          f.ctx.uc_link = &L.sched;
-          makecontext(&f.ctx, fiber_main, 0);
+          make_context(f.ctx, f.stack, kStackBytes, fiber_main);
         }
         int done = 0;
         while (done < L.nthreads) {
@@ -664,7 +724,7 @@ void launch(const void* kernel, const char* name, dim3 grid, dim3 block, size_t 
           for (int t = 0; t < L.nthreads; ++t) {
             if (L.fibers[t].state != State::kRunnable) continue;
             L.cur = t;
-            swapcontext(&L.sched, &L.fibers[t].ctx);
+            switch_context(L.sched, L.fibers[t].ctx);
             L.cur = -1;
             if (L.failed) throw std::runtime_error(L.error);
             progressed = true;

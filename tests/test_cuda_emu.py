@@ -116,6 +116,21 @@ def test_launch_limits(emu, monkeypatch, which, archs, pattern):
         emu.run_broken_kernel(which)
 
 
+def test_shared_memory_attribute_is_set_once_per_kernel(emu):
+    """cudaFuncSetAttribute is a driver call: the launchers set it once per (device, kernel)."""
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 1, 40, 128, generator=gen).half().requires_grad_() for _ in range(3))
+
+    def calls():
+        out, _ = attnkern.attention(q, k, v, backend="cuda-emu")
+        out.sum().backward()
+        return emu.attribute_calls()
+
+    calls()  # head dim 128: the dQ pass takes 64 KB, over the 48 KB default
+    first = emu.attribute_calls()
+    assert calls() == first
+
+
 def test_explain_and_list_providers_know_cuda_emu():
     q = torch.randn(1, 2, 5, 16, dtype=torch.float16)
     e = attnkern.explain(q, q, q, backend="cuda-emu")

@@ -5,6 +5,10 @@
 
 #include <cuda_runtime.h>
 
+#include <mutex>
+#include <set>
+#include <utility>
+
 #include "bwd_kernel.h"
 #include "dispatch.h"
 #include "fwd_kernel.h"
@@ -34,10 +38,22 @@ struct BwdConfig {
   using Dq = DqTraits<HD, kTile, 4, T>;
 };
 
+// The opt-in to more than 48 KB of dynamic shared memory. The attribute stays set, and setting it is a
+// driver call: once per (device, kernel), not on every launch.
 template <typename Kernel>
 cudaError_t allow_smem(Kernel kernel, int bytes) {
   if (bytes <= 48 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  static std::mutex mu;
+  static std::set<std::pair<int, const void*>> done;
+  const std::pair<int, const void*> key(device, reinterpret_cast<const void*>(kernel));
+  std::lock_guard<std::mutex> lock(mu);
+  if (done.count(key)) return cudaSuccess;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err == cudaSuccess) done.insert(key);
+  return err;
 }
 
 template <typename T, int HD>

@@ -164,6 +164,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> warp_gemm_check(const at::Tensor&
 TORCH_LIBRARY(attnkern_emu, m) {
   m.def("run_broken_kernel(int which) -> ()");
   m.def("warp_gemm_check(Tensor q, Tensor k, Tensor v) -> (Tensor, Tensor, Tensor)");
+  m.def("attribute_calls() -> int");
   m.def(
       "forward(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float scale, int causal, "
       "Tensor(a!) out, Tensor(b!) lse, Tensor(c!) stats) -> ()");
@@ -181,4 +182,5 @@ TORCH_LIBRARY_IMPL(attnkern_emu, CPU, m) {
 
 TORCH_LIBRARY_IMPL(attnkern_emu, CompositeExplicitAutograd, m) {
   m.impl("run_broken_kernel", &attnkern::run_broken_kernel);
+  m.impl("attribute_calls", []() -> int64_t { return attnkern::emu::attribute_calls(); });
 }

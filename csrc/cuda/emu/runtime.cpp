@@ -15,6 +15,7 @@
 #include <sys/mman.h>
 #include <ucontext.h>
 
+#include <atomic>
 #include <cfloat>
 #include <cstdlib>
 #include <cstring>
@@ -644,7 +645,17 @@ void cp_async_wait(int n) {
   }
 }
 
+std::atomic<int64_t> g_attribute_calls{0};
+
+int64_t attribute_calls() { return g_attribute_calls.load(); }
+
+cudaError_t get_device(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+
 cudaError_t func_set_attribute(const void* kernel, const char* name, cudaFuncAttribute attr, int value) {
+  ++g_attribute_calls;
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaSuccess;
   for (const SmemTarget& t : smem_targets()) {
     if (value > t.max_bytes) {

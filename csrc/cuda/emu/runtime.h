@@ -46,6 +46,9 @@ float ex2_approx_ftz(float x);
 // Launch attributes: the dynamic shared-memory opt-in above 48 KB.
 cudaError_t func_set_attribute(const void* kernel, const char* name, cudaFuncAttribute attr, int value);
 cudaError_t get_last_error();
+cudaError_t get_device(int* device);  // device 0
+// How many times the kernels have set a function attribute (tests: once per kernel, not per call).
+int64_t attribute_calls();
 
 // Runs thunk(ctx) (a kernel call) once per thread of every block of the grid; throws
 // std::runtime_error naming the kernel, block, thread and address of the first failed check, or the
@@ -122,6 +125,7 @@ inline T max(T a, T b) {
 #define cudaFuncSetAttribute(kernel, attr, value) \
   ::attnkern::emu::func_set_attribute(reinterpret_cast<const void*>(kernel), #kernel, attr, value)
 #define cudaGetLastError() ::attnkern::emu::get_last_error()
+#define cudaGetDevice(device) ::attnkern::emu::get_device(device)
 
 inline void __syncthreads() { ::attnkern::emu::syncthreads(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { ::attnkern::emu::syncwarp(); }

@@ -28,22 +28,32 @@ def emu():
 
 
 @pytest.mark.parametrize("which,pattern", [
-    (0, r"shared-memory race: write-after-read hazard at shared offset \d+ .*no __syncthreads"),
+    (0, r"shared-memory race: write-after-read hazard at shared offset 128 \(store\): thread 0 read it in the same "
+        r"barrier interval \(no __syncthreads in between\)"),
     (1, r"read of shared offset \d+ \(load\) while a cp\.async into it is in flight .*not yet retired by "
         r"cp\.async\.wait_group"),
     (2, r"out-of-bounds shared write of 2 bytes at shared offset 2048 \(store; the launch has 2048 bytes"),
     (3, r"out-of-bounds global write of 4 bytes at 0x[0-9a-f]+ \(store\); nearest tensor: out .* 4 bytes past its end"),
     (4, r"deadlock: threads 0-31: waiting at __syncthreads; threads 32-127: exited"),
+    (9, r"deadlock: threads 0-15: waiting at __shfl_xor_sync; threads 16-127: exited"),
+    (11, r"shared-memory race: write-after-read hazard at shared offset 4 \(store\): thread 0 read it in the same "
+         r"barrier interval \(same warp: no __syncwarp"),
 ], ids=["missing_syncthreads", "read_before_cp_async_wait", "store_past_shared_tile", "store_past_global",
-        "divergent_barrier"])
+        "divergent_barrier", "shuffle_missing_lanes", "warp_exchange_without_syncwarp"])
 def test_broken_kernels_are_reported(emu, which, pattern):
     with pytest.raises(RuntimeError) as info:
         emu.run_broken_kernel(which)
     msg = str(info.value)
     assert re.search(pattern, msg), msg
-    assert "kernel " in msg and "emu_broken_" in msg and "block (0,0,0)" in msg
-    if which != 4:
+    assert re.search(r"\[kernel (void )?attnkern::cuda::emu_(broken_|warp_exchange)", msg), msg
+    assert "block (0,0,0)" in msg, msg
+    if which not in (4, 9):
         assert re.search(r"thread \d+ \(warp \d+, lane \d+\)", msg), msg
+
+
+def test_warp_exchange_after_syncwarp_is_no_race(emu):
+    """__syncwarp orders shared memory between the lanes of a warp (the CUDA memory model): no report."""
+    emu.run_broken_kernel(10)
 
 
 @pytest.mark.parametrize("hd", [32, 64, 96, 128, 256])

@@ -57,11 +57,15 @@ def build_dir() -> str:
     return os.environ.get("ATTNKERN_EMU_BUILD_DIR") or os.path.join(ROOT, "build", "cuda-emu")
 
 
+def _headers() -> List[str]:
+    return sorted(glob.glob(os.path.join(CSRC, "cuda", "*.h")) + glob.glob(os.path.join(EMU_DIR, "*.h")) +
+                  [os.path.join(CSRC, "params.h"), os.path.join(CSRC, "op_args.h")])
+
+
 def _sources_digest(files: List[str], extra: str) -> str:
+    """A digest of the files' paths and contents, every header the units include, and `extra`."""
     h = hashlib.sha256(extra.encode())
-    headers = sorted(glob.glob(os.path.join(CSRC, "cuda", "*.h")) + glob.glob(os.path.join(EMU_DIR, "*.h")) +
-                     [os.path.join(CSRC, "params.h"), os.path.join(CSRC, "op_args.h")])
-    for f in sorted(set(files)) + headers:
+    for f in sorted(set(files)) + _headers():
         with open(f, "rb") as fh:
             h.update(f.encode() + fh.read())
     return h.hexdigest()[:16]
@@ -72,14 +76,16 @@ def _kernel_units() -> List[str]:
     return sorted(glob.glob(os.path.join(CSRC, "cuda", "inst", "*.cu"))) + [os.path.join(EMU_DIR, "selftest.cu")]
 
 
-def _compile_kernels(include: str, out_dir: str, jobs: int) -> List[str]:
-    """One object per instantiation unit of csrc/cuda/inst, compiled `jobs` at a time."""
+def _compile_kernels(include: str, out_dir: str, jobs: int, flags: str) -> List[str]:
+    """One object per instantiation unit of csrc/cuda/inst, compiled `jobs` at a time; each object's
+    name carries the digest of its unit, the headers and the flags, so only stale ones recompile."""
     units = _kernel_units()
     cxx = os.environ.get("CXX", "g++")
 
     def one(unit):
-        obj = os.path.join(out_dir, os.path.basename(unit)[:-3] + ".o")
-        if os.path.exists(obj):  # the directory is keyed by the sources: an object there is current
+        digest = _sources_digest([unit], flags + cxx)
+        obj = os.path.join(out_dir, f"{os.path.basename(unit)[:-3]}-{digest}.o")
+        if os.path.exists(obj):
             return obj
         cmd = [cxx, *KERNEL_FLAGS, *INSTRUMENT, "-I", CSRC, "-I", include, "-c", unit, "-o", obj + ".tmp"]
         res = subprocess.run(cmd, capture_output=True, text=True)
@@ -123,15 +129,14 @@ def _build_and_load(verbose: bool) -> None:
             os.path.join(CSRC, "op_args.cpp")]
     units = _kernel_units()
     flags = " ".join(KERNEL_FLAGS + INSTRUMENT) + include
-    # Kernel objects are keyed by what they compile from; the module by that and the host sources.
-    kernel_digest = _sources_digest(units, flags)
+    # Kernel objects are keyed by what each compiles from; the module by all of it and the host sources.
     digest = _sources_digest(host + units, flags + sys.version + torch.__version__)
-    obj_dir = os.path.join(build_dir(), "kernels-" + kernel_digest)
+    obj_dir = os.path.join(build_dir(), "kernels")
     out = os.path.join(build_dir(), "module-" + digest)
     os.makedirs(obj_dir, exist_ok=True)
     os.makedirs(out, exist_ok=True)
     jobs = int(os.environ.get("ATTNKERN_EMU_JOBS", "0")) or max(1, min(len(os.sched_getaffinity(0)), 8))
-    objs = _compile_kernels(include, obj_dir, jobs)
+    objs = _compile_kernels(include, obj_dir, jobs, flags)
     os.environ.setdefault("MAX_JOBS", str(jobs))
     cpp_extension.load(
         name=f"attnkern_cuda_emu_{digest}",

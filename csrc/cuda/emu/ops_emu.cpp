@@ -130,8 +130,8 @@ namespace {
 
 // The emulator's own tests: one of the broken kernels of selftest.cu (0: missing __syncthreads, 1: a
 // read before cp.async.wait_group, 2: a store one past a shared tile, 3: a store one past a global
-// tensor, 4: a barrier only one warp reaches; 5-8: launches past the limits). Each must raise the
-// emulator's report.
+// tensor, 4: a barrier only one warp reaches; 5-8: launches past the limits; 9: a shuffle half a warp
+// skips; 10/11: a warp exchange with/without __syncwarp). Each but 10 must raise the emulator's report.
 void run_broken_kernel(int64_t which) {
   const at::Tensor in = at::randn({128, 8}, at::kFloat).to(at::kHalf);
   const at::Tensor out = at::zeros({which == 3 ? 100 : 128}, at::kFloat);

@@ -238,6 +238,11 @@ bool same_warp_synced(const Launch& L, int a, int b, uint32_t rec_warp_epoch) {
   return a / 32 == b / 32 && L.warps[a / 32].sync_epoch != rec_warp_epoch;
 }
 
+const char* no_sync(int other, int tid) {
+  return other >= 0 && other / 32 == tid / 32 ? "same warp: no __syncwarp or __syncthreads in between"
+                                              : "no __syncthreads in between";
+}
+
 // Racecheck and the cp.async poison on n shared bytes at offset `off`, by thread tid.
 void shared_access(size_t off, size_t n, bool write, int tid, const char* what) {
   Launch& L = *g_launch;
@@ -261,7 +266,7 @@ void shared_access(size_t off, size_t n, bool write, int tid, const char* what) 
       std::ostringstream os;
       os << "shared-memory race: " << (write ? "write-after-write" : "read-after-write") << " hazard at shared offset "
          << i << " (" << what << "): thread " << s.writer
-         << " wrote it in the same barrier interval (no __syncthreads in between)";
+         << " wrote it in the same barrier interval (" << no_sync(s.writer, tid) << ")";
       fail(os.str(), tid);
     }
     if (write && s.r_epoch == L.epoch && s.reader != tid &&
@@ -269,7 +274,7 @@ void shared_access(size_t off, size_t n, bool write, int tid, const char* what) 
       std::ostringstream os;
       os << "shared-memory race: write-after-read hazard at shared offset " << i << " (" << what << "): "
          << (s.reader == kManyThreads ? std::string("other threads") : "thread " + std::to_string(s.reader))
-         << " read it in the same barrier interval (no __syncthreads in between)";
+         << " read it in the same barrier interval (" << no_sync(s.reader, tid) << ")";
       fail(os.str(), tid);
     }
     if (write) {

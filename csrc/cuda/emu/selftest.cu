@@ -52,6 +52,26 @@ __global__ void emu_broken_divergent_barrier(float* out) {
   out[tid] = 1.f;
 }
 
+// A shuffle that half of warp 0 skips: the other lanes wait for lanes that have exited.
+__global__ void emu_broken_shuffle_missing_lanes(float* out) {
+  const int tid = threadIdx.x;
+  float x = float(tid);
+  if (tid < 16) x = __shfl_xor_sync(0xffffffffu, x, 1);
+  out[tid] = x;
+}
+
+// Lanes exchange values through shared memory inside one warp, with (correct) or without (a race
+// under the CUDA memory model since Volta's independent thread scheduling) __syncwarp in between.
+template <bool kSyncwarp>
+__global__ void emu_warp_exchange(float* out) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  float* s = reinterpret_cast<float*>(smem_raw);
+  const int tid = threadIdx.x;
+  s[tid] = float(tid);
+  if (kSyncwarp) __syncwarp();
+  out[tid] = s[tid ^ 1];
+}
+
 // Does nothing: for the launch-limit checks.
 __global__ void emu_noop(float* out) {
   if (threadIdx.x == 0 && blockIdx.x == 0) out[0] = 1.f;
@@ -130,7 +150,8 @@ cudaError_t emu_warp_gemm_check(bool bf16, int hd, const void* q, const void* k,
 }
 
 // Runs one broken kernel on buffers the caller registered (`in`: 128 x 8 halves, `out`: 128 floats, or
-// 100 for the global one); 5-8 break the launch limits.
+// 100 for the global one); 5-8 break the launch limits; 9: a shuffle with lanes missing; 10 and 11:
+// a warp exchange through shared memory with and without __syncwarp.
 void emu_run_broken(int which, const __half* in, float* out) {
   switch (which) {
     case 0: ATTNKERN_LAUNCH(emu_broken_missing_syncthreads, 1, 128, 128 * 4, nullptr)(out); break;
@@ -146,7 +167,10 @@ void emu_run_broken(int which, const __half* in, float* out) {
       break;
     case 6: ATTNKERN_LAUNCH(emu_noop_without_optin, 1, 128, 64 * 1024, nullptr)(out); break;
     case 7: ATTNKERN_LAUNCH(emu_noop, dim3(1, 1, 65536), 128, 0, nullptr)(out); break;
-    default: ATTNKERN_LAUNCH(emu_noop, 1, 2048, 0, nullptr)(out); break;
+    case 8: ATTNKERN_LAUNCH(emu_noop, 1, 2048, 0, nullptr)(out); break;
+    case 9: ATTNKERN_LAUNCH(emu_broken_shuffle_missing_lanes, 1, 128, 0, nullptr)(out); break;
+    case 10: ATTNKERN_LAUNCH(emu_warp_exchange<true>, 1, 128, 128 * 4, nullptr)(out); break;
+    default: ATTNKERN_LAUNCH(emu_warp_exchange<false>, 1, 128, 128 * 4, nullptr)(out); break;
   }
 }
 

@@ -761,22 +761,21 @@ void launch(const void* kernel, const char* name, dim3 grid, dim3 block, size_t 
 }  // namespace attnkern
 
 // The instrumentation entry points the kernel units call (gcc -fsanitize=kernel-address with
-// --param asan-instrumentation-with-call-threshold=0).
+// --param asan-instrumentation-with-call-threshold=0). Hidden: they resolve inside this library and
+// never interpose on a real sanitizer's runtime elsewhere in the process.
 extern "C" {
-#define ATTNKERN_EMU_ACCESS(n)                                                                          \
-  void __asan_load##n##_noabort(uintptr_t a) { attnkern::emu::on_access(a, n, false); }                \
-  void __asan_store##n##_noabort(uintptr_t a) { attnkern::emu::on_access(a, n, true); }                \
-  void __asan_load##n(uintptr_t a) { attnkern::emu::on_access(a, n, false); }                          \
-  void __asan_store##n(uintptr_t a) { attnkern::emu::on_access(a, n, true); }
+#define ATTNKERN_EMU_HIDDEN __attribute__((visibility("hidden")))
+#define ATTNKERN_EMU_ACCESS(n)                                                                              \
+  ATTNKERN_EMU_HIDDEN void __asan_load##n##_noabort(uintptr_t a) { attnkern::emu::on_access(a, n, false); } \
+  ATTNKERN_EMU_HIDDEN void __asan_store##n##_noabort(uintptr_t a) { attnkern::emu::on_access(a, n, true); }
 ATTNKERN_EMU_ACCESS(1)
 ATTNKERN_EMU_ACCESS(2)
 ATTNKERN_EMU_ACCESS(4)
 ATTNKERN_EMU_ACCESS(8)
 ATTNKERN_EMU_ACCESS(16)
 #undef ATTNKERN_EMU_ACCESS
-void __asan_loadN_noabort(uintptr_t a, size_t n) { attnkern::emu::on_access(a, n, false); }
-void __asan_storeN_noabort(uintptr_t a, size_t n) { attnkern::emu::on_access(a, n, true); }
-void __asan_loadN(uintptr_t a, size_t n) { attnkern::emu::on_access(a, n, false); }
-void __asan_storeN(uintptr_t a, size_t n) { attnkern::emu::on_access(a, n, true); }
-void __asan_handle_no_return() {}
+ATTNKERN_EMU_HIDDEN void __asan_loadN_noabort(uintptr_t a, size_t n) { attnkern::emu::on_access(a, n, false); }
+ATTNKERN_EMU_HIDDEN void __asan_storeN_noabort(uintptr_t a, size_t n) { attnkern::emu::on_access(a, n, true); }
+ATTNKERN_EMU_HIDDEN void __asan_handle_no_return() {}
+#undef ATTNKERN_EMU_HIDDEN
 }

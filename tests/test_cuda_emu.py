@@ -141,6 +141,15 @@ def test_shared_memory_attribute_is_set_once_per_kernel(emu):
     assert calls() == first
 
 
+def test_mask_gradient_grid_limit_is_declined_with_the_reason():
+    """The dMask launch puts Bm * Hm on grid z (at most 65535): larger mask gradients are declined."""
+    q = torch.randn(300, 300, 1, 8, dtype=torch.float16)
+    mask = torch.zeros(300, 300, 1, 1, requires_grad=True)
+    e = attnkern.explain(q, q, q, attn_mask=mask, backend="cuda-emu")
+    assert e.backend == "none" and "Bm * Hm = 90000 mask slices" in e.reason
+    assert attnkern.explain(q, q, q, attn_mask=mask.detach(), backend="cuda-emu").backend == "cuda-emu"
+
+
 def test_explain_and_list_providers_know_cuda_emu():
     q = torch.randn(1, 2, 5, 16, dtype=torch.float16)
     e = attnkern.explain(q, q, q, backend="cuda-emu")

@@ -82,6 +82,13 @@ class CudaBackend(Backend):
             return "dropout is not fused yet (dropout_p > 0)"
         if problem.B > 65535 or problem.Hq > 65535:
             return "batch and heads up to 65535 each"
+        if problem.mask_requires_grad:
+            # The mask-gradient launch: grid z = Bm * Hm, grid y = key tiles (16 keys or more each).
+            Bm, Hm, _, Sm = problem.mask.shape
+            if Bm * Hm > 65535:
+                return f"a mask gradient over Bm * Hm = {Bm * Hm} mask slices (the grid allows 65535)"
+            if -(-Sm // 16) > 65535:
+                return f"a mask gradient over {Sm} keys (the grid allows 65535 tiles of 16)"
         return None
 
     # Head dims that are not multiples of 8 run zero-padded to the next multiple (then on the next

@@ -13,7 +13,9 @@
 #include <cxxabi.h>
 #include <dlfcn.h>
 #include <sys/mman.h>
+#if !defined(__x86_64__)
 #include <ucontext.h>
+#endif
 
 #include <atomic>
 #include <cfloat>
@@ -541,7 +543,12 @@ void check_launch(const Launch& L, const void* kernel) {
 }  // namespace
 
 // The targets a launch must fit: ATTNKERN_EMU_ARCHS ("80;86;89;90" by default), with the dynamic
-// shared memory each allows per block (opt-in maximum).
+// shared memory each allows per block (the opt-in maximum); unknown entries are skipped.
+struct SmemTarget {
+  int arch;
+  int max_bytes;
+};
+
 std::vector<SmemTarget> smem_targets() {
   static const std::map<int, int> kMax = {{80, 163 * 1024}, {86, 99 * 1024}, {87, 163 * 1024},
                                           {89, 99 * 1024},  {90, 227 * 1024}, {100, 227 * 1024},

@@ -96,13 +96,6 @@ class GlobalRanges {
   size_t count_;
 };
 
-// The dynamic shared-memory limits checked at each launch, in bytes, per target: ATTNKERN_EMU_ARCHS
-// (default "80;86;89;90"); the first target a launch exceeds is named.
-struct SmemTarget {
-  int arch;
-  int max_bytes;
-};
-
 }  // namespace emu
 
 namespace cuda {

@@ -51,6 +51,15 @@ def test_broken_kernels_are_reported(emu, which, pattern):
         assert re.search(r"thread \d+ \(warp \d+, lane \d+\)", msg), msg
 
 
+def test_a_reported_launch_leaves_no_stale_state(emu):
+    """A launch that fails mid-block, after 16 barriers, leaves no race records behind: a correct
+    kernel that reaches the same shared bytes after 15 barriers runs clean, and so do the kernels."""
+    with pytest.raises(RuntimeError, match=r"write-after-read hazard at shared offset \d+ \(store\)"):
+        emu.run_broken_kernel(12)
+    emu.run_broken_kernel(13)
+    _check_against_reference(64, 64, False, None, torch.float16, L=200, S=450)
+
+
 def test_warp_exchange_after_syncwarp_is_no_race(emu):
     """__syncwarp orders shared memory between the lanes of a warp (the CUDA memory model): no report."""
     emu.run_broken_kernel(10)
@@ -81,8 +90,19 @@ def test_warp_gemm_matches_a_plain_matrix_product(emu, hd, dtype):
 ])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_large_head_dims(E, Ev, causal, mask, dtype):
-    gen = torch.Generator().manual_seed(E + Ev)
-    L, S = 17, 40
+    _check_against_reference(E, Ev, causal, mask, dtype, L=17, S=40)
+
+
+# Long loops: every pipelined kernel cycles its two shared-memory stages more than once (the forward's
+# 128-key tiles, the dQ pass's 64-key tiles, the dK/dV pass's 64-row query tiles), so a missing
+# barrier before a stage is refilled shows up as a race.
+@pytest.mark.parametrize("causal", [False, "bottom_right"])
+def test_long_loops_cycle_both_pipeline_stages(causal):
+    _check_against_reference(64, 64, causal, None, torch.float16, L=200, S=450)
+
+
+def _check_against_reference(E, Ev, causal, mask, dtype, L, S):
+    gen = torch.Generator().manual_seed(E + Ev + L)
     q = torch.randn(1, 2, L, E, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
     k = torch.randn(1, 2, S, E, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
     v = torch.randn(1, 2, S, Ev, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()

@@ -721,11 +721,18 @@ void launch(const void* kernel, const char* name, dim3 grid, dim3 block, size_t 
     if (p == MAP_FAILED) throw std::runtime_error("attnkern cuda-emu: cannot map fiber stacks");
     g_stacks.push_back(static_cast<unsigned char*>(p));
   }
+  // Barrier intervals are numbered across launches, so that shadow records left by an earlier launch
+  // (one that failed mid-block included) never match a later interval.
+  static uint32_t epoch = 1;
   struct Reset {
-    ~Reset() { g_launch = nullptr; }
-  } reset;
+    Launch& L;
+    uint32_t& epoch;
+    ~Reset() {
+      epoch = std::max(epoch, L.epoch);
+      g_launch = nullptr;
+    }
+  } reset{L, epoch};
   g_launch = &L;
-  static uint32_t epoch = 1;  // monotonic across launches: stale shadow records never match
   for (unsigned bz = 0; bz < grid.z; ++bz) {
     for (unsigned by = 0; by < grid.y; ++by) {
       for (unsigned bx = 0; bx < grid.x; ++bx) {
@@ -758,7 +765,7 @@ void launch(const void* kernel, const char* name, dim3 grid, dim3 block, size_t 
                                      "]");
           }
         }
-        epoch = L.epoch;
+        epoch = std::max(epoch, L.epoch);
       }
     }
   }

@@ -72,6 +72,29 @@ __global__ void emu_warp_exchange(float* out) {
   out[tid] = s[tid ^ 1];
 }
 
+// kBarriers clean barrier intervals on the first 512 bytes, then the region after them: with kRace, the
+// race of emu_broken_missing_syncthreads (a launch that fails mid-block, after its barriers); without,
+// the same exchange done right. A later launch must not see the failed one's shadow records.
+template <int kBarriers, bool kRace>
+__global__ void emu_race_after_barriers(float* out) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  float* s = reinterpret_cast<float*>(smem_raw);
+  float* r = s + 128;
+  const int tid = threadIdx.x;
+  float acc = 0.f;
+  for (int i = 0; i < kBarriers; ++i) {  // intervals that write only their own element or only read
+    if (i % 2 == 0) {
+      s[tid] = float(tid + i);
+    } else {
+      acc += s[(tid + 32) % blockDim.x];
+    }
+    __syncthreads();
+  }
+  r[tid] = acc;
+  if (!kRace) __syncthreads();
+  out[tid] = r[(tid + 32) % blockDim.x];
+}
+
 // Does nothing: for the launch-limit checks.
 __global__ void emu_noop(float* out) {
   if (threadIdx.x == 0 && blockIdx.x == 0) out[0] = 1.f;
@@ -151,7 +174,8 @@ cudaError_t emu_warp_gemm_check(bool bf16, int hd, const void* q, const void* k,
 
 // Runs one broken kernel on buffers the caller registered (`in`: 128 x 8 halves, `out`: 128 floats, or
 // 100 for the global one); 5-8 break the launch limits; 9: a shuffle with lanes missing; 10 and 11:
-// a warp exchange through shared memory with and without __syncwarp.
+// a warp exchange through shared memory with and without __syncwarp; 12: a race after 16 barriers;
+// 13: the same exchange done right, after 15.
 void emu_run_broken(int which, const __half* in, float* out) {
   switch (which) {
     case 0: ATTNKERN_LAUNCH(emu_broken_missing_syncthreads, 1, 128, 128 * 4, nullptr)(out); break;
@@ -170,7 +194,9 @@ void emu_run_broken(int which, const __half* in, float* out) {
     case 8: ATTNKERN_LAUNCH(emu_noop, 1, 2048, 0, nullptr)(out); break;
     case 9: ATTNKERN_LAUNCH(emu_broken_shuffle_missing_lanes, 1, 128, 0, nullptr)(out); break;
     case 10: ATTNKERN_LAUNCH(emu_warp_exchange<true>, 1, 128, 128 * 4, nullptr)(out); break;
-    default: ATTNKERN_LAUNCH(emu_warp_exchange<false>, 1, 128, 128 * 4, nullptr)(out); break;
+    case 11: ATTNKERN_LAUNCH(emu_warp_exchange<false>, 1, 128, 128 * 4, nullptr)(out); break;
+    case 12: ATTNKERN_LAUNCH((emu_race_after_barriers<16, true>), 1, 128, 256 * 4, nullptr)(out); break;
+    default: ATTNKERN_LAUNCH((emu_race_after_barriers<15, false>), 1, 128, 256 * 4, nullptr)(out); break;
   }
 }
 

@@ -170,8 +170,11 @@ def replace_sdpa(backend: Optional[str] = None) -> SdpaPatch:
 
     Use it as a context manager (`with attnkern.replace_sdpa(): ...`) or as a plain call undone by
     `attnkern.restore_sdpa()` (or the returned patch's `.restore()`). Calls the fused kernels cannot run on
-    their device (CPU without the Triton interpreter, float64, dropout_p > 0, head dim > 256, ...) go to
-    torch's original function; the reason is logged once on the "attnkern" logger.
+    their device (CPU without the Triton interpreter, float64, dropout_p > 0, head dim > 256, ...) and calls
+    inside a `torch.nn.attention.sdpa_kernel(...)` block go to torch's original function; the reason is
+    logged once on the "attnkern" logger (WARNING only when no fused kernel runs on the device, else INFO).
+    CausalBias masks (torch.nn.attention.bias) run as causal alignments; TorchScript compiles the patched
+    name as torch's builtin (scripted modules run torch's SDPA).
 
     backend: an attnkern backend name to use while patched ("triton", ...; "reference" runs the naive
         path on purpose); None follows `use_backend(...)`/ATTNKERN_BACKEND/auto at call time. A pinned

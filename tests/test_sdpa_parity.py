@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import CausalBias, causal_lower_right, causal_upper_left
 
 import attnkern
@@ -66,9 +67,12 @@ def assert_matches_torch64(ours_fn, tensors, dtype, call, ref_call=None):
     SDPA in float64 (and in `dtype` for the low-precision bound); apply the tolerance rule."""
     ref_call = ref_call or call
     out, grads = run(ours_fn, tensors, dtype, call)
-    out64, grads64 = run(TORCH_SDPA, tensors, torch.float64, ref_call)
-    out_lp, grads_lp = run(TORCH_SDPA, tensors, dtype, ref_call) if dtype != torch.float32 else (
-        None, [None] * len(grads64))
+    # The oracle is torch's math kernel (on a GPU torch's fused fp16 kernels would give NaN for fully
+    # masked rows, where the math kernel, attnkern and the float64 reference give 0).
+    with sdpa_kernel([SDPBackend.MATH]):
+        out64, grads64 = run(TORCH_SDPA, tensors, torch.float64, ref_call)
+        out_lp, grads_lp = run(TORCH_SDPA, tensors, dtype, ref_call) if dtype != torch.float32 else (
+            None, [None] * len(grads64))
     assert out.dtype == dtype and out.shape == out64.shape
     assert_all([check("out", out, out64, out_lp, dtype)]
                + [check(f"grad{i}", g, g64, glp, dtype, factor=3.0)
@@ -121,15 +125,21 @@ def test_causal_bias_in_attnkerns_own_function_matches_torch(quiet_lower_right, 
 def test_causal_bias_through_torchs_function_bound_before_the_patch(monkeypatch, quiet_lower_right, variant,
                                                                    L, S):
     """`from torch.nn.functional import scaled_dot_product_attention` before the patch: torch's builtin,
-    whose CausalBias dispatch compares against the (patched) module attribute."""
+    whose CausalBias dispatch compares against the (patched) module attribute. It runs CausalBias's own
+    dispatch, which hands plain causal calls to the patched function (attnkern); on a GPU torch sends a
+    non-square lower-right bias to its own fused kernels, and the result is then exactly torch's."""
     call, ref_call = _with_bias(variant, L, S)
     calls = count_fused_calls(monkeypatch)
+    if DEVICE != "cpu" and variant == "lower_right" and L != S:
+        want_out, want_grads = run(TORCH_SDPA, qkv(L, S), torch.float32, call)
+        with attnkern.replace_sdpa():
+            got_out, got_grads = run(TORCH_SDPA, qkv(L, S), torch.float32, call)
+        for got, want in zip([got_out, *got_grads], [want_out, *want_grads]):
+            torch.testing.assert_close(got, want, equal_nan=True)
+        return
     with attnkern.replace_sdpa():
         assert_matches_torch64(TORCH_SDPA, qkv(L, S), torch.float32, call, ref_call)
     assert calls["forward"] == 1
-    # Unpatched again, CausalBias's own __torch_function__ is back in place.
-    assert CausalBias.__dict__["__torch_function__"].__func__ is not None
-    assert "attnkern" not in CausalBias.__dict__["__torch_function__"].__func__.__module__
 
 
 @pytest.mark.parametrize("variant", list(CAUSAL_BIASES))
@@ -169,19 +179,36 @@ def test_causal_bias_with_is_causal_raises_torchs_value_error(variant):
                 fn(q, k, v, attn_mask=bias, is_causal=True)
 
 
-def test_lower_right_bias_whose_lengths_differ_from_the_inputs_acts_as_torchs_materialized_mask():
-    """torch's CPU path materializes an (Lb, Sb) lower-right bias and broadcasts it: a (1, S) bias is one
-    row (all keys), a (3, 4) bias for L=5 does not broadcast and raises (attnkern: ValueError naming it)."""
+def _outcome(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - the exception type is the outcome compared
+        return type(exc)
+
+
+@pytest.mark.parametrize("Lb,Sb", [(1, 7), (3, 4)])
+def test_lower_right_bias_whose_lengths_differ_from_the_inputs(quiet_lower_right, Lb, Sb):
+    """attnkern reads it as torch's CPU path does: the materialized (Lb, Sb) bool mask, broadcast to the
+    scores -- a (1, S) bias is one row that sees every key; a (3, 4) bias for L=5 does not broadcast
+    (ValueError naming the shapes). Patched, the call gets exactly what unpatched torch gives (on a GPU
+    torch's fused kernels ignore the bias's lengths)."""
     q, k, v = qkv(5, 7)
-    assert_matches_torch64(attnkern.scaled_dot_product_attention, (q, k, v), torch.float32,
-                           lambda f, q, k, v: f(q, k, v, attn_mask=causal_lower_right(1, 7)),
-                           lambda f, q, k, v: f(q, k, v, attn_mask=torch.ones(1, 7, dtype=torch.bool)))
-    with pytest.raises(RuntimeError):
-        TORCH_SDPA(q, k, v, attn_mask=causal_lower_right(3, 4))
-    with pytest.raises(ValueError, match="attn_mask of shape \\(3, 4\\) does not broadcast"):
-        attnkern.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(3, 4))
-    with attnkern.replace_sdpa(), pytest.raises(RuntimeError):  # torch's own verdict, as unpatched
-        F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(3, 4))
+    bias = causal_lower_right(Lb, Sb)
+    mask = torch.ones(Lb, Sb, dtype=torch.bool, device=DEVICE).tril(Sb - Lb)
+    if Lb == 1:
+        assert_matches_torch64(attnkern.scaled_dot_product_attention, (q, k, v), torch.float32,
+                               lambda f, q, k, v: f(q, k, v, attn_mask=bias),
+                               lambda f, q, k, v: f(q, k, v, attn_mask=mask))
+    else:
+        with pytest.raises(ValueError, match="attn_mask of shape \\(3, 4\\) does not broadcast"):
+            attnkern.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    want = _outcome(TORCH_SDPA, q, k, v, attn_mask=bias)
+    with attnkern.replace_sdpa():
+        got = _outcome(F.scaled_dot_product_attention, q, k, v, attn_mask=bias)
+    if isinstance(want, type):
+        assert got is want
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 # --- torch.nn modules --------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ Calls the fused kernels do not serve go to torch's original function (see dispat
 first one installs the wrapper, the last one to be undone puts torch's original back; the innermost
 patch's `backend=` applies. The patch is process-wide (it is one module attribute), guarded by a lock.
 
-Three things torch ties to the identity of `F.scaled_dot_product_attention` are kept working while patched:
+Three torch features that a plain swap of the attribute would break or ignore are kept working:
 - torch.nn.attention.bias.CausalBias (causal_upper_left / causal_lower_right) recognizes SDPA in its
   `__torch_function__` by `func is F.scaled_dot_product_attention`, which a call of torch's builtin no longer
   satisfies. The wrapper reads a CausalBias itself (top-left / bottom-right causal, masks.resolve_causal_bias),
@@ -56,12 +56,12 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         return _original(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
                          enable_gqa=enable_gqa, **kwargs)
     q, k, v, mask = dispatch.autocast_like_sdpa((query, key, value, attn_mask))
-    # A CausalBias mask reaches torch's original below as is: while patched, CausalBias takes torch's
-    # builtin for SDPA (_causal_bias_torch_function).
     route = dispatch.route_sdpa(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa,
                                 backend=patches[-1].backend)
     if route.to_torch:
         dispatch.log_fallback_once(route, "replace_sdpa")
+        # A CausalBias attn_mask goes as it is: while patched, CausalBias takes torch's builtin for SDPA
+        # (_causal_bias_torch_function).
         return _original(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
     return dispatch.run(route)
 
@@ -92,6 +92,7 @@ def _causal_bias_torch_function(cls, func, types, args=(), kwargs=None):
 
 
 def _install_causal_bias_hook(install: bool) -> None:
+    """Put `_causal_bias_torch_function` over CausalBias's own (install=True) or put its own back."""
     global _causal_bias_own_torch_function
     cls = masks.CausalBias
     if cls is None or not hasattr(cls, "_dispatch"):

@@ -390,7 +390,8 @@ def test_sdpa_kernel_inside_the_patch_sends_calls_to_torch_with_that_choice(coun
 
 
 def test_sdpa_kernel_restriction_is_read_against_the_flags_at_import():
-    """A flag that is off by default (fa3 on torch 2.13) is no restriction; switching any flag is one."""
+    """The baseline is the flags as they were at import (some are off by default, e.g. fa3 on torch 2.13):
+    unchanged, there is no restriction; switching a flag, in a block or globally, is one."""
     assert dispatch.torch_kernel_restriction() is None
     with sdpa_kernel([SDPBackend.MATH]):
         assert "[math]" in dispatch.torch_kernel_restriction()

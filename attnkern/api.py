@@ -18,7 +18,10 @@ from .problem import AttentionProblem, normalize
 
 
 class AttnkernFallbackWarning(UserWarning):
-    """A call runs the naive reference path because no fused kernel covers it."""
+    """A call to attnkern's own functions (backend "auto") runs the naive O(L*S)-memory reference path
+    because no fused kernel covers it (dropout, a device without kernels, ...). Issued once per set of
+    reasons, never under torch.compile, never by replace_sdpa() (which sends such calls to torch and only
+    logs); silence it with warnings.filterwarnings("ignore", category=AttnkernFallbackWarning)."""
 
 
 _warned = set()

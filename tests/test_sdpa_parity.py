@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.bias import CausalBias, causal_lower_right, causal_upper_left
+from torch.nn.attention.bias import causal_lower_right, causal_upper_left
 
 import attnkern
 from attnkern import dispatch

@@ -221,6 +221,11 @@ def normalize(
     k = _repeat_heads(k, Hkv)
     v = _repeat_heads(v, Hkv)
 
+    bias = attn_mask if masks.is_causal_bias(attn_mask) else None
+    attn_mask, causal = masks.resolve_causal_bias(attn_mask, causal, L, S, query.device)
+    if bias is not None:
+        notes.append(f"attn_mask CausalBias {bias.variant.name}({bias.seq_len_q}, {bias.seq_len_kv}) read as "
+                     + (f"causal={masks.CAUSAL_NAMES[causal]}" if attn_mask is None else "its bool mask"))
     mask = None
     if attn_mask is not None:
         if not isinstance(attn_mask, torch.Tensor):

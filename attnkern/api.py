@@ -70,7 +70,11 @@ def scaled_dot_product_attention(
     query (N, ..., Hq, L, E), key (N, ..., H, S, E), value (N, ..., H, S, Ev) -> (N, ..., Hq, L, Ev).
     A bool mask marks the keys to attend (True); a float mask is added to the scaled scores; masks
     broadcast to (N, ..., Hq, L, S). `is_causal` is top-left aligned and combines with `attn_mask`.
-    Fully masked rows give 0. The backend is the one set by `use_backend` or ATTNKERN_BACKEND (auto).
+    Fully masked rows give 0. `scale` (default 1/sqrt(E)) may be any finite value, 0 and negative
+    included; it multiplies q·k (never q or k alone). fp16/bf16/fp32 inputs compute scores in float32:
+    their scale is rounded to float32, and |scale| beyond float32's range raises ValueError (torch
+    returns NaN there). Zero-sized inputs give torch's empty results. The backend is the one set by
+    `use_backend` or ATTNKERN_BACKEND (auto).
     """
     problem = normalize(
         query, key, value, attn_mask, dropout_p,

@@ -123,6 +123,8 @@ def check_backward_args(dout, dlse, q, k, v, mask, out, stats, scale, causal, ma
     _shape("stats", stats, (B, Hq, L, 2), "(B, Hq, L, 2)")
     _dtype("stats", stats, acc, "the forward's softmax statistics")
     _device("stats", stats, q.device)
+    if not stats.is_contiguous():  # the kernels index it as a dense (B, Hq, L, 2) array
+        raise ValueError(f"attnkern op: stats must be contiguous, got strides {tuple(stats.stride())}")
     if dlse is not None:
         dlse = _tensor("grad_lse", dlse, 3, "(B, Hq, L)")
         _shape("grad_lse", dlse, (B, Hq, L), "(B, Hq, L)")
@@ -132,6 +134,19 @@ def check_backward_args(dout, dlse, q, k, v, mask, out, stats, scale, causal, ma
         raise TypeError(f"attnkern op: mask_grad must be a bool, got {type(mask_grad).__name__}")
     if mask_grad and (mask is None or mask.dtype == torch.bool):
         raise ValueError("attnkern op: mask_grad=True needs a float attn_mask (a bool mask has no gradient)")
+
+
+def check_backend_runs(q, k, v, mask, scale, causal, backend) -> None:
+    """The named backend runs this problem on q's device (its dtypes, head dims, ...), else the
+    reason, as `attention(..., backend=...)` would say it. Only for real tensors (not the fake
+    implementations: whether a device is usable is a property of the run, not of the trace)."""
+    from . import backends
+    from .problem import AttentionProblem
+
+    b = backends.get(backend)
+    why = b.availability(q.device) or b.unsupported_reason(AttentionProblem(q, k, v, mask, scale, causal))
+    if why:
+        raise backends.BackendUnavailableError(f"attnkern op: backend={backend!r} cannot run this call: {why}")
 
 
 def is_empty(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:

@@ -37,6 +37,7 @@ def attention_forward(
     op_checks.check_forward_args(q, k, v, mask, scale, causal, backend)
     if op_checks.is_empty(q, k, v):
         backend = "reference"
+    op_checks.check_backend_runs(q, k, v, mask, scale, causal, backend)
     return backends.get(backend).forward(q, k, v, mask, scale, causal)
 
 
@@ -54,6 +55,7 @@ def attention_backward(
     op_checks.check_backward_args(dout, dlse, q, k, v, mask, out, stats, scale, causal, mask_grad, backend)
     if op_checks.is_empty(q, k, v):
         backend = "reference"
+    op_checks.check_backend_runs(q, k, v, mask, scale, causal, backend)
     dq, dk, dv, dmask = backends.get(backend).backward(
         dout, dlse, q, k, v, mask, out, stats, scale, causal, mask_grad
     )

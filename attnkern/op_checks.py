@@ -16,8 +16,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import masks
-from .problem import SUPPORTED_DTYPES, to_float32
+from . import backends, masks
+from .problem import SUPPORTED_DTYPES, AttentionProblem, to_float32
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -56,8 +56,6 @@ def check_forward_args(q, k, v, mask: Optional[torch.Tensor], scale, causal, bac
     """The arguments of attention_forward: q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev) of one
     floating dtype and device, Hq a multiple of Hkv (both 0 for a zero-head problem), mask None or
     (Bm, Hm, Lm, Sm) with each dim 1 or full, a finite scale, a known causal code and backend name."""
-    from . import backends
-
     if not isinstance(backend, str) or backend not in backends.names() or backend == "auto":
         raise ValueError(
             f"attnkern op: backend must name a registered backend {backends.names()[1:]}, got {backend!r}"
@@ -140,9 +138,6 @@ def check_backend_runs(q, k, v, mask, scale, causal, backend) -> None:
     """The named backend runs this problem on q's device (its dtypes, head dims, ...), else the
     reason, as `attention(..., backend=...)` would say it. Only for real tensors (not the fake
     implementations: whether a device is usable is a property of the run, not of the trace)."""
-    from . import backends
-    from .problem import AttentionProblem
-
     b = backends.get(backend)
     why = b.availability(q.device) or b.unsupported_reason(AttentionProblem(q, k, v, mask, scale, causal))
     if why:

@@ -75,31 +75,36 @@ def test_backward_probabilities_are_the_forwards(pair, how, magnitude):
 
 
 def _exact_large_logits(how: str, B=1, Hq=2, Hkv=1, L=29, S=23, E=8):
-    """q, k, mask whose scores (scale 1) are exact in float32 and float16 arithmetic: integers, or
-    quarters near 3e6 (float32's spacing there), with row differences of a few units. Returns also the
-    per-row offset that, subtracted from the mask, gives the same softmax with small scores."""
+    """q, k, mask, scale whose scores are exact in float32 (and float16) arithmetic: integers, or quarters
+    near 3e6 (float32's spacing there), with row differences of a few units; or, for "scale", small
+    integer dots times 2^18 (rows one-hot or split between tied keys). Returns also the per-row offset
+    that, subtracted from the mask, gives the same softmax with small scores."""
     g = torch.Generator().manual_seed(7)
     small = lambda *s: torch.randint(-1, 2, s, generator=g).to(F32)  # noqa: E731
     q, k = small(B, Hq, L, E), small(B, Hkv, S, E)
     offset = torch.zeros(1, Hq, L, 1)
-    mask = None
-    if how == "qk":  # first column: 1000 + i times 3000, about 3e6
+    mask, scale = None, 1.0
+    if how == "scale":
+        scale = 2.0**18
+    elif how == "qk":  # first column: 1000 + i times 3000, about 3e6
         q[..., 0] = 1000 + torch.arange(L, dtype=F32)
         k[..., 0] = 3000
     else:  # mask: +-3e6 + small integer per row, plus quarters
         offset = torch.sign(torch.randn(1, Hq, L, 1, generator=g)) * 3e6 + torch.randint(-50, 50, (1, Hq, L, 1),
                                                                                         generator=g)
         mask = offset + torch.randint(-8, 9, (1, Hq, L, S), generator=g) / 4.0
-    return q, k, mask, offset
+    return q, k, mask, scale, offset
 
 
-@pytest.mark.parametrize("how", ["qk", "mask"])
+@pytest.mark.parametrize("how", ["qk", "scale", "mask"])
 @pytest.mark.parametrize("pair", pairs(), ids=pair_id)
 def test_gradients_at_large_exact_logits_meet_the_tolerance_rule(pair, how):
     backend, dtype = pair
     if how == "qk" and dtype != F32:
         pytest.skip("the half-precision reference (ref_lp) cannot hold q.k of 3e6, and no shift removes it")
-    q, k, mask, offset = _exact_large_logits(how)
+    if how == "scale" and dtype != F32:
+        pytest.skip("dQ and dK of scale 2^18 exceed half precision's range")
+    q, k, mask, scale, offset = _exact_large_logits(how)
     B, Hq, L, E = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     v = torch.randn(B, Hkv, S, 16)
@@ -110,9 +115,9 @@ def test_gradients_at_large_exact_logits_meet_the_tolerance_rule(pair, how):
     def run(dtype_, mask_, **kw):
         leaves = [t.detach().to(dtype_).requires_grad_() for t in (q, k, v)]
         if kw.get("backend"):
-            out = attnkern.attention(*leaves, attn_mask=mask_, scale=1.0, enable_gqa=True, return_lse=False, **kw)
+            out = attnkern.attention(*leaves, attn_mask=mask_, scale=scale, enable_gqa=True, return_lse=False, **kw)
         else:
-            out = reference_attention(*leaves, mask_, scale=1.0, enable_gqa=True)[0]
+            out = reference_attention(*leaves, mask_, scale=scale, enable_gqa=True)[0]
         return (out, *torch.autograd.grad(out, leaves, do.to(dtype_)))
 
     got = run(dtype, mask, backend=backend)

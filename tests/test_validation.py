@@ -217,16 +217,22 @@ def test_zero_sized_problems_match_torch(backend, shapes, mask):
         theirs = [t.detach().clone().requires_grad_() for t in ours]
         L, S = shapes[0][2], shapes[1][2]
         m = {None: None, "bool": torch.rand(L, S, device=DEVICE) > 0.3,
-             "float": torch.randn(L, S, device=DEVICE)}[mask]
+             "float": torch.randn(L, S, device=DEVICE, requires_grad=True)}[mask]
+        if m is not None and m.requires_grad:  # the float mask's gradient too
+            ours, theirs = ours + [m], theirs + [m.detach().clone().requires_grad_()]
         with attnkern.use_backend(backend):
-            out = attnkern.scaled_dot_product_attention(*ours, attn_mask=m, enable_gqa=enable_gqa)
-        want = F.scaled_dot_product_attention(*theirs, attn_mask=m, enable_gqa=enable_gqa)
+            out = attnkern.scaled_dot_product_attention(*ours[:3], attn_mask=ours[3] if len(ours) > 3 else m,
+                                                        enable_gqa=enable_gqa)
+        want = F.scaled_dot_product_attention(*theirs[:3], attn_mask=theirs[3] if len(theirs) > 3 else m,
+                                              enable_gqa=enable_gqa)
         assert out.shape == want.shape
         torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
         do = torch.randn(want.shape, device=DEVICE)
         got_g = torch.autograd.grad(out, ours, do, allow_unused=True)
         want_g = torch.autograd.grad(want, theirs, do, allow_unused=True)
-        for name, g, w in zip(("dq", "dk", "dv"), got_g, want_g):
+        for name, g, w, t in zip(("dq", "dk", "dv", "dmask"), got_g, want_g, theirs):
+            if w is None:  # torch's math path leaves an input it never reads without a gradient
+                w = torch.zeros_like(t)
             assert g is not None and g.shape == w.shape, name
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=lambda msg: f"{name}: {msg}")
 

@@ -18,10 +18,11 @@ from attnkern import ops
 from attnkern.reference import reference_attention
 from attnkern.tolerance import assert_all, check
 from isolated import run_isolated
-from matrix import DEVICE, FUSED, pair_id, pairs
+from matrix import BACKEND_DTYPES, DEVICE, FUSED, pair_id, pairs
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 BACKENDS = FUSED + ["reference"]
+FP32_BACKENDS = [b for b in BACKENDS if F32 in BACKEND_DTYPES[b]]
 
 
 def _grads_and_out(backend, q, k, v, do, **kw):
@@ -59,7 +60,7 @@ def test_zero_negative_tiny_and_large_scales_match_the_reference(pair, scale):
 def test_scales_torch_allows_match_torch(scale):
     q, k, v = (torch.randn(1, 2, 9, 8, device=DEVICE) for _ in range(3))
     want = F.scaled_dot_product_attention(q, k, v, scale=scale)
-    for backend in BACKENDS:
+    for backend in FP32_BACKENDS:
         with attnkern.use_backend(backend):
             got = attnkern.scaled_dot_product_attention(q, k, v, scale=scale)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{backend}: {m}")
@@ -85,7 +86,7 @@ def test_float64_takes_any_finite_scale():
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-300)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FP32_BACKENDS)
 def test_large_scale_times_a_large_query_does_not_overflow(backend):
     """scale * q overflows float32 (4 * 1e38) though every scaled score q.k * scale (about 4e36) fits: the
     kernels scale the dot, not the query, so the output is the reference's (one-hot rows) and not NaN."""
@@ -106,15 +107,18 @@ def test_large_scale_times_a_large_query_does_not_overflow(backend):
 _OP_CHECK_SCRIPT = r"""
 import json, sys, torch, attnkern
 from attnkern import ops
-backend, device, which = sys.argv[1], sys.argv[2], sys.argv[3]
+backend, device, which, dtype = sys.argv[1], sys.argv[2], sys.argv[3], getattr(torch, sys.argv[4])
+dname = str(dtype).replace("torch.", "")
 fwd = getattr(torch.ops.attnkern, f"attention_forward_{ops.CONTRACT}")
 bwd = getattr(torch.ops.attnkern, f"attention_backward_{ops.CONTRACT}")
 B, Hq, Hkv, L, S, E, Ev = 2, 4, 2, 5, 7, 8, 6
-r = lambda *s, dtype=torch.float32: torch.randn(*s, dtype=dtype, device=device)
-good = dict(q=r(B, Hq, L, E), k=r(B, Hkv, S, E), v=r(B, Hkv, S, Ev), mask=r(1, Hq, L, S), scale=0.5, causal=1,
+r = lambda *s, dtype=dtype: torch.randn(*s, dtype=dtype, device=device)
+good = dict(q=r(B, Hq, L, E), k=r(B, Hkv, S, E), v=r(B, Hkv, S, Ev), mask=r(1, Hq, L, S, dtype=torch.float32),
+            scale=0.5, causal=1,
             backend=backend)
 out, lse, stats = fwd(**good)
-good_bwd = dict(dout=r(B, Hq, L, Ev), dlse=r(B, Hq, L), **good, out=out, stats=stats, mask_grad=True)
+good_bwd = dict(dout=r(B, Hq, L, Ev), dlse=r(B, Hq, L, dtype=torch.float32), **good, out=out, stats=stats,
+                mask_grad=True)
 good_bwd = {n: good_bwd[n] for n in ("dout", "dlse", "q", "k", "v", "mask", "out", "stats", "scale", "causal",
                                      "mask_grad", "backend")}
 meta = lambda t: t.to("meta")
@@ -125,12 +129,12 @@ fwd_cases = {
     "key batch": (dict(k=r(B + 1, Hkv, S, E)), "key must have shape"),
     "value length": (dict(v=r(B, Hkv, S + 1, Ev)), "value must have shape"),
     "value heads": (dict(v=r(B, 1, S, Ev)), "value must have shape"),
-    "key dtype": (dict(k=r(B, Hkv, S, E, dtype=torch.float64)), "key must be float32"),
+    "key dtype": (dict(k=r(B, Hkv, S, E, dtype=torch.float64)), f"key must be {dname}"),
     "integer query": (dict(q=torch.ones(B, Hq, L, E, dtype=torch.int64, device=device)), "query must be float16"),
     "key device": (dict(k=meta(r(B, Hkv, S, E))), "key must be on the query's device"),
     "mask dim": (dict(mask=r(1, Hq, 3, S)), "attn_mask must have shape"),
     "mask rank": (dict(mask=r(L, S)), "attn_mask must be 4-D"),
-    "mask dtype": (dict(mask=r(1, Hq, L, S, dtype=torch.float16)), "attn_mask must be bool, float32"),
+    "mask dtype": (dict(mask=r(1, Hq, L, S, dtype=torch.float64)), "attn_mask must be bool, float32"),
     "mask device": (dict(mask=meta(r(1, Hq, L, S))), "attn_mask must be on the query's device"),
     "causal code": (dict(causal=3), "causal must be one of the codes"),
     "infinite scale": (dict(scale=float("inf")), "scale must be a finite float"),
@@ -141,13 +145,14 @@ fwd_cases = {
 bwd_cases = {
     "kv heads not dividing query heads": (dict(k=r(B, 3, S, E), v=r(B, 3, S, Ev)), "multiple of the key/value heads"),
     "grad_out shape": (dict(dout=r(B, Hq, L, E)), "grad_out must have shape"),
-    "grad_out dtype": (dict(dout=r(B, Hq, L, Ev, dtype=torch.float16)), "grad_out must be float32"),
+    "grad_out dtype": (dict(dout=r(B, Hq, L, Ev, dtype=torch.float64)), f"grad_out must be {dname}"),
     "out shape": (dict(out=r(B, Hq, L + 1, Ev)), "out must have shape"),
     "out device": (dict(out=meta(r(B, Hq, L, Ev))), "out must be on the query's device"),
-    "stats shape": (dict(stats=r(B, Hq, L)), "stats must be 4-D"),
+    "stats shape": (dict(stats=r(B, Hq, L, dtype=torch.float32)), "stats must be 4-D"),
     "stats dtype": (dict(stats=r(B, Hq, L, 2, dtype=torch.float64)), "stats must be float32"),
-    "stats broadcast": (dict(stats=r(1, 1, 1, 2).expand(B, Hq, L, 2)), "stats must be contiguous"),
-    "grad_lse shape": (dict(dlse=r(B, Hq, L + 2)), "grad_lse must have shape"),
+    "stats broadcast": (dict(stats=r(1, 1, 1, 2, dtype=torch.float32).expand(B, Hq, L, 2)),
+                        "stats must be contiguous"),
+    "grad_lse shape": (dict(dlse=r(B, Hq, L + 2, dtype=torch.float32)), "grad_lse must have shape"),
     "grad_lse dtype": (dict(dlse=r(B, Hq, L, dtype=torch.float64)), "grad_lse must be float32"),
     "mask_grad without a float mask": (dict(mask=None), "mask_grad=True needs a float attn_mask"),
     "scale beyond float32": (dict(scale=-1e39), "does not fit float32"),
@@ -177,8 +182,9 @@ print("ALL " + json.dumps(results))
 @pytest.mark.parametrize("which", ["forward", "backward"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ops_reject_bad_arguments_before_any_kernel_runs(backend, which):
-    res = run_isolated(_OP_CHECK_SCRIPT.replace("sys.argv[1], sys.argv[2], sys.argv[3]",
-                                                f"{backend!r}, {DEVICE!r}, {which!r}"))
+    dtype = str(BACKEND_DTYPES[backend][0]).replace("torch.", "")  # one the backend takes
+    argv = "sys.argv[1], sys.argv[2], sys.argv[3], getattr(torch, sys.argv[4])"
+    res = run_isolated(_OP_CHECK_SCRIPT.replace(argv, f"{backend!r}, {DEVICE!r}, {which!r}, torch.{dtype}"))
     results = json.loads(res.stdout.split("ALL ", 1)[1])
     bad = {name: got for name, got in results.items() if not got.startswith(("ValueError", "TypeError"))}
     assert not bad, f"{backend} {which}: calls not refused with the expected error: {bad}"

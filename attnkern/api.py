@@ -75,9 +75,12 @@ def scaled_dot_product_attention(
     broadcast to (N, ..., Hq, L, S). `is_causal` is top-left aligned and combines with `attn_mask`.
     attn_mask may also be torch.nn.attention.bias's `causal_upper_left(...)` (top-left causal) or
     `causal_lower_right(...)` (bottom-right), read as torch reads them; with is_causal=True they raise
-    ValueError as in torch. Fully masked rows give 0. The backend is the one set by `use_backend` or
-    ATTNKERN_BACKEND (auto); `torch.nn.attention.sdpa_kernel` concerns torch's SDPA and is not consulted
-    here (under `replace_sdpa()` it sends calls to torch).
+    ValueError as in torch. Fully masked rows give 0. `scale` (default 1/sqrt(E)) may be any finite value,
+    0 and negative included; it multiplies q·k (never q or k alone). fp16/bf16/fp32 inputs compute scores
+    in float32: their scale is rounded to float32, and |scale| beyond float32's range raises ValueError
+    (torch returns NaN there). Zero-sized inputs give torch's empty results. The backend is the one set by
+    `use_backend` or ATTNKERN_BACKEND (auto); `torch.nn.attention.sdpa_kernel` concerns torch's SDPA and is
+    not consulted here (under `replace_sdpa()` it sends calls to torch).
     """
     problem = normalize(
         query, key, value, attn_mask, dropout_p,

@@ -12,7 +12,9 @@ an older schema would otherwise be replayed against the new one.
 `stats` (per-row softmax statistics, see backends/base.py) is saved for the backward and is not
 differentiable; callers expose out and lse.
 
-Tensors are the canonical ones of problem.py; `backend` names a registered backend.
+Tensors are the canonical ones of problem.py; `backend` names a registered backend. Both ops (and
+their fake implementations) check their arguments on metadata first (op_checks.py), since anyone can
+call them; problems with a zero-sized dim run on the "reference" backend whichever is named.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import backends
+from . import backends, op_checks
 from .backends.base import new_grad, new_lse, new_output, new_stats
 
 
@@ -32,11 +34,16 @@ CONTRACT = "v2"
 def attention_forward(
     q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, causal: int, backend: str
 ) -> Tuple[Tensor, Tensor, Tensor]:
+    op_checks.check_forward_args(q, k, v, mask, scale, causal, backend)
+    if op_checks.is_empty(q, k, v):
+        backend = "reference"
+    op_checks.check_backend_runs(q, k, v, mask, scale, causal, backend)
     return backends.get(backend).forward(q, k, v, mask, scale, causal)
 
 
 @attention_forward.register_fake
 def _attention_forward_fake(q, k, v, mask, scale, causal, backend):
+    op_checks.check_forward_args(q, k, v, mask, scale, causal, backend)
     return new_output(q, v.shape[-1]), new_lse(q), new_stats(q)
 
 
@@ -45,6 +52,10 @@ def attention_backward(
     dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
     out: Tensor, stats: Tensor, scale: float, causal: int, mask_grad: bool, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    op_checks.check_backward_args(dout, dlse, q, k, v, mask, out, stats, scale, causal, mask_grad, backend)
+    if op_checks.is_empty(q, k, v):
+        backend = "reference"
+    op_checks.check_backend_runs(q, k, v, mask, scale, causal, backend)
     dq, dk, dv, dmask = backends.get(backend).backward(
         dout, dlse, q, k, v, mask, out, stats, scale, causal, mask_grad
     )
@@ -55,6 +66,7 @@ def attention_backward(
 
 @attention_backward.register_fake
 def _attention_backward_fake(dout, dlse, q, k, v, mask, out, stats, scale, causal, mask_grad, backend):
+    op_checks.check_backward_args(dout, dlse, q, k, v, mask, out, stats, scale, causal, mask_grad, backend)
     dmask = mask.new_empty(mask.shape) if mask_grad else q.new_empty((0,))
     return new_grad(q), new_grad(k), new_grad(v), dmask
 

@@ -10,6 +10,7 @@ The user-facing output shape is kept so the result can be viewed back.
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
@@ -100,6 +101,32 @@ class AttentionProblem:
         )
 
 
+def to_float32(x: float) -> Optional[float]:
+    """x rounded to float32 (round to nearest, as the kernels' cast does), or None where float32
+    overflows. Pure Python: it also runs inside fake-tensor tracing."""
+    try:
+        y = struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:
+        return None
+    return y if math.isfinite(y) or not math.isfinite(x) else None
+
+
+def kernel_scale(scale: float, dtype: torch.dtype) -> float:
+    """The scale as the kernels use it: float64 problems keep the double; every other dtype computes its
+    scores in float32, so the scale is rounded to float32 here (once, the same for every backend). A
+    scale whose magnitude float32 cannot hold (beyond ~3.4e38) is refused rather than turned into an
+    infinity (torch's math path would return NaN); a tiny one may round to 0, as in torch."""
+    if dtype == torch.float64:
+        return float(scale)
+    rounded = to_float32(scale)
+    if rounded is None:
+        raise ValueError(
+            f"scale={scale!r} is out of range for {str(dtype).replace('torch.', '')} inputs: their scores "
+            f"are computed in float32, so |scale| must be at most {torch.finfo(torch.float32).max:.6g}"
+        )
+    return rounded
+
+
 def _check_tensor(name: str, t) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -183,7 +210,9 @@ def normalize(
 
     # Heads: equal, broadcast (a single kv head serves all query heads), or grouped (enable_gqa).
     if enable_gqa:
-        if Hq % Hk or Hq % Hv:
+        # Zero query heads (an empty problem) take any kv head count, as in torch; zero kv heads
+        # serve no query head.
+        if any((Hq % h if h else Hq) for h in (Hk, Hv)):
             raise ValueError(
                 f"with enable_gqa=True the number of query heads must be a multiple of the key and value "
                 f"heads: query has {Hq} heads (dim -3), key {Hk}, value {Hv}"
@@ -204,6 +233,7 @@ def normalize(
         scale = 1.0 / math.sqrt(E) if E > 0 else 1.0
     elif not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite float or None, got {scale!r}")
+    scale = kernel_scale(scale, query.dtype)
 
     B = math.prod(batch_shape)
     notes = []

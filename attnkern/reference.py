@@ -145,7 +145,7 @@ def reference_attention_backward(
     """
     dtype = compute_dtype or q.dtype
     Hq, Hkv = q.shape[1], k.shape[1]
-    group = Hq // Hkv
+    group = Hq // Hkv if Hkv else 1  # zero heads (an empty problem): nothing to sum
     kx, vx = _expand_heads(k, Hq).to(dtype), _expand_heads(v, Hq).to(dtype)
     s = reference_scores(q, k, mask, causal=causal, scale=scale, enable_gqa=True, compute_dtype=dtype)
     _, e, denom = _softmax_parts(s)

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <limits>
 #include <sstream>
 
 namespace attnkern {
@@ -68,6 +69,10 @@ AttentionParams forward_params(const at::Tensor& q, const at::Tensor& k, const a
               shape_str(k.sizes()));
   TORCH_CHECK(E >= 1 && Ev >= 1, "attnkern: head dims must be at least 1, got E=", E, " Ev=", Ev);
   TORCH_CHECK(std::isfinite(scale), "attnkern: scale must be finite, got ", scale);
+  // Non-float64 kernels compute scores in float32: a scale float32 cannot hold would become infinity.
+  TORCH_CHECK(q.scalar_type() == at::kDouble || std::abs(scale) <= std::numeric_limits<float>::max(),
+              "attnkern: scale=", scale, " does not fit float32, in which ", q.scalar_type(),
+              " problems compute their scores");
   TORCH_CHECK(causal >= 0 && causal <= 2, "attnkern: causal must be 0 (none), 1 (top-left) or 2 (bottom-right), got ",
               causal);
 

@@ -2,7 +2,9 @@
 
 Inputs are the canonical tensors of problem.py: q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev),
 mask None or (Bm, Hm, Lm, Sm) (each dim 1 or full; bool = attend, float = added to the scaled scores),
-any strides. `causal` is a masks.CAUSAL_* code.
+any strides. `causal` is a masks.CAUSAL_* code. `scale` multiplies q·k (never q or k alone); for
+non-float64 problems it is a float32 value (problem.kernel_scale). The ops check all of this on
+metadata before a backend is called (op_checks.py), and send zero-sized problems to "reference".
 
     forward(q, k, v, mask, scale, causal)
         -> (out (B, Hq, L, Ev) in q's dtype, lse (B, Hq, L) float32, stats (B, Hq, L, 2) float32)

@@ -60,16 +60,21 @@ def _dkdv_tile(
     MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Accumulate one query tile's contribution to a key block's dK, dV. Works on Sᵀ (keys × queries)."""
+    """Accumulate one query tile's contribution to a key block's dK, dV. Works on Sᵀ (keys × queries).
+
+    S is formed exactly as the forward forms it, dot(q, kᵀ) · scale, and only then transposed: a dot
+    with the operands swapped may sum in another order, and at |score| ~ 1e6 one rounding step of a
+    score (0.06 at 1e6) already changes P by 6%. Bit-identical scores keep P exact relative to the
+    forward's statistics, however large the logits."""
     offs_m = start_m + offs_m0
-    qT = load_tile(q_base + offs_e[:, None] * stride_qe + offs_m[None, :] * stride_ql,
-                   offs_e, offs_m, E, L, BLOCK_E != E, CHECK_M)
+    q = load_tile(q_base + offs_m[:, None] * stride_ql + offs_e[None, :] * stride_qe,
+                  offs_m, offs_e, L, E, CHECK_M, BLOCK_E != E)
     row_max, log2l = load_row_stats(stats_base, offs_m, L, CHECK_M)  # rows past L: P = 0
     if CHECK_M:
         delta = tl.load(delta_base + offs_m, mask=offs_m < L, other=0.0)
     else:
         delta = tl.load(delta_base + offs_m)
-    sT = tl.dot(k, qT, input_precision=PRECISION) * scale
+    sT = tl.trans(tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale)
     sT = mask_scores(sT, offs_m[None, :], offs_n[:, None], mask_base, stride_ml, stride_ms, L, S, causal_off,
                      MASK_KIND, APPLY_CAUSAL, CHECK_M, CHECK_N)
     pT = tl.math.exp2((sT - row_max[None, :]) * LOG2E - log2l[None, :])
@@ -78,7 +83,7 @@ def _dkdv_tile(
     dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
     dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
     dsT = pT * (dpT - delta[None, :])
-    dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PRECISION)
+    dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION)
     return dk, dv
 
 

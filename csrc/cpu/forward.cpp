@@ -3,7 +3,8 @@
 // Work is split into tasks (batch, kv head, query chunk). A task packs its kv head's K^T and V once
 // (in acc_t, padded to the micro-kernel width), then for every query head of the group and every
 // block of BLOCK_M query rows streams key blocks of BLOCK_N:
-//     S = (scale Q) K^T          GEMM, in register tiles of 6 x 16
+//     S = (Q K^T) scale          GEMM, in register tiles of 6 x 16; scaled after the dot (as the
+//                                Triton and CUDA kernels do), so only a score beyond float range overflows
 //     S += mask; causal/bounds -> -inf
 //     online softmax, exp(s - m) as 2^((s - m) log2 e): m, l, rescale the output accumulator
 //     O += P V                   GEMM
@@ -79,7 +80,7 @@ void forward_kernel(const AttentionParams& p, const Blocking& blk) {
         const RowMasker<acc_t> masker{p, b, h};
         for (int64_t m0 = r0; m0 < r1; m0 += BM) {
           const int64_t mb = std::min(BM, r1 - m0);
-          pack_rows(qb, Ep, q + b * p.q_st.b + h * p.q_st.h + m0 * p.q_st.l, p.q_st.l, p.q_st.e, mb, p.E, scale);
+          pack_rows(qb, Ep, q + b * p.q_st.b + h * p.q_st.h + m0 * p.q_st.l, p.q_st.l, p.q_st.e, mb, p.E, acc_t(1));
           fill(m_i, mb, neg_inf<acc_t>());
           fill(l_i, mb, acc_t(0));
           fill(ob, mb * Evp, acc_t(0));
@@ -96,6 +97,7 @@ void forward_kernel(const AttentionParams& p, const Blocking& blk) {
             const bool causal_check = p.causal_enabled() && n0 + nb > n_full;
             for (int64_t i = 0; i < mb; ++i) {
               acc_t* row = sb + i * BNp;
+              scale_row(row, nbp, scale);
               masker.apply(row, m0 + i, n0, nb, nbp, causal_check);
               const acc_t m_new = std::max(m_i[i], cpu::row_max(row, nbp));
               if (m_new == neg_inf<acc_t>()) {  // nothing visible yet in this row

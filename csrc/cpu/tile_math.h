@@ -276,6 +276,13 @@ inline void fill(T* dst, int64_t n, T value) {
   std::fill(dst, dst + n, value);
 }
 
+// row[0, n) *= scale: scores are scaled after the dot, never Q or K before it, so that only a scaled
+// score beyond float range can overflow (as in the Triton and CUDA kernels).
+template <typename acc_t>
+inline void scale_row(acc_t* row, int64_t n, acc_t scale) {
+  at::vec::map([scale](Vec<acc_t> x) { return x * Vec<acc_t>(scale); }, row, row, n);
+}
+
 // Rows of a strided input tensor -> packed acc_t rows (optionally scaled); columns [n, ld) zeroed.
 template <typename scalar_t, typename acc_t>
 inline void pack_rows(acc_t* dst, int64_t ld, const scalar_t* src, int64_t row_stride, int64_t col_stride,

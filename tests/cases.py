@@ -317,7 +317,9 @@ def random_case(seed: int, max_work: int = RANDOM_MAX_WORK) -> Case:
     mask_dims, mask_rank, mask_fp32 = "ls", None, False
     masked_rows, min_rows = (), ()
     if mask != "none":
-        mask_dims = "".join(d for d, p in zip("bhls", (0.4, 0.4, 0.7, 0.8)) if rng.random() < p)
+        # Each score dim full or 1; often 1 for S, so that mask gradients are sums over keys (per-query
+        # biases), where half-precision rounding shows most.
+        mask_dims = "".join(d for d, p in zip("bhls", (0.5, 0.5, 0.6, 0.6)) if rng.random() < p)
         full_rank = len(mask_shape(Case("", L, S, E, rank=rank, B=B, B2=B2, Hq=Hq, mask_dims="bhls")))
         if rng.random() < 0.4:  # keep some of the leading size-1 dims
             mask_rank = rng.randint(1, full_rank)

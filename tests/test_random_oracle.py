@@ -16,6 +16,7 @@ the pairs: seed 123 is the same case for cpu-float16 and reference-float16 (the 
 drawn smaller, so its seeds name other cases).
 """
 import os
+import random
 import subprocess
 import sys
 
@@ -54,9 +55,14 @@ def _max_work(backend: str) -> int:
 PARAMS = [pytest.param(pair, seed, id=f"{pair_id(pair)}-seed{seed}") for pair in pairs() for seed in _seeds_for(pair[0])]
 
 
+def _lse_has_grad(seed: int) -> bool:
+    """Whether the case's upstream gradient reaches the log-sum-exp too (most do), drawn from the seed."""
+    return random.Random(seed * 7919 + 1).random() < 0.7
+
+
 def _header(pair, seed, case) -> str:
     backend, dtype = pair
-    return (f"random case seed={seed} on {pair_id(pair)}: {describe(case)}\n"
+    return (f"random case seed={seed} on {pair_id(pair)}: {describe(case)}, lse gradient: {_lse_has_grad(seed)}\n"
             f"  reproduce: ATTNKERN_RANDOM_SEED={seed} pytest tests/test_random_oracle.py -k {pair_id(pair)}")
 
 
@@ -69,7 +75,11 @@ def test_random_case_matches_float64_reference(pair, seed):
     try:
         out, lse = attnkern.attention(q, k, v, attn_mask=mask, backend=backend, **as_kwargs(case))
         do, dlse = upstream_grads(out, lse, seed=seed + 1)
-        torch.autograd.backward([out, lse], [do, dlse])
+        if _lse_has_grad(seed):
+            torch.autograd.backward([out, lse], [do, dlse])
+        else:  # the kernels' other backward path: no gradient reaches the log-sum-exp
+            dlse = None
+            out.backward(do)
     except Exception as exc:  # a valid case must run: report which one did not
         raise AssertionError(f"{header}\n  raised {type(exc).__name__}: {exc}") from exc
     grads = [t.grad for t in grad_leaves(q, k, v, mask)]

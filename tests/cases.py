@@ -125,13 +125,15 @@ def make_inputs(case: Case, dtype: torch.dtype, device, seed: int = 0, requires_
         if case.mask == "bool":
             mask = torch.rand(shape, generator=gen) > 0.25
             # keep every row attendable unless it is meant to be fully masked
-            mask[..., 0] = True
+            if mask.shape[-1]:
+                mask[..., 0] = True
             for r in case.masked_rows:
                 mask[..., r, :] = False
         else:
             mask = torch.randn(shape, generator=gen, dtype=torch.float64)
             mask = mask.masked_fill(torch.rand(shape, generator=gen) < 0.1, float("-inf"))
-            mask[..., 0] = torch.where(torch.isinf(mask[..., 0]), 0.0, mask[..., 0])
+            if mask.shape[-1]:
+                mask[..., 0] = torch.where(torch.isinf(mask[..., 0]), 0.0, mask[..., 0])
             for r in case.masked_rows:
                 mask[..., r, :] = float("-inf")
             mask = mask.to(torch.float32 if case.mask_fp32 else dtype)
@@ -346,6 +348,20 @@ def random_case(seed: int, max_work: int = RANDOM_MAX_WORK) -> Case:
                 layout=layout, rank=rank, kv_batch_broadcast=kv_batch_broadcast,
                 kv_head_broadcast=kv_head_broadcast, scale=scale)
     return case
+
+
+def random_empty_case(seed: int, max_work: int = RANDOM_MAX_WORK) -> Case:
+    """`random_case(seed)` with one size zero (batch, heads, L, S or Ev): empty results, as torch gives."""
+    case = random_case(seed, max_work)
+    rng = random.Random(seed + 1)
+    dims = ["L", "S", "Ev"] + (["Hq"] if case.rank > 2 else []) + (["B"] if case.rank >= 4 else [])
+    dim = rng.choice(dims)
+    zero = {dim: 0}
+    if dim == "L":
+        zero.update(masked_rows=(), min_rows=())
+    if dim == "Hq" and case.kv_head_broadcast is False and not case.enable_gqa:
+        zero.update(Hkv=None)  # key and value lose their heads too
+    return replace(case, name=f"random_empty_{seed}", **zero)
 
 
 def describe(case: Case) -> str:

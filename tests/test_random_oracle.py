@@ -26,7 +26,7 @@ import torch
 import attnkern
 from attnkern.tolerance import check
 from cases import (RANDOM_MAX_WORK, as_kwargs, describe, grad_leaves, make_inputs, random_case,
-                   run_reference, upstream_grads)
+                   random_empty_case, run_reference, upstream_grads)
 from matrix import DEVICE, ON_GPU, pair_id, pairs
 
 # Cases per (backend, dtype) pair by default: the CPU kernels and the reference take ~0.05 s a case,
@@ -53,6 +53,10 @@ def _max_work(backend: str) -> int:
 
 
 PARAMS = [pytest.param(pair, seed, id=f"{pair_id(pair)}-seed{seed}") for pair in pairs() for seed in _seeds_for(pair[0])]
+# Zero-sized problems: a few seeds per pair (the first of each pair's seeds).
+EMPTY_CASES = 12
+EMPTY_PARAMS = [pytest.param(pair, seed, id=f"{pair_id(pair)}-seed{seed}") for pair in pairs()
+                for seed in list(_seeds_for(pair[0]))[:EMPTY_CASES]]
 
 
 def _lse_has_grad(seed: int) -> bool:
@@ -60,17 +64,26 @@ def _lse_has_grad(seed: int) -> bool:
     return random.Random(seed * 7919 + 1).random() < 0.7
 
 
-def _header(pair, seed, case) -> str:
-    backend, dtype = pair
+def _header(test: str, pair, seed, case) -> str:
     return (f"random case seed={seed} on {pair_id(pair)}: {describe(case)}, lse gradient: {_lse_has_grad(seed)}\n"
-            f"  reproduce: ATTNKERN_RANDOM_SEED={seed} pytest tests/test_random_oracle.py -k {pair_id(pair)}")
+            f"  reproduce: ATTNKERN_RANDOM_SEED={seed} pytest tests/test_random_oracle.py::{test} -k {pair_id(pair)}")
 
 
 @pytest.mark.parametrize("pair, seed", PARAMS)
 def test_random_case_matches_float64_reference(pair, seed):
+    _check_case(pair, seed, random_case(seed, _max_work(pair[0])), "test_random_case_matches_float64_reference")
+
+
+@pytest.mark.parametrize("pair, seed", EMPTY_PARAMS)
+def test_random_empty_case_matches_float64_reference(pair, seed):
+    """A zero-sized batch, head count, length or value dim: empty (or zero) results and gradients."""
+    _check_case(pair, seed, random_empty_case(seed, _max_work(pair[0])),
+                "test_random_empty_case_matches_float64_reference")
+
+
+def _check_case(pair, seed, case, test):
     backend, dtype = pair
-    case = random_case(seed, _max_work(backend))
-    header = _header(pair, seed, case)
+    header = _header(test, pair, seed, case)
     q, k, v, mask = make_inputs(case, dtype, DEVICE, seed=seed)
     try:
         out, lse = attnkern.attention(q, k, v, attn_mask=mask, backend=backend, **as_kwargs(case))

@@ -1,10 +1,11 @@
-"""Randomized comparison of every backend that runs here with the float64 reference.
+"""Randomized tests: every backend that runs here against the float64 reference, and invalid calls.
 
 Each case is drawn from a seed by `cases.random_case` (random ranks, batch and head counts with GQA/MQA
 and broadcast, lengths 1..300, head dims 1..256 with Ev != E, causal alignments, masks of random kinds
 and broadcast shapes with fully masked and finfo.min rows, strided layouts, random scales) and judged
 by the tolerance rule on the output, the log-sum-exp and every gradient (dq, dk, dv and the float
-mask's), as test_correctness.py judges the hand-written cases.
+mask's), as test_correctness.py judges the hand-written cases; a few seeds more with one size zero
+(`cases.random_empty_case`). Random invalid calls (tests/bad_inputs.py) run in a subprocess.
 
     ATTNKERN_RANDOM_SEED=123 pytest tests/test_random_oracle.py -k cpu-float16   # one case again
     ATTNKERN_RANDOM_CASES=2000 pytest tests/test_random_oracle.py                # a soak run
@@ -30,8 +31,9 @@ from cases import (RANDOM_MAX_WORK, as_kwargs, describe, grad_leaves, make_input
                    random_empty_case, run_reference, upstream_grads)
 from matrix import DEVICE, ON_GPU, pair_id, pairs
 
-# Cases per (backend, dtype) pair by default: the CPU kernels and the reference take ~0.05 s a case,
-# the interpreter far longer, so it gets fewer and smaller cases (on a GPU Triton is as cheap as any).
+# Cases per (backend, dtype) pair by default: a CPU-kernel or reference case costs ~0.1 s of CPU time
+# (its two reference runs included), an interpreted Triton case ~10x more, so the interpreter gets fewer
+# and smaller cases (on a GPU Triton is as cheap as any). The whole file: ~150 s of CPU time.
 DEFAULT_CASES = 120
 TRITON_SHARE = 8  # the interpreter runs 1/TRITON_SHARE as many cases ...
 TRITON_MAX_WORK = RANDOM_MAX_WORK // 4  # ... each at most a quarter of the size

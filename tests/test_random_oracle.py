@@ -138,7 +138,7 @@ _MAX_CRASHES = 5  # after this many crashes the rest of the batch is not run
 def _run_bad_batch(entry: str, start: int, count: int):
     """Run seeds start..start+count-1 of `entry`; returns the failure lines (crashes included). After a
     crash the batch resumes at the next seed."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(attnkern.__file__)))  # the attnkern this test imported
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
     failures, crashes, end = [], 0, start + count
     while start < end:
@@ -176,4 +176,4 @@ def test_random_bad_inputs_raise_clear_errors(entry):
     if failures:
         raise AssertionError(
             f"{len(failures)} bad {entry} calls were not refused with a clear error "
-            f"(reproduce one: python tests/bad_inputs.py {entry} SEED 1):\n  " + "\n  ".join(failures))
+            f"(reproduce one: PYTHONPATH=. python tests/bad_inputs.py {entry} SEED 1):\n  " + "\n  ".join(failures))

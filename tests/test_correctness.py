@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import attnkern
 from attnkern.reference import reference_attention
 from cases import as_kwargs, cases, make_inputs, upstream_grads
+from cases import detached as _detached, grad_leaves as _leaves, run_reference as _run_reference
 from matrix import DEVICE, pair_id, pairs
 from attnkern.tolerance import assert_all, check
 
@@ -20,32 +21,6 @@ SEED = int(os.environ.get("ATTNKERN_TEST_SEED", "0"))
 
 def seed_for(name: str) -> int:
     return SEED + zlib.crc32(name.encode()) % 100_000
-
-
-def _leaves(q, k, v, mask):
-    return [q, k, v] + ([mask] if mask is not None and mask.requires_grad else [])
-
-
-def _detached(q, k, v, mask, dtype):
-    """Fresh leaves in `dtype` (the mask keeps its own kind: bool stays bool)."""
-    out = []
-    for t in (q, k, v, mask):
-        if t is None:
-            out.append(None)
-            continue
-        d = t.detach().to(dtype if t.is_floating_point() else t.dtype)
-        out.append(d.requires_grad_(t.requires_grad))
-    return out
-
-
-def _run_reference(q, k, v, mask, case, dtype, do, dlse):
-    q, k, v, mask = _detached(q, k, v, mask, dtype)
-    out, lse = reference_attention(q, k, v, mask, scale=None, **as_kwargs(case))
-    if dlse is None:
-        out.backward(do.to(out.dtype))
-    else:
-        torch.autograd.backward([out, lse], [do.to(out.dtype), dlse.to(lse.dtype)])
-    return out, lse, [t.grad for t in _leaves(q, k, v, mask)]
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)

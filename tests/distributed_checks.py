@@ -60,9 +60,61 @@ def check_case(rank, world, case):
     return msgs
 
 
-def run_cases(rank, world, cases):
+def run_cases(rank, world, cases, refusals=False):
     torch.set_num_threads(1)
-    failures = []
+    failures = check_refusals(rank, world) if refusals else []
     for case in cases:
         failures += check_case(rank, world, case)
     return failures
+
+
+def _raises(fn, exc, words):
+    try:
+        fn()
+    except exc as e:
+        missing = [w for w in words if w not in str(e)]
+        return f"error message {str(e)!r} lacks {missing}" if missing else ""
+    return f"{fn} did not raise {exc.__name__}"
+
+
+def check_refusals(rank, world):
+    """What ring/Ulysses/context_parallel refuse, each with an error naming the argument."""
+    import torch.nn.functional as F
+
+    from attnkern.distributed import context_parallel
+
+    q = torch.randn(1, 4, 6, 8)
+    k3 = torch.randn(1, 3, 6, 8)
+    checks = [
+        _raises(lambda: ring_attention(q, q, q, causal="bottom_right"), ValueError, ["causal"]),
+        _raises(lambda: ring_attention(q, q, q, window=(-1, 2)), ValueError, ["window"]),
+        _raises(lambda: ring_attention(q, q, q, layout="striped"), ValueError, ["layout"]),
+        _raises(lambda: ring_attention(q, q[:, :, :5], q[:, :, :5]), ValueError, ["sequence shard"]),
+        _raises(lambda: ring_attention(q, k3, k3, enable_gqa=True), ValueError, ["heads"]),
+        _raises(lambda: ring_attention(q[0], q[0], q[0]), ValueError, ["4-D"]),
+        _raises(lambda: ulysses_attention(q[:, :3], q[:, :3], q[:, :3]), ValueError, ["divisible"]),
+    ]
+    # Shards that are not the layout's (rank 0 one token short): every rank gets the same clear error.
+    short = torch.randn(1, 4, 6 - 2 * (rank == 0), 8)
+    checks.append(_raises(lambda: ring_attention(short, short, short), ValueError, ["shard_sequence"]))
+
+    def sdpa_with(**kw):
+        with context_parallel():
+            F.scaled_dot_product_attention(q, q, q, **kw)
+
+    checks.append(_raises(lambda: sdpa_with(attn_mask=torch.ones(6, 6, dtype=torch.bool)), ValueError,
+                          ["attn_mask"]))
+    checks.append(_raises(lambda: sdpa_with(dropout_p=0.1), ValueError, ["dropout_p"]))
+    checks.append(_raises(lambda: context_parallel(method="ulysses", window=4).__enter__(), ValueError,
+                          ["window"]))
+    return [f"rank {rank}: {c}" for c in checks if c]
+
+
+def fail_on_rank_one(rank, world):
+    """Rank 1 raises while rank 0 waits in a collective: the run must fail fast, not hang."""
+    if rank == 1:
+        raise RuntimeError("rank 1 fails on purpose")
+    import torch.distributed as dist
+
+    dist.barrier()
+    return []

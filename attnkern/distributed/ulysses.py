@@ -94,9 +94,7 @@ def ulysses_attention(q, k, v, *, group=None, causal=False, scale=None, enable_g
     if Hq % P:
         raise ValueError(f"ulysses_attention splits the {Hq} query heads over {P} ranks: the number of query "
                          "heads must be divisible by the number of ranks (use ring_attention otherwise)")
-    if Hkv % P:
-        if not enable_gqa:
-            raise ValueError(f"k/v have {Hkv} heads, not divisible by {P} ranks")
+    if Hkv % P:  # (only with enable_gqa: otherwise Hkv == Hq, checked above)
         k = k.repeat_interleave(math.lcm(Hkv, P) // Hkv, dim=1)  # whole kv groups per rank
         v = v.repeat_interleave(math.lcm(Hkv, P) // Hkv, dim=1)
     seq = layout_from_shards(q.shape[-2], group, layout, q.device)

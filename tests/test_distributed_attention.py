@@ -112,3 +112,9 @@ def test_plan_skips_and_masks_only_what_it_must():
     assert plan_block([(8, 4)], [(0, 4)], lo, hi) == []  # out of the window: skipped
     partial = plan_block([(4, 4)], [(2, 4)], lo, hi)[0]
     assert partial.band is not None and tuple(partial.mask("cpu").shape) == (4, 4)
+
+
+def test_one_rank():
+    """A ring of one (P = 1) is plain attention with nothing to pass."""
+    _run(1, [dict(method=m, B=1, Hq=4, Hkv=2, L=13, E=16, dtype=dt, causal=True)
+             for m in ("ring", "ulysses") for dt in FP], 100)

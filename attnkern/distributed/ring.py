@@ -15,6 +15,7 @@ pair's size only.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -136,9 +137,17 @@ class _Ring:
         return dist.batch_isend_irecv(ops), bufs
 
 
+# Seconds this process spent blocked on ring transfers (communication that compute did not hide); the
+# benchmark (bench/context_parallel.py) reads and resets it.
+exposed_comm_seconds = 0.0
+
+
 def _wait(reqs) -> None:
+    global exposed_comm_seconds
+    start = time.perf_counter()
     for r in reqs:
         r.wait()
+    exposed_comm_seconds += time.perf_counter() - start
 
 
 class _RingAttention(torch.autograd.Function):
@@ -211,7 +220,9 @@ class _RingAttention(torch.autograd.Function):
                 dk_b.add_(dkv_pending[1][0])
                 dv_b.add_(dkv_pending[1][1])
             # Pass the accumulator on; the one that arrives belongs to the next block (after the last step:
-            # this rank's own block, complete).
+            # this rank's own block, complete). A ring of one has nothing to pass.
+            if ring.world == 1:
+                return dq.to(q.dtype), dk_b.to(k.dtype), dv_b.to(v.dtype), None, None, None, None, None, None, None
             dkv_pending = ring.exchange((dk_b, dv_b), seq.shard_length(ring.owner(step + 1)), _TAG_DKV)
             if kv_pending is not None:
                 _wait(kv_pending[0])

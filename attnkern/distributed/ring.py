@@ -104,8 +104,14 @@ def _merge(acc_out, acc_lse, out_b, lse_b) -> None:
     """In place: (acc_out, acc_lse) <- the softmax-weighted union of the two partial results."""
     new = torch.logaddexp(acc_lse, lse_b)
     ref = torch.where(torch.isinf(new), torch.zeros_like(new), new)  # rows that see nothing so far
-    acc_out.mul_(torch.exp(acc_lse - ref).unsqueeze(-1)).add_(out_b.to(acc_out.dtype) * torch.exp(lse_b - ref).unsqueeze(-1))
+    acc_out.mul_(torch.exp(acc_lse - ref).unsqueeze(-1)).addcmul_(out_b.to(acc_out.dtype),
+                                                                  torch.exp(lse_b - ref).unsqueeze(-1))
     acc_lse.copy_(new)
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """rowsum(a * b) over the last dim, without an (..., L, E) temporary."""
+    return torch.einsum("...e,...e->...", a, b)
 
 
 class _Ring:
@@ -186,6 +192,7 @@ class _RingAttention(torch.autograd.Function):
         dout = torch.zeros_like(out) if dout is None else dout.to(acc)
         # Each row's share of the final result that a block with lse_b holds is exp(lse_b - lse).
         lse_ref = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+        out_dot = _rowdot(dout, out)  # rowsum(dout * out): the softmax backward's D of the final result
         q_segments = seq.segments(ring.rank)
         block = (k, v)
         dkv_pending = None
@@ -193,8 +200,7 @@ class _RingAttention(torch.autograd.Function):
             kv_pending = None
             if step < ring.world - 1:
                 kv_pending = ring.exchange(block, seq.shard_length(ring.owner(step + 1)), _TAG_KV)
-            dk_b = torch.zeros(block[0].shape, dtype=acc, device=q.device)
-            dv_b = torch.zeros(block[1].shape, dtype=acc, device=q.device)
+            gq = gk = gv = None
             calls = plan_block(q_segments, seq.segments(ring.owner(step)), lo, hi)
             if calls:
                 with torch.enable_grad():
@@ -206,15 +212,17 @@ class _RingAttention(torch.autograd.Function):
                         w = torch.exp(lse_b.to(acc) - lse_ref[..., rows])
                         g_out = _rows(dout, call.q0, call.ql)
                         # d(final out)/d(lse_b) = w * (out_b - out): the block's weight moves with its lse.
-                        g_lse = w * (g_out * (out_b.to(acc) - _rows(out, call.q0, call.ql))).sum(-1)
+                        g_lse = w * (_rowdot(g_out, out_b.to(acc)) - out_dot[..., rows])
                         if dlse is not None:
                             g_lse = g_lse + w * dlse[..., rows].to(acc)
                         outs += [out_b, lse_b]
                         grads += [(w.unsqueeze(-1) * g_out).to(out_b.dtype), g_lse.to(lse_b.dtype)]
                     gq, gk, gv = torch.autograd.grad(outs, (qd, kd, vd), grads, allow_unused=True)
-                for total, g in ((dq, gq), (dk_b, gk), (dv_b, gv)):
-                    if g is not None:
-                        total.add_(g)
+                if gq is not None:
+                    dq.add_(gq)
+            # This rank's share of the block's dK/dV (fresh tensors from autograd, or zeros).
+            dk_b = gk.to(acc) if gk is not None else torch.zeros(block[0].shape, dtype=acc, device=q.device)
+            dv_b = gv.to(acc) if gv is not None else torch.zeros(block[1].shape, dtype=acc, device=q.device)
             if dkv_pending is not None:  # the accumulator of this block, from the previous rank
                 _wait(dkv_pending[0])
                 dk_b.add_(dkv_pending[1][0])

@@ -18,10 +18,12 @@ def _band_mask(L, lo, hi):
     return (d >= lo) & (d <= hi)
 
 
-def _reference(q, k, v, dout, causal, window, gqa, dtype):
+def _reference(q, k, v, dout, causal, window, gqa, dtype, keep=None):
     """(out, dq, dk, dv) of the full-sequence reference computed in `dtype`."""
     lo, hi = parse_window(window, False)
     mask = None if window is None else _band_mask(q.shape[-2], lo, hi)
+    if keep is not None:
+        mask = keep[:, None, None, :] if mask is None else mask & keep[:, None, None, :]
     leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
     out, _ = reference_attention(*leaves, mask, causal="top_left" if causal else False, enable_gqa=gqa,
                                  compute_dtype=dtype)
@@ -37,14 +39,20 @@ def check_case(rank, world, case):
     g = torch.Generator().manual_seed(case.get("seed", 0))
     q, k, v, dout = (torch.randn(B, h, L, E, generator=g).to(dtype) for h in (Hq, Hkv, Hkv, Hq))
     gqa = Hq != Hkv
-    ref64 = _reference(q, k, v, dout, causal, window, gqa, torch.float64)
-    ref_lp = _reference(q, k, v, dout, causal, window, gqa, dtype)
+    keep = None
+    if case.get("padding"):
+        # Random padded keys, and the first three keys of batch 0: its first causal rows see nothing.
+        keep = torch.rand(B, L, generator=g) > 0.3
+        keep[0, :3] = False
+    ref64 = _reference(q, k, v, dout, causal, window, gqa, torch.float64, keep)
+    ref_lp = _reference(q, k, v, dout, causal, window, gqa, dtype, keep)
 
     def mine(t):
         return shard_sequence(t, -2, layout=layout)
 
     leaves = [mine(t).detach().requires_grad_() for t in (q, k, v)]
-    kwargs = dict(causal=causal, scale=None, enable_gqa=gqa, layout=layout, backend=backend)
+    kwargs = dict(causal=causal, scale=None, enable_gqa=gqa, layout=layout, backend=backend,
+                  key_padding_mask=None if keep is None else shard_sequence(keep, 1, layout=layout))
     if method == "ring":
         out = ring_attention(*leaves, window=window, **kwargs)
     else:
@@ -92,6 +100,10 @@ def check_refusals(rank, world):
         _raises(lambda: ring_attention(q, q[:, :, :5], q[:, :, :5]), ValueError, ["sequence shard"]),
         _raises(lambda: ring_attention(q, k3, k3, enable_gqa=True), ValueError, ["heads"]),
         _raises(lambda: ring_attention(q[0], q[0], q[0]), ValueError, ["4-D"]),
+        _raises(lambda: ring_attention(q, q, q, key_padding_mask=torch.ones(1, 6)), ValueError,
+                ["key_padding_mask", "bool"]),
+        _raises(lambda: ulysses_attention(q, q, q, key_padding_mask=torch.ones(6, dtype=torch.bool)), ValueError,
+                ["key_padding_mask", "(1, 6)"]),
         _raises(lambda: ulysses_attention(q[:, :3], q[:, :3], q[:, :3]), ValueError, ["divisible"]),
     ]
     # Shards that are not the layout's (rank 0 one token short): every rank gets the same clear error.

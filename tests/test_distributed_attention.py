@@ -26,6 +26,9 @@ def _ring_cases(P):
         for causal in (False, True):
             cases.append(dict(method="ring", B=1, Hq=2, Hkv=1, L=6 * P + 1, E=8, dtype=torch.float32,
                               causal=causal, window=window, layout="zigzag", seed=len(cases)))
+    for causal in (False, True):  # key padding, with queries that see no key at all
+        cases.append(dict(method="ring", B=2, Hq=2, Hkv=2, L=4 * P + 1, E=8, dtype=torch.float32, causal=causal,
+                          padding=True, window=(4, 2) if causal else None, seed=len(cases)))
     return cases
 
 
@@ -38,6 +41,8 @@ def _ulysses_cases(P):
                 hkv = P if (causal == (layout == "zigzag")) else 1
                 cases.append(dict(method="ulysses", B=2, Hq=2 * P, Hkv=hkv, L=4 * P + 3, E=16, dtype=dtype,
                                   causal=causal, layout=layout, seed=len(cases)))
+    cases.append(dict(method="ulysses", B=2, Hq=P, Hkv=P, L=4 * P + 1, E=8, dtype=torch.bfloat16, causal=True,
+                      padding=True, seed=len(cases)))
     return cases
 
 

@@ -28,12 +28,12 @@ _lock = threading.Lock()
 METHODS = ("ring", "ulysses")
 
 
-def _make_sdpa(group, layout, method, backend, window):
+def _make_sdpa(group, layout, method, backend, window, key_padding_mask):
     def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
                                      scale=None, enable_gqa=False):
         if attn_mask is not None:
             raise ValueError("attnkern.distributed.context_parallel: SDPA was called with an attn_mask; on a "
-                             "sequence-sharded batch only is_causal (and the context's window) are supported")
+                             "sequence-sharded batch only is_causal (and the context's window and key_padding_mask) are supported")
         if dropout_p:
             raise ValueError(f"attnkern.distributed.context_parallel: dropout_p={dropout_p} is not supported "
                              "(call the model in eval mode or with attention dropout 0)")
@@ -42,8 +42,9 @@ def _make_sdpa(group, layout, method, backend, window):
                              f"sequence, head dim), got shape {tuple(query.shape)}")
         if method == "ring":
             return ring_attention(query, key, value, group=group, causal=bool(is_causal), window=window,
-                                  scale=scale, enable_gqa=enable_gqa, layout=layout, backend=backend)
-        return ulysses_attention(query, key, value, group=group, causal=bool(is_causal), scale=scale,
+                                  key_padding_mask=key_padding_mask, scale=scale, enable_gqa=enable_gqa, layout=layout, backend=backend)
+        return ulysses_attention(query, key, value, group=group, causal=bool(is_causal),
+                                 key_padding_mask=key_padding_mask, scale=scale,
                                  enable_gqa=enable_gqa, layout=layout, backend=backend)
 
     scaled_dot_product_attention.__qualname__ = f"scaled_dot_product_attention[attnkern.context_parallel:{method}]"
@@ -52,11 +53,12 @@ def _make_sdpa(group, layout, method, backend, window):
 
 @contextlib.contextmanager
 def context_parallel(group=None, *, layout: str = "zigzag", method: str = "ring", backend: Optional[str] = None,
-                     window=None):
+                     window=None, key_padding_mask=None):
     """Within the block, F.scaled_dot_product_attention runs `method` ("ring" or "ulysses") attention over
     the sequence sharded across `group` in `layout` (shard inputs with shard_sequence). backend: the
     attnkern backend of the per-rank attention (None: use_backend/ATTNKERN_BACKEND/auto). window: a
-    sliding window for every call (ring only). Process-wide, like replace_sdpa."""
+    sliding window for every call (ring only). key_padding_mask: this rank's bool (B, L_r) shard of the
+    keys to attend, for every call (a padded batch). Process-wide, like replace_sdpa."""
     check_layout(layout)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -64,7 +66,7 @@ def context_parallel(group=None, *, layout: str = "zigzag", method: str = "ring"
         raise ValueError("window is supported by method='ring' only")
     with _lock:
         previous = F.scaled_dot_product_attention
-        F.scaled_dot_product_attention = _make_sdpa(group, layout, method, backend, window)
+        F.scaled_dot_product_attention = _make_sdpa(group, layout, method, backend, window, key_padding_mask)
     try:
         yield
     finally:

@@ -94,9 +94,15 @@ def _rows(t: torch.Tensor, start: int, length: int) -> torch.Tensor:
     return t.narrow(-2, start, length)
 
 
-def _run_call(call: BlockCall, q, k, v, scale, enable_gqa, backend):
+def _run_call(call: BlockCall, q, block, scale, enable_gqa, backend):
+    """One call of a step; block = (k, v) or (k, v, keep) with keep (B, S, 1) uint8, 1 = key attended."""
+    mask = call.mask(q.device)
+    if len(block) > 2:
+        keep = _rows(block[2], call.k0, call.kl).squeeze(-1).bool()[:, None, None, :]  # (B, 1, 1, kl)
+        mask = keep if mask is None else mask & keep
+    k, v = block[0], block[1]
     return attention(_rows(q, call.q0, call.ql), _rows(k, call.k0, call.kl), _rows(v, call.k0, call.kl),
-                     causal=call.causal, attn_mask=call.mask(q.device), scale=scale, enable_gqa=enable_gqa,
+                     causal=call.causal, attn_mask=mask, scale=scale, enable_gqa=enable_gqa,
                      return_lse=True, backend=backend)
 
 
@@ -158,43 +164,43 @@ def _wait(reqs) -> None:
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, group, seq, lo, hi, scale, enable_gqa, backend):
+    def forward(ctx, q, k, v, keep, group, seq, lo, hi, scale, enable_gqa, backend):
         ring = _Ring(group, seq)
         acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         out = torch.zeros(q.shape[:-1] + (v.shape[-1],), dtype=acc_dtype, device=q.device)
         lse = torch.full(q.shape[:-1], -_INF, dtype=acc_dtype, device=q.device)
         q_segments = seq.segments(ring.rank)
-        block = (k, v)
+        block = (k, v) if keep is None else (k, v, keep)
         for step in range(ring.world):
             pending = None
             if step < ring.world - 1:  # the next block travels while this one computes
                 pending = ring.exchange(block, seq.shard_length(ring.owner(step + 1)), _TAG_KV)
             for call in plan_block(q_segments, seq.segments(ring.owner(step)), lo, hi):
-                out_b, lse_b = _run_call(call, q, block[0], block[1], scale, enable_gqa, backend)
+                out_b, lse_b = _run_call(call, q, block, scale, enable_gqa, backend)
                 _merge(_rows(out, call.q0, call.ql), lse[..., call.q0:call.q0 + call.ql], out_b, lse_b)
             if pending is not None:
                 _wait(pending[0])
                 block = tuple(pending[1])
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.ring = (group, seq, lo, hi, scale, enable_gqa, backend)
+        ctx.ring = (keep, group, seq, lo, hi, scale, enable_gqa, backend)
         ctx.set_materialize_grads(False)
         return out.to(q.dtype), lse.to(acc_dtype)
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        group, seq, lo, hi, scale, enable_gqa, backend = ctx.ring
+        keep, group, seq, lo, hi, scale, enable_gqa, backend = ctx.ring
         ring = _Ring(group, seq)
         acc = out.dtype
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
         if dout is None and dlse is None:
-            return (None,) * 10
+            return (None,) * 11
         dout = torch.zeros_like(out) if dout is None else dout.to(acc)
         # Each row's share of the final result that a block with lse_b holds is exp(lse_b - lse).
         lse_ref = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
         out_dot = _rowdot(dout, out)  # rowsum(dout * out): the softmax backward's D of the final result
         q_segments = seq.segments(ring.rank)
-        block = (k, v)
+        block = (k, v) if keep is None else (k, v, keep)
         dkv_pending = None
         for step in range(ring.world):
             kv_pending = None
@@ -207,7 +213,7 @@ class _RingAttention(torch.autograd.Function):
                     qd, kd, vd = (t.detach().requires_grad_() for t in (q, block[0], block[1]))
                     outs, grads = [], []
                     for call in calls:
-                        out_b, lse_b = _run_call(call, qd, kd, vd, scale, enable_gqa, backend)
+                        out_b, lse_b = _run_call(call, qd, (kd, vd) + tuple(block[2:]), scale, enable_gqa, backend)
                         rows = slice(call.q0, call.q0 + call.ql)
                         w = torch.exp(lse_b.to(acc) - lse_ref[..., rows])
                         g_out = _rows(dout, call.q0, call.ql)
@@ -230,14 +236,14 @@ class _RingAttention(torch.autograd.Function):
             # Pass the accumulator on; the one that arrives belongs to the next block (after the last step:
             # this rank's own block, complete). A ring of one has nothing to pass.
             if ring.world == 1:
-                return dq.to(q.dtype), dk_b.to(k.dtype), dv_b.to(v.dtype), None, None, None, None, None, None, None
+                return dq.to(q.dtype), dk_b.to(k.dtype), dv_b.to(v.dtype), None, None, None, None, None, None, None, None
             dkv_pending = ring.exchange((dk_b, dv_b), seq.shard_length(ring.owner(step + 1)), _TAG_DKV)
             if kv_pending is not None:
                 _wait(kv_pending[0])
                 block = tuple(kv_pending[1])
         _wait(dkv_pending[0])
         dk, dv = dkv_pending[1]
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None, None
 
 
 def _check_inputs(q, k, v, enable_gqa):
@@ -257,18 +263,30 @@ def _check_inputs(q, k, v, enable_gqa):
                          "number of query heads divisible by the key/value heads")
 
 
-def ring_attention(q, k, v, *, group=None, causal=False, window=None, scale=None, enable_gqa=False,
-                   layout: str = "zigzag", backend: Optional[str] = None, return_lse: bool = False):
+def check_key_padding(mask, k) -> None:
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (k.shape[0], k.shape[-2]):
+        raise ValueError(f"key_padding_mask must be a bool tensor (batch, local sequence) = "
+                         f"{(k.shape[0], k.shape[-2])} marking the keys to attend, got "
+                         f"{getattr(mask, 'dtype', type(mask))} {tuple(getattr(mask, 'shape', ()))}")
+    if mask.device != k.device:
+        raise ValueError(f"key_padding_mask is on {mask.device}, k on {k.device}")
+
+
+def ring_attention(q, k, v, *, group=None, causal=False, window=None, key_padding_mask=None, scale=None,
+                   enable_gqa=False, layout: str = "zigzag", backend: Optional[str] = None,
+                   return_lse: bool = False):
     """Attention over a sequence sharded across the ranks of `group`, by passing key/value blocks around
     the ring. Forward and backward (dQ, dK, dV).
 
     q (B, Hq, L_r, E), k (B, H, L_r, E), v (B, H, L_r, Ev): this rank's shard of one sequence in `layout`
     ("zigzag" or "contiguous", see attnkern.distributed.shard_sequence; shard lengths may differ by one).
     causal: False or True (global top-left causal: position p sees keys <= p). window: None, int or
-    (left, right), a sliding band of keys around each query (see parse_window). scale, enable_gqa,
+    (left, right), a sliding band of keys around each query (see parse_window). key_padding_mask: bool
+    (B, L_r), this rank's shard of which keys may be attended (True, as SDPA's bool masks); it travels
+    with its keys, and a query that sees no key gets output 0 and lse -inf. scale, enable_gqa,
     backend: as in attnkern.attention, used for every block. Returns this rank's output shard
     (B, Hq, L_r, Ev), and with return_lse=True also its log-sum-exp (B, Hq, L_r), float32, differentiable.
-    Other masks (attn_mask, key padding, dropout) are not taken.
+    Other masks (attn_mask, dropout) are not taken.
     """
     if causal not in (False, True):
         raise ValueError(f"causal must be False or True (global top-left causal over the full sequence), "
@@ -276,5 +294,9 @@ def ring_attention(q, k, v, *, group=None, causal=False, window=None, scale=None
     _check_inputs(q, k, v, enable_gqa)
     lo, hi = parse_window(window, bool(causal))
     seq = layout_from_shards(q.shape[-2], group, layout, q.device)
-    out, lse = _RingAttention.apply(q, k, v, group, seq, lo, hi, scale, enable_gqa, backend)
+    keep = None
+    if key_padding_mask is not None:
+        check_key_padding(key_padding_mask, k)
+        keep = key_padding_mask.to(torch.uint8).unsqueeze(-1).contiguous()  # sequence at dim -2, like k/v
+    out, lse = _RingAttention.apply(q, k, v, keep, group, seq, lo, hi, scale, enable_gqa, backend)
     return (out, lse) if return_lse else out

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from ..api import attention
-from .sharding import SequenceLayout, group_info, layout_from_shards
+from .sharding import SequenceLayout, group_info, layout_from_shards, unshard_sequence
 
 
 def _all_to_all(x: torch.Tensor, send_sizes, recv_sizes, group) -> torch.Tensor:
@@ -73,8 +73,9 @@ class _HeadsToSeq(torch.autograd.Function):
         return _seq_to_heads(g, *ctx.args), None, None, None
 
 
-def ulysses_attention(q, k, v, *, group=None, causal=False, scale=None, enable_gqa=False,
-                      layout: str = "zigzag", backend: Optional[str] = None, return_lse: bool = False):
+def ulysses_attention(q, k, v, *, group=None, causal=False, key_padding_mask=None, scale=None,
+                      enable_gqa=False, layout: str = "zigzag", backend: Optional[str] = None,
+                      return_lse: bool = False):
     """Attention over a sequence sharded across the ranks of `group` by all-to-all head exchange.
 
     q (B, Hq, L_r, E), k (B, H, L_r, E), v (B, H, L_r, Ev): this rank's shard in `layout` (as for
@@ -82,9 +83,10 @@ def ulysses_attention(q, k, v, *, group=None, causal=False, scale=None, enable_g
     P they are split like the query heads; with enable_gqa and fewer (or not divisible) key/value heads,
     each is replicated so that every rank gets whole groups (H*r heads, r = lcm(H, P) / H; dK/dV sum the
     replicas). causal: False or True (global top-left). Returns the output shard (and the lse shard with
-    return_lse=True). window, attn_mask, key padding, dropout: not taken (use ring_attention for window).
+    return_lse=True). key_padding_mask: bool (B, L_r) as for ring_attention (gathered whole: B*L bools).
+    window, attn_mask, dropout: not taken (use ring_attention for window).
     """
-    from .ring import _check_inputs
+    from .ring import _check_inputs, check_key_padding
 
     if causal not in (False, True):
         raise ValueError(f"causal must be False or True (global top-left causal), got {causal!r}")
@@ -98,8 +100,13 @@ def ulysses_attention(q, k, v, *, group=None, causal=False, scale=None, enable_g
         k = k.repeat_interleave(math.lcm(Hkv, P) // Hkv, dim=1)  # whole kv groups per rank
         v = v.repeat_interleave(math.lcm(Hkv, P) // Hkv, dim=1)
     seq = layout_from_shards(q.shape[-2], group, layout, q.device)
+    mask = None
+    if key_padding_mask is not None:
+        check_key_padding(key_padding_mask, k)
+        keep = unshard_sequence(key_padding_mask.to(torch.uint8), 1, group=group, layout=layout)  # gloo: no bool
+        mask = keep.bool()[:, None, None, :]
     qh, kh, vh = (_SeqToHeads.apply(t, seq, rank, group) for t in (q, k, v))
-    out, lse = attention(qh, kh, vh, causal=bool(causal), scale=scale, enable_gqa=enable_gqa,
+    out, lse = attention(qh, kh, vh, causal=bool(causal), attn_mask=mask, scale=scale, enable_gqa=enable_gqa,
                          return_lse=True, backend=backend)
     out = _HeadsToSeq.apply(out, seq, rank, group)
     if not return_lse:

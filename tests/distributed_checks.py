@@ -31,7 +31,7 @@ def _reference(q, k, v, dout, causal, window, gqa, dtype, keep=None):
     return [out.detach()] + [t.grad for t in leaves]
 
 
-def check_case(rank, world, case):
+def check_case(rank, world, case, group=None):
     """Failure messages ('' entries dropped) for one case on this rank."""
     method, B, Hq, Hkv, L, E, dtype = (case[n] for n in ("method", "B", "Hq", "Hkv", "L", "E", "dtype"))
     causal, layout, window = case.get("causal", False), case.get("layout", "zigzag"), case.get("window")
@@ -48,11 +48,12 @@ def check_case(rank, world, case):
     ref_lp = _reference(q, k, v, dout, causal, window, gqa, dtype, keep)
 
     def mine(t):
-        return shard_sequence(t, -2, layout=layout)
+        return shard_sequence(t, -2, layout=layout, group=group)
 
     leaves = [mine(t).detach().requires_grad_() for t in (q, k, v)]
     kwargs = dict(causal=causal, scale=None, enable_gqa=gqa, layout=layout, backend=backend,
-                  key_padding_mask=None if keep is None else shard_sequence(keep, 1, layout=layout))
+                  group=group,
+                  key_padding_mask=None if keep is None else shard_sequence(keep, 1, layout=layout, group=group))
     if method == "ring":
         out = ring_attention(*leaves, window=window, **kwargs)
     else:
@@ -68,9 +69,11 @@ def check_case(rank, world, case):
     return msgs
 
 
-def run_cases(rank, world, cases, refusals=False):
+def run_cases(rank, world, cases, refusals=False, subgroups=False):
     torch.set_num_threads(1)
     failures = check_refusals(rank, world) if refusals else []
+    if subgroups:
+        failures += check_subgroups(rank, world)
     for case in cases:
         failures += check_case(rank, world, case)
     return failures
@@ -130,3 +133,16 @@ def fail_on_rank_one(rank, world):
 
     dist.barrier()
     return []
+
+
+def check_subgroups(rank, world):
+    """Two independent rings at once, on process groups {0, 1} and {2, 3} (peers are group ranks)."""
+    import torch.distributed as dist
+
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    mine = groups[rank // 2]
+    failures = []
+    for method in ("ring", "ulysses"):
+        case = dict(method=method, B=1, Hq=2, Hkv=2, L=11, E=8, dtype=torch.float32, causal=True, seed=rank // 2)
+        failures += check_case(rank, world, case, group=mine)
+    return failures

@@ -52,8 +52,8 @@ def _other_backend_cases():
             for m in ("ring", "ulysses") for b in ("reference", "triton")]
 
 
-def _run(P, cases, timeout, refusals=False):
-    failures = run_local(checks.run_cases, P, cases, refusals, timeout=timeout)
+def _run(P, cases, timeout, refusals=False, subgroups=False):
+    failures = run_local(checks.run_cases, P, cases, refusals, subgroups, timeout=timeout)
     assert not any(failures), "\n".join(m for f in failures for m in f)
 
 
@@ -63,7 +63,8 @@ def test_two_ranks():
 
 
 def test_four_ranks():
-    _run(4, _ring_cases(4) + _ulysses_cases(4), 200)
+    """Every case on 4 ranks, plus two 2-rank rings at once on subgroups (checks.check_subgroups)."""
+    _run(4, _ring_cases(4) + _ulysses_cases(4), 200, subgroups=True)
 
 
 def test_failing_rank_fails_fast():

@@ -33,7 +33,8 @@ def _make_sdpa(group, layout, method, backend, window, key_padding_mask):
                                      scale=None, enable_gqa=False):
         if attn_mask is not None:
             raise ValueError("attnkern.distributed.context_parallel: SDPA was called with an attn_mask; on a "
-                             "sequence-sharded batch only is_causal (and the context's window and key_padding_mask) are supported")
+                             "sequence-sharded batch only is_causal (and the context's window and key_padding_mask) "
+                             "are supported")
         if dropout_p:
             raise ValueError(f"attnkern.distributed.context_parallel: dropout_p={dropout_p} is not supported "
                              "(call the model in eval mode or with attention dropout 0)")
@@ -42,7 +43,8 @@ def _make_sdpa(group, layout, method, backend, window, key_padding_mask):
                              f"sequence, head dim), got shape {tuple(query.shape)}")
         if method == "ring":
             return ring_attention(query, key, value, group=group, causal=bool(is_causal), window=window,
-                                  key_padding_mask=key_padding_mask, scale=scale, enable_gqa=enable_gqa, layout=layout, backend=backend)
+                                  key_padding_mask=key_padding_mask, scale=scale, enable_gqa=enable_gqa,
+                                  layout=layout, backend=backend)
         return ulysses_attention(query, key, value, group=group, causal=bool(is_causal),
                                  key_padding_mask=key_padding_mask, scale=scale,
                                  enable_gqa=enable_gqa, layout=layout, backend=backend)

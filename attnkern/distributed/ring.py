@@ -128,8 +128,11 @@ class _Ring:
         self.rank, self.world = group_info(group)
         self.seq = seq
         # batch_isend_irecv takes ranks in the default group.
-        self.next = dist.get_global_rank(group, (self.rank + 1) % self.world) if group is not None else (self.rank + 1) % self.world
-        self.prev = dist.get_global_rank(group, (self.rank - 1) % self.world) if group is not None else (self.rank - 1) % self.world
+        self.next = self._global((self.rank + 1) % self.world)
+        self.prev = self._global((self.rank - 1) % self.world)
+
+    def _global(self, rank: int) -> int:
+        return rank if self.group is None else dist.get_global_rank(self.group, rank)
 
     def owner(self, step: int) -> int:
         """Whose key/value shard this rank holds at `step`."""
@@ -236,14 +239,14 @@ class _RingAttention(torch.autograd.Function):
             # Pass the accumulator on; the one that arrives belongs to the next block (after the last step:
             # this rank's own block, complete). A ring of one has nothing to pass.
             if ring.world == 1:
-                return dq.to(q.dtype), dk_b.to(k.dtype), dv_b.to(v.dtype), None, None, None, None, None, None, None, None
+                return (dq.to(q.dtype), dk_b.to(k.dtype), dv_b.to(v.dtype)) + (None,) * 8
             dkv_pending = ring.exchange((dk_b, dv_b), seq.shard_length(ring.owner(step + 1)), _TAG_DKV)
             if kv_pending is not None:
                 _wait(kv_pending[0])
                 block = tuple(kv_pending[1])
         _wait(dkv_pending[0])
         dk, dv = dkv_pending[1]
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None, None
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)) + (None,) * 8
 
 
 def _check_inputs(q, k, v, enable_gqa):

@@ -18,17 +18,21 @@ def _band_mask(L, lo, hi):
     return (d >= lo) & (d <= hi)
 
 
-def _reference(q, k, v, dout, causal, window, gqa, dtype, keep=None):
-    """(out, dq, dk, dv) of the full-sequence reference computed in `dtype`."""
+def _reference(q, k, v, dout, causal, window, gqa, dtype, keep=None, dlse=None):
+    """(out, dq, dk, dv, lse) of the full-sequence reference computed in `dtype`; the gradients are those
+    of sum(out * dout) (+ sum(lse * dlse) if given)."""
     lo, hi = parse_window(window, False)
     mask = None if window is None else _band_mask(q.shape[-2], lo, hi)
     if keep is not None:
         mask = keep[:, None, None, :] if mask is None else mask & keep[:, None, None, :]
     leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-    out, _ = reference_attention(*leaves, mask, causal="top_left" if causal else False, enable_gqa=gqa,
-                                 compute_dtype=dtype)
-    out.backward(dout.to(dtype))
-    return [out.detach()] + [t.grad for t in leaves]
+    out, lse = reference_attention(*leaves, mask, causal="top_left" if causal else False, enable_gqa=gqa,
+                                   compute_dtype=dtype)
+    loss = (out * dout.to(dtype)).sum()
+    if dlse is not None:
+        loss = loss + (torch.where(torch.isinf(lse), 0, lse) * dlse.to(lse.dtype)).sum()
+    loss.backward()
+    return [out.detach()] + [t.grad for t in leaves] + [lse.detach()]
 
 
 def check_case(rank, world, case, group=None):
@@ -44,26 +48,31 @@ def check_case(rank, world, case, group=None):
         # Random padded keys, and the first three keys of batch 0: its first causal rows see nothing.
         keep = torch.rand(B, L, generator=g) > 0.3
         keep[0, :3] = False
-    ref64 = _reference(q, k, v, dout, causal, window, gqa, torch.float64, keep)
-    ref_lp = _reference(q, k, v, dout, causal, window, gqa, dtype, keep)
+    dlse = torch.randn(B, Hq, L, generator=g) if case.get("lse") else None
+    ref64 = _reference(q, k, v, dout, causal, window, gqa, torch.float64, keep, dlse)
+    ref_lp = _reference(q, k, v, dout, causal, window, gqa, dtype, keep, dlse)
 
-    def mine(t):
-        return shard_sequence(t, -2, layout=layout, group=group)
+    def mine(t, dim=-2):
+        return shard_sequence(t, dim, layout=layout, group=group)
 
     leaves = [mine(t).detach().requires_grad_() for t in (q, k, v)]
     kwargs = dict(causal=causal, scale=None, enable_gqa=gqa, layout=layout, backend=backend,
                   group=group,
                   key_padding_mask=None if keep is None else shard_sequence(keep, 1, layout=layout, group=group))
     if method == "ring":
-        out = ring_attention(*leaves, window=window, **kwargs)
+        out, lse = ring_attention(*leaves, window=window, return_lse=True, **kwargs)
     else:
-        out = ulysses_attention(*leaves, **kwargs)
-    out.backward(mine(dout))
-    got = [out] + [t.grad for t in leaves]
+        out, lse = ulysses_attention(*leaves, return_lse=True, **kwargs)
+    loss = (out * mine(dout)).sum()
+    if dlse is not None:  # the lse is an output too: its gradient must reach q, k, v
+        loss = loss + (torch.where(torch.isinf(lse), 0, lse) * mine(dlse, -1)).sum()
+    loss.backward()
+    got = [out] + [t.grad for t in leaves] + [lse]
     tag = f"rank {rank}/{world} {case}: "
     msgs = []
-    for name, x, r64, rlp, factor in zip(("out", "dq", "dk", "dv"), got, ref64, ref_lp, (2, 3, 3, 3)):
-        msg = tolerance.check(name, x, mine(r64), mine(rlp), dtype, factor)
+    for name, x, r64, rlp, factor in zip(("out", "dq", "dk", "dv", "lse"), got, ref64, ref_lp, (2, 3, 3, 3, 2)):
+        dim = -1 if name == "lse" else -2
+        msg = tolerance.check(name, x, mine(r64, dim), mine(rlp, dim), dtype, factor)
         if msg:
             msgs.append(tag + msg)
     return msgs

@@ -21,14 +21,14 @@ def _ring_cases(P):
                 # Odd per-rank lengths (L = 4P+3) and GQA (4 query heads on 2 kv heads) in every case.
                 cases.append(dict(method="ring", B=2, Hq=4, Hkv=2, L=4 * P + 3, E=16, dtype=dtype,
                                   causal=causal, layout=layout, seed=len(cases)))
-    cases.append(dict(method="ring", B=1, Hq=2, Hkv=2, L=8 * P, E=8, dtype=torch.float32, causal=True))
+    cases.append(dict(method="ring", B=1, Hq=2, Hkv=2, L=8 * P, E=8, dtype=torch.float32, causal=True, lse=True))
     for window in (3, (5, 0), (2, 6)):
         for causal in (False, True):
             cases.append(dict(method="ring", B=1, Hq=2, Hkv=1, L=6 * P + 1, E=8, dtype=torch.float32,
                               causal=causal, window=window, layout="zigzag", seed=len(cases)))
     for causal in (False, True):  # key padding, with queries that see no key at all
         cases.append(dict(method="ring", B=2, Hq=2, Hkv=2, L=4 * P + 1, E=8, dtype=torch.float32, causal=causal,
-                          padding=True, window=(4, 2) if causal else None, seed=len(cases)))
+                          padding=True, window=(4, 2) if causal else None, lse=True, seed=len(cases)))
     return cases
 
 
@@ -43,6 +43,8 @@ def _ulysses_cases(P):
                                   causal=causal, layout=layout, seed=len(cases)))
     cases.append(dict(method="ulysses", B=2, Hq=P, Hkv=P, L=4 * P + 1, E=8, dtype=torch.bfloat16, causal=True,
                       padding=True, seed=len(cases)))
+    cases.append(dict(method="ulysses", B=1, Hq=P, Hkv=1, L=4 * P + 1, E=8, dtype=torch.float32, causal=True,
+                      lse=True, seed=len(cases)))
     return cases
 
 

@@ -11,7 +11,7 @@ in use and one in flight, never the full sequence.
 Masks at the ring level: causal and a sliding window are decided per pair of segments (see sharding.py):
 a pair entirely outside is skipped, one entirely inside runs unmasked, the causal diagonal runs with the
 kernel's top-left (or bottom-right) causal flag, and any other partial pair gets a bool band mask of the
-pair's size only.
+pair's size only. A key padding mask travels around the ring with its keys and joins the block's mask.
 """
 from __future__ import annotations
 
@@ -36,9 +36,11 @@ def parse_window(window, causal: bool) -> Tuple[float, float]:
     p sees keys p-left .. p+right. With causal the band is also cut at p."""
     lo, hi = -_INF, _INF
     if window is not None:
-        pair = (window, window) if isinstance(window, int) else tuple(window)
+        pair = (window, window) if isinstance(window, int) else tuple(window) if isinstance(window, (tuple, list)) \
+            else ()
         if len(pair) != 2 or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 0 for w in pair):
-            raise ValueError(f"window must be None, an int >= 0 or a pair (left, right) of ints >= 0, got {window!r}")
+            raise ValueError(f"window must be None, an int >= 0 or a pair (left, right) of ints >= 0, "
+                             f"got {window!r}")
         lo, hi = -pair[0], pair[1]
     if causal:
         hi = min(hi, 0)
@@ -196,8 +198,6 @@ class _RingAttention(torch.autograd.Function):
         ring = _Ring(group, seq)
         acc = out.dtype
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-        if dout is None and dlse is None:
-            return (None,) * 11
         dout = torch.zeros_like(out) if dout is None else dout.to(acc)
         # Each row's share of the final result that a block with lse_b holds is exp(lse_b - lse).
         lse_ref = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
@@ -216,7 +216,8 @@ class _RingAttention(torch.autograd.Function):
                     qd, kd, vd = (t.detach().requires_grad_() for t in (q, block[0], block[1]))
                     outs, grads = [], []
                     for call in calls:
-                        out_b, lse_b = _run_call(call, qd, (kd, vd) + tuple(block[2:]), scale, enable_gqa, backend)
+                        out_b, lse_b = _run_call(call, qd, (kd, vd) + tuple(block[2:]), scale, enable_gqa,
+                                                 backend)
                         rows = slice(call.q0, call.q0 + call.ql)
                         w = torch.exp(lse_b.to(acc) - lse_ref[..., rows])
                         g_out = _rows(dout, call.q0, call.ql)
@@ -289,7 +290,8 @@ def ring_attention(q, k, v, *, group=None, causal=False, window=None, key_paddin
     with its keys, and a query that sees no key gets output 0 and lse -inf. scale, enable_gqa,
     backend: as in attnkern.attention, used for every block. Returns this rank's output shard
     (B, Hq, L_r, Ev), and with return_lse=True also its log-sum-exp (B, Hq, L_r), float32, differentiable.
-    Other masks (attn_mask, dropout) are not taken.
+    Other masks (attn_mask, dropout) are not taken. Like any collective, every rank of the group must
+    make the same calls, forward and backward, in the same order.
     """
     if causal not in (False, True):
         raise ValueError(f"causal must be False or True (global top-left causal over the full sequence), "

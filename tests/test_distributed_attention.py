@@ -51,7 +51,8 @@ def _ulysses_cases(P):
 def _other_backend_cases():
     """The per-rank attention runs on any backend: the reference and (interpreted) Triton kernels too."""
     return [dict(method=m, B=1, Hq=2, Hkv=2, L=11, E=16, dtype=torch.float32, causal=True, backend=b)
-            for m in ("ring", "ulysses") for b in ("reference", "triton")]
+            for m in ("ring", "ulysses") for b in ("reference", "triton")] + [
+        dict(method="ring", B=1, Hq=2, Hkv=2, L=11, E=16, dtype=torch.float16, causal=True)]  # fp16, cpu
 
 
 def _run(P, cases, timeout, refusals=False, subgroups=False):

@@ -7,7 +7,6 @@ failing rank never leaves the others hanging.
 from __future__ import annotations
 
 import datetime
-import os
 import socket
 import time
 
@@ -22,7 +21,6 @@ def _free_port() -> int:
 
 
 def _worker(rank, world_size, port, collective_timeout, fn, args, results):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=collective_timeout))
     try:

@@ -66,8 +66,11 @@ def test_two_ranks():
 
 
 def test_four_ranks():
-    """Every case on 4 ranks, plus two 2-rank rings at once on subgroups (checks.check_subgroups)."""
-    _run(4, _ring_cases(4) + _ulysses_cases(4), 200, subgroups=True)
+    """Every case on 4 ranks, plus two 2-rank rings at once on subgroups (checks.check_subgroups), plus a
+    sequence shorter than the ranks (L=3: some ranks hold no token)."""
+    tiny = [dict(method=m, B=1, Hq=4, Hkv=4, L=3, E=8, dtype=torch.float32, causal=True, layout=lay)
+            for m in ("ring", "ulysses") for lay in ("zigzag", "contiguous")]
+    _run(4, _ring_cases(4) + _ulysses_cases(4) + tiny, 200, subgroups=True)
 
 
 def test_failing_rank_fails_fast():

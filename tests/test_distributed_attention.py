@@ -87,6 +87,7 @@ def test_failing_rank_fails_fast():
 def test_layout_covers_the_sequence_once(layout, L, P):
     seq = SequenceLayout(L, P, layout)
     assert sorted(seq.sharded_order().tolist()) == list(range(L))
+    assert torch.equal(seq.sharded_order()[seq.natural_order()], torch.arange(L))
     x = torch.arange(L)
     assert torch.equal(torch.cat([shard_sequence(x, 0, layout=layout, rank=r, world_size=P) for r in range(P)]),
                        seq.sharded_order())

@@ -61,6 +61,12 @@ class SequenceLayout:
         """Global positions of the concatenation of all shards in rank order (the gathered order)."""
         return torch.cat([self.positions(r, device) for r in range(self.world_size)])
 
+    def natural_order(self, device=None) -> torch.Tensor:
+        """Indices that put the gathered (sharded-order) sequence back in natural order."""
+        inverse = torch.empty(self.length, dtype=torch.long, device=device)
+        inverse[self.sharded_order(device)] = torch.arange(self.length, device=device)
+        return inverse
+
 
 def group_info(group) -> Tuple[int, int]:
     if not dist.is_available() or not dist.is_initialized():
@@ -109,7 +115,4 @@ def unshard_sequence(x: torch.Tensor, dim: int = -2, *, group=None, layout: str 
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded, group=group)
     gathered = torch.cat([p.narrow(dim, 0, seq.shard_length(r)) for r, p in enumerate(parts)], dim=dim)
-    # gathered is in sharded order; put every element back at its global position.
-    inverse = torch.empty(seq.length, dtype=torch.long, device=x.device)
-    inverse[seq.sharded_order(x.device)] = torch.arange(seq.length, device=x.device)
-    return gathered.index_select(dim, inverse)
+    return gathered.index_select(dim, seq.natural_order(x.device))  # every element at its global position

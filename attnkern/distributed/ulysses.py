@@ -33,14 +33,12 @@ def _seq_to_heads(x: torch.Tensor, seq: SequenceLayout, rank: int, group) -> tor
     lengths = [seq.shard_length(r) for r in range(P)]
     got = _all_to_all(parts.reshape(-1), [B * h * Lr * E] * P, [B * h * n * E for n in lengths], group)
     pieces = [p.view(B, h, n, E) for p, n in zip(got.split([B * h * n * E for n in lengths]), lengths)]
-    gathered = torch.cat(pieces, dim=2)  # sharded order
-    inverse = torch.empty(seq.length, dtype=torch.long, device=x.device)
-    inverse[seq.sharded_order(x.device)] = torch.arange(seq.length, device=x.device)
-    return gathered.index_select(2, inverse)
+    return torch.cat(pieces, dim=2).index_select(2, seq.natural_order(x.device))  # sharded -> natural order
 
 
 def _heads_to_seq(y: torch.Tensor, seq: SequenceLayout, rank: int, group) -> torch.Tensor:
-    """(B, H/P, L, E) head shard in natural order -> (B, H, L_r, E) sequence shard (inverse of _seq_to_heads)."""
+    """(B, H/P, L, E) head shard in natural order -> (B, H, L_r, E) sequence shard (_seq_to_heads's
+    inverse)."""
     B, h, L, E = y.shape
     P = seq.world_size
     y = y.index_select(2, seq.sharded_order(y.device))  # rank order: rank j's rows together

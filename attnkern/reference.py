@@ -132,12 +132,14 @@ def reference_attention_backward(
     causal: int,
     mask_grad: bool,
     compute_dtype: Optional[torch.dtype] = None,
+    out_lo: Optional[torch.Tensor] = None,
 ):
     """The backward every kernel implements, on canonical 4-D tensors (see problem.py):
 
         P = softmax(S)                (recomputed; 0 on fully masked rows)
         dV = Pᵀ dO                    dP = dO Vᵀ
-        delta = rowsum(dO ∘ O) − dlse
+        delta = rowsum(dO ∘ (out + out_lo)) − dlse   (out_lo: the forward's rounding residual of a
+                                      half-precision out, see backends/base.py; None or empty: 0)
         dS = P ∘ (dP − delta)         (the gradient of the masked, scaled scores = the float mask's)
         dQ = scale · dS K             dK = scale · dSᵀ Q
     dK/dV are summed over each kv head's query-head group; dMask over the mask's broadcast dims.
@@ -153,7 +155,10 @@ def reference_attention_backward(
     do = dout.to(dtype)
     dv = p.transpose(-2, -1) @ do
     dp = do @ vx.transpose(-2, -1)
-    delta = (do * out.to(dtype)).sum(-1, keepdim=True)
+    o = out.to(dtype)
+    if out_lo is not None and out_lo.numel():
+        o = o + out_lo.to(dtype)
+    delta = (do * o).sum(-1, keepdim=True)
     if dlse is not None:
         delta = delta - dlse.to(dtype).unsqueeze(-1)
     ds = p * (dp - delta)

@@ -109,7 +109,7 @@ def test_backward_op_refuses_bad_arguments(mutate, message):
                 dv=torch.empty_like(v), dmask=None)
     mutate(args)
     with pytest.raises(RuntimeError, match=message):
-        OPS.backward(args["dout"], args["dlse"], q, k, v, args["mask"], out, stats, 0.5, 0, args["dq"], args["dk"],
+        OPS.backward(args["dout"], args["dlse"], q, k, v, args["mask"], out, None, stats, 0.5, 0, args["dq"], args["dk"],
                      args["dv"], args["dmask"])
 
 

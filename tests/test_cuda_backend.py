@@ -55,7 +55,8 @@ def test_forward_and_backward_through_the_backend_glue(E, Ev, causal, mask_kind)
         mask = torch.randn(B, 1, L, S, dtype=torch.float64)
     scale = 0.3
     backend = CudaBackend()
-    out, lse, stats = backend.forward(q, k, v, mask, scale, causal)
+    out, lse, stats, out_lo = backend.forward(q, k, v, mask, scale, causal, True)
+    assert out_lo.numel() == 0, "float64 outputs need no rounding residual"
     assert out.shape == (B, H, L, Ev) and lse.shape == (B, H, L)
     assert out.stride(1) < out.stride(2), "the output keeps the query's (B, L, H, E) layout"
 
@@ -68,7 +69,7 @@ def test_forward_and_backward_through_the_backend_glue(E, Ev, causal, mask_kind)
 
     dout = torch.randn(B, H, L, Ev, dtype=torch.float64)
     ref_out.backward(dout)
-    dq, dk, dv, dmask = backend.backward(dout, None, q, k, v, mask, out, stats, scale, causal,
+    dq, dk, dv, dmask = backend.backward(dout, None, q, k, v, mask, out, out_lo, stats, scale, causal,
                                          mask is not None and mask.is_floating_point())
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
     for got, leaf in zip((dq, dk, dv), leaves):

@@ -4,7 +4,7 @@
 // (scale K) once, then for every query head of the group and every block of query rows:
 //     S  = (scale Q) K^T,  P = exp(S + mask - m) / l          (m, l: the forward's per-row statistics;
 //                                                              0 where masked and on fully masked rows)
-//     dP = dO V^T,  dS = P (dP - delta),  delta = rowsum(dO O) - dlse
+//     dP = dO V^T,  dS = P (dP - delta),  delta = rowsum(dO O) - dlse  (O = out + out_lo, see params.h)
 //     dV += P^T dO,  dK += dS^T (scale Q),  dQ += dS (scale K)
 // dK/dV accumulate in per-task buffers (O(S*E)); when a kv head's rows are split over several tasks
 // their partial sums are added afterwards in chunk order, so results do not depend on scheduling.
@@ -75,6 +75,9 @@ struct QueryBlock {
     const auto* q = static_cast<const scalar_t*>(p.q) + b * p.q_st.b + h * p.q_st.h + m0 * p.q_st.l;
     const auto* dout = static_cast<const scalar_t*>(p.dout) + b * p.dout_st.b + h * p.dout_st.h + m0 * p.dout_st.l;
     const auto* out = static_cast<const scalar_t*>(p.out) + b * p.out_st.b + h * p.out_st.h + m0 * p.out_st.l;
+    const auto* out_lo = p.out_lo ? static_cast<const scalar_t*>(p.out_lo) + b * p.out_lo_st.b + h * p.out_lo_st.h +
+                                        m0 * p.out_lo_st.l
+                                  : nullptr;
     pack_rows(qb, Ep, q, p.q_st.l, p.q_st.e, mb, p.E, scale);
     pack_rows(dob, Evp, dout, p.dout_st.l, p.dout_st.e, mb, p.Ev, acc_t(1));
     pack_panels(qp, BM * NR, q, p.q_st.l, p.q_st.e, mb, p.E, scale);
@@ -83,7 +86,15 @@ struct QueryBlock {
     for (int64_t i = 0; i < mb; ++i) {
       acc_t d = 0;
       const scalar_t* orow = out + i * p.out_st.l;
-      for (int64_t e = 0; e < p.Ev; ++e) d += dob[i * Evp + e] * static_cast<acc_t>(orow[e * p.out_st.e]);
+      if (out_lo) {  // O = out + out_lo: delta to float32 accuracy for half outputs
+        const scalar_t* lrow = out_lo + i * p.out_lo_st.l;
+        for (int64_t e = 0; e < p.Ev; ++e) {
+          d += dob[i * Evp + e] *
+               (static_cast<acc_t>(orow[e * p.out_st.e]) + static_cast<acc_t>(lrow[e * p.out_lo_st.e]));
+        }
+      } else {
+        for (int64_t e = 0; e < p.Ev; ++e) d += dob[i * Evp + e] * static_cast<acc_t>(orow[e * p.out_st.e]);
+      }
       if (p.dlse) {
         const auto* dl = static_cast<const acc_t*>(p.dlse);
         d -= dl[b * p.dlse_st.b + h * p.dlse_st.h + (m0 + i) * p.dlse_st.l];

@@ -298,6 +298,19 @@ inline void store_row(scalar_t* dst, int64_t col_stride, const acc_t* src, int64
   for (int64_t c = 0; c < cols; ++c) dst[c * col_stride] = static_cast<scalar_t>(src[c] * scale);
 }
 
+// Packed acc_t row -> strided output row, and its rounding residual src - acc_t(dst) (rounded to
+// scalar_t) into a second strided row `lo` (see params.h: out_lo).
+template <typename scalar_t, typename acc_t>
+inline void store_row_split(scalar_t* dst, int64_t col_stride, scalar_t* lo, int64_t lo_stride, const acc_t* src,
+                            int64_t cols, acc_t scale) {
+  for (int64_t c = 0; c < cols; ++c) {
+    const acc_t x = src[c] * scale;
+    const scalar_t hi = static_cast<scalar_t>(x);
+    dst[c * col_stride] = hi;
+    lo[c * lo_stride] = static_cast<scalar_t>(x - static_cast<acc_t>(hi));
+  }
+}
+
 // Add a float mask row / apply a bool mask row to scores row[0, n): stride 0 broadcasts one value.
 template <typename mask_t, typename acc_t>
 inline void apply_mask_row(acc_t* row, const mask_t* m, int64_t stride, int64_t n) {

@@ -8,7 +8,8 @@
 //     O += P V   (P reused from the S accumulators as the A operand, converted to T)
 // Causal problems stop at the block's diagonal; only tiles that cross it (or the key bound, or any
 // tile when there is a user mask) pay for per-element masking. Writes O, the lse and the per-row
-// statistics (row max, log2 denominator) the backward recomputes P from.
+// statistics (row max, log2 denominator) the backward recomputes P from, and, when p.out_lo is set, the
+// output's rounding residual (for the backward's delta).
 #pragma once
 
 #include "mask.h"
@@ -123,6 +124,7 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_fwd_kernel(const A
 
   // Normalize and store O; the lse and the statistics come from the quad's first thread.
   T* out = static_cast<T*>(p.out) + b * p.out_st.b + h * p.out_st.h;
+  T* out_lo = p.out_lo ? static_cast<T*>(p.out_lo) + b * p.out_lo_st.b + h * p.out_lo_st.h : nullptr;
   float* lse = static_cast<float*>(p.lse) + (b * p.Hq + h) * p.L;
   float* stats = static_cast<float*>(p.stats) + (b * p.Hq + h) * p.L * 2;
 #pragma unroll
@@ -135,7 +137,9 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_fwd_kernel(const A
     for (int ot = 0; ot < kOT; ++ot) {
       const int col = ot * 8 + 2 * t;
       if (col < p.Ev) {
-        *reinterpret_cast<uint32_t*>(out + i * p.out_st.l + col) = pack2<T>(o[ot][2 * r] * inv, o[ot][2 * r + 1] * inv);
+        const float x0 = o[ot][2 * r] * inv, x1 = o[ot][2 * r + 1] * inv;
+        *reinterpret_cast<uint32_t*>(out + i * p.out_st.l + col) = pack2<T>(x0, x1);
+        if (out_lo) *reinterpret_cast<uint32_t*>(out_lo + i * p.out_lo_st.l + col) = pack2_residual<T>(x0, x1);
       }
     }
     if (t == 0) {

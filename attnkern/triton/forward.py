@@ -130,7 +130,10 @@ def _attn_fwd_kernel(
         store_tile(O_LO + o_offs, (out - out_hi.to(tl.float32)).to(O.dtype.element_ty),
                    offs_m, offs_ev, L, EV, not EVEN_M, BLOCK_EV != EV)
     row = (b * H + h64) * L + offs_m
-    m_out = tl.where(empty, float("-inf"), m_i)
+    # A row with NaN (or +inf) scores has l = NaN, hence NaN output, lse and log2l. Its max may still have
+    # come out finite or -inf (compiled max drops NaN): store NaN, so the backward cannot take the row
+    # for a fully masked one (m = -inf) and recomputes NaN probabilities for it, as torch's math path has.
+    m_out = tl.where(empty, float("-inf"), tl.where(l_i == l_i, m_i, float("nan")))
     if EVEN_M:
         tl.store(LSE + row, lse)
         tl.store(STATS + row * 2, m_out)

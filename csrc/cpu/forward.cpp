@@ -99,10 +99,14 @@ void forward_kernel(const AttentionParams& p, const Blocking& blk) {
             for (int64_t i = 0; i < mb; ++i) {
               acc_t* row = sb + i * BNp;
               masker.apply(row, m0 + i, n0, nb, nbp, causal_check);
-              const acc_t m_new = std::max(m_i[i], cpu::row_max(row, nbp));
-              if (m_new == neg_inf<acc_t>()) {  // nothing visible yet in this row
-                fill(row, nbp, acc_t(0));
-                continue;
+              // std::max keeps a NaN m_i (its first argument): once NaN, a row stays NaN.
+              acc_t m_new = std::max(m_i[i], cpu::row_max(row, nbp));
+              if (m_new == neg_inf<acc_t>()) {
+                if (!row_has_nan(row, nbp)) {  // nothing visible yet in this row
+                  fill(row, nbp, acc_t(0));
+                  continue;
+                }
+                m_new = std::numeric_limits<acc_t>::quiet_NaN();  // scores of NaN only: the row is NaN
               }
               const acc_t alpha = std::exp(m_i[i] - m_new);  // 0 when m_i was -inf
               l_i[i] = l_i[i] * alpha + exp_shift_sum(row, nbp, m_new);

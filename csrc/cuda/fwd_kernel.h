@@ -132,7 +132,11 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_fwd_kernel(const A
     const int64_t i = m0 + wrow + g + 8 * r;
     const float l = quad_sum(row_sum[r]);
     if (i >= p.L) continue;
-    const float inv = l > 0.f ? 1.f / l : 0.f;  // every key masked: output 0
+    // l == 0: every key masked, output 0. l is NaN when the row's scores hold NaN or +inf: its output,
+    // lse and statistics are then NaN (the row max may have dropped the NaN: fmaxf ignores it), as in
+    // torch's math path, and the backward recomputes NaN probabilities for the row.
+    const bool empty = l == 0.f;
+    const float inv = empty ? 0.f : 1.f / l;
 #pragma unroll
     for (int ot = 0; ot < kOT; ++ot) {
       const int col = ot * 8 + 2 * t;
@@ -143,9 +147,9 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_fwd_kernel(const A
       }
     }
     if (t == 0) {
-      const float log2l = l > 0.f ? log2f(l) : kNegInf;
-      lse[i] = l > 0.f ? row_max[r] + log2l * kLn2 : kNegInf;
-      stats[2 * i] = l > 0.f ? row_max[r] : kNegInf;
+      const float log2l = empty ? kNegInf : log2f(l);
+      lse[i] = empty ? kNegInf : row_max[r] + log2l * kLn2;
+      stats[2 * i] = empty ? kNegInf : (isnan(l) ? l : row_max[r]);
       stats[2 * i + 1] = log2l;
     }
   }

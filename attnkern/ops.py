@@ -60,7 +60,8 @@ def attention_backward(
 
 
 @attention_backward.register_fake
-def _attention_backward_fake(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, causal, mask_grad, backend):
+def _attention_backward_fake(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, causal, mask_grad,
+                             backend):
     dmask = mask.new_empty(mask.shape) if mask_grad else q.new_empty((0,))
     return new_grad(q), new_grad(k), new_grad(v), dmask
 

@@ -69,8 +69,9 @@ def reference_attention(
 
     `causal`: an int code from masks.py or anything `masks.parse_causal` takes. Fully masked rows give
     output 0, log-sum-exp −inf, and zero gradients. NaN and Inf propagate as in torch's math path: a
-    row whose scores hold NaN or +inf has NaN output, log-sum-exp and probabilities. `compute_dtype` runs the math in another dtype
-    (e.g. float32 for half inputs); the log-sum-exp is float32, or float64 for float64 math.
+    row whose scores hold NaN or +inf has NaN output, log-sum-exp and probabilities. `compute_dtype`
+    runs the math in another dtype (e.g. float32 for half inputs); the log-sum-exp is float32, or
+    float64 for float64 math.
     """
     dtype = compute_dtype or query.dtype
     s = reference_scores(

@@ -139,8 +139,8 @@ AttentionParams forward_params(const at::Tensor& q, const at::Tensor& k, const a
 AttentionParams backward_params(const at::Tensor& dout, const std::optional<at::Tensor>& dlse,
                                 const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const std::optional<at::Tensor>& mask, const at::Tensor& out,
-                                const std::optional<at::Tensor>& out_lo, const at::Tensor& stats, double scale, int64_t causal, const at::Tensor& dq,
-                                const at::Tensor& dk, const at::Tensor& dv,
+                                const std::optional<at::Tensor>& out_lo, const at::Tensor& stats, double scale,
+                                int64_t causal, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
                                 const std::optional<at::Tensor>& dmask) {
   AttentionParams p = forward_params(q, k, v, mask, scale, causal, out, nullptr, stats, out_lo);
   const auto acc_dtype = stats.scalar_type();

@@ -24,8 +24,10 @@ out_lo = round(O32 - float(out)), in out's dtype and layout, so that out + out_l
 from the rounded output alone, a gradient that is exactly 0 (a per-query bias's) comes out as rounding
 noise of order 1e-2. The forward writes it only when asked (`residual`: a gradient will be needed) and
 only for half inputs; otherwise out_lo is an empty tensor and the backward uses out alone (exact for
-float32/float64). Outputs are allocated with the helpers below so that the fake (meta) implementations in ops.py
-produce identical shapes and strides.
+float32/float64).
+
+Outputs are allocated with the helpers below so that the fake (meta) implementations in ops.py produce
+identical shapes and strides.
 """
 from __future__ import annotations
 

@@ -124,7 +124,6 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_fwd_kernel(const A
 
   // Normalize and store O; the lse and the statistics come from the quad's first thread.
   T* out = static_cast<T*>(p.out) + b * p.out_st.b + h * p.out_st.h;
-  T* out_lo = p.out_lo ? static_cast<T*>(p.out_lo) + b * p.out_lo_st.b + h * p.out_lo_st.h : nullptr;
   float* lse = static_cast<float*>(p.lse) + (b * p.Hq + h) * p.L;
   float* stats = static_cast<float*>(p.stats) + (b * p.Hq + h) * p.L * 2;
 #pragma unroll
@@ -141,9 +140,17 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_fwd_kernel(const A
     for (int ot = 0; ot < kOT; ++ot) {
       const int col = ot * 8 + 2 * t;
       if (col < p.Ev) {
-        const float x0 = o[ot][2 * r] * inv, x1 = o[ot][2 * r + 1] * inv;
-        *reinterpret_cast<uint32_t*>(out + i * p.out_st.l + col) = pack2<T>(x0, x1);
-        if (out_lo) *reinterpret_cast<uint32_t*>(out_lo + i * p.out_lo_st.l + col) = pack2_residual<T>(x0, x1);
+        *reinterpret_cast<uint32_t*>(out + i * p.out_st.l + col) = pack2<T>(o[ot][2 * r] * inv, o[ot][2 * r + 1] * inv);
+      }
+    }
+    if (p.out_lo) {  // the rounding residual, for the backward's delta (a loop of its own: registers)
+      T* lo = static_cast<T*>(p.out_lo) + b * p.out_lo_st.b + h * p.out_lo_st.h + i * p.out_lo_st.l;
+#pragma unroll
+      for (int ot = 0; ot < kOT; ++ot) {
+        const int col = ot * 8 + 2 * t;
+        if (col < p.Ev) {
+          *reinterpret_cast<uint32_t*>(lo + col) = pack2_residual<T>(o[ot][2 * r] * inv, o[ot][2 * r + 1] * inv);
+        }
       }
     }
     if (t == 0) {

@@ -49,7 +49,8 @@ def _fwd_tile(
 
 @triton.autotune(
     configs=configs.configs_for(configs.FWD_CONFIGS),
-    key=["L_BUCKET", "S_BUCKET", "E", "EV", "MASK_KIND", "IS_CAUSAL", "PRECISION"],
+    # HAS_LO (training: the residual store needs registers) tunes apart from the inference forward.
+    key=["L_BUCKET", "S_BUCKET", "E", "EV", "MASK_KIND", "IS_CAUSAL", "PRECISION", "HAS_LO"],
     prune_configs_by={"early_config_prune": configs.prune},
 )
 @triton.heuristics({

@@ -52,8 +52,9 @@ def _run(problem: AttentionProblem, backend: Optional[str]):
             compute_dtype=torch.float64 if problem.dtype == torch.float64 else torch.float32,
         )
     else:
-        out, lse, _ = ops.attention_forward(
-            problem.q, problem.k, problem.v, problem.mask, problem.scale, problem.causal, choice.backend
+        out, lse, _, _ = ops.attention_forward(
+            problem.q, problem.k, problem.v, problem.mask, problem.scale, problem.causal, choice.backend,
+            problem.needs_grad,
         )
     return out.reshape(problem.output_shape()), lse.reshape(problem.lse_shape())
 

@@ -52,10 +52,13 @@ def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def check_forward_args(q, k, v, mask: Optional[torch.Tensor], scale, causal, backend) -> None:
+def check_forward_args(q, k, v, mask: Optional[torch.Tensor], scale, causal, backend, residual=False) -> None:
     """The arguments of attention_forward: q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev) of one
     floating dtype and device, Hq a multiple of Hkv (both 0 for a zero-head problem), mask None or
-    (Bm, Hm, Lm, Sm) with each dim 1 or full, a finite scale, a known causal code and backend name."""
+    (Bm, Hm, Lm, Sm) with each dim 1 or full, a finite scale, a known causal code and backend name,
+    and a bool `residual`."""
+    if not isinstance(residual, bool):
+        raise TypeError(f"attnkern op: residual must be a bool, got {type(residual).__name__}")
     if not isinstance(backend, str) or backend not in backends.names() or backend == "auto":
         raise ValueError(
             f"attnkern op: backend must name a registered backend {backends.names()[1:]}, got {backend!r}"
@@ -104,10 +107,10 @@ def check_forward_args(q, k, v, mask: Optional[torch.Tensor], scale, causal, bac
         )
 
 
-def check_backward_args(dout, dlse, q, k, v, mask, out, stats, scale, causal, mask_grad, backend) -> None:
+def check_backward_args(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, causal, mask_grad, backend) -> None:
     """The arguments of attention_backward: those of the forward, plus out and dout (B, Hq, L, Ev) in
-    the query's dtype, stats (B, Hq, L, 2) and dlse None or (B, Hq, L) in the accumulator dtype, and
-    mask_grad only with a float mask."""
+    the query's dtype, out_lo empty or (for float16/bfloat16) out's shape and dtype, stats (B, Hq, L, 2)
+    and dlse None or (B, Hq, L) in the accumulator dtype, and mask_grad only with a float mask."""
     check_forward_args(q, k, v, mask, scale, causal, backend)
     B, Hq, L, _ = q.shape
     Ev = v.shape[3]
@@ -117,6 +120,16 @@ def check_backward_args(dout, dlse, q, k, v, mask, out, stats, scale, causal, ma
         _shape(name, t, (B, Hq, L, Ev), "(B, Hq, L, Ev)")
         _dtype(name, t, q.dtype, "the query's dtype")
         _device(name, t, q.device)
+    if not isinstance(out_lo, torch.Tensor):
+        raise TypeError(f"attnkern op: out_lo must be a torch.Tensor, got {type(out_lo).__name__}")
+    if tuple(out_lo.shape) != (0,):  # (0,) when the forward saved no residual
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"attnkern op: out_lo must be empty (shape (0,)) for {_dtype_name(q.dtype)} problems, "
+                             f"got shape {tuple(out_lo.shape)}")
+        out_lo = _tensor("out_lo", out_lo, 4, "(B, Hq, L, Ev)")
+        _shape("out_lo", out_lo, (B, Hq, L, Ev), "(B, Hq, L, Ev), the output's")
+        _dtype("out_lo", out_lo, q.dtype, "the query's dtype")
+        _device("out_lo", out_lo, q.device)
     stats = _tensor("stats", stats, 4, "(B, Hq, L, 2)")
     _shape("stats", stats, (B, Hq, L, 2), "(B, Hq, L, 2)")
     _dtype("stats", stats, acc, "the forward's softmax statistics")

@@ -81,6 +81,12 @@ class AttentionProblem:
         return self.mask is not None and self.mask.requires_grad
 
     @property
+    def needs_grad(self) -> bool:
+        """Whether autograd will want a backward of this call (the forward then saves more for it)."""
+        return torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (self.q, self.k, self.v, self.mask))
+
+    @property
     def is_empty(self) -> bool:
         return self.q.numel() == 0 or self.S == 0 or self.Ev == 0 or self.B == 0
 

@@ -11,17 +11,19 @@
 namespace attnkern {
 
 // Checks q, k, v, mask, scale, causal and the outputs out (B, Hq, L, Ev), lse (B, Hq, L) (optional: the
-// backward has none) and stats (B, Hq, L, 2); returns the filled params (outputs included).
+// backward has none), stats (B, Hq, L, 2) and out_lo (optional: like out); returns the filled params
+// (outputs included).
 AttentionParams forward_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const std::optional<at::Tensor>& mask, double scale, int64_t causal,
-                               const at::Tensor& out, const at::Tensor* lse, const at::Tensor& stats);
+                               const at::Tensor& out, const at::Tensor* lse, const at::Tensor& stats,
+                               const std::optional<at::Tensor>& out_lo);
 
 // The forward's checks plus dout, dlse, and the gradient buffers dq, dk, dv, dmask.
 AttentionParams backward_params(const at::Tensor& dout, const std::optional<at::Tensor>& dlse,
                                 const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const std::optional<at::Tensor>& mask, const at::Tensor& out,
-                                const at::Tensor& stats, double scale, int64_t causal, const at::Tensor& dq,
-                                const at::Tensor& dk, const at::Tensor& dv,
+                                const std::optional<at::Tensor>& out_lo, const at::Tensor& stats, double scale,
+                                int64_t causal, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
                                 const std::optional<at::Tensor>& dmask);
 
 }  // namespace attnkern

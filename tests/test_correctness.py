@@ -99,8 +99,8 @@ def test_sdpa_parity_with_torch(pair, case):
     """attnkern.scaled_dot_product_attention against torch's: torch's float64 SDPA is the oracle, and the
     error budget is the DESIGN rule's (reference.py in the input dtype; reference.py is pinned to torch's
     float64 SDPA by the test above). torch's own low-precision CPU path is no budget for a flash-style
-    backward: it differentiates the rounded softmax exactly, where every fused kernel forms
-    delta = rowsum(dO·O) from the rounded output."""
+    backward: it differentiates the rounded softmax exactly, where every fused kernel recomputes the
+    probabilities and forms delta = rowsum(dO·O) from the output (and its rounding residual)."""
     backend, dtype = pair
     q, k, v, mask = make_inputs(case, dtype, DEVICE, seed=seed_for("parity" + case.name))
     with attnkern.use_backend(backend):

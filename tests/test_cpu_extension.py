@@ -104,16 +104,18 @@ def test_forward_op_refuses_bad_arguments(mutate, message):
     (lambda a: a.update(dmask=torch.zeros(1, 1, 5, 7)), r"grad_mask needs a float attn_mask"),
     (lambda a: a.update(mask=torch.zeros(1, 1, 5, 7), dmask=torch.zeros(1, 1, 5, 6)),
      r"grad_mask must have shape \(1, 1, 5, 7\)"),
+    (lambda a: a.update(out_lo=torch.zeros(2, 4, 5, 9)), r"out_lo must have shape \(2, 4, 5, 8\) \(like out\)"),
+    (lambda a: a.update(out_lo=torch.zeros(2, 4, 5, 8, dtype=torch.float16)), r"out_lo must have the query's dtype"),
 ])
 def test_backward_op_refuses_bad_arguments(mutate, message):
     q, k, v, out, lse, stats = _buffers()
     OPS.forward(q, k, v, None, 0.5, 0, out, lse, stats)
     args = dict(dout=torch.randn_like(out), dlse=None, mask=None, dq=torch.empty_like(q), dk=torch.empty_like(k),
-                dv=torch.empty_like(v), dmask=None)
+                dv=torch.empty_like(v), dmask=None, out_lo=None)
     mutate(args)
     with pytest.raises(RuntimeError, match=message):
-        OPS.backward(args["dout"], args["dlse"], q, k, v, args["mask"], out, stats, 0.5, 0, args["dq"], args["dk"],
-                     args["dv"], args["dmask"])
+        OPS.backward(args["dout"], args["dlse"], q, k, v, args["mask"], out, args["out_lo"], stats, 0.5, 0, args["dq"],
+                     args["dk"], args["dv"], args["dmask"])
 
 
 def test_extension_is_optional(monkeypatch):

@@ -4,18 +4,21 @@
 // K once, then for every query head of the group and every block of query rows:
 //     S  = (Q K^T) scale,  P = exp(S + mask - m) / l          (m, l: the forward's per-row statistics;
 //                                                              0 where masked and on fully masked rows)
-//     dP = dO V^T,  dS = P (dP - delta),  delta = rowsum(dO O) - dlse
+//     dP = dO V^T,  dS = P (dP - delta),  delta = rowsum(dO O) - dlse  (O = out + out_lo, see params.h)
 //     dV += P^T dO,  dK += dS^T Q,  dQ += dS K;  dK, dQ times scale when written
 // S is the forward's, bit for bit (same packing, GEMM and scaling after the dot); applying the scale
 // after the products, never to Q or K, means only a result beyond float range can overflow.
 // dK/dV accumulate in per-task buffers (O(S*E)); when a kv head's rows are split over several tasks
-// their partial sums are added afterwards in chunk order, so results do not depend on scheduling.
+// their partial sums are added afterwards in chunk order, and the split depends on the problem and the
+// machine alone (choose_blocking), so results depend neither on scheduling nor on the thread count.
 // A float mask's gradient (dS summed over the mask's broadcast dims) is a separate pass whose tasks
 // each own disjoint entries of the gradient: deterministic, no atomics.
 #include <ATen/Parallel.h>
 
 #include <atomic>
 #include <cstdlib>
+#include <memory>
+#include <thread>
 #include <vector>
 
 #include "attention_cpu.h"
@@ -77,6 +80,9 @@ struct QueryBlock {
     const auto* q = static_cast<const scalar_t*>(p.q) + b * p.q_st.b + h * p.q_st.h + m0 * p.q_st.l;
     const auto* dout = static_cast<const scalar_t*>(p.dout) + b * p.dout_st.b + h * p.dout_st.h + m0 * p.dout_st.l;
     const auto* out = static_cast<const scalar_t*>(p.out) + b * p.out_st.b + h * p.out_st.h + m0 * p.out_st.l;
+    const auto* out_lo = p.out_lo ? static_cast<const scalar_t*>(p.out_lo) + b * p.out_lo_st.b + h * p.out_lo_st.h +
+                                        m0 * p.out_lo_st.l
+                                  : nullptr;
     pack_rows(qb, Ep, q, p.q_st.l, p.q_st.e, mb, p.E, acc_t(1));
     pack_rows(dob, Evp, dout, p.dout_st.l, p.dout_st.e, mb, p.Ev, acc_t(1));
     pack_panels(qp, BM * NR, q, p.q_st.l, p.q_st.e, mb, p.E, acc_t(1));
@@ -85,7 +91,15 @@ struct QueryBlock {
     for (int64_t i = 0; i < mb; ++i) {
       acc_t d = 0;
       const scalar_t* orow = out + i * p.out_st.l;
-      for (int64_t e = 0; e < p.Ev; ++e) d += dob[i * Evp + e] * static_cast<acc_t>(orow[e * p.out_st.e]);
+      if (out_lo) {  // O = out + out_lo: delta to float32 accuracy for half outputs
+        const scalar_t* lrow = out_lo + i * p.out_lo_st.l;
+        for (int64_t e = 0; e < p.Ev; ++e) {
+          d += dob[i * Evp + e] *
+               (static_cast<acc_t>(orow[e * p.out_st.e]) + static_cast<acc_t>(lrow[e * p.out_lo_st.e]));
+        }
+      } else {
+        for (int64_t e = 0; e < p.Ev; ++e) d += dob[i * Evp + e] * static_cast<acc_t>(orow[e * p.out_st.e]);
+      }
       if (p.dlse) {
         const auto* dl = static_cast<const acc_t*>(p.dlse);
         d -= dl[b * p.dlse_st.b + h * p.dlse_st.h + (m0 + i) * p.dlse_st.l];
@@ -159,10 +173,11 @@ void backward_kernel(const AttentionParams& p, const Blocking& blk) {
   const int64_t n_tasks = p.B * p.Hkv * n_chunks;
   const acc_t scale = static_cast<acc_t>(p.scale);
 
-  // With several chunks per kv head, each chunk's dK/dV go to its own slot, summed afterwards.
-  std::vector<acc_t> partial;
+  // With several chunks per kv head, each chunk's dK/dV go to its own slot, summed afterwards. The
+  // slots are zeroed by their tasks, in parallel (and first touched by the thread that uses them).
+  std::unique_ptr<acc_t[]> partial;
   const int64_t slot = p.S * (Ep + Evp);
-  if (n_chunks > 1) partial.assign(static_cast<size_t>(n_tasks * slot), acc_t(0));
+  if (n_chunks > 1) partial.reset(new acc_t[static_cast<size_t>(n_tasks * slot)]);
 
   auto* dq = static_cast<scalar_t*>(p.dq);
   auto* dk = static_cast<scalar_t*>(p.dk);
@@ -181,10 +196,10 @@ void backward_kernel(const AttentionParams& p, const Blocking& blk) {
       int64_t keys = p.S;
       if (p.causal_enabled()) keys = std::clamp<int64_t>(r1 + p.causal_offset, 0, p.S);
 
-      acc_t* dk_acc = n_chunks > 1 ? partial.data() + ((b * p.Hkv + hk) * n_chunks + chunk) * slot
+      acc_t* dk_acc = n_chunks > 1 ? partial.get() + ((b * p.Hkv + hk) * n_chunks + chunk) * slot
                                    : acc_buf.get(std::max<int64_t>(slot, 1));
       acc_t* dv_acc = dk_acc + p.S * Ep;
-      if (n_chunks == 1) fill(dk_acc, slot, acc_t(0));
+      fill(dk_acc, slot, acc_t(0));
       if (r0 < r1) {  // rows that see no key still get their dQ written (as zeros)
         kv.pack(p, b, hk, keys, Ep);
         acc_t* sb = s_buf.get(BM * BNp);
@@ -227,7 +242,7 @@ void backward_kernel(const AttentionParams& p, const Blocking& blk) {
         const int64_t s = idx % p.S, bh = idx / p.S, hk = bh % p.Hkv, b = bh / p.Hkv;
         std::fill(row.begin(), row.end(), acc_t(0));
         for (int64_t c = 0; c < n_chunks; ++c) {
-          const acc_t* src = partial.data() + (bh * n_chunks + c) * slot;
+          const acc_t* src = partial.get() + (bh * n_chunks + c) * slot;
           for (int64_t e = 0; e < Ep; ++e) row[e] += src[s * Ep + e];
           for (int64_t e = 0; e < Evp; ++e) row[Ep + e] += src[p.S * Ep + s * Evp + e];
         }
@@ -324,16 +339,34 @@ Blocking choose_blocking(const AttentionParams& p, c10::ScalarType dtype, bool b
     blk.block_n = std::max<int64_t>(16, std::atoll(env) / 16 * 16);
   }
   // Enough tasks to keep every thread busy (and balance causal work): split each kv head's query rows
-  // when batch x kv heads alone are too few. The backward's splits cost a partial dK/dV buffer each.
-  // Non-causal tasks are equal, so two per thread balance; causal ones are not (later rows see more
-  // keys): four per thread, handed out longest first (see task_chunk). Each extra forward chunk
-  // repacks its kv head's K and V; each backward one adds a dK/dV buffer.
-  const int64_t threads = at::get_num_threads();
-  const int64_t want = (backward || !p.causal_enabled() ? 2 : 4) * threads;
+  // when batch x kv heads alone are too few. Each extra forward chunk repacks its kv head's K and V;
+  // each backward one adds a dK/dV buffer.
   const int64_t heads = std::max<int64_t>(p.B * p.Hkv, 1);
   const int64_t max_chunks = std::max<int64_t>((p.L + blk.block_m - 1) / blk.block_m, 1);
-  blk.query_chunks = std::clamp<int64_t>((want + heads - 1) / heads, 1, max_chunks);
-  if (heads >= want) blk.query_chunks = 1;
+  int64_t want;
+  if (backward) {
+    // The backward's split never depends on the thread count in use: the chunks' partial dK/dV are
+    // summed in chunk order, so a split that followed torch.set_num_threads would change the rounding
+    // with it (results are bitwise equal across thread counts). It aims at two tasks per hardware
+    // thread of the machine (fixed for the machine; ATTNKERN_CPU_BWD_TASKS overrides), within
+    // kPartialBytes of partial buffers. (A fixed count for every machine either idles big machines or
+    // burdens small ones with partial buffers: about 10% of the backward on 2 cores at 32 tasks.)
+    static const int64_t machine_tasks = 2 * std::max<int64_t>(std::thread::hardware_concurrency(), 1);
+    int64_t tasks = machine_tasks;
+    if (const char* env = std::getenv("ATTNKERN_CPU_BWD_TASKS")) tasks = std::max<int64_t>(1, std::atoll(env));
+    constexpr int64_t kPartialBytes = int64_t(256) << 20;
+    const int64_t nr = dtype == c10::ScalarType::Double ? 8 : 16;  // kNR of the accumulation type
+    const int64_t acc_bytes = dtype == c10::ScalarType::Double ? 8 : 4;
+    const int64_t slot_bytes = std::max<int64_t>(p.S * (round_up(p.E, nr) + round_up(p.Ev, nr)) * acc_bytes, 1);
+    want = std::min(tasks, std::max<int64_t>(kPartialBytes / slot_bytes, 1));
+  } else {
+    // The forward's split changes no result (every row is computed whole, over the same key tiles, by
+    // one task), so it follows the threads. Non-causal tasks are equal, so two per thread balance;
+    // causal ones are not (later rows see more keys): four per thread, handed out longest first (see
+    // task_chunk).
+    want = (p.causal_enabled() ? 4 : 2) * at::get_num_threads();
+  }
+  blk.query_chunks = heads >= want ? 1 : std::clamp<int64_t>((want + heads - 1) / heads, 1, max_chunks);
   return blk;
 }
 

@@ -18,7 +18,10 @@ from .problem import AttentionProblem, normalize
 
 
 class AttnkernFallbackWarning(UserWarning):
-    """A call runs the naive reference path because no fused kernel covers it."""
+    """A call to attnkern's own functions (backend "auto") runs the naive O(L*S)-memory reference path
+    because no fused kernel covers it (dropout, a device without kernels, ...). Issued once per set of
+    reasons, never under torch.compile, never by replace_sdpa() (which sends such calls to torch and only
+    logs); silence it with warnings.filterwarnings("ignore", category=AttnkernFallbackWarning)."""
 
 
 _warned = set()
@@ -49,8 +52,9 @@ def _run(problem: AttentionProblem, backend: Optional[str]):
             compute_dtype=torch.float64 if problem.dtype == torch.float64 else torch.float32,
         )
     else:
-        out, lse, _ = ops.attention_forward(
-            problem.q, problem.k, problem.v, problem.mask, problem.scale, problem.causal, choice.backend
+        out, lse, _, _ = ops.attention_forward(
+            problem.q, problem.k, problem.v, problem.mask, problem.scale, problem.causal, choice.backend,
+            problem.needs_grad,
         )
     return out.reshape(problem.output_shape()), lse.reshape(problem.lse_shape())
 
@@ -70,7 +74,14 @@ def scaled_dot_product_attention(
     query (N, ..., Hq, L, E), key (N, ..., H, S, E), value (N, ..., H, S, Ev) -> (N, ..., Hq, L, Ev).
     A bool mask marks the keys to attend (True); a float mask is added to the scaled scores; masks
     broadcast to (N, ..., Hq, L, S). `is_causal` is top-left aligned and combines with `attn_mask`.
-    Fully masked rows give 0. The backend is the one set by `use_backend` or ATTNKERN_BACKEND (auto).
+    attn_mask may also be torch.nn.attention.bias's `causal_upper_left(...)` (top-left causal) or
+    `causal_lower_right(...)` (bottom-right), read as torch reads them; with is_causal=True they raise
+    ValueError as in torch. Fully masked rows give 0. `scale` (default 1/sqrt(E)) may be any finite value,
+    0 and negative included; it multiplies q·k (never q or k alone). fp16/bf16/fp32 inputs compute scores
+    in float32: their scale is rounded to float32, and |scale| beyond float32's range raises ValueError
+    (torch returns NaN there). Zero-sized inputs give torch's empty results. The backend is the one set by
+    `use_backend` or ATTNKERN_BACKEND (auto); `torch.nn.attention.sdpa_kernel` concerns torch's SDPA and is
+    not consulted here (under `replace_sdpa()` it sends calls to torch).
     """
     problem = normalize(
         query, key, value, attn_mask, dropout_p,
@@ -134,15 +145,22 @@ def explain(
     """Say which path a call with these arguments takes and why, without running it.
 
     Takes SDPA's arguments, plus `causal=` (as in `attention`, overrides is_causal) and `backend=`.
-    An explicit backend that cannot run the call is reported, not raised.
+    An explicit backend that cannot run the call is reported, not raised. Inside a
+    `torch.nn.attention.sdpa_kernel(...)` block a note says that under `replace_sdpa()` torch runs the call.
     """
     code = masks.parse_causal(causal) if causal is not None else (
         masks.CAUSAL_TOP_LEFT if is_causal else masks.CAUSAL_NONE)
     problem = normalize(query, key, value, attn_mask, dropout_p, code, scale, enable_gqa)
+    notes = list(problem.notes)
+    from .dispatch import torch_kernel_restriction  # dispatch imports this module
+
+    restriction = torch_kernel_restriction()
+    if restriction is not None:
+        notes.append(f"under replace_sdpa() torch's SDPA runs this call: {restriction}")
     requested = _requested(backend)
     try:
         choice = backends.select(problem, requested)
     except backends.BackendUnavailableError as exc:
-        return Explanation("none", str(exc), False, problem.summary(), notes=list(problem.notes))
+        return Explanation("none", str(exc), False, problem.summary(), notes=notes)
     return Explanation(choice.backend, choice.reason, choice.fallback, problem.summary(),
-                       dict(choice.rejected), list(problem.notes))
+                       dict(choice.rejected), notes)

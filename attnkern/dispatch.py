@@ -28,6 +28,9 @@ class Route:
     backend: Optional[str]
     reason: str
     problem: Optional[AttentionProblem] = None
+    # How a fallback is logged (once): INFO for routine reasons (dropout, arguments attnkern does not take,
+    # sdpa_kernel, ...), WARNING where a fused kernel was expected but cannot run on the device.
+    log_level: int = logging.INFO
 
     @property
     def to_torch(self) -> bool:
@@ -41,7 +44,8 @@ def _plain_tensor(t) -> bool:
 
 def autocast_like_sdpa(tensors):
     """Under autocast, torch's SDPA gets its floating inputs (float64 excepted) cast to the autocast dtype.
-    attnkern's custom ops are in no autocast list, so do that cast here before routing."""
+    attnkern's custom ops are in no autocast list, so do that cast here before routing. A CausalBias mask
+    (a description, not data) is left as it is."""
     if not isinstance(tensors[0], torch.Tensor):
         return tensors
     device_type = tensors[0].device.type
@@ -49,9 +53,47 @@ def autocast_like_sdpa(tensors):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(
-        t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
+        t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+        and not masks.is_causal_bias(t) else t
         for t in tensors
     )
+
+
+# torch.nn.attention.sdpa_kernel(...) works by switching torch's per-kernel "enabled" flags (and, with
+# set_priority=True, the kernel priority order). Which flags exist differs between torch versions (fa3,
+# overrideable, ...) and some are off by default, so the state at import is the baseline: any difference
+# from it is a restriction the user asked for.
+_SDP_FLAG_GETTERS = {
+    name[len("_get_"):-len("_sdp_enabled")]: getattr(torch._C, name)
+    for name in sorted(dir(torch._C)) if name.startswith("_get_") and name.endswith("_sdp_enabled")
+}
+_SDP_PRIORITY_GETTER = getattr(torch._C, "_get_sdp_priority_order", None)
+
+
+def _sdp_kernel_state():
+    flags = tuple((name, bool(get())) for name, get in _SDP_FLAG_GETTERS.items())
+    priority = tuple(_SDP_PRIORITY_GETTER()) if _SDP_PRIORITY_GETTER is not None else ()
+    return flags, priority
+
+
+_SDP_DEFAULT_STATE = _sdp_kernel_state()
+_assume_constant_result = getattr(torch.compiler, "assume_constant_result", lambda fn: fn)
+
+
+# Under torch.compile the flags are read once, while tracing (dynamo cannot call the getters; it runs
+# sdpa_kernel blocks inside compiled code at trace time, so what it reads there is what the block set).
+@_assume_constant_result
+def torch_kernel_restriction() -> Optional[str]:
+    """What `torch.nn.attention.sdpa_kernel` (or torch.backends.cuda.enable_*_sdp) changed about torch's SDPA
+    kernel choice since attnkern was imported, in words; None when nothing did."""
+    flags, priority = _sdp_kernel_state()
+    if (flags, priority) == _SDP_DEFAULT_STATE:
+        return None
+    enabled = [name for name, on in flags if on]
+    what = f"torch.nn.attention.sdpa_kernel restricts torch's SDPA to [{', '.join(enabled) or 'no kernel'}]"
+    if priority != _SDP_DEFAULT_STATE[1]:
+        what += f" in priority order {list(priority)}"
+    return what
 
 
 def route_sdpa(
@@ -59,9 +101,18 @@ def route_sdpa(
     backend: Optional[str] = None,
 ) -> Route:
     """Decide where a call with torch SDPA's arguments runs. `backend` pins an attnkern backend
-    (None: `use_backend(...)`/ATTNKERN_BACKEND/auto). Never raises for arguments torch might accept."""
+    (None: `use_backend(...)`/ATTNKERN_BACKEND/auto). Never raises for arguments torch might accept; a
+    CausalBias attn_mask together with is_causal=True raises torch's ValueError.
+
+    Inside an explicit `torch.nn.attention.sdpa_kernel(...)` the call goes to torch, which honours it."""
+    causal_bias = masks.is_causal_bias(attn_mask)
+    if causal_bias and is_causal:
+        raise ValueError(masks.CAUSAL_BIAS_WITH_IS_CAUSAL)
+    restriction = torch_kernel_restriction()
+    if restriction is not None:
+        return Route(None, restriction)
     if not all(_plain_tensor(t) for t in (query, key, value)) or (
-            attn_mask is not None and not _plain_tensor(attn_mask)):
+            attn_mask is not None and not causal_bias and not _plain_tensor(attn_mask)):
         return Route(None, "nested tensors and tensor subclasses are left to torch")
     if attn_mask is not None and is_causal:
         return Route(None, "attn_mask together with is_causal: torch's backends differ on it (some raise)")
@@ -72,7 +123,7 @@ def route_sdpa(
     unavailable = {name: backends.get(name).availability(query.device) for name in candidates}
     if all(unavailable.values()):
         why = "; ".join(f"{name}: {w}" for name, w in unavailable.items()) or "no fused backend is registered"
-        return Route(None, f"no fused kernel runs on this device ({why})")
+        return Route(None, f"no fused kernel runs on this device ({why})", log_level=logging.WARNING)
     try:
         problem = normalize(
             query, key, value, attn_mask, dropout_p,
@@ -106,7 +157,8 @@ _logged = set()
 
 
 def log_fallback_once(route: Route, where: str) -> None:
-    """Log, once per (where, reason), that torch's SDPA runs a call instead of attnkern."""
+    """Log, once per (where, reason), that torch's SDPA runs a call instead of attnkern, at the route's
+    level: WARNING only where a fused kernel cannot run on the device, INFO for the routine reasons."""
     if torch.compiler.is_compiling():
         return
     key = (where, route.reason)
@@ -114,4 +166,4 @@ def log_fallback_once(route: Route, where: str) -> None:
         return
     _logged.add(key)
     summary = f" [{route.problem.summary()}]" if route.problem is not None else ""
-    logger.warning("attnkern %s: torch's SDPA runs this call: %s%s", where, route.reason, summary)
+    logger.log(route.log_level, "attnkern %s: torch's SDPA runs this call: %s%s", where, route.reason, summary)

@@ -17,6 +17,11 @@ import torch
 
 from .shapes import broadcast_shapes
 
+try:  # torch.nn.attention.bias (torch >= 2.2): a causal mask passed as an attn_mask object
+    from torch.nn.attention.bias import CausalBias, CausalVariant
+except ImportError:  # pragma: no cover - older torch
+    CausalBias = CausalVariant = None
+
 # Causal alignments. Query row i may attend key j iff j <= i + offset, where the offset is 0 for
 # top-left (torch's `is_causal`, `tril(diagonal=0)`) and S - L for bottom-right (FlashAttention's).
 CAUSAL_NONE = 0
@@ -51,6 +56,39 @@ def parse_causal(causal) -> int:
 def causal_offset(causal: int, L: int, S: int) -> int:
     """The diagonal offset: row i sees keys j <= i + offset."""
     return S - L if causal == CAUSAL_BOTTOM_RIGHT else 0
+
+
+CAUSAL_BIAS_WITH_IS_CAUSAL = (
+    "CausalBias should not be used with causal=True: attn_mask=causal_upper_left(...)/causal_lower_right(...) "
+    "already is the causal mask (torch raises the same ValueError)"
+)
+
+
+def is_causal_bias(mask) -> bool:
+    """Whether `mask` is a torch.nn.attention.bias.CausalBias (causal_upper_left / causal_lower_right)."""
+    return CausalBias is not None and isinstance(mask, CausalBias)
+
+
+def resolve_causal_bias(mask, causal: int, L: int, S: int, device: torch.device):
+    """Read a CausalBias attn_mask as torch's own CausalBias dispatch does -> (mask, causal code).
+
+    An upper-left bias, and any bias whose two lengths are equal, is `is_causal` (top-left: torch ignores
+    its lengths then); a lower-right bias is the bottom-right alignment. A lower-right bias whose lengths
+    are not the inputs' (L, S) is materialized as torch's CPU path does (its bool (Lq, Lk) tril mask),
+    which then broadcasts to the scores or raises. Anything else passes through unchanged.
+    """
+    if not is_causal_bias(mask):
+        return mask, causal
+    if causal != CAUSAL_NONE:
+        raise ValueError(CAUSAL_BIAS_WITH_IS_CAUSAL)
+    Lb, Sb = mask.seq_len_q, mask.seq_len_kv
+    if mask.variant == CausalVariant.UPPER_LEFT or Lb == Sb:
+        return None, CAUSAL_TOP_LEFT
+    if mask.variant != CausalVariant.LOWER_RIGHT:
+        raise ValueError(f"CausalBias.variant must be a CausalVariant type, but found: {mask.variant}")
+    if (Lb, Sb) == (L, S):
+        return None, CAUSAL_BOTTOM_RIGHT
+    return torch.ones(Lb, Sb, dtype=torch.bool, device=device).tril(Sb - Lb), CAUSAL_NONE
 
 
 def mask_kind(mask: Optional[torch.Tensor]) -> int:

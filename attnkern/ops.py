@@ -1,18 +1,24 @@
 """torch.library custom ops for the fused forward and backward, with fake (meta) implementations and
 registered autograd, so that torch.compile(fullgraph=True) traces attnkern without graph breaks.
 
-    attnkern::attention_forward_v2(q, k, v, mask?, scale, causal, backend) -> (out, lse, stats)
-    attnkern::attention_backward_v2(dout, dlse?, q, k, v, mask?, out, stats, scale, causal, mask_grad,
-                                    backend) -> (dq, dk, dv, dmask)   (dmask empty when mask_grad is False)
+    attnkern::attention_forward_v3(q, k, v, mask?, scale, causal, backend, residual)
+        -> (out, lse, stats, out_lo)
+    attnkern::attention_backward_v3(dout, dlse?, q, k, v, mask?, out, out_lo, stats, scale, causal,
+                                    mask_grad, backend) -> (dq, dk, dv, dmask)
+        (dmask empty when mask_grad is False)
 
 The suffix is the version of this contract, raised whenever a schema changes: torch's compile caches
 (AOTAutograd, inductor) key on the traced graph, not on a custom op's schema, so a graph cached against
 an older schema would otherwise be replayed against the new one.
 
-`stats` (per-row softmax statistics, see backends/base.py) is saved for the backward and is not
-differentiable; callers expose out and lse.
+`stats` (per-row softmax statistics) and `out_lo` (the half-precision output's rounding residual, empty
+unless `residual` is set and the inputs are float16/bfloat16; see backends/base.py) are saved for the
+backward and are not differentiable; callers expose out and lse. `residual` is set by callers when a
+gradient will be needed, so inference pays nothing for it.
 
-Tensors are the canonical ones of problem.py; `backend` names a registered backend.
+Tensors are the canonical ones of problem.py; `backend` names a registered backend. Both ops (and
+their fake implementations) check their arguments on metadata first (op_checks.py), since anyone can
+call them; problems with a zero-sized dim run on the "reference" backend whichever is named.
 """
 from __future__ import annotations
 
@@ -21,32 +27,44 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import backends
-from .backends.base import new_grad, new_lse, new_output, new_stats
+from . import backends, op_checks
+from .backends.base import new_grad, new_lse, new_output, new_residual, new_stats
 
 
-CONTRACT = "v2"
+CONTRACT = "v3"
 
 
 @torch.library.custom_op(f"attnkern::attention_forward_{CONTRACT}", mutates_args=())
 def attention_forward(
-    q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, causal: int, backend: str
-) -> Tuple[Tensor, Tensor, Tensor]:
-    return backends.get(backend).forward(q, k, v, mask, scale, causal)
+    q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, causal: int, backend: str,
+    residual: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    op_checks.check_forward_args(q, k, v, mask, scale, causal, backend, residual)
+    if op_checks.is_empty(q, k, v):
+        backend = "reference"
+    op_checks.check_backend_runs(q, k, v, mask, scale, causal, backend)
+    return backends.get(backend).forward(q, k, v, mask, scale, causal, residual)
 
 
 @attention_forward.register_fake
-def _attention_forward_fake(q, k, v, mask, scale, causal, backend):
-    return new_output(q, v.shape[-1]), new_lse(q), new_stats(q)
+def _attention_forward_fake(q, k, v, mask, scale, causal, backend, residual):
+    op_checks.check_forward_args(q, k, v, mask, scale, causal, backend, residual)
+    Ev = v.shape[-1]
+    return new_output(q, Ev), new_lse(q), new_stats(q), new_residual(q, Ev, residual)
 
 
 @torch.library.custom_op(f"attnkern::attention_backward_{CONTRACT}", mutates_args=())
 def attention_backward(
     dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
-    out: Tensor, stats: Tensor, scale: float, causal: int, mask_grad: bool, backend: str,
+    out: Tensor, out_lo: Tensor, stats: Tensor, scale: float, causal: int, mask_grad: bool, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    op_checks.check_backward_args(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, causal, mask_grad,
+                                  backend)
+    if op_checks.is_empty(q, k, v):
+        backend = "reference"
+    op_checks.check_backend_runs(q, k, v, mask, scale, causal, backend)
     dq, dk, dv, dmask = backends.get(backend).backward(
-        dout, dlse, q, k, v, mask, out, stats, scale, causal, mask_grad
+        dout, dlse, q, k, v, mask, out, out_lo, stats, scale, causal, mask_grad
     )
     if dmask is None:
         dmask = q.new_empty((0,))
@@ -54,25 +72,28 @@ def attention_backward(
 
 
 @attention_backward.register_fake
-def _attention_backward_fake(dout, dlse, q, k, v, mask, out, stats, scale, causal, mask_grad, backend):
+def _attention_backward_fake(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, causal, mask_grad,
+                             backend):
+    op_checks.check_backward_args(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, causal, mask_grad,
+                                  backend)
     dmask = mask.new_empty(mask.shape) if mask_grad else q.new_empty((0,))
     return new_grad(q), new_grad(k), new_grad(v), dmask
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, scale, causal, backend = inputs
-    out, lse, stats = output
-    ctx.save_for_backward(q, k, v, mask, out, stats)
+    q, k, v, mask, scale, causal, backend, _residual = inputs
+    out, lse, stats, out_lo = output
+    ctx.save_for_backward(q, k, v, mask, out, out_lo, stats)
     ctx.scale, ctx.causal, ctx.backend = scale, causal, backend
 
 
-def _backward(ctx, dout, dlse, _dstats):
-    q, k, v, mask, out, stats = ctx.saved_tensors
+def _backward(ctx, dout, dlse, _dstats, _dout_lo):
+    q, k, v, mask, out, out_lo, stats = ctx.saved_tensors
     mask_grad = mask is not None and ctx.needs_input_grad[3]
     dq, dk, dv, dmask = attention_backward(
-        dout, dlse, q, k, v, mask, out, stats, ctx.scale, ctx.causal, mask_grad, ctx.backend
+        dout, dlse, q, k, v, mask, out, out_lo, stats, ctx.scale, ctx.causal, mask_grad, ctx.backend
     )
-    return dq, dk, dv, (dmask if mask_grad else None), None, None, None
+    return dq, dk, dv, (dmask if mask_grad else None), None, None, None, None
 
 
 attention_forward.register_autograd(_backward, setup_context=_setup_context)

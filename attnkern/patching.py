@@ -9,6 +9,17 @@ the patch (`from torch.nn.functional import scaled_dot_product_attention` at imp
 Calls the fused kernels do not serve go to torch's original function (see dispatch.py). Patches nest: the
 first one installs the wrapper, the last one to be undone puts torch's original back; the innermost
 patch's `backend=` applies. The patch is process-wide (it is one module attribute), guarded by a lock.
+
+Three torch features that a plain swap of the attribute would break or ignore are kept working:
+- torch.nn.attention.bias.CausalBias (causal_upper_left / causal_lower_right) recognizes SDPA in its
+  `__torch_function__` by `func is F.scaled_dot_product_attention`, which a call of torch's builtin no longer
+  satisfies. The wrapper reads a CausalBias itself (top-left / bottom-right causal, masks.resolve_causal_bias),
+  and while patched CausalBias's `__torch_function__` also takes torch's builtin for SDPA (a name bound
+  before the patch, or the wrapper handing a call to torch), running CausalBias's own dispatch.
+- TorchScript resolves the name to the wrapper, a Python function it cannot compile: the wrapper is
+  registered as the TorchScript builtin `aten::scaled_dot_product_attention`, so scripted modules
+  (nn.MultiheadAttention, nn.TransformerEncoder, ...) call torch's own SDPA, patched or not.
+- torch.nn.attention.sdpa_kernel(...): calls inside it go to torch (dispatch.torch_kernel_restriction).
 """
 from __future__ import annotations
 
@@ -20,7 +31,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import backends, dispatch
+from . import backends, dispatch, masks
 
 logger = logging.getLogger("attnkern")
 
@@ -49,6 +60,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                                 backend=patches[-1].backend)
     if route.to_torch:
         dispatch.log_fallback_once(route, "replace_sdpa")
+        # A CausalBias attn_mask goes as it is: while patched, CausalBias takes torch's builtin for SDPA
+        # (_causal_bias_torch_function).
         return _original(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
     return dispatch.run(route)
 
@@ -62,6 +75,45 @@ scaled_dot_product_attention.__doc__ = (
     "original function (its __wrapped__).\n\n" + (_original.__doc__ or "")
 )
 _wrapper = scaled_dot_product_attention
+
+# torch's C function: the `func` a tensor subclass's __torch_function__ receives for any call of it.
+_TORCH_SDPA_BUILTIN = torch._C._nn.scaled_dot_product_attention
+# CausalBias's own __torch_function__ (a classmethod) while ours is installed over it, else None.
+_causal_bias_own_torch_function = None
+
+
+def _causal_bias_torch_function(cls, func, types, args=(), kwargs=None):
+    """CausalBias.__torch_function__ while patched: torch's builtin SDPA counts as SDPA too (CausalBias's
+    own test, `func is F.scaled_dot_product_attention`, names the wrapper now), and runs CausalBias's own
+    dispatch, which calls F.scaled_dot_product_attention (the wrapper) with plain tensors."""
+    if func is _TORCH_SDPA_BUILTIN:
+        return cls._dispatch(*args, **(kwargs or {}))
+    return _causal_bias_own_torch_function.__func__(cls, func, types, args, kwargs)
+
+
+def _install_causal_bias_hook(install: bool) -> None:
+    """Put `_causal_bias_torch_function` over CausalBias's own (install=True) or put its own back."""
+    global _causal_bias_own_torch_function
+    cls = masks.CausalBias
+    if cls is None or not hasattr(cls, "_dispatch"):
+        return  # no CausalBias in this torch, or one that dispatches differently: leave it alone
+    if install and _causal_bias_own_torch_function is None:
+        own = cls.__dict__.get("__torch_function__")
+        if not isinstance(own, classmethod):
+            return
+        _causal_bias_own_torch_function = own
+        cls.__torch_function__ = classmethod(_causal_bias_torch_function)
+    elif not install and _causal_bias_own_torch_function is not None:
+        cls.__torch_function__ = _causal_bias_own_torch_function
+        _causal_bias_own_torch_function = None
+
+
+def _register_torchscript_builtin() -> None:
+    """Make TorchScript compile a reference to the wrapper as torch's `aten::scaled_dot_product_attention`
+    (a Python function with routing it cannot script). Scripted code thus runs torch's SDPA."""
+    builtins = getattr(torch.jit, "_builtins", None)
+    if builtins is not None and hasattr(builtins, "_register_builtin"):
+        builtins._register_builtin(_wrapper, "aten::scaled_dot_product_attention")
 
 
 class SdpaPatch:
@@ -87,6 +139,7 @@ class SdpaPatch:
                 return True
             if F.scaled_dot_product_attention is _wrapper:
                 F.scaled_dot_product_attention = _original
+                _install_causal_bias_hook(False)
                 logger.info("attnkern: torch.nn.functional.scaled_dot_product_attention restored to %r",
                             _original)
             else:
@@ -118,8 +171,11 @@ def replace_sdpa(backend: Optional[str] = None) -> SdpaPatch:
 
     Use it as a context manager (`with attnkern.replace_sdpa(): ...`) or as a plain call undone by
     `attnkern.restore_sdpa()` (or the returned patch's `.restore()`). Calls the fused kernels cannot run on
-    their device (CPU without the Triton interpreter, float64, dropout_p > 0, head dim > 256, ...) go to
-    torch's original function; the reason is logged once on the "attnkern" logger.
+    their device (CPU without the Triton interpreter, float64, dropout_p > 0, head dim > 256, ...) and calls
+    inside a `torch.nn.attention.sdpa_kernel(...)` block go to torch's original function; the reason is
+    logged once on the "attnkern" logger (WARNING only when no fused kernel runs on the device, else INFO).
+    CausalBias masks (torch.nn.attention.bias) run as causal alignments; TorchScript compiles the patched
+    name as torch's builtin (scripted modules run torch's SDPA).
 
     backend: an attnkern backend name to use while patched ("triton", ...; "reference" runs the naive
         path on purpose); None follows `use_backend(...)`/ATTNKERN_BACKEND/auto at call time. A pinned
@@ -142,6 +198,8 @@ def replace_sdpa(backend: Optional[str] = None) -> SdpaPatch:
                     _wrapper.__wrapped__ = current
                 F.scaled_dot_product_attention = _wrapper
                 _stranded_under = None
+            _install_causal_bias_hook(True)
+            _register_torchscript_builtin()
         _active = _active + (patch,)
         depth = len(_active)
     logger.info("attnkern: torch.nn.functional.scaled_dot_product_attention now runs attnkern "

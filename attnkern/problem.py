@@ -10,6 +10,7 @@ The user-facing output shape is kept so the result can be viewed back.
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
@@ -80,6 +81,12 @@ class AttentionProblem:
         return self.mask is not None and self.mask.requires_grad
 
     @property
+    def needs_grad(self) -> bool:
+        """Whether autograd will want a backward of this call (the forward then saves more for it)."""
+        return torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (self.q, self.k, self.v, self.mask))
+
+    @property
     def is_empty(self) -> bool:
         return self.q.numel() == 0 or self.S == 0 or self.Ev == 0 or self.B == 0
 
@@ -98,6 +105,32 @@ class AttentionProblem:
             f"causal={masks.CAUSAL_NAMES[self.causal]} mask={masks.describe_mask(self.mask)}"
             + (f" dropout_p={self.dropout_p}" if self.dropout_p else "")
         )
+
+
+def to_float32(x: float) -> Optional[float]:
+    """x rounded to float32 (round to nearest, as the kernels' cast does), or None where float32
+    overflows. Pure Python: it also runs inside fake-tensor tracing."""
+    try:
+        y = struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:
+        return None
+    return y if math.isfinite(y) or not math.isfinite(x) else None
+
+
+def kernel_scale(scale: float, dtype: torch.dtype) -> float:
+    """The scale as the kernels use it: float64 problems keep the double; every other dtype computes its
+    scores in float32, so the scale is rounded to float32 here (once, the same for every backend). A
+    scale whose magnitude float32 cannot hold (beyond ~3.4e38) is refused rather than turned into an
+    infinity (torch's math path would return NaN); a tiny one may round to 0, as in torch."""
+    if dtype == torch.float64:
+        return float(scale)
+    rounded = to_float32(scale)
+    if rounded is None:
+        raise ValueError(
+            f"scale={scale!r} is out of range for {str(dtype).replace('torch.', '')} inputs: their scores "
+            f"are computed in float32, so |scale| must be at most {torch.finfo(torch.float32).max:.6g}"
+        )
+    return rounded
 
 
 def _check_tensor(name: str, t) -> None:
@@ -183,7 +216,9 @@ def normalize(
 
     # Heads: equal, broadcast (a single kv head serves all query heads), or grouped (enable_gqa).
     if enable_gqa:
-        if Hq % Hk or Hq % Hv:
+        # Zero query heads (an empty problem) take any kv head count, as in torch; zero kv heads
+        # serve no query head.
+        if any((Hq % h if h else Hq) for h in (Hk, Hv)):
             raise ValueError(
                 f"with enable_gqa=True the number of query heads must be a multiple of the key and value "
                 f"heads: query has {Hq} heads (dim -3), key {Hk}, value {Hv}"
@@ -204,6 +239,7 @@ def normalize(
         scale = 1.0 / math.sqrt(E) if E > 0 else 1.0
     elif not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite float or None, got {scale!r}")
+    scale = kernel_scale(scale, query.dtype)
 
     B = math.prod(batch_shape)
     notes = []
@@ -221,6 +257,11 @@ def normalize(
     k = _repeat_heads(k, Hkv)
     v = _repeat_heads(v, Hkv)
 
+    bias = attn_mask if masks.is_causal_bias(attn_mask) else None
+    attn_mask, causal = masks.resolve_causal_bias(attn_mask, causal, L, S, query.device)
+    if bias is not None:
+        notes.append(f"attn_mask CausalBias {bias.variant.name}({bias.seq_len_q}, {bias.seq_len_kv}) read as "
+                     + (f"causal={masks.CAUSAL_NAMES[causal]}" if attn_mask is None else "its bool mask"))
     mask = None
     if attn_mask is not None:
         if not isinstance(attn_mask, torch.Tensor):

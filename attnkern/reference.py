@@ -68,15 +68,18 @@ def reference_attention(
     """Naive attention. Returns (out in query's dtype, natural-log row log-sum-exp).
 
     `causal`: an int code from masks.py or anything `masks.parse_causal` takes. Fully masked rows give
-    output 0, log-sum-exp −inf, and zero gradients. `compute_dtype` runs the math in another dtype
-    (e.g. float32 for half inputs); the log-sum-exp is float32, or float64 for float64 math.
+    output 0, log-sum-exp −inf, and zero gradients. NaN and Inf propagate as in torch's math path: a
+    row whose scores hold NaN or +inf has NaN output, log-sum-exp and probabilities. `compute_dtype`
+    runs the math in another dtype (e.g. float32 for half inputs); the log-sum-exp is float32, or
+    float64 for float64 math.
     """
     dtype = compute_dtype or query.dtype
     s = reference_scores(
         query, key, attn_mask, causal=causal, scale=scale, enable_gqa=enable_gqa, compute_dtype=dtype
     )
-    # Softmax with a detached, finite row max: exact (softmax is shift invariant), and a fully masked
-    # row gives e = 0 everywhere, hence output 0 and zero gradients instead of NaN.
+    # Softmax with a detached row max: exact (softmax is shift invariant), and a fully masked row gives
+    # e = 0 everywhere, hence output 0 and zero gradients instead of NaN. NaN (or +inf) scores make their
+    # whole row NaN, as in torch's math path.
     m, _, _ = _softmax_parts(s.detach())
     e = torch.exp(s - m)
     denom = e.sum(dim=-1, keepdim=True)
@@ -100,12 +103,14 @@ def reduce_to_shape(t: torch.Tensor, shape) -> torch.Tensor:
 
 
 def _softmax_parts(s: torch.Tensor):
-    """(row max m, finite; e = exp(s - m); denominator) of scores s, robust to fully masked rows."""
+    """(row max m; e = exp(s - m); denominator) of scores s, robust to fully masked rows: their max -inf
+    is replaced by 0, so e = 0 there. A row max of NaN or +inf is kept, so that row's e, and with it its
+    probabilities, are all NaN, as torch's softmax makes them (exp(inf - inf) = NaN)."""
     if s.shape[-1] == 0:
         m = s.new_zeros(s.shape[:-1] + (1,))
     else:
         m = s.amax(dim=-1, keepdim=True)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
     e = torch.exp(s - m)
     return m, e, e.sum(dim=-1, keepdim=True)
 
@@ -132,12 +137,14 @@ def reference_attention_backward(
     causal: int,
     mask_grad: bool,
     compute_dtype: Optional[torch.dtype] = None,
+    out_lo: Optional[torch.Tensor] = None,
 ):
     """The backward every kernel implements, on canonical 4-D tensors (see problem.py):
 
         P = softmax(S)                (recomputed; 0 on fully masked rows)
         dV = Pᵀ dO                    dP = dO Vᵀ
-        delta = rowsum(dO ∘ O) − dlse
+        delta = rowsum(dO ∘ (out + out_lo)) − dlse   (out_lo: the forward's rounding residual of a
+                                      half-precision out, see backends/base.py; None or empty: 0)
         dS = P ∘ (dP − delta)         (the gradient of the masked, scaled scores = the float mask's)
         dQ = scale · dS K             dK = scale · dSᵀ Q
     dK/dV are summed over each kv head's query-head group; dMask over the mask's broadcast dims.
@@ -145,7 +152,7 @@ def reference_attention_backward(
     """
     dtype = compute_dtype or q.dtype
     Hq, Hkv = q.shape[1], k.shape[1]
-    group = Hq // Hkv
+    group = Hq // Hkv if Hkv else 1  # zero heads (an empty problem): nothing to sum
     kx, vx = _expand_heads(k, Hq).to(dtype), _expand_heads(v, Hq).to(dtype)
     s = reference_scores(q, k, mask, causal=causal, scale=scale, enable_gqa=True, compute_dtype=dtype)
     _, e, denom = _softmax_parts(s)
@@ -153,7 +160,10 @@ def reference_attention_backward(
     do = dout.to(dtype)
     dv = p.transpose(-2, -1) @ do
     dp = do @ vx.transpose(-2, -1)
-    delta = (do * out.to(dtype)).sum(-1, keepdim=True)
+    o = out.to(dtype)
+    if out_lo is not None and out_lo.numel():
+        o = o + out_lo.to(dtype)
+    delta = (do * o).sum(-1, keepdim=True)
     if dlse is not None:
         delta = delta - dlse.to(dtype).unsqueeze(-1)
     ds = p * (dp - delta)

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <limits>
 #include <sstream>
 
 namespace attnkern {
@@ -41,7 +42,8 @@ void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef want, co
 
 AttentionParams forward_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const std::optional<at::Tensor>& mask, double scale, int64_t causal,
-                               const at::Tensor& out, const at::Tensor* lse, const at::Tensor& stats) {
+                               const at::Tensor& out, const at::Tensor* lse, const at::Tensor& stats,
+                               const std::optional<at::Tensor>& out_lo) {
   const std::pair<const at::Tensor*, const char*> qkv[] = {{&q, "query"}, {&k, "key"}, {&v, "value"}};
   for (const auto& [t, name] : qkv) {
     TORCH_CHECK(t->defined(), "attnkern: ", name, " is undefined");
@@ -68,6 +70,10 @@ AttentionParams forward_params(const at::Tensor& q, const at::Tensor& k, const a
               shape_str(k.sizes()));
   TORCH_CHECK(E >= 1 && Ev >= 1, "attnkern: head dims must be at least 1, got E=", E, " Ev=", Ev);
   TORCH_CHECK(std::isfinite(scale), "attnkern: scale must be finite, got ", scale);
+  // Non-float64 kernels compute scores in float32: a scale float32 cannot hold would become infinity.
+  TORCH_CHECK(q.scalar_type() == at::kDouble || std::abs(scale) <= std::numeric_limits<float>::max(),
+              "attnkern: scale=", scale, " does not fit float32, in which ", q.scalar_type(),
+              " problems compute their scores");
   TORCH_CHECK(causal >= 0 && causal <= 2, "attnkern: causal must be 0 (none), 1 (top-left) or 2 (bottom-right), got ",
               causal);
 
@@ -125,16 +131,23 @@ AttentionParams forward_params(const at::Tensor& q, const at::Tensor& k, const a
   TORCH_CHECK(stats.is_contiguous(), "attnkern: stats must be contiguous");
   p.out = out.data_ptr(), p.out_st = strides_of(out);
   p.stats = stats.data_ptr();
+  if (out_lo.has_value() && out_lo->defined()) {
+    check_same_device(*out_lo, "out_lo", q);
+    check_shape(*out_lo, "out_lo", {B, Hq, L, Ev}, "(like out)");
+    TORCH_CHECK(out_lo->scalar_type() == q.scalar_type(), "attnkern: out_lo must have the query's dtype ",
+                q.scalar_type(), ", got ", out_lo->scalar_type());
+    p.out_lo = out_lo->data_ptr(), p.out_lo_st = strides_of(*out_lo);
+  }
   return p;
 }
 
 AttentionParams backward_params(const at::Tensor& dout, const std::optional<at::Tensor>& dlse,
                                 const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const std::optional<at::Tensor>& mask, const at::Tensor& out,
-                                const at::Tensor& stats, double scale, int64_t causal, const at::Tensor& dq,
-                                const at::Tensor& dk, const at::Tensor& dv,
+                                const std::optional<at::Tensor>& out_lo, const at::Tensor& stats, double scale,
+                                int64_t causal, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
                                 const std::optional<at::Tensor>& dmask) {
-  AttentionParams p = forward_params(q, k, v, mask, scale, causal, out, nullptr, stats);
+  AttentionParams p = forward_params(q, k, v, mask, scale, causal, out, nullptr, stats, out_lo);
   const auto acc_dtype = stats.scalar_type();
   const std::tuple<const at::Tensor*, const at::Tensor*, const char*> like[] = {
       {&dout, &out, "grad_out"}, {&dq, &q, "grad_query"}, {&dk, &k, "grad_key"}, {&dv, &v, "grad_value"}};

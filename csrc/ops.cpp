@@ -2,15 +2,13 @@
 //
 // Both ops write into buffers the caller allocates (out=, grad_*=), so that the Python layer decides
 // every output's layout once, for every backend and for its fake (meta) implementations alike.
-// `stats` holds the per-row softmax statistics the backward recomputes probabilities from (params.h).
+// `stats` holds the per-row softmax statistics the backward recomputes probabilities from, `out_lo`
+// (optional) the rounding residual of a half-precision output, for a float32-accurate delta (params.h).
 #include <torch/library.h>
 
+#include "op_args.h"
+
 TORCH_LIBRARY(attnkern_ext, m) {
-  m.def(
-      "forward(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float scale, int causal, "
-      "Tensor(a!) out, Tensor(b!) lse, Tensor(c!) stats) -> ()");
-  m.def(
-      "backward(Tensor grad_out, Tensor? grad_lse, Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
-      "Tensor out, Tensor stats, float scale, int causal, Tensor(a!) grad_query, Tensor(b!) grad_key, "
-      "Tensor(c!) grad_value, Tensor(d!)? grad_mask) -> ()");
+  m.def(attnkern::kForwardSchema);
+  m.def(attnkern::kBackwardSchema);
 }

@@ -48,6 +48,12 @@ struct AttentionParams {
   // when scores are huge (a lse there cannot hold log2 l beside m). -inf, -inf on fully masked rows.
   void* stats = nullptr;
   Strides4 out_st;
+  // Optional (null: none), out's shape and dtype: the rounding residual of a float16/bfloat16 output,
+  // out_lo = round(O32 - float(out)), written by the forward when a backward will follow, so that the
+  // backward's delta = rowsum(dO (out + out_lo)) has float32 accuracy (from out alone a gradient that is
+  // exactly 0, a per-query bias's, comes out as rounding noise).
+  void* out_lo = nullptr;
+  Strides4 out_lo_st;
 
   // Backward.
   const void* dout = nullptr;

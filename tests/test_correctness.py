@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import attnkern
 from attnkern.reference import reference_attention
 from cases import as_kwargs, cases, make_inputs, upstream_grads
+from cases import detached as _detached, grad_leaves as _leaves, run_reference as _run_reference
 from matrix import DEVICE, pair_id, pairs
 from attnkern.tolerance import assert_all, check
 
@@ -20,32 +21,6 @@ SEED = int(os.environ.get("ATTNKERN_TEST_SEED", "0"))
 
 def seed_for(name: str) -> int:
     return SEED + zlib.crc32(name.encode()) % 100_000
-
-
-def _leaves(q, k, v, mask):
-    return [q, k, v] + ([mask] if mask is not None and mask.requires_grad else [])
-
-
-def _detached(q, k, v, mask, dtype):
-    """Fresh leaves in `dtype` (the mask keeps its own kind: bool stays bool)."""
-    out = []
-    for t in (q, k, v, mask):
-        if t is None:
-            out.append(None)
-            continue
-        d = t.detach().to(dtype if t.is_floating_point() else t.dtype)
-        out.append(d.requires_grad_(t.requires_grad))
-    return out
-
-
-def _run_reference(q, k, v, mask, case, dtype, do, dlse):
-    q, k, v, mask = _detached(q, k, v, mask, dtype)
-    out, lse = reference_attention(q, k, v, mask, scale=None, **as_kwargs(case))
-    if dlse is None:
-        out.backward(do.to(out.dtype))
-    else:
-        torch.autograd.backward([out, lse], [do.to(out.dtype), dlse.to(lse.dtype)])
-    return out, lse, [t.grad for t in _leaves(q, k, v, mask)]
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
@@ -124,8 +99,8 @@ def test_sdpa_parity_with_torch(pair, case):
     """attnkern.scaled_dot_product_attention against torch's: torch's float64 SDPA is the oracle, and the
     error budget is the DESIGN rule's (reference.py in the input dtype; reference.py is pinned to torch's
     float64 SDPA by the test above). torch's own low-precision CPU path is no budget for a flash-style
-    backward: it differentiates the rounded softmax exactly, where every fused kernel forms
-    delta = rowsum(dO·O) from the rounded output."""
+    backward: it differentiates the rounded softmax exactly, where every fused kernel recomputes the
+    probabilities and forms delta = rowsum(dO·O) from the output (and its rounding residual)."""
     backend, dtype = pair
     q, k, v, mask = make_inputs(case, dtype, DEVICE, seed=seed_for("parity" + case.name))
     with attnkern.use_backend(backend):

@@ -74,6 +74,9 @@ def test_forward_op_direct_call_works():
     (lambda a: a.update(mask=torch.ones(1, 1, 5, 7, dtype=torch.int32)),
      r"attn_mask must be bool, float32 or the query's dtype Float, got Int"),
     (lambda a: a.update(scale=float("inf")), r"scale must be finite"),
+    (lambda a: a.update(scale=-1e39), r"scale=-1e\+39 does not fit float32, in which Float problems compute"),
+    (lambda a: a.update(k=torch.randn(2, 0, 7, 8), v=torch.randn(2, 0, 7, 8)),
+     r"the query's heads \(4\) must be a multiple of the key/value heads \(0\)"),
     (lambda a: a.update(causal=3), r"causal must be 0 \(none\), 1 \(top-left\) or 2 \(bottom-right\), got 3"),
     (lambda a: a.update(out=torch.empty(2, 4, 5, 9)),
      r"out must have shape \(2, 4, 5, 8\) \(batch, query heads, query length, value head dim\)"),
@@ -101,16 +104,18 @@ def test_forward_op_refuses_bad_arguments(mutate, message):
     (lambda a: a.update(dmask=torch.zeros(1, 1, 5, 7)), r"grad_mask needs a float attn_mask"),
     (lambda a: a.update(mask=torch.zeros(1, 1, 5, 7), dmask=torch.zeros(1, 1, 5, 6)),
      r"grad_mask must have shape \(1, 1, 5, 7\)"),
+    (lambda a: a.update(out_lo=torch.zeros(2, 4, 5, 9)), r"out_lo must have shape \(2, 4, 5, 8\) \(like out\)"),
+    (lambda a: a.update(out_lo=torch.zeros(2, 4, 5, 8, dtype=torch.float16)), r"out_lo must have the query's dtype"),
 ])
 def test_backward_op_refuses_bad_arguments(mutate, message):
     q, k, v, out, lse, stats = _buffers()
     OPS.forward(q, k, v, None, 0.5, 0, out, lse, stats)
     args = dict(dout=torch.randn_like(out), dlse=None, mask=None, dq=torch.empty_like(q), dk=torch.empty_like(k),
-                dv=torch.empty_like(v), dmask=None)
+                dv=torch.empty_like(v), dmask=None, out_lo=None)
     mutate(args)
     with pytest.raises(RuntimeError, match=message):
-        OPS.backward(args["dout"], args["dlse"], q, k, v, args["mask"], out, stats, 0.5, 0, args["dq"], args["dk"],
-                     args["dv"], args["dmask"])
+        OPS.backward(args["dout"], args["dlse"], q, k, v, args["mask"], out, args["out_lo"], stats, 0.5, 0, args["dq"],
+                     args["dk"], args["dv"], args["dmask"])
 
 
 def test_extension_is_optional(monkeypatch):

@@ -2,11 +2,14 @@
 
 Inputs are the canonical tensors of problem.py: q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev),
 mask None or (Bm, Hm, Lm, Sm) (each dim 1 or full; bool = attend, float = added to the scaled scores),
-any strides. `causal` is a masks.CAUSAL_* code.
+any strides. `causal` is a masks.CAUSAL_* code. `scale` multiplies q·k (never q or k alone); for
+non-float64 problems it is a float32 value (problem.kernel_scale). The ops check all of this on
+metadata before a backend is called (op_checks.py), and send zero-sized problems to "reference".
 
-    forward(q, k, v, mask, scale, causal)
-        -> (out (B, Hq, L, Ev) in q's dtype, lse (B, Hq, L) float32, stats (B, Hq, L, 2) float32)
-    backward(dout, dlse, q, k, v, mask, out, stats, scale, causal, mask_grad)
+    forward(q, k, v, mask, scale, causal, residual)
+        -> (out (B, Hq, L, Ev) in q's dtype, lse (B, Hq, L) float32, stats (B, Hq, L, 2) float32,
+            out_lo: out's rounding residual, or an empty tensor)
+    backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, causal, mask_grad)
         -> (dq, dk, dv, dmask or None)
 
 A fully masked row has out = 0, lse = -inf and zero gradients. `dlse` (may be None) is the gradient of
@@ -15,8 +18,18 @@ the maximum m of the scaled, masked scores (natural units) and log2 of the softm
 that P = 2^((s - m) log2 e - log2 l). Keeping the two apart (rather than recomputing from
 lse = m + ln l) keeps P exact when scores are huge: a row whose mask is all -3.4e38 has an lse that
 cannot hold ln l beside it. Fully masked rows have m = log2 l = -inf. (float64 problems use float64 for lse and
-stats.) Outputs are allocated with the helpers below so that the fake (meta) implementations in ops.py
-produce identical shapes and strides.
+stats.)
+
+`out_lo` carries the bits of the float32 output that rounding to float16/bfloat16 dropped:
+out_lo = round(O32 - float(out)), in out's dtype and layout, so that out + out_lo holds O to about 22
+(float16) / 16 (bfloat16) bits. The backward needs delta = rowsum(dO · O) to float32 accuracy: formed
+from the rounded output alone, a gradient that is exactly 0 (a per-query bias's) comes out as rounding
+noise of order 1e-2. The forward writes it only when asked (`residual`: a gradient will be needed) and
+only for half inputs; otherwise out_lo is an empty tensor and the backward uses out alone (exact for
+float32/float64).
+
+Outputs are allocated with the helpers below so that the fake (meta) implementations in ops.py produce
+identical shapes and strides.
 """
 from __future__ import annotations
 
@@ -41,6 +54,14 @@ def new_output(q: torch.Tensor, Ev: int) -> torch.Tensor:
     if H > 1 and L > 1 and q.stride(1) < q.stride(2):
         return _poisoned(q.new_empty((B, L, H, Ev)).transpose(1, 2))
     return _poisoned(q.new_empty((B, H, L, Ev)))
+
+
+def new_residual(q: torch.Tensor, Ev: int, residual: bool) -> torch.Tensor:
+    """The output's rounding residual out_lo (laid out like the output) when `residual` is set and q is
+    float16/bfloat16; else an empty tensor (float32/float64 outputs are the accumulator's own precision)."""
+    if residual and q.dtype in (torch.float16, torch.bfloat16):
+        return new_output(q, Ev)
+    return q.new_empty((0,))
 
 
 def new_lse(q: torch.Tensor) -> torch.Tensor:
@@ -82,8 +103,9 @@ class Backend:
         """None if the backend computes `problem` (an AttentionProblem), else why not."""
         raise NotImplementedError
 
-    def forward(self, q, k, v, mask, scale: float, causal: int):
+    def forward(self, q, k, v, mask, scale: float, causal: int, residual: bool):
         raise NotImplementedError
 
-    def backward(self, dout, dlse, q, k, v, mask, out, stats, scale: float, causal: int, mask_grad: bool):
+    def backward(self, dout, dlse, q, k, v, mask, out, out_lo, stats, scale: float, causal: int,
+                 mask_grad: bool):
         raise NotImplementedError

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from . import extension
-from .base import Backend, new_grad, new_lse, new_mask_grad, new_output, new_stats
+from .base import Backend, new_grad, new_lse, new_mask_grad, new_output, new_residual, new_stats
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -30,13 +30,16 @@ class CpuBackend(Backend):
             return "dropout is not fused yet (dropout_p > 0)"
         return None
 
-    def forward(self, q, k, v, mask, scale, causal):
-        out, lse, stats = new_output(q, v.shape[-1]), new_lse(q), new_stats(q)
-        torch.ops.attnkern_ext.forward(q, k, v, mask, scale, causal, out, lse, stats)
-        return out, lse, stats
+    def forward(self, q, k, v, mask, scale, causal, residual):
+        Ev = v.shape[-1]
+        out, lse, stats, out_lo = new_output(q, Ev), new_lse(q), new_stats(q), new_residual(q, Ev, residual)
+        torch.ops.attnkern_ext.forward(q, k, v, mask, scale, causal, out, lse, stats,
+                                       out_lo if out_lo.numel() else None)
+        return out, lse, stats, out_lo
 
-    def backward(self, dout, dlse, q, k, v, mask, out, stats, scale, causal, mask_grad):
+    def backward(self, dout, dlse, q, k, v, mask, out, out_lo, stats, scale, causal, mask_grad):
         dq, dk, dv = new_grad(q), new_grad(k), new_grad(v)
         dmask = new_mask_grad(mask, stats.dtype) if mask_grad else None
-        torch.ops.attnkern_ext.backward(dout, dlse, q, k, v, mask, out, stats, scale, causal, dq, dk, dv, dmask)
+        torch.ops.attnkern_ext.backward(dout, dlse, q, k, v, mask, out, out_lo if out_lo.numel() else None, stats,
+                                        scale, causal, dq, dk, dv, dmask)
         return dq, dk, dv, (dmask.to(mask.dtype) if dmask is not None else None)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from . import extension
-from .base import Backend, new_grad, new_lse, new_mask_grad, new_output, new_stats
+from .base import Backend, new_grad, new_lse, new_mask_grad, new_output, new_residual, new_stats
 
 MAX_HEAD_DIM = 256
 HEAD_DIM_MULTIPLE = 8  # the kernels copy rows in 16-byte (8-element) chunks
@@ -94,21 +94,25 @@ class CudaBackend(Backend):
     # Head dims that are not multiples of 8 run zero-padded to the next multiple (then on the next
     # instantiated size, like every head dim); `scale` is always passed explicitly, so padding does
     # not change it.
-    def forward(self, q, k, v, mask, scale, causal):
+    def forward(self, q, k, v, mask, scale, causal, residual):
         q0, Ev = q, v.shape[-1]
         q, k, v = _ready(_padded(q)), _ready(_padded(k)), _ready(_padded(v))
-        # The output is laid out like the caller's query, padded or not.
-        out, lse, stats = new_output(q0, v.shape[-1]), new_lse(q), new_stats(q)
-        self._ops().forward(q, k, v, mask, scale, causal, out, lse, stats)
-        return _cut(out, lambda: new_output(q0, Ev), Ev), lse, stats
+        # The output (and its residual) is laid out like the caller's query, padded or not.
+        Evp = v.shape[-1]
+        out, lse, stats, out_lo = new_output(q0, Evp), new_lse(q), new_stats(q), new_residual(q0, Evp, residual)
+        self._ops().forward(q, k, v, mask, scale, causal, out, lse, stats, out_lo if out_lo.numel() else None)
+        if out_lo.numel():
+            out_lo = _cut(out_lo, lambda: new_output(q0, Ev), Ev)
+        return _cut(out, lambda: new_output(q0, Ev), Ev), lse, stats, out_lo
 
-    def backward(self, dout, dlse, q, k, v, mask, out, stats, scale, causal, mask_grad):
+    def backward(self, dout, dlse, q, k, v, mask, out, out_lo, stats, scale, causal, mask_grad):
         # The kernels read with 16-byte copies; autograd may hand over an expanded or strided dO.
         q0, k0, v0 = q, k, v
         q, k, v = _ready(_padded(q)), _ready(_padded(k)), _ready(_padded(v))
         dout, out = _ready(_padded(dout)), _ready(_padded(out))
+        out_lo = _ready(_padded(out_lo)) if out_lo.numel() else None
         dq, dk, dv = new_grad(q), new_grad(k), new_grad(v)
         dmask = new_mask_grad(mask, stats.dtype) if mask_grad else None
-        self._ops().backward(dout, dlse, q, k, v, mask, out, stats, scale, causal, dq, dk, dv, dmask)
+        self._ops().backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, causal, dq, dk, dv, dmask)
         dq, dk, dv = (_cut(g, lambda t=t: new_grad(t), t.shape[-1]) for g, t in ((dq, q0), (dk, k0), (dv, v0)))
         return dq, dk, dv, (dmask.to(mask.dtype) if dmask is not None else None)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from .base import Backend, new_grad, new_lse, new_output, new_stats
+from .base import Backend, new_grad, new_lse, new_output, new_residual, new_stats
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -25,22 +25,26 @@ class ReferenceBackend(Backend):
     def unsupported_reason(self, problem):
         return None
 
-    def forward(self, q, k, v, mask, scale, causal):
+    def forward(self, q, k, v, mask, scale, causal, residual):
+        cd = _compute_dtype(q.dtype)
+        # The output in the compute dtype (inputs upcast first), so the rounding residual can be taken.
         o, l = reference.reference_attention(
-            q, k, v, mask, causal=causal, scale=scale, enable_gqa=True,
-            compute_dtype=_compute_dtype(q.dtype),
+            q.to(cd), k.to(cd), v.to(cd), mask, causal=causal, scale=scale, enable_gqa=True, compute_dtype=cd,
         )
-        out, lse, stats = new_output(q, v.shape[-1]), new_lse(q), new_stats(q)
+        Ev = v.shape[-1]
+        out, lse, stats, out_lo = new_output(q, Ev), new_lse(q), new_stats(q), new_residual(q, Ev, residual)
         out.copy_(o)
+        if out_lo.numel():
+            out_lo.copy_(o - out.to(cd))
         lse.copy_(l)
-        stats.copy_(reference.reference_softmax_stats(q, k, mask, scale, causal, _compute_dtype(q.dtype)))
-        return out, lse, stats
+        stats.copy_(reference.reference_softmax_stats(q, k, mask, scale, causal, cd))
+        return out, lse, stats, out_lo
 
-    def backward(self, dout, dlse, q, k, v, mask, out, stats, scale, causal, mask_grad):
+    def backward(self, dout, dlse, q, k, v, mask, out, out_lo, stats, scale, causal, mask_grad):
         # Recomputes the softmax outright: the stats are not needed at the naive path's O(L*S) cost.
         grads = reference.reference_attention_backward(
             dout, dlse, q, k, v, mask, out, scale, causal, mask_grad,
-            compute_dtype=_compute_dtype(q.dtype),
+            compute_dtype=_compute_dtype(q.dtype), out_lo=out_lo,
         )
         dq, dk, dv = (new_grad(t).copy_(g) for t, g in zip((q, k, v), grads[:3]))
         return dq, dk, dv, grads[3]

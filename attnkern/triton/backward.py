@@ -5,7 +5,8 @@ The passes recompute P = exp2((S - m) · log2(e) - log2 l) from the forward's pe
 max m, log2 of the denominator) instead of storing L×S probabilities; subtracting m first keeps P exact even
 for huge scores, where an lse could not hold log2 l. Fully masked rows read m = +inf, log2 l = 0, so P
 is 0 there rather than exp2(-inf + inf) = NaN. The preprocess forms delta = rowsum(dO ∘ O) − dlse,
-where dlse is the gradient of the returned log-sum-exp.
+where dlse is the gradient of the returned log-sum-exp and O = out + out_lo (the forward's rounding
+residual of a half-precision output, when it saved one) to float32 accuracy.
 
     dV = Pᵀ dO,  dP = dO Vᵀ,  dS = P ∘ (dP − delta),  dQ = scale·dS K,  dK = scale·dSᵀ Q,  dMask = dS
 
@@ -26,13 +27,14 @@ from .forward import mask_args, precision_for
 
 @triton.jit
 def _bwd_preprocess_kernel(
-    O, DO, DLSE, DELTA,
+    O, O_LO, DO, DLSE, DELTA,
     stride_ob, stride_oh, stride_ol, stride_oe,
+    stride_lob, stride_loh, stride_lol, stride_loe,
     stride_dob, stride_doh, stride_dol, stride_doe,
     stride_dlb, stride_dlh, stride_dll,
     H, L,
-    EV: tl.constexpr, BLOCK_EV: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr,
-    I64: tl.constexpr,
+    EV: tl.constexpr, BLOCK_EV: tl.constexpr, HAS_DLSE: tl.constexpr, HAS_LO: tl.constexpr,
+    BLOCK_M: tl.constexpr, I64: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
@@ -40,10 +42,13 @@ def _bwd_preprocess_kernel(
     offs_m = index_range(pid_m * BLOCK_M, BLOCK_M, I64)
     offs_ev = index_range(0, BLOCK_EV, I64)
     o = load_tile(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_ev[None, :] * stride_oe,
-                  offs_m, offs_ev, L, EV, True, BLOCK_EV != EV)
+                  offs_m, offs_ev, L, EV, True, BLOCK_EV != EV).to(tl.float32)
+    if HAS_LO:
+        o += load_tile(O_LO + b * stride_lob + h * stride_loh + offs_m[:, None] * stride_lol
+                       + offs_ev[None, :] * stride_loe, offs_m, offs_ev, L, EV, True, BLOCK_EV != EV).to(tl.float32)
     do = load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dol
                    + offs_ev[None, :] * stride_doe, offs_m, offs_ev, L, EV, True, BLOCK_EV != EV)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    delta = tl.sum(o * do.to(tl.float32), 1)
     in_range = offs_m < L
     if HAS_DLSE:
         dlse = tl.load(DLSE + b * stride_dlb + h * stride_dlh + offs_m * stride_dll, mask=in_range, other=0.0)
@@ -53,23 +58,29 @@ def _bwd_preprocess_kernel(
 
 @triton.jit
 def _dkdv_tile(
-    dk, dv, k, v, q_base, do_base, mask_base, stats_base, delta_base, start_m, offs_n, offs_m0, offs_e, offs_ev,
+    dk, dv, kT, v, q_base, do_base, mask_base, stats_base, delta_base, start_m, offs_n, offs_m0, offs_e, offs_ev,
     stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms,
     L, S, scale, causal_off,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Accumulate one query tile's contribution to a key block's dK, dV. Works on Sᵀ (keys × queries)."""
+    """Accumulate one query tile's contribution to a key block's dK, dV. Works on Sᵀ (keys × queries).
+
+    S is formed exactly as the forward forms it, dot(q, kᵀ) · scale with kᵀ loaded as the forward loads
+    it, and only then transposed: a dot with the operands swapped or laid out otherwise may sum in
+    another order, and at |score| ~ 1e6 one rounding step of a
+    score (0.06 at 1e6) already changes P by 6%. Bit-identical scores keep P exact relative to the
+    forward's statistics, however large the logits."""
     offs_m = start_m + offs_m0
-    qT = load_tile(q_base + offs_e[:, None] * stride_qe + offs_m[None, :] * stride_ql,
-                   offs_e, offs_m, E, L, BLOCK_E != E, CHECK_M)
+    q = load_tile(q_base + offs_m[:, None] * stride_ql + offs_e[None, :] * stride_qe,
+                  offs_m, offs_e, L, E, CHECK_M, BLOCK_E != E)
     row_max, log2l = load_row_stats(stats_base, offs_m, L, CHECK_M)  # rows past L: P = 0
     if CHECK_M:
         delta = tl.load(delta_base + offs_m, mask=offs_m < L, other=0.0)
     else:
         delta = tl.load(delta_base + offs_m)
-    sT = tl.dot(k, qT, input_precision=PRECISION) * scale
+    sT = tl.trans(tl.dot(q, kT, input_precision=PRECISION) * scale)
     sT = mask_scores(sT, offs_m[None, :], offs_n[:, None], mask_base, stride_ml, stride_ms, L, S, causal_off,
                      MASK_KIND, APPLY_CAUSAL, CHECK_M, CHECK_N)
     pT = tl.math.exp2((sT - row_max[None, :]) * LOG2E - log2l[None, :])
@@ -78,7 +89,7 @@ def _dkdv_tile(
     dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
     dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
     dsT = pT * (dpT - delta[None, :])
-    dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PRECISION)
+    dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION)
     return dk, dv
 
 
@@ -116,8 +127,10 @@ def _attn_bwd_dkdv_kernel(
     offs_e = index_range(0, BLOCK_E, I64)
     offs_ev = index_range(0, BLOCK_EV, I64)
 
-    k = load_tile(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_ks + offs_e[None, :] * stride_ke,
-                  offs_n, offs_e, S, E, not EVEN_N, BLOCK_E != E)
+    # K read transposed, (BLOCK_E, BLOCK_N), as the forward reads it: the score product then has the
+    # forward's operands in the forward's layout (see _dkdv_tile).
+    kT = load_tile(K + b * stride_kb + hk * stride_kh + offs_e[:, None] * stride_ke + offs_n[None, :] * stride_ks,
+                   offs_e, offs_n, E, S, BLOCK_E != E, not EVEN_N)
     v = load_tile(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vs + offs_ev[None, :] * stride_ve,
                   offs_n, offs_ev, S, EV, not EVEN_N, BLOCK_EV != EV)
     dk = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
@@ -141,20 +154,20 @@ def _attn_bwd_dkdv_kernel(
         if IS_CAUSAL:
             for start_m in range(lo, mid, BLOCK_M):
                 dk, dv = _dkdv_tile(
-                    dk, dv, k, v, q_base, do_base, mask_base, stats_base, delta_base, start_m, offs_n, offs_m0,
+                    dk, dv, kT, v, q_base, do_base, mask_base, stats_base, delta_base, start_m, offs_n, offs_m0,
                     offs_e, offs_ev, stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms,
                     L, S, scale, causal_off, E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True,
                     not EVEN_M, not EVEN_N, PRECISION)
             for start_m in range(mid, L, BLOCK_M):
                 dk, dv = _dkdv_tile(
-                    dk, dv, k, v, q_base, do_base, mask_base, stats_base, delta_base, start_m, offs_n, offs_m0,
+                    dk, dv, kT, v, q_base, do_base, mask_base, stats_base, delta_base, start_m, offs_n, offs_m0,
                     offs_e, offs_ev, stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms,
                     L, S, scale, causal_off, E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False,
                     not EVEN_M, not EVEN_N, PRECISION)
         else:
             for start_m in range(0, L, BLOCK_M):
                 dk, dv = _dkdv_tile(
-                    dk, dv, k, v, q_base, do_base, mask_base, stats_base, delta_base, start_m, offs_n, offs_m0,
+                    dk, dv, kT, v, q_base, do_base, mask_base, stats_base, delta_base, start_m, offs_n, offs_m0,
                     offs_e, offs_ev, stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms,
                     L, S, scale, causal_off, E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False,
                     not EVEN_M, not EVEN_N, PRECISION)
@@ -374,7 +387,7 @@ def dmask_blocks(E: int, Ev: int, dtype):
     return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps
 
 
-def attention_backward(dout, dlse, q, k, v, mask, out, stats, scale: float, causal: int, mask_grad: bool):
+def attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale: float, causal: int, mask_grad: bool):
     """Triton backward on canonical tensors (see backends/base.py). Returns (dq, dk, dv, dmask or None)."""
     B, H, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
@@ -389,13 +402,14 @@ def attention_backward(dout, dlse, q, k, v, mask, out, stats, scale: float, caus
     mask_t, m_strides = mask_args(mask)
     mask_ptr = mask_t if mask_t is not None else q
 
-    i64 = needs_int64(q, k, v, mask, out, dout, dq, dk, dv)
+    has_lo = out_lo is not None and out_lo.numel() > 0
+    i64 = needs_int64(q, k, v, mask, out, out_lo if has_lo else None, dout, dq, dk, dv)
     pre_block = 64 if block_ev <= 128 else 32
     dlse_strides = dlse.stride() if dlse is not None else (0, 0, 0)
     _bwd_preprocess_kernel[(triton.cdiv(L, pre_block), H, B)](
-        out, dout, dlse if dlse is not None else delta, delta,
-        *out.stride(), *dout.stride(), *dlse_strides, H, L,
-        EV=Ev, BLOCK_EV=block_ev, HAS_DLSE=dlse is not None, BLOCK_M=pre_block, I64=i64,
+        out, out_lo if has_lo else out, dout, dlse if dlse is not None else delta, delta,
+        *out.stride(), *(out_lo if has_lo else out).stride(), *dout.stride(), *dlse_strides, H, L,
+        EV=Ev, BLOCK_EV=block_ev, HAS_DLSE=dlse is not None, HAS_LO=has_lo, BLOCK_M=pre_block, I64=i64,
     )
 
     common = dict(E=E, EV=Ev, BLOCK_E=block_e, BLOCK_EV=block_ev, MASK_KIND=kind, IS_CAUSAL=is_causal,

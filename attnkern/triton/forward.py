@@ -1,9 +1,10 @@
 """Fused attention forward: one program per (query block, head, batch), online softmax over K/V tiles.
 
 Never materializes the L×S scores. Saves per-row softmax statistics (row max, log2 of the
-denominator) beside the log-sum-exp for the backward. Causal problems stop the key loop at the block's diagonal and apply
-the causal compare only on the tiles that straddle it; fully masked rows end with l = 0, which gives
-output 0 and log-sum-exp -inf.
+denominator) beside the log-sum-exp for the backward, and, when asked (HAS_LO), the half-precision
+output's rounding residual out_lo = O32 - out, so that the backward's delta is float32-accurate.
+Causal problems stop the key loop at the block's diagonal and apply the causal compare only on the
+tiles that straddle it; fully masked rows end with l = 0, which gives output 0 and log-sum-exp -inf.
 """
 import os
 
@@ -11,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends.base import new_lse, new_output, new_stats
+from ..backends.base import new_lse, new_output, new_residual, new_stats
 from ..masks import CAUSAL_NONE, causal_offset
 from . import configs
 from .common import index_range, needs_int64, LN2, LOG2E, load_tile, mask_scores, store_tile
@@ -48,7 +49,8 @@ def _fwd_tile(
 
 @triton.autotune(
     configs=configs.configs_for(configs.FWD_CONFIGS),
-    key=["L_BUCKET", "S_BUCKET", "E", "EV", "MASK_KIND", "IS_CAUSAL", "PRECISION"],
+    # HAS_LO (training: the residual store needs registers) tunes apart from the inference forward.
+    key=["L_BUCKET", "S_BUCKET", "E", "EV", "MASK_KIND", "IS_CAUSAL", "PRECISION", "HAS_LO"],
     prune_configs_by={"early_config_prune": configs.prune},
 )
 @triton.heuristics({
@@ -57,7 +59,7 @@ def _fwd_tile(
 })
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, M, O, LSE, STATS,
+    Q, K, V, M, O, O_LO, LSE, STATS,
     stride_qb, stride_qh, stride_ql, stride_qe,
     stride_kb, stride_kh, stride_ks, stride_ke,
     stride_vb, stride_vh, stride_vs, stride_ve,
@@ -65,7 +67,7 @@ def _attn_fwd_kernel(
     stride_ob, stride_oh, stride_ol, stride_oe,
     H, GROUP, L, S, scale, causal_off, L_BUCKET, S_BUCKET,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
-    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr, HAS_LO: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     I64: tl.constexpr,
 ):
@@ -122,11 +124,17 @@ def _attn_fwd_kernel(
     log2l = tl.where(empty, float("-inf"), tl.math.log2(l_safe))
     lse = tl.where(empty, float("-inf"), m_i + log2l * LN2)
 
-    o_base = O + b * stride_ob + h64 * stride_oh
-    store_tile(o_base + offs_m[:, None] * stride_ol + offs_ev[None, :] * stride_oe, out.to(O.dtype.element_ty),
-               offs_m, offs_ev, L, EV, not EVEN_M, BLOCK_EV != EV)
+    o_offs = b * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_ol + offs_ev[None, :] * stride_oe
+    out_hi = out.to(O.dtype.element_ty)
+    store_tile(O + o_offs, out_hi, offs_m, offs_ev, L, EV, not EVEN_M, BLOCK_EV != EV)
+    if HAS_LO:  # out_lo has out's layout (and strides)
+        store_tile(O_LO + o_offs, (out - out_hi.to(tl.float32)).to(O.dtype.element_ty),
+                   offs_m, offs_ev, L, EV, not EVEN_M, BLOCK_EV != EV)
     row = (b * H + h64) * L + offs_m
-    m_out = tl.where(empty, float("-inf"), m_i)
+    # A row with NaN (or +inf) scores has l = NaN, hence NaN output, lse and log2l. Its max may still have
+    # come out finite or -inf (compiled max drops NaN): store NaN, so the backward cannot take the row
+    # for a fully masked one (m = -inf) and recomputes NaN probabilities for it, as torch's math path has.
+    m_out = tl.where(empty, float("-inf"), tl.where(l_i == l_i, m_i, float("nan")))
     if EVEN_M:
         tl.store(LSE + row, lse)
         tl.store(STATS + row * 2, m_out)
@@ -161,22 +169,24 @@ def mask_args(mask):
     return mask, strides
 
 
-def attention_forward(q, k, v, mask, scale: float, causal: int):
-    """Triton forward on canonical tensors (see backends/base.py). Returns (out, lse, stats)."""
+def attention_forward(q, k, v, mask, scale: float, causal: int, residual: bool = False):
+    """Triton forward on canonical tensors (see backends/base.py). Returns (out, lse, stats, out_lo)."""
     B, H, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
-    out, lse, stats = new_output(q, Ev), new_lse(q), new_stats(q)
+    out, lse, stats, out_lo = new_output(q, Ev), new_lse(q), new_stats(q), new_residual(q, Ev, residual)
+    has_lo = out_lo.numel() > 0
+    assert not has_lo or out_lo.stride() == out.stride()
     mask_t, m_strides = mask_args(mask)
     from ..masks import mask_kind
 
     grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), H, B)  # noqa: E731
     _attn_fwd_kernel[grid](
-        q, k, v, mask_t if mask_t is not None else q, out, lse, stats,
+        q, k, v, mask_t if mask_t is not None else q, out, out_lo if has_lo else out, lse, stats,
         *q.stride(), *k.stride(), *v.stride(), *m_strides, *out.stride(),
         H, H // Hkv, L, S, scale, causal_offset(causal, L, S),
         configs.bucket(L), configs.bucket(S),
         E=E, EV=Ev, BLOCK_E=configs.head_block(E), BLOCK_EV=configs.head_block(Ev),
         MASK_KIND=mask_kind(mask), IS_CAUSAL=causal != CAUSAL_NONE, PRECISION=precision_for(q.dtype),
-        I64=needs_int64(q, k, v, mask, out),
+        HAS_LO=has_lo, I64=needs_int64(q, k, v, mask, out),
     )
-    return out, lse, stats
+    return out, lse, stats, out_lo

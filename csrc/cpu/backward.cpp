@@ -1,19 +1,24 @@
 // Fused attention backward on the CPU: recomputes P from the saved log-sum-exp, five GEMMs per tile.
 //
 // Tasks are (batch, kv head, query chunk), as in the forward. A task packs its kv head's K^T, V^T and
-// (scale K) once, then for every query head of the group and every block of query rows:
-//     S  = (scale Q) K^T,  P = exp(S + mask - m) / l          (m, l: the forward's per-row statistics;
+// K once, then for every query head of the group and every block of query rows:
+//     S  = (Q K^T) scale,  P = exp(S + mask - m) / l          (m, l: the forward's per-row statistics;
 //                                                              0 where masked and on fully masked rows)
-//     dP = dO V^T,  dS = P (dP - delta),  delta = rowsum(dO O) - dlse
-//     dV += P^T dO,  dK += dS^T (scale Q),  dQ += dS (scale K)
+//     dP = dO V^T,  dS = P (dP - delta),  delta = rowsum(dO O) - dlse  (O = out + out_lo, see params.h)
+//     dV += P^T dO,  dK += dS^T Q,  dQ += dS K;  dK, dQ times scale when written
+// S is the forward's, bit for bit (same packing, GEMM and scaling after the dot); applying the scale
+// after the products, never to Q or K, means only a result beyond float range can overflow.
 // dK/dV accumulate in per-task buffers (O(S*E)); when a kv head's rows are split over several tasks
-// their partial sums are added afterwards in chunk order, so results do not depend on scheduling.
+// their partial sums are added afterwards in chunk order, and the split depends on the problem and the
+// machine alone (choose_blocking), so results depend neither on scheduling nor on the thread count.
 // A float mask's gradient (dS summed over the mask's broadcast dims) is a separate pass whose tasks
 // each own disjoint entries of the gradient: deterministic, no atomics.
 #include <ATen/Parallel.h>
 
 #include <atomic>
 #include <cstdlib>
+#include <memory>
+#include <thread>
 #include <vector>
 
 #include "attention_cpu.h"
@@ -26,16 +31,16 @@ namespace {
 
 // One (batch, kv head)'s K and V, panel-packed for the GEMMs (see tile_math.h); repacked only when the
 // (batch, kv head) changes or more keys are needed:
-//   kt  K^T    panels of NR keys, K-dim E       (B of S  = (scale Q) K^T)
+//   kt  K^T    panels of NR keys, K-dim E       (B of S  = Q K^T)
 //   vt  V^T    panels of NR keys, K-dim Ev      (B of dP = dO V^T)
-//   kr  scale K panels of NR head-dim columns, K-dim keys (B of dQ = dS (scale K))
+//   kr  K      panels of NR head-dim columns, K-dim keys (B of dQ = dS K)
 template <typename scalar_t, typename acc_t>
 struct PackedKV {
   Scratch<acc_t> kt_buf, vt_buf, kr_buf;
   acc_t *kt = nullptr, *vt = nullptr, *kr = nullptr;
   int64_t b = -1, hk = -1, keys = -1, sp = 0;
 
-  void pack(const AttentionParams& p, int64_t b_, int64_t hk_, int64_t keys_, int64_t Ep, acc_t scale) {
+  void pack(const AttentionParams& p, int64_t b_, int64_t hk_, int64_t keys_, int64_t Ep) {
     if (b_ == b && hk_ == hk && keys_ <= keys) return;
     constexpr int64_t NR = kNR<acc_t>;
     b = b_, hk = hk_, keys = keys_;
@@ -47,13 +52,13 @@ struct PackedKV {
     const auto* vb = static_cast<const scalar_t*>(p.v) + b * p.v_st.b + hk * p.v_st.h;
     pack_panels(kt, p.E * NR, kb, p.k_st.e, p.k_st.l, p.E, keys, acc_t(1));
     pack_panels(vt, p.Ev * NR, vb, p.v_st.e, p.v_st.l, p.Ev, keys, acc_t(1));
-    pack_panels(kr, sp * NR, kb, p.k_st.l, p.k_st.e, keys, p.E, scale);
+    pack_panels(kr, sp * NR, kb, p.k_st.l, p.k_st.e, keys, p.E, acc_t(1));
   }
   const acc_t* kt_block(int64_t n0, const AttentionParams& p) const { return kt + (n0 / kNR<acc_t>) * p.E * kNR<acc_t>; }
   const acc_t* vt_block(int64_t n0, const AttentionParams& p) const { return vt + (n0 / kNR<acc_t>) * p.Ev * kNR<acc_t>; }
 };
 
-// One block of query rows, packed: scale*Q and dO row-major (the A of S and dP) and in panels (the B of
+// One block of query rows, packed: Q and dO row-major (the A of S and dP) and in panels (the B of
 // dK and dV), and per row delta and the forward's softmax statistics: the row max (+inf for fully masked
 // rows, so that P = exp(-inf - inf) = 0 rather than NaN) and log2 of the denominator (0 there).
 template <typename scalar_t, typename acc_t>
@@ -63,7 +68,7 @@ struct QueryBlock {
   acc_t *row_max = nullptr, *log2_denom = nullptr;
 
   void load(const AttentionParams& p, int64_t b, int64_t h, int64_t m0, int64_t mb, int64_t BM, int64_t Ep,
-            int64_t Evp, acc_t scale) {
+            int64_t Evp) {
     constexpr int64_t NR = kNR<acc_t>;
     qb = q_buf.get(BM * Ep);
     dob = do_buf.get(BM * Evp);
@@ -75,15 +80,26 @@ struct QueryBlock {
     const auto* q = static_cast<const scalar_t*>(p.q) + b * p.q_st.b + h * p.q_st.h + m0 * p.q_st.l;
     const auto* dout = static_cast<const scalar_t*>(p.dout) + b * p.dout_st.b + h * p.dout_st.h + m0 * p.dout_st.l;
     const auto* out = static_cast<const scalar_t*>(p.out) + b * p.out_st.b + h * p.out_st.h + m0 * p.out_st.l;
-    pack_rows(qb, Ep, q, p.q_st.l, p.q_st.e, mb, p.E, scale);
+    const auto* out_lo = p.out_lo ? static_cast<const scalar_t*>(p.out_lo) + b * p.out_lo_st.b + h * p.out_lo_st.h +
+                                        m0 * p.out_lo_st.l
+                                  : nullptr;
+    pack_rows(qb, Ep, q, p.q_st.l, p.q_st.e, mb, p.E, acc_t(1));
     pack_rows(dob, Evp, dout, p.dout_st.l, p.dout_st.e, mb, p.Ev, acc_t(1));
-    pack_panels(qp, BM * NR, q, p.q_st.l, p.q_st.e, mb, p.E, scale);
+    pack_panels(qp, BM * NR, q, p.q_st.l, p.q_st.e, mb, p.E, acc_t(1));
     pack_panels(dop, BM * NR, dob, Evp, int64_t(1), mb, p.Ev, acc_t(1));
     const acc_t* stats = static_cast<const acc_t*>(p.stats) + ((b * p.Hq + h) * p.L + m0) * 2;
     for (int64_t i = 0; i < mb; ++i) {
       acc_t d = 0;
       const scalar_t* orow = out + i * p.out_st.l;
-      for (int64_t e = 0; e < p.Ev; ++e) d += dob[i * Evp + e] * static_cast<acc_t>(orow[e * p.out_st.e]);
+      if (out_lo) {  // O = out + out_lo: delta to float32 accuracy for half outputs
+        const scalar_t* lrow = out_lo + i * p.out_lo_st.l;
+        for (int64_t e = 0; e < p.Ev; ++e) {
+          d += dob[i * Evp + e] *
+               (static_cast<acc_t>(orow[e * p.out_st.e]) + static_cast<acc_t>(lrow[e * p.out_lo_st.e]));
+        }
+      } else {
+        for (int64_t e = 0; e < p.Ev; ++e) d += dob[i * Evp + e] * static_cast<acc_t>(orow[e * p.out_st.e]);
+      }
       if (p.dlse) {
         const auto* dl = static_cast<const acc_t*>(p.dlse);
         d -= dl[b * p.dlse_st.b + h * p.dlse_st.h + (m0 + i) * p.dlse_st.l];
@@ -111,15 +127,16 @@ inline void key_range(const AttentionParams& p, int64_t m0, int64_t mb, int64_t&
   }
 }
 
-// P = 2^((S + masks - m) log2 e - log2 l) over a (mb x nbp) tile, then dS = P (dP - delta) into dp.
-// Subtracting the row max first keeps P exact when the scores are huge.
+// P = 2^((S scale + masks - m) log2 e - log2 l) over a (mb x nbp) tile of unscaled S, then
+// dS = P (dP - delta) into dp. Subtracting the row max first keeps P exact when the scores are huge.
 template <typename acc_t>
 inline void probabilities_and_ds(const RowMasker<acc_t>& masker, acc_t* sb, acc_t* dp, int64_t ld, int64_t m0,
                                  int64_t mb, int64_t n0, int64_t nb, int64_t nbp, bool causal_check,
-                                 const RowStats<acc_t>& st) {
+                                 const RowStats<acc_t>& st, acc_t scale) {
   for (int64_t i = 0; i < mb; ++i) {
     acc_t* srow = sb + i * ld;
     acc_t* drow = dp + i * ld;
+    scale_row(srow, nbp, scale);
     masker.apply(srow, m0 + i, n0, nb, nbp, causal_check);
     const Vec<acc_t> m(st.row_max[i]), l(st.log2_denom[i]), d(st.delta[i]), to_log2(static_cast<acc_t>(kLog2e));
     for (int64_t j = 0; j < nbp; j += Vec<acc_t>::size()) {
@@ -142,7 +159,7 @@ inline void tile_p_and_ds(const AttentionParams& p, const RowMasker<acc_t>& mask
   gemm<acc_t, false, false>(mb, nbp, p.E, qblk.qb, Ep, kv.kt_block(n0, p), p.E * NR, sb, BNp);
   gemm<acc_t, false, false>(mb, nbp, p.Ev, qblk.dob, Evp, kv.vt_block(n0, p), p.Ev * NR, dpb, BNp);
   probabilities_and_ds(masker, sb, dpb, BNp, m0, mb, n0, nb, nbp, p.causal_enabled() && n0 + nb > n_full,
-                       {qblk.row_max, qblk.log2_denom, qblk.delta});
+                       {qblk.row_max, qblk.log2_denom, qblk.delta}, static_cast<acc_t>(p.scale));
 }
 
 template <typename scalar_t>
@@ -156,10 +173,11 @@ void backward_kernel(const AttentionParams& p, const Blocking& blk) {
   const int64_t n_tasks = p.B * p.Hkv * n_chunks;
   const acc_t scale = static_cast<acc_t>(p.scale);
 
-  // With several chunks per kv head, each chunk's dK/dV go to its own slot, summed afterwards.
-  std::vector<acc_t> partial;
+  // With several chunks per kv head, each chunk's dK/dV go to its own slot, summed afterwards. The
+  // slots are zeroed by their tasks, in parallel (and first touched by the thread that uses them).
+  std::unique_ptr<acc_t[]> partial;
   const int64_t slot = p.S * (Ep + Evp);
-  if (n_chunks > 1) partial.assign(static_cast<size_t>(n_tasks * slot), acc_t(0));
+  if (n_chunks > 1) partial.reset(new acc_t[static_cast<size_t>(n_tasks * slot)]);
 
   auto* dq = static_cast<scalar_t*>(p.dq);
   auto* dk = static_cast<scalar_t*>(p.dk);
@@ -178,12 +196,12 @@ void backward_kernel(const AttentionParams& p, const Blocking& blk) {
       int64_t keys = p.S;
       if (p.causal_enabled()) keys = std::clamp<int64_t>(r1 + p.causal_offset, 0, p.S);
 
-      acc_t* dk_acc = n_chunks > 1 ? partial.data() + ((b * p.Hkv + hk) * n_chunks + chunk) * slot
+      acc_t* dk_acc = n_chunks > 1 ? partial.get() + ((b * p.Hkv + hk) * n_chunks + chunk) * slot
                                    : acc_buf.get(std::max<int64_t>(slot, 1));
       acc_t* dv_acc = dk_acc + p.S * Ep;
-      if (n_chunks == 1) fill(dk_acc, slot, acc_t(0));
+      fill(dk_acc, slot, acc_t(0));
       if (r0 < r1) {  // rows that see no key still get their dQ written (as zeros)
-        kv.pack(p, b, hk, keys, Ep, scale);
+        kv.pack(p, b, hk, keys, Ep);
         acc_t* sb = s_buf.get(BM * BNp);
         acc_t* dpb = dp_buf.get(BM * BNp);
         acc_t* dqb = dq_buf.get(BM * Ep);
@@ -192,7 +210,7 @@ void backward_kernel(const AttentionParams& p, const Blocking& blk) {
           const RowMasker<acc_t> masker{p, b, h};
           for (int64_t m0 = r0; m0 < r1; m0 += BM) {
             const int64_t mb = std::min(BM, r1 - m0);
-            qblk.load(p, b, h, m0, mb, BM, Ep, Evp, scale);
+            qblk.load(p, b, h, m0, mb, BM, Ep, Evp);
             fill(dqb, mb * Ep, acc_t(0));
             int64_t n_end, n_full;
             key_range(p, m0, mb, n_end, n_full);
@@ -204,13 +222,13 @@ void backward_kernel(const AttentionParams& p, const Blocking& blk) {
               gemm<acc_t, false, true>(mb, Ep, nb, dpb, BNp, kv.kr + n0 * NR, kv.sp * NR, dqb, Ep);
             }
             scalar_t* dq_rows = dq + b * p.dq_st.b + h * p.dq_st.h + m0 * p.dq_st.l;
-            for (int64_t i = 0; i < mb; ++i) store_row(dq_rows + i * p.dq_st.l, p.dq_st.e, dqb + i * Ep, p.E, acc_t(1));
+            for (int64_t i = 0; i < mb; ++i) store_row(dq_rows + i * p.dq_st.l, p.dq_st.e, dqb + i * Ep, p.E, scale);
           }
         }
       }
       if (n_chunks == 1) {  // this task saw every query row of its kv head: write dK, dV
         for (int64_t s = 0; s < p.S; ++s) {
-          store_row(dk + b * p.dk_st.b + hk * p.dk_st.h + s * p.dk_st.l, p.dk_st.e, dk_acc + s * Ep, p.E, acc_t(1));
+          store_row(dk + b * p.dk_st.b + hk * p.dk_st.h + s * p.dk_st.l, p.dk_st.e, dk_acc + s * Ep, p.E, scale);
           store_row(dv + b * p.dv_st.b + hk * p.dv_st.h + s * p.dv_st.l, p.dv_st.e, dv_acc + s * Evp, p.Ev, acc_t(1));
         }
       }
@@ -224,11 +242,11 @@ void backward_kernel(const AttentionParams& p, const Blocking& blk) {
         const int64_t s = idx % p.S, bh = idx / p.S, hk = bh % p.Hkv, b = bh / p.Hkv;
         std::fill(row.begin(), row.end(), acc_t(0));
         for (int64_t c = 0; c < n_chunks; ++c) {
-          const acc_t* src = partial.data() + (bh * n_chunks + c) * slot;
+          const acc_t* src = partial.get() + (bh * n_chunks + c) * slot;
           for (int64_t e = 0; e < Ep; ++e) row[e] += src[s * Ep + e];
           for (int64_t e = 0; e < Evp; ++e) row[Ep + e] += src[p.S * Ep + s * Evp + e];
         }
-        store_row(dk + b * p.dk_st.b + hk * p.dk_st.h + s * p.dk_st.l, p.dk_st.e, row.data(), p.E, acc_t(1));
+        store_row(dk + b * p.dk_st.b + hk * p.dk_st.h + s * p.dk_st.l, p.dk_st.e, row.data(), p.E, scale);
         store_row(dv + b * p.dv_st.b + hk * p.dv_st.h + s * p.dv_st.l, p.dv_st.e, row.data() + Ep, p.Ev, acc_t(1));
       }
     });
@@ -247,7 +265,6 @@ void mask_grad_kernel(const AttentionParams& p, const Blocking& blk) {
   const bool rows_full = p.Lm == p.L && p.L > 1, cols_full = p.Sm == p.S && p.S > 1;
   const int64_t row_blocks = rows_full ? (p.L + BM - 1) / BM : 1;
   const int64_t n_tasks = p.Bm * p.Hm * row_blocks;
-  const acc_t scale = static_cast<acc_t>(p.scale);
   auto* dmask = static_cast<acc_t*>(p.dmask);
 
   std::atomic<int64_t> next_task{0};
@@ -273,10 +290,10 @@ void mask_grad_kernel(const AttentionParams& p, const Blocking& blk) {
           int64_t keys = p.S;
           if (p.causal_enabled()) keys = std::clamp<int64_t>(r1 + p.causal_offset, 0, p.S);
           if (keys == 0) continue;
-          kv.pack(p, b, hk, keys, Ep, scale);
+          kv.pack(p, b, hk, keys, Ep);
           for (int64_t m0 = r0; m0 < r1; m0 += BM) {
             const int64_t mb = std::min(BM, r1 - m0);
-            qblk.load(p, b, h, m0, mb, BM, Ep, Evp, scale);
+            qblk.load(p, b, h, m0, mb, BM, Ep, Evp);
             int64_t n_end, n_full;
             key_range(p, m0, mb, n_end, n_full);
             for (int64_t n0 = 0; n0 < n_end; n0 += BN) {
@@ -322,16 +339,34 @@ Blocking choose_blocking(const AttentionParams& p, c10::ScalarType dtype, bool b
     blk.block_n = std::max<int64_t>(16, std::atoll(env) / 16 * 16);
   }
   // Enough tasks to keep every thread busy (and balance causal work): split each kv head's query rows
-  // when batch x kv heads alone are too few. The backward's splits cost a partial dK/dV buffer each.
-  // Non-causal tasks are equal, so two per thread balance; causal ones are not (later rows see more
-  // keys): four per thread, handed out longest first (see task_chunk). Each extra forward chunk
-  // repacks its kv head's K and V; each backward one adds a dK/dV buffer.
-  const int64_t threads = at::get_num_threads();
-  const int64_t want = (backward || !p.causal_enabled() ? 2 : 4) * threads;
+  // when batch x kv heads alone are too few. Each extra forward chunk repacks its kv head's K and V;
+  // each backward one adds a dK/dV buffer.
   const int64_t heads = std::max<int64_t>(p.B * p.Hkv, 1);
   const int64_t max_chunks = std::max<int64_t>((p.L + blk.block_m - 1) / blk.block_m, 1);
-  blk.query_chunks = std::clamp<int64_t>((want + heads - 1) / heads, 1, max_chunks);
-  if (heads >= want) blk.query_chunks = 1;
+  int64_t want;
+  if (backward) {
+    // The backward's split never depends on the thread count in use: the chunks' partial dK/dV are
+    // summed in chunk order, so a split that followed torch.set_num_threads would change the rounding
+    // with it (results are bitwise equal across thread counts). It aims at two tasks per hardware
+    // thread of the machine (fixed for the machine; ATTNKERN_CPU_BWD_TASKS overrides), within
+    // kPartialBytes of partial buffers. (A fixed count for every machine either idles big machines or
+    // burdens small ones with partial buffers: about 10% of the backward on 2 cores at 32 tasks.)
+    static const int64_t machine_tasks = 2 * std::max<int64_t>(std::thread::hardware_concurrency(), 1);
+    int64_t tasks = machine_tasks;
+    if (const char* env = std::getenv("ATTNKERN_CPU_BWD_TASKS")) tasks = std::max<int64_t>(1, std::atoll(env));
+    constexpr int64_t kPartialBytes = int64_t(256) << 20;
+    const int64_t nr = dtype == c10::ScalarType::Double ? 8 : 16;  // kNR of the accumulation type
+    const int64_t acc_bytes = dtype == c10::ScalarType::Double ? 8 : 4;
+    const int64_t slot_bytes = std::max<int64_t>(p.S * (round_up(p.E, nr) + round_up(p.Ev, nr)) * acc_bytes, 1);
+    want = std::min(tasks, std::max<int64_t>(kPartialBytes / slot_bytes, 1));
+  } else {
+    // The forward's split changes no result (every row is computed whole, over the same key tiles, by
+    // one task), so it follows the threads. Non-causal tasks are equal, so two per thread balance;
+    // causal ones are not (later rows see more keys): four per thread, handed out longest first (see
+    // task_chunk).
+    want = (p.causal_enabled() ? 4 : 2) * at::get_num_threads();
+  }
+  blk.query_chunks = heads >= want ? 1 : std::clamp<int64_t>((want + heads - 1) / heads, 1, max_chunks);
   return blk;
 }
 

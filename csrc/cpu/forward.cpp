@@ -3,11 +3,13 @@
 // Work is split into tasks (batch, kv head, query chunk). A task packs its kv head's K^T and V once
 // (in acc_t, padded to the micro-kernel width), then for every query head of the group and every
 // block of BLOCK_M query rows streams key blocks of BLOCK_N:
-//     S = (scale Q) K^T          GEMM, in register tiles of 6 x 16
+//     S = (Q K^T) scale          GEMM, in register tiles of 6 x 16; scaled after the dot (as the
+//                                Triton and CUDA kernels do), so only a score beyond float range overflows
 //     S += mask; causal/bounds -> -inf
 //     online softmax, exp(s - m) as 2^((s - m) log2 e): m, l, rescale the output accumulator
 //     O += P V                   GEMM
 // Tasks are handed out dynamically (an atomic counter), so causal problems balance across threads.
+// With p.out_lo the output's rounding residual is written beside it (for the backward's delta).
 // Extra memory per thread: K^T and V of one kv head (O(S*E)) plus O(BLOCK_M * (BLOCK_N + Ev)) tiles.
 #include <ATen/Parallel.h>
 
@@ -37,6 +39,7 @@ void forward_kernel(const AttentionParams& p, const Blocking& blk) {
   const auto* k = static_cast<const scalar_t*>(p.k);
   const auto* v = static_cast<const scalar_t*>(p.v);
   auto* out = static_cast<scalar_t*>(p.out);
+  auto* out_lo = static_cast<scalar_t*>(p.out_lo);
   auto* lse = static_cast<acc_t*>(p.lse);
   auto* stats = static_cast<acc_t*>(p.stats);
 
@@ -79,7 +82,7 @@ void forward_kernel(const AttentionParams& p, const Blocking& blk) {
         const RowMasker<acc_t> masker{p, b, h};
         for (int64_t m0 = r0; m0 < r1; m0 += BM) {
           const int64_t mb = std::min(BM, r1 - m0);
-          pack_rows(qb, Ep, q + b * p.q_st.b + h * p.q_st.h + m0 * p.q_st.l, p.q_st.l, p.q_st.e, mb, p.E, scale);
+          pack_rows(qb, Ep, q + b * p.q_st.b + h * p.q_st.h + m0 * p.q_st.l, p.q_st.l, p.q_st.e, mb, p.E, acc_t(1));
           fill(m_i, mb, neg_inf<acc_t>());
           fill(l_i, mb, acc_t(0));
           fill(ob, mb * Evp, acc_t(0));
@@ -96,11 +99,16 @@ void forward_kernel(const AttentionParams& p, const Blocking& blk) {
             const bool causal_check = p.causal_enabled() && n0 + nb > n_full;
             for (int64_t i = 0; i < mb; ++i) {
               acc_t* row = sb + i * BNp;
+              scale_row(row, nbp, scale);
               masker.apply(row, m0 + i, n0, nb, nbp, causal_check);
-              const acc_t m_new = std::max(m_i[i], cpu::row_max(row, nbp));
-              if (m_new == neg_inf<acc_t>()) {  // nothing visible yet in this row
-                fill(row, nbp, acc_t(0));
-                continue;
+              // std::max keeps a NaN m_i (its first argument): once NaN, a row stays NaN.
+              acc_t m_new = std::max(m_i[i], cpu::row_max(row, nbp));
+              if (m_new == neg_inf<acc_t>()) {
+                if (!row_has_nan(row, nbp)) {  // nothing visible yet in this row
+                  fill(row, nbp, acc_t(0));
+                  continue;
+                }
+                m_new = std::numeric_limits<acc_t>::quiet_NaN();  // scores of NaN only: the row is NaN
               }
               const acc_t alpha = std::exp(m_i[i] - m_new);  // 0 when m_i was -inf
               l_i[i] = l_i[i] * alpha + exp_shift_sum(row, nbp, m_new);
@@ -118,7 +126,13 @@ void forward_kernel(const AttentionParams& p, const Blocking& blk) {
           acc_t* stat_rows = stats + ((b * p.Hq + h) * p.L + m0) * 2;
           for (int64_t i = 0; i < mb; ++i) {
             const bool empty = l_i[i] == acc_t(0);  // every key masked: output 0, lse -inf
-            store_row(o_rows + i * p.out_st.l, p.out_st.e, ob + i * Evp, p.Ev, empty ? acc_t(0) : acc_t(1) / l_i[i]);
+            const acc_t inv = empty ? acc_t(0) : acc_t(1) / l_i[i];
+            if (out_lo) {
+              scalar_t* lo_row = out_lo + b * p.out_lo_st.b + h * p.out_lo_st.h + (m0 + i) * p.out_lo_st.l;
+              store_row_split(o_rows + i * p.out_st.l, p.out_st.e, lo_row, p.out_lo_st.e, ob + i * Evp, p.Ev, inv);
+            } else {
+              store_row(o_rows + i * p.out_st.l, p.out_st.e, ob + i * Evp, p.Ev, inv);
+            }
             const acc_t log2l = empty ? neg_inf<acc_t>() : std::log2(l_i[i]);
             stat_rows[2 * i] = empty ? neg_inf<acc_t>() : m_i[i];
             stat_rows[2 * i + 1] = log2l;

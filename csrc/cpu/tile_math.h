@@ -215,14 +215,17 @@ constexpr double kLog2e = 1.4426950408889634;
 constexpr double kLn2 = 0.6931471805599453;
 
 // 2^x over a vector. float on AVX2: Cephes' exp2f polynomial (relative error about 1.7e-7), exactly
-// 0 below the float range (-inf included). Elsewhere: ATen's exp2.
+// 0 below the float range (-inf included), NaN for NaN. Elsewhere: ATen's exp2. (Callers pass x <= 0
+// or NaN: differences from a row max.)
 template <typename T>
 inline Vec<T> exp2_vec(const Vec<T>& x) {
 #ifdef ATTNKERN_AVX2_MICROKERNEL
   if constexpr (std::is_same_v<T, float>) {
     const __m256 v = x;
     const __m256 underflow = _mm256_cmp_ps(v, _mm256_set1_ps(-126.0f), _CMP_LT_OQ);
-    const __m256 xc = _mm256_min_ps(_mm256_max_ps(v, _mm256_set1_ps(-126.0f)), _mm256_set1_ps(127.0f));
+    // The clamp keeps NaN: max/min_ps return their second operand when either is NaN, and the NaN then
+    // flows through the polynomial into the result (the underflow compare is false for NaN).
+    const __m256 xc = _mm256_min_ps(_mm256_set1_ps(127.0f), _mm256_max_ps(_mm256_set1_ps(-126.0f), v));
     const __m256 n = _mm256_round_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m256 f = _mm256_sub_ps(xc, n);
     __m256 p = _mm256_set1_ps(1.535336188319500e-4f);
@@ -244,11 +247,21 @@ template <typename T>
 inline T row_max(const T* row, int64_t n) {
   Vec<T> m(-std::numeric_limits<T>::infinity());
   // Plain max (no NaN propagation, which costs a compare and a blend): a NaN score still reaches the
-  // output through the exponential.
+  // output through the exponential, which propagates it. (Only a row of nothing but NaN and -inf gets
+  // -inf here: callers check that rare case with row_has_nan.)
   for (int64_t j = 0; j < n; j += Vec<T>::size()) m = at::vec::clamp_min(Vec<T>::loadu(row + j), m);
   T lanes[Vec<T>::size()];
   m.store(lanes);
   return *std::max_element(lanes, lanes + Vec<T>::size());
+}
+
+// Whether row[0, n) holds a NaN (the slow check, for rows whose max came out -inf).
+template <typename T>
+inline bool row_has_nan(const T* row, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    if (std::isnan(row[j])) return true;
+  }
+  return false;
 }
 
 // row[j] = exp(row[j] - shift) = 2^((row[j] - shift) log2 e) over [0, n), n a multiple of the vector
@@ -276,6 +289,13 @@ inline void fill(T* dst, int64_t n, T value) {
   std::fill(dst, dst + n, value);
 }
 
+// row[0, n) *= scale: scores are scaled after the dot, never Q or K before it, so that only a scaled
+// score beyond float range can overflow (as in the Triton and CUDA kernels).
+template <typename acc_t>
+inline void scale_row(acc_t* row, int64_t n, acc_t scale) {
+  at::vec::map([scale](Vec<acc_t> x) { return x * Vec<acc_t>(scale); }, row, row, n);
+}
+
 // Rows of a strided input tensor -> packed acc_t rows (optionally scaled); columns [n, ld) zeroed.
 template <typename scalar_t, typename acc_t>
 inline void pack_rows(acc_t* dst, int64_t ld, const scalar_t* src, int64_t row_stride, int64_t col_stride,
@@ -296,6 +316,19 @@ inline void pack_rows(acc_t* dst, int64_t ld, const scalar_t* src, int64_t row_s
 template <typename scalar_t, typename acc_t>
 inline void store_row(scalar_t* dst, int64_t col_stride, const acc_t* src, int64_t cols, acc_t scale) {
   for (int64_t c = 0; c < cols; ++c) dst[c * col_stride] = static_cast<scalar_t>(src[c] * scale);
+}
+
+// Packed acc_t row -> strided output row, and its rounding residual src - acc_t(dst) (rounded to
+// scalar_t) into a second strided row `lo` (see params.h: out_lo).
+template <typename scalar_t, typename acc_t>
+inline void store_row_split(scalar_t* dst, int64_t col_stride, scalar_t* lo, int64_t lo_stride, const acc_t* src,
+                            int64_t cols, acc_t scale) {
+  for (int64_t c = 0; c < cols; ++c) {
+    const acc_t x = src[c] * scale;
+    const scalar_t hi = static_cast<scalar_t>(x);
+    dst[c * col_stride] = hi;
+    lo[c * lo_stride] = static_cast<scalar_t>(x - static_cast<acc_t>(hi));
+  }
 }
 
 // Add a float mask row / apply a bool mask row to scores row[0, n): stride 0 broadcasts one value.

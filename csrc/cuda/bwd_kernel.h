@@ -1,6 +1,7 @@
 // Attention backward on tensor cores (sm80+). Deterministic: no atomics anywhere.
 //
-//   preprocess   delta = rowsum(dO * O) - dlse, one warp per query row
+//   preprocess   delta = rowsum(dO * O) - dlse, one warp per query row (O = out + out_lo when the forward
+//                saved the rounding residual out_lo: delta to float32 accuracy)
 //   dK/dV pass   one CTA per (block of kBlockN keys, kv head, batch); warp w owns 16 keys. It loops
 //                over its kv head's query-head group and the query tiles that see its keys:
 //                  S^T = K Q^T, P^T = 2^((S^T - m) log2 e - log2 l)   (m, l: the forward's row stats)
@@ -74,7 +75,14 @@ __global__ void attention_bwd_preprocess_kernel(const AttentionParams p, float* 
   const T* o = static_cast<const T*>(p.out) + b * p.out_st.b + h * p.out_st.h + i * p.out_st.l;
   const T* d = static_cast<const T*>(p.dout) + b * p.dout_st.b + h * p.dout_st.h + i * p.dout_st.l;
   float acc = 0.f;
-  for (int64_t e = lane; e < p.Ev; e += 32) acc += to_float(o[e * p.out_st.e]) * to_float(d[e * p.dout_st.e]);
+  if (p.out_lo) {
+    const T* lo = static_cast<const T*>(p.out_lo) + b * p.out_lo_st.b + h * p.out_lo_st.h + i * p.out_lo_st.l;
+    for (int64_t e = lane; e < p.Ev; e += 32) {
+      acc += (to_float(o[e * p.out_st.e]) + to_float(lo[e * p.out_lo_st.e])) * to_float(d[e * p.dout_st.e]);
+    }
+  } else {
+    for (int64_t e = lane; e < p.Ev; e += 32) acc += to_float(o[e * p.out_st.e]) * to_float(d[e * p.dout_st.e]);
+  }
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
   if (lane == 0) {

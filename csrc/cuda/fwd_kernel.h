@@ -8,7 +8,8 @@
 //     O += P V   (P reused from the S accumulators as the A operand, converted to T)
 // Causal problems stop at the block's diagonal; only tiles that cross it (or the key bound, or any
 // tile when there is a user mask) pay for per-element masking. Writes O, the lse and the per-row
-// statistics (row max, log2 denominator) the backward recomputes P from.
+// statistics (row max, log2 denominator) the backward recomputes P from, and, when p.out_lo is set, the
+// output's rounding residual (for the backward's delta).
 #pragma once
 
 #include "mask.h"
@@ -130,7 +131,11 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_fwd_kernel(const A
     const int64_t i = m0 + wrow + g + 8 * r;
     const float l = quad_sum(row_sum[r]);
     if (i >= p.L) continue;
-    const float inv = l > 0.f ? 1.f / l : 0.f;  // every key masked: output 0
+    // l == 0: every key masked, output 0. l is NaN when the row's scores hold NaN or +inf: its output,
+    // lse and statistics are then NaN (the row max may have dropped the NaN: fmaxf ignores it), as in
+    // torch's math path, and the backward recomputes NaN probabilities for the row.
+    const bool empty = l == 0.f;
+    const float inv = empty ? 0.f : 1.f / l;
 #pragma unroll
     for (int ot = 0; ot < kOT; ++ot) {
       const int col = ot * 8 + 2 * t;
@@ -138,10 +143,20 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_fwd_kernel(const A
         *reinterpret_cast<uint32_t*>(out + i * p.out_st.l + col) = pack2<T>(o[ot][2 * r] * inv, o[ot][2 * r + 1] * inv);
       }
     }
+    if (p.out_lo) {  // the rounding residual, for the backward's delta (a loop of its own: registers)
+      T* lo = static_cast<T*>(p.out_lo) + b * p.out_lo_st.b + h * p.out_lo_st.h + i * p.out_lo_st.l;
+#pragma unroll
+      for (int ot = 0; ot < kOT; ++ot) {
+        const int col = ot * 8 + 2 * t;
+        if (col < p.Ev) {
+          *reinterpret_cast<uint32_t*>(lo + col) = pack2_residual<T>(o[ot][2 * r] * inv, o[ot][2 * r + 1] * inv);
+        }
+      }
+    }
     if (t == 0) {
-      const float log2l = l > 0.f ? log2f(l) : kNegInf;
-      lse[i] = l > 0.f ? row_max[r] + log2l * kLn2 : kNegInf;
-      stats[2 * i] = l > 0.f ? row_max[r] : kNegInf;
+      const float log2l = empty ? kNegInf : log2f(l);
+      lse[i] = empty ? kNegInf : row_max[r] + log2l * kLn2;
+      stats[2 * i] = empty ? kNegInf : (isnan(l) ? l : row_max[r]);
       stats[2 * i + 1] = log2l;
     }
   }

@@ -157,6 +157,15 @@ __device__ __forceinline__ float to_float<double>(double x) {
   return static_cast<float>(x);
 }
 
+// pack2's two values rounded to T and back, the residuals lo - rounded, hi - rounded rounded to T in a
+// second register: out + out_lo (see params.h).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2_residual(float lo, float hi) {
+  const uint32_t r = pack2<T>(lo, hi);
+  const T* h = reinterpret_cast<const T*>(&r);
+  return pack2<T>(lo - to_float(h[0]), hi - to_float(h[1]));
+}
+
 template <typename T>
 __device__ __forceinline__ T from_float(float x);
 template <>

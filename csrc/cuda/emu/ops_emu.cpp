@@ -85,13 +85,15 @@ cudaError_t run_bwd(int hd, const AttentionParams& p, float* delta) {
 }
 
 void forward_emu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
-                 double scale, int64_t causal, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& stats) {
-  const AttentionParams p = forward_params(q, k, v, mask, scale, causal, out, &lse, stats);
+                 double scale, int64_t causal, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& stats,
+                 const std::optional<at::Tensor>& out_lo) {
+  const AttentionParams p = forward_params(q, k, v, mask, scale, causal, out, &lse, stats, out_lo);
   check_problem(p, q);
   check_layout(q, "query"), check_layout(k, "key"), check_layout(v, "value"), check_layout(out, "out");
+  if (p.out_lo) check_layout(*out_lo, "out_lo");
   if (p.B * p.Hq * p.L == 0) return;
   const emu::GlobalRanges ranges{span(q, "query"), span(k, "key"),     span(v, "value"),  span(mask, "attn_mask"),
-                                 span(out, "out"), span(lse, "lse"), span(stats, "stats")};
+                                 span(out, "out"), span(lse, "lse"), span(stats, "stats"), span(out_lo, "out_lo")};
   const int hd = head_dim_bucket(std::max(p.E, p.Ev));
   const cudaError_t err = q.scalar_type() == at::kHalf ? run_fwd<__half>(hd, p) : run_fwd<__nv_bfloat16>(hd, p);
   TORCH_CHECK(err == cudaSuccess, "attnkern cuda-emu forward: error ", int(err));
@@ -99,17 +101,21 @@ void forward_emu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
 
 void backward_emu(const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
                   const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
-                  const at::Tensor& out, const at::Tensor& stats, double scale, int64_t causal, const at::Tensor& dq,
-                  const at::Tensor& dk, const at::Tensor& dv, const std::optional<at::Tensor>& dmask) {
-  const AttentionParams p = backward_params(dout, dlse, q, k, v, mask, out, stats, scale, causal, dq, dk, dv, dmask);
+                  const at::Tensor& out, const std::optional<at::Tensor>& out_lo, const at::Tensor& stats,
+                  double scale, int64_t causal, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
+                  const std::optional<at::Tensor>& dmask) {
+  const AttentionParams p =
+      backward_params(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, causal, dq, dk, dv, dmask);
   check_problem(p, q);
   check_layout(q, "query"), check_layout(k, "key"), check_layout(v, "value"), check_layout(out, "out");
+  if (p.out_lo) check_layout(*out_lo, "out_lo");
   check_layout(dout, "grad_out"), check_layout(dq, "grad_query"), check_layout(dk, "grad_key");
   check_layout(dv, "grad_value");
   const at::Tensor delta = at::empty({p.B, p.Hq, p.L}, q.options().dtype(at::kFloat));
   const emu::GlobalRanges ranges{span(dout, "grad_out"),    span(dlse, "grad_lse"), span(q, "query"),
                                  span(k, "key"),            span(v, "value"),       span(mask, "attn_mask"),
-                                 span(out, "out"),          span(stats, "stats"),   span(dq, "grad_query"),
+                                 span(out, "out"),          span(out_lo, "out_lo"), span(stats, "stats"),
+                                 span(dq, "grad_query"),
                                  span(dk, "grad_key"),      span(dv, "grad_value"), span(dmask, "grad_mask"),
                                  span(delta, "delta (scratch)")};
   const int hd = head_dim_bucket(std::max(p.E, p.Ev));
@@ -165,13 +171,8 @@ TORCH_LIBRARY(attnkern_emu, m) {
   m.def("run_broken_kernel(int which) -> ()");
   m.def("warp_gemm_check(Tensor q, Tensor k, Tensor v) -> (Tensor, Tensor, Tensor)");
   m.def("attribute_calls() -> int");
-  m.def(
-      "forward(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float scale, int causal, "
-      "Tensor(a!) out, Tensor(b!) lse, Tensor(c!) stats) -> ()");
-  m.def(
-      "backward(Tensor grad_out, Tensor? grad_lse, Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
-      "Tensor out, Tensor stats, float scale, int causal, Tensor(a!) grad_query, Tensor(b!) grad_key, "
-      "Tensor(c!) grad_value, Tensor(d!)? grad_mask) -> ()");
+  m.def(attnkern::kForwardSchema);
+  m.def(attnkern::kBackwardSchema);
 }
 
 TORCH_LIBRARY_IMPL(attnkern_emu, CPU, m) {

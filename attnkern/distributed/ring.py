@@ -1,0 +1,307 @@
+"""Ring attention: every rank keeps its queries and passes key/value blocks around the ring.
+
+Step s of P: rank r attends its query shard to the key/value shard of rank (r - s) mod P, while the next
+block is already in flight (batch_isend_irecv), and merges the partial result into its running output by
+the log-sum-exp of each row. The backward walks the ring again: it recomputes each block's attention
+(attnkern's own forward and backward through autograd on the block call, so any backend works), adds
+the block's dK/dV to an accumulator that travels with the block, and one last hop hands every rank the
+finished dK/dV of its own shard. Memory per rank stays O(L/P * E): a rank holds its own shard, one block
+in use and one in flight, never the full sequence.
+
+Masks at the ring level: causal and a sliding window are decided per pair of segments (see sharding.py):
+a pair entirely outside is skipped, one entirely inside runs unmasked, the causal diagonal runs with the
+kernel's top-left (or bottom-right) causal flag, and any other partial pair gets a bool band mask of the
+pair's size only. A key padding mask travels around the ring with its keys and joins the block's mask.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from ..api import attention
+from .sharding import SequenceLayout, group_info, layout_from_shards
+
+_INF = float("inf")
+_TAG_KV, _TAG_DKV = 17, 18  # distinct tags: the kv and dkv exchanges of a step may be in flight together
+
+
+def parse_window(window, causal: bool) -> Tuple[float, float]:
+    """The band of visible key-minus-query offsets [lo, hi] for `causal` and `window`.
+
+    window: None (no band), an int w (= (w, w)) or a pair (left, right) of ints >= 0: the query at position
+    p sees keys p-left .. p+right. With causal the band is also cut at p."""
+    lo, hi = -_INF, _INF
+    if window is not None:
+        pair = (window, window) if isinstance(window, int) else tuple(window) if isinstance(window, (tuple, list)) \
+            else ()
+        if len(pair) != 2 or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 0 for w in pair):
+            raise ValueError(f"window must be None, an int >= 0 or a pair (left, right) of ints >= 0, "
+                             f"got {window!r}")
+        lo, hi = -pair[0], pair[1]
+    if causal:
+        hi = min(hi, 0)
+    return lo, hi
+
+
+@dataclass(frozen=True)
+class BlockCall:
+    """One attention call of a step: local query rows [q0, q0+ql) against block key rows [k0, k0+kl)."""
+
+    q0: int
+    ql: int
+    k0: int
+    kl: int
+    causal: object  # False, "top_left" or "bottom_right"
+    band: Optional[Tuple[int, int, float, float]]  # (global q start, global k start, lo, hi) for a bool mask
+
+    def mask(self, device) -> Optional[torch.Tensor]:
+        if self.band is None:
+            return None
+        qs, ks, lo, hi = self.band
+        d = (torch.arange(ks, ks + self.kl, device=device).unsqueeze(0)
+             - torch.arange(qs, qs + self.ql, device=device).unsqueeze(1))
+        return (d >= lo) & (d <= hi)
+
+
+def plan_block(q_segments, k_segments, lo: float, hi: float) -> List[BlockCall]:
+    """The attention calls between a query shard and a key shard (segments of global positions); pairs
+    that see nothing are left out."""
+    calls = []
+    q_off = 0
+    for qa, ql in q_segments:
+        k_off = 0
+        for ka, kl in k_segments:
+            if ql and kl:
+                dmin, dmax = ka - (qa + ql - 1), (ka + kl - 1) - qa  # key-minus-query offsets in the pair
+                if not (dmax < lo or dmin > hi):
+                    causal, band = False, None
+                    if dmin < lo or dmax > hi:  # partially visible
+                        if lo == -_INF and hi == 0 and qa == ka:
+                            causal = "top_left"
+                        elif lo == -_INF and hi == 0 and qa + ql == ka + kl:
+                            causal = "bottom_right"
+                        else:
+                            band = (qa, ka, lo, hi)
+                    calls.append(BlockCall(q_off, ql, k_off, kl, causal, band))
+            k_off += kl
+        q_off += ql
+    return calls
+
+
+def _rows(t: torch.Tensor, start: int, length: int) -> torch.Tensor:
+    return t.narrow(-2, start, length)
+
+
+def _run_call(call: BlockCall, q, block, scale, enable_gqa, backend):
+    """One call of a step; block = (k, v) or (k, v, keep) with keep (B, S, 1) uint8, 1 = key attended."""
+    mask = call.mask(q.device)
+    if len(block) > 2:
+        keep = _rows(block[2], call.k0, call.kl).squeeze(-1).bool()[:, None, None, :]  # (B, 1, 1, kl)
+        mask = keep if mask is None else mask & keep
+    k, v = block[0], block[1]
+    return attention(_rows(q, call.q0, call.ql), _rows(k, call.k0, call.kl), _rows(v, call.k0, call.kl),
+                     causal=call.causal, attn_mask=mask, scale=scale, enable_gqa=enable_gqa,
+                     return_lse=True, backend=backend)
+
+
+def _merge(acc_out, acc_lse, out_b, lse_b) -> None:
+    """In place: (acc_out, acc_lse) <- the softmax-weighted union of the two partial results."""
+    new = torch.logaddexp(acc_lse, lse_b)
+    ref = torch.where(torch.isinf(new), torch.zeros_like(new), new)  # rows that see nothing so far
+    acc_out.mul_(torch.exp(acc_lse - ref).unsqueeze(-1)).addcmul_(out_b.to(acc_out.dtype),
+                                                                  torch.exp(lse_b - ref).unsqueeze(-1))
+    acc_lse.copy_(new)
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """rowsum(a * b) over the last dim, without an (..., L, E) temporary."""
+    return torch.einsum("...e,...e->...", a, b)
+
+
+class _Ring:
+    """The ring's neighbours and the block sizes that arrive at each step."""
+
+    def __init__(self, group, seq: SequenceLayout):
+        self.group = group
+        self.rank, self.world = group_info(group)
+        self.seq = seq
+        # batch_isend_irecv takes ranks in the default group.
+        self.next = self._global((self.rank + 1) % self.world)
+        self.prev = self._global((self.rank - 1) % self.world)
+
+    def _global(self, rank: int) -> int:
+        return rank if self.group is None else dist.get_global_rank(self.group, rank)
+
+    def owner(self, step: int) -> int:
+        """Whose key/value shard this rank holds at `step`."""
+        return (self.rank - step) % self.world
+
+    def exchange(self, tensors, recv_length: int, tag: int):
+        """Start sending `tensors` to the next rank and receiving same-shaped ones (with `recv_length`
+        rows) from the previous; returns (requests, receive buffers)."""
+        bufs, ops = [], []
+        for t in tensors:
+            shape = list(t.shape)
+            shape[-2] = recv_length
+            buf = t.new_empty(shape)
+            bufs.append(buf)
+            ops.append(dist.P2POp(dist.isend, t.contiguous(), self.next, self.group, tag))
+            ops.append(dist.P2POp(dist.irecv, buf, self.prev, self.group, tag))
+        return dist.batch_isend_irecv(ops), bufs
+
+
+# Seconds this process spent blocked on ring transfers (communication that compute did not hide); the
+# benchmark (bench/context_parallel.py) reads and resets it.
+exposed_comm_seconds = 0.0
+
+
+def _wait(reqs) -> None:
+    global exposed_comm_seconds
+    start = time.perf_counter()
+    for r in reqs:
+        r.wait()
+    exposed_comm_seconds += time.perf_counter() - start
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, keep, group, seq, lo, hi, scale, enable_gqa, backend):
+        ring = _Ring(group, seq)
+        acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        out = torch.zeros(q.shape[:-1] + (v.shape[-1],), dtype=acc_dtype, device=q.device)
+        lse = torch.full(q.shape[:-1], -_INF, dtype=acc_dtype, device=q.device)
+        q_segments = seq.segments(ring.rank)
+        block = (k, v) if keep is None else (k, v, keep)
+        for step in range(ring.world):
+            pending = None
+            if step < ring.world - 1:  # the next block travels while this one computes
+                pending = ring.exchange(block, seq.shard_length(ring.owner(step + 1)), _TAG_KV)
+            for call in plan_block(q_segments, seq.segments(ring.owner(step)), lo, hi):
+                out_b, lse_b = _run_call(call, q, block, scale, enable_gqa, backend)
+                _merge(_rows(out, call.q0, call.ql), lse[..., call.q0:call.q0 + call.ql], out_b, lse_b)
+            if pending is not None:
+                _wait(pending[0])
+                block = tuple(pending[1])
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.ring = (keep, group, seq, lo, hi, scale, enable_gqa, backend)
+        ctx.set_materialize_grads(False)
+        return out.to(q.dtype), lse.to(acc_dtype)
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        keep, group, seq, lo, hi, scale, enable_gqa, backend = ctx.ring
+        ring = _Ring(group, seq)
+        acc = out.dtype
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        dout = torch.zeros_like(out) if dout is None else dout.to(acc)
+        # Each row's share of the final result that a block with lse_b holds is exp(lse_b - lse).
+        lse_ref = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+        out_dot = _rowdot(dout, out)  # rowsum(dout * out): the softmax backward's D of the final result
+        q_segments = seq.segments(ring.rank)
+        block = (k, v) if keep is None else (k, v, keep)
+        dkv_pending = None
+        for step in range(ring.world):
+            kv_pending = None
+            if step < ring.world - 1:
+                kv_pending = ring.exchange(block, seq.shard_length(ring.owner(step + 1)), _TAG_KV)
+            gq = gk = gv = None
+            calls = plan_block(q_segments, seq.segments(ring.owner(step)), lo, hi)
+            if calls:
+                with torch.enable_grad():
+                    qd, kd, vd = (t.detach().requires_grad_() for t in (q, block[0], block[1]))
+                    outs, grads = [], []
+                    for call in calls:
+                        out_b, lse_b = _run_call(call, qd, (kd, vd) + tuple(block[2:]), scale, enable_gqa,
+                                                 backend)
+                        rows = slice(call.q0, call.q0 + call.ql)
+                        w = torch.exp(lse_b.to(acc) - lse_ref[..., rows])
+                        g_out = _rows(dout, call.q0, call.ql)
+                        # d(final out)/d(lse_b) = w * (out_b - out): the block's weight moves with its lse.
+                        g_lse = w * (_rowdot(g_out, out_b.to(acc)) - out_dot[..., rows])
+                        if dlse is not None:
+                            g_lse = g_lse + w * dlse[..., rows].to(acc)
+                        outs += [out_b, lse_b]
+                        grads += [(w.unsqueeze(-1) * g_out).to(out_b.dtype), g_lse.to(lse_b.dtype)]
+                    gq, gk, gv = torch.autograd.grad(outs, (qd, kd, vd), grads, allow_unused=True)
+                if gq is not None:
+                    dq.add_(gq)
+            # This rank's share of the block's dK/dV (fresh tensors from autograd, or zeros).
+            dk_b = gk.to(acc) if gk is not None else torch.zeros(block[0].shape, dtype=acc, device=q.device)
+            dv_b = gv.to(acc) if gv is not None else torch.zeros(block[1].shape, dtype=acc, device=q.device)
+            if dkv_pending is not None:  # the accumulator of this block, from the previous rank
+                _wait(dkv_pending[0])
+                dk_b.add_(dkv_pending[1][0])
+                dv_b.add_(dkv_pending[1][1])
+            # Pass the accumulator on; the one that arrives belongs to the next block (after the last step:
+            # this rank's own block, complete). A ring of one has nothing to pass.
+            if ring.world == 1:
+                return (dq.to(q.dtype), dk_b.to(k.dtype), dv_b.to(v.dtype)) + (None,) * 8
+            dkv_pending = ring.exchange((dk_b, dv_b), seq.shard_length(ring.owner(step + 1)), _TAG_DKV)
+            if kv_pending is not None:
+                _wait(kv_pending[0])
+                block = tuple(kv_pending[1])
+        _wait(dkv_pending[0])
+        dk, dv = dkv_pending[1]
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)) + (None,) * 8
+
+
+def _check_inputs(q, k, v, enable_gqa):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor (batch, heads, local sequence, head dim), got "
+                             f"{getattr(t, 'shape', type(t))}")
+    if not (q.shape[-2] == k.shape[-2] == v.shape[-2]):
+        raise ValueError(f"q, k and v must hold the same sequence shard (dim -2), got lengths "
+                         f"{q.shape[-2]}, {k.shape[-2]}, {v.shape[-2]}; context parallelism shards one "
+                         "sequence for queries and keys")
+    if k.shape[:2] != v.shape[:2] or q.shape[0] != k.shape[0]:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: batch and key/value "
+                         "heads must agree")
+    if q.shape[1] != k.shape[1] and not (enable_gqa and q.shape[1] % k.shape[1] == 0):
+        raise ValueError(f"q has {q.shape[1]} heads and k/v {k.shape[1]}: pass enable_gqa=True with a "
+                         "number of query heads divisible by the key/value heads")
+
+
+def check_key_padding(mask, k) -> None:
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (k.shape[0], k.shape[-2]):
+        raise ValueError(f"key_padding_mask must be a bool tensor (batch, local sequence) = "
+                         f"{(k.shape[0], k.shape[-2])} marking the keys to attend, got "
+                         f"{getattr(mask, 'dtype', type(mask))} {tuple(getattr(mask, 'shape', ()))}")
+    if mask.device != k.device:
+        raise ValueError(f"key_padding_mask is on {mask.device}, k on {k.device}")
+
+
+def ring_attention(q, k, v, *, group=None, causal=False, window=None, key_padding_mask=None, scale=None,
+                   enable_gqa=False, layout: str = "zigzag", backend: Optional[str] = None,
+                   return_lse: bool = False):
+    """Attention over a sequence sharded across the ranks of `group`, by passing key/value blocks around
+    the ring. Forward and backward (dQ, dK, dV).
+
+    q (B, Hq, L_r, E), k (B, H, L_r, E), v (B, H, L_r, Ev): this rank's shard of one sequence in `layout`
+    ("zigzag" or "contiguous", see attnkern.distributed.shard_sequence; shard lengths may differ by one).
+    causal: False or True (global top-left causal: position p sees keys <= p). window: None, int or
+    (left, right), a sliding band of keys around each query (see parse_window). key_padding_mask: bool
+    (B, L_r), this rank's shard of which keys may be attended (True, as SDPA's bool masks); it travels
+    with its keys, and a query that sees no key gets output 0 and lse -inf. scale, enable_gqa,
+    backend: as in attnkern.attention, used for every block. Returns this rank's output shard
+    (B, Hq, L_r, Ev), and with return_lse=True also its log-sum-exp (B, Hq, L_r), float32, differentiable.
+    Other masks (attn_mask, dropout) are not taken. Like any collective, every rank of the group must
+    make the same calls, forward and backward, in the same order.
+    """
+    if causal not in (False, True):
+        raise ValueError(f"causal must be False or True (global top-left causal over the full sequence), "
+                         f"got {causal!r}")
+    _check_inputs(q, k, v, enable_gqa)
+    lo, hi = parse_window(window, bool(causal))
+    seq = layout_from_shards(q.shape[-2], group, layout, q.device)
+    keep = None
+    if key_padding_mask is not None:
+        check_key_padding(key_padding_mask, k)
+        keep = key_padding_mask.to(torch.uint8).unsqueeze(-1).contiguous()  # sequence at dim -2, like k/v
+    out, lse = _RingAttention.apply(q, k, v, keep, group, seq, lo, hi, scale, enable_gqa, backend)
+    return (out, lse) if return_lse else out

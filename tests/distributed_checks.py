@@ -1,0 +1,157 @@
+"""Checks that run inside the spawned ranks of tests/test_distributed_*.py (a module of its own so the
+spawned processes can import it). Each check builds the full-sequence inputs from a seed shared by all
+ranks, runs the distributed attention on this rank's shard, and judges this rank's shard of the output and
+of dQ, dK, dV against the float64 reference on the full sequence with the tolerance rule."""
+import os
+
+import torch
+
+os.environ.setdefault("ATTNKERN_POISON", "1")
+
+from attnkern import reference_attention, tolerance  # noqa: E402
+from attnkern.distributed import ring_attention, shard_sequence, ulysses_attention  # noqa: E402
+from attnkern.distributed.ring import parse_window  # noqa: E402
+
+
+def _band_mask(L, lo, hi):
+    d = torch.arange(L).unsqueeze(0) - torch.arange(L).unsqueeze(1)
+    return (d >= lo) & (d <= hi)
+
+
+def _reference(q, k, v, dout, causal, window, gqa, dtype, keep=None, dlse=None):
+    """(out, dq, dk, dv, lse) of the full-sequence reference computed in `dtype`; the gradients are those
+    of sum(out * dout) (+ sum(lse * dlse) if given)."""
+    lo, hi = parse_window(window, False)
+    mask = None if window is None else _band_mask(q.shape[-2], lo, hi)
+    if keep is not None:
+        mask = keep[:, None, None, :] if mask is None else mask & keep[:, None, None, :]
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    out, lse = reference_attention(*leaves, mask, causal="top_left" if causal else False, enable_gqa=gqa,
+                                   compute_dtype=dtype)
+    loss = (out * dout.to(dtype)).sum()
+    if dlse is not None:
+        loss = loss + (torch.where(torch.isinf(lse), 0, lse) * dlse.to(lse.dtype)).sum()
+    loss.backward()
+    return [out.detach()] + [t.grad for t in leaves] + [lse.detach()]
+
+
+def check_case(rank, world, case, group=None):
+    """Failure messages ('' entries dropped) for one case on this rank."""
+    method, B, Hq, Hkv, L, E, dtype = (case[n] for n in ("method", "B", "Hq", "Hkv", "L", "E", "dtype"))
+    causal, layout, window = case.get("causal", False), case.get("layout", "zigzag"), case.get("window")
+    backend = case.get("backend", "cpu")
+    g = torch.Generator().manual_seed(case.get("seed", 0))
+    q, k, v, dout = (torch.randn(B, h, L, E, generator=g).to(dtype) for h in (Hq, Hkv, Hkv, Hq))
+    gqa = Hq != Hkv
+    keep = None
+    if case.get("padding"):
+        # Random padded keys, and the first three keys of batch 0: its first causal rows see nothing.
+        keep = torch.rand(B, L, generator=g) > 0.3
+        keep[0, :3] = False
+    dlse = torch.randn(B, Hq, L, generator=g) if case.get("lse") else None
+    ref64 = _reference(q, k, v, dout, causal, window, gqa, torch.float64, keep, dlse)
+    ref_lp = _reference(q, k, v, dout, causal, window, gqa, dtype, keep, dlse)
+
+    def mine(t, dim=-2):
+        return shard_sequence(t, dim, layout=layout, group=group)
+
+    leaves = [mine(t).detach().requires_grad_() for t in (q, k, v)]
+    kwargs = dict(causal=causal, scale=None, enable_gqa=gqa, layout=layout, backend=backend,
+                  group=group,
+                  key_padding_mask=None if keep is None else shard_sequence(keep, 1, layout=layout, group=group))
+    if method == "ring":
+        out, lse = ring_attention(*leaves, window=window, return_lse=True, **kwargs)
+    else:
+        out, lse = ulysses_attention(*leaves, return_lse=True, **kwargs)
+    loss = (out * mine(dout)).sum()
+    if dlse is not None:  # the lse is an output too: its gradient must reach q, k, v
+        loss = loss + (torch.where(torch.isinf(lse), 0, lse) * mine(dlse, -1)).sum()
+    loss.backward()
+    got = [out] + [t.grad for t in leaves] + [lse]
+    tag = f"rank {rank}/{world} {case}: "
+    msgs = []
+    for name, x, r64, rlp, factor in zip(("out", "dq", "dk", "dv", "lse"), got, ref64, ref_lp, (2, 3, 3, 3, 2)):
+        dim = -1 if name == "lse" else -2
+        msg = tolerance.check(name, x, mine(r64, dim), mine(rlp, dim), dtype, factor)
+        if msg:
+            msgs.append(tag + msg)
+    return msgs
+
+
+def run_cases(rank, world, cases, refusals=False, subgroups=False):
+    torch.set_num_threads(1)
+    failures = check_refusals(rank, world) if refusals else []
+    if subgroups:
+        failures += check_subgroups(rank, world)
+    for case in cases:
+        failures += check_case(rank, world, case)
+    return failures
+
+
+def _raises(fn, exc, words):
+    try:
+        fn()
+    except exc as e:
+        missing = [w for w in words if w not in str(e)]
+        return f"error message {str(e)!r} lacks {missing}" if missing else ""
+    return f"{fn} did not raise {exc.__name__}"
+
+
+def check_refusals(rank, world):
+    """What ring/Ulysses/context_parallel refuse, each with an error naming the argument."""
+    import torch.nn.functional as F
+
+    from attnkern.distributed import context_parallel
+
+    q = torch.randn(1, 4, 6, 8)
+    k3 = torch.randn(1, 3, 6, 8)
+    checks = [
+        _raises(lambda: ring_attention(q, q, q, causal="bottom_right"), ValueError, ["causal"]),
+        _raises(lambda: ring_attention(q, q, q, window=(-1, 2)), ValueError, ["window"]),
+        _raises(lambda: ring_attention(q, q, q, layout="striped"), ValueError, ["layout"]),
+        _raises(lambda: ring_attention(q, q[:, :, :5], q[:, :, :5]), ValueError, ["sequence shard"]),
+        _raises(lambda: ring_attention(q, k3, k3, enable_gqa=True), ValueError, ["heads"]),
+        _raises(lambda: ring_attention(q[0], q[0], q[0]), ValueError, ["4-D"]),
+        _raises(lambda: ring_attention(q, q, q, key_padding_mask=torch.ones(1, 6)), ValueError,
+                ["key_padding_mask", "bool"]),
+        _raises(lambda: ulysses_attention(q, q, q, key_padding_mask=torch.ones(6, dtype=torch.bool)), ValueError,
+                ["key_padding_mask", "(1, 6)"]),
+        _raises(lambda: ulysses_attention(q[:, :3], q[:, :3], q[:, :3]), ValueError, ["divisible"]),
+    ]
+    # Shards that are not the layout's (rank 0 one token short): every rank gets the same clear error.
+    short = torch.randn(1, 4, 6 - 2 * (rank == 0), 8)
+    checks.append(_raises(lambda: ring_attention(short, short, short), ValueError, ["shard_sequence"]))
+
+    def sdpa_with(**kw):
+        with context_parallel():
+            F.scaled_dot_product_attention(q, q, q, **kw)
+
+    checks.append(_raises(lambda: sdpa_with(attn_mask=torch.ones(6, 6, dtype=torch.bool)), ValueError,
+                          ["attn_mask"]))
+    checks.append(_raises(lambda: sdpa_with(dropout_p=0.1), ValueError, ["dropout_p"]))
+    checks.append(_raises(lambda: context_parallel(method="ulysses", window=4).__enter__(), ValueError,
+                          ["window"]))
+    return [f"rank {rank}: {c}" for c in checks if c]
+
+
+def fail_on_rank_one(rank, world):
+    """Rank 1 raises while rank 0 waits in a collective: the run must fail fast, not hang."""
+    if rank == 1:
+        raise RuntimeError("rank 1 fails on purpose")
+    import torch.distributed as dist
+
+    dist.barrier()
+    return []
+
+
+def check_subgroups(rank, world):
+    """Two independent rings at once, on process groups {0, 1} and {2, 3} (peers are group ranks)."""
+    import torch.distributed as dist
+
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    mine = groups[rank // 2]
+    failures = []
+    for method in ("ring", "ulysses"):
+        case = dict(method=method, B=1, Hq=2, Hkv=2, L=11, E=8, dtype=torch.float32, causal=True, seed=rank // 2)
+        failures += check_case(rank, world, case, group=mine)
+    return failures

@@ -3,7 +3,7 @@
 Metadata lives in pyproject.toml. Install with `pip install --no-build-isolation -e .` (torch must already
 be installed: the extension is compiled against it). The source lists are csrc/sources_cpu.txt and, when
 torch has CUDA and nvcc is found, csrc/sources_cuda.txt (the CUDA kernels, for TORCH_CUDA_ARCH_LIST,
-default "8.0;9.0"); CMakeLists.txt reads the same lists. ATTNKERN_NO_EXTENSION=1 skips the C++ build
+default "8.0;9.0+PTX"); CMakeLists.txt reads the same lists. ATTNKERN_NO_EXTENSION=1 skips the C++ build
 (attnkern then runs without its "cpu" backend and says so); ATTNKERN_NO_CUDA=1 skips the CUDA kernels.
 """
 import os
@@ -48,8 +48,10 @@ def extensions():
 
     sources = read_sources("csrc/sources_cpu.txt") + ["csrc/module.cpp"]
     if with_cuda():
-        # Ampere and Hopper (the kernels use mma.sync, ldmatrix and cp.async: sm80 and newer).
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        # Ampere and Hopper (the kernels use mma.sync, ldmatrix and cp.async: sm80 and newer), plus
+        # sm_90's PTX, which the driver compiles for newer GPUs (capability 10.x, 12.x): without it they
+        # would get "no kernel image" while the backend says it is available.
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         ext = CUDAExtension(
             "attnkern._C",
             sources + read_sources("csrc/sources_cuda.txt"),

@@ -169,8 +169,10 @@ def targets(names: List[str], functions: List[str]) -> List[Target]:
 
 
 def default_backends(device: torch.device) -> List[str]:
-    """Every attnkern backend that runs on this device (not "auto": it is one of them)."""
-    return [n for n in backends.names() if n != "auto" and backends.get(n).availability(device) is None]
+    """Every attnkern backend that runs on this device (not "auto": it is one of them; not "cuda-emu",
+    the CUDA kernels under the emulator, built on first use and slow: name it to check it)."""
+    return [n for n in backends.names()
+            if n not in ("auto", "cuda-emu") and backends.get(n).availability(device) is None]
 
 
 # --------------------------------------------------------------------------------------------------

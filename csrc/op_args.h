@@ -13,6 +13,16 @@ namespace attnkern {
 // Checks q, k, v, mask, scale, causal and the outputs out (B, Hq, L, Ev), lse (B, Hq, L) (optional: the
 // backward has none), stats (B, Hq, L, 2) and out_lo (optional: like out); returns the filled params
 // (outputs included).
+// The schemas of the forward and backward ops, shared by attnkern_ext (ops.cpp) and the emulated
+// CUDA kernels' attnkern_emu (cuda/emu/ops_emu.cpp), so the two cannot drift apart.
+inline constexpr const char* kForwardSchema =
+    "forward(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float scale, int causal, "
+    "Tensor(a!) out, Tensor(b!) lse, Tensor(c!) stats, Tensor(d!)? out_lo=None) -> ()";
+inline constexpr const char* kBackwardSchema =
+    "backward(Tensor grad_out, Tensor? grad_lse, Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
+    "Tensor out, Tensor? out_lo, Tensor stats, float scale, int causal, Tensor(a!) grad_query, "
+    "Tensor(b!) grad_key, Tensor(c!) grad_value, Tensor(d!)? grad_mask) -> ()";
+
 AttentionParams forward_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const std::optional<at::Tensor>& mask, double scale, int64_t causal,
                                const at::Tensor& out, const at::Tensor* lse, const at::Tensor& stats,

@@ -6,12 +6,9 @@
 // (optional) the rounding residual of a half-precision output, for a float32-accurate delta (params.h).
 #include <torch/library.h>
 
+#include "op_args.h"
+
 TORCH_LIBRARY(attnkern_ext, m) {
-  m.def(
-      "forward(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float scale, int causal, "
-      "Tensor(a!) out, Tensor(b!) lse, Tensor(c!) stats, Tensor(d!)? out_lo=None) -> ()");
-  m.def(
-      "backward(Tensor grad_out, Tensor? grad_lse, Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
-      "Tensor out, Tensor? out_lo, Tensor stats, float scale, int causal, Tensor(a!) grad_query, Tensor(b!) grad_key, "
-      "Tensor(c!) grad_value, Tensor(d!)? grad_mask) -> ()");
+  m.def(attnkern::kForwardSchema);
+  m.def(attnkern::kBackwardSchema);
 }

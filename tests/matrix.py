@@ -18,10 +18,16 @@ if ON_GPU:
         BACKEND_DTYPES = {"cuda": (F16, BF16), **BACKEND_DTYPES}
 else:
     BACKEND_DTYPES = {"cpu": (F32, F16, BF16), "triton": (F32, F16), "reference": (F32, F16, BF16)}
+    from attnkern.backends import cuda_emu
+
+    if cuda_emu.build_error() is None:  # the CUDA kernels under the SIMT emulator (built on first use)
+        BACKEND_DTYPES["cuda-emu"] = (F16, BF16)
 
 # The backend "auto" picks for ordinary calls on this device, and the fused backends that run here.
+# cuda-emu (the CUDA kernels under the emulator: float16/bfloat16, by name only) runs the shared case
+# matrix, pairs(), but not the API tests written for the general-purpose backends.
 AUTO = "triton" if ON_GPU else "cpu"
-FUSED = [b for b in BACKEND_DTYPES if b != "reference"]
+FUSED = [b for b in BACKEND_DTYPES if b not in ("reference", "cuda-emu")]
 
 
 def count_fused_calls(monkeypatch):

@@ -4,7 +4,8 @@ CudaBackend.forward/backward call torch.ops.attnkern_ext.forward/backward, which
 device: on CPU tensors they reach the C++ CPU kernels. That runs the backend's own logic (zero-padding
 head dims that are not multiples of 8, cutting the results back, copying layouts the 16-byte copies
 cannot read, output and gradient layouts) against the float64 reference here; the CUDA kernels behind
-it are tested by the shared matrix on a GPU.
+it are tested by the shared matrix on a GPU, and on the CPU under the SIMT emulator (backend
+"cuda-emu", the same glue over the emulated kernels; tests/test_cuda_emu.py).
 """
 import pytest
 import torch

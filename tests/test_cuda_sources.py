@@ -4,7 +4,8 @@ with no register spill in the head-dim 64 and 128 kernels, and the op layer pars
 headers. `python csrc/cuda/compile_check.py` prints the same check as a per-kernel table.
 
 Runtime correctness of these kernels is tested by the shared backend matrix (tests/matrix.py adds
-"cuda" on a GPU where they were built); nothing here runs them.
+"cuda" on a GPU where they were built, and "cuda-emu", the same sources under the CPU emulator, where
+the CUDA headers are found); nothing here runs them.
 """
 from __future__ import annotations
 

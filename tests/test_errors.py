@@ -121,7 +121,7 @@ def test_bad_causal_value():
 
 def test_unknown_backend_name(monkeypatch):
     q, k, v = qkv()
-    with pytest.raises(ValueError, match=r"backend must be one of \['auto', 'cpu', 'triton', 'cuda', 'reference'.*got 'cudnn'"):
+    with pytest.raises(ValueError, match=r"backend must be one of \['auto', 'cpu', 'triton', 'cuda', 'cuda-emu', 'reference'.*got 'cudnn'"):
         attnkern.attention(q, k, v, backend="cudnn")
     with pytest.raises(ValueError, match=r"backend must be one of .* got 'flash'"):
         with attnkern.use_backend("flash"):

@@ -12,6 +12,7 @@ from typing import Dict, List, Optional
 from .base import Backend
 from .cpu import CpuBackend
 from .cuda import CudaBackend
+from .cuda_emu import CudaEmuBackend
 from .reference import ReferenceBackend
 from .triton import TritonBackend
 
@@ -86,4 +87,6 @@ def select(problem, requested: str) -> Choice:
 register(CpuBackend(), auto_rank=0)
 register(TritonBackend(), auto_rank=1)
 register(CudaBackend())
+# The CUDA kernels under the SIMT emulator, on CPU tensors: for testing them without a GPU, by name only.
+register(CudaEmuBackend())
 register(ReferenceBackend())

@@ -58,6 +58,10 @@ def _layout_problem(t: torch.Tensor, name: str):
 class CudaBackend(Backend):
     name = "cuda"
 
+    def _ops(self):
+        """The op namespace the glue below calls (cuda_emu.py's subclass swaps in the emulated kernels)."""
+        return torch.ops.attnkern_ext
+
     def availability(self, device):
         if extension.EXTENSION_ERROR:
             return extension.EXTENSION_ERROR
@@ -78,6 +82,13 @@ class CudaBackend(Backend):
             return "dropout is not fused yet (dropout_p > 0)"
         if problem.B > 65535 or problem.Hq > 65535:
             return "batch and heads up to 65535 each"
+        if problem.mask_requires_grad:
+            # The mask-gradient launch: grid z = Bm * Hm, grid y = key tiles (16 keys or more each).
+            Bm, Hm, _, Sm = problem.mask.shape
+            if Bm * Hm > 65535:
+                return f"a mask gradient over Bm * Hm = {Bm * Hm} mask slices (the grid allows 65535)"
+            if -(-Sm // 16) > 65535:
+                return f"a mask gradient over {Sm} keys (the grid allows 65535 tiles of 16)"
         return None
 
     # Head dims that are not multiples of 8 run zero-padded to the next multiple (then on the next
@@ -89,8 +100,7 @@ class CudaBackend(Backend):
         # The output (and its residual) is laid out like the caller's query, padded or not.
         Evp = v.shape[-1]
         out, lse, stats, out_lo = new_output(q0, Evp), new_lse(q), new_stats(q), new_residual(q0, Evp, residual)
-        torch.ops.attnkern_ext.forward(q, k, v, mask, scale, causal, out, lse, stats,
-                                       out_lo if out_lo.numel() else None)
+        self._ops().forward(q, k, v, mask, scale, causal, out, lse, stats, out_lo if out_lo.numel() else None)
         if out_lo.numel():
             out_lo = _cut(out_lo, lambda: new_output(q0, Ev), Ev)
         return _cut(out, lambda: new_output(q0, Ev), Ev), lse, stats, out_lo
@@ -103,7 +113,6 @@ class CudaBackend(Backend):
         out_lo = _ready(_padded(out_lo)) if out_lo.numel() else None
         dq, dk, dv = new_grad(q), new_grad(k), new_grad(v)
         dmask = new_mask_grad(mask, stats.dtype) if mask_grad else None
-        torch.ops.attnkern_ext.backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, causal, dq, dk, dv,
-                                        dmask)
+        self._ops().backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, causal, dq, dk, dv, dmask)
         dq, dk, dv = (_cut(g, lambda t=t: new_grad(t), t.shape[-1]) for g, t in ((dq, q0), (dk, k0), (dv, v0)))
         return dq, dk, dv, (dmask.to(mask.dtype) if dmask is not None else None)

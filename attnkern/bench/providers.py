@@ -68,6 +68,9 @@ class AttnkernProvider(Provider):
         if self.backend == "triton" and device.type == "cpu":
             return ("on a CPU the Triton kernels run under the Triton interpreter (TRITON_INTERPRET=1), "
                     "which checks correctness and says nothing about speed; name it in --providers to time it")
+        if self.backend == "cuda-emu":
+            return ("the CUDA kernels under the SIMT emulator (one CUDA thread per fiber, every access checked) "
+                    "test correctness and say nothing about speed")
         return None
 
     def check(self, shape, inputs):

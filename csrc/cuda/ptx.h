@@ -8,14 +8,47 @@
 //   B 16x8 (k x n):    b0 = (k = 2t..2t+1, n = g)  b1 = (k = 2t+8.., n = g)
 //   C 16x8 fp32:       c0, c1 = (g, 2t..2t+1)  c2, c3 = (g+8, 2t..2t+1)
 // No torch headers here: the kernel translation units compile with nvcc alone.
+//
+// With ATTNKERN_CUDA_EMU (the units compiled as host C++ for the SIMT emulator, emu/runtime.h) the
+// instructions below become calls into the emulator; everything else in the kernels is the same source.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#ifdef ATTNKERN_CUDA_EMU
+#include <type_traits>
+
+#include "emu/runtime.h"
+#else
+// The launch macro: ATTNKERN_LAUNCH(kernel, grid, block, smem, stream)(args...).
+#define ATTNKERN_LAUNCH(kernel, grid, block, smem, stream) kernel<<<grid, block, smem, stream>>>
+#endif
+
 namespace attnkern {
 namespace cuda {
+
+#ifdef ATTNKERN_CUDA_EMU
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
+  emu::cp_async_16(smem, gmem, valid);
+}
+__device__ __forceinline__ void cp_async_commit() { emu::cp_async_commit(); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  emu::cp_async_wait(N);
+}
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) { emu::ldmatrix_x4(r, smem, false); }
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) {
+  emu::ldmatrix_x4(r, smem, true);
+}
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  emu::mma_16816(std::is_same<T, __half>::value ? emu::MmaType::kF16 : emu::MmaType::kBF16,
+                 c, a, b0, b1);
+}
+__device__ __forceinline__ float fast_exp2(float x) { return emu::ex2_approx_ftz(x); }
+#else
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -80,6 +113,15 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
   MmaOp<T>::run(c, a, b0, b1);
 }
 
+// 2^x in one special-function instruction (ex2.approx: about 2 ulp, exactly 0 for -inf); the
+// softmax computes exp(s - m) as 2^((s - m) log2 e).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+#endif  // ATTNKERN_CUDA_EMU
+
 // Two floats -> one register of two T (the low half is `lo`).
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi);
@@ -133,14 +175,6 @@ __device__ __forceinline__ __half from_float<__half>(float x) {
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
-}
-
-// 2^x in one special-function instruction (ex2.approx: about 2 ulp, exactly 0 for -inf); the
-// softmax computes exp(s - m) as 2^((s - m) log2 e).
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
 }
 
 }  // namespace cuda

@@ -1,0 +1,187 @@
+// The attnkern_emu ops: the attnkern_ext forward/backward schemas, run on CPU tensors by the CUDA
+// kernels of csrc/cuda compiled as host C++ under the SIMT emulator (runtime.h). The checks and the
+// (dtype, head dim) dispatch follow ops_cuda.cpp; the device-only parts (capability, streams) are gone.
+// Each call registers the tensors it passes in as the global memory the kernels may touch.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cstdint>
+
+#include "../../op_args.h"
+#include "../dispatch.h"
+#include "runtime.h"
+
+namespace attnkern {
+namespace {
+
+int head_dim_bucket(int64_t e) {
+  for (int hd : cuda::kHeadDims) {
+    if (e <= hd) return hd;
+  }
+  return -1;
+}
+
+// cp.async copies 16-byte chunks: a unit-stride head dim and 16-byte aligned rows and base.
+void check_layout(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.stride(3) == 1 || t.size(3) == 1, "attnkern cuda-emu: ", name,
+              " needs a unit-stride head dim (last dim), got strides ", t.strides());
+  const int64_t elem = t.element_size();
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "attnkern cuda-emu: ", name,
+              " must start at a 16-byte aligned address");
+  for (int d = 0; d < 3; ++d) {
+    TORCH_CHECK(t.size(d) == 1 || (t.stride(d) * elem) % 16 == 0, "attnkern cuda-emu: ", name, " stride of dim ", d,
+                " must be a multiple of 16 bytes, got strides ", t.strides());
+  }
+}
+
+void check_problem(const AttentionParams& p, const at::Tensor& q) {
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+              "attnkern cuda-emu: the CUDA kernels take float16 and bfloat16, got ", q.scalar_type());
+  TORCH_CHECK(p.E % 8 == 0 && p.Ev % 8 == 0, "attnkern cuda-emu: head dims must be multiples of 8, got E=", p.E,
+              " Ev=", p.Ev);
+  TORCH_CHECK(head_dim_bucket(std::max(p.E, p.Ev)) > 0, "attnkern cuda-emu: head dims up to 256, got E=", p.E,
+              " Ev=", p.Ev);
+}
+
+// The bytes a tensor view spans (strides are non-negative here), named for the reports.
+emu::GlobalRange span(const at::Tensor& t, const char* name) {
+  int64_t last = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (t.size(d) == 0) return {name, t.data_ptr(), t.data_ptr()};
+    last += (t.size(d) - 1) * t.stride(d);
+  }
+  const char* base = static_cast<const char*>(t.data_ptr());
+  return {name, base, base + (last + 1) * t.element_size()};
+}
+
+emu::GlobalRange span(const std::optional<at::Tensor>& t, const char* name) {
+  return t ? span(*t, name) : emu::GlobalRange{name, nullptr, nullptr};
+}
+
+template <typename T>
+cudaError_t run_fwd(int hd, const AttentionParams& p) {
+  switch (hd) {
+    case 32: return cuda::run_attention_fwd<T, 32>(p, nullptr);
+    case 64: return cuda::run_attention_fwd<T, 64>(p, nullptr);
+    case 96: return cuda::run_attention_fwd<T, 96>(p, nullptr);
+    case 128: return cuda::run_attention_fwd<T, 128>(p, nullptr);
+    case 160: return cuda::run_attention_fwd<T, 160>(p, nullptr);
+    case 192: return cuda::run_attention_fwd<T, 192>(p, nullptr);
+    default: return cuda::run_attention_fwd<T, 256>(p, nullptr);
+  }
+}
+
+template <typename T>
+cudaError_t run_bwd(int hd, const AttentionParams& p, float* delta) {
+  switch (hd) {
+    case 32: return cuda::run_attention_bwd<T, 32>(p, delta, nullptr);
+    case 64: return cuda::run_attention_bwd<T, 64>(p, delta, nullptr);
+    case 96: return cuda::run_attention_bwd<T, 96>(p, delta, nullptr);
+    case 128: return cuda::run_attention_bwd<T, 128>(p, delta, nullptr);
+    case 160: return cuda::run_attention_bwd<T, 160>(p, delta, nullptr);
+    case 192: return cuda::run_attention_bwd<T, 192>(p, delta, nullptr);
+    default: return cuda::run_attention_bwd<T, 256>(p, delta, nullptr);
+  }
+}
+
+void forward_emu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
+                 double scale, int64_t causal, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& stats,
+                 const std::optional<at::Tensor>& out_lo) {
+  const AttentionParams p = forward_params(q, k, v, mask, scale, causal, out, &lse, stats, out_lo);
+  check_problem(p, q);
+  check_layout(q, "query"), check_layout(k, "key"), check_layout(v, "value"), check_layout(out, "out");
+  if (p.out_lo) check_layout(*out_lo, "out_lo");
+  if (p.B * p.Hq * p.L == 0) return;
+  const emu::GlobalRanges ranges{span(q, "query"), span(k, "key"),     span(v, "value"),  span(mask, "attn_mask"),
+                                 span(out, "out"), span(lse, "lse"), span(stats, "stats"), span(out_lo, "out_lo")};
+  const int hd = head_dim_bucket(std::max(p.E, p.Ev));
+  const cudaError_t err = q.scalar_type() == at::kHalf ? run_fwd<__half>(hd, p) : run_fwd<__nv_bfloat16>(hd, p);
+  TORCH_CHECK(err == cudaSuccess, "attnkern cuda-emu forward: error ", int(err));
+}
+
+void backward_emu(const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
+                  const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
+                  const at::Tensor& out, const std::optional<at::Tensor>& out_lo, const at::Tensor& stats,
+                  double scale, int64_t causal, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
+                  const std::optional<at::Tensor>& dmask) {
+  const AttentionParams p =
+      backward_params(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, causal, dq, dk, dv, dmask);
+  check_problem(p, q);
+  check_layout(q, "query"), check_layout(k, "key"), check_layout(v, "value"), check_layout(out, "out");
+  if (p.out_lo) check_layout(*out_lo, "out_lo");
+  check_layout(dout, "grad_out"), check_layout(dq, "grad_query"), check_layout(dk, "grad_key");
+  check_layout(dv, "grad_value");
+  const at::Tensor delta = at::empty({p.B, p.Hq, p.L}, q.options().dtype(at::kFloat));
+  const emu::GlobalRanges ranges{span(dout, "grad_out"),    span(dlse, "grad_lse"), span(q, "query"),
+                                 span(k, "key"),            span(v, "value"),       span(mask, "attn_mask"),
+                                 span(out, "out"),          span(out_lo, "out_lo"), span(stats, "stats"),
+                                 span(dq, "grad_query"),
+                                 span(dk, "grad_key"),      span(dv, "grad_value"), span(dmask, "grad_mask"),
+                                 span(delta, "delta (scratch)")};
+  const int hd = head_dim_bucket(std::max(p.E, p.Ev));
+  const cudaError_t err = q.scalar_type() == at::kHalf ? run_bwd<__half>(hd, p, delta.data_ptr<float>())
+                                                       : run_bwd<__nv_bfloat16>(hd, p, delta.data_ptr<float>());
+  TORCH_CHECK(err == cudaSuccess, "attnkern cuda-emu backward: error ", int(err));
+}
+
+}  // namespace
+
+namespace cuda {  // selftest.cu
+cudaError_t emu_warp_gemm_check(bool bf16, int hd, const void* q, const void* k, const void* v, float* s, float* o,
+                                float* o_split);
+void emu_run_broken(int which, const __half* in, float* out);
+}  // namespace cuda
+
+namespace {
+
+// The emulator's own tests: one of the broken kernels of selftest.cu (0: missing __syncthreads, 1: a
+// read before cp.async.wait_group, 2: a store one past a shared tile, 3: a store one past a global
+// tensor, 4: a barrier only one warp reaches; 5-8: launches past the limits; 9: a shuffle half a warp
+// skips; 10/11: a warp exchange with/without __syncwarp). Each but 10 must raise the emulator's report.
+void run_broken_kernel(int64_t which) {
+  const at::Tensor in = at::randn({128, 8}, at::kFloat).to(at::kHalf);
+  const at::Tensor out = at::zeros({which == 3 ? 100 : 128}, at::kFloat);
+  const emu::GlobalRanges ranges{span(in, "in"), span(out, "out")};
+  cuda::emu_run_broken(int(which), static_cast<const __half*>(in.data_ptr()), out.data_ptr<float>());
+}
+
+// S = Q K^T and O = round(S) V through the kernels' warp GEMM helpers (64 x hd inputs, fp16/bf16).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> warp_gemm_check(const at::Tensor& q, const at::Tensor& k,
+                                                              const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 2 && q.size(0) == 64 && q.is_contiguous() && k.sizes() == q.sizes() &&
+                  v.sizes() == q.sizes() && k.is_contiguous() && v.is_contiguous(),
+              "warp_gemm_check takes contiguous (64, hd) q, k, v");
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, "fp16 or bf16");
+  const int hd = int(q.size(1));
+  at::Tensor s = at::full({64, 64}, NAN, q.options().dtype(at::kFloat));
+  at::Tensor o = at::full({64, hd}, NAN, q.options().dtype(at::kFloat)), o_split = at::full_like(o, NAN);
+  const emu::GlobalRanges ranges{span(q, "q"), span(k, "k"), span(v, "v"), span(s, "s"), span(o, "o"),
+                                 span(o_split, "o_split")};
+  const cudaError_t err = cuda::emu_warp_gemm_check(q.scalar_type() == at::kBFloat16, hd, q.data_ptr(), k.data_ptr(),
+                                                    v.data_ptr(), s.data_ptr<float>(), o.data_ptr<float>(),
+                                                    o_split.data_ptr<float>());
+  TORCH_CHECK(err == cudaSuccess, "warp_gemm_check: head dim ", hd, " is not instantiated");
+  return {s, o, o_split};
+}
+
+}  // namespace
+}  // namespace attnkern
+
+TORCH_LIBRARY(attnkern_emu, m) {
+  m.def("run_broken_kernel(int which) -> ()");
+  m.def("warp_gemm_check(Tensor q, Tensor k, Tensor v) -> (Tensor, Tensor, Tensor)");
+  m.def("attribute_calls() -> int");
+  m.def(attnkern::kForwardSchema);
+  m.def(attnkern::kBackwardSchema);
+}
+
+TORCH_LIBRARY_IMPL(attnkern_emu, CPU, m) {
+  m.impl("forward", &attnkern::forward_emu);
+  m.impl("backward", &attnkern::backward_emu);
+  m.impl("warp_gemm_check", &attnkern::warp_gemm_check);
+}
+
+TORCH_LIBRARY_IMPL(attnkern_emu, CompositeExplicitAutograd, m) {
+  m.impl("run_broken_kernel", &attnkern::run_broken_kernel);
+  m.impl("attribute_calls", []() -> int64_t { return attnkern::emu::attribute_calls(); });
+}

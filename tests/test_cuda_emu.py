@@ -1,0 +1,182 @@
+"""The SIMT emulator (backend "cuda-emu", csrc/cuda/emu) tested on itself, and what the shared case
+matrix leaves out for the CUDA kernels.
+
+- Deliberately broken kernels (csrc/cuda/emu/selftest.cu): each must be reported with the right check,
+  naming the kernel, the block, the thread and the address.
+- The warp GEMM helpers the kernels are built from (ldmatrix, ldmatrix.trans, mma.sync through the
+  swizzled shared-memory tiles), against a plain matrix product, for every tile layout in use.
+- The head dims the shared cases do not reach (160, 192; 256 with a mask), and the launch-limit check.
+The shared cases themselves run on "cuda-emu" through tests/matrix.py.
+"""
+import re
+
+import pytest
+import torch
+
+import attnkern
+from attnkern.backends import cuda_emu
+from attnkern.reference import reference_attention
+from attnkern.tolerance import assert_all, check
+
+pytestmark = pytest.mark.skipif(cuda_emu.build_error() is not None, reason=f"cuda-emu: {cuda_emu.build_error()}")
+
+
+@pytest.fixture(scope="module")
+def emu():
+    cuda_emu.load()
+    return torch.ops.attnkern_emu
+
+
+@pytest.mark.parametrize("which,pattern", [
+    (0, r"shared-memory race: write-after-read hazard at shared offset 128 \(store\): thread 0 read it in the same "
+        r"barrier interval \(no __syncthreads in between\)"),
+    (1, r"read of shared offset \d+ \(load\) while a cp\.async into it is in flight .*not yet retired by "
+        r"cp\.async\.wait_group"),
+    (2, r"out-of-bounds shared write of 2 bytes at shared offset 2048 \(store; the launch has 2048 bytes"),
+    (3, r"out-of-bounds global write of 4 bytes at 0x[0-9a-f]+ \(store\); nearest tensor: out .* 4 bytes past its end"),
+    (4, r"deadlock: threads 0-31: waiting at __syncthreads; threads 32-127: exited"),
+    (9, r"deadlock: threads 0-15: waiting at __shfl_xor_sync; threads 16-127: exited"),
+    (11, r"shared-memory race: write-after-read hazard at shared offset 4 \(store\): thread 0 read it in the same "
+         r"barrier interval \(same warp: no __syncwarp"),
+], ids=["missing_syncthreads", "read_before_cp_async_wait", "store_past_shared_tile", "store_past_global",
+        "divergent_barrier", "shuffle_missing_lanes", "warp_exchange_without_syncwarp"])
+def test_broken_kernels_are_reported(emu, which, pattern):
+    with pytest.raises(RuntimeError) as info:
+        emu.run_broken_kernel(which)
+    msg = str(info.value)
+    assert re.search(pattern, msg), msg
+    assert re.search(r"\[kernel (void )?attnkern::cuda::emu_(broken_|warp_exchange)", msg), msg
+    assert "block (0,0,0)" in msg, msg
+    if which not in (4, 9):
+        assert re.search(r"thread \d+ \(warp \d+, lane \d+\)", msg), msg
+
+
+def test_a_reported_launch_leaves_no_stale_state(emu):
+    """A launch that fails mid-block, after 16 barriers, leaves no race records behind: a correct
+    kernel that reaches the same shared bytes after 15 barriers runs clean, and so do the kernels."""
+    with pytest.raises(RuntimeError, match=r"write-after-read hazard at shared offset \d+ \(store\)"):
+        emu.run_broken_kernel(12)
+    emu.run_broken_kernel(13)
+    _check_against_reference(64, 64, False, None, torch.float16, L=200, S=450)
+
+
+def test_warp_exchange_after_syncwarp_is_no_race(emu):
+    """__syncwarp orders shared memory between the lanes of a warp (the CUDA memory model): no report."""
+    emu.run_broken_kernel(10)
+
+
+@pytest.mark.parametrize("hd", [32, 64, 96, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_warp_gemm_matches_a_plain_matrix_product(emu, hd, dtype):
+    gen = torch.Generator().manual_seed(hd)
+    q, k, v = (torch.randn(64, hd, generator=gen).to(dtype) for _ in range(3))
+    s, o, o_split = emu.warp_gemm_check(q, k, v)
+    s_ref = q.double() @ k.double().T
+    # fp32 accumulation of exact products: within a few fp32 ulps of the row's magnitude
+    torch.testing.assert_close(s.double(), s_ref, rtol=0, atol=1e-5 * hd)
+    p = s.to(dtype).double()  # the kernels round P to the input type for the second product
+    o_ref = p @ v.double()
+    torch.testing.assert_close(o.double(), o_ref, rtol=0, atol=1e-4 * hd)
+    assert torch.equal(o_split, o), "the column-split product must give the same bits"
+
+
+# Head dims the shared cases do not reach, each with a gradient (E=136 -> 160, 184 -> 192; 256 with a
+# float mask takes the masked dK/dV configuration, split across two CTAs).
+@pytest.mark.parametrize("E,Ev,causal,mask", [
+    (136, 136, False, None),
+    (184, 120, "bottom_right", "float"),
+    (256, 256, "top_left", "float"),
+    (160, 192, False, "bool"),
+])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_large_head_dims(E, Ev, causal, mask, dtype):
+    _check_against_reference(E, Ev, causal, mask, dtype, L=17, S=40)
+
+
+# Long loops: every pipelined kernel cycles its two shared-memory stages more than once (the forward's
+# 128-key tiles, the dQ pass's 64-key tiles, the dK/dV pass's 64-row query tiles), so a missing
+# barrier before a stage is refilled shows up as a race.
+@pytest.mark.parametrize("causal", [False, "bottom_right"])
+def test_long_loops_cycle_both_pipeline_stages(causal):
+    _check_against_reference(64, 64, causal, None, torch.float16, L=200, S=450)
+
+
+def _check_against_reference(E, Ev, causal, mask, dtype, L, S):
+    gen = torch.Generator().manual_seed(E + Ev + L)
+    q = torch.randn(1, 2, L, E, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+    k = torch.randn(1, 2, S, E, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+    v = torch.randn(1, 2, S, Ev, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+    m = None
+    if mask == "float":
+        m = torch.randn(L, S, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+    elif mask == "bool":
+        m = torch.rand(L, S, generator=gen) > 0.3
+        m[:, 0] = True
+    out, lse = attnkern.attention(q, k, v, attn_mask=m, causal=causal, backend="cuda-emu")
+    do = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(dtype)
+    leaves = [q, k, v] + ([m] if m is not None and m.requires_grad else [])
+    grads = torch.autograd.grad(out, leaves, do)
+
+    def ref(dt):
+        ls = [t.detach().to(dt).requires_grad_() for t in leaves]
+        mm = ls[3] if len(ls) == 4 else m
+        r, rl = reference_attention(ls[0], ls[1], ls[2], mm, causal=causal)
+        return r, rl, torch.autograd.grad(r, ls, do.to(dt))
+
+    out64, lse64, g64 = ref(torch.float64)
+    out_lp, lse_lp, glp = ref(dtype)
+    names = ["dq", "dk", "dv", "dmask"]
+    assert_all([check("out", out, out64, out_lp, dtype), check("lse", lse, lse64, lse_lp, dtype),
+                *[check(n, a, b, c, dtype, factor=3.0) for n, a, b, c in zip(names, grads, g64, glp)]])
+
+
+@pytest.mark.parametrize("which,archs,pattern", [
+    (5, "80;90", None),
+    (5, "80;86;90", r"emu_noop.* needs 122880 bytes of dynamic shared memory; sm_86 allows at most 101376"),
+    (6, "80;90", r"65536 bytes of dynamic shared memory \(over 48 KB\) without cudaFuncSetAttribute"),
+    (7, "80;90", r"grid 1x1x65536 outside the limits"),
+    (8, "80;90", r"2048 threads per block .* at most 1024"),
+], ids=["smem_120k_sm80_sm90", "smem_120k_sm86", "smem_64k_no_optin", "grid_z", "block_2048"])
+def test_launch_limits(emu, monkeypatch, which, archs, pattern):
+    monkeypatch.setenv("ATTNKERN_EMU_ARCHS", archs)
+    if pattern is None:
+        emu.run_broken_kernel(which)
+        return
+    with pytest.raises(RuntimeError, match=pattern):
+        emu.run_broken_kernel(which)
+
+
+def test_shared_memory_attribute_is_set_once_per_kernel(emu):
+    """cudaFuncSetAttribute is a driver call: the launchers set it once per (device, kernel)."""
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 1, 40, 128, generator=gen).half().requires_grad_() for _ in range(3))
+
+    def calls():
+        out, _ = attnkern.attention(q, k, v, backend="cuda-emu")
+        out.sum().backward()
+        return emu.attribute_calls()
+
+    calls()  # head dim 128: the dQ pass takes 64 KB, over the 48 KB default
+    first = emu.attribute_calls()
+    assert calls() == first
+
+
+def test_mask_gradient_grid_limit_is_declined_with_the_reason():
+    """The dMask launch puts Bm * Hm on grid z (at most 65535): larger mask gradients are declined."""
+    q = torch.randn(300, 300, 1, 8, dtype=torch.float16)
+    mask = torch.zeros(300, 300, 1, 1, requires_grad=True)
+    e = attnkern.explain(q, q, q, attn_mask=mask, backend="cuda-emu")
+    assert e.backend == "none" and "Bm * Hm = 90000 mask slices" in e.reason
+    assert attnkern.explain(q, q, q, attn_mask=mask.detach(), backend="cuda-emu").backend == "cuda-emu"
+
+
+def test_explain_and_list_providers_know_cuda_emu():
+    q = torch.randn(1, 2, 5, 16, dtype=torch.float16)
+    e = attnkern.explain(q, q, q, backend="cuda-emu")
+    assert e.backend == "cuda-emu"
+    assert attnkern.explain(q.cuda() if torch.cuda.is_available() else q, q, q).backend != "cuda-emu"
+    e = attnkern.explain(q.float(), q.float(), q.float(), backend="cuda-emu")
+    assert e.backend == "none" and "float16 and bfloat16" in e.reason
+    from attnkern.bench.providers import by_name
+
+    assert "attnkern:cuda-emu" in by_name()

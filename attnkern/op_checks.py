@@ -1,6 +1,6 @@
 """Argument checks of the custom ops (ops.py), on metadata alone: shapes, dtypes, devices, codes.
 
-The ops are public (`torch.ops.attnkern.attention_forward_v2(...)` is callable by anyone) and the
+The ops are public (`torch.ops.attnkern.attention_forward_v3(...)` is callable by anyone) and the
 kernels trust their arguments: a key with too few heads would be read past its end. So every op body
 and every fake (meta) implementation checks its arguments first and raises a ValueError/TypeError that
 names the argument and says what was expected. Nothing here reads tensor data, so no check

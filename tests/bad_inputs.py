@@ -3,7 +3,7 @@
 `bad_call(entry, seed)` draws one invalid call: a small valid problem with one thing broken (a wrong
 dtype, device, shape, head count, mask, scale, dropout_p, causal or backend), made through the public
 API (entry "api": scaled_dot_product_attention or attention) or the custom ops (entry "ops":
-torch.ops.attnkern.attention_forward_v2 / attention_backward_v2, which anyone can call). Each must raise
+torch.ops.attnkern.attention_forward_v3 / attention_backward_v3, which anyone can call). Each must raise
 TypeError, ValueError or RuntimeError with a message naming the broken argument.
 
 A wrong call may also crash the process (an out-of-bounds read in a kernel), so tests run the calls
@@ -259,11 +259,12 @@ def bad_op_call(seed: int) -> BadCall:
     what = f"{kind} via {which} op on {backend}: {_shapes(q, k, v)} mask={_meta(mask)} causal={causal}"
     if which == "forward":
         def call():
-            return ops.attention_forward(q, k, v, mask, scale, causal, op_backend)
+            return ops.attention_forward(q, k, v, mask, scale, causal, op_backend, True)
         return BadCall(what, call, names)
 
     # The backward of a valid forward, called with one input broken.
-    out, lse, stats = ops.attention_forward(good["q"], good["k"], good["v"], good["mask"], scale, causal, backend)
+    out, lse, stats, out_lo = ops.attention_forward(good["q"], good["k"], good["v"], good["mask"], scale, causal,
+                                                    backend, True)
     dout, dlse = torch.randn_like(out), torch.randn_like(lse)
     if kind == "dout":
         dout = r(*out.shape[:-1], out.shape[-1] + 1) if rng.random() < 0.5 else r(*out.shape[1:])
@@ -281,7 +282,8 @@ def bad_op_call(seed: int) -> BadCall:
     what += f" mask_grad={mask_grad}"
 
     def call():
-        return ops.attention_backward(dout, dlse, q, k, v, mask, out, stats, scale, causal, mask_grad, op_backend)
+        return ops.attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, causal, mask_grad,
+                                      op_backend)
 
     return BadCall(what, call, names)
 

@@ -115,12 +115,12 @@ B, Hq, Hkv, L, S, E, Ev = 2, 4, 2, 5, 7, 8, 6
 r = lambda *s, dtype=dtype: torch.randn(*s, dtype=dtype, device=device)
 good = dict(q=r(B, Hq, L, E), k=r(B, Hkv, S, E), v=r(B, Hkv, S, Ev), mask=r(1, Hq, L, S, dtype=torch.float32),
             scale=0.5, causal=1,
-            backend=backend)
-out, lse, stats = fwd(**good)
-good_bwd = dict(dout=r(B, Hq, L, Ev), dlse=r(B, Hq, L, dtype=torch.float32), **good, out=out, stats=stats,
-                mask_grad=True)
-good_bwd = {n: good_bwd[n] for n in ("dout", "dlse", "q", "k", "v", "mask", "out", "stats", "scale", "causal",
-                                     "mask_grad", "backend")}
+            backend=backend, residual=True)
+out, lse, stats, out_lo = fwd(**good)
+good_bwd = dict(dout=r(B, Hq, L, Ev), dlse=r(B, Hq, L, dtype=torch.float32), **good, out=out, out_lo=out_lo,
+                stats=stats, mask_grad=True)
+good_bwd = {n: good_bwd[n] for n in ("dout", "dlse", "q", "k", "v", "mask", "out", "out_lo", "stats", "scale",
+                                     "causal", "mask_grad", "backend")}
 meta = lambda t: t.to("meta")
 fwd_cases = {
     "kv heads not dividing query heads": (dict(k=r(B, 3, S, E), v=r(B, 3, S, Ev)), "multiple of the key/value heads"),
@@ -148,6 +148,7 @@ bwd_cases = {
     "grad_out dtype": (dict(dout=r(B, Hq, L, Ev, dtype=torch.float64)), f"grad_out must be {dname}"),
     "out shape": (dict(out=r(B, Hq, L + 1, Ev)), "out must have shape"),
     "out device": (dict(out=meta(r(B, Hq, L, Ev))), "out must be on the query's device"),
+    "out_lo shape": (dict(out_lo=r(B, Hq, L, Ev + 1)), "out_lo must"),
     "stats shape": (dict(stats=r(B, Hq, L, dtype=torch.float32)), "stats must be 4-D"),
     "stats dtype": (dict(stats=r(B, Hq, L, 2, dtype=torch.float64)), "stats must be float32"),
     "stats broadcast": (dict(stats=r(1, 1, 1, 2, dtype=torch.float32).expand(B, Hq, L, 2)),
@@ -197,7 +198,7 @@ def test_ops_name_the_backend_that_cannot_run_the_call():
         if backend == "cpu":
             continue  # the CPU kernels take float64
         with pytest.raises(attnkern.BackendUnavailableError, match=rf"backend='{backend}' cannot run this call"):
-            fwd(q, k, v, None, 0.5, 0, backend)
+            fwd(q, k, v, None, 0.5, 0, backend, False)
 
 
 # ----------------------------------------------------------------------------------- zero-sized dims
@@ -249,10 +250,10 @@ def test_ops_called_directly_with_zero_heads_return_empty_results(backend):
     bwd = getattr(torch.ops.attnkern, f"attention_backward_{ops.CONTRACT}")
     q, k, v = torch.randn(2, 0, 3, 4, device=DEVICE), torch.randn(2, 0, 5, 4, device=DEVICE), torch.randn(
         2, 0, 5, 6, device=DEVICE)
-    out, lse, stats = fwd(q, k, v, None, 0.5, 1, backend)
+    out, lse, stats, out_lo = fwd(q, k, v, None, 0.5, 1, backend, True)
     assert out.shape == (2, 0, 3, 6) and lse.shape == (2, 0, 3) and stats.shape == (2, 0, 3, 2)
-    dq, dk, dv, _ = bwd(torch.randn(2, 0, 3, 6, device=DEVICE), None, q, k, v, None, out, stats, 0.5, 1, False,
-                        backend)
+    dq, dk, dv, _ = bwd(torch.randn(2, 0, 3, 6, device=DEVICE), None, q, k, v, None, out, out_lo, stats, 0.5, 1,
+                        False, backend)
     assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
 
 

@@ -1,4 +1,4 @@
-"""The tolerance rule (FlashAttention's test-suite rule, as the project's design notes set it).
+"""The tolerance rule (FlashAttention's test-suite rule, as attnkern applies it).
 
 `ref64` is the reference in float64; `ref_lp` the same reference run in the input dtype.
 - float16/bfloat16: max|x − ref64| <= factor · max|ref_lp − ref64| + 1e-5   (factor 2 for outputs,

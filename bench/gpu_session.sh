@@ -7,11 +7,11 @@
 #   bash bench/gpu_session.sh build      # CUDA build of attnkern._C (timed), then `python -m attnkern`
 #   bash bench/gpu_session.sh test       # the whole test suite on the GPU (bf16, gpu_* cases, "cuda")
 #   bash bench/gpu_session.sh sanitize   # compute-sanitizer memcheck + racecheck on small CUDA-kernel calls
-#   bash bench/gpu_session.sh bench      # DESIGN.md's grid: attnkern's kernels against SDPA (flash, cuDNN)
+#   bash bench/gpu_session.sh bench      # FlashAttention's grid: attnkern's kernels against SDPA (flash, cuDNN)
 #   bash bench/gpu_session.sh all        # the four in order (over 10 minutes: for a machine of your own)
 #
 # Logs go to $OUT (the device tool's return folder) or ./gpu-session; bench results also go to
-# bench/results/<date>-<gpu>-<commit>.{json,md} (copied to $OUT), to be committed as DESIGN.md asks.
+# bench/results/<date>-<gpu>-<commit>.{json,md} (copied to $OUT), to be committed (bench/README.md).
 # The build is in place (build/ and attnkern/_C*.so), so later phases on the same warm machine reuse it.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -97,7 +97,7 @@ def _run_reference_sdpa(q, k, v, mask, case, do):
 @pytest.mark.parametrize("pair", pairs(), ids=pair_id)
 def test_sdpa_parity_with_torch(pair, case):
     """attnkern.scaled_dot_product_attention against torch's: torch's float64 SDPA is the oracle, and the
-    error budget is the DESIGN rule's (reference.py in the input dtype; reference.py is pinned to torch's
+    error budget is the tolerance rule's (reference.py in the input dtype; reference.py is pinned to torch's
     float64 SDPA by the test above). torch's own low-precision CPU path is no budget for a flash-style
     backward: it differentiates the rounded softmax exactly, where every fused kernel recomputes the
     probabilities and forms delta = rowsum(dO·O) from the output (and its rounding residual)."""

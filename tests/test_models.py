@@ -1,7 +1,7 @@
 """Real model code on attnkern: tiny models built from configs with random weights (no downloads).
 
 For each model the attnkern run (transformers' attn_implementation="attnkern", or replace_sdpa for torch's
-own modules) is held to the design notes' tolerance rule against the same model in float64 on torch's
+own modules) is held to the tolerance rule (attnkern/tolerance.py) against the same model in float64 on torch's
 SDPA (ref64); the model's own fp32/low-precision SDPA run is held to it too (in low precision it is ref_lp).
 Checked: the logits and every parameter gradient of the first step, and the loss curve of a few SGD steps.
 Each run also counts the calls attnkern's fused backend receives, so a silent fallback to torch fails.

@@ -1,6 +1,6 @@
 """`attnkern bench`: attention throughput over sequence lengths, attnkern against torch's kernels.
 
-    grid.py         the configuration and the shapes it expands into (DESIGN.md's grid by default)
+    grid.py         the configuration and the shapes it expands into (FlashAttention's benchmark grid by default)
     providers.py    the implementations compared (attnkern backends, torch SDPA and its kernels, flex, naive)
     measure.py      timing (CUDA events / wall clock) and peak extra memory
     runner.py       the sweep: every (shape, provider, mode) cell, measured or marked

@@ -22,11 +22,11 @@ DESCRIPTION = """\
 Measure attention throughput over sequence lengths: every attnkern backend available on the device,
 torch's SDPA (its default choice and each of its kernels), FlexAttention (compiled) and the naive
 reference, per (shape, mode). Writes a table, a JSON file with every cell, and a PNG plot.
-Without options: the DESIGN.md grid on a GPU; on a CPU a small grid that takes about a minute."""
+Without options: FlashAttention's benchmark grid on a GPU; on a CPU a small grid that takes about a minute."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("grid (defaults: DESIGN.md's grid on a GPU, a one-minute grid on a CPU)")
+    g = p.add_argument_group("grid (defaults: FlashAttention's benchmark grid on a GPU, a one-minute grid on a CPU)")
     g.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if available)")
     g.add_argument("--seqlens", type=arg_type(parse_lengths), metavar="L,...",
                    help="query lengths, k = 1024 (e.g. 512,1k,2k)")

@@ -1,7 +1,7 @@
 """What a benchmark sweep measures: its configuration, the problem shapes it expands into, and the parsers
 for the command-line values (lengths with a k suffix, dtype names, modes).
 
-Defaults follow DESIGN.md on a GPU (B·L = 16k tokens, L = 512..16k, H·E = 2048 with E = 64 and 128,
+Defaults follow FlashAttention's benchmark grid on a GPU (B·L = 16k tokens, L = 512..16k, H·E = 2048 with E = 64 and 128,
 causal and not, bf16 and fp16, fwd/bwd/fwd+bwd). On a CPU they shrink to a grid that runs in about a
 minute on two idle cores: B·L = 4k tokens, L = 256..4096, E = 64 with one head, fp32, fwd and fwd+bwd.
 """

@@ -140,7 +140,7 @@ def compare(a: Dict, b: Dict, out: TextIO, a_name: str = "A", b_name: str = "B")
 
 
 # --------------------------------------------------------------------------------------------------
-# Markdown summary (for bench/results/: DESIGN.md "Recording GPU results")
+# Markdown summary (for bench/results/, beside each recorded GPU run's JSON; see bench/README.md)
 
 def markdown_summary(doc: Dict) -> str:
     """A short markdown record of a run: where and what, then per (dtype, head dim, heads, causal, mode)
@@ -155,7 +155,7 @@ def markdown_summary(doc: Dict) -> str:
         f"- torch {ver.get('torch')}, triton {ver.get('triton')}, CUDA {ver.get('cuda')}, cuDNN {ver.get('cudnn')}, "
         f"Python {ver.get('python')}",
         f"- command: `{doc.get('command', '')}`",
-        f"- TFLOP/s by DESIGN.md's convention; [x] = speedup over {baseline} (its median time / this one's); "
+        f"- TFLOP/s by FlashAttention's benchmark convention (attnkern/flops.py); [x] = speedup over {baseline} (its median time / this one's); "
         "cells not measured say why in the JSON",
     ]
     groups: Dict[tuple, List[Dict]] = defaultdict(list)

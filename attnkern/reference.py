@@ -178,7 +178,10 @@ def reference_attention_backward(
             # Summed over keys, a row's Σ_j dS = A (1 − B) + dlse B with A = rowsum(P ∘ dP), B = rowsum P:
             # the same value, with no large terms cancelling (Σ_j dS ≈ dlse while each term is not small).
             # A row that sees no key has B = 0 and gives 0, whatever its dlse.
-            pdp, psum = (p * dp).sum(-1, keepdim=True), p.sum(-1, keepdim=True)
+            # rowsum P is taken as rowsum(e) / denominator (1 exactly on a row that sees a key, where
+            # P's own float sum would leave rounding that A (1 − B) turns into noise).
+            pdp = (p * dp).sum(-1, keepdim=True)
+            psum = e.sum(-1, keepdim=True) / torch.where(denom == 0, torch.ones_like(denom), denom)
             rows = pdp * (1 - psum)
             if dlse is not None:
                 dl = dlse.to(dtype).unsqueeze(-1)

@@ -143,11 +143,14 @@ def reference_attention_backward(
 
         P = softmax(S)                (recomputed; 0 on fully masked rows)
         dV = Pᵀ dO                    dP = dO Vᵀ
-        delta = rowsum(dO ∘ (out + out_lo)) − dlse   (out_lo: the forward's rounding residual of a
-                                      half-precision out, see backends/base.py; None or empty: 0)
+        delta = rowsum(P ∘ dP) − dlse (= rowsum(dO ∘ O) − dlse, the kernels' form from O = out + out_lo;
+                                      taken from P here, in every dtype; out and out_lo are not read)
         dS = P ∘ (dP − delta)         (the gradient of the masked, scaled scores = the float mask's)
         dQ = scale · dS K             dK = scale · dSᵀ Q
-    dK/dV are summed over each kv head's query-head group; dMask over the mask's broadcast dims.
+    dK/dV are summed over each kv head's query-head group; dMask over the mask's broadcast dims. A mask
+    that broadcasts over keys takes each row's Σ_j dS as rowsum(P ∘ dP)(1 − rowsum P) + dlse · rowsum P,
+    the same value without the cancellation of large terms that Σ_j dS (≈ dlse) is; a row that sees no
+    key gives 0.
     Returns (dq, dk, dv, dmask or None) in the inputs' dtypes.
     """
     dtype = compute_dtype or q.dtype
@@ -160,10 +163,7 @@ def reference_attention_backward(
     do = dout.to(dtype)
     dv = p.transpose(-2, -1) @ do
     dp = do @ vx.transpose(-2, -1)
-    o = out.to(dtype)
-    if out_lo is not None and out_lo.numel():
-        o = o + out_lo.to(dtype)
-    delta = (do * o).sum(-1, keepdim=True)
+    delta = (p * dp).sum(-1, keepdim=True)
     if dlse is not None:
         delta = delta - dlse.to(dtype).unsqueeze(-1)
     ds = p * (dp - delta)
@@ -174,5 +174,19 @@ def reference_attention_backward(
     dv = dv.view(B, Hkv, group, S, v.shape[-1]).sum(2)
     dmask = None
     if mask_grad:
-        dmask = reduce_to_shape(ds, mask.shape).to(mask.dtype)
+        if mask.shape[-1] == 1 and S > 1:
+            # Summed over keys, a row's Σ_j dS = A (1 − B) + dlse B with A = rowsum(P ∘ dP), B = rowsum P:
+            # the same value, with no large terms cancelling (Σ_j dS ≈ dlse while each term is not small).
+            # A row that sees no key has B = 0 and gives 0, whatever its dlse.
+            # rowsum P is taken as rowsum(e) / denominator (1 exactly on a row that sees a key, where
+            # P's own float sum would leave rounding that A (1 − B) turns into noise).
+            pdp = (p * dp).sum(-1, keepdim=True)
+            psum = e.sum(-1, keepdim=True) / torch.where(denom == 0, torch.ones_like(denom), denom)
+            rows = pdp * (1 - psum)
+            if dlse is not None:
+                dl = dlse.to(dtype).unsqueeze(-1)
+                rows = rows + torch.where(psum == 0, torch.zeros_like(dl), dl) * psum
+            dmask = reduce_to_shape(rows, mask.shape).to(mask.dtype)
+        else:
+            dmask = reduce_to_shape(ds, mask.shape).to(mask.dtype)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dmask

@@ -12,7 +12,9 @@ residual of a half-precision output, when it saved one) to float32 accuracy.
 
 dK/dV programs own a key block of one kv head and loop over that head's whole query-head group, so
 grouped-query attention needs neither atomics nor a materialized repeat. The dMask pass owns one tile
-of the (Bm, Hm, Lm, Sm) mask gradient and sums over exactly the dims the mask broadcasts over.
+of the (Bm, Hm, Lm, Sm) mask gradient and sums over exactly the dims the mask broadcasts over; over
+keys it sums each row as rowsum(P ∘ dP)(1 − rowsum P) + dlse · rowsum P, the same value as rowsum dS
+but free of delta's rounding (which rowsum dS ≈ dlse would amplify by cancellation).
 """
 import torch
 import triton
@@ -281,16 +283,17 @@ def _attn_bwd_dq_kernel(
 
 @triton.jit
 def _attn_bwd_dmask_kernel(
-    Q, K, V, M, DO, STATS, DELTA, DM,
+    Q, K, V, M, DO, STATS, DELTA, DLSE, DM,
     stride_qb, stride_qh, stride_ql, stride_qe,
     stride_kb, stride_kh, stride_ks, stride_ke,
     stride_vb, stride_vh, stride_vs, stride_ve,
     stride_mb, stride_mh, stride_ml, stride_ms,
     stride_dob, stride_doh, stride_dol, stride_doe,
+    stride_dlb, stride_dlh, stride_dll,
     stride_dmb, stride_dmh, stride_dml, stride_dms,
     B, H, GROUP, L, S, HM, scale, causal_off,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr, HAS_DLSE: tl.constexpr,
     SUM_B: tl.constexpr, SUM_H: tl.constexpr, SUM_L: tl.constexpr, SUM_S: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, I64: tl.constexpr,
 ):
@@ -298,6 +301,9 @@ def _attn_bwd_dmask_kernel(
 
     A dim that the mask broadcasts over (SUM_*) is looped over inside the program, so the sum is
     formed in registers in a fixed order: deterministic, and the buffer is written once.
+    Summed over keys (SUM_S), a row's Σ_j P (dP − delta) is formed as A (1 − B) + dlse B with
+    A = Σ_j P dP and B = Σ_j P: the same value, without the cancellation of delta (rounded from O)
+    against A; a row that sees no key has B = 0 and gives 0.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -332,6 +338,7 @@ def _attn_bwd_dmask_kernel(
         n_hi = S
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_rows = tl.zeros([BLOCK_M], dtype=tl.float32)  # SUM_S: each row's key-summed dS
     for b in range(b_lo, b_hi):
         for h in range(h_lo, h_hi):
             hk = h // GROUP
@@ -349,6 +356,8 @@ def _attn_bwd_dmask_kernel(
                                offs_m, offs_ev, L, EV, True, BLOCK_EV != EV)
                 row_max, log2l = load_row_stats(STATS + row0 * 2, offs_m, L, True)
                 delta = tl.load(DELTA + row0 + offs_m, mask=offs_m < L, other=0.0)
+                row_pdp = tl.zeros([BLOCK_M], dtype=tl.float32)
+                row_p = tl.zeros([BLOCK_M], dtype=tl.float32)
                 for start_n in range(n_lo, n_hi, BLOCK_N):
                     offs_n = start_n + offs_n0
                     kT = load_tile(k_base + offs_e[:, None] * stride_ke + offs_n[None, :] * stride_ks,
@@ -360,19 +369,29 @@ def _attn_bwd_dmask_kernel(
                                     L, S, causal_off, 2, IS_CAUSAL, True, True)
                     p = tl.math.exp2((s - row_max[:, None]) * LOG2E - log2l[:, None])
                     dp = tl.dot(do, vT, input_precision=PRECISION)
-                    ds = p * (dp - delta[:, None])
-                    acc += ds
+                    if SUM_S:
+                        row_pdp += tl.sum(p * dp, 1)
+                        row_p += tl.sum(p, 1)
+                    else:
+                        acc += p * (dp - delta[:, None])
+                if SUM_S:
+                    row = row_pdp * (1.0 - row_p)
+                    if HAS_DLSE:
+                        dl = tl.load(DLSE + b * stride_dlb + h * stride_dlh + offs_m * stride_dll,
+                                     mask=offs_m < L, other=0.0).to(tl.float32)
+                        row += tl.where(row_p != 0.0, dl, 0.0) * row_p
+                    acc_rows += row
     offs_m = pid_m * BLOCK_M + offs_m0
     offs_n = pid_n * BLOCK_N + offs_n0
     dm_base = DM + bm * stride_dmb + hm * stride_dmh
     if SUM_L:
         if SUM_S:
-            tl.store(dm_base, tl.sum(tl.sum(acc, 1), 0))
+            tl.store(dm_base, tl.sum(acc_rows, 0))
         else:
             tl.store(dm_base + offs_n * stride_dms, tl.sum(acc, 0), mask=offs_n < S)
     else:
         if SUM_S:
-            tl.store(dm_base + offs_m * stride_dml, tl.sum(acc, 1), mask=offs_m < L)
+            tl.store(dm_base + offs_m * stride_dml, acc_rows, mask=offs_m < L)
         else:
             store_tile(dm_base + offs_m[:, None] * stride_dml + offs_n[None, :] * stride_dms, acc,
                        offs_m, offs_n, L, S, True, True)
@@ -433,10 +452,11 @@ def attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale: flo
         dm = new_mask_grad(mask)
         grid = (1 if sum_l else triton.cdiv(L, bm_), 1 if sum_s else triton.cdiv(S, bn_), Bm * Hm)
         _attn_bwd_dmask_kernel[grid](
-            q, k, v, mask_ptr, dout, stats, delta, dm,
-            *q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *dm.stride(),
+            q, k, v, mask_ptr, dout, stats, delta, dlse if dlse is not None else delta, dm,
+            *q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *dlse_strides, *dm.stride(),
             B, H, group, L, S, Hm, scale, off,
             E=E, EV=Ev, BLOCK_E=block_e, BLOCK_EV=block_ev, IS_CAUSAL=is_causal, PRECISION=precision,
+            HAS_DLSE=dlse is not None,
             SUM_B=sum_b, SUM_H=sum_h, SUM_L=sum_l, SUM_S=sum_s, BLOCK_M=bm_, BLOCK_N=bn_, I64=i64,
             num_warps=warps,
         )

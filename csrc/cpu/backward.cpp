@@ -271,9 +271,11 @@ void mask_grad_kernel(const AttentionParams& p, const Blocking& blk) {
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     PackedKV<scalar_t, acc_t> kv;
     QueryBlock<scalar_t, acc_t> qblk;
-    Scratch<acc_t> s_buf, dp_buf;
+    Scratch<acc_t> s_buf, dp_buf, ab_buf;
     acc_t* sb = s_buf.get(BM * BNp);
     acc_t* dpb = dp_buf.get(BM * BNp);
+    acc_t* row_a = ab_buf.get(2 * BM);  // per row Σ_j P dP and Σ_j P (masks reduced over keys)
+    acc_t* row_b = row_a + BM;
     for (int64_t task = next_task++; task < n_tasks; task = next_task++) {
       const int64_t rb = task % row_blocks, hm = (task / row_blocks) % p.Hm, bm = task / (row_blocks * p.Hm);
       const int64_t r0 = rows_full ? rb * BM : 0, r1 = rows_full ? std::min(p.L, r0 + BM) : p.L;
@@ -294,6 +296,14 @@ void mask_grad_kernel(const AttentionParams& p, const Blocking& blk) {
           for (int64_t m0 = r0; m0 < r1; m0 += BM) {
             const int64_t mb = std::min(BM, r1 - m0);
             qblk.load(p, b, h, m0, mb, BM, Ep, Evp);
+            if (!cols_full) {
+              // Summed over keys, Σ_j P (dP - delta) = A (1 - B) + dlse B with A = Σ_j P dP, B = Σ_j P:
+              // the same value without the cancellation of delta (rounded from O) against A. With
+              // delta = 0 the tile step leaves P dP in dpb.
+              fill(qblk.delta, mb, acc_t(0));
+              fill(row_a, mb, acc_t(0));
+              fill(row_b, mb, acc_t(0));
+            }
             int64_t n_end, n_full;
             key_range(p, m0, mb, n_end, n_full);
             for (int64_t n0 = 0; n0 < n_end; n0 += BN) {
@@ -301,14 +311,25 @@ void mask_grad_kernel(const AttentionParams& p, const Blocking& blk) {
               tile_p_and_ds(p, masker, qblk, kv, m0, mb, n0, nb, n_full, Ep, Evp, sb, dpb, BNp);
               for (int64_t i = 0; i < mb; ++i) {
                 const acc_t* ds = dpb + i * BNp;
-                acc_t* dm_row = dm + (rows_full ? (m0 + i) * p.Sm : 0);
                 if (cols_full) {
+                  acc_t* dm_row = dm + (rows_full ? (m0 + i) * p.Sm : 0);
                   for (int64_t j = 0; j < nb; ++j) dm_row[n0 + j] += ds[j];
                 } else {
-                  acc_t sum = 0;
-                  for (int64_t j = 0; j < nb; ++j) sum += ds[j];
-                  dm_row[0] += sum;
+                  const acc_t* pr = sb + i * BNp;
+                  acc_t a = 0, bsum = 0;
+                  for (int64_t j = 0; j < nb; ++j) a += ds[j], bsum += pr[j];
+                  row_a[i] += a;
+                  row_b[i] += bsum;
                 }
+              }
+            }
+            if (!cols_full) {
+              const auto* dl = static_cast<const acc_t*>(p.dlse);
+              for (int64_t i = 0; i < mb; ++i) {
+                acc_t v = row_a[i] * (acc_t(1) - row_b[i]);
+                // A row that sees no key (B = 0) gives 0, whatever its dlse.
+                if (dl && row_b[i] != acc_t(0)) v += dl[b * p.dlse_st.b + h * p.dlse_st.h + (m0 + i) * p.dlse_st.l] * row_b[i];
+                dm[rows_full ? (m0 + i) * p.Sm : 0] += v;
               }
             }
           }

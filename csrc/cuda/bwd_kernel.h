@@ -225,14 +225,15 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dkdv_kernel(co
 
 // ---------------------------------------------------------------------------------------------------
 // Shared by the dQ and dMask passes: for one tile of query rows (in sQ/sdO, stats in registers) and one
-// tile of keys (in sKs/sVs), compute dS (in s) for this warp's 16 rows.
+// tile of keys (in sKs/sVs), compute dS (in s) for this warp's 16 rows. p_sum, when given, gets this
+// thread's P of each of its two rows added (the dMask pass's sums over keys).
 template <typename Traits, bool kHasMask>
 __device__ __forceinline__ void compute_ds(float (&s)[Traits::kBlockN / 8][4], const typename Traits::T* sQ,
                                            const typename Traits::T* sdO, const typename Traits::T* sKs,
                                            const typename Traits::T* sVs, int wrow, int lane, int64_t m0,
                                            int64_t n0, const float (&m)[2], const float (&log2l)[2],
                                            const float (&dl)[2], bool check, const AttentionParams& p,
-                                           const MaskReader& mask) {
+                                           const MaskReader& mask, float* p_sum = nullptr) {
   using T = typename Traits::T;
   using QTile = typename Traits::QTile;
   using KVTile = typename Traits::KVTile;
@@ -252,6 +253,7 @@ __device__ __forceinline__ void compute_ds(float (&s)[Traits::kBlockN / 8][4], c
         const float x = mask_score<kHasMask>(s[j][2 * r + c], i, n0 + j * 8 + 2 * t + c, p, mask, check);
         const float pv = fast_exp2((x - m[r]) * kLog2e - log2l[r]);
         s[j][2 * r + c] = pv * (dp[j][2 * r + c] - dl[r]);
+        if (p_sum) p_sum[r] += pv;
       }
     }
   }
@@ -352,7 +354,10 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dq_kernel(cons
 // dMask (Bm, Hm, Lm, Sm), float32: one CTA per (kBlockM x kBlockN) tile of it (or per row strip /
 // column strip / single value when the mask broadcasts over L and/or S), looping over every (b, h,
 // query tile, key tile) that reads those entries; sums in registers, then in shared memory, in a
-// fixed order.
+// fixed order. Summed over keys (sum_s), a row's sum of dS = P (dP - delta) is formed as
+// A (1 - B) + dlse B with A = sum P dP, B = sum P: the same value without the cancellation of delta
+// (rounded from O) against A; each row's value goes to its column 0 of the tile. A row that sees no key
+// has B = 0 and gives 0.
 template <typename Traits>
 __global__ void __launch_bounds__(Traits::kThreads, 1) attention_bwd_dmask_kernel(const AttentionParams p,
                                                                                const float* delta, float* dmask) {
@@ -399,7 +404,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) attention_bwd_dmask_kerne
           const int64_t i = m0 + wrow + g + 8 * r;
           row_stats(p, b * p.Hq + h, i, m[r], log2l[r]);
           dl[r] = i < p.L ? delta[(b * p.Hq + h) * p.L + i] : 0.f;
+          if (sum_s) dl[r] = 0.f;  // compute_ds then leaves P dP
         }
+        float row_pdp[2] = {0.f, 0.f}, row_p[2] = {0.f, 0.f};  // sum_s: this thread's part of A and B
         for (int64_t n0 = c0; n0 < c1; n0 += kBN) {
           if (n0 != c0) __syncthreads();
           load_kv_async<KVTile, kThreads, kHD>(sK, sV, k, v, p, n0, p.S, tid);
@@ -407,10 +414,31 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) attention_bwd_dmask_kerne
           cp_async_wait<0>();
           __syncthreads();
           float ds[kNT][4];
-          compute_ds<Traits, true>(ds, sQ, sdO, sK, sV, wrow, lane, m0, n0, m, log2l, dl, true, p, mask);
+          compute_ds<Traits, true>(ds, sQ, sdO, sK, sV, wrow, lane, m0, n0, m, log2l, dl, true, p, mask,
+                                   sum_s ? row_p : nullptr);
+          if (sum_s) {
 #pragma unroll
-          for (int j = 0; j < kNT; ++j) {
-            acc[j][0] += ds[j][0], acc[j][1] += ds[j][1], acc[j][2] += ds[j][2], acc[j][3] += ds[j][3];
+            for (int j = 0; j < kNT; ++j) {
+              row_pdp[0] += ds[j][0] + ds[j][1];
+              row_pdp[1] += ds[j][2] + ds[j][3];
+            }
+          } else {
+#pragma unroll
+            for (int j = 0; j < kNT; ++j) {
+              acc[j][0] += ds[j][0], acc[j][1] += ds[j][1], acc[j][2] += ds[j][2], acc[j][3] += ds[j][3];
+            }
+          }
+        }
+        if (sum_s) {
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const float a = quad_sum(row_pdp[r]), bs = quad_sum(row_p[r]);
+            const int64_t i = m0 + wrow + g + 8 * r;
+            float v = a * (1.f - bs);
+            if (p.dlse && bs != 0.f && i < p.L) {
+              v += static_cast<const float*>(p.dlse)[b * p.dlse_st.b + h * p.dlse_st.h + i * p.dlse_st.l] * bs;
+            }
+            if (t == 0) acc[0][2 * r] += v;
           }
         }
       }

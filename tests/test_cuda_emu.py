@@ -161,13 +161,60 @@ def test_shared_memory_attribute_is_set_once_per_kernel(emu):
     assert calls() == first
 
 
-def test_mask_gradient_grid_limit_is_declined_with_the_reason():
-    """The dMask launch puts Bm * Hm on grid z (at most 65535): larger mask gradients are declined."""
+def test_lowered_grid_limit_is_enforced(emu, monkeypatch):
+    """ATTNKERN_EMU_MAX_GRID_YZ lowers the launch check's y/z limit (for the test below)."""
+    monkeypatch.setenv("ATTNKERN_EMU_MAX_GRID_YZ", "1")
+    with pytest.raises(RuntimeError, match=r"grid 1x1x65536 outside the limits .*y and z in \[1, 1\]"):
+        emu.run_broken_kernel(7)
+
+
+@pytest.mark.parametrize("causal,mask_shape", [
+    (False, (3, 4, 17, 40)),   # dMask: row tiles x key tiles x Bm * Hm slices
+    ("bottom_right", (1, 4, 1, 40)),  # summed over batch and rows
+    ("top_left", None),
+])
+def test_no_launch_puts_a_problem_size_on_grid_y_or_z(emu, monkeypatch, causal, mask_shape):
+    """Every launch folds its blocks onto grid x (csrc/cuda/grid.h), whatever B, H, Bm * Hm and the
+    tile counts: with the emulator's y/z limit lowered to 1, a problem with several batches, heads,
+    mask slices and tiles of each kind runs, and matches the reference (the decoding is right). The
+    former grids (heads on y, batch or Bm * Hm on z) failed this check, and so would problems with
+    B * H or Bm * Hm over 65535 on a GPU."""
+    monkeypatch.setenv("ATTNKERN_EMU_MAX_GRID_YZ", "1")
+    dtype, gen = torch.float16, torch.Generator().manual_seed(5)
+    B, Hq, Hkv, L, S, E = 3, 4, 2, 17, 40, 32
+    q = torch.randn(B, Hq, L, E, generator=gen).to(dtype).requires_grad_()
+    k = torch.randn(B, Hkv, S, E, generator=gen).to(dtype).requires_grad_()
+    v = torch.randn(B, Hkv, S, E, generator=gen).to(dtype).requires_grad_()
+    leaves = [q, k, v]
+    m = None
+    if mask_shape is not None:
+        m = torch.randn(mask_shape, generator=gen).to(dtype).requires_grad_()
+        leaves.append(m)
+    out, lse = attnkern.attention(q, k, v, attn_mask=m, causal=causal, enable_gqa=True, backend="cuda-emu")
+    do = torch.randn(out.shape, generator=gen).to(dtype)
+    grads = torch.autograd.grad(out, leaves, do)
+
+    def ref(dt):
+        ls = [t.detach().to(dt).requires_grad_() for t in leaves]
+        r, rl = reference_attention(ls[0], ls[1], ls[2], ls[3] if m is not None else None, causal=causal,
+                                    enable_gqa=True)
+        return r, rl, torch.autograd.grad(r, ls, do.to(dt))
+
+    out64, lse64, g64 = ref(torch.float64)
+    out_lp, lse_lp, glp = ref(dtype)
+    names = ["dq", "dk", "dv", "dmask"]
+    assert_all([check("out", out, out64, out_lp, dtype), check("lse", lse, lse64, lse_lp, dtype),
+                *[check(n, a, b, c, dtype, factor=3.0) for n, a, b, c in zip(names, grads, g64, glp)]])
+
+
+def test_large_batch_times_heads_is_accepted():
+    """B * H and Bm * Hm over 65535 are no longer declined; only a launch of more than 2^31 - 1 blocks is."""
     q = torch.randn(300, 300, 1, 8, dtype=torch.float16)
     mask = torch.zeros(300, 300, 1, 1, requires_grad=True)
-    e = attnkern.explain(q, q, q, attn_mask=mask, backend="cuda-emu")
-    assert e.backend == "none" and "Bm * Hm = 90000 mask slices" in e.reason
-    assert attnkern.explain(q, q, q, attn_mask=mask.detach(), backend="cuda-emu").backend == "cuda-emu"
+    assert attnkern.explain(q, q, q, attn_mask=mask, backend="cuda-emu").backend == "cuda-emu"
+    huge = torch.zeros(1, 1, 1, 8, dtype=torch.float16).expand(70000, 70000, 1, 8)
+    e = attnkern.explain(huge, huge, huge, backend="cuda-emu")
+    assert e.backend == "none" and "2147483647 thread blocks in one launch" in e.reason
 
 
 def test_explain_and_list_providers_know_cuda_emu():

@@ -20,14 +20,18 @@ HEAD_DIM_MULTIPLE = 8  # the kernels copy rows in 16-byte (8-element) chunks
 MAX_GRID_X = 2**31 - 1  # every launch puts all its blocks on grid x (csrc/cuda/grid.h): y, z stay 1
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def most_blocks(problem) -> int:
     """An upper bound on the blocks of the problem's largest launch (csrc/cuda/launch.h): the backward's
     preprocess (8 rows a block), dK/dV (64 keys, split in two), dMask (64 rows by 16 keys or more)."""
     B, Hq, Hkv, L, S = problem.B, problem.Hq, problem.Hkv, problem.L, problem.S
-    blocks = max(-(-L // 8) * B * Hq, -(-S // 64) * 2 * B * Hkv)
+    blocks = max(_cdiv(L, 8) * B * Hq, _cdiv(S, 64) * 2 * B * Hkv)
     if problem.mask_requires_grad:
         Bm, Hm, _, _ = problem.mask.shape
-        blocks = max(blocks, -(-L // 64) * -(-S // 16) * Bm * Hm)
+        blocks = max(blocks, _cdiv(L, 64) * _cdiv(S, 16) * Bm * Hm)
     return blocks
 
 

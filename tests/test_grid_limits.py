@@ -75,3 +75,14 @@ def test_every_launch_folds_batch_and_heads_onto_axis_0(monkeypatch, causal, mas
     names = ["dq", "dk", "dv", "dmask"]
     assert_all([check("out", out, out64, out_lp, dtype), check("lse", lse, lse64, lse_lp, dtype),
                 *[check(n, a, b, c, dtype, factor=3.0) for n, a, b, c in zip(names, grads, g64, glp)]])
+
+
+def test_only_launches_past_grid_axis_0_are_declined():
+    """B * H and Bm * Hm over 65535 run; a launch of more than 2**31 - 1 programs is declined with the
+    reason (expanded tensors: explain() allocates nothing)."""
+    q = torch.randn(300, 300, 1, 16)
+    mask = torch.zeros(300, 300, 1, 1, requires_grad=True)
+    assert attnkern.explain(q, q, q, attn_mask=mask, backend="triton").backend == "triton"
+    huge = torch.zeros(1, 1, 1, 16).expand(70000, 70000, 1, 16)
+    e = attnkern.explain(huge, huge, huge, backend="triton")
+    assert e.backend == "none" and "2147483647 programs in one launch" in e.reason

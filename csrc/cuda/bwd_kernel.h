@@ -73,7 +73,8 @@ __global__ void attention_bwd_preprocess_kernel(const AttentionParams p, float* 
   const int rows = blockDim.x / 32;
   const FoldedBlock blk = folded_block(int((p.L + rows - 1) / rows));
   const int64_t i = int64_t(blk.tile) * rows + warp;
-  const int64_t h = blk.slice % p.Hq, b = blk.slice / p.Hq;
+  int h, b;
+  split_slice(blk.slice, p.Hq, h, b);
   if (i >= p.L) return;
   const T* o = static_cast<const T*>(p.out) + b * p.out_st.b + h * p.out_st.h + i * p.out_st.l;
   const T* d = static_cast<const T*>(p.dout) + b * p.dout_st.b + h * p.dout_st.h + i * p.dout_st.l;
@@ -119,9 +120,10 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dkdv_kernel(co
   float* sStat = reinterpret_cast<float*>(sdO + 2 * QTile::kElems);  // [2][3][kBM]: m, log2l, delta
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane >> 2, t = lane & 3;
-  const FoldedBlock blk = folded_block(int((p.S + kBN - 1) / kBN) * Traits::kSplit);
-  const int n_block = blk.tile / Traits::kSplit, split = blk.tile % Traits::kSplit;
-  const int64_t hk = blk.slice % p.Hkv, b = blk.slice / p.Hkv;
+  // Not folded (see launch_dkdv): decoding kv head and batch from grid x costs the registers this
+  // pass has not got (it spilled at head dim 128 on sm_80); blockIdx reads cost none.
+  const int n_block = blockIdx.x / Traits::kSplit, split = blockIdx.x % Traits::kSplit;
+  const int64_t hk = blockIdx.y, b = blockIdx.z;
   const int n0 = n_block * kBN;
   const int col0 = split * kOT * 8;  // first dK/dV column of this CTA
   const bool causal = p.causal != Causal::kNone;
@@ -287,7 +289,9 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dq_kernel(cons
   const int m_tiles = int((p.L + kBM - 1) / kBM);
   const FoldedBlock blk = folded_block(m_tiles);
   const int m_block = causal ? m_tiles - 1 - blk.tile : blk.tile;
-  const int64_t h = blk.slice % p.Hq, b = blk.slice / p.Hq, hk = h / p.group;
+  int h, b;
+  split_slice(blk.slice, p.Hq, h, b);
+  const int64_t hk = h / p.group;
   const int m0 = m_block * kBM;
   const int wrow = warp * 16;
 
@@ -386,7 +390,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) attention_bwd_dmask_kerne
   const bool sum_l = p.Lm == 1 && p.L > 1, sum_s = p.Sm == 1 && p.S > 1;
   const int m_tiles = sum_l ? 1 : int((p.L + kBM - 1) / kBM), n_tiles = sum_s ? 1 : int((p.S + kBN - 1) / kBN);
   const FoldedBlock blk = folded_block(m_tiles * n_tiles);  // row tile fastest, then key tile, then slice
-  const int64_t bh = blk.slice, bm = bh / p.Hm, hm = bh % p.Hm;
+  int hm, bm;
+  split_slice(blk.slice, p.Hm, hm, bm);
   const int64_t r0 = sum_l ? 0 : int64_t(blk.tile % m_tiles) * kBM, r1 = sum_l ? p.L : min(r0 + kBM, p.L);
   const int64_t c0 = sum_s ? 0 : int64_t(blk.tile / m_tiles) * kBN, c1 = sum_s ? p.S : min(c0 + kBN, p.S);
   const int wrow = warp * 16;

@@ -40,7 +40,9 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_fwd_kernel(const A
   const int m_tiles = int((p.L + kBM - 1) / kBM);
   const FoldedBlock blk = folded_block(m_tiles);
   const int m_block = causal ? m_tiles - 1 - blk.tile : blk.tile;
-  const int64_t h = blk.slice % p.Hq, b = blk.slice / p.Hq, hk = h / p.group;
+  int h, b;
+  split_slice(blk.slice, p.Hq, h, b);
+  const int64_t hk = h / p.group;
   const int m0 = m_block * kBM;
 
   const T* q = static_cast<const T*>(p.q) + b * p.q_st.b + h * p.q_st.h + int64_t(m0) * p.q_st.l;

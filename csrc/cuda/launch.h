@@ -78,10 +78,11 @@ cudaError_t launch_dkdv(const AttentionParams& p, const float* delta, cudaStream
   auto kernel = attention_bwd_dkdv_kernel<Traits, kHasMask>;
   cudaError_t err = allow_smem(kernel, Traits::kSmemBytes);
   if (err != cudaSuccess) return err;
-  dim3 grid;
-  if (!folded_grid((p.S + Traits::kBlockN - 1) / Traits::kBlockN * Traits::kSplit, p.Hkv * p.B, grid)) {
-    return cudaErrorInvalidConfiguration;
-  }
+  // The one launch not folded onto x (see the kernel): kv heads on y and batch on z, each at most 65535
+  // (the cuda backend declines larger ones).
+  if (p.Hkv > kMaxGridYZ || p.B > kMaxGridYZ) return cudaErrorInvalidConfiguration;
+  const dim3 grid(unsigned((p.S + Traits::kBlockN - 1) / Traits::kBlockN * Traits::kSplit), unsigned(p.Hkv),
+                  unsigned(p.B));
   ATTNKERN_LAUNCH(kernel, grid, Traits::kThreads, Traits::kSmemBytes, stream)(p, delta);
   return cudaGetLastError();
 }

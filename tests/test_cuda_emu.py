@@ -174,12 +174,12 @@ def test_lowered_grid_limit_is_enforced(emu, monkeypatch):
     ("top_left", None),
 ])
 def test_no_launch_puts_a_problem_size_on_grid_y_or_z(emu, monkeypatch, causal, mask_shape):
-    """Every launch but dK/dV's folds its blocks onto grid x (csrc/cuda/grid.h), whatever H, Bm * Hm and
-    the tile counts: with the emulator's y/z limit lowered to 3 (dK/dV's grid: 1 kv head on y, 3
-    batches on z), a problem with 4 query heads, 12 mask slices and tiles of each kind runs, and
-    matches the reference (the decoding is right). The former grids (4 heads on y, Bm * Hm = 12 on z)
-    failed this check, and so would problems with Hq or Bm * Hm over 65535 on a GPU."""
-    monkeypatch.setenv("ATTNKERN_EMU_MAX_GRID_YZ", "3")
+    """The backward's preprocess, dQ and dMask fold their blocks onto grid x (csrc/cuda/grid.h): with the
+    emulator's y/z limit lowered to 4 (the forward's and dK/dV's grids: at most 4 heads on y, 3
+    batches on z), a problem with 12 mask slices and tiles of each kind runs, and matches the
+    reference (the decoding is right). The former dMask grid (Bm * Hm = 12 on z) failed this check,
+    and so did Bm * Hm over 65535 on a GPU."""
+    monkeypatch.setenv("ATTNKERN_EMU_MAX_GRID_YZ", "4")
     dtype, gen = torch.float16, torch.Generator().manual_seed(5)
     B, Hq, Hkv, L, S, E = 3, 4, 1, 17, 40, 32
     q = torch.randn(B, Hq, L, E, generator=gen).to(dtype).requires_grad_()
@@ -208,8 +208,8 @@ def test_no_launch_puts_a_problem_size_on_grid_y_or_z(emu, monkeypatch, causal, 
 
 
 def test_large_batch_times_heads_is_accepted():
-    """B * H and Bm * Hm over 65535 are no longer declined; a launch of more than 2^31 - 1 blocks is, and
-    batch or kv heads over 65535 (the dK/dV grid keeps them on y and z)."""
+    """Bm * Hm over 65535 is no longer declined; a launch of more than 2^31 - 1 blocks is, and batch or
+    heads over 65535 each (the forward and dK/dV grids keep them on y and z)."""
     q = torch.randn(300, 300, 1, 8, dtype=torch.float16)
     mask = torch.zeros(300, 300, 1, 1, requires_grad=True)
     assert attnkern.explain(q, q, q, attn_mask=mask, backend="cuda-emu").backend == "cuda-emu"
@@ -217,7 +217,7 @@ def test_large_batch_times_heads_is_accepted():
     e = attnkern.explain(*[one.expand(65535, 65535, 1, 8)] * 3, backend="cuda-emu")
     assert e.backend == "none" and "2147483647 thread blocks in one launch" in e.reason
     e = attnkern.explain(*[one.expand(70000, 1, 1, 8)] * 3, backend="cuda-emu")
-    assert e.backend == "none" and "batch and kv heads up to 65535 each" in e.reason
+    assert e.backend == "none" and "batch and heads up to 65535 each" in e.reason
 
 
 def test_explain_and_list_providers_know_cuda_emu():

@@ -17,7 +17,7 @@ from .base import Backend, new_grad, new_lse, new_mask_grad, new_output, new_res
 
 MAX_HEAD_DIM = 256
 HEAD_DIM_MULTIPLE = 8  # the kernels copy rows in 16-byte (8-element) chunks
-MAX_GRID_X = 2**31 - 1  # launches put their blocks on grid x (csrc/cuda/grid.h); dK/dV's excepted
+MAX_GRID_X = 2**31 - 1  # the backward's preprocess, dQ and dMask put their blocks on grid x (csrc/cuda/grid.h)
 MAX_GRID_YZ = 65535
 
 
@@ -97,9 +97,10 @@ class CudaBackend(Backend):
             return f"head dims up to {MAX_HEAD_DIM} (got E={problem.E}, Ev={problem.Ev})"
         if problem.dropout_p > 0.0:
             return "dropout is not fused yet (dropout_p > 0)"
-        if problem.B > MAX_GRID_YZ or problem.Hkv > MAX_GRID_YZ:
-            # The dK/dV launch keeps kv heads on grid y and batch on z (decoding them costs registers).
-            return f"batch and kv heads up to {MAX_GRID_YZ} each (the dK/dV launch's grid)"
+        if problem.B > MAX_GRID_YZ or problem.Hq > MAX_GRID_YZ:
+            # The forward and dK/dV launches keep heads on grid y and batch on z (decoding them from
+            # grid x costs registers those kernels have not got).
+            return f"batch and heads up to {MAX_GRID_YZ} each (the forward's grid)"
         if most_blocks(problem) > MAX_GRID_X:
             return f"more than {MAX_GRID_X} thread blocks in one launch (CUDA's grid limit)"
         return None

@@ -12,7 +12,6 @@
 // output's rounding residual (for the backward's delta).
 #pragma once
 
-#include "grid.h"
 #include "mask.h"
 #include "tile.h"
 
@@ -37,12 +36,8 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_fwd_kernel(const A
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane >> 2, t = lane & 3;
   const bool causal = p.causal != Causal::kNone;
   // Causal: the longest rows (most key tiles) first, for a better tail across SMs.
-  const int m_tiles = int((p.L + kBM - 1) / kBM);
-  const FoldedBlock blk = folded_block(m_tiles);
-  const int m_block = causal ? m_tiles - 1 - blk.tile : blk.tile;
-  int h, b;
-  split_slice(blk.slice, p.Hq, h, b);
-  const int64_t hk = h / p.group;
+  const int m_block = causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  const int64_t h = blockIdx.y, b = blockIdx.z, hk = h / p.group;
   const int m0 = m_block * kBM;
 
   const T* q = static_cast<const T*>(p.q) + b * p.q_st.b + h * p.q_st.h + int64_t(m0) * p.q_st.l;

@@ -1,6 +1,6 @@
 // Grid shapes. CUDA allows 2^31 - 1 blocks on grid x but only 65535 on y and z, and the (batch, head)
-// and mask-slice counts can pass 65535. So every launch but dK/dV's (see launch_dkdv) puts all its
-// blocks on x: `tiles` blocks for each of `slices` (head, batch) pairs, the tile index fastest, which is
+// and mask-slice counts can pass 65535. So the backward's preprocess, dQ and dMask launches put all
+// their blocks on x: `tiles` blocks for each of `slices` (head, batch) pairs, the tile index fastest, which is
 // the order the former (tiles, heads, batch) grids ran them in. A kernel decodes its block with two
 // unsigned divides.
 #pragma once
@@ -15,7 +15,9 @@ namespace cuda {
 constexpr int64_t kMaxGridX = 2147483647;  // 2^31 - 1
 constexpr int64_t kMaxGridYZ = 65535;
 
-// 32-bit: every index is below 2^31, and a 64-bit divide costs registers (it spilled the dK/dV pass).
+// 32-bit: every index is below 2^31, and a 64-bit divide costs registers. The forward and dK/dV keep
+// (tiles, heads, batch) grids: the decoded indices, live to their end, spilled them (blockIdx reads
+// cost no register).
 struct FoldedBlock {
   int tile;        // in [0, tiles)
   unsigned slice;  // in [0, slices): head + heads * batch, or the mask slice

@@ -65,10 +65,12 @@ cudaError_t run_attention_fwd(const AttentionParams& p, cudaStream_t stream) {
   auto kernel = has_mask ? attention_fwd_kernel<Traits, true> : attention_fwd_kernel<Traits, false>;
   cudaError_t err = allow_smem(kernel, Traits::kSmemBytes);
   if (err != cudaSuccess) return err;
-  const int64_t tiles = (p.L + Traits::kBlockM - 1) / Traits::kBlockM, slices = p.Hq * p.B;
-  if (tiles * slices == 0) return cudaSuccess;  // nothing to compute (a launch would fail)
-  dim3 grid;
-  if (!folded_grid(tiles, slices, grid)) return cudaErrorInvalidConfiguration;
+  // Not folded onto x (grid.h): decoding head and batch from grid x costs registers the masked
+  // forward has not got (it spilled at head dim 128 on sm_80); blockIdx reads cost none. Heads on y,
+  // batch on z, each at most 65535 (the cuda backend declines larger ones).
+  if (p.Hq > kMaxGridYZ || p.B > kMaxGridYZ) return cudaErrorInvalidConfiguration;
+  const dim3 grid(unsigned((p.L + Traits::kBlockM - 1) / Traits::kBlockM), unsigned(p.Hq), unsigned(p.B));
+  if (grid.x * grid.y * grid.z == 0) return cudaSuccess;  // nothing to compute (a launch would fail)
   ATTNKERN_LAUNCH(kernel, grid, Traits::kThreads, Traits::kSmemBytes, stream)(p);
   return cudaGetLastError();
 }

@@ -17,23 +17,6 @@ from .base import Backend, new_grad, new_lse, new_mask_grad, new_output, new_res
 
 MAX_HEAD_DIM = 256
 HEAD_DIM_MULTIPLE = 8  # the kernels copy rows in 16-byte (8-element) chunks
-MAX_GRID_X = 2**31 - 1  # the backward's preprocess, dQ and dMask put their blocks on grid x (csrc/cuda/grid.h)
-MAX_GRID_YZ = 65535
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def most_blocks(problem) -> int:
-    """An upper bound on the blocks of the problem's largest launch (csrc/cuda/launch.h): the backward's
-    preprocess (8 rows a block), dK/dV (64 keys, split in two), dMask (64 rows by 16 keys or more)."""
-    B, Hq, Hkv, L, S = problem.B, problem.Hq, problem.Hkv, problem.L, problem.S
-    blocks = max(_cdiv(L, 8) * B * Hq, _cdiv(S, 64) * 2 * B * Hkv)
-    if problem.mask_requires_grad:
-        Bm, Hm, _, _ = problem.mask.shape
-        blocks = max(blocks, _cdiv(L, 64) * _cdiv(S, 16) * Bm * Hm)
-    return blocks
 
 
 def _padded(t: torch.Tensor) -> torch.Tensor:
@@ -97,12 +80,15 @@ class CudaBackend(Backend):
             return f"head dims up to {MAX_HEAD_DIM} (got E={problem.E}, Ev={problem.Ev})"
         if problem.dropout_p > 0.0:
             return "dropout is not fused yet (dropout_p > 0)"
-        if problem.B > MAX_GRID_YZ or problem.Hq > MAX_GRID_YZ:
-            # The forward and dK/dV launches keep heads on grid y and batch on z (decoding them from
-            # grid x costs registers those kernels have not got).
-            return f"batch and heads up to {MAX_GRID_YZ} each (the forward's grid)"
-        if most_blocks(problem) > MAX_GRID_X:
-            return f"more than {MAX_GRID_X} thread blocks in one launch (CUDA's grid limit)"
+        if problem.B > 65535 or problem.Hq > 65535:
+            return "batch and heads up to 65535 each"
+        if problem.mask_requires_grad:
+            # The mask-gradient launch: grid z = Bm * Hm, grid y = key tiles (16 keys or more each).
+            Bm, Hm, _, Sm = problem.mask.shape
+            if Bm * Hm > 65535:
+                return f"a mask gradient over Bm * Hm = {Bm * Hm} mask slices (the grid allows 65535)"
+            if -(-Sm // 16) > 65535:
+                return f"a mask gradient over {Sm} keys (the grid allows 65535 tiles of 16)"
         return None
 
     # Head dims that are not multiples of 8 run zero-padded to the next multiple (then on the next

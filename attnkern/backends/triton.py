@@ -26,21 +26,6 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _TRITON_FOUND = importlib.util.find_spec("triton") is not None
 
 
-# Every launch folds its programs onto grid axis 0 (triton/common.py grid_for), which allows 2**31 - 1.
-MAX_GRID_PROGRAMS = 2**31 - 1
-
-
-def most_programs(problem) -> int:
-    """An upper bound on the programs of the problem's largest launch: every tile is 16 rows or keys or
-    more (forward, preprocess, dK/dV, dQ; dMask 16 x 16 or more)."""
-    tiles_l, tiles_s = -(-problem.L // 16), -(-problem.S // 16)
-    n = max(tiles_l * problem.B * problem.Hq, tiles_s * problem.B * problem.Hkv)
-    if problem.mask_requires_grad:
-        Bm, Hm, _, _ = problem.mask.shape
-        n = max(n, tiles_l * tiles_s * Bm * Hm)
-    return n
-
-
 class TritonBackend(Backend):
     name = "triton"
 
@@ -70,8 +55,6 @@ class TritonBackend(Backend):
                 return "bfloat16 kernels need a GPU of compute capability 8.0 or newer"
         if problem.dropout_p > 0.0:
             return "dropout is not fused yet (dropout_p > 0)"
-        if most_programs(problem) > MAX_GRID_PROGRAMS:
-            return f"more than {MAX_GRID_PROGRAMS} programs in one launch (the grid's limit)"
         return None
 
     def forward(self, q, k, v, mask, scale, causal, residual):

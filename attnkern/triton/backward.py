@@ -23,14 +23,13 @@ import triton.language as tl
 from ..backends.base import new_grad, new_mask_grad
 from ..masks import CAUSAL_NONE, causal_offset, mask_kind
 from . import configs
-from .common import (folded_pid, grid_for, index_range, load_row_stats, load_tile, mask_scores, needs_int64,
-                     store_tile, LOG2E)
+from .common import index_range, load_row_stats, load_tile, mask_scores, needs_int64, store_tile, LOG2E
 from .forward import mask_args, precision_for
 
 
 @triton.jit
 def _bwd_preprocess_kernel(
-    O, O_LO, DO, DLSE, STATS, DELTA,
+    O, O_LO, DO, DLSE, DELTA,
     stride_ob, stride_oh, stride_ol, stride_oe,
     stride_lob, stride_loh, stride_lol, stride_loe,
     stride_dob, stride_doh, stride_dol, stride_doe,
@@ -39,9 +38,9 @@ def _bwd_preprocess_kernel(
     EV: tl.constexpr, BLOCK_EV: tl.constexpr, HAS_DLSE: tl.constexpr, HAS_LO: tl.constexpr,
     BLOCK_M: tl.constexpr, I64: tl.constexpr,
 ):
-    pid_m, bh = folded_pid(tl.cdiv(L, BLOCK_M))
-    h = (bh % H).to(tl.int64)
-    b = (bh // H).to(tl.int64)
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
     offs_m = index_range(pid_m * BLOCK_M, BLOCK_M, I64)
     offs_ev = index_range(0, BLOCK_EV, I64)
     o = load_tile(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_ev[None, :] * stride_oe,
@@ -54,11 +53,7 @@ def _bwd_preprocess_kernel(
     delta = tl.sum(o * do.to(tl.float32), 1)
     in_range = offs_m < L
     if HAS_DLSE:
-        # A fully masked row (row max -inf) has P = 0 and a constant lse: its dlse, maybe inf or NaN (a
-        # log-sum-exp merge), must not enter delta, or dS = 0 * (dP - delta) would be NaN on every key.
-        row_max = tl.load(STATS + ((b * H + h) * L + offs_m) * 2, mask=in_range, other=0.0)
-        live = in_range & (row_max != float("-inf"))
-        dlse = tl.load(DLSE + b * stride_dlb + h * stride_dlh + offs_m * stride_dll, mask=live, other=0.0)
+        dlse = tl.load(DLSE + b * stride_dlb + h * stride_dlh + offs_m * stride_dll, mask=in_range, other=0.0)
         delta -= dlse.to(tl.float32)
     tl.store(DELTA + (b * H + h) * L + offs_m, delta, mask=in_range)
 
@@ -125,9 +120,9 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     I64: tl.constexpr,
 ):
-    pid_n, bh = folded_pid(tl.cdiv(S, BLOCK_N))
-    hk = (bh % (H // GROUP)).to(tl.int64)
-    b = (bh // (H // GROUP)).to(tl.int64)
+    pid_n = tl.program_id(0)
+    hk = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
     start_n = pid_n * BLOCK_N
     offs_n = index_range(start_n, BLOCK_N, I64)
     offs_m0 = index_range(0, BLOCK_M, I64)
@@ -234,12 +229,11 @@ def _attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     I64: tl.constexpr,
 ):
-    m_tiles = tl.cdiv(L, BLOCK_M)
-    pid_m, bh = folded_pid(m_tiles)
+    pid_m = tl.program_id(0)
     if IS_CAUSAL:
-        pid_m = m_tiles - 1 - pid_m
-    h = (bh % H).to(tl.int64)
-    b = (bh // H).to(tl.int64)
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
     hk = h // GROUP
     start_m = pid_m * BLOCK_M
     offs_m = index_range(start_m, BLOCK_M, I64)
@@ -311,11 +305,9 @@ def _attn_bwd_dmask_kernel(
     A = Σ_j P dP and B = Σ_j P: the same value, without the cancellation of delta (rounded from O)
     against A; a row that sees no key has B = 0 and gives 0.
     """
-    m_tiles = 1 if SUM_L else tl.cdiv(L, BLOCK_M)
-    n_tiles = 1 if SUM_S else tl.cdiv(S, BLOCK_N)
-    pid_mn, pid_bh = folded_pid(m_tiles * n_tiles)  # row tile fastest, then key tile, then mask slice
-    pid_m = pid_mn % m_tiles
-    pid_n = pid_mn // m_tiles
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_bh = tl.program_id(2)
     bm = (pid_bh // HM).to(tl.int64)
     hm = (pid_bh % HM).to(tl.int64)
     offs_m0 = index_range(0, BLOCK_M, I64)
@@ -433,20 +425,20 @@ def attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale: flo
     i64 = needs_int64(q, k, v, mask, out, out_lo if has_lo else None, dout, dq, dk, dv)
     pre_block = 64 if block_ev <= 128 else 32
     dlse_strides = dlse.stride() if dlse is not None else (0, 0, 0)
-    _bwd_preprocess_kernel[grid_for(triton.cdiv(L, pre_block), H * B)](
-        out, out_lo if has_lo else out, dout, dlse if dlse is not None else delta, stats, delta,
+    _bwd_preprocess_kernel[(triton.cdiv(L, pre_block), H, B)](
+        out, out_lo if has_lo else out, dout, dlse if dlse is not None else delta, delta,
         *out.stride(), *(out_lo if has_lo else out).stride(), *dout.stride(), *dlse_strides, H, L,
         EV=Ev, BLOCK_EV=block_ev, HAS_DLSE=dlse is not None, HAS_LO=has_lo, BLOCK_M=pre_block, I64=i64,
     )
 
     common = dict(E=E, EV=Ev, BLOCK_E=block_e, BLOCK_EV=block_ev, MASK_KIND=kind, IS_CAUSAL=is_causal,
                   PRECISION=precision, I64=i64)
-    _attn_bwd_dkdv_kernel[lambda meta: grid_for(triton.cdiv(S, meta["BLOCK_N"]), Hkv * B)](
+    _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), Hkv, B)](
         q, k, v, mask_ptr, dout, stats, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *dk.stride(), *dv.stride(),
         H, group, L, S, scale, off, configs.bucket(L), configs.bucket(S), **common,
     )
-    _attn_bwd_dq_kernel[lambda meta: grid_for(triton.cdiv(L, meta["BLOCK_M"]), H * B)](
+    _attn_bwd_dq_kernel[lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), H, B)](
         q, k, v, mask_ptr, dout, stats, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *dq.stride(),
         H, group, L, S, scale, off, configs.bucket(L), configs.bucket(S), **common,
@@ -458,8 +450,7 @@ def attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale: flo
         sum_b, sum_h, sum_l, sum_s = Bm == 1 and B > 1, Hm == 1 and H > 1, Lm == 1 and L > 1, Sm == 1 and S > 1
         bm_, bn_, warps = dmask_blocks(E, Ev, q.dtype)
         dm = new_mask_grad(mask)
-        m_tiles, n_tiles = 1 if sum_l else triton.cdiv(L, bm_), 1 if sum_s else triton.cdiv(S, bn_)
-        grid = grid_for(m_tiles * n_tiles, Bm * Hm)
+        grid = (1 if sum_l else triton.cdiv(L, bm_), 1 if sum_s else triton.cdiv(S, bn_), Bm * Hm)
         _attn_bwd_dmask_kernel[grid](
             q, k, v, mask_ptr, dout, stats, delta, dlse if dlse is not None else delta, dm,
             *q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *dlse_strides, *dm.stride(),

@@ -101,26 +101,3 @@ def needs_int64(*tensors) -> bool:
         t is not None and sum((size - 1) * abs(st) for size, st in zip(t.shape, t.stride())) >= 2**31
         for t in tensors
     )
-
-
-# Grid axes 1 and 2 allow 65535 programs, axis 0 2**31 - 1; (batch, head) and mask-slice counts can
-# pass 65535. So every launch puts all its programs on axis 0, `tiles` for each of `slices`, the tile
-# index fastest (the order of the former (tiles, heads, batch) grids); a program decodes its (tile,
-# slice) with one integer divide (folded_pid).
-MAX_GRID_X = 2**31 - 1
-
-
-def grid_for(tiles: int, slices: int):
-    """The launch grid of `tiles` programs for each of `slices`, folded onto axis 0."""
-    n = tiles * slices
-    if n > MAX_GRID_X:
-        raise ValueError(f"attnkern triton: {tiles} tiles x {slices} slices = {n} programs exceed the "
-                         f"grid's {MAX_GRID_X}")
-    return (n, 1, 1)
-
-
-@triton.jit
-def folded_pid(tiles):
-    """(tile, slice) of this program in a grid_for(tiles, slices) launch."""
-    pid = tl.program_id(0)
-    return pid % tiles, pid // tiles

@@ -15,7 +15,7 @@ import triton.language as tl
 from ..backends.base import new_lse, new_output, new_residual, new_stats
 from ..masks import CAUSAL_NONE, causal_offset
 from . import configs
-from .common import folded_pid, grid_for, index_range, needs_int64, LN2, LOG2E, load_tile, mask_scores, store_tile
+from .common import index_range, needs_int64, LN2, LOG2E, load_tile, mask_scores, store_tile
 
 
 @triton.jit
@@ -71,12 +71,11 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     I64: tl.constexpr,
 ):
-    m_tiles = tl.cdiv(L, BLOCK_M)
-    pid_m, bh = folded_pid(m_tiles)
+    pid_m = tl.program_id(0)
     if IS_CAUSAL:  # the longest rows (most key tiles) first, for a better tail across SMs
-        pid_m = m_tiles - 1 - pid_m
-    h = bh % H
-    b = (bh // H).to(tl.int64)
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
     hk = (h // GROUP).to(tl.int64)
     h64 = h.to(tl.int64)
 
@@ -180,7 +179,7 @@ def attention_forward(q, k, v, mask, scale: float, causal: int, residual: bool =
     mask_t, m_strides = mask_args(mask)
     from ..masks import mask_kind
 
-    grid = lambda meta: grid_for(triton.cdiv(L, meta["BLOCK_M"]), H * B)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), H, B)  # noqa: E731
     _attn_fwd_kernel[grid](
         q, k, v, mask_t if mask_t is not None else q, out, out_lo if has_lo else out, lse, stats,
         *q.stride(), *k.stride(), *v.stride(), *m_strides, *out.stride(),

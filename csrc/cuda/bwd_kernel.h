@@ -15,7 +15,6 @@
 //                gradient, summing dS over the dims the mask broadcasts over in a fixed order.
 #pragma once
 
-#include "grid.h"
 #include "mask.h"
 #include "tile.h"
 
@@ -70,11 +69,8 @@ __device__ __forceinline__ void row_stats(const AttentionParams& p, int64_t bh, 
 template <typename T>
 __global__ void attention_bwd_preprocess_kernel(const AttentionParams p, float* delta) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int rows = blockDim.x / 32;
-  const FoldedBlock blk = folded_block(int((p.L + rows - 1) / rows));
-  const int64_t i = int64_t(blk.tile) * rows + warp;
-  int h, b;
-  split_slice(blk.slice, p.Hq, h, b);
+  const int64_t i = int64_t(blockIdx.x) * (blockDim.x / 32) + warp;
+  const int64_t h = blockIdx.y, b = blockIdx.z;
   if (i >= p.L) return;
   const T* o = static_cast<const T*>(p.out) + b * p.out_st.b + h * p.out_st.h + i * p.out_st.l;
   const T* d = static_cast<const T*>(p.dout) + b * p.dout_st.b + h * p.dout_st.h + i * p.dout_st.l;
@@ -90,12 +86,7 @@ __global__ void attention_bwd_preprocess_kernel(const AttentionParams p, float* 
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
   if (lane == 0) {
-    // A fully masked row (row max -inf) has P = 0 and a constant lse: its dlse, maybe inf or NaN (a
-    // log-sum-exp merge), must not enter delta, or dS = 0 * (dP - delta) would be NaN on every key.
-    const bool empty = static_cast<const float*>(p.stats)[((b * p.Hq + h) * p.L + i) * 2] == kNegInf;
-    if (p.dlse && !empty) {
-      acc -= static_cast<const float*>(p.dlse)[b * p.dlse_st.b + h * p.dlse_st.h + i * p.dlse_st.l];
-    }
+    if (p.dlse) acc -= static_cast<const float*>(p.dlse)[b * p.dlse_st.b + h * p.dlse_st.h + i * p.dlse_st.l];
     delta[(b * p.Hq + h) * p.L + i] = acc;
   }
 }
@@ -120,8 +111,6 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dkdv_kernel(co
   float* sStat = reinterpret_cast<float*>(sdO + 2 * QTile::kElems);  // [2][3][kBM]: m, log2l, delta
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane >> 2, t = lane & 3;
-  // Not folded (see launch_dkdv): decoding kv head and batch from grid x costs the registers this
-  // pass has not got (it spilled at head dim 128 on sm_80); blockIdx reads cost none.
   const int n_block = blockIdx.x / Traits::kSplit, split = blockIdx.x % Traits::kSplit;
   const int64_t hk = blockIdx.y, b = blockIdx.z;
   const int n0 = n_block * kBN;
@@ -288,12 +277,8 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dq_kernel(cons
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane >> 2, t = lane & 3;
   const bool causal = p.causal != Causal::kNone;
-  const int m_tiles = int((p.L + kBM - 1) / kBM);
-  const FoldedBlock blk = folded_block(m_tiles);
-  const int m_block = causal ? m_tiles - 1 - blk.tile : blk.tile;
-  int h, b;
-  split_slice(blk.slice, p.Hq, h, b);
-  const int64_t hk = h / p.group;
+  const int m_block = causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  const int64_t h = blockIdx.y, b = blockIdx.z, hk = h / p.group;
   const int m0 = m_block * kBM;
   const int wrow = warp * 16;
 
@@ -393,12 +378,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) attention_bwd_dmask_kerne
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane >> 2, t = lane & 3;
   const bool sum_b = p.Bm == 1 && p.B > 1, sum_h = p.Hm == 1 && p.Hq > 1;
   const bool sum_l = p.Lm == 1 && p.L > 1, sum_s = p.Sm == 1 && p.S > 1;
-  const int m_tiles = sum_l ? 1 : int((p.L + kBM - 1) / kBM), n_tiles = sum_s ? 1 : int((p.S + kBN - 1) / kBN);
-  const FoldedBlock blk = folded_block(m_tiles * n_tiles);  // row tile fastest, then key tile, then slice
-  int hm, bm;
-  split_slice(blk.slice, p.Hm, hm, bm);
-  const int64_t r0 = sum_l ? 0 : int64_t(blk.tile % m_tiles) * kBM, r1 = sum_l ? p.L : min(r0 + kBM, p.L);
-  const int64_t c0 = sum_s ? 0 : int64_t(blk.tile / m_tiles) * kBN, c1 = sum_s ? p.S : min(c0 + kBN, p.S);
+  const int64_t bh = blockIdx.z, bm = bh / p.Hm, hm = bh % p.Hm;
+  const int64_t r0 = sum_l ? 0 : int64_t(blockIdx.x) * kBM, r1 = sum_l ? p.L : min(r0 + kBM, p.L);
+  const int64_t c0 = sum_s ? 0 : int64_t(blockIdx.y) * kBN, c1 = sum_s ? p.S : min(c0 + kBN, p.S);
   const int wrow = warp * 16;
 
   float acc[kNT][4];

@@ -12,7 +12,6 @@
 #include "bwd_kernel.h"
 #include "dispatch.h"
 #include "fwd_kernel.h"
-#include "grid.h"
 
 namespace attnkern {
 namespace cuda {
@@ -65,10 +64,6 @@ cudaError_t run_attention_fwd(const AttentionParams& p, cudaStream_t stream) {
   auto kernel = has_mask ? attention_fwd_kernel<Traits, true> : attention_fwd_kernel<Traits, false>;
   cudaError_t err = allow_smem(kernel, Traits::kSmemBytes);
   if (err != cudaSuccess) return err;
-  // Not folded onto x (grid.h): decoding head and batch from grid x costs registers the masked
-  // forward has not got (it spilled at head dim 128 on sm_80); blockIdx reads cost none. Heads on y,
-  // batch on z, each at most 65535 (the cuda backend declines larger ones).
-  if (p.Hq > kMaxGridYZ || p.B > kMaxGridYZ) return cudaErrorInvalidConfiguration;
   const dim3 grid(unsigned((p.L + Traits::kBlockM - 1) / Traits::kBlockM), unsigned(p.Hq), unsigned(p.B));
   if (grid.x * grid.y * grid.z == 0) return cudaSuccess;  // nothing to compute (a launch would fail)
   ATTNKERN_LAUNCH(kernel, grid, Traits::kThreads, Traits::kSmemBytes, stream)(p);
@@ -80,9 +75,6 @@ cudaError_t launch_dkdv(const AttentionParams& p, const float* delta, cudaStream
   auto kernel = attention_bwd_dkdv_kernel<Traits, kHasMask>;
   cudaError_t err = allow_smem(kernel, Traits::kSmemBytes);
   if (err != cudaSuccess) return err;
-  // The one launch not folded onto x (see the kernel): kv heads on y and batch on z, each at most 65535
-  // (the cuda backend declines larger ones).
-  if (p.Hkv > kMaxGridYZ || p.B > kMaxGridYZ) return cudaErrorInvalidConfiguration;
   const dim3 grid(unsigned((p.S + Traits::kBlockN - 1) / Traits::kBlockN * Traits::kSplit), unsigned(p.Hkv),
                   unsigned(p.B));
   ATTNKERN_LAUNCH(kernel, grid, Traits::kThreads, Traits::kSmemBytes, stream)(p, delta);
@@ -98,10 +90,7 @@ cudaError_t run_attention_bwd(const AttentionParams& p, float* delta, cudaStream
   cudaError_t err = cudaSuccess;
   constexpr int kRowsPerBlock = 8;  // preprocess: one warp per row
   if (p.L > 0) {
-    dim3 grid_pre;
-    if (!folded_grid((p.L + kRowsPerBlock - 1) / kRowsPerBlock, p.Hq * p.B, grid_pre)) {
-      return cudaErrorInvalidConfiguration;
-    }
+    const dim3 grid_pre(unsigned((p.L + kRowsPerBlock - 1) / kRowsPerBlock), unsigned(p.Hq), unsigned(p.B));
     ATTNKERN_LAUNCH(attention_bwd_preprocess_kernel<T>, grid_pre, kRowsPerBlock * 32, 0, stream)(p, delta);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
@@ -114,8 +103,7 @@ cudaError_t run_attention_bwd(const AttentionParams& p, float* delta, cudaStream
   if (p.L > 0) {  // with no keys it writes zeros
     auto dq = has_mask ? attention_bwd_dq_kernel<Dq, true> : attention_bwd_dq_kernel<Dq, false>;
     if ((err = allow_smem(dq, Dq::kSmemBytes)) != cudaSuccess) return err;
-    dim3 grid_q;
-    if (!folded_grid((p.L + Dq::kBlockM - 1) / Dq::kBlockM, p.Hq * p.B, grid_q)) return cudaErrorInvalidConfiguration;
+    const dim3 grid_q(unsigned((p.L + Dq::kBlockM - 1) / Dq::kBlockM), unsigned(p.Hq), unsigned(p.B));
     ATTNKERN_LAUNCH(dq, grid_q, Dq::kThreads, Dq::kSmemBytes, stream)(p, delta);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
@@ -123,10 +111,8 @@ cudaError_t run_attention_bwd(const AttentionParams& p, float* delta, cudaStream
     auto dm = attention_bwd_dmask_kernel<Dq>;
     if ((err = allow_smem(dm, Dq::kSmemBytes)) != cudaSuccess) return err;
     const bool sum_l = p.Lm == 1 && p.L > 1, sum_s = p.Sm == 1 && p.S > 1;
-    const int64_t m_tiles = sum_l ? 1 : (p.L + Dq::kBlockM - 1) / Dq::kBlockM;
-    const int64_t n_tiles = sum_s ? 1 : (p.S + Dq::kBlockN - 1) / Dq::kBlockN;
-    dim3 grid_m;
-    if (!folded_grid(m_tiles * n_tiles, p.Bm * p.Hm, grid_m)) return cudaErrorInvalidConfiguration;
+    const dim3 grid_m(sum_l ? 1u : unsigned((p.L + Dq::kBlockM - 1) / Dq::kBlockM),
+                      sum_s ? 1u : unsigned((p.S + Dq::kBlockN - 1) / Dq::kBlockN), unsigned(p.Bm * p.Hm));
     ATTNKERN_LAUNCH(dm, grid_m, Dq::kThreads, Dq::kSmemBytes, stream)(p, delta, static_cast<float*>(p.dmask));
     err = cudaGetLastError();
   }

@@ -52,8 +52,7 @@ void check_problem(const AttentionParams& p, const at::Tensor& q) {
               " Ev=", p.Ev);
   TORCH_CHECK(head_dim_bucket(std::max(p.E, p.Ev)) > 0, "attnkern cuda: head dims up to 256, got E=", p.E,
               " Ev=", p.Ev);
-  TORCH_CHECK(p.B <= 65535 && p.Hq <= 65535,
-              "attnkern cuda: batch and heads up to 65535 each (the forward and dK/dV grids)");
+  TORCH_CHECK(p.B <= 65535 && p.Hq <= 65535, "attnkern cuda: batch and heads up to 65535 each (grid limits)");
 }
 
 template <typename T>

@@ -24,15 +24,7 @@ def rand(*shape, dtype=torch.float32, grad=False):
     return torch.randn(*shape, dtype=dtype, device=DEVICE).requires_grad_(grad)
 
 
-@pytest.fixture(autouse=True)
-def unpatched():
-    """Every test starts and ends with torch's own function in place and fresh log-once state."""
-    assert F.scaled_dot_product_attention is TORCH_SDPA
-    dispatch._logged.clear()
-    yield
-    leaked = attnkern.restore_sdpa(all_patches=True)
-    F.scaled_dot_product_attention = TORCH_SDPA
-    assert not leaked, "a test left a replace_sdpa() patch in effect"
+pytestmark = pytest.mark.usefixtures("sdpa_unpatched")
 
 
 @pytest.fixture

@@ -24,14 +24,7 @@ CAUSAL_BIASES = {"upper_left": causal_upper_left, "lower_right": causal_lower_ri
 LENGTHS = [(8, 8), (5, 11), (11, 5)]  # L == S, L < S, L > S
 
 
-@pytest.fixture(autouse=True)
-def unpatched():
-    assert F.scaled_dot_product_attention is TORCH_SDPA
-    dispatch._logged.clear()
-    yield
-    leaked = attnkern.restore_sdpa(all_patches=True)
-    F.scaled_dot_product_attention = TORCH_SDPA
-    assert not leaked, "a test left a replace_sdpa() patch in effect"
+pytestmark = pytest.mark.usefixtures("sdpa_unpatched")
 
 
 def rand(*shape, dtype=torch.float32, seed=0, grad=False):

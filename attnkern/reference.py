@@ -144,7 +144,9 @@ def reference_attention_backward(
         P = softmax(S)                (recomputed; 0 on fully masked rows)
         dV = Pᵀ dO                    dP = dO Vᵀ
         delta = rowsum(P ∘ dP) − dlse (= rowsum(dO ∘ O) − dlse, the kernels' form from O = out + out_lo;
-                                      taken from P here, in every dtype; out and out_lo are not read)
+                                      taken from P here, in every dtype; out and out_lo are not read;
+                                      dlse counts as 0 on fully masked rows: their lse = -inf is
+                                      constant, and an inf/NaN dlse there must not turn P = 0 into NaN)
         dS = P ∘ (dP − delta)         (the gradient of the masked, scaled scores = the float mask's)
         dQ = scale · dS K             dK = scale · dSᵀ Q
     dK/dV are summed over each kv head's query-head group; dMask over the mask's broadcast dims. A mask
@@ -165,7 +167,8 @@ def reference_attention_backward(
     dp = do @ vx.transpose(-2, -1)
     delta = (p * dp).sum(-1, keepdim=True)
     if dlse is not None:
-        delta = delta - dlse.to(dtype).unsqueeze(-1)
+        dl = dlse.to(dtype).unsqueeze(-1)
+        delta = delta - torch.where(denom == 0, torch.zeros_like(dl), dl)
     ds = p * (dp - delta)
     dq = scale * (ds @ kx)
     dk = scale * (ds.transpose(-2, -1) @ q.to(dtype))

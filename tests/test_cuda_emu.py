@@ -161,13 +161,11 @@ def test_shared_memory_attribute_is_set_once_per_kernel(emu):
     assert calls() == first
 
 
-def test_mask_gradient_grid_limit_is_declined_with_the_reason():
-    """The dMask launch puts Bm * Hm on grid z (at most 65535): larger mask gradients are declined."""
-    q = torch.randn(300, 300, 1, 8, dtype=torch.float16)
-    mask = torch.zeros(300, 300, 1, 1, requires_grad=True)
-    e = attnkern.explain(q, q, q, attn_mask=mask, backend="cuda-emu")
-    assert e.backend == "none" and "Bm * Hm = 90000 mask slices" in e.reason
-    assert attnkern.explain(q, q, q, attn_mask=mask.detach(), backend="cuda-emu").backend == "cuda-emu"
+def test_lowered_grid_limit_is_enforced(emu, monkeypatch):
+    """ATTNKERN_EMU_MAX_GRID_YZ lowers the launch check's y/z limit (tests/test_grid_limits.py uses it)."""
+    monkeypatch.setenv("ATTNKERN_EMU_MAX_GRID_YZ", "1")
+    with pytest.raises(RuntimeError, match=r"grid 1x1x65536 outside the limits .*y and z in \[1, 1\]"):
+        emu.run_broken_kernel(7)
 
 
 def test_explain_and_list_providers_know_cuda_emu():

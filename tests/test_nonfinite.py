@@ -146,3 +146,38 @@ def test_fully_masked_rows_stay_zero_beside_a_nan_row(pair):
     assert torch.all(out[:, :, 5] == 0) and torch.all(torch.isneginf(lse[:, :, 5]))
     assert torch.all(q.grad[:, :, 5] == 0)
     assert torch.isfinite(out[0, 0]).all() and torch.isfinite(q.grad[0, 0]).all(), "head 0 has no NaN input"
+
+
+@pytest.mark.parametrize("dlse_value", [INF, -INF, NAN], ids=["inf", "neg_inf", "nan"])
+@pytest.mark.parametrize("pair", pairs(), ids=pair_id)
+def test_nonfinite_dlse_on_fully_masked_rows_changes_nothing(pair, dlse_value):
+    """A fully masked row has P = 0 and lse = -inf (a constant), so its upstream dlse, which a
+    log-sum-exp merge can make inf or NaN, must not reach dS: the gradients equal those computed with
+    dlse = 0 on that row, and every other row's dlse still counts."""
+    backend, dtype = pair
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(B, H, n, E, generator=gen, dtype=torch.float64) for n in (L, S, S))
+    mask = torch.randn(L, S, generator=gen, dtype=torch.float64)
+    mask[5] = -INF  # row 5: every key masked
+    do = torch.randn(B, H, L, E, generator=gen, dtype=torch.float64)
+    dlse = torch.randn(B, H, L, generator=gen, dtype=torch.float64)
+    q, k, v, mask, do = (t.to(dtype) for t in (q, k, v, mask, do))
+    dlse_bad = dlse.clone()
+    dlse_bad[:, :, 5] = dlse_value
+    dlse[:, :, 5] = 0.0
+
+    def run(fn, dt, dl):
+        leaves = [t.to(dt).to(DEVICE).clone().requires_grad_() for t in (q, k, v, mask)]
+        out, lse = fn(*leaves)
+        torch.autograd.backward([out, lse], [do.to(dt).to(DEVICE), dl.to(lse.dtype).to(DEVICE)])
+        return [t.grad for t in leaves]
+
+    grads = run(lambda q, k, v, m: attnkern.attention(q, k, v, attn_mask=m, backend=backend), dtype, dlse_bad)
+    grads64 = run(lambda q, k, v, m: reference_attention(q, k, v, m), torch.float64, dlse)
+    grads_lp = run(lambda q, k, v, m: reference_attention(q, k, v, m), dtype, dlse)
+    assert all(torch.isfinite(g).all() for g in grads), "a non-finite dlse on a fully masked row leaked into dS"
+    assert torch.all(grads[0][:, :, 5] == 0) and torch.all(grads[3][5] == 0)
+    failures = [check(n, g, g64, glp, dtype, 3.0)
+                for n, g, g64, glp in zip(["dq", "dk", "dv", "dmask"], grads, grads64, grads_lp)]
+    failures = [f for f in failures if f]
+    assert not failures, "\n".join(failures)

@@ -17,6 +17,7 @@ from .base import Backend, new_grad, new_lse, new_mask_grad, new_output, new_res
 
 MAX_HEAD_DIM = 256
 HEAD_DIM_MULTIPLE = 8  # the kernels copy rows in 16-byte (8-element) chunks
+MAX_GRID_YZ = 65535  # CUDA's limit on grid y and z
 
 
 def _padded(t: torch.Tensor) -> torch.Tensor:
@@ -80,15 +81,13 @@ class CudaBackend(Backend):
             return f"head dims up to {MAX_HEAD_DIM} (got E={problem.E}, Ev={problem.Ev})"
         if problem.dropout_p > 0.0:
             return "dropout is not fused yet (dropout_p > 0)"
-        if problem.B > 65535 or problem.Hq > 65535:
-            return "batch and heads up to 65535 each"
-        if problem.mask_requires_grad:
-            # The mask-gradient launch: grid z = Bm * Hm, grid y = key tiles (16 keys or more each).
-            Bm, Hm, _, Sm = problem.mask.shape
-            if Bm * Hm > 65535:
-                return f"a mask gradient over Bm * Hm = {Bm * Hm} mask slices (the grid allows 65535)"
-            if -(-Sm // 16) > 65535:
-                return f"a mask gradient over {Sm} keys (the grid allows 65535 tiles of 16)"
+        # Grid y holds the heads (at most MAX_GRID_YZ); batches beyond grid z's limit run as several
+        # launches (csrc/cuda/launch.h), so the batch size is not limited.
+        if problem.Hq > MAX_GRID_YZ:
+            return f"at most {MAX_GRID_YZ} query heads (grid y), got {problem.Hq}"
+        if problem.mask_requires_grad and -(-problem.mask.shape[3] // 16) > MAX_GRID_YZ:
+            # The mask-gradient launch puts its key tiles (16 keys or more each) on grid y.
+            return f"a mask gradient over {problem.mask.shape[3]} keys (grid y allows {MAX_GRID_YZ} tiles of 16)"
         return None
 
     # Head dims that are not multiples of 8 run zero-padded to the next multiple (then on the next

@@ -24,6 +24,7 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Found, not imported: importing triton costs about a second, paid on the first kernel call instead.
 _TRITON_FOUND = importlib.util.find_spec("triton") is not None
+MAX_GRID_YZ = 65535  # the launches' grid axes 1 and 2 (triton/common.py)
 
 
 class TritonBackend(Backend):
@@ -55,6 +56,13 @@ class TritonBackend(Backend):
                 return "bfloat16 kernels need a GPU of compute capability 8.0 or newer"
         if problem.dropout_p > 0.0:
             return "dropout is not fused yet (dropout_p > 0)"
+        # Grid axis 1 holds the heads (or the dMask launch's key tiles, 16 keys or more each); batches
+        # beyond axis 2's limit run as several launches (triton/common.py batch_slices).
+        if problem.Hq > MAX_GRID_YZ:
+            return f"at most {MAX_GRID_YZ} query heads (grid axis 1), got {problem.Hq}"
+        if problem.mask_requires_grad and -(-problem.mask.shape[3] // 16) > MAX_GRID_YZ:
+            return (f"a mask gradient over {problem.mask.shape[3]} keys (grid axis 1 allows {MAX_GRID_YZ} "
+                    "tiles of 16)")
         return None
 
     def forward(self, q, k, v, mask, scale, causal, residual):

@@ -22,14 +22,14 @@ import triton.language as tl
 
 from ..backends.base import new_grad, new_mask_grad
 from ..masks import CAUSAL_NONE, causal_offset, mask_kind
-from . import configs
+from . import common as tcommon, configs
 from .common import index_range, load_row_stats, load_tile, mask_scores, needs_int64, store_tile, LOG2E
 from .forward import mask_args, precision_for
 
 
 @triton.jit
 def _bwd_preprocess_kernel(
-    O, O_LO, DO, DLSE, DELTA,
+    O, O_LO, DO, DLSE, STATS, DELTA,
     stride_ob, stride_oh, stride_ol, stride_oe,
     stride_lob, stride_loh, stride_lol, stride_loe,
     stride_dob, stride_doh, stride_dol, stride_doe,
@@ -53,7 +53,11 @@ def _bwd_preprocess_kernel(
     delta = tl.sum(o * do.to(tl.float32), 1)
     in_range = offs_m < L
     if HAS_DLSE:
-        dlse = tl.load(DLSE + b * stride_dlb + h * stride_dlh + offs_m * stride_dll, mask=in_range, other=0.0)
+        # A fully masked row (row max -inf) has P = 0 and a constant lse: its dlse, maybe inf or NaN (a
+        # log-sum-exp merge), must not enter delta, or dS = 0 * (dP - delta) would be NaN on every key.
+        row_max = tl.load(STATS + ((b * H + h) * L + offs_m) * 2, mask=in_range, other=0.0)
+        live = in_range & (row_max != float("-inf"))
+        dlse = tl.load(DLSE + b * stride_dlb + h * stride_dlh + offs_m * stride_dll, mask=live, other=0.0)
         delta -= dlse.to(tl.float32)
     tl.store(DELTA + (b * H + h) * L + offs_m, delta, mask=in_range)
 
@@ -425,24 +429,27 @@ def attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale: flo
     i64 = needs_int64(q, k, v, mask, out, out_lo if has_lo else None, dout, dq, dk, dv)
     pre_block = 64 if block_ev <= 128 else 32
     dlse_strides = dlse.stride() if dlse is not None else (0, 0, 0)
-    _bwd_preprocess_kernel[(triton.cdiv(L, pre_block), H, B)](
-        out, out_lo if has_lo else out, dout, dlse if dlse is not None else delta, delta,
-        *out.stride(), *(out_lo if has_lo else out).stride(), *dout.stride(), *dlse_strides, H, L,
-        EV=Ev, BLOCK_EV=block_ev, HAS_DLSE=dlse is not None, HAS_LO=has_lo, BLOCK_M=pre_block, I64=i64,
-    )
-
+    dlse_t = dlse if dlse is not None else delta
+    lo_t = out_lo if has_lo else out
     common = dict(E=E, EV=Ev, BLOCK_E=block_e, BLOCK_EV=block_ev, MASK_KIND=kind, IS_CAUSAL=is_causal,
                   PRECISION=precision, I64=i64)
-    _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), Hkv, B)](
-        q, k, v, mask_ptr, dout, stats, delta, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *dk.stride(), *dv.stride(),
-        H, group, L, S, scale, off, configs.bucket(L), configs.bucket(S), **common,
-    )
-    _attn_bwd_dq_kernel[lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), H, B)](
-        q, k, v, mask_ptr, dout, stats, delta, dq,
-        *q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *dq.stride(),
-        H, group, L, S, scale, off, configs.bucket(L), configs.bucket(S), **common,
-    )
+    for b0, b1, part in tcommon.batch_slices(B):  # one launch each unless B passes grid axis 2's limit
+        n = b1 - b0
+        _bwd_preprocess_kernel[(triton.cdiv(L, pre_block), H, n)](
+            part(out), part(lo_t), part(dout), part(dlse_t), part(stats), part(delta),
+            *out.stride(), *lo_t.stride(), *dout.stride(), *dlse_strides, H, L,
+            EV=Ev, BLOCK_EV=block_ev, HAS_DLSE=dlse is not None, HAS_LO=has_lo, BLOCK_M=pre_block, I64=i64,
+        )
+        _attn_bwd_dkdv_kernel[lambda meta, n=n: (triton.cdiv(S, meta["BLOCK_N"]), Hkv, n)](
+            part(q), part(k), part(v), part(mask_ptr), part(dout), part(stats), part(delta), part(dk), part(dv),
+            *q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *dk.stride(), *dv.stride(),
+            H, group, L, S, scale, off, configs.bucket(L), configs.bucket(S), **common,
+        )
+        _attn_bwd_dq_kernel[lambda meta, n=n: (triton.cdiv(L, meta["BLOCK_M"]), H, n)](
+            part(q), part(k), part(v), part(mask_ptr), part(dout), part(stats), part(delta), part(dq),
+            *q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *dq.stride(),
+            H, group, L, S, scale, off, configs.bucket(L), configs.bucket(S), **common,
+        )
 
     dmask = None
     if mask_grad:
@@ -450,15 +457,20 @@ def attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale: flo
         sum_b, sum_h, sum_l, sum_s = Bm == 1 and B > 1, Hm == 1 and H > 1, Lm == 1 and L > 1, Sm == 1 and S > 1
         bm_, bn_, warps = dmask_blocks(E, Ev, q.dtype)
         dm = new_mask_grad(mask)
-        grid = (1 if sum_l else triton.cdiv(L, bm_), 1 if sum_s else triton.cdiv(S, bn_), Bm * Hm)
-        _attn_bwd_dmask_kernel[grid](
-            q, k, v, mask_ptr, dout, stats, delta, dlse if dlse is not None else delta, dm,
-            *q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *dlse_strides, *dm.stride(),
-            B, H, group, L, S, Hm, scale, off,
-            E=E, EV=Ev, BLOCK_E=block_e, BLOCK_EV=block_ev, IS_CAUSAL=is_causal, PRECISION=precision,
-            HAS_DLSE=dlse is not None,
-            SUM_B=sum_b, SUM_H=sum_h, SUM_L=sum_l, SUM_S=sum_s, BLOCK_M=bm_, BLOCK_N=bn_, I64=i64,
-            num_warps=warps,
-        )
+        # Bm * Hm mask slices on grid axis 2: a mask shared by the batch (Bm == 1) is summed over it in
+        # one launch; a per-batch one (Bm == B) is sliced with the batch.
+        for b0, b1, part in (tcommon.batch_slices(B, Hm) if Bm > 1 else [(0, B, lambda t: t)]):
+            grid = (1 if sum_l else triton.cdiv(L, bm_), 1 if sum_s else triton.cdiv(S, bn_),
+                    (b1 - b0 if Bm > 1 else 1) * Hm)
+            _attn_bwd_dmask_kernel[grid](
+                part(q), part(k), part(v), part(mask_ptr), part(dout), part(stats), part(delta), part(dlse_t),
+                part(dm),
+                *q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *dlse_strides, *dm.stride(),
+                b1 - b0, H, group, L, S, Hm, scale, off,
+                E=E, EV=Ev, BLOCK_E=block_e, BLOCK_EV=block_ev, IS_CAUSAL=is_causal, PRECISION=precision,
+                HAS_DLSE=dlse is not None,
+                SUM_B=sum_b, SUM_H=sum_h, SUM_L=sum_l, SUM_S=sum_s, BLOCK_M=bm_, BLOCK_N=bn_, I64=i64,
+                num_warps=warps,
+            )
         dmask = dm.to(mask.dtype)
     return dq, dk, dv, dmask

@@ -101,3 +101,27 @@ def needs_int64(*tensors) -> bool:
         t is not None and sum((size - 1) * abs(st) for size, st in zip(t.shape, t.stride())) >= 2**31
         for t in tensors
     )
+
+
+# Grid axes 1 and 2 hold at most 65535 programs (axis 0: 2**31 - 1). The launches keep heads on axis 1
+# and batches (or mask slices) on axis 2; a launch over more batches than axis 2 holds runs as several,
+# each on a batch slice of the tensors: an ordinary smaller problem, so the kernels carry no index
+# arithmetic for it (decoding batch and head from axis 0 instead cost the forward and dK/dV kernels
+# registers they have not got: they spilled on sm_90). Read at call time: tests lower it.
+MAX_GRID_YZ = 65535
+
+
+def batch_slices(batches: int, per_batch: int = 1):
+    """(b0, b1, slice) for consecutive batch ranges whose launches put at most MAX_GRID_YZ programs on
+    grid axis 2 (`per_batch` of them per batch); slice(t) is t's rows b0:b1, or t itself when t is
+    shared by the batch (size 1) or None. One range, with slice the identity, when all fit."""
+    per_launch = MAX_GRID_YZ // per_batch
+    if per_launch < 1:
+        raise ValueError(f"attnkern triton: {per_batch} programs per batch on grid axis 2 (at most {MAX_GRID_YZ})")
+    if batches <= per_launch:
+        return [(0, batches, lambda t: t)]
+    if per_launch >= 16:  # slices start 16 batches apart: 16-byte aligned pointers, as the whole tensors'
+        per_launch -= per_launch % 16
+    return [(b0, min(b0 + per_launch, batches),
+             lambda t, b0=b0, b1=min(b0 + per_launch, batches): t if t is None or t.shape[0] == 1 else t[b0:b1])
+            for b0 in range(0, batches, per_launch)]

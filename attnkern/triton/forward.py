@@ -14,7 +14,7 @@ import triton.language as tl
 
 from ..backends.base import new_lse, new_output, new_residual, new_stats
 from ..masks import CAUSAL_NONE, causal_offset
-from . import configs
+from . import common, configs
 from .common import index_range, needs_int64, LN2, LOG2E, load_tile, mask_scores, store_tile
 
 
@@ -179,14 +179,16 @@ def attention_forward(q, k, v, mask, scale: float, causal: int, residual: bool =
     mask_t, m_strides = mask_args(mask)
     from ..masks import mask_kind
 
-    grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), H, B)  # noqa: E731
-    _attn_fwd_kernel[grid](
-        q, k, v, mask_t if mask_t is not None else q, out, out_lo if has_lo else out, lse, stats,
-        *q.stride(), *k.stride(), *v.stride(), *m_strides, *out.stride(),
-        H, H // Hkv, L, S, scale, causal_offset(causal, L, S),
-        configs.bucket(L), configs.bucket(S),
-        E=E, EV=Ev, BLOCK_E=configs.head_block(E), BLOCK_EV=configs.head_block(Ev),
-        MASK_KIND=mask_kind(mask), IS_CAUSAL=causal != CAUSAL_NONE, PRECISION=precision_for(q.dtype),
-        HAS_LO=has_lo, I64=needs_int64(q, k, v, mask, out),
-    )
+    mask_t = mask_t if mask_t is not None else q
+    for b0, b1, part in common.batch_slices(B):  # one launch unless B passes grid axis 2's limit
+        _attn_fwd_kernel[lambda meta, n=b1 - b0: (triton.cdiv(L, meta["BLOCK_M"]), H, n)](
+            part(q), part(k), part(v), part(mask_t), part(out), part(out_lo if has_lo else out), part(lse),
+            part(stats),
+            *q.stride(), *k.stride(), *v.stride(), *m_strides, *out.stride(),
+            H, H // Hkv, L, S, scale, causal_offset(causal, L, S),
+            configs.bucket(L), configs.bucket(S),
+            E=E, EV=Ev, BLOCK_E=configs.head_block(E), BLOCK_EV=configs.head_block(Ev),
+            MASK_KIND=mask_kind(mask), IS_CAUSAL=causal != CAUSAL_NONE, PRECISION=precision_for(q.dtype),
+            HAS_LO=has_lo, I64=needs_int64(q, k, v, mask, out),
+        )
     return out, lse, stats, out_lo

@@ -100,12 +100,12 @@ struct QueryBlock {
       } else {
         for (int64_t e = 0; e < p.Ev; ++e) d += dob[i * Evp + e] * static_cast<acc_t>(orow[e * p.out_st.e]);
       }
-      if (p.dlse) {
+      const bool empty = stats[2 * i] == neg_inf<acc_t>();
+      if (p.dlse && !empty) {  // a fully masked row's lse is constant: its dlse (maybe inf/NaN) has no effect
         const auto* dl = static_cast<const acc_t*>(p.dlse);
         d -= dl[b * p.dlse_st.b + h * p.dlse_st.h + (m0 + i) * p.dlse_st.l];
       }
       delta[i] = d;
-      const bool empty = stats[2 * i] == neg_inf<acc_t>();
       row_max[i] = empty ? std::numeric_limits<acc_t>::infinity() : stats[2 * i];
       log2_denom[i] = empty ? acc_t(0) : stats[2 * i + 1];
     }

@@ -86,7 +86,12 @@ __global__ void attention_bwd_preprocess_kernel(const AttentionParams p, float* 
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
   if (lane == 0) {
-    if (p.dlse) acc -= static_cast<const float*>(p.dlse)[b * p.dlse_st.b + h * p.dlse_st.h + i * p.dlse_st.l];
+    // A fully masked row (row max -inf) has P = 0 and a constant lse: its dlse, maybe inf or NaN (a
+    // log-sum-exp merge), must not enter delta, or dS = 0 * (dP - delta) would be NaN on every key.
+    const bool empty = static_cast<const float*>(p.stats)[((b * p.Hq + h) * p.L + i) * 2] == kNegInf;
+    if (p.dlse && !empty) {
+      acc -= static_cast<const float*>(p.dlse)[b * p.dlse_st.b + h * p.dlse_st.h + i * p.dlse_st.l];
+    }
     delta[(b * p.Hq + h) * p.L + i] = acc;
   }
 }

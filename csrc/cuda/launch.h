@@ -56,6 +56,66 @@ cudaError_t allow_smem(Kernel kernel, int bytes) {
   return err;
 }
 
+// Grid limits. Every launch puts its tiles on x (2^31 - 1 blocks), heads on y and batches (or mask
+// slices) on z, which hold 65535 each: the backend declines more than 65535 heads, and a launch over
+// more batches than z holds runs as several, each on a slice of the batch. A slice is an ordinary
+// smaller problem (per-batch pointers advanced), so the kernels carry no index arithmetic for it:
+// decoding batch and head from grid x instead cost the forward and dK/dV passes registers they have not got.
+inline const void* advance(const void* ptr, int64_t elems, size_t elem_bytes) {
+  return ptr ? static_cast<const char*>(ptr) + elems * int64_t(elem_bytes) : ptr;
+}
+inline void* advance(void* ptr, int64_t elems, size_t elem_bytes) {
+  return ptr ? static_cast<char*>(ptr) + elems * int64_t(elem_bytes) : ptr;
+}
+
+inline size_t mask_elem_bytes(const AttentionParams& p) {
+  if (p.mask_kind == MaskKind::kBool) return 1;
+  switch (p.mask_elem) {
+    case MaskElem::kFloat64: return 8;
+    case MaskElem::kFloat16:
+    case MaskElem::kBFloat16: return 2;
+    default: return 4;
+  }
+}
+
+// p restricted to batches [b0, b0 + n). lse, stats, delta (B, Hq, L[, 2]) and dmask (Bm, Hm, Lm, Sm) are
+// contiguous float32; a mask broadcast over the batch (Bm == 1, stride 0) stays whole.
+template <typename T>
+AttentionParams batch_slice(const AttentionParams& p, int64_t b0, int64_t n) {
+  AttentionParams s = p;
+  s.B = n;
+  s.q = advance(p.q, b0 * p.q_st.b, sizeof(T));
+  s.k = advance(p.k, b0 * p.k_st.b, sizeof(T));
+  s.v = advance(p.v, b0 * p.v_st.b, sizeof(T));
+  s.out = advance(p.out, b0 * p.out_st.b, sizeof(T));
+  s.out_lo = advance(p.out_lo, b0 * p.out_lo_st.b, sizeof(T));
+  s.lse = advance(p.lse, b0 * p.Hq * p.L, sizeof(float));
+  s.stats = advance(p.stats, b0 * p.Hq * p.L * 2, sizeof(float));
+  s.dout = advance(p.dout, b0 * p.dout_st.b, sizeof(T));
+  s.dlse = advance(p.dlse, b0 * p.dlse_st.b, sizeof(float));
+  s.dq = advance(p.dq, b0 * p.dq_st.b, sizeof(T));
+  s.dk = advance(p.dk, b0 * p.dk_st.b, sizeof(T));
+  s.dv = advance(p.dv, b0 * p.dv_st.b, sizeof(T));
+  if (p.Bm > 1) {
+    s.Bm = n;
+    s.mask = advance(p.mask, b0 * p.mask_st.b, mask_elem_bytes(p));
+    s.dmask = advance(p.dmask, b0 * p.Hm * p.Lm * p.Sm, sizeof(float));
+  }
+  return s;
+}
+
+// launch(slice, delta of the slice) for consecutive batch slices of at most `per_launch` batches.
+template <typename T, typename Launch>
+cudaError_t for_batch_slices(const AttentionParams& p, float* delta, int64_t per_launch, Launch launch) {
+  if (p.B <= per_launch) return launch(p, delta);
+  for (int64_t b0 = 0; b0 < p.B; b0 += per_launch) {
+    const int64_t n = p.B - b0 < per_launch ? p.B - b0 : per_launch;
+    const cudaError_t err = launch(batch_slice<T>(p, b0, n), delta ? delta + b0 * p.Hq * p.L : delta);
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
 template <typename T, int HD>
 cudaError_t run_attention_fwd(const AttentionParams& p, cudaStream_t stream) {
   using Traits = typename FwdConfig<T, HD>::Traits;
@@ -64,10 +124,12 @@ cudaError_t run_attention_fwd(const AttentionParams& p, cudaStream_t stream) {
   auto kernel = has_mask ? attention_fwd_kernel<Traits, true> : attention_fwd_kernel<Traits, false>;
   cudaError_t err = allow_smem(kernel, Traits::kSmemBytes);
   if (err != cudaSuccess) return err;
-  const dim3 grid(unsigned((p.L + Traits::kBlockM - 1) / Traits::kBlockM), unsigned(p.Hq), unsigned(p.B));
-  if (grid.x * grid.y * grid.z == 0) return cudaSuccess;  // nothing to compute (a launch would fail)
-  ATTNKERN_LAUNCH(kernel, grid, Traits::kThreads, Traits::kSmemBytes, stream)(p);
-  return cudaGetLastError();
+  if (p.L * p.Hq * p.B == 0) return cudaSuccess;  // nothing to compute (a launch would fail)
+  return for_batch_slices<T>(p, nullptr, max_grid_yz(), [&](const AttentionParams& s, float*) {
+    const dim3 grid(unsigned((s.L + Traits::kBlockM - 1) / Traits::kBlockM), unsigned(s.Hq), unsigned(s.B));
+    ATTNKERN_LAUNCH(kernel, grid, Traits::kThreads, Traits::kSmemBytes, stream)(s);
+    return cudaGetLastError();
+  });
 }
 
 template <typename Traits, bool kHasMask>
@@ -89,32 +151,43 @@ cudaError_t run_attention_bwd(const AttentionParams& p, float* delta, cudaStream
   const bool has_mask = p.mask_kind != MaskKind::kNone;
   cudaError_t err = cudaSuccess;
   constexpr int kRowsPerBlock = 8;  // preprocess: one warp per row
-  if (p.L > 0) {
-    const dim3 grid_pre(unsigned((p.L + kRowsPerBlock - 1) / kRowsPerBlock), unsigned(p.Hq), unsigned(p.B));
-    ATTNKERN_LAUNCH(attention_bwd_preprocess_kernel<T>, grid_pre, kRowsPerBlock * 32, 0, stream)(p, delta);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  }
-
-  if (p.S > 0) {  // with no query rows it writes zeros
-    err = has_mask ? launch_dkdv<typename BwdConfig<T, HD>::DkDvMasked, true>(p, delta, stream)
-                   : launch_dkdv<DkDv, false>(p, delta, stream);
-    if (err != cudaSuccess) return err;
-  }
-  if (p.L > 0) {  // with no keys it writes zeros
-    auto dq = has_mask ? attention_bwd_dq_kernel<Dq, true> : attention_bwd_dq_kernel<Dq, false>;
-    if ((err = allow_smem(dq, Dq::kSmemBytes)) != cudaSuccess) return err;
-    const dim3 grid_q(unsigned((p.L + Dq::kBlockM - 1) / Dq::kBlockM), unsigned(p.Hq), unsigned(p.B));
-    ATTNKERN_LAUNCH(dq, grid_q, Dq::kThreads, Dq::kSmemBytes, stream)(p, delta);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  }
+  // Preprocess, dK/dV and dQ: heads (or kv heads) on grid y, batches on z, sliced as z allows.
+  err = for_batch_slices<T>(p, delta, max_grid_yz(), [&](const AttentionParams& s, float* d) {
+    cudaError_t e = cudaSuccess;
+    if (s.L > 0) {
+      const dim3 grid_pre(unsigned((s.L + kRowsPerBlock - 1) / kRowsPerBlock), unsigned(s.Hq), unsigned(s.B));
+      ATTNKERN_LAUNCH(attention_bwd_preprocess_kernel<T>, grid_pre, kRowsPerBlock * 32, 0, stream)(s, d);
+      if ((e = cudaGetLastError()) != cudaSuccess) return e;
+    }
+    if (s.S > 0) {  // with no query rows it writes zeros
+      e = has_mask ? launch_dkdv<typename BwdConfig<T, HD>::DkDvMasked, true>(s, d, stream)
+                   : launch_dkdv<DkDv, false>(s, d, stream);
+      if (e != cudaSuccess) return e;
+    }
+    if (s.L > 0) {  // with no keys it writes zeros
+      auto dq = has_mask ? attention_bwd_dq_kernel<Dq, true> : attention_bwd_dq_kernel<Dq, false>;
+      if ((e = allow_smem(dq, Dq::kSmemBytes)) != cudaSuccess) return e;
+      const dim3 grid_q(unsigned((s.L + Dq::kBlockM - 1) / Dq::kBlockM), unsigned(s.Hq), unsigned(s.B));
+      ATTNKERN_LAUNCH(dq, grid_q, Dq::kThreads, Dq::kSmemBytes, stream)(s, d);
+      e = cudaGetLastError();
+    }
+    return e;
+  });
+  if (err != cudaSuccess) return err;
   if (p.dmask && p.L > 0 && p.S > 0) {
+    // dMask: Bm * Hm mask slices on grid z. A mask shared by the batch (Bm == 1) is summed over it inside
+    // the kernel: one launch over the whole batch; a per-batch mask (Bm == B) is sliced with the batch.
     auto dm = attention_bwd_dmask_kernel<Dq>;
     if ((err = allow_smem(dm, Dq::kSmemBytes)) != cudaSuccess) return err;
-    const bool sum_l = p.Lm == 1 && p.L > 1, sum_s = p.Sm == 1 && p.S > 1;
-    const dim3 grid_m(sum_l ? 1u : unsigned((p.L + Dq::kBlockM - 1) / Dq::kBlockM),
-                      sum_s ? 1u : unsigned((p.S + Dq::kBlockN - 1) / Dq::kBlockN), unsigned(p.Bm * p.Hm));
-    ATTNKERN_LAUNCH(dm, grid_m, Dq::kThreads, Dq::kSmemBytes, stream)(p, delta, static_cast<float*>(p.dmask));
-    err = cudaGetLastError();
+    const int64_t per_launch = p.Bm > 1 ? max_grid_yz() / p.Hm : p.B;
+    if (per_launch < 1) return cudaErrorInvalidConfiguration;  // more mask heads than grid z holds (declined)
+    err = for_batch_slices<T>(p, delta, per_launch, [&](const AttentionParams& s, float* d) {
+      const bool sum_l = s.Lm == 1 && s.L > 1, sum_s = s.Sm == 1 && s.S > 1;
+      const dim3 grid_m(sum_l ? 1u : unsigned((s.L + Dq::kBlockM - 1) / Dq::kBlockM),
+                        sum_s ? 1u : unsigned((s.S + Dq::kBlockN - 1) / Dq::kBlockN), unsigned(s.Bm * s.Hm));
+      ATTNKERN_LAUNCH(dm, grid_m, Dq::kThreads, Dq::kSmemBytes, stream)(s, d, static_cast<float*>(s.dmask));
+      return cudaGetLastError();
+    });
   }
   return err;
 }

@@ -29,6 +29,16 @@
 namespace attnkern {
 namespace cuda {
 
+// The most blocks grid y or z holds (grid x: 2^31 - 1). The emulator may report less, so that tests
+// take the launches' loops over batch chunks (launch.h) on small problems.
+inline int64_t max_grid_yz() {
+#ifdef ATTNKERN_CUDA_EMU
+  return emu::max_grid_yz();
+#else
+  return 65535;
+#endif
+}
+
 #ifdef ATTNKERN_CUDA_EMU
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
   emu::cp_async_16(smem, gmem, valid);

@@ -520,16 +520,27 @@ std::string describe_threads(const Launch& L) {
   return os.str();
 }
 
+}  // namespace
+
+unsigned max_grid_yz() {
+  const char* env = std::getenv("ATTNKERN_EMU_MAX_GRID_YZ");
+  const long v = env && *env ? std::strtol(env, nullptr, 10) : 65535;
+  return unsigned(v >= 1 && v <= 65535 ? v : 65535);
+}
+
+namespace {
+
 void check_launch(const Launch& L, const void* kernel) {
   std::ostringstream os;
+  const unsigned max_yz = max_grid_yz();
   const uint64_t threads = uint64_t(L.block.x) * L.block.y * L.block.z;
   if (threads == 0 || threads > 1024 || L.block.z > 64) {
     os << "launch of " << threads << " threads per block (block " << L.block.x << "x" << L.block.y << "x" << L.block.z
        << "): at most 1024, z at most 64";
-  } else if (L.grid.x == 0 || L.grid.y == 0 || L.grid.z == 0 || L.grid.y > 65535 || L.grid.z > 65535 ||
+  } else if (L.grid.x == 0 || L.grid.y == 0 || L.grid.z == 0 || L.grid.y > max_yz || L.grid.z > max_yz ||
              L.grid.x > 2147483647u) {
     os << "launch grid " << L.grid.x << "x" << L.grid.y << "x" << L.grid.z
-       << " outside the limits (x in [1, 2^31 - 1], y and z in [1, 65535])";
+       << " outside the limits (x in [1, 2^31 - 1], y and z in [1, " << max_yz << "])";
   } else if (L.smem > 48 * 1024) {
     auto it = g_smem_optin.find(kernel);
     if (it == g_smem_optin.end() || size_t(it->second) < L.smem) {

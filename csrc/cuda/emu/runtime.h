@@ -31,6 +31,10 @@ uint3 block_idx();
 dim3 block_dim();
 dim3 grid_dim();
 
+// The most blocks grid y and z may hold: 65535, or less under ATTNKERN_EMU_MAX_GRID_YZ (tests lower it so
+// that small problems take the launches' over-the-limit paths).
+unsigned max_grid_yz();
+
 void syncthreads();
 void syncwarp();
 uint32_t shfl_xor(uint32_t bits, int lane_mask, unsigned member_mask, int width);

@@ -2,8 +2,9 @@
 integration): attnkern's fused kernels where they serve the call, torch's own SDPA everywhere else.
 
 The rule: a call runs on attnkern only where `auto` (or the pinned backend) picks a kernel that computes
-exactly what torch's SDPA computes. Everything else -- a device without kernels, float64, dropout, head
-dims over 256, arguments attnkern refuses, an explicit mask together with `is_causal` (torch's backends
+exactly what torch's SDPA computes. Everything else -- a device without kernels, what the chosen backend
+declines (on a GPU, say, float64 or head dims over 256; the C++ CPU kernels take both), dropout,
+arguments attnkern refuses, an explicit mask together with `is_causal` (torch's backends
 disagree on it) -- goes to torch, never to attnkern's slow reference path unless that path was asked for
 by name. The reason is logged once.
 """

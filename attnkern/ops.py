@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from . import backends, op_checks
-from .backends.base import new_grad, new_lse, new_output, new_residual, new_stats
+from .buffers import new_grad, new_lse, new_output, new_residual, new_stats
 
 
 CONTRACT = "v3"

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 from . import extension
-from .base import Backend, new_grad, new_lse, new_mask_grad, new_output, new_residual, new_stats
+from ..buffers import new_grad, new_lse, new_mask_grad, new_output, new_residual, new_stats
+from .base import Backend
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from . import extension
-from .base import Backend, new_grad, new_lse, new_mask_grad, new_output, new_residual, new_stats
+from ..buffers import new_grad, new_lse, new_mask_grad, new_output, new_residual, new_stats
+from .base import Backend
 
 MAX_HEAD_DIM = 256
 HEAD_DIM_MULTIPLE = 8  # the kernels copy rows in 16-byte (8-element) chunks

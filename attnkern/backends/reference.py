@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from .base import Backend, new_grad, new_lse, new_output, new_residual, new_stats
+from ..buffers import new_grad, new_lse, new_output, new_residual, new_stats
+from .base import Backend
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

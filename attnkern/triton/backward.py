@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends.base import new_grad, new_mask_grad
+from ..buffers import new_grad, new_mask_grad
 from ..masks import CAUSAL_NONE, causal_offset, mask_kind
 from . import common as tcommon, configs
 from .common import index_range, load_row_stats, load_tile, mask_scores, needs_int64, store_tile, LOG2E

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends.base import new_lse, new_output, new_residual, new_stats
+from ..buffers import new_lse, new_output, new_residual, new_stats
 from ..masks import CAUSAL_NONE, causal_offset
 from . import common, configs
 from .common import index_range, needs_int64, LN2, LOG2E, load_tile, mask_scores, store_tile

@@ -24,6 +24,7 @@ from .api import explain, scaled_dot_product_attention
 from .backends import BackendUnavailableError
 from .bench import environment
 from .bench.grid import DTYPE_NAMES, DTYPES, parse_dtypes
+from .cases import Case, make_inputs
 from .cliutil import arg_type, finite_float, positive_int, resolve_device
 from .config import use_backend
 from .testing import check_gradients
@@ -31,81 +32,36 @@ from .testing import check_gradients
 MASKS = ("none", "bool", "keypad", "float", "float-grad")
 
 
-@dataclass(frozen=True)
-class GradCase:
-    name: str
-    B: int = 1
-    H: int = 2
-    Hkv: Optional[int] = None  # None: = H; fewer: grouped-query attention (enable_gqa)
-    L: int = 128
-    S: Optional[int] = None  # None: = L
-    E: int = 64
-    Ev: Optional[int] = None  # None: = E
-    causal: bool = False
-    # none; bool (L, S) with a fully masked row; keypad bool (B, 1, 1, S); float (H, L, S) constant;
-    # float-grad (H, L, S) requiring grad (checks d_mask)
-    mask: str = "none"
-
-    @property
-    def hkv(self) -> int:
-        return self.Hkv or self.H
-
-    @property
-    def s(self) -> int:
-        return self.S or self.L
-
-    @property
-    def ev(self) -> int:
-        return self.Ev or self.E
-
-    def describe(self) -> str:
-        return (f"B={self.B} H={self.H}" + (f"/{self.hkv}" if self.hkv != self.H else "") + f" L={self.L}"
-                + (f" S={self.s}" if self.s != self.L else "") + f" E={self.E}"
-                + (f" Ev={self.ev}" if self.ev != self.E else "") + (" causal" if self.causal else "")
-                + (f" mask={self.mask}" if self.mask != "none" else ""))
+# The --mask names and the cases they stand for (attnkern/cases.py's vocabulary).
+def grad_case(name: str, B: int = 1, H: int = 2, Hkv: Optional[int] = None, L: int = 128, S: Optional[int] = None,
+              E: int = 64, Ev: Optional[int] = None, causal: bool = False, mask: str = "none") -> Case:
+    """A check-grads case: `mask` one of MASKS -- bool (L, S) with a fully masked row, keypad bool
+    (B, 1, 1, S) key padding, float (H, L, S) constant, float-grad (H, L, S) requiring grad (checks d_mask)."""
+    S = S or L
+    masks = {"none": dict(mask="none"), "bool": dict(mask="bool", mask_dims="ls", masked_rows=(L // 2,)),
+             "keypad": dict(mask="keypad"), "float": dict(mask="float", mask_dims="hls"),
+             "float-grad": dict(mask="float_grad", mask_dims="hls")}
+    return Case(name, L=L, S=S, E=E, Ev=Ev if Ev != E else None, B=B, Hq=H, Hkv=Hkv if Hkv != H else None,
+                causal="top_left" if causal else "none", **masks[mask])
 
 
-def battery(device: torch.device) -> List[GradCase]:
+def battery(device: torch.device) -> List[Case]:
     """The default cases: each covers one feature; sizes fit the device (tiny on a CPU)."""
     if device.type == "cuda":
         return [
-            GradCase("plain", B=2, H=8, L=1024, E=128),
-            GradCase("causal gqa", B=2, H=8, Hkv=2, L=2048, E=64, causal=True),
-            GradCase("Lq != Lk, key padding", B=4, H=4, L=1000, S=3000, E=80, mask="keypad"),
-            GradCase("learned bias (d_mask)", B=2, H=4, L=512, S=768, E=64, mask="float-grad"),
-            GradCase("Ev != E, fully masked row", B=1, H=4, L=777, S=513, E=96, Ev=32, mask="bool"),
+            grad_case("plain", B=2, H=8, L=1024, E=128),
+            grad_case("causal gqa", B=2, H=8, Hkv=2, L=2048, E=64, causal=True),
+            grad_case("Lq != Lk, key padding", B=4, H=4, L=1000, S=3000, E=80, mask="keypad"),
+            grad_case("learned bias (d_mask)", B=2, H=4, L=512, S=768, E=64, mask="float-grad"),
+            grad_case("Ev != E, fully masked row", B=1, H=4, L=777, S=513, E=96, Ev=32, mask="bool"),
         ]
     return [
-        GradCase("plain", B=2, H=2, L=64, E=32),
-        GradCase("causal gqa", B=1, H=4, Hkv=2, L=96, E=64, causal=True),
-        GradCase("Lq != Lk, key padding", B=2, H=2, L=48, S=80, E=40, mask="keypad"),
-        GradCase("learned bias (d_mask)", B=1, H=2, L=40, S=56, E=16, mask="float-grad"),
-        GradCase("Ev != E, fully masked row", B=1, H=2, L=33, S=47, E=48, Ev=16, mask="bool"),
+        grad_case("plain", B=2, H=2, L=64, E=32),
+        grad_case("causal gqa", B=1, H=4, Hkv=2, L=96, E=64, causal=True),
+        grad_case("Lq != Lk, key padding", B=2, H=2, L=48, S=80, E=40, mask="keypad"),
+        grad_case("learned bias (d_mask)", B=1, H=2, L=40, S=56, E=16, mask="float-grad"),
+        grad_case("Ev != E, fully masked row", B=1, H=2, L=33, S=47, E=48, Ev=16, mask="bool"),
     ]
-
-
-def make_inputs(case: GradCase, dtype: torch.dtype, device: torch.device, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
-
-    q, k, v = randn(case.B, case.H, case.L, case.E), randn(case.B, case.hkv, case.s, case.E), \
-        randn(case.B, case.hkv, case.s, case.ev)
-    mask = None
-    if case.mask == "bool":
-        mask = torch.rand(case.L, case.s, generator=gen) > 0.3
-        mask[:, 0] = True
-        mask[case.L // 2, :] = False  # a fully masked row: output and gradients 0, never NaN
-    elif case.mask == "keypad":
-        lengths = torch.randint(max(1, case.s // 2), case.s + 1, (case.B,), generator=gen)
-        mask = (torch.arange(case.s)[None, :] < lengths[:, None]).view(case.B, 1, 1, case.s)
-    elif case.mask in ("float", "float-grad"):
-        mask = randn(case.H, case.L, case.s)
-        mask.requires_grad_(case.mask == "float-grad")
-    if mask is not None and mask.dtype == torch.bool:
-        mask = mask.to(device)
-    return q, k, v, mask
 
 
 # --------------------------------------------------------------------------------------------------
@@ -177,14 +133,14 @@ def default_backends(device: torch.device) -> List[str]:
 
 # --------------------------------------------------------------------------------------------------
 
-def run_check(target: Target, case: GradCase, dtype: torch.dtype, device: torch.device, seed: int,
+def run_check(target: Target, case: Case, dtype: torch.dtype, device: torch.device, seed: int,
               gradcheck: bool, scale: Optional[float] = None) -> Dict:
     """One check, as a dict: status PASS / FAIL / SKIP, the reason, the report (when one was made)."""
     q, k, v, mask = make_inputs(case, dtype, device, seed)
-    gqa = case.hkv != case.H
+    gqa = case.enable_gqa
     label = target.label
     if target.backend is not None:
-        exp = explain(q, k, v, attn_mask=mask, is_causal=case.causal, scale=scale, enable_gqa=gqa,
+        exp = explain(q, k, v, attn_mask=mask, is_causal=case.is_causal, scale=scale, enable_gqa=gqa,
                       backend=target.backend)
         if exp.backend == "none":
             return {"status": "SKIP", "reason": exp.reason, "label": label}
@@ -193,7 +149,7 @@ def run_check(target: Target, case: GradCase, dtype: torch.dtype, device: torch.
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. auto's fallback warning: the label says which path ran
-            report = check_gradients(target.fn, q, k, v, attn_mask=mask, is_causal=case.causal, scale=scale,
+            report = check_gradients(target.fn, q, k, v, attn_mask=mask, is_causal=case.is_causal, scale=scale,
                                      enable_gqa=gqa, seed=seed, gradcheck=gradcheck, name=f"{label} / {case.name}")
     except (BackendUnavailableError, NotImplementedError) as exc:
         return {"status": "SKIP", "reason": str(exc).splitlines()[0], "label": label}
@@ -234,15 +190,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 _SHAPE_FLAGS = ("batch", "heads", "kv_heads", "seqlen", "kv_seqlen", "head_dim", "v_head_dim", "causal", "mask")
 
 
-def custom_case(args, parser) -> Optional[GradCase]:
+def custom_case(args, parser) -> Optional[Case]:
     if not any(getattr(args, f) not in (None, False) for f in _SHAPE_FLAGS):
         return None
     H = args.heads or 2
     Hkv = args.kv_heads or H
     if H % Hkv:
         parser.error(f"argument --kv-heads: the query heads ({H}) must be a multiple of the key/value heads ({Hkv})")
-    return GradCase("command line", B=args.batch or 1, H=H, Hkv=Hkv, L=args.seqlen or 128, S=args.kv_seqlen,
-                    E=args.head_dim or 64, Ev=args.v_head_dim, causal=args.causal, mask=args.mask or "none")
+    return grad_case("command line", B=args.batch or 1, H=H, Hkv=Hkv, L=args.seqlen or 128, S=args.kv_seqlen,
+                     E=args.head_dim or 64, Ev=args.v_head_dim, causal=args.causal, mask=args.mask or "none")
 
 
 def run(args, parser: argparse.ArgumentParser, out=None) -> int:
@@ -306,15 +262,15 @@ def _finite(x):
 
 
 def _as_json(r: Dict) -> Dict:
-    c: GradCase = r["case"]
-    return {"target": r["label"], "case": c.name, "shape": c.describe(), "dtype": DTYPE_NAMES[r["dtype"]],
+    c: Case = r["case"]
+    return {"target": r["label"], "case": c.name, "shape": c.summary(), "dtype": DTYPE_NAMES[r["dtype"]],
             "status": r["status"], "reason": r["reason"],
             "report": r["report"].to_dict() if "report" in r else None}
 
 
 def _print_result(r: Dict, quiet: bool, out) -> None:
-    c: GradCase = r["case"]
-    print(f"{r['status']}  {r['label']:<16} {DTYPE_NAMES[r['dtype']]:<5} {c.name:<28} {c.describe()}", file=out)
+    c: Case = r["case"]
+    print(f"{r['status']}  {r['label']:<16} {DTYPE_NAMES[r['dtype']]:<5} {c.name:<28} {c.summary()}", file=out)
     if r["status"] == "SKIP" or "report" not in r:
         if r["reason"]:
             print(f"      {r['reason']}", file=out)

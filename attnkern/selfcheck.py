@@ -15,20 +15,22 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__, backends, explain, reference, scaled_dot_product_attention
+from .cases import Case, make_inputs
 from .tolerance import check
 
-# (name, B, Hq, Hkv, L, S, E, is_causal, mask kind)
+# Representative calls, in the case vocabulary of attnkern/cases.py: key padding is a bool (B, 1, 1, S)
+# prefix mask, the learned bias an (Hq, L, S) float mask that requires grad.
 CPU_CALLS = [
-    ("plain", 2, 4, 4, 128, 128, 64, False, None),
-    ("causal gqa", 1, 8, 2, 256, 256, 64, True, None),
-    ("key padding Lq!=Lk", 2, 4, 4, 96, 160, 80, False, "bool"),
-    ("learned bias", 1, 4, 4, 128, 128, 32, False, "float"),
+    Case("plain", B=2, Hq=4, L=128, S=128, E=64),
+    Case("causal gqa", B=1, Hq=8, Hkv=2, L=256, S=256, E=64, causal="top_left"),
+    Case("key padding Lq!=Lk", B=2, Hq=4, L=96, S=160, E=80, mask="keypad"),
+    Case("learned bias", B=1, Hq=4, L=128, S=128, E=32, mask="float_grad", mask_dims="hls"),
 ]
 GPU_CALLS = [
-    ("plain", 4, 16, 16, 2048, 2048, 128, False, None),
-    ("causal gqa", 2, 32, 8, 4096, 4096, 64, True, None),
-    ("key padding Lq!=Lk", 4, 8, 8, 1000, 3000, 80, False, "bool"),
-    ("learned bias", 2, 8, 8, 1024, 1024, 64, False, "float"),
+    Case("plain", B=4, Hq=16, L=2048, S=2048, E=128),
+    Case("causal gqa", B=2, Hq=32, Hkv=8, L=4096, S=4096, E=64, causal="top_left"),
+    Case("key padding Lq!=Lk", B=4, Hq=8, L=1000, S=3000, E=80, mask="keypad"),
+    Case("learned bias", B=2, Hq=8, L=1024, S=1024, E=64, mask="float_grad", mask_dims="hls"),
 ]
 
 
@@ -43,20 +45,6 @@ def _timed(fn, device, repeats=3) -> float:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
-
-
-def _inputs(B, Hq, Hkv, L, S, E, mask_kind, dtype, device, gen):
-    def r(*shape):
-        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype).requires_grad_()
-
-    q, k, v = r(B, Hq, L, E), r(B, Hkv, S, E), r(B, Hkv, S, E)
-    mask = None
-    if mask_kind == "bool":
-        lengths = torch.randint(S // 2, S + 1, (B,), generator=gen)
-        mask = (torch.arange(S)[None, :] < lengths[:, None]).view(B, 1, 1, S).to(device)
-    elif mask_kind == "float":
-        mask = torch.randn(Hq, L, S, generator=gen).to(device=device, dtype=dtype).requires_grad_()
-    return q, k, v, mask
 
 
 def _torch_sdpa(q, k, v, attn_mask, is_causal, enable_gqa):
@@ -91,14 +79,14 @@ def _detached(inputs, dtype):
             for t in inputs]
 
 
-def check_call(spec, dtype, device, gen) -> Tuple[bool, str]:
+def check_call(case: Case, dtype, device, seed: int) -> Tuple[bool, str]:
     """Run one call through attnkern's default path; check it against torch's float64 SDPA and time it
     against torch's SDPA in `dtype`."""
-    name, B, Hq, Hkv, L, S, E, causal, mask_kind = spec
-    inputs = _inputs(B, Hq, Hkv, L, S, E, mask_kind, dtype, device, gen)
+    inputs = make_inputs(case, dtype, device, seed)
     q, k, v, mask = inputs
-    gqa = Hq != Hkv
-    do = torch.randn(B, Hq, L, E, generator=gen).to(device=device, dtype=dtype)
+    causal, gqa = case.is_causal, case.enable_gqa
+    do = torch.randn(case.B, case.Hq, case.L, case.ev, generator=torch.Generator().manual_seed(seed + 1)).to(
+        device=device, dtype=dtype)
     path = explain(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa).backend
 
     out, grads = _run(scaled_dot_product_attention, inputs, causal, gqa, do)
@@ -111,8 +99,8 @@ def check_call(spec, dtype, device, gen) -> Tuple[bool, str]:
     ratio = (_timed(lambda: _run(_torch_sdpa, inputs, causal, gqa, do), device)
              / _timed(lambda: _run(scaled_dot_product_attention, inputs, causal, gqa, do), device))
     status = "PASS" if not failures else "FAIL"
-    line = (f"{status}  {name:<20} {str(dtype).replace('torch.', ''):<9} B={B} Hq={Hq} Hkv={Hkv} L={L} S={S} "
-            f"E={E}  path={path:<9}  fwd+bwd speed vs torch SDPA: {ratio:.2f}x")
+    line = (f"{status}  {case.name:<20} {str(dtype).replace('torch.', ''):<9} {case.summary()}  path={path:<9}  "
+            f"fwd+bwd speed vs torch SDPA: {ratio:.2f}x")
     return not failures, "\n".join([line] + [f"      {m}" for m in failures])
 
 
@@ -123,13 +111,12 @@ def main(argv: List[str] = ()) -> int:
     for name in backends.names()[1:]:
         why = backends.get(name).availability(device)
         print(f"  backend {name:<10} {'available' if why is None else 'unavailable: ' + why}")
-    gen = torch.Generator().manual_seed(0)
     dtypes = [torch.float16, torch.bfloat16, torch.float32] if device.type == "cuda" else [torch.float32]
     calls = GPU_CALLS if device.type == "cuda" else CPU_CALLS
     ok = True
     for dtype in dtypes:
-        for spec in calls:
-            passed, text = check_call(spec, dtype, device, gen)
+        for i, case in enumerate(calls):
+            passed, text = check_call(case, dtype, device, seed=2 * i)
             ok &= passed
             print(text, flush=True)
     print("all checks passed" if ok else "SOME CHECKS FAILED")

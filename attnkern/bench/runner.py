@@ -20,6 +20,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from ..backends import BackendUnavailableError
+from ..cases import Case, make_inputs
 from . import measure
 from .grid import BenchConfig, Shape
 from .providers import Provider, Unsupported, by_name
@@ -58,14 +59,15 @@ def input_set_count(shape: Shape, device: torch.device, requested: int = 0) -> i
 
 
 def make_input_sets(shape: Shape, device: torch.device, count: int, seed: int) -> List[InputSet]:
+    """`count` independent input sets for `shape`, drawn on the device (attnkern/cases.py's generator)."""
+    case = Case("bench", L=shape.Lq, S=shape.Lk, E=shape.E, Ev=shape.Ev, B=shape.B, Hq=shape.H, Hkv=shape.Hkv)
     gen = torch.Generator(device=device).manual_seed(seed)
-
-    def randn(*size, grad=True):
-        return torch.randn(*size, generator=gen, device=device, dtype=shape.torch_dtype).requires_grad_(grad)
-
-    return [InputSet(randn(shape.B, shape.H, shape.Lq, shape.E), randn(shape.B, shape.Hkv, shape.Lk, shape.E),
-                     randn(shape.B, shape.Hkv, shape.Lk, shape.Ev), randn(shape.B, shape.H, shape.Lq, shape.Ev, grad=False))
-            for _ in range(count)]
+    sets = []
+    for i in range(count):
+        q, k, v, _ = make_inputs(case, shape.torch_dtype, device, seed=seed + 1 + i, on_device=True)
+        do = torch.randn(shape.B, shape.H, shape.Lq, shape.Ev, generator=gen, device=device, dtype=shape.torch_dtype)
+        sets.append(InputSet(q, k, v, do))
+    return sets
 
 
 def mode_callables(fn: Callable, mode: str, sets: List[InputSet]):

@@ -5,10 +5,10 @@
 // block of BLOCK_M query rows streams key blocks of BLOCK_N:
 //     S = (Q K^T) scale          GEMM, in register tiles of 6 x 16; scaled after the dot (as the
 //                                Triton and CUDA kernels do), so only a score beyond float range overflows
-//     S += mask; causal/bounds -> -inf
+//     S += mask; band (causal, window)/bounds -> -inf
 //     online softmax, exp(s - m) as 2^((s - m) log2 e): m, l, rescale the output accumulator
 //     O += P V                   GEMM
-// Tasks are handed out dynamically (an atomic counter), so causal problems balance across threads.
+// Tasks are handed out dynamically (an atomic counter), so banded problems balance across threads.
 // With p.out_lo the output's rounding residual is written beside it (for the backward's delta).
 // Extra memory per thread: K^T and V of one kv head (O(S*E)) plus O(BLOCK_M * (BLOCK_N + Ev)) tiles.
 #include <ATen/Parallel.h>
@@ -55,8 +55,7 @@ void forward_kernel(const AttentionParams& p, const Blocking& blk) {
       const int64_t r0 = chunk * chunk_rows, r1 = std::min(p.L, r0 + chunk_rows);
       if (r0 >= r1) continue;
       // Keys any row of this chunk can see.
-      int64_t keys = p.S;
-      if (p.causal_enabled()) keys = std::clamp<int64_t>(r1 + p.causal_offset, 0, p.S);
+      const int64_t keys = p.key_end(r1);
       const int64_t Sp = round_up(std::max<int64_t>(keys, 1), NR);
 
       if (b != packed_b || hk != packed_hk || keys > packed_keys) {
@@ -87,20 +86,16 @@ void forward_kernel(const AttentionParams& p, const Blocking& blk) {
           fill(l_i, mb, acc_t(0));
           fill(ob, mb * Evp, acc_t(0));
 
-          int64_t n_end = p.S, n_full = p.S;  // keys visible to some / to every row of the block
-          if (p.causal_enabled()) {
-            n_end = std::clamp<int64_t>(m0 + mb + p.causal_offset, 0, p.S);
-            n_full = std::clamp<int64_t>(m0 + p.causal_offset + 1, 0, p.S);
-          }
-          for (int64_t n0 = 0; n0 < n_end; n0 += BN) {
-            const int64_t nb = std::min(BN, n_end - n0);
+          const KeyTiles tiles(p, m0, mb, BN);  // keys visible to some / to every row of the block
+          for (int64_t n0 = tiles.n_begin; n0 < tiles.n_end; n0 += BN) {
+            const int64_t nb = std::min(BN, tiles.n_end - n0);
             const int64_t nbp = round_up(nb, NR);
             gemm<acc_t, false, false>(mb, nbp, p.E, qb, Ep, kt + (n0 / NR) * p.E * NR, p.E * NR, sb, BNp);
-            const bool causal_check = p.causal_enabled() && n0 + nb > n_full;
+            const bool band_check = tiles.band_check(p, n0, nb);
             for (int64_t i = 0; i < mb; ++i) {
               acc_t* row = sb + i * BNp;
               scale_row(row, nbp, scale);
-              masker.apply(row, m0 + i, n0, nb, nbp, causal_check);
+              masker.apply(row, m0 + i, n0, nb, nbp, band_check);
               // std::max keeps a NaN m_i (its first argument): once NaN, a row stays NaN.
               acc_t m_new = std::max(m_i[i], cpu::row_max(row, nbp));
               if (m_new == neg_inf<acc_t>()) {

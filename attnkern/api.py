@@ -15,6 +15,7 @@ import torch
 
 from . import backends, config, masks, ops, reference
 from .problem import AttentionProblem, normalize
+from .sinks import apply_sinks, check_sinks
 
 
 class AttnkernFallbackWarning(UserWarning):
@@ -41,7 +42,7 @@ def _requested(backend: Optional[str]) -> str:
     return config.requested_backend() if backend is None else backends.check_name(backend)
 
 
-def _run(problem: AttentionProblem, backend: Optional[str]):
+def _run(problem: AttentionProblem, backend: Optional[str], sinks: Optional[torch.Tensor] = None):
     choice = backends.select(problem, _requested(backend))
     _warn_fallback(choice)
     if choice.backend == "reference" and problem.dropout_p > 0.0:
@@ -52,10 +53,13 @@ def _run(problem: AttentionProblem, backend: Optional[str]):
             compute_dtype=torch.float64 if problem.dtype == torch.float64 else torch.float32,
         )
     else:
-        out, lse, _, _ = ops.attention_forward(
+        out, lse, _, out_lo = ops.attention_forward(
             problem.q, problem.k, problem.v, problem.mask, problem.scale, problem.band.as_op(), choice.backend,
-            problem.needs_grad,
+            problem.needs_grad or (sinks is not None and sinks.requires_grad and torch.is_grad_enabled()),
         )
+    if sinks is not None:  # exact rescale by the lse, on every backend (sinks.py)
+        out, lse = apply_sinks(out, lse, sinks, out_lo if choice.backend != "reference" or problem.dropout_p == 0.0
+                               else None)
     return out.reshape(problem.output_shape()), lse.reshape(problem.lse_shape())
 
 
@@ -97,6 +101,7 @@ def attention(
     *,
     causal=False,
     window=None,
+    sinks: Optional[torch.Tensor] = None,
     attn_mask: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
     enable_gqa: bool = False,
@@ -113,6 +118,9 @@ def attention(
         right bound is 0 and the alignment is causal's ("top_left": offset 0 instead of Lk - Lq).
         Composes with attn_mask and GQA; the kernels skip the tiles outside the band, so the cost grows
         with Lq * window rather than Lq * Lk.
+    sinks: None or a float tensor (Hq,), one logit per query head (gpt-oss's attention sinks): it joins
+        each row's softmax denominator and attends to nothing; differentiable. A fully masked row then
+        gives 0 and lse = sink. Applied exactly through the log-sum-exp on every backend (sinks.py).
     lse: the natural-log log-sum-exp of each row's scaled, masked scores, (N, ..., Hq, L), float32
         (float64 for float64 inputs); -inf for a fully masked row. It is differentiable.
     backend: "auto", "triton", "reference", ...; None means `use_backend(...)`/ATTNKERN_BACKEND/auto.
@@ -121,7 +129,8 @@ def attention(
     problem = normalize(
         query, key, value, attn_mask, dropout_p, masks.parse_causal(causal), scale, enable_gqa, window=window
     )
-    out, lse = _run(problem, backend)
+    sinks = check_sinks(sinks, problem.Hq, problem.device)
+    out, lse = _run(problem, backend, sinks)
     return (out, lse) if return_lse else out
 
 

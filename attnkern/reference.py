@@ -67,6 +67,7 @@ def reference_attention(
     enable_gqa: bool = False,
     dropout_p: float = 0.0,
     compute_dtype: Optional[torch.dtype] = None,
+    sinks: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Naive attention. Returns (out in query's dtype, natural-log row log-sum-exp).
 
@@ -75,7 +76,8 @@ def reference_attention(
     output 0, log-sum-exp −inf, and zero gradients. NaN and Inf propagate as in torch's math path: a
     row whose scores hold NaN or +inf has NaN output, log-sum-exp and probabilities. `compute_dtype`
     runs the math in another dtype (e.g. float32 for half inputs); the log-sum-exp is float32, or
-    float64 for float64 math.
+    float64 for float64 math. `sinks` ((Hq,), one logit per query head): an extra score column that
+    joins every row's softmax and attends to nothing (the naive form of attnkern/sinks.py).
     """
     dtype = compute_dtype or query.dtype
     s = reference_scores(
@@ -85,6 +87,9 @@ def reference_attention(
     # Softmax with a detached row max: exact (softmax is shift invariant), and a fully masked row gives
     # e = 0 everywhere, hence output 0 and zero gradients instead of NaN. NaN (or +inf) scores make their
     # whole row NaN, as in torch's math path.
+    if sinks is not None:  # one more column, the sink's logit, dropped again after the softmax
+        col = sinks.to(dtype).view((-1, 1, 1) if s.dim() >= 3 else (1, 1)).expand(*s.shape[:-1], 1)
+        s = torch.cat([s, col], dim=-1)
     m, _, _ = _softmax_parts(s.detach())
     e = torch.exp(s - m)
     denom = e.sum(dim=-1, keepdim=True)
@@ -92,6 +97,8 @@ def reference_attention(
     denom_safe = torch.where(empty, torch.ones_like(denom), denom)
     p = e / denom_safe
     lse = torch.where(empty, torch.full_like(denom, float("-inf")), torch.log(denom_safe) + m).squeeze(-1)
+    if sinks is not None:
+        p = p[..., :-1]
     if dropout_p > 0.0:
         p = torch.nn.functional.dropout(p, p=dropout_p, training=True)
     if enable_gqa:

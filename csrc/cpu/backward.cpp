@@ -38,24 +38,33 @@ template <typename scalar_t, typename acc_t>
 struct PackedKV {
   Scratch<acc_t> kt_buf, vt_buf, kr_buf;
   acc_t *kt = nullptr, *vt = nullptr, *kr = nullptr;
-  int64_t b = -1, hk = -1, keys = -1, sp = 0;
+  int64_t b = -1, hk = -1, base = 0, keys = -1, sp = 0;
 
-  void pack(const AttentionParams& p, int64_t b_, int64_t hk_, int64_t keys_, int64_t Ep) {
-    if (b_ == b && hk_ == hk && keys_ <= keys) return;
+  // Keys [base_, keys_) of kv head hk_ of batch b_ (base_ a multiple of NR: a band's first tile), unless
+  // what is packed already covers them.
+  void pack(const AttentionParams& p, int64_t b_, int64_t hk_, int64_t base_, int64_t keys_, int64_t Ep) {
+    if (b_ == b && hk_ == hk && base_ >= base && keys_ <= keys) return;
     constexpr int64_t NR = kNR<acc_t>;
-    b = b_, hk = hk_, keys = keys_;
-    sp = round_up(std::max<int64_t>(keys, 1), NR);
+    b = b_, hk = hk_, base = base_, keys = keys_;
+    const int64_t n = std::max<int64_t>(keys - base, 0);
+    sp = round_up(std::max<int64_t>(n, 1), NR);
     kt = kt_buf.get(p.E * sp);
     vt = vt_buf.get(p.Ev * sp);
     kr = kr_buf.get(sp * Ep);
-    const auto* kb = static_cast<const scalar_t*>(p.k) + b * p.k_st.b + hk * p.k_st.h;
-    const auto* vb = static_cast<const scalar_t*>(p.v) + b * p.v_st.b + hk * p.v_st.h;
-    pack_panels(kt, p.E * NR, kb, p.k_st.e, p.k_st.l, p.E, keys, acc_t(1));
-    pack_panels(vt, p.Ev * NR, vb, p.v_st.e, p.v_st.l, p.Ev, keys, acc_t(1));
-    pack_panels(kr, sp * NR, kb, p.k_st.l, p.k_st.e, keys, p.E, acc_t(1));
+    const auto* kb = static_cast<const scalar_t*>(p.k) + b * p.k_st.b + hk * p.k_st.h + base * p.k_st.l;
+    const auto* vb = static_cast<const scalar_t*>(p.v) + b * p.v_st.b + hk * p.v_st.h + base * p.v_st.l;
+    pack_panels(kt, p.E * NR, kb, p.k_st.e, p.k_st.l, p.E, n, acc_t(1));
+    pack_panels(vt, p.Ev * NR, vb, p.v_st.e, p.v_st.l, p.Ev, n, acc_t(1));
+    pack_panels(kr, sp * NR, kb, p.k_st.l, p.k_st.e, n, p.E, acc_t(1));
   }
-  const acc_t* kt_block(int64_t n0, const AttentionParams& p) const { return kt + (n0 / kNR<acc_t>) * p.E * kNR<acc_t>; }
-  const acc_t* vt_block(int64_t n0, const AttentionParams& p) const { return vt + (n0 / kNR<acc_t>) * p.Ev * kNR<acc_t>; }
+  // The packed panels from key n0 on (n0 >= base, n0 - base a multiple of NR).
+  const acc_t* kt_block(int64_t n0, const AttentionParams& p) const {
+    return kt + ((n0 - base) / kNR<acc_t>) * p.E * kNR<acc_t>;
+  }
+  const acc_t* vt_block(int64_t n0, const AttentionParams& p) const {
+    return vt + ((n0 - base) / kNR<acc_t>) * p.Ev * kNR<acc_t>;
+  }
+  const acc_t* kr_rows(int64_t n0) const { return kr + (n0 - base) * kNR<acc_t>; }
 };
 
 // One block of query rows, packed: Q and dO row-major (the A of S and dP) and in panels (the B of
@@ -191,7 +200,7 @@ void backward_kernel(const AttentionParams& p, const Blocking& blk) {
       acc_t* dv_acc = dk_acc + p.S * Ep;
       fill(dk_acc, slot, acc_t(0));
       if (r0 < r1) {  // rows that see no key still get their dQ written (as zeros)
-        kv.pack(p, b, hk, keys, Ep);
+        kv.pack(p, b, hk, p.key_begin(r0) / BN * BN, keys, Ep);
         acc_t* sb = s_buf.get(BM * BNp);
         acc_t* dpb = dp_buf.get(BM * BNp);
         acc_t* dqb = dq_buf.get(BM * Ep);
@@ -208,7 +217,7 @@ void backward_kernel(const AttentionParams& p, const Blocking& blk) {
               tile_p_and_ds(p, masker, qblk, kv, m0, mb, n0, nb, tiles, Ep, Evp, sb, dpb, BNp);
               gemm<acc_t, true, true>(nb, Evp, mb, sb, BNp, qblk.dop, BM * NR, dv_acc + n0 * Evp, Evp);
               gemm<acc_t, true, true>(nb, Ep, mb, dpb, BNp, qblk.qp, BM * NR, dk_acc + n0 * Ep, Ep);
-              gemm<acc_t, false, true>(mb, Ep, nb, dpb, BNp, kv.kr + n0 * NR, kv.sp * NR, dqb, Ep);
+              gemm<acc_t, false, true>(mb, Ep, nb, dpb, BNp, kv.kr_rows(n0), kv.sp * NR, dqb, Ep);
             }
             scalar_t* dq_rows = dq + b * p.dq_st.b + h * p.dq_st.h + m0 * p.dq_st.l;
             for (int64_t i = 0; i < mb; ++i) store_row(dq_rows + i * p.dq_st.l, p.dq_st.e, dqb + i * Ep, p.E, scale);
@@ -280,7 +289,7 @@ void mask_grad_kernel(const AttentionParams& p, const Blocking& blk) {
           const RowMasker<acc_t> masker{p, b, h};
           const int64_t keys = p.key_end(r1);
           if (keys == 0) continue;
-          kv.pack(p, b, hk, keys, Ep);
+          kv.pack(p, b, hk, p.key_begin(r0) / BN * BN, keys, Ep);
           for (int64_t m0 = r0; m0 < r1; m0 += BM) {
             const int64_t mb = std::min(BM, r1 - m0);
             qblk.load(p, b, h, m0, mb, BM, Ep, Evp);

@@ -39,9 +39,11 @@ struct AttentionParams {
 
   double scale = 1.0;
   // The band: offsets from the row index of the first and last key a row sees (offset - left and
-  // offset + right, offset = S - L bottom-right or 0 top-left), each bound only where present.
+  // offset + right, offset = S - L bottom-right or 0 top-left), each bound only where present; clamped to
+  // [-L, S], an absent bound being -L (band_lo) or S (band_hi), which bound nothing.
   bool has_left = false, has_right = false;
   int64_t band_lo = 0, band_hi = 0;
+  int64_t band_span = 0;  // band_hi - band_lo + 1 >= 0: key j visible iff 0 <= j - i - band_lo < band_span
 
   // Outputs of the forward (inputs of the backward).
   void* out = nullptr;

@@ -151,8 +151,10 @@ def band_args(band, L: int, S: int):
     """(lo_off, hi_off, HAS_LEFT, HAS_RIGHT) of a band.Band for the kernels: row i sees keys
     i + lo_off <= j <= i + hi_off."""
     off = band.offset(L, S)
-    return (off - band.left if band.left >= 0 else 0, off + band.right if band.right >= 0 else 0,
-            band.left >= 0, band.right >= 0)
+    # Clamped to [-L, S], which changes no visibility, so the offsets stay 32-bit whatever the window.
+    lo = max(off - band.left, -L) if band.left >= 0 else 0
+    hi = min(max(off + band.right, -L), S) if band.right >= 0 else 0
+    return lo, hi, band.left >= 0, band.right >= 0
 
 
 def needs_int64(*tensors) -> bool:

@@ -97,7 +97,9 @@ __global__ void attention_bwd_preprocess_kernel(const AttentionParams p, float* 
 }
 
 // ---------------------------------------------------------------------------------------------------
-template <typename Traits, bool kHasMask>
+// kLeft: whether the band may have a left bound (a sliding window); without one, the launch takes the
+// variant that does not test for it.
+template <typename Traits, bool kHasMask, bool kLeft>
 __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dkdv_kernel(const AttentionParams p,
                                                                               const float* delta) {
   using T = typename Traits::T;
@@ -129,7 +131,7 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dkdv_kernel(co
   // Query rows that see some key of this block (the band): [m_lo, m_hi), m_lo a multiple of kBM.
   int m_lo = 0, m_hi = int(p.L);
   if (p.has_right) m_lo = int(clamp64(int64_t(n0) - p.band_hi, 0, p.L)) / kBM * kBM;
-  if (p.has_left) m_hi = int(clamp64(int64_t(n0) + kBN - p.band_lo, 0, p.L));
+  if (kLeft && p.has_left) m_hi = int(clamp64(int64_t(n0) + kBN - p.band_lo, 0, p.L));
   const int m_tiles = m_lo < m_hi ? (m_hi - m_lo + kBM - 1) / kBM : 0;
   const int n_iters = int(p.group) * m_tiles;  // (query head of the group, query tile) pairs
 
@@ -191,7 +193,7 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dkdv_kernel(co
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
           const int qi = j * 8 + 2 * t + c;
-          const float x = mask_score<kHasMask>(s[j][2 * r + c], m0 + qi, key, p, mask, check);
+          const float x = mask_score<kHasMask, kLeft>(s[j][2 * r + c], m0 + qi, key, p, mask, check);
           const float pv = fast_exp2((x - st[qi]) * kLog2e - st[kBM + qi]);
           s[j][2 * r + c] = pv;
           dp[j][2 * r + c] = pv * (dp[j][2 * r + c] - st[2 * kBM + qi]);
@@ -292,7 +294,7 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dq_kernel(cons
   const T* v = static_cast<const T*>(p.v) + b * p.v_st.b + hk * p.v_st.h;
   const MaskReader mask(p, b, h);
 
-  const KeyRange keys(p, m0, kBM, kBN);
+  const KeyRange<true> keys(p, m0, kBM, kBN);
   const int n_end = keys.end;
   const int n_blocks = keys.begin < n_end ? (n_end - keys.begin + kBN - 1) / kBN : 0;  // tiles from keys.begin
 

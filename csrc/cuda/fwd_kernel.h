@@ -18,7 +18,9 @@
 namespace attnkern {
 namespace cuda {
 
-template <typename Traits, bool kHasMask>
+// kLeft: whether the band may have a left bound (a sliding window); the launch takes the variant without
+// it otherwise (registers: see mask_score).
+template <typename Traits, bool kHasMask, bool kLeft>
 __global__ void __launch_bounds__(Traits::kThreads) attention_fwd_kernel(const AttentionParams p) {
   using T = typename Traits::T;
   using QTile = typename Traits::QTile;
@@ -44,7 +46,7 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_fwd_kernel(const A
   const T* v = static_cast<const T*>(p.v) + b * p.v_st.b + hk * p.v_st.h;
   const MaskReader mask(p, b, h);
 
-  const KeyRange keys(p, m0, kBM, kBN);
+  const KeyRange<kLeft> keys(p, m0, kBM, kBN);
   const int n_end = keys.end;
   const int n_blocks = keys.begin < n_end ? (n_end - keys.begin + kBN - 1) / kBN : 0;  // tiles from keys.begin
 
@@ -79,7 +81,8 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_fwd_kernel(const A
     warp_mma_abt<T, QTile, KVTile, kHD, kNT>(s, sQ, wrow, sKs, lane);
 
     // Scale and mask, then the online softmax update of rows g and g + 8.
-    const bool check = n0 + kBN > p.S || keys.check(p, n0, kBN) || kHasMask;
+    // A window's tiles are mostly edge tiles: its variant masks every tile (one code path, fewer registers).
+    const bool check = kLeft || kHasMask || n0 + kBN > p.S || keys.check(p, n0, kBN);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int64_t i = m0 + wrow + g + 8 * r;
@@ -89,7 +92,7 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_fwd_kernel(const A
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
           float& x = s[j][2 * r + c];
-          x = mask_score<kHasMask>(x, i, n0 + j * 8 + 2 * t + c, p, mask, check);
+          x = mask_score<kHasMask, kLeft>(x, i, n0 + j * 8 + 2 * t + c, p, mask, check);
           mx = fmaxf(mx, x);
         }
       }

@@ -50,16 +50,13 @@ struct MaskReader {
   }
 };
 
-// Whether query row i sees key j by the band (attnkern/band.py: causal, sliding window).
-__device__ __forceinline__ bool in_band(const AttentionParams& p, int64_t i, int64_t j) {
-  return (!p.has_right || j <= i + p.band_hi) && (!p.has_left || j >= i + p.band_lo);
-}
-
 __device__ __forceinline__ int64_t clamp64(int64_t x, int64_t lo, int64_t hi) { return min(max(x, lo), hi); }
 
 // The key tiles a block of query rows [m0, m0 + rows) visits: `tile` keys each from `begin` (a multiple of
 // `tile`) to `end`. Tiles inside [full_begin, full_end), keys every row sees, need no per-element band
-// compare (check()).
+// compare (check()). kLeft: whether the band may have a left bound (a window); without one, begin and
+// full_begin are the constant 0 and cost no register.
+template <bool kLeft>
 struct KeyRange {
   int begin, end, full_begin, full_end;
   __device__ __forceinline__ KeyRange(const AttentionParams& p, int64_t m0, int rows, int tile)
@@ -69,13 +66,13 @@ struct KeyRange {
       end = int(clamp64(last + p.band_hi + 1, 0, p.S));
       full_end = int(clamp64(m0 + p.band_hi + 1, 0, p.S));
     }
-    if (p.has_left) {
+    if (kLeft && p.has_left) {
       begin = int(clamp64(m0 + p.band_lo, 0, p.S)) / tile * tile;
       full_begin = int(clamp64(last + p.band_lo, 0, p.S));
     }
   }
   __device__ __forceinline__ bool check(const AttentionParams& p, int n0, int n) const {
-    return (p.has_left || p.has_right) && (n0 < full_begin || n0 + n > full_end);
+    return p.has_right && n0 + n > full_end || kLeft && p.has_left && n0 < full_begin;
   }
 };
 
@@ -89,14 +86,17 @@ __device__ __forceinline__ void load_kv_async(T* sK, T* sV, const T* k, const T*
 }
 
 // One score element: scale it, add the mask, and send it to -inf where the key is out of range or
-// outside the band. (i, j): query row and key column, absolute. kHasMask is a template
-// argument so that kernels without a user mask carry none of the mask-reading code (registers).
-template <bool kHasMask>
+// outside the band. (i, j): query row and key column, absolute. kHasMask is a template argument so that
+// kernels without a user mask carry none of the mask-reading code (registers); kLeft likewise drops the
+// band's left bound for the one launch that cannot have it (the dK/dV pass without a window, whose
+// registers at head dim 128 are exactly used up).
+template <bool kHasMask, bool kLeft = true>
 __device__ __forceinline__ float mask_score(float s, int64_t i, int64_t j, const AttentionParams& p,
                                            const MaskReader& mask, bool check) {
   float x = s * static_cast<float>(p.scale);
   if (!check) return x;
-  if (j >= p.S || !in_band(p, i, j)) return kNegInf;
+  if (j >= p.S || (p.has_right && j > i + p.band_hi)) return kNegInf;
+  if (kLeft && p.has_left && j < i + p.band_lo) return kNegInf;
   if (kHasMask && i < p.L) x += mask.at(i, j);
   return x;
 }

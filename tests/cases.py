@@ -60,6 +60,7 @@ CASES = [
     Case("window_causal_tl_mask_grad", L=113, S=113, E=16, causal="top_left", window=(17, -1), mask="float_grad",
          mask_dims="ls"),
     Case("window_causal_br_e96", L=40, S=203, E=96, Ev=16, causal="bottom_right", window=(30, -1)),
+    Case("window_mask_e128", L=40, S=70, E=128, causal="top_left", window=(9, -1), mask="float", mask_dims="ls"),
     Case("gpu_L2048_window_256", L=2048, S=2048, E=128, Hq=4, causal="top_left", window=(255, 0), gpu_only=True),
     # Sizes for a GPU: the interpreter would take minutes.
     Case("gpu_L1024_e64_causal", L=1024, S=1024, E=64, B=2, Hq=8, causal="top_left", gpu_only=True),

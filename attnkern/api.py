@@ -15,6 +15,7 @@ import torch
 
 from . import backends, config, masks, ops, reference
 from .problem import AttentionProblem, normalize
+from .sinks import apply_sinks, check_sinks
 
 
 class AttnkernFallbackWarning(UserWarning):
@@ -41,21 +42,24 @@ def _requested(backend: Optional[str]) -> str:
     return config.requested_backend() if backend is None else backends.check_name(backend)
 
 
-def _run(problem: AttentionProblem, backend: Optional[str]):
+def _run(problem: AttentionProblem, backend: Optional[str], sinks: Optional[torch.Tensor] = None):
     choice = backends.select(problem, _requested(backend))
     _warn_fallback(choice)
     if choice.backend == "reference" and problem.dropout_p > 0.0:
         # Dropout needs its random mask in the backward: the differentiable naive path keeps it.
         out, lse = reference.reference_attention(
-            problem.q, problem.k, problem.v, problem.mask, causal=problem.causal, scale=problem.scale,
+            problem.q, problem.k, problem.v, problem.mask, band=problem.band, scale=problem.scale,
             enable_gqa=True, dropout_p=problem.dropout_p,
             compute_dtype=torch.float64 if problem.dtype == torch.float64 else torch.float32,
         )
     else:
-        out, lse, _, _ = ops.attention_forward(
-            problem.q, problem.k, problem.v, problem.mask, problem.scale, problem.causal, choice.backend,
-            problem.needs_grad,
+        out, lse, _, out_lo = ops.attention_forward(
+            problem.q, problem.k, problem.v, problem.mask, problem.scale, problem.band.as_op(), choice.backend,
+            problem.needs_grad or (sinks is not None and sinks.requires_grad and torch.is_grad_enabled()),
         )
+    if sinks is not None:  # exact rescale by the lse, on every backend (sinks.py)
+        out, lse = apply_sinks(out, lse, sinks, out_lo if choice.backend != "reference" or problem.dropout_p == 0.0
+                               else None)
     return out.reshape(problem.output_shape()), lse.reshape(problem.lse_shape())
 
 
@@ -96,6 +100,8 @@ def attention(
     value: torch.Tensor,
     *,
     causal=False,
+    window=None,
+    sinks: Optional[torch.Tensor] = None,
     attn_mask: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
     enable_gqa: bool = False,
@@ -107,15 +113,24 @@ def attention(
 
     causal: False, "top_left" (= True, SDPA's is_causal) or "bottom_right" (FlashAttention's: the last
         query row sees the last key, so with Lq > Lk the first Lq - Lk rows see nothing and give 0).
+    window: None or (left, right), FlashAttention's window_size: query i sees keys
+        i + Lk - Lq - left .. i + Lk - Lq + right, -1 meaning unbounded on that side. With `causal` the
+        right bound is 0 and the alignment is causal's ("top_left": offset 0 instead of Lk - Lq).
+        Composes with attn_mask and GQA; the kernels skip the tiles outside the band, so the cost grows
+        with Lq * window rather than Lq * Lk.
+    sinks: None or a float tensor (Hq,), one logit per query head (gpt-oss's attention sinks): it joins
+        each row's softmax denominator and attends to nothing; differentiable. A fully masked row then
+        gives 0 and lse = sink. Applied exactly through the log-sum-exp on every backend (sinks.py).
     lse: the natural-log log-sum-exp of each row's scaled, masked scores, (N, ..., Hq, L), float32
         (float64 for float64 inputs); -inf for a fully masked row. It is differentiable.
     backend: "auto", "triton", "reference", ...; None means `use_backend(...)`/ATTNKERN_BACKEND/auto.
         An explicit backend that cannot run the call raises BackendUnavailableError with the reason.
     """
     problem = normalize(
-        query, key, value, attn_mask, dropout_p, masks.parse_causal(causal), scale, enable_gqa
+        query, key, value, attn_mask, dropout_p, masks.parse_causal(causal), scale, enable_gqa, window=window
     )
-    out, lse = _run(problem, backend)
+    sinks = check_sinks(sinks, problem.Hq, problem.device)
+    out, lse = _run(problem, backend, sinks)
     return (out, lse) if return_lse else out
 
 
@@ -140,17 +155,18 @@ class Explanation:
 
 def explain(
     query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
-    causal=None, backend: Optional[str] = None,
+    causal=None, window=None, backend: Optional[str] = None,
 ) -> Explanation:
     """Say which path a call with these arguments takes and why, without running it.
 
-    Takes SDPA's arguments, plus `causal=` (as in `attention`, overrides is_causal) and `backend=`.
+    Takes SDPA's arguments, plus `causal=` (as in `attention`, overrides is_causal), `window=` (as in
+    `attention`) and `backend=`.
     An explicit backend that cannot run the call is reported, not raised. Inside a
     `torch.nn.attention.sdpa_kernel(...)` block a note says that under `replace_sdpa()` torch runs the call.
     """
     code = masks.parse_causal(causal) if causal is not None else (
         masks.CAUSAL_TOP_LEFT if is_causal else masks.CAUSAL_NONE)
-    problem = normalize(query, key, value, attn_mask, dropout_p, code, scale, enable_gqa)
+    problem = normalize(query, key, value, attn_mask, dropout_p, code, scale, enable_gqa, window=window)
     notes = list(problem.notes)
     from .dispatch import torch_kernel_restriction  # dispatch imports this module
 

@@ -27,6 +27,7 @@ class Case:
     Hq: int = 2
     Hkv: Optional[int] = None  # None: = Hq; fewer -> GQA (enable_gqa=True)
     causal: str = "none"  # "none" | "top_left" | "bottom_right"
+    window: Optional[Tuple[int, int]] = None  # attention(window=...): (left, right), -1 unbounded
     # Mask kind: "none", "bool", "float" (constant), "float_grad" (requires grad: tests dMask), "keypad"
     # (a bool key-padding mask (B, 1, 1, S) keeping a random prefix of at least half the keys per batch
     # element, as padded batches have; mask_dims is ignored).
@@ -75,6 +76,7 @@ class Case:
                 + (f" S={self.S}" if self.S != self.L else "") + f" E={self.E}"
                 + (f" Ev={self.ev}" if self.ev != self.E else "")
                 + ("" if self.causal == "none" else " causal" if self.causal == "top_left" else " causal=bottom_right")
+                + (f" window={self.window}" if self.window is not None else "")
                 + (f" mask={self.mask}" if self.mask != "none" else ""))
 
     def __str__(self) -> str:
@@ -194,8 +196,8 @@ def upstream_grads(out: torch.Tensor, lse: torch.Tensor, seed: int = 1):
 
 def as_kwargs(case: Case):
     """The keyword arguments `attnkern.attention` and `reference_attention` take for `case`."""
-    return dict(causal=case.causal if case.causal != "none" else False, enable_gqa=case.enable_gqa,
-                scale=case.scale)
+    return dict(causal=case.causal if case.causal != "none" else False, window=case.window,
+                enable_gqa=case.enable_gqa, scale=case.scale)
 
 
 def grad_leaves(q, k, v, mask):
@@ -285,6 +287,10 @@ def random_case(seed: int, max_work: int = RANDOM_MAX_WORK) -> Case:
     kv_batch_broadcast = rank >= 4 and rng.random() < 0.15
 
     causal = rng.choice(("none", "none", "top_left", "bottom_right"))
+    window = None
+    if rng.random() < 0.2:  # a sliding window: each side unbounded, 0, or up to the longer length
+        side = lambda: rng.choice((-1, 0, rng.randint(0, max(L, S))))  # noqa: E731
+        window = (side(), side())
     mask = rng.choice(("none", "none", "bool", "float", "float_grad", "float_grad"))
     mask_dims, mask_rank, mask_fp32 = "ls", None, False
     masked_rows, min_rows = (), ()
@@ -315,7 +321,7 @@ def random_case(seed: int, max_work: int = RANDOM_MAX_WORK) -> Case:
         scale = rng.choice((rng.uniform(0.01, 1.0), rng.uniform(1.0, 4.0), -rng.uniform(0.05, 1.0), 0.0))
 
     case = Case(f"random_{seed}", L=L, S=S, E=E, Ev=Ev if Ev != E else None, B=B, B2=B2, Hq=Hq,
-                Hkv=Hkv if Hkv != Hq else None, causal=causal, mask=mask, mask_dims=mask_dims,
+                Hkv=Hkv if Hkv != Hq else None, causal=causal, window=window, mask=mask, mask_dims=mask_dims,
                 mask_rank=mask_rank, mask_fp32=mask_fp32, masked_rows=masked_rows, min_rows=min_rows,
                 layout=layout, rank=rank, kv_batch_broadcast=kv_batch_broadcast,
                 kv_head_broadcast=kv_head_broadcast, scale=scale)

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from . import backends
-from .api import explain, scaled_dot_product_attention
+from .api import attention, explain, scaled_dot_product_attention
 from .backends import BackendUnavailableError
 from .bench import environment
-from .bench.grid import DTYPE_NAMES, DTYPES, parse_dtypes
+from .bench.grid import DTYPE_NAMES, DTYPES, parse_dtypes, parse_window
 from .cases import Case, make_inputs
 from .cliutil import arg_type, finite_float, positive_int, resolve_device
 from .config import use_backend
@@ -34,7 +34,7 @@ MASKS = ("none", "bool", "keypad", "float", "float-grad")
 
 # The --mask names and the cases they stand for (attnkern/cases.py's vocabulary).
 def grad_case(name: str, B: int = 1, H: int = 2, Hkv: Optional[int] = None, L: int = 128, S: Optional[int] = None,
-              E: int = 64, Ev: Optional[int] = None, causal: bool = False, mask: str = "none") -> Case:
+              E: int = 64, Ev: Optional[int] = None, causal: bool = False, mask: str = "none", window=None) -> Case:
     """A check-grads case: `mask` one of MASKS -- bool (L, S) with a fully masked row, keypad bool
     (B, 1, 1, S) key padding, float (H, L, S) constant, float-grad (H, L, S) requiring grad (checks d_mask)."""
     S = S or L
@@ -42,7 +42,7 @@ def grad_case(name: str, B: int = 1, H: int = 2, Hkv: Optional[int] = None, L: i
              "keypad": dict(mask="keypad"), "float": dict(mask="float", mask_dims="hls"),
              "float-grad": dict(mask="float_grad", mask_dims="hls")}
     return Case(name, L=L, S=S, E=E, Ev=Ev if Ev != E else None, B=B, Hq=H, Hkv=Hkv if Hkv != H else None,
-                causal="top_left" if causal else "none", **masks[mask])
+                causal="top_left" if causal else "none", window=window, **masks[mask])
 
 
 def battery(device: torch.device) -> List[Case]:
@@ -54,6 +54,7 @@ def battery(device: torch.device) -> List[Case]:
             grad_case("Lq != Lk, key padding", B=4, H=4, L=1000, S=3000, E=80, mask="keypad"),
             grad_case("learned bias (d_mask)", B=2, H=4, L=512, S=768, E=64, mask="float-grad"),
             grad_case("Ev != E, fully masked row", B=1, H=4, L=777, S=513, E=96, Ev=32, mask="bool"),
+            grad_case("causal sliding window", B=2, H=8, Hkv=2, L=2048, E=128, causal=True, window=(255, -1)),
         ]
     return [
         grad_case("plain", B=2, H=2, L=64, E=32),
@@ -61,6 +62,7 @@ def battery(device: torch.device) -> List[Case]:
         grad_case("Lq != Lk, key padding", B=2, H=2, L=48, S=80, E=40, mask="keypad"),
         grad_case("learned bias (d_mask)", B=1, H=2, L=40, S=56, E=16, mask="float-grad"),
         grad_case("Ev != E, fully masked row", B=1, H=2, L=33, S=47, E=48, Ev=16, mask="bool"),
+        grad_case("sliding window", B=1, H=2, L=70, S=90, E=16, window=(9, 4)),
     ]
 
 
@@ -75,7 +77,11 @@ class Target:
 
 
 def _attnkern_fn(backend: str) -> Callable:
-    def fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    def fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+           window=None):
+        if window is not None:  # SDPA has no window: attention() takes it (is_causal is top-left there too)
+            return attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, causal=is_causal,
+                             window=window, scale=scale, enable_gqa=enable_gqa, return_lse=False, backend=backend)
         with use_backend(backend):
             return scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
 
@@ -139,9 +145,11 @@ def run_check(target: Target, case: Case, dtype: torch.dtype, device: torch.devi
     q, k, v, mask = make_inputs(case, dtype, device, seed)
     gqa = case.enable_gqa
     label = target.label
+    if case.window is not None and target.backend is None and target.label == "torch":
+        return {"status": "SKIP", "reason": "torch's SDPA has no sliding window", "label": target.label}
     if target.backend is not None:
-        exp = explain(q, k, v, attn_mask=mask, is_causal=case.is_causal, scale=scale, enable_gqa=gqa,
-                      backend=target.backend)
+        exp = explain(q, k, v, attn_mask=mask, is_causal=case.is_causal, window=case.window, scale=scale,
+                      enable_gqa=gqa, backend=target.backend)
         if exp.backend == "none":
             return {"status": "SKIP", "reason": exp.reason, "label": label}
         if target.backend == "auto":
@@ -150,7 +158,8 @@ def run_check(target: Target, case: Case, dtype: torch.dtype, device: torch.devi
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. auto's fallback warning: the label says which path ran
             report = check_gradients(target.fn, q, k, v, attn_mask=mask, is_causal=case.is_causal, scale=scale,
-                                     enable_gqa=gqa, seed=seed, gradcheck=gradcheck, name=f"{label} / {case.name}")
+                                     enable_gqa=gqa, seed=seed, gradcheck=gradcheck, name=f"{label} / {case.name}",
+                                     window=case.window)
     except (BackendUnavailableError, NotImplementedError) as exc:
         return {"status": "SKIP", "reason": str(exc).splitlines()[0], "label": label}
     except Exception as exc:  # noqa: BLE001 - the function under test failed: that is a failed check
@@ -179,6 +188,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--v-head-dim", type=arg_type(positive_int), metavar="Ev", help="value head dim (default = E)")
     s.add_argument("--causal", action="store_true", help="is_causal=True (top-left)")
     s.add_argument("--mask", choices=MASKS, help="attention mask kind (default none)")
+    s.add_argument("--window", type=arg_type(parse_window), metavar="LEFT,RIGHT",
+                   help="a sliding window (attention's window=, -1 unbounded; with --causal a causal window)")
     s.add_argument("--scale", type=arg_type(finite_float), help="softmax scale (default 1/sqrt(E))")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs and upstream gradient")
     p.add_argument("--gradcheck", action="store_true",
@@ -187,7 +198,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="one line per check, no error tables")
 
 
-_SHAPE_FLAGS = ("batch", "heads", "kv_heads", "seqlen", "kv_seqlen", "head_dim", "v_head_dim", "causal", "mask")
+_SHAPE_FLAGS = ("batch", "heads", "kv_heads", "seqlen", "kv_seqlen", "head_dim", "v_head_dim", "causal", "mask",
+                "window")
 
 
 def custom_case(args, parser) -> Optional[Case]:
@@ -198,7 +210,8 @@ def custom_case(args, parser) -> Optional[Case]:
     if H % Hkv:
         parser.error(f"argument --kv-heads: the query heads ({H}) must be a multiple of the key/value heads ({Hkv})")
     return grad_case("command line", B=args.batch or 1, H=H, Hkv=Hkv, L=args.seqlen or 128, S=args.kv_seqlen,
-                     E=args.head_dim or 64, Ev=args.v_head_dim, causal=args.causal, mask=args.mask or "none")
+                     E=args.head_dim or 64, Ev=args.v_head_dim, causal=args.causal, mask=args.mask or "none",
+                     window=args.window)
 
 
 def run(args, parser: argparse.ArgumentParser, out=None) -> int:

@@ -148,10 +148,11 @@ def route_sdpa(
     return Route(requested, "requested explicitly", problem)
 
 
-def run(route: Route) -> torch.Tensor:
-    """Run a call that `route_sdpa` sent to attnkern; returns the output in the query's shape."""
+def run(route: Route, sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Run a call that `route_sdpa` sent to attnkern; returns the output in the query's shape.
+    `sinks`: per-query-head sink logits (attention(sinks=...)), e.g. gpt-oss's through transformers."""
     assert route.backend is not None and route.problem is not None, "run() takes a route to attnkern"
-    return api._run(route.problem, route.backend)[0]
+    return api._run(route.problem, route.backend, sinks)[0]
 
 
 _logged = set()

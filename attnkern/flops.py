@@ -7,7 +7,7 @@
 `pairs` is the number of (query, key) score entries that are computed: Lq · Lk without a causal mask.
 With a causal mask, a square problem counts half (Lq · Lk / 2), exactly as FlashAttention's benchmark
 does, so that figures compare with the published ones; a non-square problem counts its unmasked entries
-exactly. Only the two matmuls are counted (softmax and masking are free by this convention).
+exactly, and so does a sliding window (`window_pairs`). Only the two matmuls are counted (softmax and masking are free by this convention).
 """
 from __future__ import annotations
 
@@ -41,13 +41,33 @@ def causal_pairs(Lq: int, Lk: int, causal=False) -> float:
     return float(total)
 
 
-def attention_flops(B: int, H: int, Lq: int, Lk: int, E: int, Ev=None, causal=False, mode: str = "fwd") -> float:
+def window_pairs(Lq: int, Lk: int, band) -> float:
+    """The (query, key) pairs a band.Band leaves visible, counted exactly."""
+    off = band.offset(Lq, Lk)
+    total = 0
+    for i in range(Lq):
+        lo = max(0, i + off - band.left) if band.left >= 0 else 0
+        hi = min(Lk - 1, i + off + band.right) if band.right >= 0 else Lk - 1
+        total += max(0, hi - lo + 1)
+    return float(total)
+
+
+def attention_flops(B: int, H: int, Lq: int, Lk: int, E: int, Ev=None, causal=False, mode: str = "fwd",
+                    window=None) -> float:
     """FLOPs of one attention call of `mode` ("fwd", "bwd" or "fwd+bwd") by the convention above.
 
-    H is the number of query heads (GQA does not change the work: every query head attends).
+    H is the number of query heads (GQA does not change the work: every query head attends). With a
+    sliding `window` ((left, right), as `attnkern.attention` takes it) the visible pairs are counted.
     """
     if mode not in MODE_FACTORS:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     Ev = E if Ev is None else Ev
-    forward = 2.0 * B * H * causal_pairs(Lq, Lk, causal) * (E + Ev)
+    if window is not None:
+        from .band import make_band, parse_window
+
+        code = masks.parse_causal(causal) if causal is not False else masks.CAUSAL_NONE
+        pairs = window_pairs(Lq, Lk, make_band(code, parse_window(window)))
+    else:
+        pairs = causal_pairs(Lq, Lk, causal)
+    forward = 2.0 * B * H * pairs * (E + Ev)
     return MODE_FACTORS[mode] * forward

@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import backends, masks
+from .band import Band
 from .problem import SUPPORTED_DTYPES, AttentionProblem, to_float32
 
 
@@ -52,11 +53,11 @@ def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def check_forward_args(q, k, v, mask: Optional[torch.Tensor], scale, causal, backend, residual=False) -> None:
+def check_forward_args(q, k, v, mask: Optional[torch.Tensor], scale, band, backend, residual=False) -> None:
     """The arguments of attention_forward: q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev) of one
     floating dtype and device, Hq a multiple of Hkv (both 0 for a zero-head problem), mask None or
-    (Bm, Hm, Lm, Sm) with each dim 1 or full, a finite scale, a known causal code and backend name,
-    and a bool `residual`."""
+    (Bm, Hm, Lm, Sm) with each dim 1 or full, a finite scale, a band [bottom_right, left, right]
+    (band.py), a known backend name, and a bool `residual`."""
     if not isinstance(residual, bool):
         raise TypeError(f"attnkern op: residual must be a bool, got {type(residual).__name__}")
     if not isinstance(backend, str) or backend not in backends.names() or backend == "auto":
@@ -101,17 +102,24 @@ def check_forward_args(q, k, v, mask: Optional[torch.Tensor], scale, causal, bac
             f"attnkern op: scale={scale!r} does not fit float32, in which {_dtype_name(q.dtype)} problems "
             "compute their scores"
         )
-    if isinstance(causal, bool) or not isinstance(causal, int) or causal not in masks.CAUSAL_NAMES:
+    check_band(band)
+
+
+def check_band(band) -> None:
+    """[bottom_right in {0, 1}, left >= -1, right >= -1] (band.Band.as_op)."""
+    ok = isinstance(band, (list, tuple)) and len(band) == 3 and all(
+        isinstance(x, int) and not isinstance(x, bool) for x in band)
+    if not ok or band[0] not in (0, 1) or band[1] < -1 or band[2] < -1:
         raise ValueError(
-            f"attnkern op: causal must be one of the codes {dict(masks.CAUSAL_NAMES)}, got {causal!r}"
+            f"attnkern op: band must be [bottom_right (0 or 1), left (>= -1), right (>= -1)], got {band!r}"
         )
 
 
-def check_backward_args(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, causal, mask_grad, backend) -> None:
+def check_backward_args(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, band, mask_grad, backend) -> None:
     """The arguments of attention_backward: those of the forward, plus out and dout (B, Hq, L, Ev) in
     the query's dtype, out_lo empty or (for float16/bfloat16) out's shape and dtype, stats (B, Hq, L, 2)
     and dlse None or (B, Hq, L) in the accumulator dtype, and mask_grad only with a float mask."""
-    check_forward_args(q, k, v, mask, scale, causal, backend)
+    check_forward_args(q, k, v, mask, scale, band, backend)
     B, Hq, L, _ = q.shape
     Ev = v.shape[3]
     acc = accumulator_dtype(q.dtype)
@@ -147,12 +155,13 @@ def check_backward_args(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, ca
         raise ValueError("attnkern op: mask_grad=True needs a float attn_mask (a bool mask has no gradient)")
 
 
-def check_backend_runs(q, k, v, mask, scale, causal, backend) -> None:
+def check_backend_runs(q, k, v, mask, scale, band, backend) -> None:
     """The named backend runs this problem on q's device (its dtypes, head dims, ...), else the
     reason, as `attention(..., backend=...)` would say it. Only for real tensors (not the fake
     implementations: whether a device is usable is a property of the run, not of the trace)."""
     b = backends.get(backend)
-    why = b.availability(q.device) or b.unsupported_reason(AttentionProblem(q, k, v, mask, scale, causal))
+    problem = AttentionProblem(q, k, v, mask, scale, masks.CAUSAL_NONE, band=Band.from_op(band))
+    why = b.availability(q.device) or b.unsupported_reason(problem)
     if why:
         raise backends.BackendUnavailableError(f"attnkern op: backend={backend!r} cannot run this call: {why}")
 

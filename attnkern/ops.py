@@ -1,10 +1,12 @@
 """torch.library custom ops for the fused forward and backward, with fake (meta) implementations and
 registered autograd, so that torch.compile(fullgraph=True) traces attnkern without graph breaks.
 
-    attnkern::attention_forward_v3(q, k, v, mask?, scale, causal, backend, residual)
+    attnkern::attention_forward_v4(q, k, v, mask?, scale, band, backend, residual)
         -> (out, lse, stats, out_lo)
-    attnkern::attention_backward_v3(dout, dlse?, q, k, v, mask?, out, out_lo, stats, scale, causal,
+    attnkern::attention_backward_v4(dout, dlse?, q, k, v, mask?, out, out_lo, stats, scale, band,
                                     mask_grad, backend) -> (dq, dk, dv, dmask)
+
+`band` is [bottom_right, left, right] (band.py: which keys each query row sees; causal is right = 0).
         (dmask empty when mask_grad is False)
 
 The suffix is the version of this contract, raised whenever a schema changes: torch's compile caches
@@ -22,33 +24,34 @@ call them; problems with a zero-sized dim run on the "reference" backend whichev
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from . import backends, op_checks
+from .band import Band
 from .buffers import new_grad, new_lse, new_output, new_residual, new_stats
 
 
-CONTRACT = "v3"
+CONTRACT = "v4"
 
 
 @torch.library.custom_op(f"attnkern::attention_forward_{CONTRACT}", mutates_args=())
 def attention_forward(
-    q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, causal: int, backend: str,
+    q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, band: List[int], backend: str,
     residual: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    op_checks.check_forward_args(q, k, v, mask, scale, causal, backend, residual)
+    op_checks.check_forward_args(q, k, v, mask, scale, band, backend, residual)
     if op_checks.is_empty(q, k, v):
         backend = "reference"
-    op_checks.check_backend_runs(q, k, v, mask, scale, causal, backend)
-    return backends.get(backend).forward(q, k, v, mask, scale, causal, residual)
+    op_checks.check_backend_runs(q, k, v, mask, scale, band, backend)
+    return backends.get(backend).forward(q, k, v, mask, scale, Band.from_op(band), residual)
 
 
 @attention_forward.register_fake
-def _attention_forward_fake(q, k, v, mask, scale, causal, backend, residual):
-    op_checks.check_forward_args(q, k, v, mask, scale, causal, backend, residual)
+def _attention_forward_fake(q, k, v, mask, scale, band, backend, residual):
+    op_checks.check_forward_args(q, k, v, mask, scale, band, backend, residual)
     Ev = v.shape[-1]
     return new_output(q, Ev), new_lse(q), new_stats(q), new_residual(q, Ev, residual)
 
@@ -56,15 +59,15 @@ def _attention_forward_fake(q, k, v, mask, scale, causal, backend, residual):
 @torch.library.custom_op(f"attnkern::attention_backward_{CONTRACT}", mutates_args=())
 def attention_backward(
     dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
-    out: Tensor, out_lo: Tensor, stats: Tensor, scale: float, causal: int, mask_grad: bool, backend: str,
+    out: Tensor, out_lo: Tensor, stats: Tensor, scale: float, band: List[int], mask_grad: bool, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    op_checks.check_backward_args(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, causal, mask_grad,
+    op_checks.check_backward_args(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, band, mask_grad,
                                   backend)
     if op_checks.is_empty(q, k, v):
         backend = "reference"
-    op_checks.check_backend_runs(q, k, v, mask, scale, causal, backend)
+    op_checks.check_backend_runs(q, k, v, mask, scale, band, backend)
     dq, dk, dv, dmask = backends.get(backend).backward(
-        dout, dlse, q, k, v, mask, out, out_lo, stats, scale, causal, mask_grad
+        dout, dlse, q, k, v, mask, out, out_lo, stats, scale, Band.from_op(band), mask_grad
     )
     if dmask is None:
         dmask = q.new_empty((0,))
@@ -72,26 +75,26 @@ def attention_backward(
 
 
 @attention_backward.register_fake
-def _attention_backward_fake(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, causal, mask_grad,
+def _attention_backward_fake(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, band, mask_grad,
                              backend):
-    op_checks.check_backward_args(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, causal, mask_grad,
+    op_checks.check_backward_args(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, band, mask_grad,
                                   backend)
     dmask = mask.new_empty(mask.shape) if mask_grad else q.new_empty((0,))
     return new_grad(q), new_grad(k), new_grad(v), dmask
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, scale, causal, backend, _residual = inputs
+    q, k, v, mask, scale, band, backend, _residual = inputs
     out, lse, stats, out_lo = output
     ctx.save_for_backward(q, k, v, mask, out, out_lo, stats)
-    ctx.scale, ctx.causal, ctx.backend = scale, causal, backend
+    ctx.scale, ctx.band, ctx.backend = scale, list(band), backend
 
 
 def _backward(ctx, dout, dlse, _dstats, _dout_lo):
     q, k, v, mask, out, out_lo, stats = ctx.saved_tensors
     mask_grad = mask is not None and ctx.needs_input_grad[3]
     dq, dk, dv, dmask = attention_backward(
-        dout, dlse, q, k, v, mask, out, out_lo, stats, ctx.scale, ctx.causal, mask_grad, ctx.backend
+        dout, dlse, q, k, v, mask, out, out_lo, stats, ctx.scale, ctx.band, mask_grad, ctx.backend
     )
     return dq, dk, dv, (dmask if mask_grad else None), None, None, None, None
 

@@ -17,6 +17,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import masks
+from .band import Band, make_band, parse_window
 from .shapes import broadcast_shapes
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -35,6 +36,13 @@ class AttentionProblem:
     # Whether the user passed a head dim (inputs of rank >= 3); 2-D inputs get a head dim of 1.
     has_head_dim: bool = True
     notes: list = field(default_factory=list)  # normalization steps that copied memory, for explain()
+    window: Optional[Tuple[int, int]] = None  # (left, right), -1 unbounded (band.parse_window)
+    # Which keys each row sees apart from the mask (band.py): by default causal and window together.
+    band: Optional[Band] = None
+
+    def __post_init__(self):
+        if self.band is None:
+            self.band = make_band(self.causal, self.window)
 
     @property
     def B(self) -> int:
@@ -103,6 +111,7 @@ class AttentionProblem:
             f"B={self.B} Hq={self.Hq} Hkv={self.Hkv} L={self.L} S={self.S} E={self.E} Ev={self.Ev} "
             f"dtype={str(self.dtype).replace('torch.', '')} device={self.device.type} "
             f"causal={masks.CAUSAL_NAMES[self.causal]} mask={masks.describe_mask(self.mask)}"
+            + (f" window={self.window} (band: {self.band.describe()})" if self.window is not None else "")
             + (f" dropout_p={self.dropout_p}" if self.dropout_p else "")
         )
 
@@ -179,8 +188,10 @@ def normalize(
     causal: int = masks.CAUSAL_NONE,
     scale: Optional[float] = None,
     enable_gqa: bool = False,
+    window=None,
 ) -> AttentionProblem:
     """Check the arguments as torch's SDPA does (with clearer messages) and build the canonical problem."""
+    window = parse_window(window)
     for name, t in (("query", query), ("key", key), ("value", value)):
         _check_tensor(name, t)
     if not (query.dtype == key.dtype == value.dtype):
@@ -276,5 +287,5 @@ def normalize(
     return AttentionProblem(
         q=q, k=k, v=v, mask=mask, scale=float(scale), causal=causal, dropout_p=float(dropout_p),
         batch_shape=batch_shape, has_head_dim=query.dim() > 2 or key.dim() > 2 or value.dim() > 2,
-        notes=notes,
+        notes=notes, window=window,
     )

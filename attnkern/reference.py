@@ -15,14 +15,9 @@ from typing import Optional, Tuple
 import torch
 
 from . import masks
+from .band import Band, make_band, parse_window
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def _causal_allowed(L: int, S: int, causal: int, device) -> torch.Tensor:
-    rows = torch.arange(L, device=device).unsqueeze(-1)
-    cols = torch.arange(S, device=device)
-    return cols <= rows + masks.causal_offset(causal, L, S)
 
 
 def _expand_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -31,11 +26,17 @@ def _expand_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.repeat_interleave(heads // t.shape[-3], dim=-3)
 
 
+def _band_of(causal, window, band: Optional[Band]) -> Band:
+    return band if band is not None else make_band(masks.parse_causal(causal), parse_window(window))
+
+
 def reference_scores(
-    query, key, attn_mask=None, *, causal=0, scale=None, enable_gqa=False, compute_dtype=None
+    query, key, attn_mask=None, *, causal=0, window=None, band: Optional[Band] = None, scale=None,
+    enable_gqa=False, compute_dtype=None
 ) -> torch.Tensor:
-    """Scaled, masked scores `s` (−inf where masked) in `compute_dtype` (default: the query's dtype)."""
-    causal = masks.parse_causal(causal)
+    """Scaled, masked scores `s` (−inf where masked) in `compute_dtype` (default: the query's dtype).
+    The visible keys: `band` (band.py), or the band of `causal` and `window` as `attention` takes them."""
+    band = _band_of(causal, window, band)
     dtype = compute_dtype or query.dtype
     E = query.shape[-1]
     scale = 1.0 / math.sqrt(E) if scale is None else scale
@@ -47,8 +48,8 @@ def reference_scores(
             s = s.masked_fill(~attn_mask, float("-inf"))
         else:
             s = s + attn_mask.to(dtype)
-    if causal != masks.CAUSAL_NONE:
-        allowed = _causal_allowed(s.shape[-2], s.shape[-1], causal, s.device)
+    allowed = band.allowed(s.shape[-2], s.shape[-1], s.device)
+    if allowed is not None:
         s = s.masked_fill(~allowed, float("-inf"))
     return s
 
@@ -60,26 +61,35 @@ def reference_attention(
     attn_mask: Optional[torch.Tensor] = None,
     *,
     causal=masks.CAUSAL_NONE,
+    window=None,
+    band: Optional[Band] = None,
     scale: Optional[float] = None,
     enable_gqa: bool = False,
     dropout_p: float = 0.0,
     compute_dtype: Optional[torch.dtype] = None,
+    sinks: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Naive attention. Returns (out in query's dtype, natural-log row log-sum-exp).
 
-    `causal`: an int code from masks.py or anything `masks.parse_causal` takes. Fully masked rows give
+    `causal`: an int code from masks.py or anything `masks.parse_causal` takes; `window`: as
+    `attnkern.attention` takes it; or `band` (band.py) for both. Fully masked rows give
     output 0, log-sum-exp −inf, and zero gradients. NaN and Inf propagate as in torch's math path: a
     row whose scores hold NaN or +inf has NaN output, log-sum-exp and probabilities. `compute_dtype`
     runs the math in another dtype (e.g. float32 for half inputs); the log-sum-exp is float32, or
-    float64 for float64 math.
+    float64 for float64 math. `sinks` ((Hq,), one logit per query head): an extra score column that
+    joins every row's softmax and attends to nothing (the naive form of attnkern/sinks.py).
     """
     dtype = compute_dtype or query.dtype
     s = reference_scores(
-        query, key, attn_mask, causal=causal, scale=scale, enable_gqa=enable_gqa, compute_dtype=dtype
+        query, key, attn_mask, band=_band_of(causal, window, band), scale=scale, enable_gqa=enable_gqa,
+        compute_dtype=dtype,
     )
     # Softmax with a detached row max: exact (softmax is shift invariant), and a fully masked row gives
     # e = 0 everywhere, hence output 0 and zero gradients instead of NaN. NaN (or +inf) scores make their
     # whole row NaN, as in torch's math path.
+    if sinks is not None:  # one more column, the sink's logit, dropped again after the softmax
+        col = sinks.to(dtype).view((-1, 1, 1) if s.dim() >= 3 else (1, 1)).expand(*s.shape[:-1], 1)
+        s = torch.cat([s, col], dim=-1)
     m, _, _ = _softmax_parts(s.detach())
     e = torch.exp(s - m)
     denom = e.sum(dim=-1, keepdim=True)
@@ -87,6 +97,8 @@ def reference_attention(
     denom_safe = torch.where(empty, torch.ones_like(denom), denom)
     p = e / denom_safe
     lse = torch.where(empty, torch.full_like(denom, float("-inf")), torch.log(denom_safe) + m).squeeze(-1)
+    if sinks is not None:
+        p = p[..., :-1]
     if dropout_p > 0.0:
         p = torch.nn.functional.dropout(p, p=dropout_p, training=True)
     if enable_gqa:
@@ -115,10 +127,10 @@ def _softmax_parts(s: torch.Tensor):
     return m, e, e.sum(dim=-1, keepdim=True)
 
 
-def reference_softmax_stats(q, k, mask, scale, causal, compute_dtype=None) -> torch.Tensor:
+def reference_softmax_stats(q, k, mask, scale, band: Band, compute_dtype=None) -> torch.Tensor:
     """The per-row statistics of the backend contract, (B, H, L, 2): the row max and log2 of the softmax
     denominator relative to it; -inf for both on fully masked rows."""
-    s = reference_scores(q, k, mask, causal=causal, scale=scale, enable_gqa=True, compute_dtype=compute_dtype)
+    s = reference_scores(q, k, mask, band=band, scale=scale, enable_gqa=True, compute_dtype=compute_dtype)
     m, _, denom = _softmax_parts(s)
     empty = denom == 0
     m = torch.where(empty, torch.full_like(m, float("-inf")), m)
@@ -134,7 +146,7 @@ def reference_attention_backward(
     mask: Optional[torch.Tensor],
     out: torch.Tensor,
     scale: float,
-    causal: int,
+    band: Band,
     mask_grad: bool,
     compute_dtype: Optional[torch.dtype] = None,
     out_lo: Optional[torch.Tensor] = None,
@@ -159,7 +171,7 @@ def reference_attention_backward(
     Hq, Hkv = q.shape[1], k.shape[1]
     group = Hq // Hkv if Hkv else 1  # zero heads (an empty problem): nothing to sum
     kx, vx = _expand_heads(k, Hq).to(dtype), _expand_heads(v, Hq).to(dtype)
-    s = reference_scores(q, k, mask, causal=causal, scale=scale, enable_gqa=True, compute_dtype=dtype)
+    s = reference_scores(q, k, mask, band=band, scale=scale, enable_gqa=True, compute_dtype=dtype)
     _, e, denom = _softmax_parts(s)
     p = e / torch.where(denom == 0, torch.ones_like(denom), denom)
     do = dout.to(dtype)

@@ -166,9 +166,9 @@ def _errors(x: torch.Tensor, ref: torch.Tensor):
     return max_abs, rel
 
 
-def _call_kwargs(attn_mask, is_causal, scale, enable_gqa) -> Dict:
+def _call_kwargs(attn_mask, is_causal, scale, enable_gqa, window=None) -> Dict:
     """Only the arguments that differ from SDPA's defaults, so simpler callables (q, k, v) work too."""
-    kw = {}
+    kw = {} if window is None else {"window": window}
     if attn_mask is not None:
         kw["attn_mask"] = attn_mask
     if is_causal:
@@ -212,9 +212,10 @@ def _backward(out, leaves, grad_out):
     return list(torch.autograd.grad(out, wrt, g, allow_unused=True))
 
 
-def _reference(q, k, v, mask, is_causal, scale, enable_gqa, dtype, grad_out):
+def _reference(q, k, v, mask, is_causal, scale, enable_gqa, dtype, grad_out, window=None):
     leaves = _leaves((q, k, v, mask), dtype)
-    out = reference_attention(*leaves[:3], leaves[3], causal=bool(is_causal), scale=scale, enable_gqa=enable_gqa)[0]
+    out = reference_attention(*leaves[:3], leaves[3], causal=bool(is_causal), window=window, scale=scale,
+                              enable_gqa=enable_gqa)[0]
     wrt = [t for t in leaves if t is not None and t.requires_grad]
     grads = torch.autograd.grad(out, wrt, grad_out.to(device=out.device, dtype=out.dtype))
     return out, list(grads)
@@ -261,6 +262,7 @@ def check_gradients(
     gradcheck: bool = False,
     gradcheck_fast_mode: Optional[bool] = None,
     name: Optional[str] = None,
+    window=None,
 ) -> GradientReport:
     """Check `fn`'s output and gradients against the naive reference by the tolerance rule.
 
@@ -271,6 +273,8 @@ def check_gradients(
     attn_mask: None, a bool mask (True = attend) or a float mask added to the scores. A float mask that
         requires grad gets its gradient checked (d_mask).
     is_causal, scale, enable_gqa: as in SDPA (is_causal is top-left aligned).
+    window: a sliding window (left, right) as `attnkern.attention` takes it (FlashAttention's window_size);
+        fn is then also passed `window=` (SDPA itself has no such argument).
     grad_out: the upstream gradient of the output (default: standard normal, drawn with `seed`).
     gradcheck: also run torch.autograd.gradcheck on float64 copies of the inputs (skipped, and said so,
         when fn does not run in float64). Meant for small inputs: by default (gradcheck_fast_mode=None)
@@ -292,7 +296,7 @@ def check_gradients(
     dtype_name = str(dtype).replace("torch.", "")
 
     def kwargs_of(mask):
-        return _call_kwargs(mask, is_causal, scale, enable_gqa)
+        return _call_kwargs(mask, is_causal, scale, enable_gqa, window)
 
     leaves = _leaves((query, key, value, attn_mask))
     mask_grad = leaves[3] is not None and leaves[3].requires_grad
@@ -300,7 +304,7 @@ def check_gradients(
 
     # The output's shape by the reference's semantics, computed on the meta device (no memory, no math).
     meta = [None if t is None else torch.empty(t.shape, dtype=t.dtype, device="meta") for t in leaves]
-    out_shape = tuple(reference_attention(*meta[:3], meta[3], causal=bool(is_causal), scale=scale,
+    out_shape = tuple(reference_attention(*meta[:3], meta[3], causal=bool(is_causal), window=window, scale=scale,
                                           enable_gqa=enable_gqa)[0].shape)
     if grad_out is None:
         gen = torch.Generator().manual_seed(seed)
@@ -313,8 +317,8 @@ def check_gradients(
         grads = _backward(out, leaves, grad_out)
     else:
         grads = ["the output's shape is wrong" for _ in names]
-    ref64, grads64 = _reference(*leaves, is_causal, scale, enable_gqa, torch.float64, grad_out)
-    ref_lp, grads_lp = _reference(*leaves, is_causal, scale, enable_gqa, dtype, grad_out)
+    ref64, grads64 = _reference(*leaves, is_causal, scale, enable_gqa, torch.float64, grad_out, window)
+    ref_lp, grads_lp = _reference(*leaves, is_causal, scale, enable_gqa, dtype, grad_out, window)
 
     report = GradientReport(
         name=name or getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn),
@@ -323,7 +327,7 @@ def check_gradients(
                 + ("" if attn_mask is None or attn_mask.dtype == torch.bool else
                    f" {str(attn_mask.dtype).replace('torch.', '')}" + (" (grad)" if mask_grad else ""))},
         options={"is_causal": bool(is_causal), "scale": "default" if scale is None else scale,
-                 "enable_gqa": bool(enable_gqa)},
+                 "enable_gqa": bool(enable_gqa), **({"window": list(window)} if window is not None else {})},
     )
     items = [("out", out, ref64, ref_lp, OUTPUT_FACTOR)]
     items += [(n, g, g64, glp, GRADIENT_FACTOR) for n, g, g64, glp in zip(names, grads, grads64, grads_lp)]

@@ -41,7 +41,7 @@ void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef want, co
 }  // namespace
 
 AttentionParams forward_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                               const std::optional<at::Tensor>& mask, double scale, int64_t causal,
+                               const std::optional<at::Tensor>& mask, double scale, at::IntArrayRef band,
                                const at::Tensor& out, const at::Tensor* lse, const at::Tensor& stats,
                                const std::optional<at::Tensor>& out_lo) {
   const std::pair<const at::Tensor*, const char*> qkv[] = {{&q, "query"}, {&k, "key"}, {&v, "value"}};
@@ -74,16 +74,23 @@ AttentionParams forward_params(const at::Tensor& q, const at::Tensor& k, const a
   TORCH_CHECK(q.scalar_type() == at::kDouble || std::abs(scale) <= std::numeric_limits<float>::max(),
               "attnkern: scale=", scale, " does not fit float32, in which ", q.scalar_type(),
               " problems compute their scores");
-  TORCH_CHECK(causal >= 0 && causal <= 2, "attnkern: causal must be 0 (none), 1 (top-left) or 2 (bottom-right), got ",
-              causal);
+  TORCH_CHECK(band.size() == 3 && (band[0] == 0 || band[0] == 1) && band[1] >= -1 && band[2] >= -1,
+              "attnkern: band must be [bottom_right (0 or 1), left (>= -1), right (>= -1)], got ", band);
 
   AttentionParams p;
   p.B = B, p.Hq = Hq, p.Hkv = Hkv, p.L = L, p.S = S, p.E = E, p.Ev = Ev, p.group = Hq / Hkv;
   p.q = q.data_ptr(), p.k = k.data_ptr(), p.v = v.data_ptr();
   p.q_st = strides_of(q), p.k_st = strides_of(k), p.v_st = strides_of(v);
   p.scale = scale;
-  p.causal = static_cast<Causal>(causal);
-  p.causal_offset = causal == 2 ? S - L : 0;
+  const int64_t offset = band[0] == 1 ? S - L : 0;
+  p.has_left = band[1] >= 0, p.has_right = band[2] >= 0;
+  // Clamped to [-L, S], which changes no visibility (rows are in [0, L), keys in [0, S)), so that kernels
+  // may compare in 32 bits whatever window was asked for; an absent bound is the one that lets every key
+  // through (-L, S), so a kernel may test both bounds without looking at the flags.
+  p.band_lo = p.has_left ? std::max<int64_t>(offset - band[1], -L) : -L;
+  p.band_hi = p.has_right ? std::clamp<int64_t>(offset + band[2], -L, S) : S;
+  p.band_hi = std::max(p.band_hi, p.band_lo - 1);  // an empty band stays empty, and its span is 0
+  p.band_span = p.band_hi - p.band_lo + 1;
 
   if (mask.has_value() && mask->defined()) {
     const at::Tensor& m = *mask;
@@ -145,9 +152,9 @@ AttentionParams backward_params(const at::Tensor& dout, const std::optional<at::
                                 const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const std::optional<at::Tensor>& mask, const at::Tensor& out,
                                 const std::optional<at::Tensor>& out_lo, const at::Tensor& stats, double scale,
-                                int64_t causal, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
+                                at::IntArrayRef band, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
                                 const std::optional<at::Tensor>& dmask) {
-  AttentionParams p = forward_params(q, k, v, mask, scale, causal, out, nullptr, stats, out_lo);
+  AttentionParams p = forward_params(q, k, v, mask, scale, band, out, nullptr, stats, out_lo);
   const auto acc_dtype = stats.scalar_type();
   const std::tuple<const at::Tensor*, const at::Tensor*, const char*> like[] = {
       {&dout, &out, "grad_out"}, {&dq, &q, "grad_query"}, {&dk, &k, "grad_key"}, {&dv, &v, "grad_value"}};

@@ -10,21 +10,21 @@
 
 namespace attnkern {
 
-// Checks q, k, v, mask, scale, causal and the outputs out (B, Hq, L, Ev), lse (B, Hq, L) (optional: the
+// Checks q, k, v, mask, scale, band ([bottom_right, left, right], attnkern/band.py) and the outputs out (B, Hq, L, Ev), lse (B, Hq, L) (optional: the
 // backward has none), stats (B, Hq, L, 2) and out_lo (optional: like out); returns the filled params
 // (outputs included).
 // The schemas of the forward and backward ops, shared by attnkern_ext (ops.cpp) and the emulated
 // CUDA kernels' attnkern_emu (cuda/emu/ops_emu.cpp), so the two cannot drift apart.
 inline constexpr const char* kForwardSchema =
-    "forward(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float scale, int causal, "
+    "forward(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float scale, int[] band, "
     "Tensor(a!) out, Tensor(b!) lse, Tensor(c!) stats, Tensor(d!)? out_lo=None) -> ()";
 inline constexpr const char* kBackwardSchema =
     "backward(Tensor grad_out, Tensor? grad_lse, Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
-    "Tensor out, Tensor? out_lo, Tensor stats, float scale, int causal, Tensor(a!) grad_query, "
+    "Tensor out, Tensor? out_lo, Tensor stats, float scale, int[] band, Tensor(a!) grad_query, "
     "Tensor(b!) grad_key, Tensor(c!) grad_value, Tensor(d!)? grad_mask) -> ()";
 
 AttentionParams forward_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                               const std::optional<at::Tensor>& mask, double scale, int64_t causal,
+                               const std::optional<at::Tensor>& mask, double scale, at::IntArrayRef band,
                                const at::Tensor& out, const at::Tensor* lse, const at::Tensor& stats,
                                const std::optional<at::Tensor>& out_lo);
 
@@ -33,7 +33,7 @@ AttentionParams backward_params(const at::Tensor& dout, const std::optional<at::
                                 const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const std::optional<at::Tensor>& mask, const at::Tensor& out,
                                 const std::optional<at::Tensor>& out_lo, const at::Tensor& stats, double scale,
-                                int64_t causal, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
+                                at::IntArrayRef band, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
                                 const std::optional<at::Tensor>& dmask);
 
 }  // namespace attnkern

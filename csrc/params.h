@@ -5,9 +5,11 @@
 // attnkern/problem.py:
 //   q (B, Hq, L, E)   k (B, Hkv, S, E)   v (B, Hkv, S, Ev)   out (B, Hq, L, Ev)   lse (B, Hq, L)
 //   mask (Bm, Hm, Lm, Sm), each dim 1 or full; a broadcast dim has stride 0 here.
-// Query head h reads kv head h / (Hq / Hkv). Row i sees key j iff j <= i + causal_offset when causal.
+// Query head h reads kv head h / (Hq / Hkv). Row i sees key j iff it lies in the band (attnkern/band.py):
+// i + band_lo <= j (when has_left) and j <= i + band_hi (when has_right); causal is has_right, band_hi = offset.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 namespace attnkern {
@@ -15,7 +17,6 @@ namespace attnkern {
 enum class MaskKind : int32_t { kNone = 0, kBool = 1, kFloat = 2 };
 // Element type of a float mask (kernels see no c10 types: CUDA kernel units include no torch headers).
 enum class MaskElem : int32_t { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
-enum class Causal : int32_t { kNone = 0, kTopLeft = 1, kBottomRight = 2 };
 
 struct Strides4 {
   int64_t b = 0, h = 0, l = 0, e = 0;  // batch, head, row (query or key), column (head dim or key)
@@ -37,8 +38,12 @@ struct AttentionParams {
   MaskElem mask_elem = MaskElem::kFloat32;  // a float mask's element type (float32 or q's dtype)
 
   double scale = 1.0;
-  Causal causal = Causal::kNone;
-  int64_t causal_offset = 0;  // S - L for bottom-right, 0 for top-left
+  // The band: offsets from the row index of the first and last key a row sees (offset - left and
+  // offset + right, offset = S - L bottom-right or 0 top-left), each bound only where present; clamped to
+  // [-L, S], an absent bound being -L (band_lo) or S (band_hi), which bound nothing.
+  bool has_left = false, has_right = false;
+  int64_t band_lo = 0, band_hi = 0;
+  int64_t band_span = 0;  // band_hi - band_lo + 1 >= 0: key j visible iff 0 <= j - i - band_lo < band_span
 
   // Outputs of the forward (inputs of the backward).
   void* out = nullptr;
@@ -66,7 +71,20 @@ struct AttentionParams {
   void* dmask = nullptr;  // (Bm, Hm, Lm, Sm) contiguous, float32 (float64 for float64); null: no grad
   Strides4 dq_st, dk_st, dv_st;
 
-  bool causal_enabled() const { return causal != Causal::kNone; }
+  bool banded() const { return has_left || has_right; }
+  // Whether query row i sees key j (the band only; the user mask and the key bound apart).
+  bool in_band(int64_t i, int64_t j) const {
+    return (!has_right || j <= i + band_hi) && (!has_left || j >= i + band_lo);
+  }
+  // The keys [key_begin, key_end) some row of rows [r0, r1) sees, and [full_key_begin, full_key_end)
+  // the keys every one of them sees (empty when begin >= end).
+  int64_t key_begin(int64_t r0) const { return has_left ? std::clamp<int64_t>(r0 + band_lo, 0, S) : 0; }
+  int64_t key_end(int64_t r1) const { return has_right ? std::clamp<int64_t>(r1 + band_hi, 0, S) : S; }
+  int64_t full_key_begin(int64_t r1) const { return has_left ? std::clamp<int64_t>(r1 - 1 + band_lo, 0, S) : 0; }
+  int64_t full_key_end(int64_t r0) const { return has_right ? std::clamp<int64_t>(r0 + 1 + band_hi, 0, S) : S; }
+  // The query rows [query_begin, query_end) that see some key of keys [c0, c1).
+  int64_t query_begin(int64_t c0) const { return has_right ? std::clamp<int64_t>(c0 - band_hi, 0, L) : 0; }
+  int64_t query_end(int64_t c1) const { return has_left ? std::clamp<int64_t>(c1 - band_lo, 0, L) : L; }
 };
 
 }  // namespace attnkern

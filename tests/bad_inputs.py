@@ -3,7 +3,7 @@
 `bad_call(entry, seed)` draws one invalid call: a small valid problem with one thing broken (a wrong
 dtype, device, shape, head count, mask, scale, dropout_p, causal or backend), made through the public
 API (entry "api": scaled_dot_product_attention or attention) or the custom ops (entry "ops":
-torch.ops.attnkern.attention_forward_v3 / attention_backward_v3, which anyone can call). Each must raise
+torch.ops.attnkern.attention_forward_v4 / attention_backward_v4, which anyone can call). Each must raise
 TypeError, ValueError or RuntimeError with a message naming the broken argument.
 
 A wrong call may also crash the process (an out-of-bounds read in a kernel), so tests run the calls
@@ -253,7 +253,7 @@ def bad_op_call(seed: int) -> BadCall:
         names = ("mask", "attn_mask")
     elif kind == "backend":
         names = ("backend",)
-    scale, causal = 0.5, rng.choice((0, 1, 2))
+    scale, causal = 0.5, rng.choice(([1, -1, -1], [0, -1, 0], [1, -1, 0], [1, 3, 2]))
     op_backend = rng.choice(("cudnn", "", "Auto")) if kind == "backend" else backend
     q, k, v, mask = t["q"], t["k"], t["v"], t["mask"]
     what = f"{kind} via {which} op on {backend}: {_shapes(q, k, v)} mask={_meta(mask)} causal={causal}"

@@ -52,6 +52,16 @@ CASES = [
     Case("rank5_mask", L=17, S=113, E=32, rank=5, mask="float_grad", mask_dims="bls"),
     Case("kv_batch_broadcast", L=17, S=113, E=32, B=2, kv_batch_broadcast=True),
     Case("kv_head_broadcast", L=17, S=113, E=32, Hq=3, Hkv=1, kv_head_broadcast=True),
+    # Sliding windows (FlashAttention's window_size, bottom-right unless causal says top-left).
+    Case("window_5_3_gqa", L=113, S=203, E=32, Hq=4, Hkv=2, window=(5, 3)),
+    Case("window_left_Lq_gt_Lk", L=203, S=17, E=40, window=(4, -1)),  # rows past the keys see few or none
+    Case("window_right_keypad", L=17, S=113, E=64, B=2, window=(-1, 8), mask="bool", mask_dims="bs"),
+    Case("window_diagonal_only", L=65, S=65, E=16, window=(0, 0)),
+    Case("window_causal_tl_mask_grad", L=113, S=113, E=16, causal="top_left", window=(17, -1), mask="float_grad",
+         mask_dims="ls"),
+    Case("window_causal_br_e96", L=40, S=203, E=96, Ev=16, causal="bottom_right", window=(30, -1)),
+    Case("window_mask_e128", L=40, S=70, E=128, causal="top_left", window=(9, -1), mask="float", mask_dims="ls"),
+    Case("gpu_L2048_window_256", L=2048, S=2048, E=128, Hq=4, causal="top_left", window=(255, 0), gpu_only=True),
     # Sizes for a GPU: the interpreter would take minutes.
     Case("gpu_L1024_e64_causal", L=1024, S=1024, E=64, B=2, Hq=8, causal="top_left", gpu_only=True),
     Case("gpu_L2048_e128", L=2048, S=2048, E=128, B=1, Hq=4, gpu_only=True),

@@ -15,7 +15,7 @@ from attnkern.bench import measure, providers
 from attnkern.bench.grid import BenchConfig, parse_kv_seqlen, parse_length
 from attnkern.bench.runner import OK, Sweep, cell_key
 from attnkern.flops import attention_flops, causal_pairs
-from attnkern.reference import _causal_allowed
+from attnkern.band import make_band
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--seqlens", "16,32", "--tokens", "64", "--head-dims", "16", "--heads", "2", "--repeats", "2",
@@ -31,7 +31,7 @@ def test_flops_follow_the_design_convention():
     for L, S in [(3, 7), (7, 3), (1, 5), (16, 9)]:  # non-square causal: the unmasked pairs exactly
         for causal in ("top_left", "bottom_right"):
             code = 1 if causal == "top_left" else 2
-            assert causal_pairs(L, S, causal) == int(_causal_allowed(L, S, code, "cpu").sum()), (L, S, causal)
+            assert causal_pairs(L, S, causal) == int(make_band(code, None).allowed(L, S).sum()), (L, S, causal)
     with pytest.raises(ValueError, match="mode must be one of"):
         attention_flops(1, 1, 8, 8, 16, mode="forward")
 

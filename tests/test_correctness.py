@@ -53,11 +53,21 @@ def test_matches_float64_reference(pair, case):
 
 def _torch_equivalent_mask(case, mask, L, S, device):
     """A mask that makes torch's SDPA compute `case` on every torch backend: torch has no bottom-right
-    is_causal, and its math backend (float64) refuses attn_mask together with is_causal."""
-    if case.causal == "none" or (mask is None and case.causal == "top_left"):
+    is_causal and no window, and its math backend (float64) refuses attn_mask together with is_causal.
+    The allowed pairs are built by hand here, independently of band.py."""
+    if case.window is None and (case.causal == "none" or (mask is None and case.causal == "top_left")):
         return mask
-    offset = S - L if case.causal == "bottom_right" else 0
-    allowed = torch.ones(L, S, dtype=torch.bool, device=device).tril(diagonal=offset)
+    offset = 0 if case.causal == "top_left" else S - L
+    rows = torch.arange(L, device=device)[:, None] + offset
+    cols = torch.arange(S, device=device)[None, :]
+    left, right = case.window if case.window is not None else (-1, -1)
+    if case.causal != "none":
+        right = 0
+    allowed = torch.ones(L, S, dtype=torch.bool, device=device)
+    if right >= 0:
+        allowed &= cols <= rows + right
+    if left >= 0:
+        allowed &= cols >= rows - left
     if mask is None:
         return allowed
     if mask.dtype == torch.bool:
@@ -68,7 +78,7 @@ def _torch_equivalent_mask(case, mask, L, S, device):
 def _run_torch(q, k, v, mask, case, dtype, do):
     q, k, v, mask = _detached(q, k, v, mask, dtype)
     tmask = _torch_equivalent_mask(case, mask, case.L, case.S, q.device)
-    is_causal = case.causal == "top_left" and mask is None
+    is_causal = case.causal == "top_left" and mask is None and case.window is None
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=tmask, is_causal=is_causal, enable_gqa=case.enable_gqa)
     out.backward(do.to(dtype))
     return out, [t.grad for t in _leaves(q, k, v, mask)]
@@ -104,7 +114,7 @@ def test_sdpa_parity_with_torch(pair, case):
     backend, dtype = pair
     q, k, v, mask = make_inputs(case, dtype, DEVICE, seed=seed_for("parity" + case.name))
     with attnkern.use_backend(backend):
-        if case.causal == "bottom_right":  # not expressible through SDPA's signature
+        if case.causal == "bottom_right" or case.window is not None:  # not expressible through SDPA's signature
             out = attnkern.attention(q, k, v, attn_mask=mask, return_lse=False, **as_kwargs(case))
         else:
             out = attnkern.scaled_dot_product_attention(

@@ -52,7 +52,7 @@ def _buffers(B=2, Hq=4, Hkv=2, L=5, S=7, E=8, Ev=8, dtype=torch.float32):
 
 def test_forward_op_direct_call_works():
     q, k, v, out, lse, stats = _buffers()
-    OPS.forward(q, k, v, None, 0.5, 1, out, lse, stats)
+    OPS.forward(q, k, v, None, 0.5, [0, -1, 0], out, lse, stats)  # causal, top-left
     ref, ref_lse = attnkern.reference_attention(q, k, v, causal=1, scale=0.5, enable_gqa=True)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
@@ -77,7 +77,9 @@ def test_forward_op_direct_call_works():
     (lambda a: a.update(scale=-1e39), r"scale=-1e\+39 does not fit float32, in which Float problems compute"),
     (lambda a: a.update(k=torch.randn(2, 0, 7, 8), v=torch.randn(2, 0, 7, 8)),
      r"the query's heads \(4\) must be a multiple of the key/value heads \(0\)"),
-    (lambda a: a.update(causal=3), r"causal must be 0 \(none\), 1 \(top-left\) or 2 \(bottom-right\), got 3"),
+    (lambda a: a.update(band=[2, -1, 0]), r"band must be \[bottom_right \(0 or 1\), left \(>= -1\), right \(>= -1\)\], got \[2, -1, 0\]"),
+    (lambda a: a.update(band=[1, -2, 0]), r"band must be \[bottom_right"),
+    (lambda a: a.update(band=[1, 0]), r"band must be \[bottom_right"),
     (lambda a: a.update(out=torch.empty(2, 4, 5, 9)),
      r"out must have shape \(2, 4, 5, 8\) \(batch, query heads, query length, value head dim\)"),
     (lambda a: a.update(out=torch.empty(2, 4, 5, 8, dtype=torch.float64)), r"out must have the query's dtype"),
@@ -89,10 +91,10 @@ def test_forward_op_direct_call_works():
 ])
 def test_forward_op_refuses_bad_arguments(mutate, message):
     q, k, v, out, lse, stats = _buffers()
-    args = dict(q=q, k=k, v=v, mask=None, scale=0.5, causal=0, out=out, lse=lse, stats=stats)
+    args = dict(q=q, k=k, v=v, mask=None, scale=0.5, band=[1, -1, -1], out=out, lse=lse, stats=stats)
     mutate(args)
     with pytest.raises(RuntimeError, match=message):
-        OPS.forward(args["q"], args["k"], args["v"], args["mask"], args["scale"], args["causal"], args["out"],
+        OPS.forward(args["q"], args["k"], args["v"], args["mask"], args["scale"], args["band"], args["out"],
                     args["lse"], args["stats"])
 
 
@@ -109,12 +111,13 @@ def test_forward_op_refuses_bad_arguments(mutate, message):
 ])
 def test_backward_op_refuses_bad_arguments(mutate, message):
     q, k, v, out, lse, stats = _buffers()
-    OPS.forward(q, k, v, None, 0.5, 0, out, lse, stats)
+    OPS.forward(q, k, v, None, 0.5, [1, -1, -1], out, lse, stats)
     args = dict(dout=torch.randn_like(out), dlse=None, mask=None, dq=torch.empty_like(q), dk=torch.empty_like(k),
                 dv=torch.empty_like(v), dmask=None, out_lo=None)
     mutate(args)
     with pytest.raises(RuntimeError, match=message):
-        OPS.backward(args["dout"], args["dlse"], q, k, v, args["mask"], out, args["out_lo"], stats, 0.5, 0, args["dq"],
+        OPS.backward(args["dout"], args["dlse"], q, k, v, args["mask"], out, args["out_lo"], stats, 0.5, [1, -1, -1],
+                     args["dq"],
                      args["dk"], args["dv"], args["dmask"])
 
 

@@ -164,8 +164,12 @@ def test_attention_function_contract():
     out, _ = integration.attention_forward(module, q, k, v, None, is_causal=False)
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
     torch.testing.assert_close(out, ref.transpose(1, 2), rtol=1e-5, atol=1e-5)
-    with pytest.raises(NotImplementedError, match="attention sinks"):
-        integration.attention_forward(module, q, k, v, None, s_aux=torch.zeros(4, device=DEVICE))
+    # attention sinks (gpt-oss's s_aux) run on the kernels
+    s_aux = torch.randn(4, device=DEVICE)
+    out, _ = integration.attention_forward(module, q, k, v, None, s_aux=s_aux, is_causal=True)
+    ref, _ = attnkern.reference_attention(q.double(), k.double(), v.double(), causal=True, enable_gqa=True,
+                                          sinks=s_aux.double())
+    torch.testing.assert_close(out, ref.transpose(1, 2).float(), rtol=1e-5, atol=1e-5)
     with pytest.raises(NotImplementedError, match="softcapping"):  # some versions' sdpa would ignore it
         integration.attention_forward(module, q, k, v, None, softcap=30.0)
 
@@ -184,3 +188,31 @@ def test_register_checks_the_name_and_registers_the_sdpa_masks():
 def test_importing_attnkern_does_not_import_transformers():
     code = "import sys, attnkern; assert 'transformers' not in sys.modules, 'transformers was imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_gpt_oss_sinks_match_eager_forward_and_gradients():
+    """A tiny gpt-oss (attention sinks, alternating sliding-window layers), random weights: loss and every
+    gradient (the sinks' included) equal transformers' own eager attention in float32."""
+    if not hasattr(transformers, "GptOssConfig"):
+        pytest.skip("this transformers has no gpt-oss")
+    cfg = transformers.GptOssConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=2,
+                                    num_experts_per_tok=1, sliding_window=4, max_position_embeddings=64)
+
+    def run(attn):
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).to(DEVICE)
+        with torch.no_grad():  # sinks are zero-initialized: make them matter
+            for layer in model.model.layers:
+                layer.self_attn.sinks.normal_(0.0, 2.0)
+        ids, _ = tokens(length=12, left_pad=0)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    loss_e, grads_e = run("eager")
+    loss_a, grads_a = run("attnkern")
+    torch.testing.assert_close(loss_a, loss_e, rtol=1e-5, atol=1e-5)
+    assert grads_a.keys() == grads_e.keys() and any("sinks" in n for n in grads_a)
+    for n in grads_e:
+        torch.testing.assert_close(grads_a[n], grads_e[n], rtol=1e-4, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}")

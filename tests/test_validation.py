@@ -114,13 +114,13 @@ bwd = getattr(torch.ops.attnkern, f"attention_backward_{ops.CONTRACT}")
 B, Hq, Hkv, L, S, E, Ev = 2, 4, 2, 5, 7, 8, 6
 r = lambda *s, dtype=dtype: torch.randn(*s, dtype=dtype, device=device)
 good = dict(q=r(B, Hq, L, E), k=r(B, Hkv, S, E), v=r(B, Hkv, S, Ev), mask=r(1, Hq, L, S, dtype=torch.float32),
-            scale=0.5, causal=1,
+            scale=0.5, band=[0, -1, 0],
             backend=backend, residual=True)
 out, lse, stats, out_lo = fwd(**good)
 good_bwd = dict(dout=r(B, Hq, L, Ev), dlse=r(B, Hq, L, dtype=torch.float32), **good, out=out, out_lo=out_lo,
                 stats=stats, mask_grad=True)
 good_bwd = {n: good_bwd[n] for n in ("dout", "dlse", "q", "k", "v", "mask", "out", "out_lo", "stats", "scale",
-                                     "causal", "mask_grad", "backend")}
+                                     "band", "mask_grad", "backend")}
 meta = lambda t: t.to("meta")
 fwd_cases = {
     "kv heads not dividing query heads": (dict(k=r(B, 3, S, E), v=r(B, 3, S, Ev)), "multiple of the key/value heads"),
@@ -136,7 +136,9 @@ fwd_cases = {
     "mask rank": (dict(mask=r(L, S)), "attn_mask must be 4-D"),
     "mask dtype": (dict(mask=r(1, Hq, L, S, dtype=torch.float64)), "attn_mask must be bool, float32"),
     "mask device": (dict(mask=meta(r(1, Hq, L, S))), "attn_mask must be on the query's device"),
-    "causal code": (dict(causal=3), "causal must be one of the codes"),
+    "band alignment": (dict(band=[3, -1, 0]), "band must be [bottom_right (0 or 1), left (>= -1), right (>= -1)]"),
+    "band left": (dict(band=[1, -5, 0]), "band must be [bottom_right"),
+    "band length": (dict(band=[1, 2]), "band must be [bottom_right"),
     "infinite scale": (dict(scale=float("inf")), "scale must be a finite float"),
     "scale beyond float32": (dict(scale=1e39), "does not fit float32"),
     "unknown backend": (dict(backend="flash"), "backend must name a registered backend"),
@@ -198,7 +200,7 @@ def test_ops_name_the_backend_that_cannot_run_the_call():
         if backend == "cpu":
             continue  # the CPU kernels take float64
         with pytest.raises(attnkern.BackendUnavailableError, match=rf"backend='{backend}' cannot run this call"):
-            fwd(q, k, v, None, 0.5, 0, backend, False)
+            fwd(q, k, v, None, 0.5, [1, -1, -1], backend, False)
 
 
 # ----------------------------------------------------------------------------------- zero-sized dims
@@ -250,9 +252,9 @@ def test_ops_called_directly_with_zero_heads_return_empty_results(backend):
     bwd = getattr(torch.ops.attnkern, f"attention_backward_{ops.CONTRACT}")
     q, k, v = torch.randn(2, 0, 3, 4, device=DEVICE), torch.randn(2, 0, 5, 4, device=DEVICE), torch.randn(
         2, 0, 5, 6, device=DEVICE)
-    out, lse, stats, out_lo = fwd(q, k, v, None, 0.5, 1, backend, True)
+    out, lse, stats, out_lo = fwd(q, k, v, None, 0.5, [0, -1, 0], backend, True)
     assert out.shape == (2, 0, 3, 6) and lse.shape == (2, 0, 3) and stats.shape == (2, 0, 3, 2)
-    dq, dk, dv, _ = bwd(torch.randn(2, 0, 3, 6, device=DEVICE), None, q, k, v, None, out, out_lo, stats, 0.5, 1,
+    dq, dk, dv, _ = bwd(torch.randn(2, 0, 3, 6, device=DEVICE), None, q, k, v, None, out, out_lo, stats, 0.5, [0, -1, 0],
                         False, backend)
     assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
 

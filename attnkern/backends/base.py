@@ -2,14 +2,15 @@
 
 Inputs are the canonical tensors of problem.py: q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev),
 mask None or (Bm, Hm, Lm, Sm) (each dim 1 or full; bool = attend, float = added to the scaled scores),
-any strides. `causal` is a masks.CAUSAL_* code. `scale` multiplies q·k (never q or k alone); for
+any strides. `band` (band.Band) says which keys each query row sees apart from the mask (causal,
+sliding window). `scale` multiplies q·k (never q or k alone); for
 non-float64 problems it is a float32 value (problem.kernel_scale). The ops check all of this on
 metadata before a backend is called (op_checks.py), and send zero-sized problems to "reference".
 
-    forward(q, k, v, mask, scale, causal, residual)
+    forward(q, k, v, mask, scale, band, residual)
         -> (out (B, Hq, L, Ev) in q's dtype, lse (B, Hq, L) float32, stats (B, Hq, L, 2) float32,
             out_lo: out's rounding residual, or an empty tensor)
-    backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, causal, mask_grad)
+    backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, band, mask_grad)
         -> (dq, dk, dv, dmask or None)
 
 A fully masked row has out = 0, lse = -inf and zero gradients. `dlse` (may be None) is the gradient of
@@ -53,9 +54,9 @@ class Backend:
         """None if the backend computes `problem` (an AttentionProblem), else why not."""
         raise NotImplementedError
 
-    def forward(self, q, k, v, mask, scale: float, causal: int, residual: bool):
+    def forward(self, q, k, v, mask, scale: float, band, residual: bool):
         raise NotImplementedError
 
-    def backward(self, dout, dlse, q, k, v, mask, out, out_lo, stats, scale: float, causal: int,
+    def backward(self, dout, dlse, q, k, v, mask, out, out_lo, stats, scale: float, band,
                  mask_grad: bool):
         raise NotImplementedError

@@ -31,16 +31,16 @@ class CpuBackend(Backend):
             return "dropout is not fused yet (dropout_p > 0)"
         return None
 
-    def forward(self, q, k, v, mask, scale, causal, residual):
+    def forward(self, q, k, v, mask, scale, band, residual):
         Ev = v.shape[-1]
         out, lse, stats, out_lo = new_output(q, Ev), new_lse(q), new_stats(q), new_residual(q, Ev, residual)
-        torch.ops.attnkern_ext.forward(q, k, v, mask, scale, causal, out, lse, stats,
+        torch.ops.attnkern_ext.forward(q, k, v, mask, scale, band.as_op(), out, lse, stats,
                                        out_lo if out_lo.numel() else None)
         return out, lse, stats, out_lo
 
-    def backward(self, dout, dlse, q, k, v, mask, out, out_lo, stats, scale, causal, mask_grad):
+    def backward(self, dout, dlse, q, k, v, mask, out, out_lo, stats, scale, band, mask_grad):
         dq, dk, dv = new_grad(q), new_grad(k), new_grad(v)
         dmask = new_mask_grad(mask, stats.dtype) if mask_grad else None
         torch.ops.attnkern_ext.backward(dout, dlse, q, k, v, mask, out, out_lo if out_lo.numel() else None, stats,
-                                        scale, causal, dq, dk, dv, dmask)
+                                        scale, band.as_op(), dq, dk, dv, dmask)
         return dq, dk, dv, (dmask.to(mask.dtype) if dmask is not None else None)

@@ -65,15 +65,15 @@ class TritonBackend(Backend):
                     "tiles of 16)")
         return None
 
-    def forward(self, q, k, v, mask, scale, causal, residual):
+    def forward(self, q, k, v, mask, scale, band, residual):
         from ..triton import attention_forward
 
         with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-            return attention_forward(q, k, v, mask, scale, causal, residual)
+            return attention_forward(q, k, v, mask, scale, band, residual)
 
-    def backward(self, dout, dlse, q, k, v, mask, out, out_lo, stats, scale, causal, mask_grad):
+    def backward(self, dout, dlse, q, k, v, mask, out, out_lo, stats, scale, band, mask_grad):
         from ..triton import attention_backward
 
         with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-            return attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, causal, mask_grad)
+            return attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, band, mask_grad)
 

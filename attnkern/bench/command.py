@@ -13,6 +13,7 @@ from ..cliutil import arg_type, non_negative_int, positive_int, resolve_device
 from ..flops import __doc__ as FLOPS_DOC
 from . import environment, measure, report
 from .grid import (BenchConfig, default_config, parse_causal, parse_dtypes, parse_kv_seqlen, parse_length,
+                   parse_window,
                    parse_lengths, parse_modes, parse_positive_ints)
 from .progress import Progress
 from .providers import by_name, default_providers, left_out_by_default, parse_providers
@@ -45,6 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--causal", type=arg_type(parse_causal), metavar="both|yes|no",
                    help="causal (top-left, torch's is_causal), not, or both (default both)")
     g.add_argument("--gqa", type=arg_type(positive_int), metavar="R", help="query heads per key/value head (default 1)")
+    g.add_argument("--window", type=arg_type(parse_window), metavar="LEFT,RIGHT",
+                   help="a sliding window in every cell (attention's window=, -1 unbounded; with causal: a causal "
+                        "window); providers without windows get the same pattern as a dense bool mask")
     g.add_argument("--dtypes", type=arg_type(parse_dtypes), metavar="D,...", help="fp16, bf16, fp32, fp64 (default bf16,fp16 GPU; fp32 CPU)")
     g.add_argument("--modes", type=arg_type(parse_modes), metavar="M,...", help="fwd, bwd, fwd+bwd (default all three on a GPU; fwd,fwd+bwd on a CPU)")
     g.add_argument("--providers", type=arg_type(parse_providers), metavar="P,...",
@@ -79,7 +83,7 @@ def _device(args, parser) -> torch.device:
 
 def build_config(args, parser, device: torch.device) -> BenchConfig:
     cfg = default_config(device)
-    for field in ("seqlens", "heads", "model_dim", "head_dims", "v_head_dim", "kv_seqlen", "causal", "gqa",
+    for field in ("seqlens", "heads", "model_dim", "head_dims", "v_head_dim", "kv_seqlen", "window", "causal", "gqa",
                   "dtypes", "modes", "repeats", "warmup", "input_sets", "seed", "threads", "baseline"):
         value = getattr(args, field)
         if value is not None:

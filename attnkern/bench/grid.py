@@ -82,6 +82,18 @@ def parse_causal(text: str) -> List[bool]:
     return options[str(text).lower()]
 
 
+def parse_window(text: str) -> Tuple[int, int]:
+    """'LEFT,RIGHT' (FlashAttention's window_size, -1 unbounded), e.g. '255,0' or '128,128'."""
+    from ..band import parse_window as check
+
+    parts = str(text).split(",")
+    try:
+        pair = tuple(int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"expected LEFT,RIGHT (ints >= -1), got {text!r}") from None
+    return check(pair if len(pair) == 2 else tuple(parts))
+
+
 def parse_kv_seqlen(text: str) -> str:
     """A fixed key length ('8k': every cell has Lk = 8192) or a multiple of Lq ('x2', 'x0.5')."""
     text = str(text).strip()
@@ -110,6 +122,7 @@ class Shape:
     E: int
     Ev: int
     causal: bool
+    window: Optional[Tuple[int, int]] = None  # attention(window=...); with causal: a causal sliding window
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -120,14 +133,24 @@ class Shape:
         return self.Hkv != self.H
 
     def flops(self, mode: str) -> float:
-        return attention_flops(self.B, self.H, self.Lq, self.Lk, self.E, self.Ev, self.causal, mode)
+        return attention_flops(self.B, self.H, self.Lq, self.Lk, self.E, self.Ev, self.causal, mode, self.window)
+
+    def allowed(self, device) -> Optional[torch.Tensor]:
+        """The (Lq, Lk) bool mask of a windowed shape (what providers without windows are given), or None."""
+        if self.window is None:
+            return None
+        from ..band import make_band
+        from ..masks import CAUSAL_NONE, CAUSAL_TOP_LEFT
+
+        return make_band(CAUSAL_TOP_LEFT if self.causal else CAUSAL_NONE, self.window).allowed(
+            self.Lq, self.Lk, device)
 
     def label(self) -> str:
         kv = f" Lk={self.Lk}" if self.Lk != self.Lq else ""
         heads = f"H={self.H}" + (f"/{self.Hkv}" if self.gqa else "")
         ev = f" Ev={self.Ev}" if self.Ev != self.E else ""
         return (f"{self.dtype} B={self.B} {heads} L={self.Lq}{kv} E={self.E}{ev}"
-                + (" causal" if self.causal else ""))
+                + (" causal" if self.causal else "") + (f" window={self.window}" if self.window else ""))
 
 
 @dataclass
@@ -146,6 +169,7 @@ class BenchConfig:
     gqa: int = 1  # query heads per key/value head
     v_head_dim: Optional[int] = None  # None: = E
     kv_seqlen: Optional[str] = None  # None: = Lq; "N" fixed; "xR" R·Lq
+    window: Optional[Tuple[int, int]] = None  # a sliding window for every cell (attention's window=)
     repeats: int = 30
     warmup: int = 5
     input_sets: int = 0  # 0: enough to exceed the caches (see runner.py)
@@ -201,7 +225,7 @@ class BenchConfig:
                 for causal in self.causal:
                     for L in self.seqlens:
                         out.append(Shape(dtype, self.batch_for(L), H, H // self.gqa, L, self.kv_len_for(L),
-                                         E, self.v_head_dim or E, causal))
+                                         E, self.v_head_dim or E, causal, self.window))
         return out
 
     def to_dict(self) -> dict:

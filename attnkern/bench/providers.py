@@ -75,14 +75,16 @@ class AttnkernProvider(Provider):
 
     def check(self, shape, inputs):
         q, k, v = inputs
-        exp = explain(q, k, v, is_causal=shape.causal, enable_gqa=shape.gqa, backend=self.backend)
+        exp = explain(q, k, v, is_causal=shape.causal, window=shape.window, enable_gqa=shape.gqa,
+                      backend=self.backend)
         return exp.reason if exp.backend == "none" else None
 
     def build(self, shape, device):
-        backend, causal, gqa = self.backend, shape.causal, shape.gqa
+        backend, causal, gqa, window = self.backend, shape.causal, shape.gqa, shape.window
 
         def fn(q, k, v):
-            return attention(q, k, v, causal=causal, enable_gqa=gqa, return_lse=False, backend=backend)
+            return attention(q, k, v, causal=causal, window=window, enable_gqa=gqa, return_lse=False,
+                             backend=backend)
 
         return fn
 
@@ -97,11 +99,14 @@ SDPA_KERNELS = {
 _CPU_SDPA_KERNELS = ("flash", "math")
 
 
-def _sdpa_call(causal: bool, gqa: bool) -> Callable:
-    extra = {"enable_gqa": True} if gqa else {}  # only passed when needed: older kernels lack GQA
+def _sdpa_call(shape: Shape, device) -> Callable:
+    """torch's SDPA for the shape; a windowed shape as the same pattern in a dense (Lq, Lk) bool mask."""
+    extra = {"enable_gqa": True} if shape.gqa else {}  # only passed when needed: older kernels lack GQA
+    allowed = shape.allowed(device)
+    causal = shape.causal and allowed is None
 
     def fn(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, **extra)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=causal, **extra)
 
     return fn
 
@@ -135,7 +140,7 @@ class SdpaProvider(Provider):
         return sdpa_kernel([getattr(SDPBackend, SDPA_KERNELS[self.kernel])])
 
     def build(self, shape, device):
-        return _sdpa_call(shape.causal, shape.gqa)
+        return _sdpa_call(shape, device)
 
 
 class FlexProvider(Provider):
@@ -164,7 +169,13 @@ class FlexProvider(Provider):
         # limit and silently runs FlexAttention eagerly (very slowly) for the rest of the sweep.
         torch._dynamo.reset()
         block_mask = None
-        if shape.causal:
+        allowed = shape.allowed(device)
+        if allowed is not None:
+            def window_mask(b, h, q_idx, kv_idx):
+                return allowed[q_idx, kv_idx]
+
+            block_mask = create_block_mask(window_mask, None, None, shape.Lq, shape.Lk, device=device)
+        elif shape.causal:
             def causal_mask(b, h, q_idx, kv_idx):
                 return q_idx >= kv_idx
 
@@ -184,10 +195,10 @@ class NaiveProvider(Provider):
     materializes_scores = True
 
     def build(self, shape, device):
-        causal, gqa = shape.causal, shape.gqa
+        causal, gqa, window = shape.causal, shape.gqa, shape.window
 
         def fn(q, k, v):
-            return reference.reference_attention(q, k, v, causal=causal, enable_gqa=gqa)[0]
+            return reference.reference_attention(q, k, v, causal=causal, window=window, enable_gqa=gqa)[0]
 
         return fn
 

@@ -13,10 +13,11 @@ the attention function computes what the "sdpa" function computes:
   query and no explicit mask (the same decision as transformers' sdpa path);
 - GQA: key/value heads are read in place (enable_gqa), never repeated;
 - `scaling` and `dropout` as given; the output is (batch, length, heads, head_dim), weights None.
+- attention sinks (`s_aux`, gpt-oss): passed to the kernels as `attention(sinks=...)`.
 Calls the fused kernels do not serve (dropout > 0, float64, a device without kernels, position bias, paged
 cache, ...) run transformers' own sdpa function instead; the reason is logged once on the "attnkern" logger.
-Logit softcapping and attention sinks, which neither computes, raise NotImplementedError (some versions'
-sdpa function would drop them silently).
+Logit softcapping, which neither computes, raises NotImplementedError, and so do sinks in a call the
+kernels cannot serve (some versions' sdpa function would drop both silently).
 
 Models whose code dispatches through AttentionInterface take the name (nearly all in transformers 5; in 4.x,
 those already ported to it: Llama-style decoders, GPT-2, ... but not BERT). For the others, load them with "sdpa"
@@ -31,6 +32,7 @@ from typing import Optional
 import torch
 
 from .. import dispatch
+from ..sinks import check_sinks
 
 try:
     from transformers import AttentionInterface
@@ -53,11 +55,10 @@ NAME = "attnkern"
 def _transformers_only(kwargs) -> Optional[str]:
     """Why transformers' sdpa function must run this call itself, or None. Raises for what neither
     attnkern nor SDPA computes (some transformers versions' sdpa ignores it silently)."""
-    for what, names in (("attention sinks (s_aux)", ("s_aux", "sinks")), ("logit softcapping", ("softcap",))):
-        if any(kwargs.get(n) is not None for n in names):
-            raise NotImplementedError(
-                f"attn_implementation='attnkern' does not support {what}; use 'eager' or 'flex_attention' "
-                "for this model")
+    if kwargs.get("softcap") is not None:
+        raise NotImplementedError(
+            "attn_implementation='attnkern' does not support logit softcapping yet; use 'eager' or "
+            "'flex_attention' for this model")
     if kwargs.get("position_bias") is not None:
         return "a position bias (transformers builds a float mask from it)"
     if isinstance(kwargs.get("cache"), PagedAttentionCache):
@@ -82,6 +83,7 @@ def attention_forward(
     (output (B, L, Hq, Ev), None)."""
     reason = _transformers_only(kwargs)
     route = dispatch.Route(None, reason)
+    sinks = kwargs.get("s_aux", kwargs.get("sinks"))
     if reason is None:
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         # As transformers' sdpa path: a single query (decoding) attends every cached key, and an explicit
@@ -94,8 +96,15 @@ def attention_forward(
         route = dispatch.route_sdpa(q, k, v, mask, dropout, causal, scaling,
                                     enable_gqa=key.shape[1] != query.shape[1])
         if not route.to_torch:
-            out = dispatch.run(route)
+            if sinks is not None:
+                sinks = check_sinks(sinks.to(q.dtype if q.dtype == torch.float64 else torch.float32),
+                                    route.problem.Hq, q.device)
+            out = dispatch.run(route, sinks)
             return out.transpose(1, 2).contiguous(), None
+    if sinks is not None:
+        raise NotImplementedError(
+            f"attn_implementation='attnkern' runs attention sinks (s_aux) on its kernels only, and they do not "
+            f"serve this call ({route.reason}); use 'eager' for this model")
     dispatch.log_fallback_once(route, "transformers")
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   is_causal=is_causal, **kwargs)

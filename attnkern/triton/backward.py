@@ -21,9 +21,10 @@ import triton
 import triton.language as tl
 
 from ..buffers import new_grad, new_mask_grad
-from ..masks import CAUSAL_NONE, causal_offset, mask_kind
+from ..masks import mask_kind
 from . import common as tcommon, configs
-from .common import index_range, load_row_stats, load_tile, mask_scores, needs_int64, store_tile, LOG2E
+from .common import (index_range, key_tiles, load_row_stats, load_tile, mask_scores, needs_int64, query_tiles,
+                     store_tile, LOG2E)
 from .forward import mask_args, precision_for
 
 
@@ -66,10 +67,10 @@ def _bwd_preprocess_kernel(
 def _dkdv_tile(
     dk, dv, kT, v, q_base, do_base, mask_base, stats_base, delta_base, start_m, offs_n, offs_m0, offs_e, offs_ev,
     stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms,
-    L, S, scale, causal_off,
+    L, S, scale, lo_off, hi_off,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
-    MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
+    MASK_KIND: tl.constexpr, APPLY_BAND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Accumulate one query tile's contribution to a key block's dK, dV. Works on Sᵀ (keys × queries).
 
@@ -87,8 +88,8 @@ def _dkdv_tile(
     else:
         delta = tl.load(delta_base + offs_m)
     sT = tl.trans(tl.dot(q, kT, input_precision=PRECISION) * scale)
-    sT = mask_scores(sT, offs_m[None, :], offs_n[:, None], mask_base, stride_ml, stride_ms, L, S, causal_off,
-                     MASK_KIND, APPLY_CAUSAL, CHECK_M, CHECK_N)
+    sT = mask_scores(sT, offs_m[None, :], offs_n[:, None], mask_base, stride_ml, stride_ms, L, S, lo_off, hi_off,
+                     MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N)
     pT = tl.math.exp2((sT - row_max[None, :]) * LOG2E - log2l[None, :])
     do = load_tile(do_base + offs_m[:, None] * stride_dol + offs_ev[None, :] * stride_doe,
                    offs_m, offs_ev, L, EV, CHECK_M, BLOCK_EV != EV)
@@ -101,7 +102,7 @@ def _dkdv_tile(
 
 @triton.autotune(
     configs=configs.configs_for(configs.BWD_CONFIGS),
-    key=["L_BUCKET", "S_BUCKET", "E", "EV", "MASK_KIND", "IS_CAUSAL", "PRECISION"],
+    key=["L_BUCKET", "S_BUCKET", "E", "EV", "MASK_KIND", "HAS_LEFT", "HAS_RIGHT", "PRECISION"],
     prune_configs_by={"early_config_prune": configs.prune},
 )
 @triton.heuristics({
@@ -118,9 +119,9 @@ def _attn_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dol, stride_doe,
     stride_dkb, stride_dkh, stride_dks, stride_dke,
     stride_dvb, stride_dvh, stride_dvs, stride_dve,
-    H, GROUP, L, S, scale, causal_off, L_BUCKET, S_BUCKET,
+    H, GROUP, L, S, scale, lo_off, hi_off, L_BUCKET, S_BUCKET,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
-    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     I64: tl.constexpr,
 ):
@@ -142,14 +143,9 @@ def _attn_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_EV], dtype=tl.float32)
 
-    # Query rows that see any key of this block: i + causal_off >= start_n. Rows that see all of
-    # them (i + causal_off >= start_n + BLOCK_N - 1) need no causal compare.
-    lo = 0
-    mid = 0
-    if IS_CAUSAL:
-        lo = tl.maximum(start_n - causal_off, 0) // BLOCK_M * BLOCK_M
-        mid = tl.minimum(tl.maximum(start_n + BLOCK_N - 1 - causal_off + BLOCK_M - 1, 0) // BLOCK_M * BLOCK_M, L)
-        mid = tl.maximum(mid, lo)
+    # The query tiles that see this key block: the band's edge tiles compare per element, the inner
+    # ones do not.
+    lo, full_lo, full_hi, hi = query_tiles(start_n, L, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     for g in range(0, GROUP):
         h = hk * GROUP + g
         q_base = Q + b * stride_qb + h * stride_qh
@@ -157,26 +153,24 @@ def _attn_bwd_dkdv_kernel(
         mask_base = M + b * stride_mb + h * stride_mh
         stats_base = STATS + (b * H + h) * L * 2
         delta_base = DELTA + (b * H + h) * L
-        if IS_CAUSAL:
-            for start_m in range(lo, mid, BLOCK_M):
-                dk, dv = _dkdv_tile(
-                    dk, dv, kT, v, q_base, do_base, mask_base, stats_base, delta_base, start_m, offs_n, offs_m0,
-                    offs_e, offs_ev, stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms,
-                    L, S, scale, causal_off, E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True,
-                    not EVEN_M, not EVEN_N, PRECISION)
-            for start_m in range(mid, L, BLOCK_M):
-                dk, dv = _dkdv_tile(
-                    dk, dv, kT, v, q_base, do_base, mask_base, stats_base, delta_base, start_m, offs_n, offs_m0,
-                    offs_e, offs_ev, stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms,
-                    L, S, scale, causal_off, E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False,
-                    not EVEN_M, not EVEN_N, PRECISION)
-        else:
-            for start_m in range(0, L, BLOCK_M):
-                dk, dv = _dkdv_tile(
-                    dk, dv, kT, v, q_base, do_base, mask_base, stats_base, delta_base, start_m, offs_n, offs_m0,
-                    offs_e, offs_ev, stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms,
-                    L, S, scale, causal_off, E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False,
-                    not EVEN_M, not EVEN_N, PRECISION)
+        for start_m in range(lo, full_lo, BLOCK_M):
+            dk, dv = _dkdv_tile(
+                dk, dv, kT, v, q_base, do_base, mask_base, stats_base, delta_base, start_m, offs_n, offs_m0,
+                offs_e, offs_ev, stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms,
+                L, S, scale, lo_off, hi_off, E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, HAS_LEFT, HAS_RIGHT,
+                not EVEN_M, not EVEN_N, PRECISION)
+        for start_m in range(full_lo, full_hi, BLOCK_M):
+            dk, dv = _dkdv_tile(
+                dk, dv, kT, v, q_base, do_base, mask_base, stats_base, delta_base, start_m, offs_n, offs_m0,
+                offs_e, offs_ev, stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms,
+                L, S, scale, lo_off, hi_off, E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False, HAS_LEFT, HAS_RIGHT,
+                not EVEN_M, not EVEN_N, PRECISION)
+        for start_m in range(full_hi, hi, BLOCK_M):
+            dk, dv = _dkdv_tile(
+                dk, dv, kT, v, q_base, do_base, mask_base, stats_base, delta_base, start_m, offs_n, offs_m0,
+                offs_e, offs_ev, stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms,
+                L, S, scale, lo_off, hi_off, E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, HAS_LEFT, HAS_RIGHT,
+                not EVEN_M, not EVEN_N, PRECISION)
 
     dk = dk * scale
     store_tile(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dks + offs_e[None, :] * stride_dke,
@@ -189,10 +183,10 @@ def _attn_bwd_dkdv_kernel(
 def _dq_tile(
     dq, q, do, row_max, log2l, delta, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_e, offs_ev,
     stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms,
-    L, S, scale, causal_off,
+    L, S, scale, lo_off, hi_off,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
-    MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
+    MASK_KIND: tl.constexpr, APPLY_BAND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     offs_n = start_n + offs_n0
     kT = load_tile(k_base + offs_e[:, None] * stride_ke + offs_n[None, :] * stride_ks,
@@ -200,8 +194,8 @@ def _dq_tile(
     vT = load_tile(v_base + offs_ev[:, None] * stride_ve + offs_n[None, :] * stride_vs,
                    offs_ev, offs_n, EV, S, BLOCK_EV != EV, CHECK_N)
     s = tl.dot(q, kT, input_precision=PRECISION) * scale
-    s = mask_scores(s, offs_m[:, None], offs_n[None, :], mask_base, stride_ml, stride_ms, L, S, causal_off,
-                    MASK_KIND, APPLY_CAUSAL, CHECK_M, CHECK_N)
+    s = mask_scores(s, offs_m[:, None], offs_n[None, :], mask_base, stride_ml, stride_ms, L, S, lo_off, hi_off,
+                    MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N)
     p = tl.math.exp2((s - row_max[:, None]) * LOG2E - log2l[:, None])
     dp = tl.dot(do, vT, input_precision=PRECISION)
     ds = p * (dp - delta[:, None])
@@ -211,7 +205,7 @@ def _dq_tile(
 
 @triton.autotune(
     configs=configs.configs_for(configs.BWD_CONFIGS),
-    key=["L_BUCKET", "S_BUCKET", "E", "EV", "MASK_KIND", "IS_CAUSAL", "PRECISION"],
+    key=["L_BUCKET", "S_BUCKET", "E", "EV", "MASK_KIND", "HAS_LEFT", "HAS_RIGHT", "PRECISION"],
     prune_configs_by={"early_config_prune": configs.prune},
 )
 @triton.heuristics({
@@ -227,14 +221,14 @@ def _attn_bwd_dq_kernel(
     stride_mb, stride_mh, stride_ml, stride_ms,
     stride_dob, stride_doh, stride_dol, stride_doe,
     stride_dqb, stride_dqh, stride_dql, stride_dqe,
-    H, GROUP, L, S, scale, causal_off, L_BUCKET, S_BUCKET,
+    H, GROUP, L, S, scale, lo_off, hi_off, L_BUCKET, S_BUCKET,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
-    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     I64: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    if IS_CAUSAL:
+    if HAS_RIGHT and not HAS_LEFT:  # causal-like: the longest rows first
         pid_m = tl.num_programs(0) - 1 - pid_m
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -260,25 +254,22 @@ def _attn_bwd_dq_kernel(
     mask_base = M + b * stride_mb + h * stride_mh
     dq = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
 
-    if IS_CAUSAL:
-        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_off, 0), S)
-        n_full = tl.minimum(tl.maximum(start_m + causal_off + 1, 0) // BLOCK_N * BLOCK_N, hi)
-        for start_n in range(0, n_full, BLOCK_N):
-            dq = _dq_tile(dq, q, do, row_max, log2l, delta, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_e,
-                          offs_ev, stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms,
-                          L, S, scale, causal_off, E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False,
-                          not EVEN_M, not EVEN_N, PRECISION)
-        for start_n in range(n_full, hi, BLOCK_N):
-            dq = _dq_tile(dq, q, do, row_max, log2l, delta, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_e,
-                          offs_ev, stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms,
-                          L, S, scale, causal_off, E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True,
-                          not EVEN_M, not EVEN_N, PRECISION)
-    else:
-        for start_n in range(0, S, BLOCK_N):
-            dq = _dq_tile(dq, q, do, row_max, log2l, delta, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_e,
-                          offs_ev, stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms,
-                          L, S, scale, causal_off, E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False,
-                          not EVEN_M, not EVEN_N, PRECISION)
+    lo, full_lo, full_hi, hi = key_tiles(start_m, S, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    for start_n in range(lo, full_lo, BLOCK_N):
+        dq = _dq_tile(dq, q, do, row_max, log2l, delta, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_e,
+                      offs_ev, stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms,
+                      L, S, scale, lo_off, hi_off, E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, HAS_LEFT, HAS_RIGHT,
+                      not EVEN_M, not EVEN_N, PRECISION)
+    for start_n in range(full_lo, full_hi, BLOCK_N):
+        dq = _dq_tile(dq, q, do, row_max, log2l, delta, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_e,
+                      offs_ev, stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms,
+                      L, S, scale, lo_off, hi_off, E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False, HAS_LEFT, HAS_RIGHT,
+                      not EVEN_M, not EVEN_N, PRECISION)
+    for start_n in range(full_hi, hi, BLOCK_N):
+        dq = _dq_tile(dq, q, do, row_max, log2l, delta, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_e,
+                      offs_ev, stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms,
+                      L, S, scale, lo_off, hi_off, E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, HAS_LEFT, HAS_RIGHT,
+                      not EVEN_M, not EVEN_N, PRECISION)
 
     dq = dq * scale
     store_tile(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dql + offs_e[None, :] * stride_dqe,
@@ -295,9 +286,9 @@ def _attn_bwd_dmask_kernel(
     stride_dob, stride_doh, stride_dol, stride_doe,
     stride_dlb, stride_dlh, stride_dll,
     stride_dmb, stride_dmh, stride_dml, stride_dms,
-    B, H, GROUP, L, S, HM, scale, causal_off,
+    B, H, GROUP, L, S, HM, scale, lo_off, hi_off,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr, HAS_DLSE: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr, HAS_DLSE: tl.constexpr,
     SUM_B: tl.constexpr, SUM_H: tl.constexpr, SUM_L: tl.constexpr, SUM_S: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, I64: tl.constexpr,
 ):
@@ -370,7 +361,7 @@ def _attn_bwd_dmask_kernel(
                                    offs_ev, offs_n, EV, S, BLOCK_EV != EV, True)
                     s = tl.dot(q, kT, input_precision=PRECISION) * scale
                     s = mask_scores(s, offs_m[:, None], offs_n[None, :], mask_base, stride_ml, stride_ms,
-                                    L, S, causal_off, 2, IS_CAUSAL, True, True)
+                                    L, S, lo_off, hi_off, 2, True, HAS_LEFT, HAS_RIGHT, True, True)
                     p = tl.math.exp2((s - row_max[:, None]) * LOG2E - log2l[:, None])
                     dp = tl.dot(do, vT, input_precision=PRECISION)
                     if SUM_S:
@@ -410,17 +401,17 @@ def dmask_blocks(E: int, Ev: int, dtype):
     return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps
 
 
-def attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale: float, causal: int, mask_grad: bool):
-    """Triton backward on canonical tensors (see backends/base.py). Returns (dq, dk, dv, dmask or None)."""
+def attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale: float, band, mask_grad: bool):
+    """Triton backward on canonical tensors (see backends/base.py; `band` a band.Band). Returns
+    (dq, dk, dv, dmask or None)."""
     B, H, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
     group = H // Hkv
     dq, dk, dv = new_grad(q), new_grad(k), new_grad(v)
     delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
     block_e, block_ev = configs.head_block(E), configs.head_block(Ev)
-    off = causal_offset(causal, L, S)
+    lo_off, hi_off, has_left, has_right = tcommon.band_args(band, L, S)
     precision = precision_for(q.dtype)
-    is_causal = causal != CAUSAL_NONE
     kind = mask_kind(mask)
     mask_t, m_strides = mask_args(mask)
     mask_ptr = mask_t if mask_t is not None else q
@@ -431,8 +422,8 @@ def attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale: flo
     dlse_strides = dlse.stride() if dlse is not None else (0, 0, 0)
     dlse_t = dlse if dlse is not None else delta
     lo_t = out_lo if has_lo else out
-    common = dict(E=E, EV=Ev, BLOCK_E=block_e, BLOCK_EV=block_ev, MASK_KIND=kind, IS_CAUSAL=is_causal,
-                  PRECISION=precision, I64=i64)
+    common = dict(E=E, EV=Ev, BLOCK_E=block_e, BLOCK_EV=block_ev, MASK_KIND=kind, HAS_LEFT=has_left,
+                  HAS_RIGHT=has_right, PRECISION=precision, I64=i64)
     for b0, b1, part in tcommon.batch_slices(B):  # one launch each unless B passes grid axis 2's limit
         n = b1 - b0
         _bwd_preprocess_kernel[(triton.cdiv(L, pre_block), H, n)](
@@ -443,12 +434,12 @@ def attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale: flo
         _attn_bwd_dkdv_kernel[lambda meta, n=n: (triton.cdiv(S, meta["BLOCK_N"]), Hkv, n)](
             part(q), part(k), part(v), part(mask_ptr), part(dout), part(stats), part(delta), part(dk), part(dv),
             *q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *dk.stride(), *dv.stride(),
-            H, group, L, S, scale, off, configs.bucket(L), configs.bucket(S), **common,
+            H, group, L, S, scale, lo_off, hi_off, configs.bucket(L), configs.bucket(S), **common,
         )
         _attn_bwd_dq_kernel[lambda meta, n=n: (triton.cdiv(L, meta["BLOCK_M"]), H, n)](
             part(q), part(k), part(v), part(mask_ptr), part(dout), part(stats), part(delta), part(dq),
             *q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *dq.stride(),
-            H, group, L, S, scale, off, configs.bucket(L), configs.bucket(S), **common,
+            H, group, L, S, scale, lo_off, hi_off, configs.bucket(L), configs.bucket(S), **common,
         )
 
     dmask = None
@@ -466,8 +457,9 @@ def attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale: flo
                 part(q), part(k), part(v), part(mask_ptr), part(dout), part(stats), part(delta), part(dlse_t),
                 part(dm),
                 *q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *dlse_strides, *dm.stride(),
-                b1 - b0, H, group, L, S, Hm, scale, off,
-                E=E, EV=Ev, BLOCK_E=block_e, BLOCK_EV=block_ev, IS_CAUSAL=is_causal, PRECISION=precision,
+                b1 - b0, H, group, L, S, Hm, scale, lo_off, hi_off,
+                E=E, EV=Ev, BLOCK_E=block_e, BLOCK_EV=block_ev, HAS_LEFT=has_left, HAS_RIGHT=has_right,
+                PRECISION=precision,
                 HAS_DLSE=dlse is not None,
                 SUM_B=sum_b, SUM_H=sum_h, SUM_L=sum_l, SUM_S=sum_s, BLOCK_M=bm_, BLOCK_N=bn_, I64=i64,
                 num_warps=warps,

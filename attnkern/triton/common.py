@@ -70,13 +70,16 @@ def store_tile(ptrs, x, rows, cols, n_rows, n_cols, CHECK_ROWS: tl.constexpr, CH
 
 @triton.jit
 def mask_scores(
-    s, qi, kj, mask_base, stride_ml, stride_ms, L, S, causal_offset,
-    MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr, CHECK_Q: tl.constexpr, CHECK_K: tl.constexpr,
+    s, qi, kj, mask_base, stride_ml, stride_ms, L, S, lo_off, hi_off,
+    MASK_KIND: tl.constexpr, APPLY_BAND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    CHECK_Q: tl.constexpr, CHECK_K: tl.constexpr,
 ):
-    """Apply the user mask, the causal diagonal and the sequence bounds to a score tile.
+    """Apply the user mask, the band (row i sees keys i + lo_off <= j <= i + hi_off, each bound only
+    where the band has it; see band.py) and the sequence bounds to a score tile.
 
     `qi` and `kj` are the query-row and key-column indices shaped to broadcast against `s`
     ([:, None] and [None, :], or the transpose for the kernels that hold Sᵀ). Masked scores become -inf.
+    APPLY_BAND is off for tiles that key_tiles/query_tiles found inside the band for every row.
     """
     if MASK_KIND != 0:
         m_ptrs = mask_base + qi * stride_ml + kj * stride_ms
@@ -88,11 +91,70 @@ def mask_scores(
             s = tl.where(m != 0, s, float("-inf"))
         else:
             s = s + m.to(tl.float32)
-    if APPLY_CAUSAL:
-        s = tl.where(kj <= qi + causal_offset, s, float("-inf"))
+    if APPLY_BAND:
+        if HAS_RIGHT:
+            s = tl.where(kj <= qi + hi_off, s, float("-inf"))
+        if HAS_LEFT:
+            s = tl.where(kj >= qi + lo_off, s, float("-inf"))
     if CHECK_K:
         s = tl.where(kj < S, s, float("-inf"))
     return s
+
+
+@triton.jit
+def _ordered(lo, full_lo, full_hi, hi):
+    """lo <= full_lo <= full_hi <= hi, shrinking [full_lo, full_hi) (the tiles spared the band compare)
+    where the bounds crossed: a narrower unchecked range is always safe."""
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def key_tiles(start_m, S, lo_off, hi_off, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """The key tiles of query rows [start_m, start_m + BLOCK_M): (lo, full_lo, full_hi, hi). Keys in
+    [lo, hi) are seen by some row (lo a multiple of BLOCK_N); the tiles in [full_lo, full_hi) are inside
+    the band for every row (no band compare); [lo, full_lo) and [full_hi, hi) need one."""
+    lo = start_m * 0
+    hi = lo + S
+    full_lo = lo
+    full_hi = hi
+    if HAS_RIGHT:  # the last row sees j <= start_m + BLOCK_M - 1 + hi_off, the first j <= start_m + hi_off
+        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + hi_off, 0), S)
+        full_hi = tl.maximum(start_m + hi_off + 1, 0) // BLOCK_N * BLOCK_N
+    if HAS_LEFT:  # the first row sees j >= start_m + lo_off, the last j >= start_m + BLOCK_M - 1 + lo_off
+        lo = tl.minimum(tl.maximum(start_m + lo_off, 0) // BLOCK_N * BLOCK_N, hi)
+        full_lo = (tl.maximum(start_m + BLOCK_M - 1 + lo_off, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    return _ordered(lo, full_lo, full_hi, hi)
+
+
+@triton.jit
+def query_tiles(start_n, L, lo_off, hi_off, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """The query tiles that see keys [start_n, start_n + BLOCK_N): (lo, full_lo, full_hi, hi), as
+    key_tiles (lo a multiple of BLOCK_M). Row i sees key j iff j - hi_off <= i <= j - lo_off."""
+    lo = start_n * 0
+    hi = lo + L
+    full_lo = lo
+    full_hi = hi
+    if HAS_RIGHT:  # rows i >= start_n - hi_off see the first key, i >= start_n + BLOCK_N - 1 - hi_off all
+        lo = tl.minimum(tl.maximum(start_n - hi_off, 0) // BLOCK_M * BLOCK_M, L)
+        full_lo = tl.maximum(start_n + BLOCK_N - 1 - hi_off + BLOCK_M - 1, 0) // BLOCK_M * BLOCK_M
+    if HAS_LEFT:  # rows i <= start_n + BLOCK_N - 1 - lo_off see the last key, i <= start_n - lo_off all
+        hi = tl.maximum(tl.minimum(tl.maximum(start_n + BLOCK_N - lo_off, 0), L), lo)
+        full_hi = tl.maximum(start_n - lo_off + 1, 0) // BLOCK_M * BLOCK_M
+    return _ordered(lo, full_lo, full_hi, hi)
+
+
+def band_args(band, L: int, S: int):
+    """(lo_off, hi_off, HAS_LEFT, HAS_RIGHT) of a band.Band for the kernels: row i sees keys
+    i + lo_off <= j <= i + hi_off."""
+    off = band.offset(L, S)
+    # Clamped to [-L, S], which changes no visibility, so the offsets stay 32-bit whatever the window.
+    lo = max(off - band.left, -L) if band.left >= 0 else 0
+    hi = min(max(off + band.right, -L), S) if band.right >= 0 else 0
+    return lo, hi, band.left >= 0, band.right >= 0
 
 
 def needs_int64(*tensors) -> bool:

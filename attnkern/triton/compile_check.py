@@ -193,17 +193,17 @@ def check_variant(v: Variant) -> Variant:
         fn = _jit(forward._attn_fwd_kernel)
         # The budgeted plain forms are the inference forward the benchmarks time (no rounding residual);
         # the heaviest (float mask, causal) half forms compile the training forward, which stores it.
-        cx = dict(common, MASK_KIND=v.mask, IS_CAUSAL=v.causal, EVEN_M=False, EVEN_N=False,
+        cx = dict(common, MASK_KIND=v.mask, HAS_LEFT=False, HAS_RIGHT=v.causal, EVEN_M=False, EVEN_N=False,
                   HAS_LO=v.dtype != "float32" and v.mask == 2 and v.causal)
         ptrs = dict(Q=f"*{t}", K=f"*{t}", V=f"*{t}", M=mask_t, O=f"*{t}", O_LO=f"*{t}", LSE="*fp32", STATS="*fp32")
     elif v.kernel in ("dkdv", "dq"):
         fn = _jit(backward._attn_bwd_dkdv_kernel if v.kernel == "dkdv" else backward._attn_bwd_dq_kernel)
-        cx = dict(common, MASK_KIND=v.mask, IS_CAUSAL=v.causal, EVEN_M=False, EVEN_N=False)
+        cx = dict(common, MASK_KIND=v.mask, HAS_LEFT=False, HAS_RIGHT=v.causal, EVEN_M=False, EVEN_N=False)
         ptrs = dict(Q=f"*{t}", K=f"*{t}", V=f"*{t}", M=mask_t, DO=f"*{t}", STATS="*fp32", DELTA="*fp32",
                     DK=f"*{t}", DV=f"*{t}", DQ=f"*{t}")
     else:
         fn = _jit(backward._attn_bwd_dmask_kernel)
-        cx = dict(common, IS_CAUSAL=v.causal, SUM_B=True, SUM_H=False, SUM_L=False, SUM_S=False)
+        cx = dict(common, HAS_LEFT=False, HAS_RIGHT=v.causal, SUM_B=True, SUM_H=False, SUM_L=False, SUM_S=False)
         ptrs = dict(Q=f"*{t}", K=f"*{t}", V=f"*{t}", M=mask_t, DO=f"*{t}", STATS="*fp32", DELTA="*fp32",
                     DM="*fp32")
     sig = _signature(fn, ptrs, cx, floats)

@@ -3,8 +3,9 @@
 Never materializes the L×S scores. Saves per-row softmax statistics (row max, log2 of the
 denominator) beside the log-sum-exp for the backward, and, when asked (HAS_LO), the half-precision
 output's rounding residual out_lo = O32 - out, so that the backward's delta is float32-accurate.
-Causal problems stop the key loop at the block's diagonal and apply the causal compare only on the
-tiles that straddle it; fully masked rows end with l = 0, which gives output 0 and log-sum-exp -inf.
+A banded problem (causal, sliding window; band.py) visits only the key tiles its rows see and applies
+the band compare only on the tiles that straddle an edge; fully masked rows end with l = 0, which gives
+output 0 and log-sum-exp -inf.
 """
 import os
 
@@ -13,27 +14,26 @@ import triton
 import triton.language as tl
 
 from ..buffers import new_lse, new_output, new_residual, new_stats
-from ..masks import CAUSAL_NONE, causal_offset
 from . import common, configs
-from .common import index_range, needs_int64, LN2, LOG2E, load_tile, mask_scores, store_tile
+from .common import index_range, key_tiles, needs_int64, LN2, LOG2E, load_tile, mask_scores, store_tile
 
 
 @triton.jit
 def _fwd_tile(
     acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_e, offs_ev,
     stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms,
-    L, S, scale, causal_off,
+    L, S, scale, lo_off, hi_off,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
-    MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
+    MASK_KIND: tl.constexpr, APPLY_BAND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     offs_n = start_n + offs_n0
     # K is read transposed, (BLOCK_E, BLOCK_N), straight from memory.
     kT = load_tile(k_base + offs_e[:, None] * stride_ke + offs_n[None, :] * stride_ks,
                    offs_e, offs_n, E, S, BLOCK_E != E, CHECK_N)
     s = tl.dot(q, kT, input_precision=PRECISION) * scale
-    s = mask_scores(s, offs_m[:, None], offs_n[None, :], mask_base, stride_ml, stride_ms, L, S, causal_off,
-                    MASK_KIND, APPLY_CAUSAL, CHECK_M, CHECK_N)
+    s = mask_scores(s, offs_m[:, None], offs_n[None, :], mask_base, stride_ml, stride_ms, L, S, lo_off, hi_off,
+                    MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row with nothing visible yet keeps m = -inf; subtract 0 instead so exp2 sees -inf, not NaN.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -50,7 +50,7 @@ def _fwd_tile(
 @triton.autotune(
     configs=configs.configs_for(configs.FWD_CONFIGS),
     # HAS_LO (training: the residual store needs registers) tunes apart from the inference forward.
-    key=["L_BUCKET", "S_BUCKET", "E", "EV", "MASK_KIND", "IS_CAUSAL", "PRECISION", "HAS_LO"],
+    key=["L_BUCKET", "S_BUCKET", "E", "EV", "MASK_KIND", "HAS_LEFT", "HAS_RIGHT", "PRECISION", "HAS_LO"],
     prune_configs_by={"early_config_prune": configs.prune},
 )
 @triton.heuristics({
@@ -65,14 +65,15 @@ def _attn_fwd_kernel(
     stride_vb, stride_vh, stride_vs, stride_ve,
     stride_mb, stride_mh, stride_ml, stride_ms,
     stride_ob, stride_oh, stride_ol, stride_oe,
-    H, GROUP, L, S, scale, causal_off, L_BUCKET, S_BUCKET,
+    H, GROUP, L, S, scale, lo_off, hi_off, L_BUCKET, S_BUCKET,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
-    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr, HAS_LO: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_LO: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     I64: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    if IS_CAUSAL:  # the longest rows (most key tiles) first, for a better tail across SMs
+    if HAS_RIGHT and not HAS_LEFT:  # causal-like: the longest rows (most key tiles) first, for the tail
         pid_m = tl.num_programs(0) - 1 - pid_m
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -96,27 +97,23 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_EV], dtype=tl.float32)
 
-    if IS_CAUSAL:
-        # Keys this block can see: j <= start_m + BLOCK_M - 1 + causal_off. Tiles that end at or
-        # before the first row's diagonal need no causal compare.
-        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_off, 0), S)
-        n_full = tl.minimum(tl.maximum(start_m + causal_off + 1, 0) // BLOCK_N * BLOCK_N, hi)
-        for start_n in range(0, n_full, BLOCK_N):
-            acc, l_i, m_i = _fwd_tile(
-                acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_e, offs_ev,
-                stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms, L, S, scale, causal_off,
-                E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False, not EVEN_M, not EVEN_N, PRECISION)
-        for start_n in range(n_full, hi, BLOCK_N):
-            acc, l_i, m_i = _fwd_tile(
-                acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_e, offs_ev,
-                stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms, L, S, scale, causal_off,
-                E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, not EVEN_M, not EVEN_N, PRECISION)
-    else:
-        for start_n in range(0, S, BLOCK_N):
-            acc, l_i, m_i = _fwd_tile(
-                acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_e, offs_ev,
-                stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms, L, S, scale, causal_off,
-                E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False, not EVEN_M, not EVEN_N, PRECISION)
+    # The key tiles this block sees: the band's edge tiles compare per element, the inner ones do not.
+    lo, full_lo, full_hi, hi = key_tiles(start_m, S, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    for start_n in range(lo, full_lo, BLOCK_N):
+        acc, l_i, m_i = _fwd_tile(
+            acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_e, offs_ev,
+            stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms, L, S, scale, lo_off, hi_off,
+            E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, HAS_LEFT, HAS_RIGHT, not EVEN_M, not EVEN_N, PRECISION)
+    for start_n in range(full_lo, full_hi, BLOCK_N):
+        acc, l_i, m_i = _fwd_tile(
+            acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_e, offs_ev,
+            stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms, L, S, scale, lo_off, hi_off,
+            E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False, HAS_LEFT, HAS_RIGHT, not EVEN_M, not EVEN_N, PRECISION)
+    for start_n in range(full_hi, hi, BLOCK_N):
+        acc, l_i, m_i = _fwd_tile(
+            acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_e, offs_ev,
+            stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms, L, S, scale, lo_off, hi_off,
+            E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, HAS_LEFT, HAS_RIGHT, not EVEN_M, not EVEN_N, PRECISION)
 
     empty = l_i == 0.0  # every key masked: output 0, lse -inf
     l_safe = tl.where(empty, 1.0, l_i)
@@ -169,8 +166,9 @@ def mask_args(mask):
     return mask, strides
 
 
-def attention_forward(q, k, v, mask, scale: float, causal: int, residual: bool = False):
-    """Triton forward on canonical tensors (see backends/base.py). Returns (out, lse, stats, out_lo)."""
+def attention_forward(q, k, v, mask, scale: float, band, residual: bool = False):
+    """Triton forward on canonical tensors (see backends/base.py; `band` a band.Band). Returns
+    (out, lse, stats, out_lo)."""
     B, H, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
     out, lse, stats, out_lo = new_output(q, Ev), new_lse(q), new_stats(q), new_residual(q, Ev, residual)
@@ -180,15 +178,16 @@ def attention_forward(q, k, v, mask, scale: float, causal: int, residual: bool =
     from ..masks import mask_kind
 
     mask_t = mask_t if mask_t is not None else q
+    lo_off, hi_off, has_left, has_right = common.band_args(band, L, S)
     for b0, b1, part in common.batch_slices(B):  # one launch unless B passes grid axis 2's limit
         _attn_fwd_kernel[lambda meta, n=b1 - b0: (triton.cdiv(L, meta["BLOCK_M"]), H, n)](
             part(q), part(k), part(v), part(mask_t), part(out), part(out_lo if has_lo else out), part(lse),
             part(stats),
             *q.stride(), *k.stride(), *v.stride(), *m_strides, *out.stride(),
-            H, H // Hkv, L, S, scale, causal_offset(causal, L, S),
+            H, H // Hkv, L, S, scale, lo_off, hi_off,
             configs.bucket(L), configs.bucket(S),
             E=E, EV=Ev, BLOCK_E=configs.head_block(E), BLOCK_EV=configs.head_block(Ev),
-            MASK_KIND=mask_kind(mask), IS_CAUSAL=causal != CAUSAL_NONE, PRECISION=precision_for(q.dtype),
+            MASK_KIND=mask_kind(mask), HAS_LEFT=has_left, HAS_RIGHT=has_right, PRECISION=precision_for(q.dtype),
             HAS_LO=has_lo, I64=needs_int64(q, k, v, mask, out),
         )
     return out, lse, stats, out_lo

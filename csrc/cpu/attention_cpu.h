@@ -23,7 +23,7 @@ Blocking choose_blocking(const AttentionParams& p, c10::ScalarType dtype, bool b
 // tasks start first and the short ones fill the tail.
 inline int64_t task_chunk(const AttentionParams& p, int64_t task, int64_t n_chunks) {
   const int64_t c = task % n_chunks;
-  return p.causal_enabled() ? n_chunks - 1 - c : c;
+  return p.has_right && !p.has_left ? n_chunks - 1 - c : c;
 }
 
 // Fills p.out and p.lse.

@@ -38,24 +38,33 @@ template <typename scalar_t, typename acc_t>
 struct PackedKV {
   Scratch<acc_t> kt_buf, vt_buf, kr_buf;
   acc_t *kt = nullptr, *vt = nullptr, *kr = nullptr;
-  int64_t b = -1, hk = -1, keys = -1, sp = 0;
+  int64_t b = -1, hk = -1, base = 0, keys = -1, sp = 0;
 
-  void pack(const AttentionParams& p, int64_t b_, int64_t hk_, int64_t keys_, int64_t Ep) {
-    if (b_ == b && hk_ == hk && keys_ <= keys) return;
+  // Keys [base_, keys_) of kv head hk_ of batch b_ (base_ a multiple of NR: a band's first tile), unless
+  // what is packed already covers them.
+  void pack(const AttentionParams& p, int64_t b_, int64_t hk_, int64_t base_, int64_t keys_, int64_t Ep) {
+    if (b_ == b && hk_ == hk && base_ >= base && keys_ <= keys) return;
     constexpr int64_t NR = kNR<acc_t>;
-    b = b_, hk = hk_, keys = keys_;
-    sp = round_up(std::max<int64_t>(keys, 1), NR);
+    b = b_, hk = hk_, base = base_, keys = keys_;
+    const int64_t n = std::max<int64_t>(keys - base, 0);
+    sp = round_up(std::max<int64_t>(n, 1), NR);
     kt = kt_buf.get(p.E * sp);
     vt = vt_buf.get(p.Ev * sp);
     kr = kr_buf.get(sp * Ep);
-    const auto* kb = static_cast<const scalar_t*>(p.k) + b * p.k_st.b + hk * p.k_st.h;
-    const auto* vb = static_cast<const scalar_t*>(p.v) + b * p.v_st.b + hk * p.v_st.h;
-    pack_panels(kt, p.E * NR, kb, p.k_st.e, p.k_st.l, p.E, keys, acc_t(1));
-    pack_panels(vt, p.Ev * NR, vb, p.v_st.e, p.v_st.l, p.Ev, keys, acc_t(1));
-    pack_panels(kr, sp * NR, kb, p.k_st.l, p.k_st.e, keys, p.E, acc_t(1));
+    const auto* kb = static_cast<const scalar_t*>(p.k) + b * p.k_st.b + hk * p.k_st.h + base * p.k_st.l;
+    const auto* vb = static_cast<const scalar_t*>(p.v) + b * p.v_st.b + hk * p.v_st.h + base * p.v_st.l;
+    pack_panels(kt, p.E * NR, kb, p.k_st.e, p.k_st.l, p.E, n, acc_t(1));
+    pack_panels(vt, p.Ev * NR, vb, p.v_st.e, p.v_st.l, p.Ev, n, acc_t(1));
+    pack_panels(kr, sp * NR, kb, p.k_st.l, p.k_st.e, n, p.E, acc_t(1));
   }
-  const acc_t* kt_block(int64_t n0, const AttentionParams& p) const { return kt + (n0 / kNR<acc_t>) * p.E * kNR<acc_t>; }
-  const acc_t* vt_block(int64_t n0, const AttentionParams& p) const { return vt + (n0 / kNR<acc_t>) * p.Ev * kNR<acc_t>; }
+  // The packed panels from key n0 on (n0 >= base, n0 - base a multiple of NR).
+  const acc_t* kt_block(int64_t n0, const AttentionParams& p) const {
+    return kt + ((n0 - base) / kNR<acc_t>) * p.E * kNR<acc_t>;
+  }
+  const acc_t* vt_block(int64_t n0, const AttentionParams& p) const {
+    return vt + ((n0 - base) / kNR<acc_t>) * p.Ev * kNR<acc_t>;
+  }
+  const acc_t* kr_rows(int64_t n0) const { return kr + (n0 - base) * kNR<acc_t>; }
 };
 
 // One block of query rows, packed: Q and dO row-major (the A of S and dP) and in panels (the B of
@@ -118,26 +127,17 @@ struct RowStats {
   const acc_t *row_max, *log2_denom, *delta;
 };
 
-// Key range [0, n_end) a block of rows [m0, m0 + mb) sees, and [0, n_full) that all its rows see.
-inline void key_range(const AttentionParams& p, int64_t m0, int64_t mb, int64_t& n_end, int64_t& n_full) {
-  n_end = n_full = p.S;
-  if (p.causal_enabled()) {
-    n_end = std::clamp<int64_t>(m0 + mb + p.causal_offset, 0, p.S);
-    n_full = std::clamp<int64_t>(m0 + p.causal_offset + 1, 0, p.S);
-  }
-}
-
 // P = 2^((S scale + masks - m) log2 e - log2 l) over a (mb x nbp) tile of unscaled S, then
 // dS = P (dP - delta) into dp. Subtracting the row max first keeps P exact when the scores are huge.
 template <typename acc_t>
 inline void probabilities_and_ds(const RowMasker<acc_t>& masker, acc_t* sb, acc_t* dp, int64_t ld, int64_t m0,
-                                 int64_t mb, int64_t n0, int64_t nb, int64_t nbp, bool causal_check,
+                                 int64_t mb, int64_t n0, int64_t nb, int64_t nbp, bool band_check,
                                  const RowStats<acc_t>& st, acc_t scale) {
   for (int64_t i = 0; i < mb; ++i) {
     acc_t* srow = sb + i * ld;
     acc_t* drow = dp + i * ld;
     scale_row(srow, nbp, scale);
-    masker.apply(srow, m0 + i, n0, nb, nbp, causal_check);
+    masker.apply(srow, m0 + i, n0, nb, nbp, band_check);
     const Vec<acc_t> m(st.row_max[i]), l(st.log2_denom[i]), d(st.delta[i]), to_log2(static_cast<acc_t>(kLog2e));
     for (int64_t j = 0; j < nbp; j += Vec<acc_t>::size()) {
       const Vec<acc_t> pv = exp2_vec<acc_t>((Vec<acc_t>::loadu(srow + j) - m) * to_log2 - l);
@@ -152,13 +152,13 @@ inline void probabilities_and_ds(const RowMasker<acc_t>& masker, acc_t* sb, acc_
 template <typename scalar_t, typename acc_t>
 inline void tile_p_and_ds(const AttentionParams& p, const RowMasker<acc_t>& masker,
                           const QueryBlock<scalar_t, acc_t>& qblk, const PackedKV<scalar_t, acc_t>& kv, int64_t m0,
-                          int64_t mb, int64_t n0, int64_t nb, int64_t n_full, int64_t Ep, int64_t Evp, acc_t* sb,
+                          int64_t mb, int64_t n0, int64_t nb, const KeyTiles& tiles, int64_t Ep, int64_t Evp, acc_t* sb,
                           acc_t* dpb, int64_t BNp) {
   constexpr int64_t NR = kNR<acc_t>;
   const int64_t nbp = round_up(nb, NR);
   gemm<acc_t, false, false>(mb, nbp, p.E, qblk.qb, Ep, kv.kt_block(n0, p), p.E * NR, sb, BNp);
   gemm<acc_t, false, false>(mb, nbp, p.Ev, qblk.dob, Evp, kv.vt_block(n0, p), p.Ev * NR, dpb, BNp);
-  probabilities_and_ds(masker, sb, dpb, BNp, m0, mb, n0, nb, nbp, p.causal_enabled() && n0 + nb > n_full,
+  probabilities_and_ds(masker, sb, dpb, BNp, m0, mb, n0, nb, nbp, tiles.band_check(p, n0, nb),
                        {qblk.row_max, qblk.log2_denom, qblk.delta}, static_cast<acc_t>(p.scale));
 }
 
@@ -193,15 +193,14 @@ void backward_kernel(const AttentionParams& p, const Blocking& blk) {
       const int64_t hk = (task / n_chunks) % p.Hkv;
       const int64_t b = task / (n_chunks * p.Hkv);
       const int64_t r0 = std::min(p.L, chunk * chunk_rows), r1 = std::min(p.L, r0 + chunk_rows);
-      int64_t keys = p.S;
-      if (p.causal_enabled()) keys = std::clamp<int64_t>(r1 + p.causal_offset, 0, p.S);
+      const int64_t keys = p.key_end(r1);
 
       acc_t* dk_acc = n_chunks > 1 ? partial.get() + ((b * p.Hkv + hk) * n_chunks + chunk) * slot
                                    : acc_buf.get(std::max<int64_t>(slot, 1));
       acc_t* dv_acc = dk_acc + p.S * Ep;
       fill(dk_acc, slot, acc_t(0));
       if (r0 < r1) {  // rows that see no key still get their dQ written (as zeros)
-        kv.pack(p, b, hk, keys, Ep);
+        kv.pack(p, b, hk, p.key_begin(r0) / BN * BN, keys, Ep);
         acc_t* sb = s_buf.get(BM * BNp);
         acc_t* dpb = dp_buf.get(BM * BNp);
         acc_t* dqb = dq_buf.get(BM * Ep);
@@ -212,14 +211,13 @@ void backward_kernel(const AttentionParams& p, const Blocking& blk) {
             const int64_t mb = std::min(BM, r1 - m0);
             qblk.load(p, b, h, m0, mb, BM, Ep, Evp);
             fill(dqb, mb * Ep, acc_t(0));
-            int64_t n_end, n_full;
-            key_range(p, m0, mb, n_end, n_full);
-            for (int64_t n0 = 0; n0 < n_end; n0 += BN) {
-              const int64_t nb = std::min(BN, n_end - n0);
-              tile_p_and_ds(p, masker, qblk, kv, m0, mb, n0, nb, n_full, Ep, Evp, sb, dpb, BNp);
+            const KeyTiles tiles(p, m0, mb, BN);
+            for (int64_t n0 = tiles.n_begin; n0 < tiles.n_end; n0 += BN) {
+              const int64_t nb = std::min(BN, tiles.n_end - n0);
+              tile_p_and_ds(p, masker, qblk, kv, m0, mb, n0, nb, tiles, Ep, Evp, sb, dpb, BNp);
               gemm<acc_t, true, true>(nb, Evp, mb, sb, BNp, qblk.dop, BM * NR, dv_acc + n0 * Evp, Evp);
               gemm<acc_t, true, true>(nb, Ep, mb, dpb, BNp, qblk.qp, BM * NR, dk_acc + n0 * Ep, Ep);
-              gemm<acc_t, false, true>(mb, Ep, nb, dpb, BNp, kv.kr + n0 * NR, kv.sp * NR, dqb, Ep);
+              gemm<acc_t, false, true>(mb, Ep, nb, dpb, BNp, kv.kr_rows(n0), kv.sp * NR, dqb, Ep);
             }
             scalar_t* dq_rows = dq + b * p.dq_st.b + h * p.dq_st.h + m0 * p.dq_st.l;
             for (int64_t i = 0; i < mb; ++i) store_row(dq_rows + i * p.dq_st.l, p.dq_st.e, dqb + i * Ep, p.E, scale);
@@ -289,10 +287,9 @@ void mask_grad_kernel(const AttentionParams& p, const Blocking& blk) {
         for (int64_t h = (p.Hm == 1 ? 0 : hm); h < (p.Hm == 1 ? p.Hq : hm + 1); ++h) {
           const int64_t hk = h / p.group;
           const RowMasker<acc_t> masker{p, b, h};
-          int64_t keys = p.S;
-          if (p.causal_enabled()) keys = std::clamp<int64_t>(r1 + p.causal_offset, 0, p.S);
+          const int64_t keys = p.key_end(r1);
           if (keys == 0) continue;
-          kv.pack(p, b, hk, keys, Ep);
+          kv.pack(p, b, hk, p.key_begin(r0) / BN * BN, keys, Ep);
           for (int64_t m0 = r0; m0 < r1; m0 += BM) {
             const int64_t mb = std::min(BM, r1 - m0);
             qblk.load(p, b, h, m0, mb, BM, Ep, Evp);
@@ -304,11 +301,10 @@ void mask_grad_kernel(const AttentionParams& p, const Blocking& blk) {
               fill(row_a, mb, acc_t(0));
               fill(row_b, mb, acc_t(0));
             }
-            int64_t n_end, n_full;
-            key_range(p, m0, mb, n_end, n_full);
-            for (int64_t n0 = 0; n0 < n_end; n0 += BN) {
-              const int64_t nb = std::min(BN, n_end - n0);
-              tile_p_and_ds(p, masker, qblk, kv, m0, mb, n0, nb, n_full, Ep, Evp, sb, dpb, BNp);
+            const KeyTiles tiles(p, m0, mb, BN);
+            for (int64_t n0 = tiles.n_begin; n0 < tiles.n_end; n0 += BN) {
+              const int64_t nb = std::min(BN, tiles.n_end - n0);
+              tile_p_and_ds(p, masker, qblk, kv, m0, mb, n0, nb, tiles, Ep, Evp, sb, dpb, BNp);
               for (int64_t i = 0; i < mb; ++i) {
                 const acc_t* ds = dpb + i * BNp;
                 if (cols_full) {
@@ -385,7 +381,7 @@ Blocking choose_blocking(const AttentionParams& p, c10::ScalarType dtype, bool b
     // one task), so it follows the threads. Non-causal tasks are equal, so two per thread balance;
     // causal ones are not (later rows see more keys): four per thread, handed out longest first (see
     // task_chunk).
-    want = (p.causal_enabled() ? 4 : 2) * at::get_num_threads();
+    want = (p.banded() ? 4 : 2) * at::get_num_threads();
   }
   blk.query_chunks = heads >= want ? 1 : std::clamp<int64_t>((want + heads - 1) / heads, 1, max_chunks);
   return blk;

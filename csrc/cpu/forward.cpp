@@ -5,10 +5,10 @@
 // block of BLOCK_M query rows streams key blocks of BLOCK_N:
 //     S = (Q K^T) scale          GEMM, in register tiles of 6 x 16; scaled after the dot (as the
 //                                Triton and CUDA kernels do), so only a score beyond float range overflows
-//     S += mask; causal/bounds -> -inf
+//     S += mask; band (causal, window)/bounds -> -inf
 //     online softmax, exp(s - m) as 2^((s - m) log2 e): m, l, rescale the output accumulator
 //     O += P V                   GEMM
-// Tasks are handed out dynamically (an atomic counter), so causal problems balance across threads.
+// Tasks are handed out dynamically (an atomic counter), so banded problems balance across threads.
 // With p.out_lo the output's rounding residual is written beside it (for the backward's delta).
 // Extra memory per thread: K^T and V of one kv head (O(S*E)) plus O(BLOCK_M * (BLOCK_N + Ev)) tiles.
 #include <ATen/Parallel.h>
@@ -46,7 +46,7 @@ void forward_kernel(const AttentionParams& p, const Blocking& blk) {
   std::atomic<int64_t> next_task{0};
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     Scratch<acc_t> kt_buf, v_buf, q_buf, s_buf, o_buf, stat_buf;
-    int64_t packed_b = -1, packed_hk = -1, packed_keys = 0, packed_sp = 0;
+    int64_t packed_b = -1, packed_hk = -1, packed_base = 0, packed_keys = 0, packed_sp = 0;
     acc_t *kt = nullptr, *vp = nullptr;
     for (int64_t task = next_task++; task < n_tasks; task = next_task++) {
       const int64_t chunk = task_chunk(p, task, n_chunks);
@@ -54,21 +54,21 @@ void forward_kernel(const AttentionParams& p, const Blocking& blk) {
       const int64_t b = task / (n_chunks * p.Hkv);
       const int64_t r0 = chunk * chunk_rows, r1 = std::min(p.L, r0 + chunk_rows);
       if (r0 >= r1) continue;
-      // Keys any row of this chunk can see.
-      int64_t keys = p.S;
-      if (p.causal_enabled()) keys = std::clamp<int64_t>(r1 + p.causal_offset, 0, p.S);
-      const int64_t Sp = round_up(std::max<int64_t>(keys, 1), NR);
+      // Keys any row of this chunk can see: [base, keys), base the band's first tile (a multiple of BN).
+      const int64_t base = p.key_begin(r0) / BN * BN, keys = p.key_end(r1);
+      const int64_t Sp = round_up(std::max<int64_t>(keys - base, 1), NR);
 
-      if (b != packed_b || hk != packed_hk || keys > packed_keys) {
+      if (b != packed_b || hk != packed_hk || base < packed_base || keys > packed_keys) {
         // K^T in panels of NR keys (K-dim E) and V in panels of NR columns (K-dim keys).
         packed_sp = Sp;
         kt = kt_buf.get(p.E * Sp);
         vp = v_buf.get(Sp * Evp);
-        const scalar_t* kb = k + b * p.k_st.b + hk * p.k_st.h;
-        const scalar_t* vb = v + b * p.v_st.b + hk * p.v_st.h;
-        pack_panels(kt, p.E * NR, kb, p.k_st.e, p.k_st.l, p.E, keys, acc_t(1));
-        pack_panels(vp, packed_sp * NR, vb, p.v_st.l, p.v_st.e, keys, p.Ev, acc_t(1));
-        packed_b = b, packed_hk = hk, packed_keys = keys;
+        const scalar_t* kb = k + b * p.k_st.b + hk * p.k_st.h + base * p.k_st.l;
+        const scalar_t* vb = v + b * p.v_st.b + hk * p.v_st.h + base * p.v_st.l;
+        const int64_t n = std::max<int64_t>(keys - base, 0);
+        pack_panels(kt, p.E * NR, kb, p.k_st.e, p.k_st.l, p.E, n, acc_t(1));
+        pack_panels(vp, packed_sp * NR, vb, p.v_st.l, p.v_st.e, n, p.Ev, acc_t(1));
+        packed_b = b, packed_hk = hk, packed_base = base, packed_keys = keys;
       }
 
       acc_t* qb = q_buf.get(BM * Ep);
@@ -87,20 +87,17 @@ void forward_kernel(const AttentionParams& p, const Blocking& blk) {
           fill(l_i, mb, acc_t(0));
           fill(ob, mb * Evp, acc_t(0));
 
-          int64_t n_end = p.S, n_full = p.S;  // keys visible to some / to every row of the block
-          if (p.causal_enabled()) {
-            n_end = std::clamp<int64_t>(m0 + mb + p.causal_offset, 0, p.S);
-            n_full = std::clamp<int64_t>(m0 + p.causal_offset + 1, 0, p.S);
-          }
-          for (int64_t n0 = 0; n0 < n_end; n0 += BN) {
-            const int64_t nb = std::min(BN, n_end - n0);
+          const KeyTiles tiles(p, m0, mb, BN);  // keys visible to some / to every row of the block
+          for (int64_t n0 = tiles.n_begin; n0 < tiles.n_end; n0 += BN) {
+            const int64_t nb = std::min(BN, tiles.n_end - n0);
             const int64_t nbp = round_up(nb, NR);
-            gemm<acc_t, false, false>(mb, nbp, p.E, qb, Ep, kt + (n0 / NR) * p.E * NR, p.E * NR, sb, BNp);
-            const bool causal_check = p.causal_enabled() && n0 + nb > n_full;
+            gemm<acc_t, false, false>(mb, nbp, p.E, qb, Ep, kt + ((n0 - packed_base) / NR) * p.E * NR, p.E * NR, sb,
+                                      BNp);
+            const bool band_check = tiles.band_check(p, n0, nb);
             for (int64_t i = 0; i < mb; ++i) {
               acc_t* row = sb + i * BNp;
               scale_row(row, nbp, scale);
-              masker.apply(row, m0 + i, n0, nb, nbp, causal_check);
+              masker.apply(row, m0 + i, n0, nb, nbp, band_check);
               // std::max keeps a NaN m_i (its first argument): once NaN, a row stays NaN.
               acc_t m_new = std::max(m_i[i], cpu::row_max(row, nbp));
               if (m_new == neg_inf<acc_t>()) {
@@ -118,7 +115,7 @@ void forward_kernel(const AttentionParams& p, const Blocking& blk) {
                 at::vec::map([alpha](Vec<acc_t> x) { return x * Vec<acc_t>(alpha); }, orow, orow, Evp);
               }
             }
-            gemm<acc_t, false, true>(mb, Evp, nb, sb, BNp, vp + n0 * NR, packed_sp * NR, ob, Evp);
+            gemm<acc_t, false, true>(mb, Evp, nb, sb, BNp, vp + (n0 - packed_base) * NR, packed_sp * NR, ob, Evp);
           }
 
           scalar_t* o_rows = out + b * p.out_st.b + h * p.out_st.h + m0 * p.out_st.l;

@@ -16,10 +16,10 @@ void check_isa() {
 }
 
 void forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                 const std::optional<at::Tensor>& mask, double scale, int64_t causal, const at::Tensor& out,
+                 const std::optional<at::Tensor>& mask, double scale, at::IntArrayRef band, const at::Tensor& out,
                  const at::Tensor& lse, const at::Tensor& stats, const std::optional<at::Tensor>& out_lo) {
   check_isa();
-  const AttentionParams p = forward_params(q, k, v, mask, scale, causal, out, &lse, stats, out_lo);
+  const AttentionParams p = forward_params(q, k, v, mask, scale, band, out, &lse, stats, out_lo);
   if (p.B * p.Hq * p.L == 0) return;
   cpu::attention_forward(p, q.scalar_type());
 }
@@ -27,12 +27,12 @@ void forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 void backward_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
                   const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
                   const at::Tensor& out, const std::optional<at::Tensor>& out_lo, const at::Tensor& stats,
-                  double scale, int64_t causal,
+                  double scale, at::IntArrayRef band,
                   const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
                   const std::optional<at::Tensor>& dmask) {
   check_isa();
   const AttentionParams p =
-      backward_params(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, causal, dq, dk, dv, dmask);
+      backward_params(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, band, dq, dk, dv, dmask);
   if (p.B * p.Hkv * p.S == 0 && p.B * p.Hq * p.L == 0) return;
   cpu::attention_backward(p, q.scalar_type());
 }

@@ -356,15 +356,29 @@ inline void apply_mask_row(acc_t* row, const mask_t* m, int64_t stride, int64_t 
   }
 }
 
-// Masks known per row: the user mask (any kind/dtype, via params), the causal limit and the key bound.
+// The key tiles a block of query rows [m0, m0 + mb) visits, BN keys apart from n_begin (a multiple of
+// BN, so that packed panels stay aligned) to n_end, and which of them need the band compare: those not
+// inside [full_begin, full_end), the keys every row of the block sees.
+struct KeyTiles {
+  int64_t n_begin, n_end, full_begin, full_end;
+  KeyTiles(const AttentionParams& p, int64_t m0, int64_t mb, int64_t BN)
+      : n_begin(p.key_begin(m0) / BN * BN), n_end(p.key_end(m0 + mb)),
+        full_begin(p.full_key_begin(m0 + mb)), full_end(p.full_key_end(m0)) {}
+  bool band_check(const AttentionParams& p, int64_t n0, int64_t nb) const {
+    return p.banded() && (n0 < full_begin || n0 + nb > full_end);
+  }
+};
+
+// Masks known per row: the user mask (any kind/dtype, via params), the band (causal, window) and the key
+// bound.
 template <typename acc_t>
 struct RowMasker {
   const AttentionParams& p;
   int64_t b, h;
 
   // Scores row for query `qi` and keys [n0, n0 + nb), padded with -inf up to `padded`.
-  // `causal_check`: whether this tile may cross the diagonal.
-  inline void apply(acc_t* row, int64_t qi, int64_t n0, int64_t nb, int64_t padded, bool causal_check) const {
+  // `band_check`: whether this tile may cross an edge of the band (band_tile_check).
+  inline void apply(acc_t* row, int64_t qi, int64_t n0, int64_t nb, int64_t padded, bool band_check) const {
     if (p.mask_kind != MaskKind::kNone) {
       const int64_t off = b * p.mask_st.b + h * p.mask_st.h + qi * p.mask_st.l + n0 * p.mask_st.e;
       if (p.mask_kind == MaskKind::kBool) {
@@ -386,10 +400,12 @@ struct RowMasker {
         }
       }
     }
-    int64_t valid = nb;
-    if (causal_check) {  // key j (absolute n0 + j) visible iff n0 + j <= qi + offset
-      valid = std::clamp<int64_t>(qi + p.causal_offset - n0 + 1, 0, nb);
+    int64_t first = 0, valid = nb;  // the band's keys of this tile: [first, valid)
+    if (band_check) {  // key n0 + j visible iff qi + band_lo <= n0 + j <= qi + band_hi
+      if (p.has_right) valid = std::clamp<int64_t>(qi + p.band_hi - n0 + 1, 0, nb);
+      if (p.has_left) first = std::clamp<int64_t>(qi + p.band_lo - n0, 0, valid);
     }
+    fill(row, first, neg_inf<acc_t>());
     fill(row + valid, padded - valid, neg_inf<acc_t>());
   }
 };

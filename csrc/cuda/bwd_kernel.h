@@ -97,7 +97,9 @@ __global__ void attention_bwd_preprocess_kernel(const AttentionParams p, float* 
 }
 
 // ---------------------------------------------------------------------------------------------------
-template <typename Traits, bool kHasMask>
+// kLeft: whether the band may have a left bound (a sliding window); without one, the launch takes the
+// variant that does not test for it.
+template <typename Traits, bool kHasMask, bool kLeft>
 __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dkdv_kernel(const AttentionParams p,
                                                                               const float* delta) {
   using T = typename Traits::T;
@@ -120,17 +122,17 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dkdv_kernel(co
   const int64_t hk = blockIdx.y, b = blockIdx.z;
   const int n0 = n_block * kBN;
   const int col0 = split * kOT * 8;  // first dK/dV column of this CTA
-  const bool causal = p.causal != Causal::kNone;
 
   const T* k = static_cast<const T*>(p.k) + b * p.k_st.b + hk * p.k_st.h;
   const T* v = static_cast<const T*>(p.v) + b * p.v_st.b + hk * p.v_st.h;
   load_kv_async<KVTile, kThreads, kHD>(sK, sV, k, v, p, n0, p.S, tid);
   cp_async_commit();
 
-  // Query rows that see any key of this block: i + offset >= n0.
-  int m_lo = 0;
-  if (causal) m_lo = int(max(int64_t(n0) - p.causal_offset, int64_t(0)) / kBM * kBM);
-  const int m_tiles = m_lo < p.L ? int((p.L - m_lo + kBM - 1) / kBM) : 0;
+  // Query rows that see some key of this block (the band): [m_lo, m_hi), m_lo a multiple of kBM.
+  int m_lo = 0, m_hi = int(p.L);
+  if (p.has_right) m_lo = int(clamp64(int64_t(n0) - p.band_hi, 0, p.L)) / kBM * kBM;
+  if (kLeft && p.has_left) m_hi = int(clamp64(int64_t(n0) + kBN - p.band_lo, 0, p.L));
+  const int m_tiles = m_lo < m_hi ? (m_hi - m_lo + kBM - 1) / kBM : 0;
   const int n_iters = int(p.group) * m_tiles;  // (query head of the group, query tile) pairs
 
   float dk[kOT][4], dv[kOT][4];
@@ -182,7 +184,7 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dkdv_kernel(co
     warp_mma_abt<T, KVTile, QTile, kHD, kMT>(dp, sV, wrow, sdOs, lane);
 
     // P^T and dS^T in place (element (key, query)).
-    const bool check = true;  // bounds, causal and masks vary over queries: always mask here
+    const bool check = true;  // bounds, the band and masks vary over queries: always mask here
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int64_t key = n0 + wrow + g + 8 * r;
@@ -191,7 +193,7 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dkdv_kernel(co
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
           const int qi = j * 8 + 2 * t + c;
-          const float x = mask_score<kHasMask>(s[j][2 * r + c], m0 + qi, key, p, mask, check);
+          const float x = mask_score<kHasMask, kLeft>(s[j][2 * r + c], m0 + qi, key, p, mask, check);
           const float pv = fast_exp2((x - st[qi]) * kLog2e - st[kBM + qi]);
           s[j][2 * r + c] = pv;
           dp[j][2 * r + c] = pv * (dp[j][2 * r + c] - st[2 * kBM + qi]);
@@ -281,8 +283,7 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dq_kernel(cons
   T* sV = sK + 2 * KVTile::kElems;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane >> 2, t = lane & 3;
-  const bool causal = p.causal != Causal::kNone;
-  const int m_block = causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  const int m_block = p.has_right && !p.has_left ? gridDim.x - 1 - blockIdx.x : blockIdx.x;  // longest first
   const int64_t h = blockIdx.y, b = blockIdx.z, hk = h / p.group;
   const int m0 = m_block * kBM;
   const int wrow = warp * 16;
@@ -293,15 +294,15 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dq_kernel(cons
   const T* v = static_cast<const T*>(p.v) + b * p.v_st.b + hk * p.v_st.h;
   const MaskReader mask(p, b, h);
 
-  const KeyRange keys(p, m0, kBM);
-  const int n_end = keys.end, n_full = keys.full;
-  const int n_blocks = (n_end + kBN - 1) / kBN;
+  const KeyRange<true> keys(p, m0, kBM, kBN);
+  const int n_end = keys.end;
+  const int n_blocks = keys.begin < n_end ? (n_end - keys.begin + kBN - 1) / kBN : 0;  // tiles from keys.begin
 
   load_tile_async<QTile, kThreads, kHD>(sQ, q, p.q_st.l, int(p.L - m0), int(p.E), tid);
   load_tile_async<QTile, kThreads, kHD>(sdO, d, p.dout_st.l, int(p.L - m0), int(p.Ev), tid);
   cp_async_commit();
   if (n_blocks > 0) {
-    load_kv_async<KVTile, kThreads, kHD>(sK, sV, k, v, p, 0, n_end, tid);
+    load_kv_async<KVTile, kThreads, kHD>(sK, sV, k, v, p, keys.begin, n_end, tid);
   }
   cp_async_commit();
 
@@ -317,7 +318,7 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dq_kernel(cons
 
   for (int nb = 0; nb < n_blocks; ++nb) {
     const int stage = nb & 1;
-    const int n0 = nb * kBN;
+    const int n0 = keys.begin + nb * kBN;
     if (nb + 1 < n_blocks) {
       load_kv_async<KVTile, kThreads, kHD>(sK + (stage ^ 1) * KVTile::kElems, sV + (stage ^ 1) * KVTile::kElems, k,
                                            v, p, n0 + kBN, n_end, tid);
@@ -329,7 +330,7 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dq_kernel(cons
     const T* sVs = sV + stage * KVTile::kElems;
 
     float ds[kNT][4];
-    const bool check = n0 + kBN > p.S || (causal && n0 + kBN > n_full) || kHasMask;
+    const bool check = n0 + kBN > p.S || keys.check(p, n0, kBN) || kHasMask;
     compute_ds<Traits, kHasMask>(ds, sQ, sdO, sKs, sVs, wrow, lane, m0, n0, m, log2l, dl, check, p, mask);
 
     // dQ += dS K

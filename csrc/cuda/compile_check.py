@@ -48,8 +48,12 @@ def short_kernel_name(name: str) -> str:
     m = re.search(r"(attention_\w+_kernel)", name)
     if not m:
         return name[:60]
-    # The mask variant is the kernel template's last argument: "..., true>" = reads a user mask.
-    return m.group(1) + ("[mask]" if re.search(r"true>\(", name) else "")
+    # The variants are the kernel template's trailing bools: kHasMask (reads a user mask), then, for the
+    # forward and dK/dV passes, kLeft (the band may have a left bound: a sliding window).
+    flags = re.search(r"((?:, (?:true|false))+)>\(", name)
+    bools = [b.strip() == "true" for b in flags.group(1).split(",")[1:]] if flags else []
+    tags = [tag for tag, on in zip(("mask", "window"), bools) if on]
+    return m.group(1) + "".join(f"[{t}]" for t in tags)
 
 
 def parse_ptxas(text: str):

@@ -3,11 +3,11 @@
 // One CTA per (block of kBlockM query rows, query head, batch); warp w owns rows [16w, 16w + 16).
 // Q is loaded once into shared memory; K/V tiles of kBlockN keys stream through a two-stage cp.async
 // pipeline (the next tile loads while this one computes). Per tile, in registers:
-//     S = Q K^T (mma m16n8k16, fp32 accumulators); scale; user mask, causal diagonal, key bound
+//     S = Q K^T (mma m16n8k16, fp32 accumulators); scale; user mask, band (causal, window), key bound
 //     online softmax: row max m (natural units), P = 2^((S - m) log2 e), rescale O by 2^((m_old - m) log2 e)
 //     O += P V   (P reused from the S accumulators as the A operand, converted to T)
-// Causal problems stop at the block's diagonal; only tiles that cross it (or the key bound, or any
-// tile when there is a user mask) pay for per-element masking. Writes O, the lse and the per-row
+// Banded problems (causal, window) visit only the key tiles the block sees; only tiles that cross an
+// edge of the band (or the key bound, or any tile when there is a user mask) pay for per-element masking. Writes O, the lse and the per-row
 // statistics (row max, log2 denominator) the backward recomputes P from, and, when p.out_lo is set, the
 // output's rounding residual (for the backward's delta).
 #pragma once
@@ -18,7 +18,9 @@
 namespace attnkern {
 namespace cuda {
 
-template <typename Traits, bool kHasMask>
+// kLeft: whether the band may have a left bound (a sliding window); the launch takes the variant without
+// it otherwise (registers: see mask_score).
+template <typename Traits, bool kHasMask, bool kLeft>
 __global__ void __launch_bounds__(Traits::kThreads) attention_fwd_kernel(const AttentionParams p) {
   using T = typename Traits::T;
   using QTile = typename Traits::QTile;
@@ -34,9 +36,8 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_fwd_kernel(const A
   T* sV = sK + Traits::kStages * KVTile::kElems;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane >> 2, t = lane & 3;
-  const bool causal = p.causal != Causal::kNone;
-  // Causal: the longest rows (most key tiles) first, for a better tail across SMs.
-  const int m_block = causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  // Causal-like bands: the longest rows (most key tiles) first, for a better tail across SMs.
+  const int m_block = p.has_right && !p.has_left ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
   const int64_t h = blockIdx.y, b = blockIdx.z, hk = h / p.group;
   const int m0 = m_block * kBM;
 
@@ -45,14 +46,14 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_fwd_kernel(const A
   const T* v = static_cast<const T*>(p.v) + b * p.v_st.b + hk * p.v_st.h;
   const MaskReader mask(p, b, h);
 
-  const KeyRange keys(p, m0, kBM);
-  const int n_end = keys.end, n_full = keys.full;
-  const int n_blocks = (n_end + kBN - 1) / kBN;
+  const KeyRange<kLeft> keys(p, m0, kBM, kBN);
+  const int n_end = keys.end;
+  const int n_blocks = keys.begin < n_end ? (n_end - keys.begin + kBN - 1) / kBN : 0;  // tiles from keys.begin
 
   load_tile_async<QTile, kThreads, kHD>(sQ, q, p.q_st.l, int(p.L - m0), int(p.E), tid);
   cp_async_commit();
   if (n_blocks > 0) {
-    load_kv_async<KVTile, kThreads, kHD>(sK, sV, k, v, p, 0, n_end, tid);
+    load_kv_async<KVTile, kThreads, kHD>(sK, sV, k, v, p, keys.begin, n_end, tid);
   }
   cp_async_commit();
 
@@ -63,7 +64,7 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_fwd_kernel(const A
 
   for (int nb = 0; nb < n_blocks; ++nb) {
     const int stage = nb & 1;
-    const int n0 = nb * kBN;
+    const int n0 = keys.begin + nb * kBN;
     if (nb + 1 < n_blocks) {  // prefetch the next tile into the other stage
       load_kv_async<KVTile, kThreads, kHD>(sK + (stage ^ 1) * KVTile::kElems, sV + (stage ^ 1) * KVTile::kElems, k,
                                            v, p, n0 + kBN, n_end, tid);
@@ -80,7 +81,8 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_fwd_kernel(const A
     warp_mma_abt<T, QTile, KVTile, kHD, kNT>(s, sQ, wrow, sKs, lane);
 
     // Scale and mask, then the online softmax update of rows g and g + 8.
-    const bool check = n0 + kBN > p.S || (causal && n0 + kBN > n_full) || kHasMask;
+    // A window's tiles are mostly edge tiles: its variant masks every tile (one code path, fewer registers).
+    const bool check = kLeft || kHasMask || n0 + kBN > p.S || keys.check(p, n0, kBN);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int64_t i = m0 + wrow + g + 8 * r;
@@ -90,7 +92,7 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_fwd_kernel(const A
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
           float& x = s[j][2 * r + c];
-          x = mask_score<kHasMask>(x, i, n0 + j * 8 + 2 * t + c, p, mask, check);
+          x = mask_score<kHasMask, kLeft>(x, i, n0 + j * 8 + 2 * t + c, p, mask, check);
           mx = fmaxf(mx, x);
         }
       }

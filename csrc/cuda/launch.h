@@ -21,6 +21,8 @@ namespace cuda {
 template <typename T, int HD>
 struct FwdConfig {
   using Traits = FwdTraits<HD, (HD <= 64 ? 128 : (HD <= 128 ? 64 : 32)), 4, T>;
+  // A user mask and a window together: key tiles of 32 from head dim 128 on (the 64-key tiles spilled).
+  using MaskedWindow = FwdTraits<HD, (HD <= 64 ? 128 : (HD < 128 ? 64 : 32)), 4, T>;
 };
 
 // dK/dV: 4 warps (64 keys per CTA), query tiles of 64 rows up to head dim 64, else 32 (16 over head
@@ -116,12 +118,9 @@ cudaError_t for_batch_slices(const AttentionParams& p, float* delta, int64_t per
   return cudaSuccess;
 }
 
-template <typename T, int HD>
-cudaError_t run_attention_fwd(const AttentionParams& p, cudaStream_t stream) {
-  using Traits = typename FwdConfig<T, HD>::Traits;
-  // Two kernels: with and without the user-mask reads (the maskless one keeps fewer registers).
-  const bool has_mask = p.mask_kind != MaskKind::kNone;
-  auto kernel = has_mask ? attention_fwd_kernel<Traits, true> : attention_fwd_kernel<Traits, false>;
+// One forward launch of `kernel` (tiles of Traits), over batch slices as grid z allows.
+template <typename T, typename Traits, typename Kernel>
+cudaError_t launch_fwd(Kernel kernel, const AttentionParams& p, cudaStream_t stream) {
   cudaError_t err = allow_smem(kernel, Traits::kSmemBytes);
   if (err != cudaSuccess) return err;
   if (p.L * p.Hq * p.B == 0) return cudaSuccess;  // nothing to compute (a launch would fail)
@@ -132,9 +131,22 @@ cudaError_t run_attention_fwd(const AttentionParams& p, cudaStream_t stream) {
   });
 }
 
-template <typename Traits, bool kHasMask>
+template <typename T, int HD>
+cudaError_t run_attention_fwd(const AttentionParams& p, cudaStream_t stream) {
+  using Traits = typename FwdConfig<T, HD>::Traits;
+  using MaskedWindow = typename FwdConfig<T, HD>::MaskedWindow;
+  // Four kernels: with and without the user-mask reads, with and without a window's left bound (each
+  // costs registers the others keep).
+  const bool has_mask = p.mask_kind != MaskKind::kNone;
+  if (has_mask && p.has_left) return launch_fwd<T, MaskedWindow>(attention_fwd_kernel<MaskedWindow, true, true>, p, stream);
+  if (has_mask) return launch_fwd<T, Traits>(attention_fwd_kernel<Traits, true, false>, p, stream);
+  if (p.has_left) return launch_fwd<T, Traits>(attention_fwd_kernel<Traits, false, true>, p, stream);
+  return launch_fwd<T, Traits>(attention_fwd_kernel<Traits, false, false>, p, stream);
+}
+
+template <typename Traits, bool kHasMask, bool kLeft>
 cudaError_t launch_dkdv(const AttentionParams& p, const float* delta, cudaStream_t stream) {
-  auto kernel = attention_bwd_dkdv_kernel<Traits, kHasMask>;
+  auto kernel = attention_bwd_dkdv_kernel<Traits, kHasMask, kLeft>;
   cudaError_t err = allow_smem(kernel, Traits::kSmemBytes);
   if (err != cudaSuccess) return err;
   const dim3 grid(unsigned((p.S + Traits::kBlockN - 1) / Traits::kBlockN * Traits::kSplit), unsigned(p.Hkv),
@@ -160,8 +172,12 @@ cudaError_t run_attention_bwd(const AttentionParams& p, float* delta, cudaStream
       if ((e = cudaGetLastError()) != cudaSuccess) return e;
     }
     if (s.S > 0) {  // with no query rows it writes zeros
-      e = has_mask ? launch_dkdv<typename BwdConfig<T, HD>::DkDvMasked, true>(s, d, stream)
-                   : launch_dkdv<DkDv, false>(s, d, stream);
+      // A user mask or a window's left bound costs the per-element reads/compares registers: those
+      // launches take the masked tiling (the column split from head dim 128 on).
+      using DkDvMasked = typename BwdConfig<T, HD>::DkDvMasked;
+      e = has_mask ? launch_dkdv<DkDvMasked, true, true>(s, d, stream)
+          : s.has_left ? launch_dkdv<DkDvMasked, false, true>(s, d, stream)
+                       : launch_dkdv<DkDv, false, false>(s, d, stream);
       if (e != cudaSuccess) return e;
     }
     if (s.L > 0) {  // with no keys it writes zeros

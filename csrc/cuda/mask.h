@@ -1,4 +1,4 @@
-// Scaling and masking of score fragments: the user mask, the causal diagonal and the key bound.
+// Scaling and masking of score fragments: the user mask, the band (causal, window) and the key bound.
 #pragma once
 
 #include <math.h>
@@ -50,15 +50,29 @@ struct MaskReader {
   }
 };
 
-// The keys a block of query rows [m0, m0 + rows) sees: [0, end); the keys every one of its rows
-// sees: [0, full) (tiles past `full` need per-element causal masking).
+__device__ __forceinline__ int64_t clamp64(int64_t x, int64_t lo, int64_t hi) { return min(max(x, lo), hi); }
+
+// The key tiles a block of query rows [m0, m0 + rows) visits: `tile` keys each from `begin` (a multiple of
+// `tile`) to `end`. Tiles inside [full_begin, full_end), keys every row sees, need no per-element band
+// compare (check()). kLeft: whether the band may have a left bound (a window); without one, begin and
+// full_begin are the constant 0 and cost no register.
+template <bool kLeft>
 struct KeyRange {
-  int end, full;
-  __device__ __forceinline__ KeyRange(const AttentionParams& p, int64_t m0, int rows) : end(int(p.S)), full(int(p.S)) {
-    if (p.causal != Causal::kNone) {
-      end = int(min(max(m0 + rows + p.causal_offset, int64_t(0)), p.S));
-      full = int(min(max(m0 + p.causal_offset + 1, int64_t(0)), p.S));
+  int begin, end, full_begin, full_end;
+  __device__ __forceinline__ KeyRange(const AttentionParams& p, int64_t m0, int rows, int tile)
+      : begin(0), end(int(p.S)), full_begin(0), full_end(int(p.S)) {
+    const int64_t last = m0 + rows - 1;
+    if (p.has_right) {
+      end = int(clamp64(last + p.band_hi + 1, 0, p.S));
+      full_end = int(clamp64(m0 + p.band_hi + 1, 0, p.S));
     }
+    if (kLeft && p.has_left) {
+      begin = int(clamp64(m0 + p.band_lo, 0, p.S)) / tile * tile;
+      full_begin = int(clamp64(last + p.band_lo, 0, p.S));
+    }
+  }
+  __device__ __forceinline__ bool check(const AttentionParams& p, int n0, int n) const {
+    return p.has_right && n0 + n > full_end || kLeft && p.has_left && n0 < full_begin;
   }
 };
 
@@ -72,14 +86,17 @@ __device__ __forceinline__ void load_kv_async(T* sK, T* sV, const T* k, const T*
 }
 
 // One score element: scale it, add the mask, and send it to -inf where the key is out of range or
-// past the causal diagonal. (i, j): query row and key column, absolute. kHasMask is a template
-// argument so that kernels without a user mask carry none of the mask-reading code (registers).
-template <bool kHasMask>
+// outside the band. (i, j): query row and key column, absolute. kHasMask is a template argument so that
+// kernels without a user mask carry none of the mask-reading code (registers); kLeft likewise drops the
+// band's left bound for the one launch that cannot have it (the dK/dV pass without a window, whose
+// registers at head dim 128 are exactly used up).
+template <bool kHasMask, bool kLeft = true>
 __device__ __forceinline__ float mask_score(float s, int64_t i, int64_t j, const AttentionParams& p,
                                            const MaskReader& mask, bool check) {
   float x = s * static_cast<float>(p.scale);
   if (!check) return x;
-  if (j >= p.S || (p.causal != Causal::kNone && j > i + p.causal_offset)) return kNegInf;
+  if (j >= p.S || (p.has_right && j > i + p.band_hi)) return kNegInf;
+  if (kLeft && p.has_left && j < i + p.band_lo) return kNegInf;
   if (kHasMask && i < p.L) x += mask.at(i, j);
   return x;
 }

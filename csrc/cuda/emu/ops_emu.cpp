@@ -85,9 +85,9 @@ cudaError_t run_bwd(int hd, const AttentionParams& p, float* delta) {
 }
 
 void forward_emu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
-                 double scale, int64_t causal, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& stats,
+                 double scale, at::IntArrayRef band, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& stats,
                  const std::optional<at::Tensor>& out_lo) {
-  const AttentionParams p = forward_params(q, k, v, mask, scale, causal, out, &lse, stats, out_lo);
+  const AttentionParams p = forward_params(q, k, v, mask, scale, band, out, &lse, stats, out_lo);
   check_problem(p, q);
   check_layout(q, "query"), check_layout(k, "key"), check_layout(v, "value"), check_layout(out, "out");
   if (p.out_lo) check_layout(*out_lo, "out_lo");
@@ -102,10 +102,10 @@ void forward_emu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
 void backward_emu(const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
                   const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
                   const at::Tensor& out, const std::optional<at::Tensor>& out_lo, const at::Tensor& stats,
-                  double scale, int64_t causal, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
+                  double scale, at::IntArrayRef band, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
                   const std::optional<at::Tensor>& dmask) {
   const AttentionParams p =
-      backward_params(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, causal, dq, dk, dv, dmask);
+      backward_params(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, band, dq, dk, dv, dmask);
   check_problem(p, q);
   check_layout(q, "query"), check_layout(k, "key"), check_layout(v, "value"), check_layout(out, "out");
   if (p.out_lo) check_layout(*out_lo, "out_lo");

@@ -96,9 +96,9 @@ def _dkdv_tile(
 
 
 @triton.autotune(
-    configs=configs.configs_for(configs.BWD_CONFIGS),
+    configs=configs.configs_for(configs.DKDV_CONFIGS),
     key=["L_BUCKET", "S_BUCKET", "E", "EV", "MASK_KIND", "IS_CAUSAL", "PRECISION"],
-    prune_configs_by={"early_config_prune": configs.prune},
+    prune_configs_by={"early_config_prune": configs.prune_dkdv},
 )
 @triton.heuristics({
     "EVEN_M": lambda a: a["L"] % a["BLOCK_M"] == 0,
@@ -206,9 +206,9 @@ def _dq_tile(
 
 
 @triton.autotune(
-    configs=configs.configs_for(configs.BWD_CONFIGS),
+    configs=configs.configs_for(configs.DQ_CONFIGS),
     key=["L_BUCKET", "S_BUCKET", "E", "EV", "MASK_KIND", "IS_CAUSAL", "PRECISION"],
-    prune_configs_by={"early_config_prune": configs.prune},
+    prune_configs_by={"early_config_prune": configs.prune_dq},
 )
 @triton.heuristics({
     "EVEN_M": lambda a: a["L"] % a["BLOCK_M"] == 0,
@@ -398,12 +398,12 @@ def _attn_bwd_dmask_kernel(
 
 
 def dmask_blocks(E: int, Ev: int, dtype):
-    """(BLOCK_M, BLOCK_N, warps) of the dMask kernel: the first backward config of the head dim and
-    dtype (not autotuned: it runs only for learned masks, once per backward)."""
+    """(BLOCK_M, BLOCK_N, warps, stages) of the dMask kernel: its config for the head dim, dtype and GPU
+    (configs.dmask_config; not autotuned: it runs only for learned masks, once per backward)."""
     if configs.INTERPRET:
-        return configs.INTERPRET_BLOCK, configs.INTERPRET_BLOCK, 4
-    c = configs.first_config(configs.BWD_CONFIGS, max(configs.head_block(E), configs.head_block(Ev)), dtype)
-    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps
+        return configs.INTERPRET_BLOCK, configs.INTERPRET_BLOCK, 4, 1
+    c = configs.dmask_config(max(configs.head_block(E), configs.head_block(Ev)), dtype)
+    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
 
 
 def attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale: float, causal: int, mask_grad: bool):
@@ -448,7 +448,7 @@ def attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale: flo
     if mask_grad:
         Bm, Hm, Lm, Sm = mask.shape
         sum_b, sum_h, sum_l, sum_s = Bm == 1 and B > 1, Hm == 1 and H > 1, Lm == 1 and L > 1, Sm == 1 and S > 1
-        bm_, bn_, warps = dmask_blocks(E, Ev, q.dtype)
+        bm_, bn_, warps, stages = dmask_blocks(E, Ev, q.dtype)
         dm = new_mask_grad(mask)
         grid = (1 if sum_l else triton.cdiv(L, bm_), 1 if sum_s else triton.cdiv(S, bn_), Bm * Hm)
         _attn_bwd_dmask_kernel[grid](
@@ -458,7 +458,7 @@ def attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale: flo
             E=E, EV=Ev, BLOCK_E=block_e, BLOCK_EV=block_ev, IS_CAUSAL=is_causal, PRECISION=precision,
             HAS_DLSE=dlse is not None,
             SUM_B=sum_b, SUM_H=sum_h, SUM_L=sum_l, SUM_S=sum_s, BLOCK_M=bm_, BLOCK_N=bn_, I64=i64,
-            num_warps=warps,
+            num_warps=warps, num_stages=stages,
         )
         dmask = dm.to(mask.dtype)
     return dq, dk, dv, dmask

@@ -18,7 +18,8 @@ nothing of shared memory, registers, spills or how the tensor cores are used. Th
   kernel launched without autotuning compiles with the options of its launch (num_stages defaults as
   Triton's launch defaults it).
 
-Per compiled kernel it records shared memory (Triton's metadata), registers and spills (`ptxas -v`),
+Per compiled kernel it records shared memory (Triton's metadata), registers and spills (the `-v` log of
+the ptxas run that makes the cubin, with Triton's own ptxas options),
 and the main-loop figures of attnkern.asm_stats (MMA work over useful work, exps per score, shared
 loads per MMA, asynchronous tile loads). TRITON_INTERPRET must be unset.
 """
@@ -26,13 +27,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import re
-import shutil
-import subprocess
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -238,33 +237,26 @@ def _autotune_on():
             os.environ["ATTNKERN_AUTOTUNE"] = saved
 
 
-def _ptxas(arch: int) -> Optional[str]:
-    """The ptxas Triton itself assembles with for `arch` (its PTX may be newer than the system's)."""
+def _assembled(source: ASTSource, target: GPUTarget, options: dict):
+    """triton.compile, forced to assemble afresh with Triton's own ptxas run's log captured (its
+    -v output: the registers and spills of the cubin that launches, under the options Triton passes)."""
+    log = io.StringIO()
+    knobs = triton.knobs
+    saved = knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile
+    knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = True, True
     try:
-        from triton.backends.nvidia.compiler import get_ptxas
-
-        return get_ptxas(arch).path
-    except Exception:
-        return shutil.which("ptxas")
-
-
-def ptxas_stats(ptx: str, arch: int) -> Tuple[int, int]:
-    """(registers, spill bytes) of the kernel in `ptx`, from ptxas -v; (-1, -1) if ptxas is unusable."""
-    exe = _ptxas(arch)
-    if exe is None:
-        return -1, -1
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(ptx)
-    try:
-        gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-        res = subprocess.run([exe, "-v", f"--gpu-name={gpu}", f.name, "-o", os.devnull],
-                             capture_output=True, text=True)
+        with contextlib.redirect_stdout(log):
+            k = triton.compile(source, target=target, options=options)
     finally:
-        os.unlink(f.name)
-    text = res.stdout + res.stderr
-    regs = re.search(r"Used (\d+) registers", text)
-    spills = re.findall(r"(\d+) bytes spill stores", text)
-    if res.returncode != 0 or not regs:
+        knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = saved
+    return k, log.getvalue()
+
+
+def ptxas_figures(log: str) -> Tuple[int, int]:
+    """(registers, spill-store bytes) from a ptxas -v log; (-1, -1) if it has none."""
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.findall(r"(\d+) bytes spill stores", log)
+    if not regs:
         return -1, -1
     return int(regs.group(1)), sum(int(s) for s in spills)
 
@@ -316,13 +308,13 @@ def compile_choice(entry: KernelEntry, launch: Launch, c: Choice, arch: int, bas
         binder = create_function_from_signature(fn.signature, fn.params, backend)
         bound, spec, options = binder(*launch.args, **kwargs)
         options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, options)
-        k = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+        k, log = _assembled(ASTSource(fn, signature, constexprs, attrs), target, options.__dict__)
     except Exception as exc:  # report, don't stop: the point is the whole list
         rec.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"
         return rec
     rec.smem_bytes = int(k.metadata.shared)
     ptx = k.asm["ptx"]
-    rec.registers, rec.spill_bytes = ptxas_stats(ptx, arch)
+    rec.registers, rec.spill_bytes = ptxas_figures(log)
     blocks = {"M": meta["BLOCK_M"], "N": meta["BLOCK_N"], "E": meta["BLOCK_E"], "EV": meta["BLOCK_EV"]}
     passes = 3 if meta.get("PRECISION") == "tf32x3" else 1
     eff = asm_stats.efficiency(ptx, c.num_warps, entry.useful_macs(blocks) * passes, blocks["M"] * blocks["N"])

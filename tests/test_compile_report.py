@@ -91,7 +91,8 @@ def test_every_tier_keeps_a_config_on_every_target(name, rows, arch):
     for tier in configs.TIERS:
         for cls in ("half", "fp32"):
             kept = [c for c in getattr(configs, name) if c.attnkern_tier == (tier, cls)
-                    and configs.kept_on(c, arch) and configs.chained_rows_ok(rows(c), c.num_warps, arch)]
+                    and configs.kept_on(c, arch)
+                    and configs.chained_rows_ok(rows(c), c.num_warps, arch, c.attnkern_small_ok)]
             assert kept, (name, tier, cls, arch)
 
 
@@ -100,6 +101,7 @@ def test_chained_rows_rule():
     assert not configs.chained_rows_ok(64, 8, 90)  # two warpgroups on one 64-row tile
     assert not configs.chained_rows_ok(32, 2, 90)  # below a wgmma tile
     assert configs.chained_rows_ok(32, 2, 80) and not configs.chained_rows_ok(32, 4, 80)
+    assert configs.chained_rows_ok(32, 2, 90, small_ok=True) and not configs.chained_rows_ok(32, 4, 90, True)
 
 
 def test_dmask_config_follows_the_target():
@@ -107,5 +109,9 @@ def test_dmask_config_follows_the_target():
         c90 = configs.dmask_config(256, "float32")
     with configs.for_target(86):
         c86 = configs.dmask_config(256, "float32")
-    assert c90.kwargs["BLOCK_M"] >= 64 and c90.num_warps == 4
-    assert c86.kwargs["BLOCK_M"] == 32 and c86.num_warps == 2
+    with configs.for_target(90):
+        h90 = configs.dmask_config(128, "float16")
+    with configs.for_target(86):
+        h86 = configs.dmask_config(128, "float16")
+    assert (c90.kwargs, c90.num_warps) == (c86.kwargs, c86.num_warps)  # no 64-row tile fits at 256 fp32
+    assert h90.kwargs["BLOCK_M"] >= 64 and h86.kwargs["BLOCK_M"] >= 16 * h86.num_warps

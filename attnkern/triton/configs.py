@@ -1,9 +1,9 @@
 """Block sizes, warps and stages per head dim and dtype, and when to autotune.
 
-On a GPU each kernel autotunes over a short list of configs that fit the head dim (pruned before any
-benchmarking), keyed by power-of-two length buckets so a training run with varying lengths does not
-re-tune at every new length. ATTNKERN_AUTOTUNE=0 takes the first (heuristic) config instead, which is
-what the test suite does. Under TRITON_INTERPRET=1 (no GPU) there is exactly one config: the
+On a GPU each kernel autotunes over a short list of configs that fit the head dim and the GPU (pruned
+before any benchmarking: see pruner), keyed by power-of-two length buckets so a training run with
+varying lengths does not re-tune at every new length. ATTNKERN_AUTOTUNE=0 takes the first config the
+prune keeps instead, which is what the test suite does. Under TRITON_INTERPRET=1 (no GPU) there is exactly one config: the
 interpreter cannot benchmark, and larger tiles mean fewer, faster interpreted programs.
 """
 from __future__ import annotations
@@ -31,15 +31,21 @@ def head_block(e: int) -> int:
     return max(16, triton.next_power_of_2(int(e)))
 
 
+# Config flags (a spec's fifth element).
+SM90_ONLY = "sm90-only"  # kept off older GPUs, where it spills or does not fit
+MMA_SYNC_OK = "mma.sync-ok"  # allowed below 64 rows on sm_90: no 64-row tile fits its shared memory
+
+
 def _tier(tier: int, dtype_class: str, *specs):
-    """Configs (BLOCK_M, BLOCK_N, warps, stages[, min_arch]) for padded head dims in (previous tier, tier]
+    """Configs (BLOCK_M, BLOCK_N, warps, stages[, flag]) for padded head dims in (previous tier, tier]
     and one dtype class ("half": fp16/bf16; "fp32": operands twice the size, three tf32 products per
-    dot). min_arch (e.g. 90) keeps a config off older GPUs, where it spills or does not fit."""
+    dot)."""
     out = []
-    for bm, bn, warps, stages, *min_arch in specs:
+    for bm, bn, warps, stages, *flag in specs:
         c = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
         c.attnkern_tier = (tier, dtype_class)
-        c.attnkern_min_arch = min_arch[0] if min_arch else 0
+        c.attnkern_min_arch = 90 if SM90_ONLY in flag else 0
+        c.attnkern_small_ok = MMA_SYNC_OK in flag
         out.append(c)
     return out
 
@@ -58,10 +64,10 @@ TIERS = (64, 128, 256)
 # Forward: one program owns BLOCK_M query rows and streams K/V tiles of BLOCK_N keys.
 FWD_CONFIGS = (
     _tier(64, "half", (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4))
-    + _tier(128, "half", (128, 64, 8, 3), (128, 128, 8, 2, 90), (64, 64, 4, 3))
+    + _tier(128, "half", (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2, SM90_ONLY), (64, 64, 4, 3))
     + _tier(256, "half", (64, 32, 4, 2), (64, 64, 4, 2), (32, 32, 2, 2))
     + _tier(64, "fp32", (64, 64, 4, 2), (64, 32, 4, 2), (32, 64, 2, 2))
-    + _tier(128, "fp32", (64, 32, 4, 2), (64, 64, 4, 2), (32, 32, 2, 2))
+    + _tier(128, "fp32", (32, 32, 2, 2), (64, 32, 4, 2), (64, 64, 4, 2))
     + _tier(256, "fp32", (32, 32, 2, 1), (64, 32, 4, 1), (16, 32, 1, 1))
 )
 # Backward dK/dV: one program owns BLOCK_N keys and streams query tiles of BLOCK_M rows.
@@ -71,16 +77,16 @@ DKDV_CONFIGS = (
     + _tier(256, "half", (32, 32, 2, 1), (64, 64, 4, 1), (16, 16, 1, 1))
     + _tier(64, "fp32", (32, 32, 2, 2), (64, 64, 4, 1), (32, 32, 2, 1))
     + _tier(128, "fp32", (32, 32, 2, 1), (64, 64, 4, 1), (16, 32, 1, 1))
-    + _tier(256, "fp32", (16, 16, 1, 1), (32, 32, 2, 1), (64, 64, 4, 1))
+    + _tier(256, "fp32", (16, 16, 1, 1, MMA_SYNC_OK), (32, 32, 2, 1, MMA_SYNC_OK))
 )
 # Backward dQ: one program owns BLOCK_M query rows and streams key tiles of BLOCK_N.
 DQ_CONFIGS = (
-    _tier(64, "half", (64, 32, 4, 3), (128, 32, 8, 2), (64, 64, 4, 3, 90), (128, 64, 8, 2, 90))
-    + _tier(128, "half", (64, 32, 4, 3), (64, 32, 4, 2), (64, 64, 4, 2, 90), (128, 64, 8, 2, 90))
+    _tier(64, "half", (64, 32, 4, 3), (128, 32, 8, 2), (64, 64, 4, 3, SM90_ONLY), (128, 64, 8, 2, SM90_ONLY))
+    + _tier(128, "half", (64, 32, 4, 3), (64, 32, 4, 2), (64, 64, 4, 2, SM90_ONLY), (128, 64, 8, 2, SM90_ONLY))
     + _tier(256, "half", (32, 32, 2, 1), (64, 32, 4, 1), (16, 32, 1, 1))
     + _tier(64, "fp32", (64, 32, 4, 2), (32, 32, 2, 2), (64, 64, 4, 1))
     + _tier(128, "fp32", (32, 32, 2, 1), (64, 32, 4, 1), (16, 32, 1, 1))
-    + _tier(256, "fp32", (16, 16, 1, 1), (32, 32, 2, 1), (64, 32, 4, 1))
+    + _tier(256, "fp32", (16, 16, 1, 1, MMA_SYNC_OK), (32, 32, 2, 1, MMA_SYNC_OK))
 )
 # The mask-gradient pass: not autotuned (it runs only for learned masks, once per backward); it takes
 # the first config of its tier that the target keeps (dmask_config).
@@ -90,7 +96,7 @@ DMASK_CONFIGS = (
     + _tier(256, "half", (32, 32, 2, 1), (64, 32, 4, 1))
     + _tier(64, "fp32", (64, 32, 4, 2), (32, 32, 2, 2))
     + _tier(128, "fp32", (32, 32, 2, 1), (64, 32, 4, 1))
-    + _tier(256, "fp32", (32, 16, 2, 1), (64, 16, 4, 1))
+    + _tier(256, "fp32", (16, 16, 1, 1, MMA_SYNC_OK), (32, 16, 2, 1, MMA_SYNC_OK))
 )
 
 
@@ -135,12 +141,13 @@ def target_arch() -> Optional[int]:
     return arch if isinstance(arch, int) else None
 
 
-def chained_rows_ok(rows: int, num_warps: int, arch: Optional[int]) -> bool:
+def chained_rows_ok(rows: int, num_warps: int, arch: Optional[int], small_ok: bool = False) -> bool:
     """Whether a chain of dots with `rows` rows (M) runs on `num_warps` warps without duplicated work.
     Triton lays chained dots out with every warp along M: each warp needs 16 rows of its own (an
     mma.sync tile), and on sm_90 each warpgroup 64 (a wgmma tile; below that Triton falls back to
-    mma.sync, or two warpgroups compute the same rows)."""
-    return rows >= 16 * num_warps and (arch is None or arch < 90 or rows >= 64)
+    mma.sync, or two warpgroups compute the same rows). small_ok (MMA_SYNC_OK configs) accepts the
+    mma.sync fallback on sm_90 where no 64-row tile fits."""
+    return rows >= 16 * num_warps and (arch is None or arch < 90 or rows >= 64 or small_ok)
 
 
 def pruner(chained_rows):
@@ -154,7 +161,8 @@ def pruner(chained_rows):
         key = (tier_of(max(args["BLOCK_E"], args["BLOCK_EV"])), dtype_class(args["Q"].dtype))
         arch = target_arch()
         fitting = [c for c in configs if getattr(c, "attnkern_tier", key) == key and kept_on(c, arch)
-                   and (not _duplication_rule or chained_rows_ok(chained_rows(c), c.num_warps, arch))]
+                   and (not _duplication_rule or chained_rows_ok(chained_rows(c), c.num_warps, arch,
+                                                                 getattr(c, "attnkern_small_ok", False)))]
         return fitting if autotune_enabled() else fitting[:1]
     return prune
 
@@ -178,4 +186,4 @@ def dmask_config(e: int, dtype):
     key = (tier_of(e), dtype_class(dtype))
     arch = target_arch()
     return next(c for c in DMASK_CONFIGS if c.attnkern_tier == key and kept_on(c, arch)
-                and chained_rows_ok(c.kwargs["BLOCK_M"], c.num_warps, arch))
+                and chained_rows_ok(c.kwargs["BLOCK_M"], c.num_warps, arch, c.attnkern_small_ok))

@@ -3,7 +3,8 @@
 Triton kernels: attnkern.triton.compile_check compiles every kernel as a call launches it, for every
 config its autotuner can choose on sm_80, sm_86 and sm_90 (registers, spills, shared memory, and the
 main-loop figures of attnkern.asm_stats). CUDA kernels (a source checkout with nvcc): every unit of
-csrc/cuda/inst through nvcc with `ptxas -v` (registers, spills, static shared memory).
+csrc/cuda/inst through nvcc with `ptxas -v` (registers, spills, static shared memory: their tiles live
+in dynamic shared memory sized at launch, which ptxas does not see; no main-loop figures yet).
 
 A record breaks a rule (exit status 1) when, for a config the target can choose:
 - it does not compile, or its autotuner's prune leaves a call no config;

@@ -1,7 +1,7 @@
 """Compile the Triton kernels for a GPU target without a GPU, exactly as a call would launch them.
 
     python -m attnkern.triton.compile_check [--arch 90 86 80] [--ci] [--json out.json]
-    (`attnkern compile-report` prints the same records with the CUDA kernels' and checks them)
+    (the Triton part of `attnkern compile-report`, which adds the CUDA kernels; same rules)
 
 The Triton interpreter (what the CPU test suite runs) accepts code the GPU compiler rejects, and says
 nothing of shared memory, registers, spills or how the tensor cores are used. This compiles what runs:
@@ -19,9 +19,9 @@ nothing of shared memory, registers, spills or how the tensor cores are used. Th
   Triton's launch defaults it).
 
 Per compiled kernel it records shared memory (Triton's metadata), registers and spills (the `-v` log of
-the ptxas run that makes the cubin, with Triton's own ptxas options),
-and the main-loop figures of attnkern.asm_stats (MMA work over useful work, exps per score, shared
-loads per MMA, asynchronous tile loads). TRITON_INTERPRET must be unset.
+the ptxas run that makes the cubin, with Triton's own ptxas options), and the main-loop figures of
+attnkern.asm_stats (MMA work over useful work, exps per score, shared loads per MMA, asynchronous tile
+loads). Adding a kernel to the report is one KernelEntry in KERNELS. TRITON_INTERPRET must be unset.
 """
 from __future__ import annotations
 

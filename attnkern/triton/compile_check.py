@@ -93,7 +93,8 @@ Products = Tuple[Tuple[str, str, str], ...]
 class KernelEntry:
     """One Triton kernel of the report. `attr` names the kernel in attnkern.triton.forward/backward
     (its launch is recorded under that name); `products` are the main loop's matrix products;
-    `residual`/`mask_grad` say which call launches it (training forward; learned-mask backward)."""
+    `residual`/`mask_grad`/`deterministic` say which call launches it (training forward; learned-mask
+    backward; the backward under torch.use_deterministic_algorithms, or None: either way)."""
 
     name: str
     attr: str
@@ -101,6 +102,7 @@ class KernelEntry:
     residual: bool = False
     mask_grad: bool = False
     in_grid: bool = True  # run by the benchmark grid's calls
+    deterministic: Optional[bool] = None
 
     def useful_macs(self, blocks: Dict[str, int]) -> int:
         return sum(blocks[a] * blocks[b] * blocks[c] for a, b, c in self.products)
@@ -152,7 +154,19 @@ def _recording(launches: Dict[str, Launch]):
             setattr(mod, name, obj)
 
 
-def record_launches(p: Problem, residual: bool, mask_grad: bool) -> Dict[str, Launch]:
+@contextlib.contextmanager
+def _deterministic(mode: Optional[bool]):
+    saved = torch.are_deterministic_algorithms_enabled()
+    if mode is not None:
+        torch.use_deterministic_algorithms(mode)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved)
+
+
+def record_launches(p: Problem, residual: bool, mask_grad: bool,
+                    deterministic: Optional[bool] = None) -> Dict[str, Launch]:
     """The launches of one forward and one backward call of problem `p`, by kernel attribute name."""
     torch.manual_seed(0)
     B, H, L, E = 2, 2, p.length, p.head_dim
@@ -165,7 +179,7 @@ def record_launches(p: Problem, residual: bool, mask_grad: bool) -> Dict[str, La
         mask = torch.zeros(1, H, L, L, dtype=dt)
     causal = 1 if p.causal else 0  # masks.causal_offset's top-left alignment; L = S either way
     launches: Dict[str, Launch] = {}
-    with _recording(launches):
+    with _recording(launches), _deterministic(deterministic):
         out, lse, stats, out_lo = forward.attention_forward(q, k, v, mask, 0.125, causal, residual)
         backward.attention_backward(torch.randn_like(out), None, q, k, v, mask, out, out_lo, stats, 0.125,
                                     causal, mask_grad)
@@ -278,7 +292,7 @@ def run_job(job: Job) -> List[Record]:
     """Compile every choice of one kernel's launch for one problem and target."""
     entry = KERNEL_BY_NAME[job.kernel]
     with configs.for_target(job.arch):  # launch code that picks a config per GPU picks it for this one
-        launches = record_launches(job.problem, entry.residual, entry.mask_grad)
+        launches = record_launches(job.problem, entry.residual, entry.mask_grad, entry.deterministic)
     launch = launches.get(entry.attr)
     base = dict(backend="triton", kernel=entry.name, target=f"sm_{job.arch}", problem=job.problem.label(),
                 in_grid=entry.in_grid and job.problem.in_grid())

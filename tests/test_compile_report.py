@@ -115,3 +115,29 @@ def test_dmask_config_follows_the_target():
         h86 = configs.dmask_config(128, "float16")
     assert (c90.kwargs, c90.num_warps) == (c86.kwargs, c86.num_warps)  # no 64-row tile fits at 256 fp32
     assert h90.kwargs["BLOCK_M"] >= 64 and h86.kwargs["BLOCK_M"] >= 16 * h86.num_warps
+
+
+def test_cli_checks_saved_records(tmp_path, capsys):
+    import json
+    from dataclasses import asdict
+
+    from attnkern import cli
+
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps([asdict(_record())]))
+    assert cli.main(["compile-report", "--from-json", str(path)]) == 0
+    assert "1 records, 0 violations" in capsys.readouterr().out
+    path.write_text(json.dumps([asdict(_record()), asdict(_record(kernel="fwd", mma_efficiency=1.5))]))
+    assert cli.main(["compile-report", "--from-json", str(path), "--markdown"]) == 1
+    out = capsys.readouterr().out
+    assert "| triton | fwd |" in out and "VIOLATION triton fwd sm_90" in out
+
+
+def test_cli_refuses_the_interpreter_and_bad_flags(capsys):
+    from attnkern import cli
+
+    assert cli.main(["compile-report"]) == 2  # the test suite runs with TRITON_INTERPRET=1
+    assert "TRITON_INTERPRET" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["compile-report", "--backend", "rocm"])
+    assert exc.value.code == 2 and "--backend" in capsys.readouterr().err

@@ -32,8 +32,8 @@ import json
 import os
 import re
 import sys
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Tuple
 
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     sys.exit("compile_check: unset TRITON_INTERPRET (kernels decorated for the interpreter cannot compile)")
@@ -405,7 +405,7 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--json", help="write the records here")
     args = ap.parse_args(argv)
-    from ..compile_report import failures, print_table, violations  # noqa: F811
+    from ..compile_report import failures, print_table, violations
 
     jobs = ci_jobs() if args.ci else jobs_for(default_problems(), args.arch, args.kernel, args.include_pruned)
     records = run_jobs(jobs, args.jobs)

@@ -2,6 +2,7 @@
 
     attnkern bench          attention throughput over sequence lengths (attnkern/bench/)
     attnkern check-grads    outputs and gradients against the float64 reference (attnkern/check_grads.py)
+    attnkern compile-report what the GPU kernels compile to, checked without a GPU (attnkern/compile_report.py)
     attnkern selfcheck      check this install on this machine (attnkern/selfcheck.py); the default
 """
 from __future__ import annotations
@@ -10,7 +11,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from . import check_grads, selfcheck
+from . import check_grads, compile_report, selfcheck
 from .bench import command as bench_command
 
 
@@ -27,6 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
                            description=check_grads.__doc__.split("\n\n")[0])
     check_grads.add_arguments(grads)
     grads.set_defaults(handler=check_grads.run, command_parser=grads)
+    report = sub.add_parser("compile-report", help="registers, spills, shared memory and tensor-core use of "
+                            "the GPU kernels, from the compiler (no GPU needed)",
+                            description=compile_report.DESCRIPTION)
+    compile_report.add_arguments(report)
+    report.set_defaults(handler=compile_report.run, command_parser=report)
     sub.add_parser("selfcheck", help="which backends run here, and a few checked and timed calls",
                    description=selfcheck.__doc__.split("\n\n")[0])
     return parser

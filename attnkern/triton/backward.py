@@ -101,9 +101,9 @@ def _dkdv_tile(
 
 
 @triton.autotune(
-    configs=configs.configs_for(configs.BWD_CONFIGS),
+    configs=configs.configs_for(configs.DKDV_CONFIGS),
     key=["L_BUCKET", "S_BUCKET", "E", "EV", "MASK_KIND", "HAS_LEFT", "HAS_RIGHT", "PRECISION"],
-    prune_configs_by={"early_config_prune": configs.prune},
+    prune_configs_by={"early_config_prune": configs.prune_dkdv},
 )
 @triton.heuristics({
     "EVEN_M": lambda a: a["L"] % a["BLOCK_M"] == 0,
@@ -204,9 +204,9 @@ def _dq_tile(
 
 
 @triton.autotune(
-    configs=configs.configs_for(configs.BWD_CONFIGS),
+    configs=configs.configs_for(configs.DQ_CONFIGS),
     key=["L_BUCKET", "S_BUCKET", "E", "EV", "MASK_KIND", "HAS_LEFT", "HAS_RIGHT", "PRECISION"],
-    prune_configs_by={"early_config_prune": configs.prune},
+    prune_configs_by={"early_config_prune": configs.prune_dq},
 )
 @triton.heuristics({
     "EVEN_M": lambda a: a["L"] % a["BLOCK_M"] == 0,
@@ -393,12 +393,12 @@ def _attn_bwd_dmask_kernel(
 
 
 def dmask_blocks(E: int, Ev: int, dtype):
-    """(BLOCK_M, BLOCK_N, warps) of the dMask kernel: the first backward config of the head dim and
-    dtype (not autotuned: it runs only for learned masks, once per backward)."""
+    """(BLOCK_M, BLOCK_N, warps, stages) of the dMask kernel: its config for the head dim, dtype and GPU
+    (configs.dmask_config; not autotuned: it runs only for learned masks, once per backward)."""
     if configs.INTERPRET:
-        return configs.INTERPRET_BLOCK, configs.INTERPRET_BLOCK, 4
-    c = configs.first_config(configs.BWD_CONFIGS, max(configs.head_block(E), configs.head_block(Ev)), dtype)
-    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps
+        return configs.INTERPRET_BLOCK, configs.INTERPRET_BLOCK, 4, 1
+    c = configs.dmask_config(max(configs.head_block(E), configs.head_block(Ev)), dtype)
+    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
 
 
 def attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale: float, band, mask_grad: bool):
@@ -446,7 +446,7 @@ def attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale: flo
     if mask_grad:
         Bm, Hm, Lm, Sm = mask.shape
         sum_b, sum_h, sum_l, sum_s = Bm == 1 and B > 1, Hm == 1 and H > 1, Lm == 1 and L > 1, Sm == 1 and S > 1
-        bm_, bn_, warps = dmask_blocks(E, Ev, q.dtype)
+        bm_, bn_, warps, stages = dmask_blocks(E, Ev, q.dtype)
         dm = new_mask_grad(mask)
         # Bm * Hm mask slices on grid axis 2: a mask shared by the batch (Bm == 1) is summed over it in
         # one launch; a per-batch one (Bm == B) is sliced with the batch.
@@ -462,7 +462,7 @@ def attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale: flo
                 PRECISION=precision,
                 HAS_DLSE=dlse is not None,
                 SUM_B=sum_b, SUM_H=sum_h, SUM_L=sum_l, SUM_S=sum_s, BLOCK_M=bm_, BLOCK_N=bn_, I64=i64,
-                num_warps=warps,
+                num_warps=warps, num_stages=stages,
             )
         dmask = dm.to(mask.dtype)
     return dq, dk, dv, dmask

@@ -1,64 +1,195 @@
-"""Compile the Triton kernels for a GPU target without a GPU, and report what the GPU would get.
+"""Compile the Triton kernels for a GPU target without a GPU, exactly as a call would launch them.
 
-    python -m attnkern.triton.compile_check [--arch 90 80] [--all-configs] [--json out.json]
+    python -m attnkern.triton.compile_check [--arch 90 86 80] [--ci] [--json out.json]
+    (the Triton part of `attnkern compile-report`, which adds the CUDA kernels; same rules)
 
 The Triton interpreter (what the CPU test suite runs) accepts code the GPU compiler rejects, and says
-nothing of shared memory, registers or spills. This compiles each kernel variant (dtype × mask kind ×
-causal × head-dim tier × block config) for the target with Triton's own compiler, then reads the
-register and spill counts from `ptxas -v`. It fails if a variant does not compile, needs more shared
-memory than the target has, or (with --no-spills) spills registers. TRITON_INTERPRET must be unset.
+nothing of shared memory, registers, spills or how the tensor cores are used. This compiles what runs:
+
+- the launch: `attention_forward` / `attention_backward` run on CPU tensors of a problem's shapes with
+  each kernel replaced by a recorder, so the arguments are those the launch code really passes;
+- the specialization: the recorded arguments go through Triton's own argument binder for the target,
+  as a launch does (16-divisible pointers, strides and sizes marked so, unit strides and GROUP = 1 made
+  constant); CPU and CUDA allocations are both 16-byte aligned. A ragged problem (head dim 8 short of
+  its tier, length 1000) has row strides and lengths that are not multiples of 16, and partial tiles;
+- the configs: every config the kernel's autotuner can choose on the target (its own config list
+  through its own early-prune hook, run for that target: configs.for_target), each with the heuristics
+  (EVEN_M, EVEN_N) the autotune wrapper would compute and the warps and stages it launches with; a
+  kernel launched without autotuning compiles with the options of its launch (num_stages defaults as
+  Triton's launch defaults it).
+
+Per compiled kernel it records shared memory (Triton's metadata), registers and spills (the `-v` log of
+the ptxas run that makes the cubin, with Triton's own ptxas options), and the main-loop figures of
+attnkern.asm_stats (MMA work over useful work, exps per score, shared loads per MMA, asynchronous tile
+loads). Adding a kernel to the report is one KernelEntry in KERNELS. TRITON_INTERPRET must be unset.
 """
 from __future__ import annotations
 
 import argparse
-import itertools
+import contextlib
+import io
 import json
 import os
 import re
-import shutil
-import subprocess
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     sys.exit("compile_check: unset TRITON_INTERPRET (kernels decorated for the interpreter cannot compile)")
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
+from .. import asm_stats  # noqa: E402
+from ..compile_report import MAX_SHARED, Record  # noqa: E402
+from ..band import make_band  # noqa: E402
+from ..masks import CAUSAL_NONE, CAUSAL_TOP_LEFT  # noqa: E402
 from . import backward, configs, forward  # noqa: E402
 
-# Shared memory per block, opt-in maximum (bytes).
-MAX_SHARED = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
-TORCH_TO_TRITON = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+TARGETS = (90, 86, 80)
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """The call whose launches are compiled. Aligned: head dim = its tier, L = S = 1024; ragged: head
+    dim 8 short of the tier (row strides not 16-divisible), L = S = 1000 (partial tiles). Masks are
+    (1, H, L, S): 1 = bool, 2 = float (learned, so the mask-gradient pass runs). i64 forces the kernels'
+    int64 indexing (a tensor of 2**31 elements is not allocated here)."""
+
+    dtype: str
+    tier: int
+    mask: int = 0
+    causal: bool = True
+    ragged: bool = False
+    i64: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.tier - 8 if self.ragged else self.tier
+
+    @property
+    def length(self) -> int:
+        return 1000 if self.ragged else 1024
+
+    def in_grid(self) -> bool:
+        """A problem of the benchmark grid (attnkern.bench: fp16/bf16, E = 64, 128, no mask, lengths
+        multiples of 512)."""
+        return self.dtype != "float32" and self.tier in (64, 128) and self.mask == 0 and not self.ragged \
+            and not self.i64
+
+    def label(self) -> str:
+        return (f"{self.dtype} E={self.head_dim} mask={self.mask} causal={int(self.causal)}"
+                + (" ragged" if self.ragged else "") + (" i64" if self.i64 else ""))
+
+
+# Products of one main-loop iteration, as (rows, cols, depth) over the block names: useful MMA work.
+Products = Tuple[Tuple[str, str, str], ...]
+
+
+@dataclass(frozen=True)
+class KernelEntry:
+    """One Triton kernel of the report. `attr` names the kernel in attnkern.triton.forward/backward
+    (its launch is recorded under that name); `products` are the main loop's matrix products;
+    `residual`/`mask_grad`/`deterministic` say which call launches it (training forward; learned-mask
+    backward; the backward under torch.use_deterministic_algorithms, or None: either way)."""
+
+    name: str
+    attr: str
+    products: Products
+    residual: bool = False
+    mask_grad: bool = False
+    in_grid: bool = True  # run by the benchmark grid's calls
+    deterministic: Optional[bool] = None
+
+    def useful_macs(self, blocks: Dict[str, int]) -> int:
+        return sum(blocks[a] * blocks[b] * blocks[c] for a, b, c in self.products)
+
+
+QK = ("M", "N", "E")  # S = Q Kᵀ: BLOCK_M × BLOCK_N over the head dim
+# Adding a kernel to the report is one entry here.
+KERNELS = (
+    KernelEntry("fwd", "_attn_fwd_kernel", (QK, ("M", "EV", "N"))),
+    KernelEntry("fwd+lo", "_attn_fwd_kernel", (QK, ("M", "EV", "N")), residual=True),
+    KernelEntry("dkdv", "_attn_bwd_dkdv_kernel", (QK, ("N", "EV", "M"), ("N", "M", "EV"), ("N", "E", "M"))),
+    KernelEntry("dq", "_attn_bwd_dq_kernel", (QK, ("M", "N", "EV"), ("M", "E", "N"))),
+    KernelEntry("dmask", "_attn_bwd_dmask_kernel", (QK, ("M", "N", "EV")), mask_grad=True, in_grid=False),
+)
+KERNEL_BY_NAME = {k.name: k for k in KERNELS}
+LAUNCH_MODULES = (forward, backward)
 
 
 @dataclass
-class Variant:
-    kernel: str
-    arch: int
-    dtype: str
-    head_dim: int
-    mask: int
-    causal: bool
-    block_m: int
-    block_n: int
-    warps: int
-    stages: int
-    i64: bool = False
-    max_spill: int = -1  # fail above this many spilled bytes (-1: no limit)
-    shared: int = -1
-    registers: int = -1
-    spill_bytes: int = -1
-    error: str = ""
+class Launch:
+    kernel: object  # the decorated kernel (autotuner, heuristics, JIT function)
+    args: tuple
+    kwargs: dict
 
-    def label(self) -> str:
-        return (f"{self.kernel:<6} sm{self.arch} {self.dtype:<8} E={self.head_dim:<3} mask={self.mask} "
-                f"causal={int(self.causal)} {self.block_m}x{self.block_n} w{self.warps} s{self.stages}"
-                + (" i64" if self.i64 else ""))
+
+@contextlib.contextmanager
+def _recording(launches: Dict[str, Launch]):
+    """Replace every kernel of LAUNCH_MODULES by a recorder of its launch arguments."""
+    saved = []
+
+    class Recorder:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches[self.name] = Launch(self.kernel, args, kwargs)
+            return launch
+
+    for mod in LAUNCH_MODULES:
+        for name, obj in list(vars(mod).items()):
+            if isinstance(obj, triton.runtime.KernelInterface):
+                saved.append((mod, name, obj))
+                setattr(mod, name, Recorder(name, obj))
+    try:
+        yield
+    finally:
+        for mod, name, obj in saved:
+            setattr(mod, name, obj)
+
+
+@contextlib.contextmanager
+def _deterministic(mode: Optional[bool]):
+    saved = torch.are_deterministic_algorithms_enabled()
+    if mode is not None:
+        torch.use_deterministic_algorithms(mode)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved)
+
+
+def record_launches(p: Problem, residual: bool, mask_grad: bool,
+                    deterministic: Optional[bool] = None) -> Dict[str, Launch]:
+    """The launches of one forward and one backward call of problem `p`, by kernel attribute name."""
+    torch.manual_seed(0)
+    B, H, L, E = 2, 2, p.length, p.head_dim
+    dt = DTYPES[p.dtype]
+    q, k, v = (torch.randn(B, H, L, E, dtype=dt) for _ in range(3))
+    mask = None
+    if p.mask == 1:
+        mask = torch.ones(1, H, L, L, dtype=torch.bool)
+    elif p.mask == 2:
+        mask = torch.zeros(1, H, L, L, dtype=dt)
+    # Causal (top-left; L = S either way) or every key: the band of band.py the launchers take.
+    band = make_band(CAUSAL_TOP_LEFT if p.causal else CAUSAL_NONE, None)
+    launches: Dict[str, Launch] = {}
+    with _recording(launches), _deterministic(deterministic):
+        out, lse, stats, out_lo = forward.attention_forward(q, k, v, mask, 0.125, band, residual)
+        backward.attention_backward(torch.randn_like(out), None, q, k, v, mask, out, out_lo, stats, 0.125,
+                                    band, mask_grad)
+    if p.i64:
+        for launch in launches.values():
+            launch.kwargs["I64"] = True
+    return launches
 
 
 def _jit(kernel):
@@ -68,184 +199,225 @@ def _jit(kernel):
     return kernel
 
 
-def _signature(fn, pointer_types: Dict[str, str], constexprs: Dict[str, object], floats=()):
-    """Argument types the way a launch would specialize them: unit strides of the last dim as constant 1."""
-    sig = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in pointer_types:
-            sig[name] = pointer_types[name]
-        elif name in floats:
-            sig[name] = "fp32"
-        elif name.startswith("stride_") and name.endswith("e"):
-            sig[name] = "constexpr"
-            constexprs[name] = 1
-        else:
-            sig[name] = "i32"
-    return sig
+def _heuristics(kernel) -> list:
+    out = []
+    while not isinstance(kernel, triton.runtime.jit.JITFunction):
+        if isinstance(kernel, triton.runtime.autotuner.Heuristics):
+            out.append(kernel.values)
+        kernel = kernel.fn
+    return out
 
 
-def _ptxas(arch: int) -> Optional[str]:
-    """The ptxas Triton itself assembles with for `arch` (its PTX may be newer than the system's)."""
+@dataclass
+class Choice:
+    """One way a launch can run: the meta-parameters (an autotune config's, or the launch's own), and
+    whether the kernel's early prune keeps it on the target."""
+
+    meta: dict
+    num_warps: int
+    num_stages: int
+    chosen: bool = True
+    default: bool = True  # what a call runs without autotuning (ATTNKERN_AUTOTUNE=0, or no autotuner)
+
+
+def launch_choices(launch: Launch, arch: int, include_pruned: bool) -> List[Choice]:
+    """Every config the launch can run with on `arch` (pruned ones too if asked, marked so)."""
+    fn = _jit(launch.kernel)
+    tuner = launch.kernel if isinstance(launch.kernel, triton.runtime.autotuner.Autotuner) else None
+    if tuner is None:
+        defaults = make_backend(GPUTarget("cuda", arch, 32)).parse_options({})
+        meta = {k: v for k, v in launch.kwargs.items() if k not in ("num_warps", "num_stages")}
+        return [Choice(meta, launch.kwargs.get("num_warps", defaults.num_warps),
+                       launch.kwargs.get("num_stages", defaults.num_stages))]
+    named = dict(zip(fn.arg_names, launch.args))
+    prune = tuner.early_config_prune or (lambda cs, *a, **k: cs)
+    with _autotune_on():
+        # The autotuner's own list and prune hook, for the same arguments a launch passes it.
+        with configs.for_target(arch):
+            kept = prune(tuner.configs, named, **launch.kwargs)
+        with configs.for_target(arch, duplication_rule=False):
+            every = prune(tuner.configs, named, **launch.kwargs) if include_pruned else kept
+    return [Choice(dict(launch.kwargs, **c.kwargs), c.num_warps, c.num_stages, c in kept, c is kept[0])
+            for c in every]
+
+
+@contextlib.contextmanager
+def _autotune_on():
+    saved = os.environ.get("ATTNKERN_AUTOTUNE")
+    os.environ["ATTNKERN_AUTOTUNE"] = "1"
     try:
-        from triton.backends.nvidia.compiler import get_ptxas
-
-        return get_ptxas(arch).path
-    except Exception:
-        return shutil.which("ptxas")
-
-
-def _ptxas_stats(ptx: str, arch: int):
-    """(registers, spill bytes) of the kernel in `ptx`, from ptxas -v; (-1, -1) if ptxas is unusable."""
-    exe = _ptxas(arch)
-    if exe is None:
-        return -1, -1
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(ptx)
-    try:
-        gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-        res = subprocess.run([exe, "-v", f"--gpu-name={gpu}", f.name, "-o", os.devnull],
-                             capture_output=True, text=True)
+        yield
     finally:
-        os.unlink(f.name)
-    text = res.stdout + res.stderr
-    regs = re.search(r"Used (\d+) registers", text)
-    spills = re.findall(r"(\d+) bytes spill stores", text)
-    if res.returncode != 0 or not regs:
+        if saved is None:
+            del os.environ["ATTNKERN_AUTOTUNE"]
+        else:
+            os.environ["ATTNKERN_AUTOTUNE"] = saved
+
+
+def _assembled(source: ASTSource, target: GPUTarget, options: dict):
+    """triton.compile, forced to assemble afresh with Triton's own ptxas run's log captured (its
+    -v output: the registers and spills of the cubin that launches, under the options Triton passes)."""
+    log = io.StringIO()
+    knobs = triton.knobs
+    saved = knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile
+    knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = True, True
+    try:
+        with contextlib.redirect_stdout(log):
+            k = triton.compile(source, target=target, options=options)
+    finally:
+        knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = saved
+    return k, log.getvalue()
+
+
+def ptxas_figures(log: str) -> Tuple[int, int]:
+    """(registers, spill-store bytes) from a ptxas -v log; (-1, -1) if it has none."""
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.findall(r"(\d+) bytes spill stores", log)
+    if not regs:
         return -1, -1
     return int(regs.group(1)), sum(int(s) for s in spills)
 
 
-def _compile(v: Variant, fn, sig, constexprs):
+def _config_label(c: Choice) -> str:
+    return f"{c.meta.get('BLOCK_M')}x{c.meta.get('BLOCK_N')} w{c.num_warps} s{c.num_stages}"
+
+
+@dataclass(frozen=True)
+class Job:
+    kernel: str
+    problem: Problem
+    arch: int
+    include_pruned: bool = False
+    default_only: bool = False  # only the config a call takes without autotuning
+
+
+def run_job(job: Job) -> List[Record]:
+    """Compile every choice of one kernel's launch for one problem and target."""
+    entry = KERNEL_BY_NAME[job.kernel]
+    with configs.for_target(job.arch):  # launch code that picks a config per GPU picks it for this one
+        launches = record_launches(job.problem, entry.residual, entry.mask_grad, entry.deterministic)
+    launch = launches.get(entry.attr)
+    base = dict(backend="triton", kernel=entry.name, target=f"sm_{job.arch}", problem=job.problem.label(),
+                in_grid=entry.in_grid and job.problem.in_grid())
+    if launch is None:
+        return [Record(config="-", chosen=True, error="not launched by this call", **base)]
+    choices = launch_choices(launch, job.arch, job.include_pruned)
+    if not any(c.chosen for c in choices):
+        return [Record(config="-", chosen=True, error="the early prune leaves no config", **base)]
+    if job.default_only:
+        choices = [c for c in choices if c.default]
+    return [compile_choice(entry, launch, c, job.arch, base) for c in choices]
+
+
+def compile_choice(entry: KernelEntry, launch: Launch, c: Choice, arch: int, base: dict) -> Record:
+    fn = _jit(launch.kernel)
+    rec = Record(config=_config_label(c), chosen=c.chosen, default=c.default, smem_limit=MAX_SHARED.get(arch, 48 * 1024), **base)
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    meta = dict(c.meta)
+    named = dict(zip(fn.arg_names, launch.args), **meta)
+    for values in _heuristics(launch.kernel):
+        for key, rule in values.items():
+            meta[key] = named[key] = rule(named)
+    kwargs = dict(meta, num_warps=c.num_warps, num_stages=c.num_stages)
     try:
-        k = triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", v.arch, 32),
-                           options={"num_warps": v.warps, "num_stages": v.stages})
+        # Triton's own binder and packing: the signature, constants and divisibility a launch gets.
+        binder = create_function_from_signature(fn.signature, fn.params, backend)
+        bound, spec, options = binder(*launch.args, **kwargs)
+        options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, options)
+        k, log = _assembled(ASTSource(fn, signature, constexprs, attrs), target, options.__dict__)
     except Exception as exc:  # report, don't stop: the point is the whole list
-        v.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"
-        return v
-    v.shared = int(k.metadata.shared)
-    v.registers, v.spill_bytes = _ptxas_stats(k.asm["ptx"], v.arch)
-    if v.shared > MAX_SHARED.get(v.arch, 48 * 1024):
-        v.error = f"needs {v.shared} bytes of shared memory, sm{v.arch} has {MAX_SHARED.get(v.arch)}"
-    elif v.max_spill >= 0 and v.spill_bytes > v.max_spill:
-        v.error = f"spills {v.spill_bytes} bytes of registers (allowed: {v.max_spill})"
-    return v
+        rec.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"
+        return rec
+    rec.smem_bytes = int(k.metadata.shared)
+    ptx = k.asm["ptx"]
+    rec.registers, rec.spill_bytes = ptxas_figures(log)
+    blocks = {"M": meta["BLOCK_M"], "N": meta["BLOCK_N"], "E": meta["BLOCK_E"], "EV": meta["BLOCK_EV"]}
+    passes = 3 if meta.get("PRECISION") == "tf32x3" else 1
+    eff = asm_stats.efficiency(ptx, c.num_warps, entry.useful_macs(blocks) * passes, blocks["M"] * blocks["N"])
+    rec.mma_efficiency, rec.exp_per_score = eff.mma_efficiency, eff.exp_per_score
+    rec.smem_loads_per_mma, rec.async_kv, rec.mma_kind = eff.smem_loads_per_mma, eff.async_kv, eff.mma_kind
+    return rec
 
 
-def variants(archs: List[int], all_configs: bool, dtypes=("float16", "bfloat16", "float32"),
-             masks=(0, 1, 2), causals=(False, True)) -> List[Variant]:
-    out = []
-    for arch, tier in itertools.product(archs, configs.TIERS):
-        for kernel, candidates in (("fwd", configs.FWD_CONFIGS), ("dkdv", configs.BWD_CONFIGS),
-                                   ("dq", configs.BWD_CONFIGS)):
-            for dtype in dtypes:
-                tier_cfgs = [c for c in candidates if c.attnkern_tier == (tier, configs.dtype_class(dtype))]
-                for cfg in (tier_cfgs if all_configs else tier_cfgs[:1]):
-                    for mask, causal in itertools.product(masks, causals):
-                        out.append(Variant(kernel, arch, dtype, tier, mask, causal, cfg.kwargs["BLOCK_M"],
-                                           cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages))
-        for dtype in dtypes:
-            bm, bn, warps = backward.dmask_blocks(tier, tier, dtype)
-            out.append(Variant("dmask", arch, dtype, tier, 2, True, bm, bn, warps, 1))
+def grid_problems() -> List[Problem]:
+    """The benchmark grid's problems in fp16 (bf16 compiles to the same figures, other MMA operands):
+    E = 64 and 128, causal and not."""
+    return [Problem("float16", t, 0, c) for t in (64, 128) for c in (False, True)]
+
+
+def default_problems() -> List[Problem]:
+    """The full report: the benchmark grid's problems (fp16, bf16; E = 64, 128; causal and not), every
+    head-dim tier in fp16 and fp32 with a float mask (the heaviest form), a bool mask at E = 128, and the
+    ragged form of each tier."""
+    out = [Problem(dt, t, 0, c) for dt in ("float16", "bfloat16") for t in (64, 128) for c in (False, True)]
+    out += [Problem(dt, t, 2, True) for dt in ("float16", "float32") for t in configs.TIERS]
+    out += [Problem("float16", 128, 1, True)]
+    out += [Problem("float16", t, 0, True, ragged=True) for t in configs.TIERS]
     return out
 
 
-# Spill budget (bytes) of the kernels the benchmarks time: a few registers' worth. (The dK/dV pass at
-# E=128 spills 12 bytes since it holds two per-row statistics, the row max and log2 of the denominator,
-# which keep P exact for huge scores.) Regressions that matter cost hundreds of bytes.
-SPILL_BUDGET = 64
-
-
-def ci_variants() -> List[Variant]:
-    """What CI compiles (a few minutes on 2 cores): for sm90, the first config of every kernel, tier and
-    dtype class in its heaviest form (float mask, causal), and for half precision also plain forms (no
-    mask: forward both ways, dQ causal, dK/dV not causal), which must stay within SPILL_BUDGET at
-    E <= 128, where the throughput benchmarks time them; one int64-indexing variant; plain half forms
-    for sm80."""
+def jobs_for(problems, archs, kernels=None, include_pruned=False) -> List[Job]:
     out = []
-    for v in variants([90], False, dtypes=("float16", "float32"), masks=(0, 2), causals=(False, True)):
-        heaviest = v.mask == 2 and v.causal
-        plain = v.mask == 0 and v.dtype == "float16"
-        if v.kernel == "dmask" or heaviest:
-            out.append(v)
-        elif plain and (v.kernel == "fwd" or (v.kernel == "dq") == v.causal):
-            if v.head_dim <= 128:
-                v.max_spill = SPILL_BUDGET
-            out.append(v)
-    i64 = [v for v in out if v.kernel == "fwd" and v.dtype == "float16" and v.head_dim == 128 and v.mask == 2][0]
-    out.append(Variant(**{**asdict(i64), "i64": True}))
-    out += [v for v in variants([80], False, dtypes=("float16",), masks=(0,), causals=(True,))
-            if v.head_dim <= 128 and v.kernel != "dmask"]
+    for arch in archs:
+        for p in problems:
+            for entry in KERNELS:
+                if kernels and entry.name not in kernels:
+                    continue
+                if entry.residual and p.dtype == "float32":
+                    continue  # float32 outputs save no residual: the same launch as "fwd"
+                if entry.mask_grad and p.mask != 2:
+                    continue  # the mask-gradient pass runs for learned (float) masks
+                out.append(Job(entry.name, p, arch, include_pruned))
     return out
 
 
-def check_variant(v: Variant) -> Variant:
-    t = TORCH_TO_TRITON[v.dtype]
-    mask_t = {0: "*fp16", 1: "*u8", 2: f"*{t}"}[v.mask]
-    e = v.head_dim
-    # PRECISION only matters to float32 dots: the default there is tf32x3 (see forward.precision_for).
-    precision = forward.precision_for(v.dtype)
-    common = dict(E=e, EV=e, BLOCK_E=e, BLOCK_EV=e, PRECISION=precision, BLOCK_M=v.block_m, BLOCK_N=v.block_n,
-                  I64=v.i64)
-    floats = ("scale",)
-    if v.kernel == "fwd":
-        fn = _jit(forward._attn_fwd_kernel)
-        # The budgeted plain forms are the inference forward the benchmarks time (no rounding residual);
-        # the heaviest (float mask, causal) half forms compile the training forward, which stores it.
-        cx = dict(common, MASK_KIND=v.mask, HAS_LEFT=False, HAS_RIGHT=v.causal, EVEN_M=False, EVEN_N=False,
-                  HAS_LO=v.dtype != "float32" and v.mask == 2 and v.causal)
-        ptrs = dict(Q=f"*{t}", K=f"*{t}", V=f"*{t}", M=mask_t, O=f"*{t}", O_LO=f"*{t}", LSE="*fp32", STATS="*fp32")
-    elif v.kernel in ("dkdv", "dq"):
-        fn = _jit(backward._attn_bwd_dkdv_kernel if v.kernel == "dkdv" else backward._attn_bwd_dq_kernel)
-        cx = dict(common, MASK_KIND=v.mask, HAS_LEFT=False, HAS_RIGHT=v.causal, EVEN_M=False, EVEN_N=False)
-        ptrs = dict(Q=f"*{t}", K=f"*{t}", V=f"*{t}", M=mask_t, DO=f"*{t}", STATS="*fp32", DELTA="*fp32",
-                    DK=f"*{t}", DV=f"*{t}", DQ=f"*{t}")
+def ci_jobs() -> List[Job]:
+    """What CI compiles (a few minutes on 2 cores): every config the grid's fp16 problems can run
+    with on sm_90 and sm_86 (the causal form, whose full-tile loop is the non-causal loop; sm_86 has
+    sm_80's code and the smaller shared memory), the ragged E = 120 problem on sm_90, and on sm_90 the
+    default config of every kernel, tier and dtype class in its heaviest form (float mask, causal),
+    plus one int64-indexing forward."""
+    grid = [Problem("float16", 64), Problem("float16", 128)]
+    out = jobs_for(grid, [90, 86])
+    out += jobs_for([Problem("float16", 128, ragged=True)], [90], ["fwd", "dkdv", "dq"])
+    heavy = [Problem(dt, t, 2, True) for dt in ("float16", "float32") for t in configs.TIERS]
+    out += [Job(j.kernel, j.problem, j.arch, default_only=True)
+            for j in jobs_for(heavy, [90], ["fwd", "dkdv", "dq", "dmask"])]
+    out.append(Job("fwd", Problem("float16", 128, 2, True, i64=True), 90, default_only=True))
+    return out
+
+
+def run_jobs(jobs: List[Job], n_jobs: int) -> List[Record]:
+    if n_jobs > 1 and len(jobs) > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(n_jobs) as pool:
+            results = list(pool.map(run_job, jobs))
     else:
-        fn = _jit(backward._attn_bwd_dmask_kernel)
-        cx = dict(common, HAS_LEFT=False, HAS_RIGHT=v.causal, SUM_B=True, SUM_H=False, SUM_L=False, SUM_S=False)
-        ptrs = dict(Q=f"*{t}", K=f"*{t}", V=f"*{t}", M=mask_t, DO=f"*{t}", STATS="*fp32", DELTA="*fp32",
-                    DM="*fp32")
-    sig = _signature(fn, ptrs, cx, floats)
-    return _compile(v, fn, sig, cx)
+        results = [run_job(j) for j in jobs]
+    return [r for rs in results for r in rs]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arch", type=int, nargs="+", default=[90, 80], help="compute capabilities (90 80)")
-    ap.add_argument("--all-configs", action="store_true", help="every autotune config, not just the first")
-    ap.add_argument("--dtype", nargs="+", default=["float16", "bfloat16", "float32"])
-    ap.add_argument("--head-dim", type=int, nargs="+", default=list(configs.TIERS))
-    ap.add_argument("--kernel", nargs="+", default=["fwd", "dkdv", "dq", "dmask"])
-    ap.add_argument("--no-spills", action="store_true", help="fail on any register spill")
-    ap.add_argument("--worst-case", action="store_true", help="only the float-mask causal variants (most registers)")
+    ap.add_argument("--arch", type=int, nargs="+", default=list(TARGETS), help="compute capabilities")
+    ap.add_argument("--kernel", nargs="+", help=f"only these ({', '.join(KERNEL_BY_NAME)})")
+    ap.add_argument("--ci", action="store_true", help="the CI subset (ci_jobs; --arch, --kernel ignored)")
+    ap.add_argument("--include-pruned", action="store_true", help="also compile configs the prune drops")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--json", help="write the results here")
-    ap.add_argument("--ci", action="store_true", help="the CI selection (see ci_variants); other filters ignored")
+    ap.add_argument("--json", help="write the records here")
     args = ap.parse_args(argv)
+    from ..compile_report import failures, print_table, violations
 
-    todo = ci_variants() if args.ci else [v for v in variants(args.arch, args.all_configs, dtypes=args.dtype)
-            if v.head_dim in args.head_dim and v.kernel in args.kernel
-            and (not args.worst_case or (v.mask == 2 and v.causal))]
-    if args.jobs > 1:
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(args.jobs) as pool:
-            results = list(pool.map(check_variant, todo))
-    else:
-        results = [check_variant(v) for v in todo]
-    failed = 0
-    for v in results:
-        spill_fail = args.no_spills and v.spill_bytes > 0
-        bad = bool(v.error) or spill_fail
-        failed += bad
-        stats = f"shared {v.shared:>6}  regs {v.registers:>3}  spills {v.spill_bytes:>5}"
-        print(f"{'FAIL' if bad else 'ok  '}  {v.label()}  {stats}  {v.error}")
+    jobs = ci_jobs() if args.ci else jobs_for(default_problems(), args.arch, args.kernel, args.include_pruned)
+    records = run_jobs(jobs, args.jobs)
+    bad = violations(records)
+    print_table(records, bad)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([asdict(v) for v in results], f, indent=1)
-    print(f"{len(results) - failed}/{len(results)} variants compiled within limits")
-    return 1 if failed else 0
+            json.dump([asdict(r) for r in records], f, indent=1)
+    return 1 if failures(bad) else 0
 
 
 if __name__ == "__main__":

@@ -1,14 +1,16 @@
 """Block sizes, warps and stages per head dim and dtype, and when to autotune.
 
-On a GPU each kernel autotunes over a short list of configs that fit the head dim (pruned before any
-benchmarking), keyed by power-of-two length buckets so a training run with varying lengths does not
-re-tune at every new length. ATTNKERN_AUTOTUNE=0 takes the first (heuristic) config instead, which is
-what the test suite does. Under TRITON_INTERPRET=1 (no GPU) there is exactly one config: the
+On a GPU each kernel autotunes over a short list of configs that fit the head dim and the GPU (pruned
+before any benchmarking: see pruner), keyed by power-of-two length buckets so a training run with
+varying lengths does not re-tune at every new length. ATTNKERN_AUTOTUNE=0 takes the first config the
+prune keeps instead, which is what the test suite does. Under TRITON_INTERPRET=1 (no GPU) there is exactly one config: the
 interpreter cannot benchmark, and larger tiles mean fewer, faster interpreted programs.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Optional
 
 import triton
 
@@ -29,13 +31,21 @@ def head_block(e: int) -> int:
     return max(16, triton.next_power_of_2(int(e)))
 
 
+# Config flags (a spec's fifth element).
+SM90_ONLY = "sm90-only"  # kept off older GPUs, where it spills or does not fit
+MMA_SYNC_OK = "mma.sync-ok"  # allowed below 64 rows on sm_90: no 64-row tile fits its shared memory
+
+
 def _tier(tier: int, dtype_class: str, *specs):
-    """Configs (BLOCK_M, BLOCK_N, warps, stages) for padded head dims in (previous tier, tier] and one
-    dtype class ("half": fp16/bf16; "fp32": operands twice the size, three tf32 products per dot)."""
+    """Configs (BLOCK_M, BLOCK_N, warps, stages[, flag]) for padded head dims in (previous tier, tier]
+    and one dtype class ("half": fp16/bf16; "fp32": operands twice the size, three tf32 products per
+    dot)."""
     out = []
-    for bm, bn, warps, stages in specs:
+    for bm, bn, warps, stages, *flag in specs:
         c = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
         c.attnkern_tier = (tier, dtype_class)
+        c.attnkern_min_arch = 90 if SM90_ONLY in flag else 0
+        c.attnkern_small_ok = MMA_SYNC_OK in flag
         out.append(c)
     return out
 
@@ -46,27 +56,47 @@ def _tier(tier: int, dtype_class: str, *specs):
 INTERPRET_BLOCK = int(os.environ.get("ATTNKERN_INTERPRET_BLOCK", "32"))
 
 TIERS = (64, 128, 256)
-# Listed best-first per (tier, dtype class): the first is the no-autotune choice and must compile for
-# every mask kind and alignment within the shared memory of an sm80 GPU (checked by
-# `python -m attnkern.triton.compile_check`, which also reports register spills).
+# Listed best-first per (tier, dtype class). On each target the prune (below) keeps the configs whose
+# chained dots duplicate no work there (chained_rows_ok) and that are not reserved for newer GPUs
+# (min_arch); the first kept is the no-autotune choice and must compile for every mask kind and
+# alignment within the shared memory of that target (sm_86: 99 KB). `attnkern compile-report` checks
+# all of it (and spills, and tensor-core use) without a GPU; bench/README.md has its table.
 # Forward: one program owns BLOCK_M query rows and streams K/V tiles of BLOCK_N keys.
 FWD_CONFIGS = (
     _tier(64, "half", (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4))
-    + _tier(128, "half", (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3))
-    + _tier(256, "half", (64, 32, 4, 2), (64, 64, 4, 2), (32, 32, 4, 1))
-    + _tier(64, "fp32", (64, 64, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2))
-    + _tier(128, "fp32", (64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2))
-    + _tier(256, "fp32", (16, 32, 4, 1), (32, 32, 4, 1), (64, 32, 8, 1))
+    + _tier(128, "half", (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2, SM90_ONLY), (64, 64, 4, 3))
+    + _tier(256, "half", (64, 32, 4, 2), (64, 64, 4, 2), (32, 32, 2, 2))
+    + _tier(64, "fp32", (64, 64, 4, 2), (64, 32, 4, 2), (32, 64, 2, 2))
+    + _tier(128, "fp32", (32, 32, 2, 2), (64, 32, 4, 2), (64, 64, 4, 2))
+    + _tier(256, "fp32", (32, 32, 2, 1), (64, 32, 4, 1), (16, 32, 1, 1))
 )
-# Backward dK/dV: one program owns BLOCK_N keys and streams query tiles of BLOCK_M rows;
-# dQ: one program owns BLOCK_M query rows and streams key tiles of BLOCK_N. Both use these.
-BWD_CONFIGS = (
-    _tier(64, "half", (64, 64, 4, 3), (32, 128, 4, 3), (128, 64, 8, 2))
-    + _tier(128, "half", (64, 64, 8, 2), (32, 128, 8, 2), (64, 64, 4, 1))
-    + _tier(256, "half", (32, 32, 4, 1), (64, 32, 8, 1), (16, 32, 4, 1))
-    + _tier(64, "fp32", (32, 32, 4, 2), (64, 32, 4, 1), (32, 64, 4, 1))
-    + _tier(128, "fp32", (16, 32, 4, 1), (32, 32, 4, 1), (32, 64, 8, 1))
-    + _tier(256, "fp32", (16, 16, 4, 1), (16, 32, 4, 1), (32, 32, 8, 1))
+# Backward dK/dV: one program owns BLOCK_N keys and streams query tiles of BLOCK_M rows.
+DKDV_CONFIGS = (
+    _tier(64, "half", (64, 64, 4, 3), (64, 64, 4, 2))
+    + _tier(128, "half", (64, 64, 4, 2), (64, 64, 4, 3))
+    + _tier(256, "half", (32, 32, 2, 1), (64, 64, 4, 1), (16, 16, 1, 1))
+    + _tier(64, "fp32", (32, 32, 2, 2), (64, 64, 4, 1), (32, 32, 2, 1))
+    + _tier(128, "fp32", (32, 32, 2, 1), (64, 64, 4, 1), (16, 32, 1, 1))
+    + _tier(256, "fp32", (16, 16, 1, 1, MMA_SYNC_OK), (32, 32, 2, 1, MMA_SYNC_OK))
+)
+# Backward dQ: one program owns BLOCK_M query rows and streams key tiles of BLOCK_N.
+DQ_CONFIGS = (
+    _tier(64, "half", (64, 32, 4, 3), (128, 32, 8, 2), (64, 64, 4, 3, SM90_ONLY), (128, 64, 8, 2, SM90_ONLY))
+    + _tier(128, "half", (64, 32, 4, 3), (64, 32, 4, 2), (64, 64, 4, 2, SM90_ONLY), (128, 64, 8, 2, SM90_ONLY))
+    + _tier(256, "half", (32, 32, 2, 1), (64, 32, 4, 1), (16, 32, 1, 1))
+    + _tier(64, "fp32", (64, 32, 4, 2), (32, 32, 2, 2), (64, 64, 4, 1))
+    + _tier(128, "fp32", (32, 32, 2, 1), (64, 32, 4, 1), (16, 32, 1, 1))
+    + _tier(256, "fp32", (16, 16, 1, 1, MMA_SYNC_OK), (32, 32, 2, 1, MMA_SYNC_OK))
+)
+# The mask-gradient pass: not autotuned (it runs only for learned masks, once per backward); it takes
+# the first config of its tier that the target keeps (dmask_config).
+DMASK_CONFIGS = (
+    _tier(64, "half", (64, 64, 4, 2), (32, 32, 2, 2))
+    + _tier(128, "half", (64, 32, 4, 2), (32, 32, 2, 2))
+    + _tier(256, "half", (32, 32, 2, 1), (64, 32, 4, 1))
+    + _tier(64, "fp32", (64, 32, 4, 2), (32, 32, 2, 2))
+    + _tier(128, "fp32", (32, 32, 2, 1), (64, 32, 4, 1))
+    + _tier(256, "fp32", (16, 16, 1, 1, MMA_SYNC_OK), (32, 16, 2, 1, MMA_SYNC_OK))
 )
 
 
@@ -85,18 +115,75 @@ def configs_for(candidates):
     return list(candidates)
 
 
-def first_config(candidates, e: int, dtype):
-    """The no-autotune config of a head dim and dtype."""
+_forced_arch: Optional[int] = None
+_duplication_rule = True
+
+
+@contextlib.contextmanager
+def for_target(arch: int, duplication_rule: bool = True):
+    """Prune for compute capability `arch` (e.g. 90) instead of the current GPU's: what the compile
+    check uses to see which configs a GPU it does not have would choose from (and, with
+    duplication_rule=False, which ones chained_rows_ok drops)."""
+    global _forced_arch, _duplication_rule
+    saved = _forced_arch, _duplication_rule
+    _forced_arch, _duplication_rule = arch, duplication_rule
+    try:
+        yield
+    finally:
+        _forced_arch, _duplication_rule = saved
+
+
+def target_arch() -> Optional[int]:
+    """The compute capability the kernels are compiled for (90 for sm_90), None when not CUDA."""
+    if _forced_arch is not None:
+        return _forced_arch
+    arch = triton.runtime.driver.active.get_current_target().arch
+    return arch if isinstance(arch, int) else None
+
+
+def chained_rows_ok(rows: int, num_warps: int, arch: Optional[int], small_ok: bool = False) -> bool:
+    """Whether a chain of dots with `rows` rows (M) runs on `num_warps` warps without duplicated work.
+    Triton lays chained dots out with every warp along M: each warp needs 16 rows of its own (an
+    mma.sync tile), and on sm_90 each warpgroup 64 (a wgmma tile; below that Triton falls back to
+    mma.sync, or two warpgroups compute the same rows). small_ok (MMA_SYNC_OK configs) accepts the
+    mma.sync fallback on sm_90 where no 64-row tile fits."""
+    return rows >= 16 * num_warps and (arch is None or arch < 90 or rows >= 64 or small_ok)
+
+
+def pruner(chained_rows):
+    """The early-prune hook of a kernel whose chained dots have `chained_rows(config)` rows: keeps the
+    configs of this call's (head-dim tier, dtype class) (the head dim is the larger of E and Ev,
+    padded) that duplicate no work on the target (chained_rows_ok). With autotuning off, the first."""
+    def prune(configs, named_args, **kwargs):
+        if INTERPRET:
+            return configs
+        args = {**named_args, **kwargs}
+        key = (tier_of(max(args["BLOCK_E"], args["BLOCK_EV"])), dtype_class(args["Q"].dtype))
+        arch = target_arch()
+        fitting = [c for c in configs if getattr(c, "attnkern_tier", key) == key and kept_on(c, arch)
+                   and (not _duplication_rule or chained_rows_ok(chained_rows(c), c.num_warps, arch,
+                                                                 getattr(c, "attnkern_small_ok", False)))]
+        return fitting if autotune_enabled() else fitting[:1]
+    return prune
+
+
+def kept_on(config, arch: Optional[int]) -> bool:
+    """Whether a config is meant for the target (its min_arch)."""
+    return arch is None or getattr(config, "attnkern_min_arch", 0) <= arch
+
+
+# Rows (M) of each kernel's chained dots: the forward's S = QKᵀ and PV, and dQ's S, dP and dQ, have
+# BLOCK_M; dK/dV's S (formed as the forward forms it, then transposed) has BLOCK_M, its dPᵀ, dV and
+# dK have BLOCK_N.
+prune_fwd = pruner(lambda c: c.kwargs["BLOCK_M"])
+prune_dkdv = pruner(lambda c: min(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]))
+prune_dq = pruner(lambda c: c.kwargs["BLOCK_M"])
+
+
+def dmask_config(e: int, dtype):
+    """The mask-gradient pass's config for padded head dim `e`: the first of its tier that the target
+    keeps (its chained dots, S and dP, have BLOCK_M rows)."""
     key = (tier_of(e), dtype_class(dtype))
-    return next(c for c in candidates if c.attnkern_tier == key)
-
-
-def prune(configs, named_args, **kwargs):
-    """Early prune: keep the configs of this call's (head-dim tier, dtype class); the head dim is the
-    larger of E and Ev, padded."""
-    if INTERPRET:
-        return configs
-    args = {**named_args, **kwargs}
-    key = (tier_of(max(args["BLOCK_E"], args["BLOCK_EV"])), dtype_class(args["Q"].dtype))
-    fitting = [c for c in configs if getattr(c, "attnkern_tier", key) == key]
-    return fitting if autotune_enabled() else fitting[:1]
+    arch = target_arch()
+    return next(c for c in DMASK_CONFIGS if c.attnkern_tier == key and kept_on(c, arch)
+                and chained_rows_ok(c.kwargs["BLOCK_M"], c.num_warps, arch, c.attnkern_small_ok))

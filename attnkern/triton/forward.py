@@ -51,7 +51,7 @@ def _fwd_tile(
     configs=configs.configs_for(configs.FWD_CONFIGS),
     # HAS_LO (training: the residual store needs registers) tunes apart from the inference forward.
     key=["L_BUCKET", "S_BUCKET", "E", "EV", "MASK_KIND", "HAS_LEFT", "HAS_RIGHT", "PRECISION", "HAS_LO"],
-    prune_configs_by={"early_config_prune": configs.prune},
+    prune_configs_by={"early_config_prune": configs.prune_fwd},
 )
 @triton.heuristics({
     "EVEN_M": lambda a: a["L"] % a["BLOCK_M"] == 0,

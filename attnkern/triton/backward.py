@@ -1,7 +1,8 @@
-"""Fused attention backward: preprocess, a dK/dV pass, a dQ pass, and (only when a float mask needs a
-gradient) a dMask pass. No atomics anywhere, so results are deterministic run to run.
+"""Fused attention backward: a preprocess, then either the single-pass kernel (the default) or the
+two-pass dK/dV + dQ kernels (the deterministic path), and (only when a float mask needs a gradient) a
+dMask pass.
 
-The passes recompute P = exp2((S - m) · log2(e) - log2 l) from the forward's per-row statistics (row
+All of them recompute P = exp2((S - m) · log2(e) - log2 l) from the forward's per-row statistics (row
 max m, log2 of the denominator) instead of storing L×S probabilities; subtracting m first keeps P exact even
 for huge scores, where an lse could not hold log2 l. Fully masked rows read m = +inf, log2 l = 0, so P
 is 0 there rather than exp2(-inf + inf) = NaN. The preprocess forms delta = rowsum(dO ∘ O) − dlse,
@@ -10,8 +11,14 @@ residual of a half-precision output, when it saved one) to float32 accuracy.
 
     dV = Pᵀ dO,  dP = dO Vᵀ,  dS = P ∘ (dP − delta),  dQ = scale·dS K,  dK = scale·dSᵀ Q,  dMask = dS
 
-dK/dV programs own a key block of one kv head and loop over that head's whole query-head group, so
-grouped-query attention needs neither atomics nor a materialized repeat. The dMask pass owns one tile
+Single pass: a program owns a key block of one kv head and sweeps the query tiles of that head's whole
+query-head group once: S and dP are formed once per tile (5 products, 1 exp per score); dK, dV stay
+in registers and each tile's dQ share is added into a float32 buffer with atomics, so dQ's rounding
+depends on the order the programs' additions land in (not bitwise reproducible on a GPU).
+
+Two passes (deterministic, no atomics): the dK/dV programs are laid out as above without the dQ
+product; dQ programs own a query block and loop over the keys, recomputing S and dP (7 products, 2
+exps per score). Grouped-query attention needs neither atomics nor a materialized repeat. The dMask pass owns one tile
 of the (Bm, Hm, Lm, Sm) mask gradient and sums over exactly the dims the mask broadcasts over; over
 keys it sums each row as rowsum(P ∘ dP)(1 − rowsum P) + dlse · rowsum P, the same value as rowsum dS
 but free of delta's rounding (which rowsum dS ≈ dlse would amplify by cancellation).
@@ -282,6 +289,146 @@ def _attn_bwd_dq_kernel(
 
 
 @triton.jit
+def _atomic_add_tile(ptrs, x, rows, cols, n_rows, n_cols, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """fp32 atomic add of a 2-D tile; bounds are only checked where they can fail (as store_tile)."""
+    if CHECK_ROWS:
+        if CHECK_COLS:
+            tl.atomic_add(ptrs, x, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), sem="relaxed")
+        else:
+            tl.atomic_add(ptrs, x, mask=rows[:, None] < n_rows, sem="relaxed")
+    else:
+        if CHECK_COLS:
+            tl.atomic_add(ptrs, x, mask=cols[None, :] < n_cols, sem="relaxed")
+        else:
+            tl.atomic_add(ptrs, x, sem="relaxed")
+
+
+@triton.jit
+def _onepass_tile(
+    dk, dv, kT, vT, q_base, do_base, mask_base, stats_base, delta_base, dq_base, start_m, offs_n, offs_m0,
+    offs_e, offs_ev, stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms,
+    L, S, scale, causal_off,
+    E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
+    MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """One query tile against a key block: S and dP formed once, then dV, dK accumulated in registers
+    and this tile's dQ share added to the float32 dQ buffer (unscaled; the caller scales the sum).
+    S is formed as the forward forms it, dot(q, kᵀ) · scale with kᵀ loaded as the forward loads it, so
+    P is exact relative to the forward's statistics (see _dkdv_tile)."""
+    offs_m = start_m + offs_m0
+    q = load_tile(q_base + offs_m[:, None] * stride_ql + offs_e[None, :] * stride_qe,
+                  offs_m, offs_e, L, E, CHECK_M, BLOCK_E != E)
+    row_max, log2l = load_row_stats(stats_base, offs_m, L, CHECK_M)  # rows past L: P = 0
+    if CHECK_M:
+        delta = tl.load(delta_base + offs_m, mask=offs_m < L, other=0.0)
+    else:
+        delta = tl.load(delta_base + offs_m)
+    s = tl.dot(q, kT, input_precision=PRECISION) * scale
+    s = mask_scores(s, offs_m[:, None], offs_n[None, :], mask_base, stride_ml, stride_ms, L, S, causal_off,
+                    MASK_KIND, APPLY_CAUSAL, CHECK_M, CHECK_N)
+    p = tl.math.exp2((s - row_max[:, None]) * LOG2E - log2l[:, None])
+    do = load_tile(do_base + offs_m[:, None] * stride_dol + offs_ev[None, :] * stride_doe,
+                   offs_m, offs_ev, L, EV, CHECK_M, BLOCK_EV != EV)
+    dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=PRECISION)
+    dp = tl.dot(do, vT, input_precision=PRECISION)
+    ds = (p * (dp - delta[:, None])).to(q.dtype)
+    dk = tl.dot(tl.trans(ds), q, dk, input_precision=PRECISION)
+    dq = tl.dot(ds, tl.trans(kT), input_precision=PRECISION)
+    _atomic_add_tile(dq_base + offs_m[:, None] * E + offs_e[None, :], dq, offs_m, offs_e, L, E,
+                     CHECK_M, BLOCK_E != E)
+    return dk, dv
+
+
+@triton.autotune(
+    configs=configs.configs_for(configs.ONEPASS_CONFIGS),
+    key=["L_BUCKET", "S_BUCKET", "E", "EV", "MASK_KIND", "IS_CAUSAL", "PRECISION"],
+    prune_configs_by={"early_config_prune": configs.prune},
+    reset_to_zero=["DQ_ACC"],  # each benchmarked config adds into it
+)
+@triton.heuristics({
+    "EVEN_M": lambda a: a["L"] % a["BLOCK_M"] == 0,
+    "EVEN_N": lambda a: a["S"] % a["BLOCK_N"] == 0,
+})
+@triton.jit
+def _attn_bwd_onepass_kernel(
+    Q, K, V, M, DO, STATS, DELTA, DK, DV, DQ_ACC,
+    stride_qb, stride_qh, stride_ql, stride_qe,
+    stride_kb, stride_kh, stride_ks, stride_ke,
+    stride_vb, stride_vh, stride_vs, stride_ve,
+    stride_mb, stride_mh, stride_ml, stride_ms,
+    stride_dob, stride_doh, stride_dol, stride_doe,
+    stride_dkb, stride_dkh, stride_dks, stride_dke,
+    stride_dvb, stride_dvh, stride_dvs, stride_dve,
+    H, GROUP, L, S, scale, causal_off, L_BUCKET, S_BUCKET,
+    E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+    I64: tl.constexpr,
+):
+    """Single-pass backward: one program per (key block, kv head, batch) sweeps the query tiles of every
+    query head of its group once, owning dK, dV of its keys and adding dQ into DQ_ACC, a dense float32
+    (B, H, L, E) buffer, with atomics (so the order of the additions, and the last bits, vary per run)."""
+    pid_n = tl.program_id(0)
+    hk = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    start_n = pid_n * BLOCK_N
+    offs_n = index_range(start_n, BLOCK_N, I64)
+    offs_m0 = index_range(0, BLOCK_M, I64)
+    offs_e = index_range(0, BLOCK_E, I64)
+    offs_ev = index_range(0, BLOCK_EV, I64)
+
+    kT = load_tile(K + b * stride_kb + hk * stride_kh + offs_e[:, None] * stride_ke + offs_n[None, :] * stride_ks,
+                   offs_e, offs_n, E, S, BLOCK_E != E, not EVEN_N)
+    vT = load_tile(V + b * stride_vb + hk * stride_vh + offs_ev[:, None] * stride_ve + offs_n[None, :] * stride_vs,
+                   offs_ev, offs_n, EV, S, BLOCK_EV != EV, not EVEN_N)
+    dk = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_EV], dtype=tl.float32)
+
+    # The query tiles that see this key block, and those that see all of it (see _attn_bwd_dkdv_kernel).
+    lo = 0
+    mid = 0
+    if IS_CAUSAL:
+        lo = tl.maximum(start_n - causal_off, 0) // BLOCK_M * BLOCK_M
+        mid = tl.minimum(tl.maximum(start_n + BLOCK_N - 1 - causal_off + BLOCK_M - 1, 0) // BLOCK_M * BLOCK_M, L)
+        mid = tl.maximum(mid, lo)
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_dob + h * stride_doh
+        mask_base = M + b * stride_mb + h * stride_mh
+        stats_base = STATS + (b * H + h) * L * 2
+        delta_base = DELTA + (b * H + h) * L
+        dq_base = DQ_ACC + (b * H + h) * L * E
+        if IS_CAUSAL:
+            for start_m in range(lo, mid, BLOCK_M):
+                dk, dv = _onepass_tile(
+                    dk, dv, kT, vT, q_base, do_base, mask_base, stats_base, delta_base, dq_base, start_m, offs_n,
+                    offs_m0, offs_e, offs_ev, stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms,
+                    L, S, scale, causal_off, E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True,
+                    not EVEN_M, not EVEN_N, PRECISION)
+            for start_m in range(mid, L, BLOCK_M):
+                dk, dv = _onepass_tile(
+                    dk, dv, kT, vT, q_base, do_base, mask_base, stats_base, delta_base, dq_base, start_m, offs_n,
+                    offs_m0, offs_e, offs_ev, stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms,
+                    L, S, scale, causal_off, E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False,
+                    not EVEN_M, not EVEN_N, PRECISION)
+        else:
+            for start_m in range(0, L, BLOCK_M):
+                dk, dv = _onepass_tile(
+                    dk, dv, kT, vT, q_base, do_base, mask_base, stats_base, delta_base, dq_base, start_m, offs_n,
+                    offs_m0, offs_e, offs_ev, stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms,
+                    L, S, scale, causal_off, E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False,
+                    not EVEN_M, not EVEN_N, PRECISION)
+
+    dk = dk * scale
+    store_tile(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dks + offs_e[None, :] * stride_dke,
+               dk.to(DK.dtype.element_ty), offs_n, offs_e, S, E, not EVEN_N, BLOCK_E != E)
+    store_tile(DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvs + offs_ev[None, :] * stride_dve,
+               dv.to(DV.dtype.element_ty), offs_n, offs_ev, S, EV, not EVEN_N, BLOCK_EV != EV)
+
+
+@triton.jit
 def _attn_bwd_dmask_kernel(
     Q, K, V, M, DO, STATS, DELTA, DLSE, DM,
     stride_qb, stride_qh, stride_ql, stride_qe,
@@ -406,8 +553,28 @@ def dmask_blocks(E: int, Ev: int, dtype):
     return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps
 
 
-def attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale: float, causal: int, mask_grad: bool):
-    """Triton backward on canonical tensors (see backends/base.py). Returns (dq, dk, dv, dmask or None)."""
+def _launch_onepass(q, k, v, mask_ptr, m_strides, dout, stats, delta, dq, dk, dv, scale, off, common):
+    """The single-pass dK/dV/dQ kernel: writes dk and dv, and dq (in q's dtype) from a float32 buffer
+    the kernel adds into, scaled once at the end."""
+    B, H, L, E = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    dq_acc = torch.zeros((B, H, L, E), dtype=torch.float32, device=q.device)
+    common = dict(common, I64=common["I64"] or needs_int64(dq_acc))
+    _attn_bwd_onepass_kernel[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), Hkv, B)](
+        q, k, v, mask_ptr, dout, stats, delta, dk, dv, dq_acc,
+        *q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *dk.stride(), *dv.stride(),
+        H, H // Hkv, L, S, scale, off, configs.bucket(L), configs.bucket(S), **common,
+    )
+    dq.copy_(dq_acc.mul_(scale))
+
+
+def attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale: float, causal: int, mask_grad: bool,
+                       deterministic: bool = False):
+    """Triton backward on canonical tensors (see backends/base.py). Returns (dq, dk, dv, dmask or None).
+
+    By default dK, dV and dQ come from the single-pass kernel (dQ summed by float32 atomics: the last
+    bits of dQ may differ from run to run on a GPU); `deterministic` runs the two-pass dK/dV + dQ
+    kernels instead, bitwise reproducible."""
     B, H, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
     group = H // Hkv
@@ -433,16 +600,19 @@ def attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale: flo
 
     common = dict(E=E, EV=Ev, BLOCK_E=block_e, BLOCK_EV=block_ev, MASK_KIND=kind, IS_CAUSAL=is_causal,
                   PRECISION=precision, I64=i64)
-    _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), Hkv, B)](
-        q, k, v, mask_ptr, dout, stats, delta, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *dk.stride(), *dv.stride(),
-        H, group, L, S, scale, off, configs.bucket(L), configs.bucket(S), **common,
-    )
-    _attn_bwd_dq_kernel[lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), H, B)](
-        q, k, v, mask_ptr, dout, stats, delta, dq,
-        *q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *dq.stride(),
-        H, group, L, S, scale, off, configs.bucket(L), configs.bucket(S), **common,
-    )
+    if not deterministic:
+        _launch_onepass(q, k, v, mask_ptr, m_strides, dout, stats, delta, dq, dk, dv, scale, off, common)
+    else:
+        _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), Hkv, B)](
+            q, k, v, mask_ptr, dout, stats, delta, dk, dv,
+            *q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *dk.stride(), *dv.stride(),
+            H, group, L, S, scale, off, configs.bucket(L), configs.bucket(S), **common,
+        )
+        _attn_bwd_dq_kernel[lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), H, B)](
+            q, k, v, mask_ptr, dout, stats, delta, dq,
+            *q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *dq.stride(),
+            H, group, L, S, scale, off, configs.bucket(L), configs.bucket(S), **common,
+        )
 
     dmask = None
     if mask_grad:

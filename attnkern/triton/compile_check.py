@@ -138,7 +138,7 @@ def variants(archs: List[int], all_configs: bool, dtypes=("float16", "bfloat16",
     out = []
     for arch, tier in itertools.product(archs, configs.TIERS):
         for kernel, candidates in (("fwd", configs.FWD_CONFIGS), ("dkdv", configs.BWD_CONFIGS),
-                                   ("dq", configs.BWD_CONFIGS)):
+                                   ("dq", configs.BWD_CONFIGS), ("onepass", configs.ONEPASS_CONFIGS)):
             for dtype in dtypes:
                 tier_cfgs = [c for c in candidates if c.attnkern_tier == (tier, configs.dtype_class(dtype))]
                 for cfg in (tier_cfgs if all_configs else tier_cfgs[:1]):
@@ -196,6 +196,11 @@ def check_variant(v: Variant) -> Variant:
         cx = dict(common, MASK_KIND=v.mask, IS_CAUSAL=v.causal, EVEN_M=False, EVEN_N=False,
                   HAS_LO=v.dtype != "float32" and v.mask == 2 and v.causal)
         ptrs = dict(Q=f"*{t}", K=f"*{t}", V=f"*{t}", M=mask_t, O=f"*{t}", O_LO=f"*{t}", LSE="*fp32", STATS="*fp32")
+    elif v.kernel == "onepass":
+        fn = _jit(backward._attn_bwd_onepass_kernel)
+        cx = dict(common, MASK_KIND=v.mask, IS_CAUSAL=v.causal, EVEN_M=False, EVEN_N=False)
+        ptrs = dict(Q=f"*{t}", K=f"*{t}", V=f"*{t}", M=mask_t, DO=f"*{t}", STATS="*fp32", DELTA="*fp32",
+                    DK=f"*{t}", DV=f"*{t}", DQ_ACC="*fp32")
     elif v.kernel in ("dkdv", "dq"):
         fn = _jit(backward._attn_bwd_dkdv_kernel if v.kernel == "dkdv" else backward._attn_bwd_dq_kernel)
         cx = dict(common, MASK_KIND=v.mask, IS_CAUSAL=v.causal, EVEN_M=False, EVEN_N=False)
@@ -216,7 +221,7 @@ def main(argv=None) -> int:
     ap.add_argument("--all-configs", action="store_true", help="every autotune config, not just the first")
     ap.add_argument("--dtype", nargs="+", default=["float16", "bfloat16", "float32"])
     ap.add_argument("--head-dim", type=int, nargs="+", default=list(configs.TIERS))
-    ap.add_argument("--kernel", nargs="+", default=["fwd", "dkdv", "dq", "dmask"])
+    ap.add_argument("--kernel", nargs="+", default=["fwd", "dkdv", "dq", "onepass", "dmask"])
     ap.add_argument("--no-spills", action="store_true", help="fail on any register spill")
     ap.add_argument("--worst-case", action="store_true", help="only the float-mask causal variants (most registers)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)

@@ -69,6 +69,17 @@ BWD_CONFIGS = (
     + _tier(256, "fp32", (16, 16, 4, 1), (16, 32, 4, 1), (32, 32, 8, 1))
 )
 
+# Single-pass backward: one program owns BLOCK_N keys (dK, dV in registers) and streams query tiles of
+# BLOCK_M rows, adding each tile's dQ into a float32 buffer with atomics. Every chained dot has M =
+# BLOCK_M or BLOCK_N, kept at >= 16 x warps so no two warps compute the same rows.
+ONEPASS_CONFIGS = (
+    _tier(64, "half", (64, 64, 4, 2), (64, 128, 4, 2), (32, 64, 2, 2))
+    + _tier(128, "half", (64, 64, 4, 2), (64, 128, 8, 2), (32, 64, 2, 2))
+    + _tier(256, "half", (32, 64, 4, 1), (32, 32, 2, 1), (64, 64, 4, 1))
+    + _tier(64, "fp32", (32, 64, 4, 1), (64, 64, 4, 1), (32, 32, 2, 1))
+    + _tier(128, "fp32", (32, 32, 2, 1), (32, 64, 4, 1), (16, 32, 1, 1))
+    + _tier(256, "fp32", (16, 32, 1, 1), (16, 16, 1, 1), (32, 32, 2, 1))
+)
 
 def dtype_class(dtype) -> str:
     """'fp32' or 'half' for a torch or triton dtype (or its name)."""

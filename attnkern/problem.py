@@ -35,6 +35,9 @@ class AttentionProblem:
     # Whether the user passed a head dim (inputs of rank >= 3); 2-D inputs get a head dim of 1.
     has_head_dim: bool = True
     notes: list = field(default_factory=list)  # normalization steps that copied memory, for explain()
+    # The caller asked for a bitwise-reproducible backward (torch's global switch is read when the
+    # backward runs: config.deterministic_backward).
+    deterministic: bool = False
 
     @property
     def B(self) -> int:
@@ -179,8 +182,11 @@ def normalize(
     causal: int = masks.CAUSAL_NONE,
     scale: Optional[float] = None,
     enable_gqa: bool = False,
+    deterministic: bool = False,
 ) -> AttentionProblem:
     """Check the arguments as torch's SDPA does (with clearer messages) and build the canonical problem."""
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
     for name, t in (("query", query), ("key", key), ("value", value)):
         _check_tensor(name, t)
     if not (query.dtype == key.dtype == value.dtype):
@@ -276,5 +282,5 @@ def normalize(
     return AttentionProblem(
         q=q, k=k, v=v, mask=mask, scale=float(scale), causal=causal, dropout_p=float(dropout_p),
         batch_shape=batch_shape, has_head_dim=query.dim() > 2 or key.dim() > 2 or value.dim() > 2,
-        notes=notes,
+        notes=notes, deterministic=deterministic,
     )

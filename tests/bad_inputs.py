@@ -3,7 +3,7 @@
 `bad_call(entry, seed)` draws one invalid call: a small valid problem with one thing broken (a wrong
 dtype, device, shape, head count, mask, scale, dropout_p, causal or backend), made through the public
 API (entry "api": scaled_dot_product_attention or attention) or the custom ops (entry "ops":
-torch.ops.attnkern.attention_forward_v3 / attention_backward_v3, which anyone can call). Each must raise
+torch.ops.attnkern.attention_forward_v4 / attention_backward_v4, which anyone can call). Each must raise
 TypeError, ValueError or RuntimeError with a message naming the broken argument.
 
 A wrong call may also crash the process (an out-of-bounds read in a kernel), so tests run the calls

@@ -146,22 +146,23 @@ DETERMINISTIC_CASES = [
 ]
 
 
-@pytest.mark.parametrize("name", DETERMINISTIC_CASES)
-@pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-def test_deterministic_path_matches_reference_and_repeats_bitwise(launches, dtype, name):
-    case = case_by_name(name)
+def _run_case(case, dtype, runs=1, **kw):
+    """`runs` forward+backward runs of `case` on Triton: the inputs and, per run, [out, lse, *grads]."""
     q, k, v, mask = make_inputs(case, dtype, DEVICE, seed=7)
-    runs = []
-    for _ in range(2):
-        out, lse = attnkern.attention(q, k, v, attn_mask=mask, backend="triton", deterministic=True,
-                                      **as_kwargs(case))
+    results = []
+    for _ in range(runs):
+        out, lse = attnkern.attention(q, k, v, attn_mask=mask, backend="triton", **as_kwargs(case), **kw)
         do, dlse = upstream_grads(out, lse)
         torch.autograd.backward([out, lse], [do, dlse])
-        runs.append([out.detach(), lse.detach()] + [t.grad.clone() for t in grad_leaves(q, k, v, mask)])
+        results.append([out.detach(), lse.detach()] + [t.grad.clone() for t in grad_leaves(q, k, v, mask)])
         for t in grad_leaves(q, k, v, mask):
             t.grad = None
-    assert launches == TWOPASS * 2
-    out, lse, *grads = runs[0]
+    return (q, k, v, mask, do, dlse), results
+
+
+def _assert_matches_reference(case, dtype, inputs, result):
+    q, k, v, mask, do, dlse = inputs
+    out, lse, *grads = result
     out64, lse64, grads64 = run_reference(q, k, v, mask, case, torch.float64, do, dlse)
     out_lp, lse_lp, grads_lp = run_reference(q, k, v, mask, case, dtype, do, dlse)
     assert_all([
@@ -170,5 +171,50 @@ def test_deterministic_path_matches_reference_and_repeats_bitwise(launches, dtyp
         *[check(n, g, g64, glp, dtype, factor=3.0)
           for n, g, g64, glp in zip(["dq", "dk", "dv", "dmask"], grads, grads64, grads_lp)],
     ])
+
+
+@pytest.mark.parametrize("name", DETERMINISTIC_CASES)
+@pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_deterministic_path_matches_reference_and_repeats_bitwise(launches, dtype, name):
+    case = case_by_name(name)
+    inputs, runs = _run_case(case, dtype, runs=2, deterministic=True)
+    assert launches == TWOPASS * 2
+    _assert_matches_reference(case, dtype, inputs, runs[0])
     for n, a, b in zip(["out", "lse", "dq", "dk", "dv", "dmask"], *runs):
         assert torch.equal(a, b), f"{n} differs between two deterministic runs"
+
+
+def test_kv_group_parts_fill_the_sms(monkeypatch):
+    """GQA/MQA dK/dV programs split a kv head's query-head group only when the grid would leave SMs
+    idle, into the fewest parts (a divisor of the group) that fill them."""
+    import attnkern.triton.backward as bwd
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(bwd, "_sm_count", lambda device: 132 if device.type == "cuda" else 0)
+    assert bwd.kv_group_parts(1, 1, 32, 4096, 64, cuda) == 4  # MQA: 64 programs -> 256
+    assert bwd.kv_group_parts(1, 1, 6, 4096, 64, cuda) == 3  # 64 -> 192 (2 parts: 128 < 132)
+    assert bwd.kv_group_parts(1, 1, 3, 1000, 128, cuda) == 3  # 8 -> 24: still short, the whole group
+    assert bwd.kv_group_parts(8, 8, 4, 4096, 64, cuda) == 1  # 4096 programs: no split
+    assert bwd.kv_group_parts(1, 4, 1, 128, 64, cuda) == 1  # no group to split
+    assert bwd.kv_group_parts(1, 1, 8, 4096, 64, cpu) == 1  # the interpreter: no SMs to fill
+
+
+# (case, parts): the group of 4, 3 or 2 query heads per kv head split into `parts`.
+SPLIT_CASES = [("gqa_4_1_causal", 2), ("gqa_6_2_e96", 3), ("gqa_4_2_mask_float_grad", 2)]
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["single_pass", "two_pass"])
+@pytest.mark.parametrize("name, parts", SPLIT_CASES, ids=[n for n, _ in SPLIT_CASES])
+def test_kv_group_split_matches_reference(monkeypatch, launches, name, parts, deterministic):
+    import attnkern.triton.backward as bwd
+
+    split = []
+    monkeypatch.setattr(bwd, "kv_group_parts", lambda *args: split.append(parts) or parts)
+    case = case_by_name(name)
+    dtype = TRITON_DTYPES[0]
+    inputs, runs = _run_case(case, dtype, runs=1 + deterministic, deterministic=deterministic)
+    assert launches == (TWOPASS if deterministic else ONEPASS) * len(runs) and split == [parts] * len(runs)
+    _assert_matches_reference(case, dtype, inputs, runs[0])
+    if deterministic:  # the parts are summed in a fixed order
+        for n, a, b in zip(["out", "lse", "dq", "dk", "dv", "dmask"], *runs):
+            assert torch.equal(a, b), f"{n} differs between two deterministic runs"

@@ -18,10 +18,14 @@ depends on the order the programs' additions land in (not bitwise reproducible o
 
 Two passes (deterministic, no atomics): the dK/dV programs are laid out as above without the dQ
 product; dQ programs own a query block and loop over the keys, recomputing S and dP (7 products, 2
-exps per score). Grouped-query attention needs neither atomics nor a materialized repeat. The dMask pass owns one tile
-of the (Bm, Hm, Lm, Sm) mask gradient and sums over exactly the dims the mask broadcasts over; over
-keys it sums each row as rowsum(P ∘ dP)(1 − rowsum P) + dlse · rowsum P, the same value as rowsum dS
-but free of delta's rounding (which rowsum dS ≈ dlse would amplify by cancellation).
+exps per score). Grouped-query attention needs neither atomics nor a materialized repeat: on both paths
+a dK/dV program loops over its kv head's query heads, or, when that grid would leave SMs idle (MQA,
+small batch), over one part of them, the parts summed after in a fixed order (kv_group_parts).
+
+The dMask pass owns one tile of the (Bm, Hm, Lm, Sm) mask gradient and sums over exactly the dims the
+mask broadcasts over; over keys it sums each row as rowsum(P ∘ dP)(1 − rowsum P) + dlse · rowsum P,
+the same value as rowsum dS but free of delta's rounding (which rowsum dS ≈ dlse would amplify by
+cancellation).
 """
 import torch
 import triton
@@ -121,14 +125,18 @@ def _attn_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dol, stride_doe,
     stride_dkb, stride_dkh, stride_dks, stride_dke,
     stride_dvb, stride_dvh, stride_dvs, stride_dve,
-    H, GROUP, L, S, scale, causal_off, L_BUCKET, S_BUCKET,
+    H, GROUP, HEADS, L, S, scale, causal_off, L_BUCKET, S_BUCKET,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     I64: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    hk = tl.program_id(1).to(tl.int64)
+    # Program axis 1: HEADS consecutive query heads of one kv head's group (HEADS = GROUP: the whole
+    # group, written to the kv head's dK/dV; fewer: a part, written to slot j of a per-part buffer).
+    j = tl.program_id(1).to(tl.int64)
+    h0 = j * HEADS
+    hk = h0 // GROUP
     b = tl.program_id(2).to(tl.int64)
     start_n = pid_n * BLOCK_N
     offs_n = index_range(start_n, BLOCK_N, I64)
@@ -153,8 +161,8 @@ def _attn_bwd_dkdv_kernel(
         lo = tl.maximum(start_n - causal_off, 0) // BLOCK_M * BLOCK_M
         mid = tl.minimum(tl.maximum(start_n + BLOCK_N - 1 - causal_off + BLOCK_M - 1, 0) // BLOCK_M * BLOCK_M, L)
         mid = tl.maximum(mid, lo)
-    for g in range(0, GROUP):
-        h = hk * GROUP + g
+    for g in range(0, HEADS):
+        h = h0 + g
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DO + b * stride_dob + h * stride_doh
         mask_base = M + b * stride_mb + h * stride_mh
@@ -182,9 +190,9 @@ def _attn_bwd_dkdv_kernel(
                     not EVEN_M, not EVEN_N, PRECISION)
 
     dk = dk * scale
-    store_tile(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dks + offs_e[None, :] * stride_dke,
+    store_tile(DK + b * stride_dkb + j * stride_dkh + offs_n[:, None] * stride_dks + offs_e[None, :] * stride_dke,
                dk.to(DK.dtype.element_ty), offs_n, offs_e, S, E, not EVEN_N, BLOCK_E != E)
-    store_tile(DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvs + offs_ev[None, :] * stride_dve,
+    store_tile(DV + b * stride_dvb + j * stride_dvh + offs_n[:, None] * stride_dvs + offs_ev[None, :] * stride_dve,
                dv.to(DV.dtype.element_ty), offs_n, offs_ev, S, EV, not EVEN_N, BLOCK_EV != EV)
 
 
@@ -360,7 +368,7 @@ def _attn_bwd_onepass_kernel(
     stride_dob, stride_doh, stride_dol, stride_doe,
     stride_dkb, stride_dkh, stride_dks, stride_dke,
     stride_dvb, stride_dvh, stride_dvs, stride_dve,
-    H, GROUP, L, S, scale, causal_off, L_BUCKET, S_BUCKET,
+    H, GROUP, HEADS, L, S, scale, causal_off, L_BUCKET, S_BUCKET,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
@@ -370,7 +378,11 @@ def _attn_bwd_onepass_kernel(
     query head of its group once, owning dK, dV of its keys and adding dQ into DQ_ACC, a dense float32
     (B, H, L, E) buffer, with atomics (so the order of the additions, and the last bits, vary per run)."""
     pid_n = tl.program_id(0)
-    hk = tl.program_id(1).to(tl.int64)
+    # Program axis 1: HEADS consecutive query heads of one kv head's group (HEADS = GROUP: the whole
+    # group, written to the kv head's dK/dV; fewer: a part, written to slot j of a per-part buffer).
+    j = tl.program_id(1).to(tl.int64)
+    h0 = j * HEADS
+    hk = h0 // GROUP
     b = tl.program_id(2).to(tl.int64)
     start_n = pid_n * BLOCK_N
     offs_n = index_range(start_n, BLOCK_N, I64)
@@ -392,8 +404,8 @@ def _attn_bwd_onepass_kernel(
         lo = tl.maximum(start_n - causal_off, 0) // BLOCK_M * BLOCK_M
         mid = tl.minimum(tl.maximum(start_n + BLOCK_N - 1 - causal_off + BLOCK_M - 1, 0) // BLOCK_M * BLOCK_M, L)
         mid = tl.maximum(mid, lo)
-    for g in range(0, GROUP):
-        h = hk * GROUP + g
+    for g in range(0, HEADS):
+        h = h0 + g
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DO + b * stride_dob + h * stride_doh
         mask_base = M + b * stride_mb + h * stride_mh
@@ -422,9 +434,9 @@ def _attn_bwd_onepass_kernel(
                     not EVEN_M, not EVEN_N, PRECISION)
 
     dk = dk * scale
-    store_tile(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dks + offs_e[None, :] * stride_dke,
+    store_tile(DK + b * stride_dkb + j * stride_dkh + offs_n[:, None] * stride_dks + offs_e[None, :] * stride_dke,
                dk.to(DK.dtype.element_ty), offs_n, offs_e, S, E, not EVEN_N, BLOCK_E != E)
-    store_tile(DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvs + offs_ev[None, :] * stride_dve,
+    store_tile(DV + b * stride_dvb + j * stride_dvh + offs_n[:, None] * stride_dvs + offs_ev[None, :] * stride_dve,
                dv.to(DV.dtype.element_ty), offs_n, offs_ev, S, EV, not EVEN_N, BLOCK_EV != EV)
 
 
@@ -553,19 +565,83 @@ def dmask_blocks(E: int, Ev: int, dtype):
     return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps
 
 
+def _sm_count(device) -> int:
+    """Streaming multiprocessors of a CUDA device; 0 elsewhere (the interpreter: nothing to fill)."""
+    if device.type != "cuda":
+        return 0
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def kv_group_parts(B: int, Hkv: int, group: int, S: int, block_n: int, device) -> int:
+    """Into how many parts the dK/dV programs split each kv head's group of query heads. One program
+    per (key block, kv head, batch) leaves SMs idle when B·Hkv·ceil(S/BLOCK_N) is below the SM count
+    (MQA/GQA at small batch): the group is then split into the fewest parts (a divisor of the group)
+    that give every SM a program; each part's programs write their heads' dK/dV sum to a float32
+    buffer slot, and the parts are summed after (_sum_kv_parts: a fixed order, deterministic)."""
+    sms = _sm_count(device)
+    programs = B * Hkv * triton.cdiv(S, block_n)
+    if group == 1 or programs >= sms:
+        return 1
+    return next(p for p in range(2, group + 1) if group % p == 0 and (programs * p >= sms or p == group))
+
+
+def _kv_part_buffers(dk, dv, parts: int):
+    """Where the dK/dV programs write: dk and dv themselves, or float32 (B, Hkv·parts, S, ·) buffers
+    with one slot per part of each group."""
+    if parts == 1:
+        return dk, dv
+    B, Hkv, S, E = dk.shape
+    return tuple(torch.empty((B, Hkv * parts, S, t.shape[3]), dtype=torch.float32, device=t.device) for t in (dk, dv))
+
+
+def _sum_kv_parts(dk, dv, dk_parts, dv_parts, parts: int) -> None:
+    if parts == 1:
+        return
+    B, Hkv, S = dk.shape[:3]
+    for t, t_parts in ((dk, dk_parts), (dv, dv_parts)):
+        t.copy_(t_parts.view(B, Hkv, parts, S, t.shape[3]).sum(2))
+
+
+def _first_block_n(candidates, E: int, Ev: int, dtype) -> int:
+    if configs.INTERPRET:
+        return configs.INTERPRET_BLOCK
+    c = configs.first_config(candidates, max(configs.head_block(E), configs.head_block(Ev)), dtype)
+    return c.kwargs["BLOCK_N"]
+
+
 def _launch_onepass(q, k, v, mask_ptr, m_strides, dout, stats, delta, dq, dk, dv, scale, off, common):
     """The single-pass dK/dV/dQ kernel: writes dk and dv, and dq (in q's dtype) from a float32 buffer
     the kernel adds into, scaled once at the end."""
     B, H, L, E = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
+    Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
+    group = H // Hkv
+    parts = kv_group_parts(B, Hkv, group, S, _first_block_n(configs.ONEPASS_CONFIGS, E, Ev, q.dtype), q.device)
+    dk_t, dv_t = _kv_part_buffers(dk, dv, parts)
     dq_acc = torch.zeros((B, H, L, E), dtype=torch.float32, device=q.device)
-    common = dict(common, I64=common["I64"] or needs_int64(dq_acc))
-    _attn_bwd_onepass_kernel[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), Hkv, B)](
-        q, k, v, mask_ptr, dout, stats, delta, dk, dv, dq_acc,
-        *q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *dk.stride(), *dv.stride(),
-        H, H // Hkv, L, S, scale, off, configs.bucket(L), configs.bucket(S), **common,
+    common = dict(common, I64=common["I64"] or needs_int64(dq_acc, dk_t, dv_t))
+    _attn_bwd_onepass_kernel[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), Hkv * parts, B)](
+        q, k, v, mask_ptr, dout, stats, delta, dk_t, dv_t, dq_acc,
+        *q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *dk_t.stride(), *dv_t.stride(),
+        H, group, group // parts, L, S, scale, off, configs.bucket(L), configs.bucket(S), **common,
     )
+    _sum_kv_parts(dk, dv, dk_t, dv_t, parts)
     dq.copy_(dq_acc.mul_(scale))
+
+
+def _launch_dkdv(q, k, v, mask_ptr, m_strides, dout, stats, delta, dk, dv, scale, off, common):
+    """The two-pass path's dK/dV kernel, its kv-head groups split as kv_group_parts says."""
+    B, H, L, E = q.shape
+    Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
+    group = H // Hkv
+    parts = kv_group_parts(B, Hkv, group, S, _first_block_n(configs.BWD_CONFIGS, E, Ev, q.dtype), q.device)
+    dk_t, dv_t = _kv_part_buffers(dk, dv, parts)
+    common = dict(common, I64=common["I64"] or needs_int64(dk_t, dv_t))
+    _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), Hkv * parts, B)](
+        q, k, v, mask_ptr, dout, stats, delta, dk_t, dv_t,
+        *q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *dk_t.stride(), *dv_t.stride(),
+        H, group, group // parts, L, S, scale, off, configs.bucket(L), configs.bucket(S), **common,
+    )
+    _sum_kv_parts(dk, dv, dk_t, dv_t, parts)
 
 
 def attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale: float, causal: int, mask_grad: bool,
@@ -603,11 +679,7 @@ def attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale: flo
     if not deterministic:
         _launch_onepass(q, k, v, mask_ptr, m_strides, dout, stats, delta, dq, dk, dv, scale, off, common)
     else:
-        _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), Hkv, B)](
-            q, k, v, mask_ptr, dout, stats, delta, dk, dv,
-            *q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *dk.stride(), *dv.stride(),
-            H, group, L, S, scale, off, configs.bucket(L), configs.bucket(S), **common,
-        )
+        _launch_dkdv(q, k, v, mask_ptr, m_strides, dout, stats, delta, dk, dv, scale, off, common)
         _attn_bwd_dq_kernel[lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), H, B)](
             q, k, v, mask_ptr, dout, stats, delta, dq,
             *q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *dq.stride(),

@@ -69,17 +69,22 @@ BWD_CONFIGS = (
     + _tier(256, "fp32", (16, 16, 4, 1), (16, 32, 4, 1), (32, 32, 8, 1))
 )
 
-# Single-pass backward: one program owns BLOCK_N keys (dK, dV in registers) and streams query tiles of
-# BLOCK_M rows, adding each tile's dQ into a float32 buffer with atomics. Every chained dot has M =
-# BLOCK_M or BLOCK_N, kept at >= 16 x warps so no two warps compute the same rows.
+# Single-pass backward: one program owns BLOCK_N keys (dK, dV accumulated in registers) and streams
+# query tiles of BLOCK_M rows, adding each tile's dQ into a float32 buffer with atomics. It holds more
+# live state than either two-pass kernel (dK, dV and a dQ tile at once), so its tiles are smaller.
+# Chosen from `compile_check` figures (registers, spills, shared memory; sm90 and sm80, with and without
+# the divisibility hints of a real launch): the first of each tier spills at most a few dozen bytes in
+# its plain form and fits an sm80's shared memory. fp32 above E = 64 spills in every config tried, as
+# the two-pass dK/dV kernel does there.
 ONEPASS_CONFIGS = (
-    _tier(64, "half", (64, 64, 4, 2), (64, 128, 4, 2), (32, 64, 2, 2))
-    + _tier(128, "half", (64, 64, 4, 2), (64, 128, 8, 2), (32, 64, 2, 2))
-    + _tier(256, "half", (32, 64, 4, 1), (32, 32, 2, 1), (64, 64, 4, 1))
-    + _tier(64, "fp32", (32, 64, 4, 1), (64, 64, 4, 1), (32, 32, 2, 1))
-    + _tier(128, "fp32", (32, 32, 2, 1), (32, 64, 4, 1), (16, 32, 1, 1))
-    + _tier(256, "fp32", (16, 32, 1, 1), (16, 16, 1, 1), (32, 32, 2, 1))
+    _tier(64, "half", (64, 64, 4, 2), (64, 64, 4, 1), (128, 128, 8, 2))
+    + _tier(128, "half", (64, 32, 4, 2), (64, 64, 4, 1), (128, 64, 8, 2))
+    + _tier(256, "half", (16, 32, 4, 1), (32, 32, 4, 1))
+    + _tier(64, "fp32", (16, 32, 4, 1), (32, 32, 4, 1))
+    + _tier(128, "fp32", (16, 32, 4, 1), (32, 32, 4, 1))
+    + _tier(256, "fp32", (16, 16, 4, 1))
 )
+
 
 def dtype_class(dtype) -> str:
     """'fp32' or 'half' for a torch or triton dtype (or its name)."""

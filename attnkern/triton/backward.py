@@ -413,7 +413,7 @@ def _attn_bwd_onepass_kernel(
         delta_base = DELTA + (b * H + h) * L
         dq_base = DQ_ACC + (b * H + h) * L * E
         if IS_CAUSAL:
-            for start_m in range(lo, mid, BLOCK_M):
+            for start_m in tl.range(lo, mid, BLOCK_M, num_stages=1):  # a few diagonal tiles: not pipelined
                 dk, dv = _onepass_tile(
                     dk, dv, kT, vT, q_base, do_base, mask_base, stats_base, delta_base, dq_base, start_m, offs_n,
                     offs_m0, offs_e, offs_ev, stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms,

@@ -52,14 +52,15 @@ def _run(problem: AttentionProblem, backend: Optional[str], sinks: Optional[torc
             enable_gqa=True, dropout_p=problem.dropout_p,
             compute_dtype=torch.float64 if problem.dtype == torch.float64 else torch.float32,
         )
+        out_lo = None
     else:
         out, lse, _, out_lo = ops.attention_forward(
             problem.q, problem.k, problem.v, problem.mask, problem.scale, problem.band.as_op(), choice.backend,
             problem.needs_grad or (sinks is not None and sinks.requires_grad and torch.is_grad_enabled()),
+            problem.deterministic,
         )
     if sinks is not None:  # exact rescale by the lse, on every backend (sinks.py)
-        out, lse = apply_sinks(out, lse, sinks, out_lo if choice.backend != "reference" or problem.dropout_p == 0.0
-                               else None)
+        out, lse = apply_sinks(out, lse, sinks, out_lo)
     return out.reshape(problem.output_shape()), lse.reshape(problem.lse_shape())
 
 
@@ -108,6 +109,7 @@ def attention(
     dropout_p: float = 0.0,
     return_lse: bool = True,
     backend: Optional[str] = None,
+    deterministic: bool = False,
 ):
     """Attention with the options SDPA lacks. Returns (out, lse) or, with return_lse=False, out.
 
@@ -125,9 +127,15 @@ def attention(
         (float64 for float64 inputs); -inf for a fully masked row. It is differentiable.
     backend: "auto", "triton", "reference", ...; None means `use_backend(...)`/ATTNKERN_BACKEND/auto.
         An explicit backend that cannot run the call raises BackendUnavailableError with the reason.
+    deterministic: True asks for a backward that is bitwise reproducible run to run. The Triton backend's
+        default backward is a single pass that sums dQ with float32 atomics (faster, but the last bits
+        of dQ may vary on a GPU); this selects its two-pass backward instead, as
+        torch.use_deterministic_algorithms(True) does for every call (read when the backward runs). The
+        other backends' backward is always deterministic.
     """
     problem = normalize(
-        query, key, value, attn_mask, dropout_p, masks.parse_causal(causal), scale, enable_gqa, window=window
+        query, key, value, attn_mask, dropout_p, masks.parse_causal(causal), scale, enable_gqa, window=window,
+        deterministic=deterministic,
     )
     sinks = check_sinks(sinks, problem.Hq, problem.device)
     out, lse = _run(problem, backend, sinks)
@@ -144,10 +152,12 @@ class Explanation:
     problem: str
     rejected: Dict[str, str] = field(default_factory=dict)
     notes: List[str] = field(default_factory=list)
+    backward: str = ""  # which backward kernels a gradient of this call would run
 
     def __str__(self) -> str:
         lines = [f"backend: {self.backend}" + (" (fallback)" if self.fallback else ""),
                  f"why: {self.reason}", f"problem: {self.problem}"]
+        lines += [f"backward: {self.backward}"] if self.backward else []
         lines += [f"not {name}: {why}" for name, why in self.rejected.items()]
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -155,18 +165,20 @@ class Explanation:
 
 def explain(
     query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
-    causal=None, window=None, backend: Optional[str] = None,
+    causal=None, window=None, backend: Optional[str] = None, deterministic: bool = False,
 ) -> Explanation:
     """Say which path a call with these arguments takes and why, without running it.
 
-    Takes SDPA's arguments, plus `causal=` (as in `attention`, overrides is_causal), `window=` (as in
-    `attention`) and `backend=`.
+    Takes SDPA's arguments, plus `causal=`, `window=`, `backend=` and `deterministic=` (as in
+    `attention`; causal overrides is_causal). `backward` says which backward kernels a gradient would run
+    now (with torch.are_deterministic_algorithms_enabled() as it is at this call).
     An explicit backend that cannot run the call is reported, not raised. Inside a
     `torch.nn.attention.sdpa_kernel(...)` block a note says that under `replace_sdpa()` torch runs the call.
     """
     code = masks.parse_causal(causal) if causal is not None else (
         masks.CAUSAL_TOP_LEFT if is_causal else masks.CAUSAL_NONE)
-    problem = normalize(query, key, value, attn_mask, dropout_p, code, scale, enable_gqa, window=window)
+    problem = normalize(query, key, value, attn_mask, dropout_p, code, scale, enable_gqa, window=window,
+                        deterministic=deterministic)
     notes = list(problem.notes)
     from .dispatch import torch_kernel_restriction  # dispatch imports this module
 
@@ -178,5 +190,6 @@ def explain(
         choice = backends.select(problem, requested)
     except backends.BackendUnavailableError as exc:
         return Explanation("none", str(exc), False, problem.summary(), notes=notes)
+    backward = backends.get(choice.backend).backward_path(config.deterministic_backward(deterministic))
     return Explanation(choice.backend, choice.reason, choice.fallback, problem.summary(),
-                       dict(choice.rejected), notes)
+                       dict(choice.rejected), notes, backward)

@@ -1,9 +1,12 @@
-"""Which backend calls use when they do not name one: `use_backend(...)`, else ATTNKERN_BACKEND, else auto."""
+"""Which backend calls use when they do not name one: `use_backend(...)`, else ATTNKERN_BACKEND, else auto;
+and whether a backward must be deterministic."""
 from __future__ import annotations
 
 import contextlib
 import os
 import threading
+
+import torch
 
 from . import backends
 
@@ -36,3 +39,10 @@ def use_backend(name: str):
         yield
     finally:
         stack.pop()
+
+
+def deterministic_backward(requested: bool) -> bool:
+    """Whether a backward runs its bitwise-reproducible kernels: asked for by the call
+    (`attention(..., deterministic=True)`) or by torch's global switch
+    (`torch.use_deterministic_algorithms(True)`, warn_only included), read when the backward runs."""
+    return bool(requested) or torch.are_deterministic_algorithms_enabled()

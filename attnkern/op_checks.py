@@ -1,6 +1,6 @@
 """Argument checks of the custom ops (ops.py), on metadata alone: shapes, dtypes, devices, codes.
 
-The ops are public (`torch.ops.attnkern.attention_forward_v3(...)` is callable by anyone) and the
+The ops are public (`torch.ops.attnkern.attention_forward_v4(...)` is callable by anyone) and the
 kernels trust their arguments: a key with too few heads would be read past its end. So every op body
 and every fake (meta) implementation checks its arguments first and raises a ValueError/TypeError that
 names the argument and says what was expected. Nothing here reads tensor data, so no check
@@ -53,13 +53,16 @@ def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def check_forward_args(q, k, v, mask: Optional[torch.Tensor], scale, band, backend, residual=False) -> None:
+def check_forward_args(q, k, v, mask: Optional[torch.Tensor], scale, band, backend, residual=False,
+                       deterministic=False) -> None:
     """The arguments of attention_forward: q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev) of one
     floating dtype and device, Hq a multiple of Hkv (both 0 for a zero-head problem), mask None or
     (Bm, Hm, Lm, Sm) with each dim 1 or full, a finite scale, a band [bottom_right, left, right]
-    (band.py), a known backend name, and a bool `residual`."""
+    (band.py), a known backend name, and bools `residual` and `deterministic`."""
     if not isinstance(residual, bool):
         raise TypeError(f"attnkern op: residual must be a bool, got {type(residual).__name__}")
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"attnkern op: deterministic must be a bool, got {type(deterministic).__name__}")
     if not isinstance(backend, str) or backend not in backends.names() or backend == "auto":
         raise ValueError(
             f"attnkern op: backend must name a registered backend {backends.names()[1:]}, got {backend!r}"
@@ -115,11 +118,12 @@ def check_band(band) -> None:
         )
 
 
-def check_backward_args(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, band, mask_grad, backend) -> None:
+def check_backward_args(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, band, mask_grad, backend,
+                        deterministic=False) -> None:
     """The arguments of attention_backward: those of the forward, plus out and dout (B, Hq, L, Ev) in
     the query's dtype, out_lo empty or (for float16/bfloat16) out's shape and dtype, stats (B, Hq, L, 2)
     and dlse None or (B, Hq, L) in the accumulator dtype, and mask_grad only with a float mask."""
-    check_forward_args(q, k, v, mask, scale, band, backend)
+    check_forward_args(q, k, v, mask, scale, band, backend, deterministic=deterministic)
     B, Hq, L, _ = q.shape
     Ev = v.shape[3]
     acc = accumulator_dtype(q.dtype)

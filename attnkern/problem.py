@@ -43,6 +43,9 @@ class AttentionProblem:
     def __post_init__(self):
         if self.band is None:
             self.band = make_band(self.causal, self.window)
+    # The caller asked for a bitwise-reproducible backward (torch's global switch is read when the
+    # backward runs: config.deterministic_backward).
+    deterministic: bool = False
 
     @property
     def B(self) -> int:
@@ -189,9 +192,12 @@ def normalize(
     scale: Optional[float] = None,
     enable_gqa: bool = False,
     window=None,
+    deterministic: bool = False,
 ) -> AttentionProblem:
     """Check the arguments as torch's SDPA does (with clearer messages) and build the canonical problem."""
     window = parse_window(window)
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
     for name, t in (("query", query), ("key", key), ("value", value)):
         _check_tensor(name, t)
     if not (query.dtype == key.dtype == value.dtype):
@@ -287,5 +293,5 @@ def normalize(
     return AttentionProblem(
         q=q, k=k, v=v, mask=mask, scale=float(scale), causal=causal, dropout_p=float(dropout_p),
         batch_shape=batch_shape, has_head_dim=query.dim() > 2 or key.dim() > 2 or value.dim() > 2,
-        notes=notes, window=window,
+        notes=notes, window=window, deterministic=deterministic,
     )

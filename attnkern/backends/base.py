@@ -10,8 +10,12 @@ metadata before a backend is called (op_checks.py), and send zero-sized problems
     forward(q, k, v, mask, scale, band, residual)
         -> (out (B, Hq, L, Ev) in q's dtype, lse (B, Hq, L) float32, stats (B, Hq, L, 2) float32,
             out_lo: out's rounding residual, or an empty tensor)
-    backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, band, mask_grad)
+    backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, band, mask_grad, deterministic)
         -> (dq, dk, dv, dmask or None)
+
+`deterministic` asks for a backward that is bitwise reproducible run to run; a backend whose only
+backward is (cpu, cuda, reference) ignores it, the Triton one switches from its single-pass kernel
+(dQ summed with atomics) to its two-pass kernels.
 
 A fully masked row has out = 0, lse = -inf and zero gradients. `dlse` (may be None) is the gradient of
 the returned log-sum-exp. `stats` is what the backward needs to recompute the probabilities: per row,
@@ -58,5 +62,10 @@ class Backend:
         raise NotImplementedError
 
     def backward(self, dout, dlse, q, k, v, mask, out, out_lo, stats, scale: float, band,
-                 mask_grad: bool):
+                 mask_grad: bool, deterministic: bool = False):
         raise NotImplementedError
+
+    def backward_path(self, deterministic: bool) -> str:
+        """Which backward kernels run, in words (for explain), given whether a deterministic one was
+        asked for. Backends with a single, deterministic backward keep this default."""
+        return "deterministic (no atomics): bitwise reproducible"

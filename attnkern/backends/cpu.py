@@ -38,7 +38,8 @@ class CpuBackend(Backend):
                                        out_lo if out_lo.numel() else None)
         return out, lse, stats, out_lo
 
-    def backward(self, dout, dlse, q, k, v, mask, out, out_lo, stats, scale, band, mask_grad):
+    def backward(self, dout, dlse, q, k, v, mask, out, out_lo, stats, scale, band, mask_grad,
+                 deterministic=False):  # always deterministic
         dq, dk, dv = new_grad(q), new_grad(k), new_grad(v)
         dmask = new_mask_grad(mask, stats.dtype) if mask_grad else None
         torch.ops.attnkern_ext.backward(dout, dlse, q, k, v, mask, out, out_lo if out_lo.numel() else None, stats,

@@ -105,7 +105,8 @@ class CudaBackend(Backend):
             out_lo = _cut(out_lo, lambda: new_output(q0, Ev), Ev)
         return _cut(out, lambda: new_output(q0, Ev), Ev), lse, stats, out_lo
 
-    def backward(self, dout, dlse, q, k, v, mask, out, out_lo, stats, scale, band, mask_grad):
+    def backward(self, dout, dlse, q, k, v, mask, out, out_lo, stats, scale, band, mask_grad,
+                 deterministic=False):  # always deterministic
         # The kernels read with 16-byte copies; autograd may hand over an expanded or strided dO.
         q0, k0, v0 = q, k, v
         q, k, v = _ready(_padded(q)), _ready(_padded(k)), _ready(_padded(v))

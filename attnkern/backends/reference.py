@@ -41,7 +41,8 @@ class ReferenceBackend(Backend):
         stats.copy_(reference.reference_softmax_stats(q, k, mask, scale, band, cd))
         return out, lse, stats, out_lo
 
-    def backward(self, dout, dlse, q, k, v, mask, out, out_lo, stats, scale, band, mask_grad):
+    def backward(self, dout, dlse, q, k, v, mask, out, out_lo, stats, scale, band, mask_grad,
+                 deterministic=False):  # always deterministic
         # Recomputes the softmax outright: the stats are not needed at the naive path's O(L*S) cost.
         grads = reference.reference_attention_backward(
             dout, dlse, q, k, v, mask, out, scale, band, mask_grad,

@@ -71,9 +71,18 @@ class TritonBackend(Backend):
         with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
             return attention_forward(q, k, v, mask, scale, band, residual)
 
-    def backward(self, dout, dlse, q, k, v, mask, out, out_lo, stats, scale, band, mask_grad):
+    def backward(self, dout, dlse, q, k, v, mask, out, out_lo, stats, scale, band, mask_grad,
+                 deterministic=False):
         from ..triton import attention_backward
 
         with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-            return attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, band, mask_grad)
+            return attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, band, mask_grad,
+                                      deterministic)
+
+    def backward_path(self, deterministic):
+        if deterministic:
+            return "two-pass (dK/dV, then dQ; no atomics): bitwise reproducible"
+        return ("single-pass (dK, dV and dQ in one sweep, dQ summed with float32 atomics: its last bits may "
+                "vary run to run on a GPU; deterministic=True or torch.use_deterministic_algorithms(True) "
+                "selects the two-pass one)")
 

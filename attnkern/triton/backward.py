@@ -1,7 +1,8 @@
-"""Fused attention backward: preprocess, a dK/dV pass, a dQ pass, and (only when a float mask needs a
-gradient) a dMask pass. No atomics anywhere, so results are deterministic run to run.
+"""Fused attention backward: a preprocess, then either the single-pass kernel (the default) or the
+two-pass dK/dV + dQ kernels (the deterministic path), and (only when a float mask needs a gradient) a
+dMask pass.
 
-The passes recompute P = exp2((S - m) · log2(e) - log2 l) from the forward's per-row statistics (row
+All of them recompute P = exp2((S - m) · log2(e) - log2 l) from the forward's per-row statistics (row
 max m, log2 of the denominator) instead of storing L×S probabilities; subtracting m first keeps P exact even
 for huge scores, where an lse could not hold log2 l. Fully masked rows read m = +inf, log2 l = 0, so P
 is 0 there rather than exp2(-inf + inf) = NaN. The preprocess forms delta = rowsum(dO ∘ O) − dlse,
@@ -10,11 +11,21 @@ residual of a half-precision output, when it saved one) to float32 accuracy.
 
     dV = Pᵀ dO,  dP = dO Vᵀ,  dS = P ∘ (dP − delta),  dQ = scale·dS K,  dK = scale·dSᵀ Q,  dMask = dS
 
-dK/dV programs own a key block of one kv head and loop over that head's whole query-head group, so
-grouped-query attention needs neither atomics nor a materialized repeat. The dMask pass owns one tile
-of the (Bm, Hm, Lm, Sm) mask gradient and sums over exactly the dims the mask broadcasts over; over
-keys it sums each row as rowsum(P ∘ dP)(1 − rowsum P) + dlse · rowsum P, the same value as rowsum dS
-but free of delta's rounding (which rowsum dS ≈ dlse would amplify by cancellation).
+Single pass: a program owns a key block of one kv head and sweeps the query tiles of that head's whole
+query-head group once: S and dP are formed once per tile (5 products, 1 exp per score); dK, dV stay
+in registers and each tile's dQ share is added into a float32 buffer with atomics, so dQ's rounding
+depends on the order the programs' additions land in (not bitwise reproducible on a GPU).
+
+Two passes (deterministic, no atomics): the dK/dV programs are laid out as above without the dQ
+product; dQ programs own a query block and loop over the keys, recomputing S and dP (7 products, 2
+exps per score). Grouped-query attention needs neither atomics nor a materialized repeat: on both paths
+a dK/dV program loops over its kv head's query heads, or, when that grid would leave SMs idle (MQA,
+small batch), over one part of them, the parts summed after in a fixed order (kv_group_parts).
+
+The dMask pass owns one tile of the (Bm, Hm, Lm, Sm) mask gradient and sums over exactly the dims the
+mask broadcasts over; over keys it sums each row as rowsum(P ∘ dP)(1 − rowsum P) + dlse · rowsum P,
+the same value as rowsum dS but free of delta's rounding (which rowsum dS ≈ dlse would amplify by
+cancellation).
 """
 import torch
 import triton
@@ -119,14 +130,18 @@ def _attn_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dol, stride_doe,
     stride_dkb, stride_dkh, stride_dks, stride_dke,
     stride_dvb, stride_dvh, stride_dvs, stride_dve,
-    H, GROUP, L, S, scale, lo_off, hi_off, L_BUCKET, S_BUCKET,
+    H, GROUP, HEADS, L, S, scale, lo_off, hi_off, L_BUCKET, S_BUCKET,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     I64: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    hk = tl.program_id(1).to(tl.int64)
+    # Program axis 1: HEADS consecutive query heads of one kv head's group (HEADS = GROUP: the whole
+    # group, written to the kv head's dK/dV; fewer: a part, written to slot j of a per-part buffer).
+    j = tl.program_id(1).to(tl.int64)
+    h0 = j * HEADS
+    hk = h0 // GROUP
     b = tl.program_id(2).to(tl.int64)
     start_n = pid_n * BLOCK_N
     offs_n = index_range(start_n, BLOCK_N, I64)
@@ -146,8 +161,8 @@ def _attn_bwd_dkdv_kernel(
     # The query tiles that see this key block: the band's edge tiles compare per element, the inner
     # ones do not.
     lo, full_lo, full_hi, hi = query_tiles(start_n, L, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    for g in range(0, GROUP):
-        h = hk * GROUP + g
+    for g in range(0, HEADS):
+        h = h0 + g
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DO + b * stride_dob + h * stride_doh
         mask_base = M + b * stride_mb + h * stride_mh
@@ -173,9 +188,9 @@ def _attn_bwd_dkdv_kernel(
                 not EVEN_M, not EVEN_N, PRECISION)
 
     dk = dk * scale
-    store_tile(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dks + offs_e[None, :] * stride_dke,
+    store_tile(DK + b * stride_dkb + j * stride_dkh + offs_n[:, None] * stride_dks + offs_e[None, :] * stride_dke,
                dk.to(DK.dtype.element_ty), offs_n, offs_e, S, E, not EVEN_N, BLOCK_E != E)
-    store_tile(DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvs + offs_ev[None, :] * stride_dve,
+    store_tile(DV + b * stride_dvb + j * stride_dvh + offs_n[:, None] * stride_dvs + offs_ev[None, :] * stride_dve,
                dv.to(DV.dtype.element_ty), offs_n, offs_ev, S, EV, not EVEN_N, BLOCK_EV != EV)
 
 
@@ -274,6 +289,144 @@ def _attn_bwd_dq_kernel(
     dq = dq * scale
     store_tile(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dql + offs_e[None, :] * stride_dqe,
                dq.to(DQ.dtype.element_ty), offs_m, offs_e, L, E, not EVEN_M, BLOCK_E != E)
+
+
+@triton.jit
+def _atomic_add_tile(ptrs, x, rows, cols, n_rows, n_cols, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """fp32 atomic add of a 2-D tile; bounds are only checked where they can fail (as store_tile)."""
+    if CHECK_ROWS:
+        if CHECK_COLS:
+            tl.atomic_add(ptrs, x, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), sem="relaxed")
+        else:
+            tl.atomic_add(ptrs, x, mask=rows[:, None] < n_rows, sem="relaxed")
+    else:
+        if CHECK_COLS:
+            tl.atomic_add(ptrs, x, mask=cols[None, :] < n_cols, sem="relaxed")
+        else:
+            tl.atomic_add(ptrs, x, sem="relaxed")
+
+
+@triton.jit
+def _onepass_tile(
+    dk, dv, kT, vT, q_base, do_base, mask_base, stats_base, delta_base, dq_base, start_m, offs_n, offs_m0,
+    offs_e, offs_ev, stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms,
+    L, S, scale, lo_off, hi_off,
+    E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
+    MASK_KIND: tl.constexpr, APPLY_BAND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One query tile against a key block: S and dP formed once, then dV, dK accumulated in registers
+    and this tile's dQ share added to the float32 dQ buffer (unscaled; the caller scales the sum).
+    S is formed as the forward forms it, dot(q, kᵀ) · scale with kᵀ loaded as the forward loads it, so
+    P is exact relative to the forward's statistics (see _dkdv_tile)."""
+    offs_m = start_m + offs_m0
+    q = load_tile(q_base + offs_m[:, None] * stride_ql + offs_e[None, :] * stride_qe,
+                  offs_m, offs_e, L, E, CHECK_M, BLOCK_E != E)
+    row_max, log2l = load_row_stats(stats_base, offs_m, L, CHECK_M)  # rows past L: P = 0
+    if CHECK_M:
+        delta = tl.load(delta_base + offs_m, mask=offs_m < L, other=0.0)
+    else:
+        delta = tl.load(delta_base + offs_m)
+    s = tl.dot(q, kT, input_precision=PRECISION) * scale
+    s = mask_scores(s, offs_m[:, None], offs_n[None, :], mask_base, stride_ml, stride_ms, L, S, lo_off, hi_off,
+                    MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N)
+    p = tl.math.exp2((s - row_max[:, None]) * LOG2E - log2l[:, None])
+    do = load_tile(do_base + offs_m[:, None] * stride_dol + offs_ev[None, :] * stride_doe,
+                   offs_m, offs_ev, L, EV, CHECK_M, BLOCK_EV != EV)
+    dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=PRECISION)
+    dp = tl.dot(do, vT, input_precision=PRECISION)
+    ds = (p * (dp - delta[:, None])).to(q.dtype)
+    dk = tl.dot(tl.trans(ds), q, dk, input_precision=PRECISION)
+    dq = tl.dot(ds, tl.trans(kT), input_precision=PRECISION)
+    _atomic_add_tile(dq_base + offs_m[:, None] * E + offs_e[None, :], dq, offs_m, offs_e, L, E,
+                     CHECK_M, BLOCK_E != E)
+    return dk, dv
+
+
+@triton.autotune(
+    configs=configs.configs_for(configs.ONEPASS_CONFIGS),
+    key=["L_BUCKET", "S_BUCKET", "E", "EV", "MASK_KIND", "HAS_LEFT", "HAS_RIGHT", "PRECISION"],
+    prune_configs_by={"early_config_prune": configs.prune_onepass},
+    reset_to_zero=["DQ_ACC"],  # each benchmarked config adds into it
+)
+@triton.heuristics({
+    "EVEN_M": lambda a: a["L"] % a["BLOCK_M"] == 0,
+    "EVEN_N": lambda a: a["S"] % a["BLOCK_N"] == 0,
+})
+@triton.jit
+def _attn_bwd_onepass_kernel(
+    Q, K, V, M, DO, STATS, DELTA, DK, DV, DQ_ACC,
+    stride_qb, stride_qh, stride_ql, stride_qe,
+    stride_kb, stride_kh, stride_ks, stride_ke,
+    stride_vb, stride_vh, stride_vs, stride_ve,
+    stride_mb, stride_mh, stride_ml, stride_ms,
+    stride_dob, stride_doh, stride_dol, stride_doe,
+    stride_dkb, stride_dkh, stride_dks, stride_dke,
+    stride_dvb, stride_dvh, stride_dvs, stride_dve,
+    H, GROUP, HEADS, L, S, scale, lo_off, hi_off, L_BUCKET, S_BUCKET,
+    E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+    I64: tl.constexpr,
+):
+    """Single-pass backward: one program per (key block, kv head, batch) sweeps the query tiles of every
+    query head of its group once, owning dK, dV of its keys and adding dQ into DQ_ACC, a dense float32
+    (B, H, L, E) buffer, with atomics (so the order of the additions, and the last bits, vary per run)."""
+    pid_n = tl.program_id(0)
+    # Program axis 1: HEADS consecutive query heads of one kv head's group (HEADS = GROUP: the whole
+    # group, written to the kv head's dK/dV; fewer: a part, written to slot j of a per-part buffer).
+    j = tl.program_id(1).to(tl.int64)
+    h0 = j * HEADS
+    hk = h0 // GROUP
+    b = tl.program_id(2).to(tl.int64)
+    start_n = pid_n * BLOCK_N
+    offs_n = index_range(start_n, BLOCK_N, I64)
+    offs_m0 = index_range(0, BLOCK_M, I64)
+    offs_e = index_range(0, BLOCK_E, I64)
+    offs_ev = index_range(0, BLOCK_EV, I64)
+
+    kT = load_tile(K + b * stride_kb + hk * stride_kh + offs_e[:, None] * stride_ke + offs_n[None, :] * stride_ks,
+                   offs_e, offs_n, E, S, BLOCK_E != E, not EVEN_N)
+    vT = load_tile(V + b * stride_vb + hk * stride_vh + offs_ev[:, None] * stride_ve + offs_n[None, :] * stride_vs,
+                   offs_ev, offs_n, EV, S, BLOCK_EV != EV, not EVEN_N)
+    dk = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_EV], dtype=tl.float32)
+
+    # The query tiles that see this key block: the band's edge tiles compare per element (a few tiles
+    # each: not pipelined), the inner ones do not.
+    lo, full_lo, full_hi, hi = query_tiles(start_n, L, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    for g in range(0, HEADS):
+        h = h0 + g
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_dob + h * stride_doh
+        mask_base = M + b * stride_mb + h * stride_mh
+        stats_base = STATS + (b * H + h) * L * 2
+        delta_base = DELTA + (b * H + h) * L
+        dq_base = DQ_ACC + (b * H + h) * L * E
+        for start_m in tl.range(lo, full_lo, BLOCK_M, num_stages=1):
+            dk, dv = _onepass_tile(
+                dk, dv, kT, vT, q_base, do_base, mask_base, stats_base, delta_base, dq_base, start_m, offs_n,
+                offs_m0, offs_e, offs_ev, stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms,
+                L, S, scale, lo_off, hi_off, E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, HAS_LEFT, HAS_RIGHT,
+                not EVEN_M, not EVEN_N, PRECISION)
+        for start_m in range(full_lo, full_hi, BLOCK_M):
+            dk, dv = _onepass_tile(
+                dk, dv, kT, vT, q_base, do_base, mask_base, stats_base, delta_base, dq_base, start_m, offs_n,
+                offs_m0, offs_e, offs_ev, stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms,
+                L, S, scale, lo_off, hi_off, E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False, HAS_LEFT, HAS_RIGHT,
+                not EVEN_M, not EVEN_N, PRECISION)
+        for start_m in tl.range(full_hi, hi, BLOCK_M, num_stages=1):
+            dk, dv = _onepass_tile(
+                dk, dv, kT, vT, q_base, do_base, mask_base, stats_base, delta_base, dq_base, start_m, offs_n,
+                offs_m0, offs_e, offs_ev, stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms,
+                L, S, scale, lo_off, hi_off, E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, HAS_LEFT, HAS_RIGHT,
+                not EVEN_M, not EVEN_N, PRECISION)
+
+    dk = dk * scale
+    store_tile(DK + b * stride_dkb + j * stride_dkh + offs_n[:, None] * stride_dks + offs_e[None, :] * stride_dke,
+               dk.to(DK.dtype.element_ty), offs_n, offs_e, S, E, not EVEN_N, BLOCK_E != E)
+    store_tile(DV + b * stride_dvb + j * stride_dvh + offs_n[:, None] * stride_dvs + offs_ev[None, :] * stride_dve,
+               dv.to(DV.dtype.element_ty), offs_n, offs_ev, S, EV, not EVEN_N, BLOCK_EV != EV)
 
 
 @triton.jit
@@ -401,9 +554,109 @@ def dmask_blocks(E: int, Ev: int, dtype):
     return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
 
 
-def attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale: float, band, mask_grad: bool):
+def _sm_count(device) -> int:
+    """Streaming multiprocessors of a CUDA device; 0 elsewhere (the interpreter: nothing to fill)."""
+    if device.type != "cuda":
+        return 0
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def kv_group_parts(B: int, Hkv: int, group: int, S: int, block_n: int, device) -> int:
+    """Into how many parts the dK/dV programs split each kv head's group of query heads. One program
+    per (key block, kv head, batch) leaves SMs idle when B·Hkv·ceil(S/BLOCK_N) is below the SM count
+    (MQA/GQA at small batch): the group is then split into the fewest parts (a divisor of the group)
+    that give every SM a program; each part's programs write their heads' dK/dV sum to a float32
+    buffer slot, and the parts are summed after (_sum_kv_parts: a fixed order, deterministic)."""
+    sms = _sm_count(device)
+    programs = B * Hkv * triton.cdiv(S, block_n)
+    if group == 1 or programs >= sms:
+        return 1
+    return next(p for p in range(2, group + 1) if group % p == 0 and (programs * p >= sms or p == group))
+
+
+def _kv_part_buffers(dk, dv, parts: int):
+    """Where the dK/dV programs write: dk and dv themselves, or float32 (B, Hkv·parts, S, ·) buffers
+    with one slot per part of each group."""
+    if parts == 1:
+        return dk, dv
+    B, Hkv, S, E = dk.shape
+    return tuple(torch.empty((B, Hkv * parts, S, t.shape[3]), dtype=torch.float32, device=t.device) for t in (dk, dv))
+
+
+def _sum_kv_parts(dk, dv, dk_parts, dv_parts, parts: int) -> None:
+    if parts == 1:
+        return
+    B, Hkv, S = dk.shape[:3]
+    for t, t_parts in ((dk, dk_parts), (dv, dv_parts)):
+        t.copy_(t_parts.view(B, Hkv, parts, S, t.shape[3]).sum(2))
+
+
+def _first_block_n(candidates, chained_rows, E: int, Ev: int, dtype) -> int:
+    if configs.INTERPRET:
+        return configs.INTERPRET_BLOCK
+    return configs.first_kept(candidates, chained_rows, max(configs.head_block(E), configs.head_block(Ev)),
+                              dtype).kwargs["BLOCK_N"]
+
+
+def onepass_runs(E: int, Ev: int, dtype) -> bool:
+    """Whether the single pass has a config for this head dim and dtype on this GPU (one that duplicates
+    no MMA work: configs.chained_rows_ok); where none does (float32, head dims over 128), the backward
+    takes the two-pass kernels."""
+    if configs.INTERPRET:
+        return True
+    try:
+        configs.first_kept(configs.ONEPASS_CONFIGS, configs.onepass_rows,
+                           max(configs.head_block(E), configs.head_block(Ev)), dtype)
+    except StopIteration:
+        return False
+    return True
+
+
+def _launch_onepass(q, k, v, mask_ptr, m_strides, dout, stats, delta, dq, dk, dv, scale, lo_off, hi_off, common):
+    """The single-pass dK/dV/dQ kernel: writes dk and dv, and dq (in q's dtype) from a float32 buffer
+    the kernel adds into, scaled once at the end."""
+    B, H, L, E = q.shape
+    Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
+    group = H // Hkv
+    parts = kv_group_parts(B, Hkv, group, S, _first_block_n(configs.ONEPASS_CONFIGS, configs.onepass_rows, E, Ev,
+                                                            q.dtype), q.device)
+    dk_t, dv_t = _kv_part_buffers(dk, dv, parts)
+    dq_acc = torch.zeros((B, H, L, E), dtype=torch.float32, device=q.device)
+    common = dict(common, I64=common["I64"] or needs_int64(dq_acc, dk_t, dv_t))
+    _attn_bwd_onepass_kernel[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), Hkv * parts, B)](
+        q, k, v, mask_ptr, dout, stats, delta, dk_t, dv_t, dq_acc,
+        *q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *dk_t.stride(), *dv_t.stride(),
+        H, group, group // parts, L, S, scale, lo_off, hi_off, configs.bucket(L), configs.bucket(S), **common,
+    )
+    _sum_kv_parts(dk, dv, dk_t, dv_t, parts)
+    dq.copy_(dq_acc.mul_(scale))
+
+
+def _launch_dkdv(q, k, v, mask_ptr, m_strides, dout, stats, delta, dk, dv, scale, lo_off, hi_off, common):
+    """The two-pass path's dK/dV kernel, its kv-head groups split as kv_group_parts says."""
+    B, H, L, E = q.shape
+    Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
+    group = H // Hkv
+    parts = kv_group_parts(B, Hkv, group, S, _first_block_n(configs.DKDV_CONFIGS, configs.dkdv_rows, E, Ev,
+                                                            q.dtype), q.device)
+    dk_t, dv_t = _kv_part_buffers(dk, dv, parts)
+    common = dict(common, I64=common["I64"] or needs_int64(dk_t, dv_t))
+    _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), Hkv * parts, B)](
+        q, k, v, mask_ptr, dout, stats, delta, dk_t, dv_t,
+        *q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *dk_t.stride(), *dv_t.stride(),
+        H, group, group // parts, L, S, scale, lo_off, hi_off, configs.bucket(L), configs.bucket(S), **common,
+    )
+    _sum_kv_parts(dk, dv, dk_t, dv_t, parts)
+
+
+def attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale: float, band, mask_grad: bool,
+                       deterministic: bool = False):
     """Triton backward on canonical tensors (see backends/base.py; `band` a band.Band). Returns
-    (dq, dk, dv, dmask or None)."""
+    (dq, dk, dv, dmask or None).
+
+    By default dK, dV and dQ come from the single-pass kernel (dQ summed by float32 atomics: the last
+    bits of dQ may differ from run to run on a GPU); `deterministic` runs the two-pass dK/dV + dQ
+    kernels instead, bitwise reproducible."""
     B, H, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
     group = H // Hkv
@@ -422,6 +675,7 @@ def attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale: flo
     dlse_strides = dlse.stride() if dlse is not None else (0, 0, 0)
     dlse_t = dlse if dlse is not None else delta
     lo_t = out_lo if has_lo else out
+    onepass = onepass_runs(E, Ev, q.dtype)
     common = dict(E=E, EV=Ev, BLOCK_E=block_e, BLOCK_EV=block_ev, MASK_KIND=kind, HAS_LEFT=has_left,
                   HAS_RIGHT=has_right, PRECISION=precision, I64=i64)
     for b0, b1, part in tcommon.batch_slices(B):  # one launch each unless B passes grid axis 2's limit
@@ -431,11 +685,11 @@ def attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale: flo
             *out.stride(), *lo_t.stride(), *dout.stride(), *dlse_strides, H, L,
             EV=Ev, BLOCK_EV=block_ev, HAS_DLSE=dlse is not None, HAS_LO=has_lo, BLOCK_M=pre_block, I64=i64,
         )
-        _attn_bwd_dkdv_kernel[lambda meta, n=n: (triton.cdiv(S, meta["BLOCK_N"]), Hkv, n)](
-            part(q), part(k), part(v), part(mask_ptr), part(dout), part(stats), part(delta), part(dk), part(dv),
-            *q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *dk.stride(), *dv.stride(),
-            H, group, L, S, scale, lo_off, hi_off, configs.bucket(L), configs.bucket(S), **common,
-        )
+        args = (part(q), part(k), part(v), part(mask_ptr), m_strides, part(dout), part(stats), part(delta))
+        if not deterministic and onepass:
+            _launch_onepass(*args, part(dq), part(dk), part(dv), scale, lo_off, hi_off, common)
+            continue
+        _launch_dkdv(*args, part(dk), part(dv), scale, lo_off, hi_off, common)
         _attn_bwd_dq_kernel[lambda meta, n=n: (triton.cdiv(L, meta["BLOCK_M"]), H, n)](
             part(q), part(k), part(v), part(mask_ptr), part(dout), part(stats), part(delta), part(dq),
             *q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *dq.stride(),

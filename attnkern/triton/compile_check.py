@@ -115,8 +115,13 @@ QK = ("M", "N", "E")  # S = Q Kᵀ: BLOCK_M × BLOCK_N over the head dim
 KERNELS = (
     KernelEntry("fwd", "_attn_fwd_kernel", (QK, ("M", "EV", "N"))),
     KernelEntry("fwd+lo", "_attn_fwd_kernel", (QK, ("M", "EV", "N")), residual=True),
-    KernelEntry("dkdv", "_attn_bwd_dkdv_kernel", (QK, ("N", "EV", "M"), ("N", "M", "EV"), ("N", "E", "M"))),
-    KernelEntry("dq", "_attn_bwd_dq_kernel", (QK, ("M", "N", "EV"), ("M", "E", "N"))),
+    # The single-pass backward (the default): S and dP once, dV, dK and dQ (by atomics) from them.
+    KernelEntry("onepass", "_attn_bwd_onepass_kernel",
+                (QK, ("N", "EV", "M"), ("N", "M", "EV"), ("N", "E", "M"), ("M", "E", "N")), deterministic=False),
+    # The two-pass backward: the deterministic path.
+    KernelEntry("dkdv", "_attn_bwd_dkdv_kernel", (QK, ("N", "EV", "M"), ("N", "M", "EV"), ("N", "E", "M")),
+                deterministic=True),
+    KernelEntry("dq", "_attn_bwd_dq_kernel", (QK, ("M", "N", "EV"), ("M", "E", "N")), deterministic=True),
     KernelEntry("dmask", "_attn_bwd_dmask_kernel", (QK, ("M", "N", "EV")), mask_grad=True, in_grid=False),
 )
 KERNEL_BY_NAME = {k.name: k for k in KERNELS}

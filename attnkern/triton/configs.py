@@ -99,6 +99,22 @@ DMASK_CONFIGS = (
     + _tier(256, "fp32", (16, 16, 1, 1, MMA_SYNC_OK), (32, 16, 2, 1, MMA_SYNC_OK))
 )
 
+# Single-pass backward: one program owns BLOCK_N keys (dK, dV accumulated in registers) and streams
+# query tiles of BLOCK_M rows, adding each tile's dQ into a float32 buffer with atomics. It holds more
+# live state than either two-pass kernel (dK, dV and a dQ tile at once), so its tiles are smaller.
+# Chosen from `compile_check` figures (registers, spills, shared memory; sm90 and sm80, with and without
+# the divisibility hints of a real launch): the first of each tier spills at most a few dozen bytes in
+# its plain form and fits an sm80's shared memory. fp32 above E = 64 spills in every config tried, as
+# the two-pass dK/dV kernel does there.
+ONEPASS_CONFIGS = (
+    _tier(64, "half", (64, 64, 4, 2), (64, 64, 4, 1), (128, 128, 8, 2))
+    + _tier(128, "half", (64, 32, 4, 2), (64, 64, 4, 1), (128, 64, 8, 2))
+    + _tier(256, "half", (16, 32, 4, 1), (32, 32, 4, 1))
+    + _tier(64, "fp32", (16, 32, 4, 1), (32, 32, 4, 1))
+    + _tier(128, "fp32", (16, 32, 4, 1), (32, 32, 4, 1))
+    + _tier(256, "fp32", (16, 16, 4, 1))
+)
+
 
 def dtype_class(dtype) -> str:
     """'fp32' or 'half' for a torch or triton dtype (or its name)."""
@@ -178,6 +194,18 @@ def kept_on(config, arch: Optional[int]) -> bool:
 prune_fwd = pruner(lambda c: c.kwargs["BLOCK_M"])
 prune_dkdv = pruner(lambda c: min(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]))
 prune_dq = pruner(lambda c: c.kwargs["BLOCK_M"])
+# The single-pass backward chains S (BLOCK_M rows) and dPᵀ, dV, dK (BLOCK_N rows), as dK/dV does.
+onepass_rows = dkdv_rows = lambda c: min(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"])  # noqa: E731
+prune_onepass = pruner(onepass_rows)
+
+
+def first_kept(candidates, chained_rows, e: int, dtype):
+    """The config a call takes without autotuning: the first of the tier of padded head dim `e` and the
+    dtype class that the target keeps (as the kernel's prune would)."""
+    key = (tier_of(e), dtype_class(dtype))
+    arch = target_arch()
+    return next(c for c in candidates if c.attnkern_tier == key and kept_on(c, arch)
+                and chained_rows_ok(chained_rows(c), c.num_warps, arch, getattr(c, "attnkern_small_ok", False)))
 
 
 def dmask_config(e: int, dtype):

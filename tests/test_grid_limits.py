@@ -23,8 +23,8 @@ CASES = [  # (causal, mask shape or None, with a dlse)
     ("bottom_right", (1, HQ, 1, S), False),  # a mask shared by the batch: summed in one launch
     ("top_left", None, True),
 ]
-TRITON_KERNELS = [(tfwd, "_attn_fwd_kernel"), (tbwd, "_bwd_preprocess_kernel"), (tbwd, "_attn_bwd_dkdv_kernel"),
-                  (tbwd, "_attn_bwd_dq_kernel"), (tbwd, "_attn_bwd_dmask_kernel")]
+TRITON_KERNELS = [(tfwd, "_attn_fwd_kernel"), (tbwd, "_bwd_preprocess_kernel"), (tbwd, "_attn_bwd_onepass_kernel"),
+                  (tbwd, "_attn_bwd_dkdv_kernel"), (tbwd, "_attn_bwd_dq_kernel"), (tbwd, "_attn_bwd_dmask_kernel")]
 
 
 class _Recording:
@@ -43,7 +43,7 @@ class _Recording:
         return launch
 
 
-def _run_and_check(backend, causal, mask_shape, with_dlse):
+def _run_and_check(backend, causal, mask_shape, with_dlse, deterministic=False):
     dtype, gen = torch.float16, torch.Generator().manual_seed(7)
     leaves = [torch.randn(B, h, n, E, generator=gen).to(dtype).requires_grad_()
               for h, n in ((HQ, L), (HKV, S), (HKV, S))]
@@ -61,7 +61,8 @@ def _run_and_check(backend, causal, mask_shape, with_dlse):
         return out, lse, torch.autograd.grad(outs, ls, grads_in)
 
     def kernels(q, k, v, m=None):
-        return attnkern.attention(q, k, v, attn_mask=m, causal=causal, enable_gqa=True, backend=backend)
+        return attnkern.attention(q, k, v, attn_mask=m, causal=causal, enable_gqa=True, backend=backend,
+                                  deterministic=deterministic)
 
     def ref(q, k, v, m=None):
         return reference_attention(q, k, v, m, causal=causal, enable_gqa=True)
@@ -74,16 +75,18 @@ def _run_and_check(backend, causal, mask_shape, with_dlse):
                 *[check(n, a, b, c, dtype, factor=3.0) for n, a, b, c in zip(names, grads, g64, glp)]])
 
 
+@pytest.mark.parametrize("deterministic", [False, True], ids=["onepass", "twopass"])
 @pytest.mark.parametrize("causal,mask_shape,with_dlse", CASES)
-def test_triton_runs_batches_past_the_grid_limit_in_slices(monkeypatch, causal, mask_shape, with_dlse):
+def test_triton_runs_batches_past_the_grid_limit_in_slices(monkeypatch, causal, mask_shape, with_dlse, deterministic):
     monkeypatch.setattr(tcommon, "MAX_GRID_YZ", LIMIT)
     grids = {name: [] for _, name in TRITON_KERNELS}
     for module, name in TRITON_KERNELS:
         monkeypatch.setattr(module, name, _Recording(getattr(module, name), grids[name]))
-    _run_and_check("triton", causal, mask_shape, with_dlse)
+    _run_and_check("triton", causal, mask_shape, with_dlse, deterministic)
     launched = {name: gs for name, gs in grids.items() if gs}
-    assert set(launched) >= {"_attn_fwd_kernel", "_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel",
-                             "_attn_bwd_dq_kernel"} | ({"_attn_bwd_dmask_kernel"} if mask_shape else set())
+    backward = {"_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"} if deterministic else {"_attn_bwd_onepass_kernel"}
+    assert set(launched) == {"_attn_fwd_kernel", "_bwd_preprocess_kernel"} | backward | (
+        {"_attn_bwd_dmask_kernel"} if mask_shape else set())
     for name, gs in launched.items():
         assert all(1 <= g[1] <= LIMIT and 1 <= g[2] <= LIMIT for g in gs), (name, gs)
     assert [g[2] for g in grids["_attn_fwd_kernel"]] == [3, 2]  # batches 0-2, then 3-4

@@ -129,11 +129,11 @@ def test_deterministic_must_be_a_bool():
     q, k, v = _problem()
     with pytest.raises(TypeError, match="deterministic must be a bool"):
         attnkern.attention(q, k, v, enable_gqa=True, deterministic=1)
-    out, lse, stats, out_lo = ops.attention_forward(q.detach(), k.detach(), v.detach(), None, 0.25, 0, "triton",
-                                                    False)
+    out, lse, stats, out_lo = ops.attention_forward(q.detach(), k.detach(), v.detach(), None, 0.25, [1, -1, -1],
+                                                    "triton", False)
     with pytest.raises((TypeError, RuntimeError), match="deterministic"):  # the op schema's own check
-        ops.attention_backward(out, None, q.detach(), k.detach(), v.detach(), None, out, out_lo, stats, 0.25, 0,
-                               False, "triton", "yes")
+        ops.attention_backward(out, None, q.detach(), k.detach(), v.detach(), None, out, out_lo, stats, 0.25,
+                               [1, -1, -1], False, "triton", "yes")
 
 
 # A slice of the shared cases for the two-pass path (the single pass runs them all in

@@ -58,12 +58,16 @@ ptxas info    : Used 168 registers, 1024 bytes smem, 400 bytes cmem[0]
         ("sm_90a", 255, 68, 0), ("sm_80", 168, 0, 1024)]
 
 
-def test_kernel_names_mark_the_mask_variant():
+def test_kernel_names_mark_the_mask_and_window_variants():
     short = compile_check.short_kernel_name
     assert short("void attnkern::cuda::attention_fwd_kernel<FwdTraits<64, 128, 4, __half>, true>(AttentionParams)") \
         == "attention_fwd_kernel[mask]"
     assert short("void attnkern::cuda::attention_fwd_kernel<FwdTraits<64, 128, 4, __half>, false>(AttentionParams)") \
         == "attention_fwd_kernel"
+    assert short("void attnkern::cuda::attention_fwd_kernel<FwdTraits<64, 128, 4, __half>, false, true>"
+                 "(AttentionParams)") == "attention_fwd_kernel[window]"
+    assert short("void attnkern::cuda::attention_bwd_dkdv_kernel<BwdTraits<128, 32, 4, 2, __half>, true, true>"
+                 "(AttentionParams, float const*)") == "attention_bwd_dkdv_kernel[mask][window]"
 
 
 @needs_nvcc
@@ -80,10 +84,13 @@ def test_every_unit_compiles_for_sm80_and_sm90a_without_spills():
     assert violations == []
     for r in results:
         kernels = {(k["arch"], k["kernel"]) for k in r["kernels"]}
-        # Both archs, and the maskless and masked variants of each kernel, are in every unit.
-        expected = {"attention_fwd_kernel", "attention_fwd_kernel[mask]"} if r["unit"].startswith("fwd") else {
-            "attention_bwd_preprocess_kernel", "attention_bwd_dkdv_kernel", "attention_bwd_dkdv_kernel[mask]",
-            "attention_bwd_dq_kernel", "attention_bwd_dq_kernel[mask]", "attention_bwd_dmask_kernel"}
+        # Both archs, and the maskless and masked variants of each kernel, are in every unit; the forward and
+        # dK/dV also with the window's left bound ([window]; a masked dK/dV always has it).
+        expected = {"attention_fwd_kernel", "attention_fwd_kernel[mask]", "attention_fwd_kernel[window]",
+                    "attention_fwd_kernel[mask][window]"} if r["unit"].startswith("fwd") else {
+            "attention_bwd_preprocess_kernel", "attention_bwd_dkdv_kernel", "attention_bwd_dkdv_kernel[window]",
+            "attention_bwd_dkdv_kernel[mask][window]", "attention_bwd_dq_kernel", "attention_bwd_dq_kernel[mask]",
+            "attention_bwd_dmask_kernel"}
         assert kernels == {(a, n) for a in ("sm_80", "sm_90a") for n in expected}, r["unit"]
         assert all(0 < k["registers"] <= 255 for k in r["kernels"]), r["unit"]
 

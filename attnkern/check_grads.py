@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import math
 import sys
@@ -139,14 +140,24 @@ def default_backends(device: torch.device) -> List[str]:
 
 # --------------------------------------------------------------------------------------------------
 
+def _takes_window(fn) -> bool:
+    """Whether fn accepts a `window=` keyword (attnkern.attention's sliding window)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return "window" in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+
+
 def run_check(target: Target, case: Case, dtype: torch.dtype, device: torch.device, seed: int,
               gradcheck: bool, scale: Optional[float] = None) -> Dict:
     """One check, as a dict: status PASS / FAIL / SKIP, the reason, the report (when one was made)."""
     q, k, v, mask = make_inputs(case, dtype, device, seed)
     gqa = case.enable_gqa
     label = target.label
-    if case.window is not None and target.backend is None and target.label == "torch":
-        return {"status": "SKIP", "reason": "torch's SDPA has no sliding window", "label": target.label}
+    if case.window is not None and target.backend is None and not _takes_window(target.fn):
+        return {"status": "SKIP", "reason": f"{target.label} takes no window= (SDPA's signature has none)",
+                "label": target.label}
     if target.backend is not None:
         exp = explain(q, k, v, attn_mask=mask, is_causal=case.is_causal, window=case.window, scale=scale,
                       enable_gqa=gqa, backend=target.backend)

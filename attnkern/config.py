@@ -46,3 +46,15 @@ def deterministic_backward(requested: bool) -> bool:
     (`attention(..., deterministic=True)`) or by torch's global switch
     (`torch.use_deterministic_algorithms(True)`, warn_only included), read when the backward runs."""
     return bool(requested) or torch.are_deterministic_algorithms_enabled()
+
+
+#: ATTNKERN_SINGLE_PASS=1 opts the Triton backward into its single-pass kernel (dQ by float32 atomics)
+#: where the call allows a non-deterministic backward. Off by default: its compile report (attnkern
+#: compile-report) still shows register spills and synchronous tile loads on every GPU target, so the
+#: two-pass kernels stay the default until a GPU measurement says the single pass is faster.
+SINGLE_PASS_ENV = "ATTNKERN_SINGLE_PASS"
+
+
+def single_pass_backward() -> bool:
+    """Whether the Triton backward may take its single-pass kernel (read when the backward runs)."""
+    return os.environ.get(SINGLE_PASS_ENV, "0") == "1"

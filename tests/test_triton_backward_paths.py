@@ -1,11 +1,13 @@
 """The Triton backward's two paths and what chooses between them.
 
-The default is the single-pass kernel (dK, dV and dQ in one sweep over the query tiles, dQ summed with
-float32 atomics); the shared case matrix (test_correctness.py, test_random_oracle.py) runs it on every
-case, and the first test here pins that it is the kernel those calls launch. The deterministic path is
-the two-pass dK/dV + dQ kernels (no atomics), chosen by `attention(..., deterministic=True)` or by
-torch.use_deterministic_algorithms(True) at the time the backward runs; the SDPA entry points have no
-such argument, so there only torch's switch applies. Which kernels launch is recorded by wrapping them.
+The default is the two-pass dK/dV + dQ kernels (no atomics, bitwise reproducible), which the shared
+case matrix runs. The single-pass kernel (dK, dV and dQ in one sweep over the query tiles, dQ summed with
+float32 atomics) is opted into with ATTNKERN_SINGLE_PASS=1 (its compile report still shows spills and
+synchronous loads: it becomes the default once a GPU measurement says so); the tests here run with it set
+(the `single_pass` fixture), except the one that pins the default. With it set, the two-pass kernels are
+still chosen by `attention(..., deterministic=True)` or by torch.use_deterministic_algorithms(True) at the
+time the backward runs; the SDPA entry points have no such argument, so there only torch's switch applies.
+Which kernels launch is recorded by wrapping them.
 """
 import contextlib
 
@@ -24,6 +26,19 @@ pytestmark = pytest.mark.skipif(not TRITON_DTYPES, reason="the Triton backend do
 
 ONEPASS, TWOPASS = ["onepass"], ["dkdv", "dq"]
 KERNELS = {"onepass": "_attn_bwd_onepass_kernel", "dkdv": "_attn_bwd_dkdv_kernel", "dq": "_attn_bwd_dq_kernel"}
+
+
+@pytest.fixture(autouse=True)
+def single_pass(monkeypatch):
+    """The single pass opted into (config.SINGLE_PASS_ENV), read when each backward runs."""
+    monkeypatch.setenv("ATTNKERN_SINGLE_PASS", "1")
+
+
+def test_the_default_is_the_two_pass_backward(monkeypatch, launches):
+    monkeypatch.delenv("ATTNKERN_SINGLE_PASS")
+    _backward(*_problem())
+    assert launches == TWOPASS
+    assert "two-pass" in attnkern.explain(*_problem()[:3], enable_gqa=True, backend="triton").backward
 
 
 @pytest.fixture
@@ -68,7 +83,7 @@ def _backward(q, k, v, **kw):
     out.backward(torch.ones_like(out))
 
 
-def test_default_backward_is_the_single_pass(launches):
+def test_opted_in_backward_is_the_single_pass(launches):
     _backward(*_problem())
     assert launches == ONEPASS
 

@@ -80,9 +80,11 @@ class TritonBackend(Backend):
                                       deterministic)
 
     def backward_path(self, deterministic):
-        if deterministic:
+        from ..config import SINGLE_PASS_ENV, single_pass_backward
+
+        if deterministic or not single_pass_backward():
             return "two-pass (dK/dV, then dQ; no atomics): bitwise reproducible"
         return ("single-pass (dK, dV and dQ in one sweep, dQ summed with float32 atomics: its last bits may "
-                "vary run to run on a GPU; deterministic=True or torch.use_deterministic_algorithms(True) "
-                "selects the two-pass one)")
+                f"vary run to run on a GPU; opted into with {SINGLE_PASS_ENV}=1; deterministic=True or "
+                "torch.use_deterministic_algorithms(True) selects the two-pass one)")
 

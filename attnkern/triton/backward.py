@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from ..buffers import new_grad, new_mask_grad
+from ..config import single_pass_backward
 from ..masks import mask_kind
 from . import common as tcommon, configs
 from .common import (index_range, key_tiles, load_row_stats, load_tile, mask_scores, needs_int64, query_tiles,
@@ -654,9 +655,9 @@ def attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale: flo
     """Triton backward on canonical tensors (see backends/base.py; `band` a band.Band). Returns
     (dq, dk, dv, dmask or None).
 
-    By default dK, dV and dQ come from the single-pass kernel (dQ summed by float32 atomics: the last
-    bits of dQ may differ from run to run on a GPU); `deterministic` runs the two-pass dK/dV + dQ
-    kernels instead, bitwise reproducible."""
+    By default the two-pass dK/dV + dQ kernels run (no atomics, bitwise reproducible). With
+    ATTNKERN_SINGLE_PASS=1 (config.single_pass_backward) and unless `deterministic`, the single-pass
+    kernel does instead (dQ summed by float32 atomics: its last bits may differ from run to run on a GPU)."""
     B, H, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
     group = H // Hkv
@@ -675,7 +676,7 @@ def attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale: flo
     dlse_strides = dlse.stride() if dlse is not None else (0, 0, 0)
     dlse_t = dlse if dlse is not None else delta
     lo_t = out_lo if has_lo else out
-    onepass = onepass_runs(E, Ev, q.dtype)
+    onepass = not deterministic and single_pass_backward() and onepass_runs(E, Ev, q.dtype)
     common = dict(E=E, EV=Ev, BLOCK_E=block_e, BLOCK_EV=block_ev, MASK_KIND=kind, HAS_LEFT=has_left,
                   HAS_RIGHT=has_right, PRECISION=precision, I64=i64)
     for b0, b1, part in tcommon.batch_slices(B):  # one launch each unless B passes grid axis 2's limit
@@ -686,7 +687,7 @@ def attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale: flo
             EV=Ev, BLOCK_EV=block_ev, HAS_DLSE=dlse is not None, HAS_LO=has_lo, BLOCK_M=pre_block, I64=i64,
         )
         args = (part(q), part(k), part(v), part(mask_ptr), m_strides, part(dout), part(stats), part(delta))
-        if not deterministic and onepass:
+        if onepass:
             _launch_onepass(*args, part(dq), part(dk), part(dv), scale, lo_off, hi_off, common)
             continue
         _launch_dkdv(*args, part(dk), part(dv), scale, lo_off, hi_off, common)

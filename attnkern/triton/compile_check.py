@@ -44,7 +44,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
-from .. import asm_stats  # noqa: E402
+from .. import asm_stats, config  # noqa: E402
 from ..compile_report import MAX_SHARED, Record  # noqa: E402
 from ..band import make_band  # noqa: E402
 from ..masks import CAUSAL_NONE, CAUSAL_TOP_LEFT  # noqa: E402
@@ -115,13 +115,14 @@ QK = ("M", "N", "E")  # S = Q Kᵀ: BLOCK_M × BLOCK_N over the head dim
 KERNELS = (
     KernelEntry("fwd", "_attn_fwd_kernel", (QK, ("M", "EV", "N"))),
     KernelEntry("fwd+lo", "_attn_fwd_kernel", (QK, ("M", "EV", "N")), residual=True),
-    # The single-pass backward (the default): S and dP once, dV, dK and dQ (by atomics) from them.
+    # The two-pass backward: the default (and the deterministic path).
+    KernelEntry("dkdv", "_attn_bwd_dkdv_kernel", (QK, ("N", "EV", "M"), ("N", "M", "EV"), ("N", "E", "M"))),
+    KernelEntry("dq", "_attn_bwd_dq_kernel", (QK, ("M", "N", "EV"), ("M", "E", "N"))),
+    # The single-pass backward, opted into with ATTNKERN_SINGLE_PASS=1 (not what the grid runs): S and dP
+    # once, dV, dK and dQ (by atomics) from them.
     KernelEntry("onepass", "_attn_bwd_onepass_kernel",
-                (QK, ("N", "EV", "M"), ("N", "M", "EV"), ("N", "E", "M"), ("M", "E", "N")), deterministic=False),
-    # The two-pass backward: the deterministic path.
-    KernelEntry("dkdv", "_attn_bwd_dkdv_kernel", (QK, ("N", "EV", "M"), ("N", "M", "EV"), ("N", "E", "M")),
-                deterministic=True),
-    KernelEntry("dq", "_attn_bwd_dq_kernel", (QK, ("M", "N", "EV"), ("M", "E", "N")), deterministic=True),
+                (QK, ("N", "EV", "M"), ("N", "M", "EV"), ("N", "E", "M"), ("M", "E", "N")), deterministic=False,
+                in_grid=False),
     KernelEntry("dmask", "_attn_bwd_dmask_kernel", (QK, ("M", "N", "EV")), mask_grad=True, in_grid=False),
 )
 KERNEL_BY_NAME = {k.name: k for k in KERNELS}
@@ -163,13 +164,21 @@ def _recording(launches: Dict[str, Launch]):
 
 @contextlib.contextmanager
 def _deterministic(mode: Optional[bool]):
-    saved = torch.are_deterministic_algorithms_enabled()
+    """True: torch's deterministic switch (the two-pass backward); False: the single pass opted into
+    (config.SINGLE_PASS_ENV); None: the default."""
+    saved = torch.are_deterministic_algorithms_enabled(), os.environ.get(config.SINGLE_PASS_ENV)
     if mode is not None:
         torch.use_deterministic_algorithms(mode)
+    if mode is False:
+        os.environ[config.SINGLE_PASS_ENV] = "1"
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(saved)
+        torch.use_deterministic_algorithms(saved[0])
+        if saved[1] is None:
+            os.environ.pop(config.SINGLE_PASS_ENV, None)
+        else:
+            os.environ[config.SINGLE_PASS_ENV] = saved[1]
 
 
 def record_launches(p: Problem, residual: bool, mask_grad: bool,

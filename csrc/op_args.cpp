@@ -84,13 +84,11 @@ AttentionParams forward_params(const at::Tensor& q, const at::Tensor& k, const a
   p.scale = scale;
   const int64_t offset = band[0] == 1 ? S - L : 0;
   p.has_left = band[1] >= 0, p.has_right = band[2] >= 0;
-  // Clamped to [-L, S], which changes no visibility (rows are in [0, L), keys in [0, S)), so that kernels
-  // may compare in 32 bits whatever window was asked for; an absent bound is the one that lets every key
-  // through (-L, S), so a kernel may test both bounds without looking at the flags.
+  // Clamped to [-L, S], which changes no visibility (rows are in [0, L), keys in [0, S)), so that the
+  // offsets stay small whatever window was asked for; an absent bound is the one that lets every key
+  // through (-L, S).
   p.band_lo = p.has_left ? std::max<int64_t>(offset - band[1], -L) : -L;
   p.band_hi = p.has_right ? std::clamp<int64_t>(offset + band[2], -L, S) : S;
-  p.band_hi = std::max(p.band_hi, p.band_lo - 1);  // an empty band stays empty, and its span is 0
-  p.band_span = p.band_hi - p.band_lo + 1;
 
   if (mask.has_value() && mask->defined()) {
     const at::Tensor& m = *mask;

@@ -43,7 +43,6 @@ struct AttentionParams {
   // [-L, S], an absent bound being -L (band_lo) or S (band_hi), which bound nothing.
   bool has_left = false, has_right = false;
   int64_t band_lo = 0, band_hi = 0;
-  int64_t band_span = 0;  // band_hi - band_lo + 1 >= 0: key j visible iff 0 <= j - i - band_lo < band_span
 
   // Outputs of the forward (inputs of the backward).
   void* out = nullptr;
@@ -72,19 +71,12 @@ struct AttentionParams {
   Strides4 dq_st, dk_st, dv_st;
 
   bool banded() const { return has_left || has_right; }
-  // Whether query row i sees key j (the band only; the user mask and the key bound apart).
-  bool in_band(int64_t i, int64_t j) const {
-    return (!has_right || j <= i + band_hi) && (!has_left || j >= i + band_lo);
-  }
   // The keys [key_begin, key_end) some row of rows [r0, r1) sees, and [full_key_begin, full_key_end)
   // the keys every one of them sees (empty when begin >= end).
   int64_t key_begin(int64_t r0) const { return has_left ? std::clamp<int64_t>(r0 + band_lo, 0, S) : 0; }
   int64_t key_end(int64_t r1) const { return has_right ? std::clamp<int64_t>(r1 + band_hi, 0, S) : S; }
   int64_t full_key_begin(int64_t r1) const { return has_left ? std::clamp<int64_t>(r1 - 1 + band_lo, 0, S) : 0; }
   int64_t full_key_end(int64_t r0) const { return has_right ? std::clamp<int64_t>(r0 + 1 + band_hi, 0, S) : S; }
-  // The query rows [query_begin, query_end) that see some key of keys [c0, c1).
-  int64_t query_begin(int64_t c0) const { return has_right ? std::clamp<int64_t>(c0 - band_hi, 0, L) : 0; }
-  int64_t query_end(int64_t c1) const { return has_left ? std::clamp<int64_t>(c1 - band_lo, 0, L) : L; }
 };
 
 }  // namespace attnkern

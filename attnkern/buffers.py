@@ -56,3 +56,29 @@ def new_mask_grad(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> tor
     """The accumulation buffer of a mask gradient, (Bm, Hm, Lm, Sm) contiguous (float32, or float64
     for float64 problems)."""
     return _poisoned(torch.empty(mask.shape, dtype=dtype, device=mask.device))
+
+
+# Packed variable-length batches (varlen.py): q (total_q, Hq, E).
+
+def new_varlen_output(q: torch.Tensor, Ev: int) -> torch.Tensor:
+    """Output (total_q, Hq, Ev), contiguous."""
+    return _poisoned(q.new_empty((q.shape[0], q.shape[1], Ev)))
+
+
+def new_varlen_residual(q: torch.Tensor, Ev: int, residual: bool) -> torch.Tensor:
+    """new_residual's packed form: (total_q, Hq, Ev) for float16/bfloat16 when `residual`, else empty."""
+    if residual and q.dtype in (torch.float16, torch.bfloat16):
+        return new_varlen_output(q, Ev)
+    return q.new_empty((0,))
+
+
+def new_varlen_lse(q: torch.Tensor) -> torch.Tensor:
+    """(Hq, total_q), as FlashAttention's varlen functions return it; float32 (float64 for float64)."""
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return _poisoned(q.new_empty((q.shape[1], q.shape[0]), dtype=dtype))
+
+
+def new_varlen_stats(q: torch.Tensor) -> torch.Tensor:
+    """(Hq, total_q, 2): new_stats' per-row statistics, packed."""
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return _poisoned(q.new_empty((q.shape[1], q.shape[0], 2), dtype=dtype))

@@ -124,6 +124,8 @@ def canonical_mask(
             f"attn_mask of shape {tuple(mask.shape)} does not broadcast to the attention scores' shape "
             f"{full} = (*batch, heads, query length L, key length S)"
         )
+    if mask.dim() == 4 and len(batch_shape) == 1:  # already (Bm, Hm, Lm, Sm), each dim 1 or full
+        return mask
     m = mask.reshape((1,) * (len(full) - mask.dim()) + tuple(mask.shape))
     lead_sizes = m.shape[: len(batch_shape)]
     B = math.prod(batch_shape)

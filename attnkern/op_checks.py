@@ -1,13 +1,14 @@
 """Argument checks of the custom ops (ops.py), on metadata alone: shapes, dtypes, devices, codes.
 
-The ops are public (`torch.ops.attnkern.attention_forward_v4(...)` is callable by anyone) and the
+The ops are public (`torch.ops.attnkern.attention_forward_v5(...)` is callable by anyone) and the
 kernels trust their arguments: a key with too few heads would be read past its end. So every op body
 and every fake (meta) implementation checks its arguments first and raises a ValueError/TypeError that
 names the argument and says what was expected. Nothing here reads tensor data, so no check
 synchronizes a device or breaks a torch.compile trace.
 
 `problem.normalize` has already done these checks for calls through the public API, with messages in
-the user's terms; these are the op contract's own (canonical 4-D tensors, see backends/base.py).
+the user's terms, so those calls skip them (ops.run_forward); these are the op contract's own (canonical
+4-D tensors, see backends/base.py), made for every direct call of the ops.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 from . import backends, masks
 from .band import Band
 from .problem import SUPPORTED_DTYPES, AttentionProblem, to_float32
+from .score_mods import NONE, ScoreMods, check_op_mods
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -159,12 +161,18 @@ def check_backward_args(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, ba
         raise ValueError("attnkern op: mask_grad=True needs a float attn_mask (a bool mask has no gradient)")
 
 
-def check_backend_runs(q, k, v, mask, scale, band, backend) -> None:
+def check_mods(softcap, alibi, dropout_p, rng, q) -> None:
+    """softcap >= 0, alibi None or float32 (1 or B, Hq), dropout_p in [0, 1] with an rng when > 0."""
+    check_op_mods(softcap, alibi, dropout_p, rng, q)
+
+
+def check_backend_runs(q, k, v, mask, scale, band, backend, mods: ScoreMods = NONE) -> None:
     """The named backend runs this problem on q's device (its dtypes, head dims, ...), else the
     reason, as `attention(..., backend=...)` would say it. Only for real tensors (not the fake
     implementations: whether a device is usable is a property of the run, not of the trace)."""
     b = backends.get(backend)
-    problem = AttentionProblem(q, k, v, mask, scale, masks.CAUSAL_NONE, band=Band.from_op(band))
+    problem = AttentionProblem(q, k, v, mask, scale, masks.CAUSAL_NONE, band=Band.from_op(band), mods=mods,
+                               dropout_p=mods.dropout_p)
     why = b.availability(q.device) or b.unsupported_reason(problem)
     if why:
         raise backends.BackendUnavailableError(f"attnkern op: backend={backend!r} cannot run this call: {why}")

@@ -18,6 +18,7 @@ import torch
 
 from . import masks
 from .band import Band, make_band, parse_window
+from .score_mods import NONE, ScoreMods, check_alibi, check_softcap, make_mods
 from .shapes import broadcast_shapes
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -39,6 +40,8 @@ class AttentionProblem:
     window: Optional[Tuple[int, int]] = None  # (left, right), -1 unbounded (band.parse_window)
     # Which keys each row sees apart from the mask (band.py): by default causal and window together.
     band: Optional[Band] = None
+    # Soft-capping, ALiBi and dropout (score_mods.py); dropout_p above is the same as mods.dropout_p.
+    mods: ScoreMods = NONE
 
     def __post_init__(self):
         if self.band is None:
@@ -116,6 +119,7 @@ class AttentionProblem:
             f"causal={masks.CAUSAL_NAMES[self.causal]} mask={masks.describe_mask(self.mask)}"
             + (f" window={self.window} (band: {self.band.describe()})" if self.window is not None else "")
             + (f" dropout_p={self.dropout_p}" if self.dropout_p else "")
+            + "".join(f" {part}" for part in self.mods.describe().split() if not part.startswith("dropout_p"))
         )
 
 
@@ -166,7 +170,10 @@ def _split(t: torch.Tensor):
 
 
 def _to_4d(t: torch.Tensor, batch_shape, B: int) -> torch.Tensor:
-    """Broadcast the batch dims and flatten them into one; a view when the strides allow it."""
+    """Broadcast the batch dims and flatten them into one; a view when the strides allow it, the tensor
+    itself when it is already (B, H, L, E) (the common call, and what lets api.py reuse a problem)."""
+    if t.dim() == 4 and len(batch_shape) == 1 and t.shape[0] == B:
+        return t
     if t.dim() == 2:
         t = t.unsqueeze(0)
     lead = t.shape[:-3]
@@ -193,9 +200,15 @@ def normalize(
     enable_gqa: bool = False,
     window=None,
     deterministic: bool = False,
+    softcap=None,
+    alibi_slopes=None,
+    dropout_rng=None,
 ) -> AttentionProblem:
-    """Check the arguments as torch's SDPA does (with clearer messages) and build the canonical problem."""
+    """Check the arguments as torch's SDPA does (with clearer messages) and build the canonical problem.
+    `softcap`, `alibi_slopes` and `dropout_rng` as `attnkern.attention` takes them (score_mods.py); a
+    call with dropout_p > 0 and no dropout_rng draws one when it runs (api._run), not here."""
     window = parse_window(window)
+    softcap = check_softcap(softcap)
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
     for name, t in (("query", query), ("key", key), ("value", value)):
@@ -290,8 +303,10 @@ def normalize(
             )
         mask = masks.canonical_mask(attn_mask, batch_shape, H, L, S)
 
+    alibi = check_alibi(alibi_slopes, batch_shape, B, H, query.device)
+    mods = make_mods(softcap, alibi, float(dropout_p), dropout_rng, query.device)
     return AttentionProblem(
         q=q, k=k, v=v, mask=mask, scale=float(scale), causal=causal, dropout_p=float(dropout_p),
         batch_shape=batch_shape, has_head_dim=query.dim() > 2 or key.dim() > 2 or value.dim() > 2,
-        notes=notes, window=window, deterministic=deterministic,
+        notes=notes, window=window, deterministic=deterministic, mods=mods,
     )

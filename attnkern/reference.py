@@ -16,6 +16,8 @@ import torch
 
 from . import masks
 from .band import Band, make_band, parse_window
+from .philox import dropout_multiplier
+from .score_mods import NONE, ScoreMods, alibi_bias, cap
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -30,19 +32,27 @@ def _band_of(causal, window, band: Optional[Band]) -> Band:
     return band if band is not None else make_band(masks.parse_causal(causal), parse_window(window))
 
 
-def reference_scores(
-    query, key, attn_mask=None, *, causal=0, window=None, band: Optional[Band] = None, scale=None,
-    enable_gqa=False, compute_dtype=None
-) -> torch.Tensor:
-    """Scaled, masked scores `s` (−inf where masked) in `compute_dtype` (default: the query's dtype).
-    The visible keys: `band` (band.py), or the band of `causal` and `window` as `attention` takes them."""
-    band = _band_of(causal, window, band)
-    dtype = compute_dtype or query.dtype
-    E = query.shape[-1]
-    scale = 1.0 / math.sqrt(E) if scale is None else scale
+def _raw_scores(query, key, scale, enable_gqa, dtype) -> torch.Tensor:
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
     if enable_gqa:
         key = _expand_heads(key, query.shape[-3])
-    s = (query.to(dtype) @ key.to(dtype).transpose(-2, -1)) * scale
+    return (query.to(dtype) @ key.to(dtype).transpose(-2, -1)) * scale
+
+
+def reference_scores(
+    query, key, attn_mask=None, *, causal=0, window=None, band: Optional[Band] = None, scale=None,
+    enable_gqa=False, compute_dtype=None, softcap: float = 0.0, alibi_slopes=None, raw=None,
+) -> torch.Tensor:
+    """Scaled, masked scores `s` (−inf where masked) in `compute_dtype` (default: the query's dtype).
+    The visible keys: `band` (band.py), or the band of `causal` and `window` as `attention` takes them.
+    `softcap` and `alibi_slopes` ((H,) or (..., H)) as score_mods.py defines them; `raw`: the scaled
+    scores q.k * scale when the caller has them already."""
+    band = _band_of(causal, window, band)
+    dtype = compute_dtype or query.dtype
+    s = _raw_scores(query, key, scale, enable_gqa, dtype) if raw is None else raw
+    s = cap(s, softcap or 0.0)
+    if alibi_slopes is not None:
+        s = s + alibi_bias(alibi_slopes, s.shape[-2], s.shape[-1], dtype)
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             s = s.masked_fill(~attn_mask, float("-inf"))
@@ -68,6 +78,9 @@ def reference_attention(
     dropout_p: float = 0.0,
     compute_dtype: Optional[torch.dtype] = None,
     sinks: Optional[torch.Tensor] = None,
+    softcap: Optional[float] = None,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    dropout_rng: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Naive attention. Returns (out in query's dtype, natural-log row log-sum-exp).
 
@@ -78,11 +91,14 @@ def reference_attention(
     runs the math in another dtype (e.g. float32 for half inputs); the log-sum-exp is float32, or
     float64 for float64 math. `sinks` ((Hq,), one logit per query head): an extra score column that
     joins every row's softmax and attends to nothing (the naive form of attnkern/sinks.py).
+    `softcap`, `alibi_slopes`: as `attnkern.attention` takes them (score_mods.py). `dropout_p` > 0 with
+    `dropout_rng` (int64 (2,): seed, offset) drops the probabilities the kernels drop for that rng
+    (philox.py; the leading dims count as one batch dim); without it, torch's dropout draws a mask.
     """
     dtype = compute_dtype or query.dtype
     s = reference_scores(
         query, key, attn_mask, band=_band_of(causal, window, band), scale=scale, enable_gqa=enable_gqa,
-        compute_dtype=dtype,
+        compute_dtype=dtype, softcap=softcap or 0.0, alibi_slopes=alibi_slopes,
     )
     # Softmax with a detached row max: exact (softmax is shift invariant), and a fully masked row gives
     # e = 0 everywhere, hence output 0 and zero gradients instead of NaN. NaN (or +inf) scores make their
@@ -99,13 +115,22 @@ def reference_attention(
     lse = torch.where(empty, torch.full_like(denom, float("-inf")), torch.log(denom_safe) + m).squeeze(-1)
     if sinks is not None:
         p = p[..., :-1]
-    if dropout_p > 0.0:
+    if dropout_p > 0.0 and dropout_rng is not None:
+        p = p * _dropout_multiplier(dropout_rng, dropout_p, p)
+    elif dropout_p > 0.0:
         p = torch.nn.functional.dropout(p, p=dropout_p, training=True)
     if enable_gqa:
         value = _expand_heads(value, query.shape[-3])
     out = p @ value.to(dtype)
     lse_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     return out.to(query.dtype), lse.to(lse_dtype)
+
+
+def _dropout_multiplier(rng: torch.Tensor, p: float, probs: torch.Tensor) -> torch.Tensor:
+    """The dropout multiplier for probabilities of shape (..., H, L, S) (leading dims flattened to B)."""
+    H, L, S = (1,) * max(0, 3 - probs.dim()) + tuple(probs.shape[-3:])
+    B = probs.numel() // max(1, H * L * S) if probs.numel() else 0
+    return dropout_multiplier(rng, p, B, H, L, S, probs.dtype).view(probs.shape)
 
 
 def reduce_to_shape(t: torch.Tensor, shape) -> torch.Tensor:
@@ -127,10 +152,12 @@ def _softmax_parts(s: torch.Tensor):
     return m, e, e.sum(dim=-1, keepdim=True)
 
 
-def reference_softmax_stats(q, k, mask, scale, band: Band, compute_dtype=None) -> torch.Tensor:
+def reference_softmax_stats(q, k, mask, scale, band: Band, compute_dtype=None, mods: ScoreMods = NONE,
+                            ) -> torch.Tensor:
     """The per-row statistics of the backend contract, (B, H, L, 2): the row max and log2 of the softmax
     denominator relative to it; -inf for both on fully masked rows."""
-    s = reference_scores(q, k, mask, band=band, scale=scale, enable_gqa=True, compute_dtype=compute_dtype)
+    s = reference_scores(q, k, mask, band=band, scale=scale, enable_gqa=True, compute_dtype=compute_dtype,
+                         softcap=mods.softcap, alibi_slopes=mods.alibi)
     m, _, denom = _softmax_parts(s)
     empty = denom == 0
     m = torch.where(empty, torch.full_like(m, float("-inf")), m)
@@ -150,17 +177,21 @@ def reference_attention_backward(
     mask_grad: bool,
     compute_dtype: Optional[torch.dtype] = None,
     out_lo: Optional[torch.Tensor] = None,
+    mods: ScoreMods = NONE,
 ):
     """The backward every kernel implements, on canonical 4-D tensors (see problem.py):
 
+        S = cap(scale QKᵀ) + alibi + mask   (score_mods.py; T = tanh(scale QKᵀ / c) with softcap c)
         P = softmax(S)                (recomputed; 0 on fully masked rows)
-        dV = Pᵀ dO                    dP = dO Vᵀ
+        Z = dropout multiplier        (0 or 1/(1-p), regenerated from mods.rng; 1 without dropout)
+        dV = (P ∘ Z)ᵀ dO              dP = (dO Vᵀ) ∘ Z
         delta = rowsum(P ∘ dP) − dlse (= rowsum(dO ∘ O) − dlse, the kernels' form from O = out + out_lo;
                                       taken from P here, in every dtype; out and out_lo are not read;
                                       dlse counts as 0 on fully masked rows: their lse = -inf is
                                       constant, and an inf/NaN dlse there must not turn P = 0 into NaN)
         dS = P ∘ (dP − delta)         (the gradient of the masked, scaled scores = the float mask's)
-        dQ = scale · dS K             dK = scale · dSᵀ Q
+        dR = dS ∘ (1 − T²)            (the raw scores' gradient; dR = dS without softcap)
+        dQ = scale · dR K             dK = scale · dRᵀ Q
     dK/dV are summed over each kv head's query-head group; dMask over the mask's broadcast dims. A mask
     that broadcasts over keys takes each row's Σ_j dS as rowsum(P ∘ dP)(1 − rowsum P) + dlse · rowsum P,
     the same value without the cancellation of large terms that Σ_j dS (≈ dlse) is; a row that sees no
@@ -171,19 +202,27 @@ def reference_attention_backward(
     Hq, Hkv = q.shape[1], k.shape[1]
     group = Hq // Hkv if Hkv else 1  # zero heads (an empty problem): nothing to sum
     kx, vx = _expand_heads(k, Hq).to(dtype), _expand_heads(v, Hq).to(dtype)
-    s = reference_scores(q, k, mask, band=band, scale=scale, enable_gqa=True, compute_dtype=dtype)
+    raw = _raw_scores(q, k, scale, True, dtype)
+    s = reference_scores(q, k, mask, band=band, compute_dtype=dtype, softcap=mods.softcap,
+                         alibi_slopes=mods.alibi, raw=raw)
     _, e, denom = _softmax_parts(s)
     p = e / torch.where(denom == 0, torch.ones_like(denom), denom)
     do = dout.to(dtype)
-    dv = p.transpose(-2, -1) @ do
     dp = do @ vx.transpose(-2, -1)
+    if mods.dropout_p > 0.0:
+        z = _dropout_multiplier(mods.rng, mods.dropout_p, p)
+        dv = (p * z).transpose(-2, -1) @ do
+        dp = dp * z
+    else:
+        dv = p.transpose(-2, -1) @ do
     delta = (p * dp).sum(-1, keepdim=True)
     if dlse is not None:
         dl = dlse.to(dtype).unsqueeze(-1)
         delta = delta - torch.where(denom == 0, torch.zeros_like(dl), dl)
     ds = p * (dp - delta)
-    dq = scale * (ds @ kx)
-    dk = scale * (ds.transpose(-2, -1) @ q.to(dtype))
+    dr = ds * (1 - torch.tanh(raw / mods.softcap) ** 2) if mods.softcap > 0.0 else ds
+    dq = scale * (dr @ kx)
+    dk = scale * (dr.transpose(-2, -1) @ q.to(dtype))
     B, _, S, E = k.shape
     dk = dk.view(B, Hkv, group, S, E).sum(2)
     dv = dv.view(B, Hkv, group, S, v.shape[-1]).sum(2)
@@ -205,3 +244,38 @@ def reference_attention_backward(
         else:
             dmask = reduce_to_shape(ds, mask.shape).to(mask.dtype)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dmask
+
+
+def reference_varlen_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, *,
+    causal: bool = False, window=None, scale: Optional[float] = None, softcap: Optional[float] = None,
+    alibi_slopes: Optional[torch.Tensor] = None, compute_dtype: Optional[torch.dtype] = None,
+    dropout_p: float = 0.0, dropout_rng: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The naive math of a packed variable-length batch (attnkern.varlen_attention's semantics), one
+    sequence at a time through `reference_attention`: q (Tq, Hq, E), k (Tk, Hkv, E), v (Tk, Hkv, Ev),
+    cu_seqlens (B + 1,) -> (out (Tq, Hq, Ev) in q's dtype, lse (Hq, Tq)). causal/window bottom-right per
+    sequence; alibi_slopes (Hq,) or (B, Hq); dropout with sequence b's mask drawn from
+    varlen.sequence_rng(dropout_rng, b). Differentiable by autograd."""
+    from .varlen import sequence_rng
+
+    band = make_band(masks.CAUSAL_BOTTOM_RIGHT if causal else masks.CAUSAL_NONE, parse_window(window))
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    lse_dtype = torch.float64 if (compute_dtype or q.dtype) == torch.float64 else torch.float32
+    outs, lses = [], []
+    for b in range(len(cq) - 1):
+        qb, kb, vb = (t[a:e].transpose(0, 1) for t, a, e in ((q, cq[b], cq[b + 1]), (k, ck[b], ck[b + 1]),
+                                                             (v, ck[b], ck[b + 1])))
+        slopes = alibi_slopes[b] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
+        if kb.shape[1] == 0:  # no keys: every row sees nothing
+            outs.append(qb.new_zeros(qb.shape[:2] + (v.shape[2],)))
+            lses.append(torch.full(qb.shape[:2], float("-inf"), dtype=lse_dtype))
+            continue
+        o, l = reference_attention(qb, kb, vb, band=band, scale=scale, enable_gqa=True, compute_dtype=compute_dtype,
+                                   softcap=softcap, alibi_slopes=slopes, dropout_p=dropout_p,
+                                   dropout_rng=None if dropout_rng is None else sequence_rng(dropout_rng, b))
+        outs.append(o)
+        lses.append(l.to(lse_dtype))
+    out = torch.cat(outs, dim=1).transpose(0, 1) if outs else q.new_zeros((0, q.shape[1], v.shape[2]))
+    lse = torch.cat(lses, dim=1) if lses else torch.zeros((q.shape[1], 0), dtype=lse_dtype)
+    return out, lse

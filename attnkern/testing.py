@@ -166,9 +166,10 @@ def _errors(x: torch.Tensor, ref: torch.Tensor):
     return max_abs, rel
 
 
-def _call_kwargs(attn_mask, is_causal, scale, enable_gqa, window=None) -> Dict:
-    """Only the arguments that differ from SDPA's defaults, so simpler callables (q, k, v) work too."""
-    kw = {} if window is None else {"window": window}
+def _call_kwargs(attn_mask, is_causal, scale, enable_gqa, variants: Dict) -> Dict:
+    """Only the arguments that differ from SDPA's defaults, so simpler callables (q, k, v) work too;
+    `variants` (window, softcap, ...: `_variants`) as they are."""
+    kw = dict(variants)
     if attn_mask is not None:
         kw["attn_mask"] = attn_mask
     if is_causal:
@@ -212,10 +213,21 @@ def _backward(out, leaves, grad_out):
     return list(torch.autograd.grad(out, wrt, g, allow_unused=True))
 
 
-def _reference(q, k, v, mask, is_causal, scale, enable_gqa, dtype, grad_out, window=None):
+def _variants(window, softcap, alibi_slopes, dropout_p, dropout_rng) -> Dict:
+    """The `attnkern.attention` arguments beyond SDPA's that a check uses (those given), as fn and the
+    reference both get them. Dropout needs a fixed rng: both then drop the same probabilities."""
+    if dropout_p and dropout_rng is None:
+        raise ValueError("dropout_p > 0 needs a fixed dropout_rng (int64 (2,): seed, offset), so that fn and "
+                         "the reference drop the same probabilities (in the forward and the backward)")
+    given = dict(window=window, softcap=softcap, alibi_slopes=alibi_slopes,
+                 dropout_p=dropout_p or None, dropout_rng=dropout_rng if dropout_p else None)
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _reference(q, k, v, mask, is_causal, scale, enable_gqa, dtype, grad_out, variants: Dict):
     leaves = _leaves((q, k, v, mask), dtype)
-    out = reference_attention(*leaves[:3], leaves[3], causal=bool(is_causal), window=window, scale=scale,
-                              enable_gqa=enable_gqa)[0]
+    out = reference_attention(*leaves[:3], leaves[3], causal=bool(is_causal), scale=scale,
+                              enable_gqa=enable_gqa, **variants)[0]
     wrt = [t for t in leaves if t is not None and t.requires_grad]
     grads = torch.autograd.grad(out, wrt, grad_out.to(device=out.device, dtype=out.dtype))
     return out, list(grads)
@@ -263,6 +275,10 @@ def check_gradients(
     gradcheck_fast_mode: Optional[bool] = None,
     name: Optional[str] = None,
     window=None,
+    softcap: Optional[float] = None,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    dropout_rng: Optional[torch.Tensor] = None,
 ) -> GradientReport:
     """Check `fn`'s output and gradients against the naive reference by the tolerance rule.
 
@@ -275,6 +291,11 @@ def check_gradients(
     is_causal, scale, enable_gqa: as in SDPA (is_causal is top-left aligned).
     window: a sliding window (left, right) as `attnkern.attention` takes it (FlashAttention's window_size);
         fn is then also passed `window=` (SDPA itself has no such argument).
+    softcap, alibi_slopes: logit soft-capping and ALiBi slopes as `attnkern.attention` takes them; fn is
+        passed them (`softcap=`, `alibi_slopes=`) where given.
+    dropout_p, dropout_rng: dropout with a fixed (seed, offset) (int64 (2,), as `attnkern.attention`'s
+        dropout_rng), required with dropout_p > 0: fn is passed both, and the reference drops the same
+        probabilities, in the forward and the backward (gradcheck reruns fn with the same rng).
     grad_out: the upstream gradient of the output (default: standard normal, drawn with `seed`).
     gradcheck: also run torch.autograd.gradcheck on float64 copies of the inputs (skipped, and said so,
         when fn does not run in float64). Meant for small inputs: by default (gradcheck_fast_mode=None)
@@ -295,8 +316,10 @@ def check_gradients(
     dtype = query.dtype
     dtype_name = str(dtype).replace("torch.", "")
 
+    variants = _variants(window, softcap, alibi_slopes, dropout_p, dropout_rng)
+
     def kwargs_of(mask):
-        return _call_kwargs(mask, is_causal, scale, enable_gqa, window)
+        return _call_kwargs(mask, is_causal, scale, enable_gqa, variants)
 
     leaves = _leaves((query, key, value, attn_mask))
     mask_grad = leaves[3] is not None and leaves[3].requires_grad
@@ -317,8 +340,8 @@ def check_gradients(
         grads = _backward(out, leaves, grad_out)
     else:
         grads = ["the output's shape is wrong" for _ in names]
-    ref64, grads64 = _reference(*leaves, is_causal, scale, enable_gqa, torch.float64, grad_out, window)
-    ref_lp, grads_lp = _reference(*leaves, is_causal, scale, enable_gqa, dtype, grad_out, window)
+    ref64, grads64 = _reference(*leaves, is_causal, scale, enable_gqa, torch.float64, grad_out, variants)
+    ref_lp, grads_lp = _reference(*leaves, is_causal, scale, enable_gqa, dtype, grad_out, variants)
 
     report = GradientReport(
         name=name or getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn),
@@ -327,7 +350,7 @@ def check_gradients(
                 + ("" if attn_mask is None or attn_mask.dtype == torch.bool else
                    f" {str(attn_mask.dtype).replace('torch.', '')}" + (" (grad)" if mask_grad else ""))},
         options={"is_causal": bool(is_causal), "scale": "default" if scale is None else scale,
-                 "enable_gqa": bool(enable_gqa), **({"window": list(window)} if window is not None else {})},
+                 "enable_gqa": bool(enable_gqa), **_describe_variants(variants)},
     )
     items = [("out", out, ref64, ref_lp, OUTPUT_FACTOR)]
     items += [(n, g, g64, glp, GRADIENT_FACTOR) for n, g, g64, glp in zip(names, grads, grads64, grads_lp)]
@@ -339,6 +362,14 @@ def check_gradients(
             gradcheck_fast_mode = numel > FULL_GRADCHECK_ELEMENTS
         report.gradcheck = _run_gradcheck(fn, leaves, kwargs_of, gradcheck_fast_mode)
     return report
+
+
+def _describe_variants(variants: Dict) -> Dict:
+    """The report's (JSON-friendly) form of the variants."""
+    out = {}
+    for k, v in variants.items():
+        out[k] = v.tolist() if isinstance(v, torch.Tensor) else list(v) if isinstance(v, tuple) else v
+    return out
 
 
 def _judge(name, x, ref64, ref_lp, dtype, factor) -> TensorCheck:

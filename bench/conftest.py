@@ -9,9 +9,9 @@ CPU the Triton backend is then unavailable and its cells are skipped, as `attnke
 import pytest
 import torch
 
-from attnkern.bench.grid import (default_config, parse_causal, parse_dtypes, parse_length, parse_lengths,
+from attnkern.tools.bench.grid import (default_config, parse_causal, parse_dtypes, parse_length, parse_lengths,
                                  parse_modes, parse_positive_ints)
-from attnkern.bench.providers import default_providers, parse_providers
+from attnkern.tools.bench.providers import default_providers, parse_providers
 
 OPTIONS = {
     # option: (parser, BenchConfig field, help)

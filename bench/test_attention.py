@@ -1,6 +1,6 @@
 """One pytest-benchmark test per (shape, mode, provider) cell of `attnkern bench`'s grid.
 
-The cell's inputs, callables and classification of failures are attnkern.bench's own, so both measure
+The cell's inputs, callables and classification of failures are attnkern.tools.bench's own, so both measure
 the same thing; here pytest-benchmark does the timing (wall clock, synchronized on a GPU), the untimed
 setup of each round picks the next input set (and runs the forward for `bwd`). A provider that does not
 support a cell, or runs out of memory, skips it with the reason; any other failure fails the test.
@@ -10,9 +10,9 @@ import itertools
 import pytest
 import torch
 
-from attnkern.bench import measure
-from attnkern.bench.providers import by_name
-from attnkern.bench.runner import ERROR, classify, input_set_count, make_input_sets, mode_callables
+from attnkern.tools.bench import measure
+from attnkern.tools.bench.providers import by_name
+from attnkern.tools.bench.runner import ERROR, classify, input_set_count, make_input_sets, mode_callables
 
 
 # The cells come shape by shape: keep one shape's input sets and built callables (FlexAttention compiles

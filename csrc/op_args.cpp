@@ -8,8 +8,6 @@
 
 namespace attnkern {
 
-namespace {
-
 std::string shape_str(at::IntArrayRef s) {
   std::ostringstream os;
   os << "(";
@@ -17,6 +15,8 @@ std::string shape_str(at::IntArrayRef s) {
   os << (s.size() == 1 ? ",)" : ")");
   return os.str();
 }
+
+namespace {
 
 Strides4 strides_of(const at::Tensor& t) {
   Strides4 st;
@@ -38,12 +38,48 @@ void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef want, co
               shape_str(t.sizes()));
 }
 
+void fill_mods(AttentionParams& p, const ModArgs& mods, const at::Tensor& q) {
+  TORCH_CHECK(std::isfinite(mods.softcap) && mods.softcap >= 0, "attnkern: softcap must be a finite float >= 0, got ",
+              mods.softcap);
+  p.softcap = mods.softcap;
+  if (mods.alibi.has_value() && mods.alibi->defined()) {
+    const at::Tensor& a = *mods.alibi;
+    check_same_device(a, "alibi", q);
+    TORCH_CHECK(a.scalar_type() == at::kFloat && a.dim() == 2 && a.size(1) == p.Hq &&
+                    (a.size(0) == 1 || a.size(0) == p.B) && a.is_contiguous(),
+                "attnkern: alibi must be a contiguous float32 (1 or B, Hq) = (1 or ", p.B, ", ", p.Hq,
+                ") tensor, got ", a.scalar_type(), " of shape ", shape_str(a.sizes()));
+    p.alibi = a.data_ptr<float>();
+    p.alibi_st_b = a.size(0) == 1 ? 0 : p.Hq;
+  }
+  TORCH_CHECK(mods.dropout_p >= 0 && mods.dropout_p <= 1, "attnkern: dropout_p must be in [0, 1], got ",
+              mods.dropout_p);
+  if (mods.dropout_p > 0) {
+    TORCH_CHECK(mods.rng.has_value() && mods.rng->defined(), "attnkern: dropout_p > 0 needs rng (int64 (2,))");
+    const at::Tensor& r = *mods.rng;
+    check_same_device(r, "rng", q);
+    TORCH_CHECK(r.scalar_type() == at::kLong && r.dim() == 1 && r.size(0) == 2 && r.is_contiguous(),
+                "attnkern: rng must be a contiguous int64 tensor of shape (2,) (seed, offset), got ",
+                r.scalar_type(), " of shape ", shape_str(r.sizes()));
+    p.dropout_p = mods.dropout_p;
+    // As attnkern/philox.py: floor(p 2^32), at most 2^32 - 1; scale 1 / (1 - p), 0 for p = 1.
+    p.dropout_threshold = static_cast<uint32_t>(std::min(std::floor(mods.dropout_p * 4294967296.0), 4294967295.0));
+    p.dropout_scale = mods.dropout_p >= 1 ? 0.0f : static_cast<float>(1.0 / (1.0 - mods.dropout_p));
+    p.rng = r.data_ptr<int64_t>();
+  }
+}
+
 }  // namespace
+
+void check_no_mods(const AttentionParams& p, const char* where) {
+  TORCH_CHECK(!p.has_mods(), "attnkern: softcap, alibi and dropout are not implemented by the ", where,
+              " kernels yet");
+}
 
 AttentionParams forward_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const std::optional<at::Tensor>& mask, double scale, at::IntArrayRef band,
-                               const at::Tensor& out, const at::Tensor* lse, const at::Tensor& stats,
-                               const std::optional<at::Tensor>& out_lo) {
+                               const ModArgs& mods, const at::Tensor& out, const at::Tensor* lse,
+                               const at::Tensor& stats, const std::optional<at::Tensor>& out_lo) {
   const std::pair<const at::Tensor*, const char*> qkv[] = {{&q, "query"}, {&k, "key"}, {&v, "value"}};
   for (const auto& [t, name] : qkv) {
     TORCH_CHECK(t->defined(), "attnkern: ", name, " is undefined");
@@ -89,6 +125,8 @@ AttentionParams forward_params(const at::Tensor& q, const at::Tensor& k, const a
   // through (-L, S).
   p.band_lo = p.has_left ? std::max<int64_t>(offset - band[1], -L) : -L;
   p.band_hi = p.has_right ? std::clamp<int64_t>(offset + band[2], -L, S) : S;
+
+  fill_mods(p, mods, q);
 
   if (mask.has_value() && mask->defined()) {
     const at::Tensor& m = *mask;
@@ -150,9 +188,9 @@ AttentionParams backward_params(const at::Tensor& dout, const std::optional<at::
                                 const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const std::optional<at::Tensor>& mask, const at::Tensor& out,
                                 const std::optional<at::Tensor>& out_lo, const at::Tensor& stats, double scale,
-                                at::IntArrayRef band, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
-                                const std::optional<at::Tensor>& dmask) {
-  AttentionParams p = forward_params(q, k, v, mask, scale, band, out, nullptr, stats, out_lo);
+                                at::IntArrayRef band, const ModArgs& mods, const at::Tensor& dq, const at::Tensor& dk,
+                                const at::Tensor& dv, const std::optional<at::Tensor>& dmask) {
+  AttentionParams p = forward_params(q, k, v, mask, scale, band, mods, out, nullptr, stats, out_lo);
   const auto acc_dtype = stats.scalar_type();
   const std::tuple<const at::Tensor*, const at::Tensor*, const char*> like[] = {
       {&dout, &out, "grad_out"}, {&dq, &q, "grad_query"}, {&dk, &k, "grad_key"}, {&dv, &v, "grad_value"}};

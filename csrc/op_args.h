@@ -6,26 +6,41 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include <string>
+
 #include "params.h"
 
 namespace attnkern {
 
-// Checks q, k, v, mask, scale, band ([bottom_right, left, right], attnkern/band.py) and the outputs out (B, Hq, L, Ev), lse (B, Hq, L) (optional: the
-// backward has none), stats (B, Hq, L, 2) and out_lo (optional: like out); returns the filled params
-// (outputs included).
+// A shape as Python prints it: "(2, 3)", "(4,)".
+std::string shape_str(at::IntArrayRef s);
+
+// The score modifications as the ops take them (score_mods.py; params.h says what they mean).
+struct ModArgs {
+  double softcap = 0.0;
+  const std::optional<at::Tensor>& alibi;
+  double dropout_p = 0.0;
+  const std::optional<at::Tensor>& rng;
+};
+
+// Checks q, k, v, mask, scale, band ([bottom_right, left, right], attnkern/band.py), the score
+// modifications and the outputs out (B, Hq, L, Ev), lse (B, Hq, L) (optional: the backward has none),
+// stats (B, Hq, L, 2) and out_lo (optional: like out); returns the filled params (outputs included).
 // The schemas of the forward and backward ops, shared by attnkern_ext (ops.cpp) and the emulated
 // CUDA kernels' attnkern_emu (cuda/emu/ops_emu.cpp), so the two cannot drift apart.
 inline constexpr const char* kForwardSchema =
     "forward(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float scale, int[] band, "
-    "Tensor(a!) out, Tensor(b!) lse, Tensor(c!) stats, Tensor(d!)? out_lo=None) -> ()";
+    "float softcap, Tensor? alibi, float dropout_p, Tensor? rng, Tensor(a!) out, Tensor(b!) lse, Tensor(c!) stats, Tensor(d!)? out_lo=None) -> ()";
 inline constexpr const char* kBackwardSchema =
     "backward(Tensor grad_out, Tensor? grad_lse, Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
-    "Tensor out, Tensor? out_lo, Tensor stats, float scale, int[] band, Tensor(a!) grad_query, "
+    "Tensor out, Tensor? out_lo, Tensor stats, float scale, int[] band, float softcap, Tensor? alibi, "
+    "float dropout_p, Tensor? rng, Tensor(a!) grad_query, "
     "Tensor(b!) grad_key, Tensor(c!) grad_value, Tensor(d!)? grad_mask) -> ()";
 
 AttentionParams forward_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const std::optional<at::Tensor>& mask, double scale, at::IntArrayRef band,
-                               const at::Tensor& out, const at::Tensor* lse, const at::Tensor& stats,
+                               const ModArgs& mods, const at::Tensor& out, const at::Tensor* lse,
+                               const at::Tensor& stats,
                                const std::optional<at::Tensor>& out_lo);
 
 // The forward's checks plus dout, dlse, and the gradient buffers dq, dk, dv, dmask.
@@ -33,7 +48,10 @@ AttentionParams backward_params(const at::Tensor& dout, const std::optional<at::
                                 const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const std::optional<at::Tensor>& mask, const at::Tensor& out,
                                 const std::optional<at::Tensor>& out_lo, const at::Tensor& stats, double scale,
-                                at::IntArrayRef band, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
+                                at::IntArrayRef band, const ModArgs& mods, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
                                 const std::optional<at::Tensor>& dmask);
+
+// Raises unless the kernels of `where` compute p's score modifications (until they all do).
+void check_no_mods(const AttentionParams& p, const char* where);
 
 }  // namespace attnkern

@@ -44,6 +44,22 @@ struct AttentionParams {
   bool has_left = false, has_right = false;
   int64_t band_lo = 0, band_hi = 0;
 
+  // Score modifications (attnkern/score_mods.py), in this order. softcap > 0: s = softcap * tanh(s /
+  // softcap) on the scaled scores; alibi (float32 (Ba, Hq), Ba 1 or B): s -= alibi[b * alibi_st_b + h] *
+  // |i + S - L - j|; then masks, band, softmax; dropout_p > 0: P *= dropout_scale where the draw of
+  // (b, h, i, j) (philox.h, keyed by rng = [seed, offset] on the kernels' device) is >= dropout_threshold,
+  // else 0. The lse and stats are those of the capped, biased, masked scores.
+  double softcap = 0.0;
+  const float* alibi = nullptr;
+  int64_t alibi_st_b = 0;  // 0 when the slopes broadcast over the batch
+  double dropout_p = 0.0;
+  uint32_t dropout_threshold = 0;
+  float dropout_scale = 1.0f;
+  const int64_t* rng = nullptr;
+  // The batch index of this problem's batch 0 in the whole call: a CUDA launch over a slice of the batch
+  // (csrc/cuda/launch.h) draws the dropout mask of the batches it holds, b * Hq + h counting from here.
+  int64_t batch_base = 0;
+
   // Outputs of the forward (inputs of the backward).
   void* out = nullptr;
   void* lse = nullptr;  // (B, Hq, L) contiguous, float32 (float64 for float64 inputs); natural log
@@ -71,6 +87,7 @@ struct AttentionParams {
   Strides4 dq_st, dk_st, dv_st;
 
   bool banded() const { return has_left || has_right; }
+  bool has_mods() const { return softcap > 0.0 || alibi != nullptr || dropout_p > 0.0; }
   // The keys [key_begin, key_end) some row of rows [r0, r1) sees, and [full_key_begin, full_key_end)
   // the keys every one of them sees (empty when begin >= end).
   int64_t key_begin(int64_t r0) const { return has_left ? std::clamp<int64_t>(r0 + band_lo, 0, S) : 0; }

@@ -65,3 +65,29 @@ def detached_key_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causa
     """Forgets to let the gradient reach the key."""
     return reference_attention(query, key.detach(), value, attn_mask, causal=is_causal, scale=scale,
                                enable_gqa=enable_gqa)[0]
+
+
+# With attnkern.attention's variants (softcap=, alibi_slopes=, dropout_rng=), for `check-grads --softcap/--alibi/
+# --dropout`: right, and with a planted mistake each.
+def _variant_fn(mistake):
+    def fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+           softcap=None, alibi_slopes=None, dropout_rng=None):
+        kw = dict(attn_mask=attn_mask, causal=is_causal, scale=scale, enable_gqa=enable_gqa, softcap=softcap,
+                  alibi_slopes=alibi_slopes, dropout_p=dropout_p, dropout_rng=dropout_rng)
+        if mistake == "no_softcap":  # forgets the cap
+            kw["softcap"] = None
+        out = reference_attention(query, key, value, **kw)[0]
+        if mistake == "backward_redraws_dropout" and dropout_rng is not None:
+            # the output is right, the gradient is that of another dropout mask (the rng's offset moved)
+            other = reference_attention(query, key, value, **{**kw, "dropout_rng": dropout_rng + torch.tensor(
+                [0, 1], dtype=dropout_rng.dtype, device=dropout_rng.device)})[0]
+            out = out.detach() + (other - other.detach())
+        return out
+
+    fn.__name__ = fn.__qualname__ = f"variants_{mistake or 'right'}"
+    return fn
+
+
+right_variants = _variant_fn(None)
+no_softcap_variants = _variant_fn("no_softcap")
+backward_redraws_dropout_variants = _variant_fn("backward_redraws_dropout")

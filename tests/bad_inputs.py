@@ -1,9 +1,10 @@
 """Random invalid calls, and a worker that runs them in a process of its own.
 
 `bad_call(entry, seed)` draws one invalid call: a small valid problem with one thing broken (a wrong
-dtype, device, shape, head count, mask, scale, dropout_p, causal or backend), made through the public
+dtype, device, shape, head count, mask, scale, dropout_p, causal, softcap, ALiBi slopes, dropout rng or
+backend), made through the public
 API (entry "api": scaled_dot_product_attention or attention) or the custom ops (entry "ops":
-torch.ops.attnkern.attention_forward_v4 / attention_backward_v4, which anyone can call). Each must raise
+torch.ops.attnkern.attention_forward_v5 / attention_backward_v5, which anyone can call). Each must raise
 TypeError, ValueError or RuntimeError with a message naming the broken argument.
 
 A wrong call may also crash the process (an out-of-bounds read in a kernel), so tests run the calls
@@ -97,7 +98,7 @@ def bad_api_call(seed: int) -> BadCall:
     if len(batch) and max(batch) > 1:
         kinds.append("batch")
     if entry == "attention":
-        kinds += ["causal", "backend"]
+        kinds += ["causal", "backend", "softcap", "alibi_slopes", "dropout_rng"]
     kind = rng.choice(kinds)
     names: Tuple[str, ...]
     if kind == "dtype":
@@ -169,6 +170,18 @@ def bad_api_call(seed: int) -> BadCall:
     elif kind == "causal":
         extra["causal"] = rng.choice(("lower", "causal", 3, -1, 1.5, "bottom"))
         names = ("causal",)
+    elif kind == "softcap":
+        extra["softcap"] = rng.choice((-1.0, float("inf"), float("nan"), "30", True))
+        names = ("softcap",)
+    elif kind == "alibi_slopes":
+        extra["alibi_slopes"] = rng.choice((torch.ones(Hq + 1), torch.ones(Hq, dtype=torch.float64),
+                                            torch.ones(2, Hq + 1), [0.5] * Hq, torch.ones(Hq, device="meta")))
+        names = ("alibi_slopes",)
+    elif kind == "dropout_rng":
+        kw["dropout_p"] = 0.25
+        extra["dropout_rng"] = rng.choice((torch.zeros(3, dtype=torch.int64), torch.zeros(2), [1, 2],
+                                           torch.zeros(2, dtype=torch.int64, device="meta")))
+        names = ("dropout_rng",)
     else:  # backend
         extra["backend"] = rng.choice(("cudnn", "flash", "CPU ", 3))
         names = ("backend",)
@@ -216,6 +229,8 @@ def bad_op_call(seed: int) -> BadCall:
              "mask_dtype", "backend"]
     if which == "backward":
         kinds += ["dout", "out", "stats", "dlse"]
+    kinds += ["softcap", "alibi", "dropout", "rng"]
+    softcap, alibi, dropout_p, drop_rng = 0.0, None, 0.0, None
     kind = rng.choice(kinds)
     name = rng.choice(("q", "k", "v"))
     names = (name, {"q": "query", "k": "key", "v": "value"}[name])
@@ -253,18 +268,32 @@ def bad_op_call(seed: int) -> BadCall:
         names = ("mask", "attn_mask")
     elif kind == "backend":
         names = ("backend",)
+    elif kind == "softcap":
+        softcap, names = rng.choice((-1.0, float("inf"), float("nan"))), ("softcap",)
+    elif kind == "alibi":  # not (1 or B, Hq) float32 on the device
+        alibi = rng.choice((torch.ones(Hq, device=device), torch.ones(B + 1, Hq, device=device),
+                            torch.ones(1, Hq, dtype=torch.float64, device=device), torch.ones(1, Hq, device="meta")))
+        names = ("alibi",)
+    elif kind == "dropout":
+        dropout_p = rng.choice((-0.5, 1.5, float("nan")))
+        drop_rng, names = torch.zeros(2, dtype=torch.int64, device=device), ("dropout_p",)
+    elif kind == "rng":  # missing, or not int64 (2,) on the device
+        dropout_p = 0.5
+        drop_rng = rng.choice((None, torch.zeros(3, dtype=torch.int64, device=device), torch.zeros(2, device=device)))
+        names = ("rng",)
+    mods = (softcap, alibi, dropout_p, drop_rng)
     scale, causal = 0.5, rng.choice(([1, -1, -1], [0, -1, 0], [1, -1, 0], [1, 3, 2]))
     op_backend = rng.choice(("cudnn", "", "Auto")) if kind == "backend" else backend
     q, k, v, mask = t["q"], t["k"], t["v"], t["mask"]
     what = f"{kind} via {which} op on {backend}: {_shapes(q, k, v)} mask={_meta(mask)} causal={causal}"
     if which == "forward":
         def call():
-            return ops.attention_forward(q, k, v, mask, scale, causal, op_backend, True)
+            return ops.attention_forward(q, k, v, mask, scale, causal, *mods, op_backend, True)
         return BadCall(what, call, names)
 
     # The backward of a valid forward, called with one input broken.
     out, lse, stats, out_lo = ops.attention_forward(good["q"], good["k"], good["v"], good["mask"], scale, causal,
-                                                    backend, True)
+                                                    0.0, None, 0.0, None, backend, True)
     dout, dlse = torch.randn_like(out), torch.randn_like(lse)
     if kind == "dout":
         dout = r(*out.shape[:-1], out.shape[-1] + 1) if rng.random() < 0.5 else r(*out.shape[1:])
@@ -282,8 +311,8 @@ def bad_op_call(seed: int) -> BadCall:
     what += f" mask_grad={mask_grad}"
 
     def call():
-        return ops.attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, causal, mask_grad,
-                                      op_backend)
+        return ops.attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, causal, *mods,
+                                      mask_grad, op_backend)
 
     return BadCall(what, call, names)
 

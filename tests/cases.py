@@ -1,9 +1,9 @@
-"""The test suite's hand-written cases, in the vocabulary of attnkern/cases.py (which also has the
+"""The test suite's hand-written cases, in the vocabulary of attnkern/tools/cases.py (which also has the
 input generator, the reference runner and random_case; they are re-exported here for the tests).
 Adding a backend to the test matrix gives it all of these cases at once."""
 from __future__ import annotations
 
-from attnkern.cases import (  # noqa: F401
+from attnkern.tools.cases import (  # noqa: F401
     RANDOM_MAX_WORK, Case, as_kwargs, describe, detached, grad_leaves, make_inputs, mask_shape, random_case,
     random_empty_case, run_reference, upstream_grads,
 )
@@ -62,6 +62,21 @@ CASES = [
     Case("window_causal_br_e96", L=40, S=203, E=96, Ev=16, causal="bottom_right", window=(30, -1)),
     Case("window_mask_e128", L=40, S=70, E=128, causal="top_left", window=(9, -1), mask="float", mask_dims="ls"),
     Case("gpu_L2048_window_256", L=2048, S=2048, E=128, Hq=4, causal="top_left", window=(255, 0), gpu_only=True),
+    # Soft-capping, ALiBi and dropout (score_mods.py): dropout with a fixed rng, so the reference drops
+    # exactly what the kernel drops.
+    Case("softcap_causal_e40", L=113, S=113, E=40, causal="top_left", softcap=2.0),
+    Case("softcap_mask_grad_gqa", L=17, S=203, E=64, Hq=4, Hkv=2, softcap=1.5, mask="float_grad", mask_dims="ls"),
+    Case("alibi_h_br_e80", L=40, S=113, E=80, Hq=4, causal="bottom_right", alibi="h"),
+    Case("alibi_bh_window_keypad", L=65, S=65, E=32, B=2, window=(16, -1), alibi="bh", mask="bool", mask_dims="bs"),
+    Case("alibi_Lq_gt_Lk", L=203, S=17, E=16, alibi="h", mask="float_grad", mask_dims="s"),
+    Case("dropout_e64", L=113, S=113, E=64, dropout=0.2),
+    Case("dropout_mqa_br_mask_grad", L=17, S=203, E=40, Hq=4, Hkv=1, causal="bottom_right", dropout=0.3,
+         mask="float_grad", mask_dims="ls"),
+    Case("dropout_masked_rows", L=17, S=17, E=16, B=2, dropout=0.5, mask="bool", masked_rows=(3,)),
+    Case("all_mods_e128", L=40, S=70, E=128, causal="top_left", window=(9, -1), softcap=3.0, alibi="h", dropout=0.1,
+         mask="float", mask_dims="ls"),
+    Case("gpu_L2048_all_mods", L=2048, S=2048, E=128, Hq=4, causal="top_left", softcap=30.0, alibi="h",
+         dropout=0.1, gpu_only=True),
     # Sizes for a GPU: the interpreter would take minutes.
     Case("gpu_L1024_e64_causal", L=1024, S=1024, E=64, B=2, Hq=8, causal="top_left", gpu_only=True),
     Case("gpu_L2048_e128", L=2048, S=2048, E=128, B=1, Hq=4, gpu_only=True),

@@ -27,7 +27,7 @@ def sdpa_unpatched():
     """The test starts and ends with torch's own SDPA in place and fresh log-once state; a
     replace_sdpa() patch left in effect fails it (the patch tests use it for every test)."""
     import attnkern
-    from attnkern import dispatch
+    from attnkern.interop import dispatch
 
     assert torch.nn.functional.scaled_dot_product_attention is TORCH_SDPA
     dispatch._logged.clear()

@@ -10,11 +10,11 @@ import sys
 import pytest
 import torch
 
-from attnkern import cli
-from attnkern.bench import measure, providers
-from attnkern.bench.grid import BenchConfig, parse_kv_seqlen, parse_length
-from attnkern.bench.runner import OK, Sweep, cell_key
-from attnkern.flops import attention_flops, causal_pairs
+from attnkern.tools import cli
+from attnkern.tools.bench import measure, providers
+from attnkern.tools.bench.grid import BenchConfig, Shape, parse_kv_seqlen, parse_length
+from attnkern.tools.bench.runner import OK, Sweep, cell_key
+from attnkern.tools.flops import attention_flops, causal_pairs
 from attnkern.band import make_band
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -107,6 +107,49 @@ def test_sweep_writes_every_cell_a_png_and_a_summary(tmp_path, capsys):
     summary = (tmp_path / "run.md").read_text()
     assert "## fp32  E=16  H=2  causal  fwd+bwd" in summary and "| naive |" in summary
     assert "unsupported: torch has no CPU efficient kernel" in stdout and "vs sdpa" in stdout
+
+
+def test_score_mods_are_grid_axes_side_by_side(tmp_path, capsys):
+    """--softcap, --alibi and --dropout give every (shape, mode, provider) one cell per variant; torch's
+    SDPA cannot soft-cap (marked, with the reason) and runs the rest."""
+    out = tmp_path / "run.json"
+    names = "attnkern:reference,sdpa,naive"
+    rc, stdout, _ = _run(["bench", *TINY, "--causal", "yes", "--modes", "fwd,fwd+bwd", "--providers", names,
+                          "--softcap", "0,5", "--alibi", "both", "--dropout", "0,0.1", "--json", str(out)], capsys)
+    assert rc == 0
+    cells = json.loads(out.read_text())["cells"]
+    variants = {(c, a, d) for c in (0.0, 5.0) for a in (False, True) for d in (0.0, 0.1)}
+    expected = {(L, mode, p, v) for L in (16, 32) for mode in ("fwd", "fwd+bwd") for p in names.split(",")
+                for v in variants}
+    got = [(c["Lq"], c["mode"], c["provider"], (c["softcap"], c["alibi"], c["dropout"])) for c in cells]
+    assert sorted(got) == sorted(expected)
+    assert len({cell_key(c) for c in cells}) == len(cells)  # the variant is part of a cell's identity
+    for c in cells:
+        if c["provider"] == "sdpa" and c["softcap"]:
+            assert c["status"] == "unsupported" and "soft-cap" in c["reason"]
+        else:
+            assert c["status"] == OK, (c["provider"], c["reason"])
+    assert "softcap=5 alibi dropout=0.1" in stdout
+
+
+@pytest.mark.parametrize("variant", [dict(alibi=True), dict(softcap=5.0), dict(softcap=5.0, alibi=True)],
+                         ids=lambda v: "+".join(v))
+def test_providers_compute_the_same_score_mods(variant):
+    """What each provider computes for a variant is the same attention: attnkern's kernels, torch's SDPA
+    (ALiBi as a float mask) and the naive reference agree; with dropout each call draws a new mask."""
+    shape = Shape("fp32", 2, 4, 2, 40, 48, 16, 16, True, None, **variant)
+    q, k, v = (torch.randn(2, h, n, 16) for h, n in ((4, 40), (2, 48), (2, 48)))
+    names = ["attnkern:reference", "naive"] + ([] if shape.softcap else ["sdpa"])
+    if providers.by_name()["attnkern:cpu"].availability(torch.device("cpu")) is None:
+        names.append("attnkern:cpu")
+    outs = [providers.by_name()[n].build(shape, torch.device("cpu"))(q, k, v) for n in names]
+    for name, o in zip(names[1:], outs[1:]):
+        torch.testing.assert_close(o, outs[0], rtol=1e-5, atol=1e-5, msg=name)
+    dropped = Shape("fp32", 2, 4, 2, 40, 48, 16, 16, True, None, dropout=0.3, **variant)
+    for name in names:
+        fn = providers.by_name()[name].build(dropped, torch.device("cpu"))
+        a, b = fn(q, k, v), fn(q, k, v)
+        assert not torch.equal(a, b) and not torch.equal(a, outs[0]), name
 
 
 def test_a_dtype_a_provider_cannot_do_is_marked(tmp_path, capsys):
@@ -202,6 +245,9 @@ def test_compare_prints_per_cell_speedups(tmp_path, capsys):
     (["bench", "--tokens", "1k", "--batch", "2"], "--batch"),
     (["bench", "--kv-seqlen", "x-1"], "--kv-seqlen"),
     (["bench", "--repeats", "0"], "--repeats"),
+    (["bench", "--softcap", "-1"], "--softcap"),
+    (["bench", "--dropout", "0,1.5"], "--dropout"),
+    (["bench", "--alibi", "maybe"], "--alibi"),
     (["bench", "--device", "tpu"], "--device"),
     (["bench", "--baseline", "fast"], "--baseline"),
     (["bench", "--compare", "missing.json", "missing.json"], "--compare"),
@@ -223,7 +269,7 @@ def test_bad_flags_name_the_flag(argv, flag, capsys):
 
 
 def test_no_command_runs_the_selfcheck(monkeypatch):
-    from attnkern import selfcheck
+    from attnkern.tools import selfcheck
 
     monkeypatch.setattr(selfcheck, "main", lambda argv: 42)
     assert cli.main([]) == 42

@@ -5,7 +5,9 @@ import os
 import subprocess
 import sys
 
-from attnkern import cli
+import pytest
+
+from attnkern.tools import cli
 from matrix import AUTO
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -78,11 +80,63 @@ def test_default_battery_and_json_on_stdout_in_a_fresh_process():
     by_target = {}
     for c in doc["checks"]:
         by_target.setdefault(c["target"], []).append(c)
-    # the battery has six cases; the last, a sliding window, is skipped for a function with SDPA's signature
+    # the battery has seven cases; the last two (a sliding window; softcap, ALiBi and dropout) are skipped
+    # for a function with SDPA's signature
     assert set(by_target) == {"reference", "attention_fns:nan_grad_sdpa"}
-    assert [c["status"] for c in by_target["reference"]] == ["PASS"] * 6
+    assert [c["status"] for c in by_target["reference"]] == ["PASS"] * 7
     for c in by_target["attention_fns:nan_grad_sdpa"][:5]:
         assert c["status"] == "FAIL" and "dq:" in c["reason"] and "NaN" in c["reason"]
-    last = by_target["attention_fns:nan_grad_sdpa"][5]
-    assert last["status"] == "SKIP" and "takes no window=" in last["reason"]
-    assert "6 passed, 5 failed, 1 skipped" in res.stderr
+    window, variants = by_target["attention_fns:nan_grad_sdpa"][5:]
+    assert window["status"] == "SKIP" and "takes no window=" in window["reason"]
+    assert variants["status"] == "SKIP" and "takes no softcap=, alibi_slopes=, dropout_rng=" in variants["reason"]
+    assert "7 passed, 5 failed, 2 skipped" in res.stderr
+
+
+def test_softcap_alibi_and_dropout_flags(tmp_path, capsys, monkeypatch):
+    """--softcap, --alibi (random slopes) and --dropout (a fixed rng): attnkern's backends that take them
+    pass, and say why where they do not; torch's SDPA has none of them: skipped, saying which."""
+    monkeypatch.syspath_prepend(HERE)
+    path = tmp_path / "grads.json"
+    rc, out, _ = _run(["check-grads", "--backends", "reference,torch", "--fn", "attention_fns:right_variants",
+                       *SHAPE, "--causal", "--softcap", "2.5", "--alibi", "--dropout", "0.2", "--dtypes", "fp32",
+                       "--gradcheck", "--json", str(path)], capsys)
+    assert rc == 0, out
+    doc = json.loads(path.read_text())
+    by_target = {c["target"]: c for c in doc["checks"]}
+    for name in ("reference", "attention_fns:right_variants"):
+        c = by_target[name]
+        assert c["status"] == "PASS" and c["shape"].endswith("causal softcap=2.5 alibi=h dropout=0.2")
+        options = c["report"]["options"]
+        assert options["softcap"] == 2.5 and options["dropout_p"] == 0.2 and len(options["dropout_rng"]) == 2
+        slopes = options["alibi_slopes"]  # random, one per query head
+        assert len(slopes) == 4 and len(set(slopes)) == 4 and all(0.05 <= s < 1 for s in slopes)
+        assert c["report"]["gradcheck"]["passed"] is True
+    assert by_target["torch"]["status"] == "SKIP"
+    assert "takes no softcap=, alibi_slopes=, dropout_rng=" in by_target["torch"]["reason"]
+
+
+@pytest.mark.parametrize("flags, fn, failing", [
+    (["--softcap", "1.5"], "no_softcap_variants", {"out", "dq", "dk", "dv"}),
+    (["--dropout", "0.3"], "backward_redraws_dropout_variants", {"dq", "dk", "dv"}),
+])
+def test_a_variant_mistake_fails(capsys, monkeypatch, tmp_path, flags, fn, failing):
+    """A function that ignores the cap fails everywhere; one whose backward draws another dropout mask
+    than its forward fails the gradients only (the check uses the same rng in both)."""
+    monkeypatch.syspath_prepend(HERE)
+    path = tmp_path / "grads.json"
+    rc, out, _ = _run(["check-grads", "--fn", f"attention_fns:{fn}", *SHAPE, *flags, "--dtypes", "fp32",
+                       "--json", str(path)], capsys)
+    assert rc == 1, out
+    (check,) = json.loads(path.read_text())["checks"]
+    assert check["status"] == "FAIL"
+    assert {t["name"] for t in check["report"]["tensors"] if not t["passed"]} == failing
+
+
+def test_variant_flags_check_their_values(capsys):
+    for flags, message in ((["--softcap", "0"], "--softcap: expected a number > 0"),
+                           (["--softcap", "nan"], "--softcap: expected a finite number"),
+                           (["--dropout", "1"], "--dropout: expected a probability in (0, 1)"),
+                           (["--dropout", "-0.1"], "--dropout: expected a probability in (0, 1)")):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["check-grads", "--backends", "reference", *SHAPE, *flags])
+        assert exc.value.code == 2 and message in capsys.readouterr().err

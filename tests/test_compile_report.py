@@ -1,11 +1,11 @@
-"""The compile report's parts that need no compiler: the PTX main-loop figures (attnkern.asm_stats), the
-rules (attnkern.compile_report) and the per-target config pruning (attnkern.triton.configs). The
+"""The compile report's parts that need no compiler: the PTX main-loop figures (attnkern.tools.asm_stats), the
+rules (attnkern.tools.compile_report) and the per-target config pruning (attnkern.triton.configs). The
 compiled report itself runs in test_gpu_compile.py."""
 import pytest
 
-from attnkern import asm_stats, compile_report
+from attnkern.tools import asm_stats, compile_report
 from attnkern.triton import configs
-from attnkern.compile_report import Record
+from attnkern.tools.compile_report import Record
 
 
 def _ptx(body: str) -> str:
@@ -72,6 +72,13 @@ def test_rules_spare_what_cannot_run_or_is_not_benchmarked():
     assert compile_report.violations([_record(in_grid=False, spill_bytes=8, async_kv=False)]) == []
 
 
+def test_soft_capped_kernels_need_two_exps_per_score():
+    """A soft-capped kernel takes tanh's exp and the softmax's: 2 per score is no duplication, 3 is."""
+    assert compile_report.violations([_record(exps_needed=2, exp_per_score=2.06)]) == []
+    bad = compile_report.violations([_record(exps_needed=2, exp_per_score=3.0)])
+    assert len(bad) == 1 and "duplicated exps" in bad[0][1]
+
+
 def test_known_violations_are_shown_but_do_not_fail():
     r = _record(kernel="dkdv", target="sm_86", spill_bytes=300, problem="float16 E=64 mask=0 causal=1")
     bad = compile_report.violations([r])
@@ -121,7 +128,7 @@ def test_cli_checks_saved_records(tmp_path, capsys):
     import json
     from dataclasses import asdict
 
-    from attnkern import cli
+    from attnkern.tools import cli
 
     path = tmp_path / "report.json"
     path.write_text(json.dumps([asdict(_record())]))
@@ -134,7 +141,7 @@ def test_cli_checks_saved_records(tmp_path, capsys):
 
 
 def test_cli_refuses_the_interpreter_and_bad_flags(capsys):
-    from attnkern import cli
+    from attnkern.tools import cli
 
     assert cli.main(["compile-report"]) == 2  # the test suite runs with TRITON_INTERPRET=1
     assert "TRITON_INTERPRET" in capsys.readouterr().out

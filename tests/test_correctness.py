@@ -15,6 +15,9 @@ from matrix import DEVICE, pair_id, pairs
 from attnkern.tolerance import assert_all, check
 
 CASES = cases(DEVICE)
+# torch's SDPA has no soft-capping and draws its own dropout masks: those cases are checked against
+# hand-written float64 math in test_score_mods.py instead.
+SDPA_CASES = [c for c in CASES if not (c.softcap or c.alibi != "none" or c.dropout)]
 # Inputs are fresh random draws per case; ATTNKERN_TEST_SEED shifts them all to re-run on new data.
 SEED = int(os.environ.get("ATTNKERN_TEST_SEED", "0"))
 
@@ -28,7 +31,7 @@ def seed_for(name: str) -> int:
 def test_matches_float64_reference(pair, case):
     backend, dtype = pair
     q, k, v, mask = make_inputs(case, dtype, DEVICE, seed=seed_for(case.name))
-    out, lse = attnkern.attention(q, k, v, attn_mask=mask, backend=backend, **as_kwargs(case))
+    out, lse = attnkern.attention(q, k, v, attn_mask=mask, backend=backend, **as_kwargs(case, q.device))
     do, dlse = upstream_grads(out, lse)
     torch.autograd.backward([out, lse], [do, dlse])
     grads = [t.grad for t in _leaves(q, k, v, mask)]
@@ -84,7 +87,7 @@ def _run_torch(q, k, v, mask, case, dtype, do):
     return out, [t.grad for t in _leaves(q, k, v, mask)]
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("case", SDPA_CASES, ids=str)
 def test_reference_oracle_is_torch_sdpa_in_float64(case):
     """The oracle itself: reference.py in float64 computes exactly torch's SDPA semantics (masks,
     broadcasting, GQA, causal alignments, fully masked rows), output and every gradient."""
@@ -98,12 +101,12 @@ def test_reference_oracle_is_torch_sdpa_in_float64(case):
 
 def _run_reference_sdpa(q, k, v, mask, case, do):
     q, k, v, mask = _detached(q, k, v, mask, torch.float64)
-    out, _ = reference_attention(q, k, v, mask, **as_kwargs(case))
+    out, _ = reference_attention(q, k, v, mask, **as_kwargs(case, q.device))
     out.backward(do)
     return out, [t.grad for t in _leaves(q, k, v, mask)]
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("case", SDPA_CASES, ids=str)
 @pytest.mark.parametrize("pair", pairs(), ids=pair_id)
 def test_sdpa_parity_with_torch(pair, case):
     """attnkern.scaled_dot_product_attention against torch's: torch's float64 SDPA is the oracle, and the
@@ -115,7 +118,7 @@ def test_sdpa_parity_with_torch(pair, case):
     q, k, v, mask = make_inputs(case, dtype, DEVICE, seed=seed_for("parity" + case.name))
     with attnkern.use_backend(backend):
         if case.causal == "bottom_right" or case.window is not None:  # not expressible through SDPA's signature
-            out = attnkern.attention(q, k, v, attn_mask=mask, return_lse=False, **as_kwargs(case))
+            out = attnkern.attention(q, k, v, attn_mask=mask, return_lse=False, **as_kwargs(case, q.device))
         else:
             out = attnkern.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=case.causal == "top_left", enable_gqa=case.enable_gqa)

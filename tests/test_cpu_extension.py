@@ -50,9 +50,12 @@ def _buffers(B=2, Hq=4, Hkv=2, L=5, S=7, E=8, Ev=8, dtype=torch.float32):
     return q, k, v, out, lse, stats
 
 
+NO_MODS = (0.0, None, 0.0, None)  # softcap, alibi, dropout_p, rng (score_mods.py)
+
+
 def test_forward_op_direct_call_works():
     q, k, v, out, lse, stats = _buffers()
-    OPS.forward(q, k, v, None, 0.5, [0, -1, 0], out, lse, stats)  # causal, top-left
+    OPS.forward(q, k, v, None, 0.5, [0, -1, 0], *NO_MODS, out, lse, stats)  # causal, top-left
     ref, ref_lse = attnkern.reference_attention(q, k, v, causal=1, scale=0.5, enable_gqa=True)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
@@ -80,6 +83,14 @@ def test_forward_op_direct_call_works():
     (lambda a: a.update(band=[2, -1, 0]), r"band must be \[bottom_right \(0 or 1\), left \(>= -1\), right \(>= -1\)\], got \[2, -1, 0\]"),
     (lambda a: a.update(band=[1, -2, 0]), r"band must be \[bottom_right"),
     (lambda a: a.update(band=[1, 0]), r"band must be \[bottom_right"),
+    (lambda a: a.update(softcap=-1.0), r"softcap must be a finite float >= 0, got -1"),
+    (lambda a: a.update(alibi=torch.ones(4)), r"alibi must be a contiguous float32 \(1 or B, Hq\) = \(1 or 2, 4\)"),
+    (lambda a: a.update(alibi=torch.ones(3, 4)), r"alibi must be a contiguous float32"),
+    (lambda a: a.update(alibi=torch.ones(1, 4, dtype=torch.float64)), r"alibi must be a contiguous float32"),
+    (lambda a: a.update(dropout_p=1.5, rng=torch.zeros(2, dtype=torch.int64)), r"dropout_p must be in \[0, 1\]"),
+    (lambda a: a.update(dropout_p=0.5), r"dropout_p > 0 needs rng"),
+    (lambda a: a.update(dropout_p=0.5, rng=torch.zeros(3, dtype=torch.int64)), r"rng must be a contiguous int64"),
+    (lambda a: a.update(dropout_p=0.5, rng=torch.zeros(2)), r"rng must be a contiguous int64"),
     (lambda a: a.update(out=torch.empty(2, 4, 5, 9)),
      r"out must have shape \(2, 4, 5, 8\) \(batch, query heads, query length, value head dim\)"),
     (lambda a: a.update(out=torch.empty(2, 4, 5, 8, dtype=torch.float64)), r"out must have the query's dtype"),
@@ -91,11 +102,12 @@ def test_forward_op_direct_call_works():
 ])
 def test_forward_op_refuses_bad_arguments(mutate, message):
     q, k, v, out, lse, stats = _buffers()
-    args = dict(q=q, k=k, v=v, mask=None, scale=0.5, band=[1, -1, -1], out=out, lse=lse, stats=stats)
+    args = dict(q=q, k=k, v=v, mask=None, scale=0.5, band=[1, -1, -1], softcap=0.0, alibi=None, dropout_p=0.0,
+                rng=None, out=out, lse=lse, stats=stats)
     mutate(args)
     with pytest.raises(RuntimeError, match=message):
-        OPS.forward(args["q"], args["k"], args["v"], args["mask"], args["scale"], args["band"], args["out"],
-                    args["lse"], args["stats"])
+        OPS.forward(args["q"], args["k"], args["v"], args["mask"], args["scale"], args["band"], args["softcap"],
+                    args["alibi"], args["dropout_p"], args["rng"], args["out"], args["lse"], args["stats"])
 
 
 @pytest.mark.parametrize("mutate,message", [
@@ -111,14 +123,13 @@ def test_forward_op_refuses_bad_arguments(mutate, message):
 ])
 def test_backward_op_refuses_bad_arguments(mutate, message):
     q, k, v, out, lse, stats = _buffers()
-    OPS.forward(q, k, v, None, 0.5, [1, -1, -1], out, lse, stats)
+    OPS.forward(q, k, v, None, 0.5, [1, -1, -1], *NO_MODS, out, lse, stats)
     args = dict(dout=torch.randn_like(out), dlse=None, mask=None, dq=torch.empty_like(q), dk=torch.empty_like(k),
                 dv=torch.empty_like(v), dmask=None, out_lo=None)
     mutate(args)
     with pytest.raises(RuntimeError, match=message):
         OPS.backward(args["dout"], args["dlse"], q, k, v, args["mask"], out, args["out_lo"], stats, 0.5, [1, -1, -1],
-                     args["dq"],
-                     args["dk"], args["dv"], args["dmask"])
+                     *NO_MODS, args["dq"], args["dk"], args["dv"], args["dmask"])
 
 
 def test_extension_is_optional(monkeypatch):

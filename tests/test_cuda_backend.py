@@ -14,6 +14,7 @@ from attnkern.backends import extension
 from attnkern.band import FULL, make_band
 from attnkern.backends.cuda import CudaBackend, _layout_problem, _padded
 from attnkern.reference import reference_attention
+from attnkern.score_mods import NONE
 
 pytestmark = pytest.mark.skipif(extension.EXTENSION_ERROR is not None,
                                 reason=f"C++ extension not built: {extension.EXTENSION_ERROR}")
@@ -58,7 +59,7 @@ def test_forward_and_backward_through_the_backend_glue(E, Ev, causal, mask_kind)
     scale = 0.3
     backend = CudaBackend()
     band = make_band(causal, None)
-    out, lse, stats, out_lo = backend.forward(q, k, v, mask, scale, band, True)
+    out, lse, stats, out_lo = backend.forward(q, k, v, mask, scale, band, NONE, True)
     assert out_lo.numel() == 0, "float64 outputs need no rounding residual"
     assert out.shape == (B, H, L, Ev) and lse.shape == (B, H, L)
     assert out.stride(1) < out.stride(2), "the output keeps the query's (B, L, H, E) layout"
@@ -72,7 +73,7 @@ def test_forward_and_backward_through_the_backend_glue(E, Ev, causal, mask_kind)
 
     dout = torch.randn(B, H, L, Ev, dtype=torch.float64)
     ref_out.backward(dout)
-    dq, dk, dv, dmask = backend.backward(dout, None, q, k, v, mask, out, out_lo, stats, scale, band,
+    dq, dk, dv, dmask = backend.backward(dout, None, q, k, v, mask, out, out_lo, stats, scale, band, NONE,
                                          mask is not None and mask.is_floating_point())
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
     for got, leaf in zip((dq, dk, dv), leaves):
@@ -88,10 +89,10 @@ def test_half_output_residual_is_cut_and_laid_out_like_the_output():
     B, H, L, S, E, Ev = 1, 2, 9, 11, 13, 5
     q = torch.randn(B, L, H, E).transpose(1, 2).half()
     k, v = torch.randn(B, H, S, E).half(), torch.randn(B, H, S, Ev).half()
-    out, lse, stats, out_lo = CudaBackend().forward(q, k, v, None, 0.4, FULL, True)
+    out, lse, stats, out_lo = CudaBackend().forward(q, k, v, None, 0.4, FULL, NONE, True)
     assert out_lo.shape == out.shape and out_lo.stride() == out.stride()
     exact, _ = reference_attention(q.double(), k.double(), v.double(), scale=0.4)
     err_hi = (out.double() - exact).abs().max().item()
     err_both = (out.double() + out_lo.double() - exact).abs().max().item()
     assert err_both < err_hi / 50, (err_hi, err_both)
-    assert CudaBackend().forward(q, k, v, None, 0.4, FULL, False)[3].numel() == 0, "no residual unless asked"
+    assert CudaBackend().forward(q, k, v, None, 0.4, FULL, NONE, False)[3].numel() == 0, "no residual unless asked"

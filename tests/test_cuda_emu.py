@@ -6,6 +6,8 @@ matrix leaves out for the CUDA kernels.
 - The warp GEMM helpers the kernels are built from (ldmatrix, ldmatrix.trans, mma.sync through the
   swizzled shared-memory tiles), against a plain matrix product, for every tile layout in use.
 - The head dims the shared cases do not reach (160, 192; 256 with a mask), and the launch-limit check.
+- The score-modification kernels (softcap, ALiBi, dropout) at those head dims, and over batch slices
+  (the dropout mask and the ALiBi slopes of the whole batch, not of the slice).
 The shared cases themselves run on "cuda-emu" through tests/matrix.py.
 """
 import re
@@ -17,6 +19,7 @@ import attnkern
 from attnkern.backends import cuda_emu
 from attnkern.reference import reference_attention
 from attnkern.tolerance import assert_all, check
+from cases import Case, as_kwargs, grad_leaves, make_inputs, run_reference, upstream_grads
 
 pytestmark = pytest.mark.skipif(cuda_emu.build_error() is not None, reason=f"cuda-emu: {cuda_emu.build_error()}")
 
@@ -91,6 +94,45 @@ def test_warp_gemm_matches_a_plain_matrix_product(emu, hd, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_large_head_dims(E, Ev, causal, mask, dtype):
     _check_against_reference(E, Ev, causal, mask, dtype, L=17, S=40)
+
+
+# The score-modification kernels (the mods_hdim* units) at the head dims the shared cases do not reach,
+# each with every modification it can take there and a mask gradient or a band.
+MODS_CASES = [
+    Case("mods_e136_mask_grad", L=17, S=40, E=136, softcap=2.0, alibi="h", dropout=0.2, mask="float_grad"),
+    Case("mods_e184_ev120_br", L=17, S=40, E=184, Ev=120, B=2, causal="bottom_right", alibi="bh", dropout=0.3),
+    Case("mods_e256_window_bool", L=17, S=40, E=256, window=(5, 3), softcap=1.0, dropout=0.1, mask="bool",
+         mask_dims="bs"),
+]
+
+
+@pytest.mark.parametrize("case", MODS_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_score_mods_at_large_head_dims(case, dtype):
+    _check_case(case, dtype)
+
+
+def test_score_mods_over_batch_slices(monkeypatch):
+    """Batches past grid z run as several launches over batch slices: each draws the dropout mask of its
+    own batches and reads their ALiBi slopes (the emulator's launch check holds grid z to 3 here)."""
+    monkeypatch.setenv("ATTNKERN_EMU_MAX_GRID_YZ", "3")
+    case = Case("mods_batch_slices", L=9, S=20, E=16, B=5, Hq=3, Hkv=1, causal="bottom_right", softcap=1.5,
+                alibi="bh", dropout=0.4, mask="float_grad", mask_dims="bhls")
+    _check_case(case, torch.float16)
+
+
+def _check_case(case, dtype):
+    """`case` on cuda-emu against the float64 reference (test_correctness.py's check)."""
+    q, k, v, mask = make_inputs(case, dtype, "cpu", seed=len(case.name) + case.E)
+    out, lse = attnkern.attention(q, k, v, attn_mask=mask, backend="cuda-emu", **as_kwargs(case, "cpu"))
+    do, dlse = upstream_grads(out, lse)
+    torch.autograd.backward([out, lse], [do, dlse])
+    grads = [t.grad for t in grad_leaves(q, k, v, mask)]
+    out64, lse64, g64 = run_reference(q, k, v, mask, case, torch.float64, do, dlse)
+    out_lp, lse_lp, glp = run_reference(q, k, v, mask, case, dtype, do, dlse)
+    names = ["dq", "dk", "dv", "dmask"]
+    assert_all([check("out", out, out64, out_lp, dtype), check("lse", lse, lse64, lse_lp, dtype),
+                *[check(n, a, b, c, dtype, factor=3.0) for n, a, b, c in zip(names, grads, g64, glp)]])
 
 
 # Long loops: every pipelined kernel cycles its two shared-memory stages more than once (the forward's
@@ -175,6 +217,10 @@ def test_explain_and_list_providers_know_cuda_emu():
     assert attnkern.explain(q.cuda() if torch.cuda.is_available() else q, q, q).backend != "cuda-emu"
     e = attnkern.explain(q.float(), q.float(), q.float(), backend="cuda-emu")
     assert e.backend == "none" and "float16 and bfloat16" in e.reason
-    from attnkern.bench.providers import by_name
+    # The score modifications run on the CUDA kernels (no decline).
+    slopes = torch.tensor([0.5, 0.25])
+    e = attnkern.explain(q, q, q, dropout_p=0.1, softcap=5.0, alibi_slopes=slopes, backend="cuda-emu")
+    assert e.backend == "cuda-emu", e.reason
+    from attnkern.tools.bench.providers import by_name
 
     assert "attnkern:cuda-emu" in by_name()

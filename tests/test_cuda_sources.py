@@ -70,10 +70,29 @@ def test_kernel_names_mark_the_mask_and_window_variants():
                  "(AttentionParams, float const*)") == "attention_bwd_dkdv_kernel[mask][window]"
 
 
+def test_kernel_names_mark_the_score_modification_variants():
+    # kMods is the third flag of the forward and dK/dV, the second of dQ, the only one of dMask.
+    short = compile_check.short_kernel_name
+    assert short("void attnkern::cuda::attention_fwd_kernel<FwdTraits<64, 64, 4, __half>, true, true, true>"
+                 "(AttentionParams)") == "attention_fwd_kernel[mask][window][mods]"
+    assert short("void attnkern::cuda::attention_fwd_kernel<FwdTraits<64, 128, 4, __half>, false, false, false>"
+                 "(AttentionParams)") == "attention_fwd_kernel"
+    assert short("void attnkern::cuda::attention_bwd_dkdv_kernel<BwdTraits<64, 32, 4, 1, __half>, true, true, true>"
+                 "(AttentionParams, float const*)") == "attention_bwd_dkdv_kernel[mask][window][mods]"
+    assert short("void attnkern::cuda::attention_bwd_dq_kernel<DqTraits<64, 64, 4, __half>, true, true>"
+                 "(AttentionParams, float const*)") == "attention_bwd_dq_kernel[mask][mods]"
+    assert short("void attnkern::cuda::attention_bwd_dq_kernel<DqTraits<64, 64, 4, __half>, true, false>"
+                 "(AttentionParams, float const*)") == "attention_bwd_dq_kernel[mask]"
+    assert short("void attnkern::cuda::attention_bwd_dmask_kernel<DqTraits<64, 64, 4, __half>, true>"
+                 "(AttentionParams, float const*, float*)") == "attention_bwd_dmask_kernel[mods]"
+    assert short("void attnkern::cuda::attention_bwd_dmask_kernel<DqTraits<64, 64, 4, __half>, false>"
+                 "(AttentionParams, float const*, float*)") == "attention_bwd_dmask_kernel"
+
+
 @needs_nvcc
 def test_every_unit_compiles_for_sm80_and_sm90a_without_spills():
-    # Every instantiation unit through nvcc + ptxas (about 2 minutes on 2 cores): a compile error
-    # anywhere, or a register spill in a head-dim 64/128 kernel, fails.
+    # Every instantiation unit through nvcc + ptxas: a compile error anywhere, or a register spill in a
+    # head-dim 64/128 kernel (score-modification kernels included), fails.
     units = sorted(glob.glob(os.path.join(CUDA_DIR, "inst", "*.cu")))
     assert len(units) == len(generate_instances.expected_files()) - 1
     results = compile_check.compile_units(units, ["80", "90a"], os.cpu_count() or 1)
@@ -85,12 +104,20 @@ def test_every_unit_compiles_for_sm80_and_sm90a_without_spills():
     for r in results:
         kernels = {(k["arch"], k["kernel"]) for k in r["kernels"]}
         # Both archs, and the maskless and masked variants of each kernel, are in every unit; the forward and
-        # dK/dV also with the window's left bound ([window]; a masked dK/dV always has it).
-        expected = {"attention_fwd_kernel", "attention_fwd_kernel[mask]", "attention_fwd_kernel[window]",
-                    "attention_fwd_kernel[mask][window]"} if r["unit"].startswith("fwd") else {
-            "attention_bwd_preprocess_kernel", "attention_bwd_dkdv_kernel", "attention_bwd_dkdv_kernel[window]",
-            "attention_bwd_dkdv_kernel[mask][window]", "attention_bwd_dq_kernel", "attention_bwd_dq_kernel[mask]",
-            "attention_bwd_dmask_kernel"}
+        # dK/dV also with the window's left bound ([window]; a masked dK/dV always has it). The mods units
+        # hold the general variant of each pass (any mask, band and score modification).
+        if r["unit"].startswith("fwd"):
+            expected = {"attention_fwd_kernel", "attention_fwd_kernel[mask]", "attention_fwd_kernel[window]",
+                        "attention_fwd_kernel[mask][window]"}
+        elif r["unit"].startswith("bwd"):
+            expected = {"attention_bwd_preprocess_kernel", "attention_bwd_dkdv_kernel",
+                        "attention_bwd_dkdv_kernel[window]", "attention_bwd_dkdv_kernel[mask][window]",
+                        "attention_bwd_dq_kernel", "attention_bwd_dq_kernel[mask]", "attention_bwd_dmask_kernel"}
+        else:
+            assert r["unit"].startswith("mods"), r["unit"]
+            expected = {"attention_fwd_kernel[mask][window][mods]", "attention_bwd_preprocess_kernel",
+                        "attention_bwd_dkdv_kernel[mask][window][mods]", "attention_bwd_dq_kernel[mask][mods]",
+                        "attention_bwd_dmask_kernel[mods]"}
         assert kernels == {(a, n) for a in ("sm_80", "sm_90a") for n in expected}, r["unit"]
         assert all(0 < k["registers"] <= 255 for k in r["kernels"]), r["unit"]
 

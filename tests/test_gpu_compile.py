@@ -1,5 +1,5 @@
 """The Triton kernels compile for Hopper (sm_90) and Ampere (sm_86) with Triton's own GPU compiler, as a
-call launches them, and meet the compile report's rules (attnkern/compile_report.py): no duplicated
+call launches them, and meet the compile report's rules (attnkern/tools/compile_report.py): no duplicated
 tensor-core work or exps, the default configs within the target's shared memory, and for what the
 benchmark grid runs no spills and asynchronous tile loads (bar the KNOWN violations). Runs without a
 GPU: the interpreter the other CPU tests use accepts code the GPU compiler rejects."""

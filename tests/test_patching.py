@@ -13,7 +13,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import CausalBias, causal_upper_left
 
 import attnkern
-from attnkern import backends, dispatch, patching
+from attnkern import backends
+from attnkern.interop import dispatch, patching
 from attnkern.tolerance import assert_all, check
 from matrix import AUTO, DEVICE, count_fused_calls
 
@@ -109,7 +110,7 @@ def test_patch_is_visible_in_repr_and_logs(caplog):
     with attnkern.replace_sdpa(backend="triton") as patch:
         fn = F.scaled_dot_product_attention
         assert "attnkern.replace_sdpa" in repr(fn) and fn.__name__ == "scaled_dot_product_attention"
-        assert fn.__wrapped__ is TORCH_SDPA and fn.__module__ == "attnkern.patching"
+        assert fn.__wrapped__ is TORCH_SDPA and fn.__module__ == "attnkern.interop.patching"
         assert "backend=triton active" in repr(patch)
     assert "backend=triton restored" in repr(patch)
     messages = [r.getMessage() for r in caplog.records if r.name == "attnkern"]
@@ -129,6 +130,14 @@ def _no_fused_kernels(monkeypatch):
         monkeypatch.setattr(backends.get(name), "availability", lambda device: "no kernels here")
 
 
+def _no_fused_dropout(monkeypatch):
+    """Make every fused backend decline dropout, as one whose kernels do not fuse it."""
+    for name in backends.AUTO_ORDER:
+        b = backends.get(name)
+        monkeypatch.setattr(b, "unsupported_reason", lambda problem, _o=b.unsupported_reason: (
+            "dropout_p: not fused here" if problem.dropout_p > 0 else _o(problem)))
+
+
 @pytest.mark.parametrize("why", ["float64", "dropout", "head_dim", "mask_and_causal", "no_kernels_here"])
 def test_unsupported_calls_run_torch_function(counted, caplog, monkeypatch, why):
     """Calls the fused kernels do not serve go to torch's function -- never attnkern's reference path --
@@ -138,7 +147,8 @@ def test_unsupported_calls_run_torch_function(counted, caplog, monkeypatch, why)
     dtype = torch.float64 if why == "float64" else torch.float32
     E = 264 if why == "head_dim" else 16
     # float64 and head dims over 256 are refused by the Triton kernels on every device (the C++ CPU kernels
-    # take both: see test_float64_and_large_head_dims_run_on_the_cpu_kernels), so pin triton for them.
+    # take both: see test_float64_and_large_head_dims_run_on_the_cpu_kernels), so pin triton for them;
+    # dropout, which every backend fuses, is declined below by a stand-in backend.
     pin = "triton" if why in ("float64", "head_dim") else None
     q, k, v = rand(2, 2, 6, E, dtype=dtype), rand(2, 2, 8, E, dtype=dtype), rand(2, 2, 8, E, dtype=dtype)
     kwargs = {"dropout_p": 0.3} if why == "dropout" else {}
@@ -146,6 +156,8 @@ def test_unsupported_calls_run_torch_function(counted, caplog, monkeypatch, why)
         kwargs = {"attn_mask": torch.ones(6, 8, dtype=torch.bool, device=DEVICE), "is_causal": True}
     if why == "no_kernels_here":  # as on a device attnkern has no kernels for
         _no_fused_kernels(monkeypatch)
+    if why == "dropout":  # as a backend without fused dropout (those with it run such calls: see below)
+        _no_fused_dropout(monkeypatch)
     caplog.set_level(logging.INFO, logger="attnkern")
     results = []
     with attnkern.replace_sdpa(backend=pin):
@@ -176,6 +188,21 @@ def test_float64_and_large_head_dims_run_on_the_cpu_kernels(counted):
         out = F.scaled_dot_product_attention(q, q, q)
     assert calls == ["cpu"]
     torch.testing.assert_close(out, TORCH_SDPA(q, q, q), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the C++ kernels take CPU tensors")
+def test_dropout_runs_the_cpu_kernels(counted):
+    """SDPA's dropout_p runs fused on the CPU kernels, its mask drawn from torch's generator: the same
+    seed gives attnkern.scaled_dot_product_attention's result exactly."""
+    calls, _ = counted
+    q, k, v = rand(2, 2, 6, 16), rand(2, 2, 8, 16), rand(2, 2, 8, 16)
+    with attnkern.replace_sdpa():
+        torch.manual_seed(0)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.3)
+    assert calls == ["cpu"]
+    torch.manual_seed(0)
+    assert torch.equal(out, attnkern.scaled_dot_product_attention(q, k, v, dropout_p=0.3))
+    assert not torch.equal(out, TORCH_SDPA(q, k, v))
 
 
 def test_devices_without_kernels_skip_the_argument_work(counted, monkeypatch):
@@ -299,7 +326,8 @@ def test_a_patch_installed_over_ours_is_left_in_place(counted, caplog):
     with attnkern.replace_sdpa():
         assert patching.original_sdpa() is original and F.scaled_dot_product_attention is theirs
         F.scaled_dot_product_attention(q, q, q)
-        F.scaled_dot_product_attention(q, q, q, dropout_p=0.5)
+        with sdpa_kernel(SDPBackend.MATH):  # a call attnkern leaves to torch
+            F.scaled_dot_product_attention(q, q, q)
     assert calls == ["theirs", "torch", "theirs", AUTO, "theirs", "torch"]
     F.scaled_dot_product_attention = original
     # Once they are gone, patching installs as usual.
@@ -458,7 +486,7 @@ for name, (module, call) in modules.items():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"{name} {mode}")
         print(name, mode, "ok")
 if patch is not None:
-    assert torch.nn.functional.scaled_dot_product_attention is attnkern.patching.scaled_dot_product_attention
+    assert torch.nn.functional.scaled_dot_product_attention is attnkern.interop.patching.scaled_dot_product_attention
     patch.restore()
 """
 
@@ -474,3 +502,46 @@ def test_torchscript_of_torch_attention_modules_works_patched_or_not(state, tmp_
                           env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count(" ok") == 6
+
+
+@pytest.mark.parametrize("pin", ["reference", None])
+def test_transformer_encoder_layer_trains_with_its_default_dropout(counted, caplog, pin):
+    """nn.TransformerEncoderLayer's default dropout (0.1) in training: under replace_sdpa its attention
+    runs on attnkern, dropout fused, wherever the backend (pinned, or auto's choice) takes dropout; where
+    it does not, on torch's SDPA with the reason logged. Either way the model trains: the loss goes down."""
+    calls, _ = counted
+    caplog.set_level(logging.INFO, logger="attnkern")
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(32, 4, 64, batch_first=True).to(DEVICE)
+    assert layer.self_attn.dropout == 0.1  # the default
+    head = torch.nn.Linear(32, 1).to(DEVICE)
+    x, target = rand(4, 16, 32), rand(4, 16, 1)
+    opt = torch.optim.Adam([*layer.parameters(), *head.parameters()], lr=1e-2)
+    dropouts = []
+    backend = pin or AUTO
+    b = backends.get(backend)
+    forward = b.forward  # counted's wrapper: also record the dropout each kernel call got
+    b.forward = lambda q, k, v, mask, scale, band, mods, *rest: (dropouts.append(mods.dropout_p),
+                                                                forward(q, k, v, mask, scale, band, mods, *rest))[1]
+    losses = []
+    with attnkern.replace_sdpa(backend=pin):
+        for _ in range(15):
+            loss = F.mse_loss(head(layer(x)), target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    q = torch.empty(4, 4, 16, 8, device=DEVICE)
+    e = attnkern.explain(q, q, q, dropout_p=0.1, backend=backend)
+    if e.backend == backend and not e.fallback:
+        assert calls == [backend] * 15 and dropouts == [pytest.approx(0.1)] * 15
+    else:
+        assert calls == ["torch"] * 15
+        logged = [r.getMessage() for r in caplog.records if "torch's SDPA runs this call" in r.getMessage()]
+        assert len(logged) == 1 and "dropout_p" in logged[0]
+    layer.eval()  # no dropout at inference: the fused kernels (auto's, or the pinned backend)
+    calls.clear()
+    with attnkern.replace_sdpa(backend=pin):
+        layer.self_attn(x, x, x, need_weights=False)
+    assert calls == [backend]
+    assert losses[-1] < 0.5 * losses[0], losses

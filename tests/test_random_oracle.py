@@ -89,7 +89,7 @@ def _check_case(pair, seed, case, test):
     header = _header(test, pair, seed, case)
     q, k, v, mask = make_inputs(case, dtype, DEVICE, seed=seed)
     try:
-        out, lse = attnkern.attention(q, k, v, attn_mask=mask, backend=backend, **as_kwargs(case))
+        out, lse = attnkern.attention(q, k, v, attn_mask=mask, backend=backend, **as_kwargs(case, q.device))
         do, dlse = upstream_grads(out, lse, seed=seed + 1)
         if _lse_has_grad(seed):
             torch.autograd.backward([out, lse], [do, dlse])

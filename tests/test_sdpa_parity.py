@@ -15,7 +15,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right, causal_upper_left
 
 import attnkern
-from attnkern import dispatch
+from attnkern.interop import dispatch
 from attnkern.tolerance import assert_all, check
 from matrix import DEVICE, count_fused_calls
 

@@ -27,7 +27,7 @@ def test_sinks_match_the_naive_form(pair, case):
     backend, dtype = pair
     q, k, v, mask = make_inputs(case, dtype, DEVICE, seed=11)
     sinks = (torch.randn(case.Hq, generator=torch.Generator().manual_seed(4)) * 2).to(DEVICE).requires_grad_()
-    out, lse = attnkern.attention(q, k, v, attn_mask=mask, sinks=sinks, backend=backend, **as_kwargs(case))
+    out, lse = attnkern.attention(q, k, v, attn_mask=mask, sinks=sinks, backend=backend, **as_kwargs(case, q.device))
     gen = torch.Generator().manual_seed(5)
     do = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(DEVICE, dtype)
     dl = torch.randn(lse.shape, generator=gen, dtype=torch.float64).to(DEVICE, lse.dtype)
@@ -38,7 +38,7 @@ def test_sinks_match_the_naive_form(pair, case):
         rq, rk, rv, rm = detached(q, k, v, mask, dt)
         rs = sinks.detach().to(dt if dt == torch.float64 else torch.float32).requires_grad_()
         ls = grad_leaves(rq, rk, rv, rm) + [rs]
-        o, l = reference_attention(rq, rk, rv, rm, sinks=rs, **as_kwargs(case))
+        o, l = reference_attention(rq, rk, rv, rm, sinks=rs, **as_kwargs(case, q.device))
         return o, l, torch.autograd.grad([o, l], ls, [do.to(o.dtype), dl.to(l.dtype)])
 
     o64, l64, g64 = ref(torch.float64)

@@ -18,6 +18,12 @@ CASES = {
     "causal_top_left_bool_mask": dict(B=1, Hq=2, Hkv=2, L=250, S=190, causal="top_left", mask="bool"),
     "causal_bottom_right_key_bias": dict(B=2, Hq=2, Hkv=1, L=130, S=260, causal="bottom_right", mask="float_s"),
     "no_mask_ev_differs": dict(B=1, Hq=3, Hkv=1, L=200, S=140, causal=False, mask=None, Ev=24),
+    # Score mods: the dropout mask is regenerated per (row, key) in the forward and the backward, so it
+    # and the results must not depend on which thread computes which rows.
+    "dropout_gqa_float_mask_grad": dict(B=1, Hq=2, Hkv=1, L=300, S=200, causal=False, mask="float_ls",
+                                        mods=dict(dropout_p=0.2)),
+    "all_mods_causal_bool_mask": dict(B=2, Hq=2, Hkv=2, L=250, S=190, causal="bottom_right", mask="bool",
+                                      mods=dict(dropout_p=0.1, softcap=3.0, alibi=True)),
 }
 
 
@@ -37,11 +43,16 @@ def _run(case, dtype, threads):
         mask = torch.randn(B, 1, 1, S, generator=gen).to(dtype).requires_grad_()
     do = torch.randn(B, Hq, L, Ev, generator=gen).to(dtype)
     dlse = torch.randn(B, Hq, L, generator=gen)
+    mods = dict(case.get("mods", {}))
+    if mods.pop("alibi", False):
+        mods["alibi_slopes"] = torch.rand(B, Hq, generator=gen)
+    if mods.get("dropout_p"):
+        mods["dropout_rng"] = torch.tensor([2024, 9], dtype=torch.int64)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         out, lse = attnkern.attention(q, k, v, attn_mask=mask, causal=case["causal"], enable_gqa=Hq != Hkv,
-                                      backend="cpu")
+                                      backend="cpu", **mods)
         torch.autograd.backward([out, lse], [do, dlse])
     finally:
         torch.set_num_threads(before)

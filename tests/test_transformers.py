@@ -4,17 +4,21 @@ import copy
 import logging
 import subprocess
 import sys
+from typing import NamedTuple, Optional
 
 import pytest
 import torch
 
 import attnkern
-from attnkern import backends, dispatch
+from attnkern import backends
+from attnkern.band import Band
+from attnkern.interop import dispatch
+from attnkern.score_mods import ScoreMods
 from attnkern.tolerance import assert_all, check
 from matrix import AUTO, DEVICE
 
 transformers = pytest.importorskip("transformers", reason="needs the transformers extra (pip install -e .[test])")
-from attnkern.integrations import transformers as integration  # noqa: E402  (needs transformers)
+from attnkern.interop import transformers as integration  # noqa: E402  (needs transformers)
 
 VOCAB = 97
 
@@ -102,7 +106,11 @@ def test_gqa_reads_kv_heads_in_place(monkeypatch):
     assert seen == [(4, 2), (4, 2)]
 
 
-def test_dropout_in_training_falls_back_to_transformers_sdpa(calls, caplog):
+def test_dropout_in_training_falls_back_to_transformers_sdpa_where_no_kernel_fuses_it(calls, caplog, monkeypatch):
+    for name in backends.AUTO_ORDER:  # as backends whose kernels do not fuse dropout
+        b = backends.get(name)
+        monkeypatch.setattr(b, "unsupported_reason", lambda problem, _o=b.unsupported_reason: (
+            "dropout_p: not fused here" if problem.dropout_p > 0 else _o(problem)))
     caplog.set_level(logging.INFO, logger="attnkern")
     model = llama(attention_dropout=0.2).train()
     reference = copy.deepcopy(model)
@@ -121,6 +129,26 @@ def test_dropout_in_training_falls_back_to_transformers_sdpa(calls, caplog):
     with torch.no_grad():
         model(input_ids=ids, attention_mask=keep)
     assert calls[2:] == [AUTO, AUTO]
+
+
+@pytest.mark.parametrize("backend", ["reference", AUTO])
+def test_dropout_in_training_runs_fused_where_the_backend_takes_it(backend, kernel_calls):
+    """attention_dropout in training on a backend with fused dropout (the reference backend; auto's where
+    its kernels fuse it, as the C++ CPU kernels do): the kernels draw the mask from torch's generator, so a
+    seed reproduces it. Where auto's kernels do not fuse it, transformers' sdpa runs it (the test above)."""
+    model = llama(attention_dropout=0.2).train()
+    ids, keep = tokens()
+    runs = []
+    with attnkern.use_backend(backend):
+        for seed in (5, 5, 6):
+            torch.manual_seed(seed)
+            runs.append(model(input_ids=ids, attention_mask=keep).logits)
+    x = torch.empty(1, 2, 4, 8, device=DEVICE)
+    if attnkern.explain(x, x, x, dropout_p=0.2, backend=backend).backend != backend:
+        assert kernel_calls == []  # not fused there: transformers' sdpa ran every call
+        return
+    assert [(c.backend, c.mods.dropout_p) for c in kernel_calls] == [(backend, 0.2)] * 6
+    assert torch.equal(runs[0], runs[1]) and not torch.allclose(runs[0], runs[2])
 
 
 def test_float64_model_runs_where_a_kernel_takes_it_else_falls_back(calls):
@@ -170,16 +198,28 @@ def test_attention_function_contract():
     ref, _ = attnkern.reference_attention(q.double(), k.double(), v.double(), causal=True, enable_gqa=True,
                                           sinks=s_aux.double())
     torch.testing.assert_close(out, ref.transpose(1, 2).float(), rtol=1e-5, atol=1e-5)
-    with pytest.raises(NotImplementedError, match="softcapping"):  # some versions' sdpa would ignore it
-        integration.attention_forward(module, q, k, v, None, softcap=30.0)
+    # logit soft-capping (Gemma 2's softcap) runs on a backend that takes it; where the chosen one does not,
+    # the call raises rather than run transformers' sdpa, which cannot compute it
+    ref, _ = attnkern.reference_attention(q.double(), k.double(), v.double(), causal=True, enable_gqa=True,
+                                          softcap=1.5)
+    with attnkern.use_backend("reference"):
+        out, _ = integration.attention_forward(module, q, k, v, None, softcap=1.5)
+    torch.testing.assert_close(out, ref.transpose(1, 2).float(), rtol=1e-5, atol=1e-5)
+    e = attnkern.explain(q, k, v, is_causal=True, enable_gqa=True, softcap=1.5)
+    if e.fallback:
+        with pytest.raises(NotImplementedError, match=r"soft-capping \(softcap\) on its kernels only"):
+            integration.attention_forward(module, q, k, v, None, softcap=1.5)
+    else:
+        out, _ = integration.attention_forward(module, q, k, v, None, softcap=1.5)
+        torch.testing.assert_close(out, ref.transpose(1, 2).float(), rtol=1e-5, atol=1e-5)
 
 
-def test_register_checks_the_name_and_registers_the_sdpa_masks():
+def test_register_checks_the_name_and_registers_the_mask_function():
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     assert ALL_ATTENTION_FUNCTIONS["attnkern"] is integration.attention_forward
-    assert ALL_MASK_ATTENTION_FUNCTIONS["attnkern"] is ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
+    assert ALL_MASK_ATTENTION_FUNCTIONS["attnkern"] is integration.MASK_FUNCTION
     for bad in ("", "sdpa", "eager", "flash_attention_2", 3):
         with pytest.raises(ValueError, match="name must be"):
             integration.register(bad)
@@ -188,6 +228,61 @@ def test_register_checks_the_name_and_registers_the_sdpa_masks():
 def test_importing_attnkern_does_not_import_transformers():
     code = "import sys, attnkern; assert 'transformers' not in sys.modules, 'transformers was imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def loss_and_grads(cfg, attn, ids, keep=None, prepare=None):
+    """One training step's loss and every parameter gradient of a random-weight model built from `cfg`
+    (the same weights for every `attn`). The predictions made at padded positions are left out of the loss."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).to(DEVICE)
+    if prepare is not None:
+        with torch.no_grad():
+            prepare(model)
+    labels = ids.clone()
+    if keep is not None:  # the logits of a padded position (fully masked rows: eager and SDPA differ there)
+        labels[:, 1:].masked_fill_(keep[:, :-1] == 0, -100)
+    loss = model(input_ids=ids, attention_mask=keep, labels=labels).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_matches_eager(cfg, ids, keep=None, prepare=None):
+    """attn_implementation="attnkern" against transformers' eager attention, float32: the loss and every
+    gradient. Returns the gradients' names."""
+    ours = loss_and_grads(cfg, "attnkern", ids, keep, prepare)
+    assert_same_step(ours, loss_and_grads(cfg, "eager", ids, keep, prepare))
+    return ours[1].keys()
+
+
+def assert_same_step(ours, theirs):
+    """Two (loss, gradients) of one training step agree (float32)."""
+    (loss_a, grads_a), (loss_t, grads_t) = ours, theirs
+    torch.testing.assert_close(loss_a, loss_t, rtol=1e-5, atol=1e-5)
+    assert grads_a.keys() == grads_t.keys()
+    for n in grads_t:
+        torch.testing.assert_close(grads_a[n], grads_t[n], rtol=1e-4, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
+
+
+class KernelCall(NamedTuple):
+    backend: str
+    mask: Optional[torch.Tensor]
+    band: Band
+    mods: ScoreMods
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Each call of a backend's forward: which backend, the mask, band and score mods it got."""
+    seen = []
+    for name in backends.names()[1:]:  # "auto" is a choice among them, not one
+        b = backends.get(name)
+
+        def forward(q, k, v, mask, scale, band, mods, *rest, _o=b.forward, _name=name):
+            seen.append(KernelCall(_name, mask, band, mods))
+            return _o(q, k, v, mask, scale, band, mods, *rest)
+
+        monkeypatch.setattr(b, "forward", forward)
+    return seen
 
 
 def test_gpt_oss_sinks_match_eager_forward_and_gradients():
@@ -199,20 +294,168 @@ def test_gpt_oss_sinks_match_eager_forward_and_gradients():
                                     num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=2,
                                     num_experts_per_tok=1, sliding_window=4, max_position_embeddings=64)
 
-    def run(attn):
-        torch.manual_seed(0)
-        model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).to(DEVICE)
-        with torch.no_grad():  # sinks are zero-initialized: make them matter
-            for layer in model.model.layers:
-                layer.self_attn.sinks.normal_(0.0, 2.0)
-        ids, _ = tokens(length=12, left_pad=0)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    def sinks_that_matter(model):  # sinks are zero-initialized
+        for layer in model.model.layers:
+            layer.self_attn.sinks.normal_(0.0, 2.0)
 
-    loss_e, grads_e = run("eager")
-    loss_a, grads_a = run("attnkern")
-    torch.testing.assert_close(loss_a, loss_e, rtol=1e-5, atol=1e-5)
-    assert grads_a.keys() == grads_e.keys() and any("sinks" in n for n in grads_a)
-    for n in grads_e:
-        torch.testing.assert_close(grads_a[n], grads_e[n], rtol=1e-4, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
+    ids, _ = tokens(length=12, left_pad=0)
+    names = assert_matches_eager(cfg, ids, prepare=sinks_that_matter)
+    assert any("sinks" in n for n in names)
+
+
+def mistral_config(window=4):
+    return transformers.MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                      sliding_window=window, max_position_embeddings=64)
+
+
+@pytest.mark.parametrize("window", [1, 4, 11])
+def test_mistral_sliding_window_matches_eager_without_a_dense_mask(window, kernel_calls):
+    """A tiny Mistral (every layer sliding, window < length), random weights: loss and every gradient equal
+    transformers' eager attention in float32, and the kernels got the window as a band, no mask."""
+    ids, _ = tokens(length=12, left_pad=0)
+    assert_matches_eager(mistral_config(window), ids)
+    # transformers' window W: a query sees itself and the W - 1 keys before it
+    assert [(c.backend, c.mask, c.band) for c in kernel_calls] == [(AUTO, None, Band(True, window - 1, 0))] * 2
+
+
+def test_mistral_sliding_window_with_padding_gets_the_mask(kernel_calls):
+    """Padding still comes as transformers' mask (window and padding in it); the result equals eager's."""
+    ids, keep = tokens(length=12, left_pad=3)
+    assert_matches_eager(mistral_config(), ids, keep)
+    assert len(kernel_calls) == 2 and all(c.backend == AUTO and c.mask is not None and c.band.is_full
+                                          for c in kernel_calls)
+
+
+def test_mistral_sliding_window_decoding_matches_eager(kernel_calls):
+    """Prefill and decoding with transformers' sliding cache (it keeps W - 1 keys): the band takes the
+    bottom-right alignment the cache gives, past the window."""
+    window, steps = 4, 6
+    ids, _ = tokens(length=6, left_pad=0)
+    runs = {}
+    for attn in ("eager", "attnkern"):
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(mistral_config(window), attn_implementation=attn)
+        model = model.to(DEVICE).eval()
+        logits, cache, step_ids = [], None, ids
+        with torch.no_grad():
+            for _ in range(steps):
+                out = model(input_ids=step_ids, past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                logits.append(out.logits[:, -1])
+                step_ids = out.logits[:, -1:].argmax(-1)
+        runs[attn] = torch.stack(logits)
+    torch.testing.assert_close(runs["attnkern"], runs["eager"], rtol=1e-5, atol=1e-5)
+    # 2 layers x (prefill of 6 queries, then single queries over the W - 1 cached keys and the new one)
+    assert [(c.backend, c.mask, c.band) for c in kernel_calls] == [(AUTO, None, Band(True, window - 1, 0))] * 2 * steps
+
+
+def test_the_mask_function_leaves_out_exactly_the_sliding_masks_the_band_computes():
+    """transformers' sliding causal mask (kv > q - W and kv <= q, over absolute positions) is the band
+    window=(W - 1, 0) bottom-right wherever the mask function returns None; elsewhere it builds sdpa's."""
+    from transformers.masking_utils import causal_mask_function, chunked_causal_mask_function, \
+        sliding_window_causal_mask_function
+
+    sdpa_mask = integration.ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
+    left_out = 0
+    for window in (1, 3, 5):
+        fn = sliding_window_causal_mask_function(window)
+        # (q_length, kv_length, q_offset, kv_offset): no cache, a dynamic sliding cache filling up and full,
+        # a static cache (keys longer than the positions seen), fewer keys than the window
+        for L, S, q_off, kv_off in ((8, 8, 0, 0), (1, 5, 4, 0), (3, 9, 6, 0), (1, window, 7, 8 - window),
+                                    (2, window + 1, 9, 9 - window + 1), (3, 12, 2, 0), (2, 2, 0, 0)):
+            kw = dict(batch_size=2, q_length=L, kv_length=S, q_offset=q_off, kv_offset=kv_off, mask_function=fn,
+                      local_size=window)
+            ours, theirs = integration.MASK_FUNCTION(**kw), sdpa_mask(**kw)
+            if ours is None and theirs is not None:
+                left_out += 1
+                band = Band(bottom_right=True, left=window - 1, right=0).allowed(L, S)
+                assert torch.equal(theirs, band.expand(2, 1, L, S)), (window, L, S, q_off, kv_off)
+            else:
+                assert (ours is None and theirs is None) or torch.equal(ours, theirs)
+            padded = torch.ones(2, kv_off + S, dtype=torch.bool)
+            padded[0, kv_off] = False
+            assert integration.MASK_FUNCTION(**kw, attention_mask=padded) is not None  # padding: a mask
+    assert left_out >= 8
+    # Not transformers' sliding causal mask: built as sdpa builds it.
+    for fn in (causal_mask_function, chunked_causal_mask_function(4, torch.zeros(2, dtype=torch.long))):
+        kw = dict(batch_size=2, q_length=8, kv_length=8, mask_function=fn, local_size=4)
+        assert integration.MASK_FUNCTION(**kw) is not None
+    assert integration.sliding_window_of(sliding_window_causal_mask_function(6)) == 6
+    assert integration.sliding_window_of(causal_mask_function) is None
+
+
+def test_a_sliding_call_transformers_sdpa_runs_gets_the_window_as_a_mask(monkeypatch):
+    """A call left to transformers' sdpa function (here output_attentions=True) gets the sliding mask that
+    the mask function left out, built from the window."""
+    seen = []
+    sdpa = integration.sdpa_attention_forward
+    monkeypatch.setattr(integration, "sdpa_attention_forward",
+                        lambda m, q, k, v, mask, **kw: (seen.append(mask), sdpa(m, q, k, v, mask, **kw))[1])
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = True, 2
+    q, k, v = (torch.randn(2, h, 9, 8, device=DEVICE) for h in (4, 2, 2))
+    for extra in ({"output_attentions": True}, {}):
+        out, _ = integration.attention_forward(module, q, k, v, None, sliding_window=3, **extra)
+        ref, _ = attnkern.reference_attention(q.double(), k.double(), v.double(), causal="bottom_right",
+                                              window=(2, 0), enable_gqa=True)
+        torch.testing.assert_close(out, ref.transpose(1, 2).float(), rtol=1e-5, atol=1e-5)
+    assert len(seen) == 1 and torch.equal(seen[0][0, 0], Band(True, 2, 0).allowed(9, 9))
+
+
+def test_falcon_alibi_float_mask_runs_on_attnkern_under_replace_sdpa(kernel_calls):
+    """ALiBi as transformers 5 hands it over: Falcon (alibi=True, "sdpa") adds the per-head bias to a float
+    mask and calls torch's SDPA itself. (BLOOM computes its attention in its own code: neither the
+    integration nor replace_sdpa sees it.) Under replace_sdpa that call runs on the kernels with the mask;
+    loss and every gradient equal the same model on torch's SDPA."""
+    cfg = transformers.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                    alibi=True, bias=True)
+    ids, _ = tokens(length=12, left_pad=0)
+    theirs = loss_and_grads(cfg, "sdpa", ids)
+    assert kernel_calls == []
+    with attnkern.replace_sdpa():
+        ours = loss_and_grads(cfg, "sdpa", ids)
+    assert len(kernel_calls) == 2
+    for c in kernel_calls:  # the float mask with ALiBi in it: a different bias per head
+        assert c.backend == AUTO and c.band.is_full and c.mask.dtype == torch.float32 and c.mask.shape[1] == 4
+        assert not torch.equal(c.mask[:, 0], c.mask[:, 1])
+    assert_same_step(ours, theirs)
+
+
+def sharp_scores(model):
+    """Larger query/key weights: attention scores of several units, which a cap of 2 bends."""
+    for layer in model.model.layers:
+        layer.self_attn.q_proj.weight.mul_(6.0)
+        layer.self_attn.k_proj.weight.mul_(6.0)
+
+
+def gemma2_config(softcap=2.0):
+    # query_pre_attn_scalar=1: unit scaling, so the scores are large enough for the cap to bend them
+    return transformers.Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
+                                     query_pre_attn_scalar=1, attn_logit_softcapping=softcap,
+                                     max_position_embeddings=64)
+
+
+@pytest.mark.parametrize("backend", ["reference", AUTO])
+def test_gemma2_softcap_and_sliding_layers_match_eager(backend, kernel_calls):
+    """A tiny Gemma 2 (logit soft-capping; a sliding layer, then a global one), random weights: loss and every
+    gradient equal transformers' eager attention in float32 on a backend that computes soft-capping. The
+    calls carry softcap, the sliding layer its window, and no mask reached the kernels. A backend that does
+    not take softcap makes the model raise (transformers' sdpa cannot compute it) instead of going wrong."""
+    ids, _ = tokens(length=12, left_pad=0)
+    q = torch.empty(2, 4, 12, 8, device=DEVICE)
+    if attnkern.explain(q, q, q, causal=True, softcap=2.0, backend=backend).backend != backend:
+        with attnkern.use_backend(backend), pytest.raises(NotImplementedError, match="soft-capping"):
+            loss_and_grads(gemma2_config(), "attnkern", ids)
+        return
+    with attnkern.use_backend(backend):
+        assert_matches_eager(gemma2_config(), ids, prepare=sharp_scores)
+    sliding, full = Band(True, 3, 0), Band(False, -1, 0)  # the global layer: is_causal, as sdpa (top-left)
+    assert [(c.backend, c.mask, c.band, c.mods.softcap) for c in kernel_calls] == [
+        (backend, None, sliding, 2.0), (backend, None, full, 2.0)]
+    # soft-capping matters here: without it the eager gradients differ
+    capped, plain = (loss_and_grads(cfg, "eager", ids, prepare=sharp_scores)[1]
+                     for cfg in (gemma2_config(), gemma2_config(None)))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert (capped[name] - plain[name]).norm() > 0.1 * plain[name].norm()

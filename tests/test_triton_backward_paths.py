@@ -145,10 +145,10 @@ def test_deterministic_must_be_a_bool():
     with pytest.raises(TypeError, match="deterministic must be a bool"):
         attnkern.attention(q, k, v, enable_gqa=True, deterministic=1)
     out, lse, stats, out_lo = ops.attention_forward(q.detach(), k.detach(), v.detach(), None, 0.25, [1, -1, -1],
-                                                    "triton", False)
+                                                    0.0, None, 0.0, None, "triton", False)
     with pytest.raises((TypeError, RuntimeError), match="deterministic"):  # the op schema's own check
         ops.attention_backward(out, None, q.detach(), k.detach(), v.detach(), None, out, out_lo, stats, 0.25,
-                               [1, -1, -1], False, "triton", "yes")
+                               [1, -1, -1], 0.0, None, 0.0, None, False, "triton", "yes")
 
 
 # A slice of the shared cases for the two-pass path (the single pass runs them all in
@@ -166,7 +166,7 @@ def _run_case(case, dtype, runs=1, **kw):
     q, k, v, mask = make_inputs(case, dtype, DEVICE, seed=7)
     results = []
     for _ in range(runs):
-        out, lse = attnkern.attention(q, k, v, attn_mask=mask, backend="triton", **as_kwargs(case), **kw)
+        out, lse = attnkern.attention(q, k, v, attn_mask=mask, backend="triton", **as_kwargs(case, q.device), **kw)
         do, dlse = upstream_grads(out, lse)
         torch.autograd.backward([out, lse], [do, dlse])
         results.append([out.detach(), lse.detach()] + [t.grad.clone() for t in grad_leaves(q, k, v, mask)])
@@ -231,5 +231,28 @@ def test_kv_group_split_matches_reference(monkeypatch, launches, name, parts, de
     assert launches == (TWOPASS if deterministic else ONEPASS) * len(runs) and split == [parts] * len(runs)
     _assert_matches_reference(case, dtype, inputs, runs[0])
     if deterministic:  # the parts are summed in a fixed order
+        for n, a, b in zip(["out", "lse", "dq", "dk", "dv", "dmask"], *runs):
+            assert torch.equal(a, b), f"{n} differs between two deterministic runs"
+
+
+# Soft-capping, ALiBi and dropout (score_mods.py) on both paths: the default two-pass path runs every
+# shared mods case in test_correctness.py; the single pass is opt-in, so its mods coverage is here.
+MODS_CASES = ["softcap_mask_grad_gqa", "alibi_bh_window_keypad", "alibi_Lq_gt_Lk", "dropout_mqa_br_mask_grad",
+              "dropout_masked_rows", "all_mods_e128"]
+
+
+# Every case in the first dtype (float32), three in the second (float16) too.
+MODS_RUNS = [(n, TRITON_DTYPES[0]) for n in MODS_CASES] + [
+    (n, d) for n in ("softcap_mask_grad_gqa", "dropout_mqa_br_mask_grad", "all_mods_e128") for d in TRITON_DTYPES[1:2]]
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["single_pass", "two_pass"])
+@pytest.mark.parametrize("name, dtype", MODS_RUNS, ids=[f"{n}-{str(d).replace('torch.', '')}" for n, d in MODS_RUNS])
+def test_both_paths_compute_score_mods(launches, name, dtype, deterministic):
+    case = case_by_name(name)
+    inputs, runs = _run_case(case, dtype, runs=1 + deterministic, deterministic=deterministic)
+    assert launches == (TWOPASS if deterministic else ONEPASS) * len(runs)
+    _assert_matches_reference(case, dtype, inputs, runs[0])
+    if deterministic:  # the dropout mask is regenerated identically: bitwise repeatable
         for n, a, b in zip(["out", "lse", "dq", "dk", "dv", "dmask"], *runs):
             assert torch.equal(a, b), f"{n} differs between two deterministic runs"

@@ -114,13 +114,13 @@ bwd = getattr(torch.ops.attnkern, f"attention_backward_{ops.CONTRACT}")
 B, Hq, Hkv, L, S, E, Ev = 2, 4, 2, 5, 7, 8, 6
 r = lambda *s, dtype=dtype: torch.randn(*s, dtype=dtype, device=device)
 good = dict(q=r(B, Hq, L, E), k=r(B, Hkv, S, E), v=r(B, Hkv, S, Ev), mask=r(1, Hq, L, S, dtype=torch.float32),
-            scale=0.5, band=[0, -1, 0],
+            scale=0.5, band=[0, -1, 0], softcap=0.0, alibi=None, dropout_p=0.0, rng=None,
             backend=backend, residual=True)
 out, lse, stats, out_lo = fwd(**good)
 good_bwd = dict(dout=r(B, Hq, L, Ev), dlse=r(B, Hq, L, dtype=torch.float32), **good, out=out, out_lo=out_lo,
                 stats=stats, mask_grad=True)
 good_bwd = {n: good_bwd[n] for n in ("dout", "dlse", "q", "k", "v", "mask", "out", "out_lo", "stats", "scale",
-                                     "band", "mask_grad", "backend")}
+                                     "band", "softcap", "alibi", "dropout_p", "rng", "mask_grad", "backend")}
 meta = lambda t: t.to("meta")
 fwd_cases = {
     "kv heads not dividing query heads": (dict(k=r(B, 3, S, E), v=r(B, 3, S, Ev)), "multiple of the key/value heads"),
@@ -141,6 +141,12 @@ fwd_cases = {
     "band length": (dict(band=[1, 2]), "band must be [bottom_right"),
     "infinite scale": (dict(scale=float("inf")), "scale must be a finite float"),
     "scale beyond float32": (dict(scale=1e39), "does not fit float32"),
+    "negative softcap": (dict(softcap=-2.0), "softcap must be a finite float >= 0"),
+    "alibi shape": (dict(alibi=torch.ones(Hq, device=device)), "alibi must be a contiguous float32 (1 or B, Hq)"),
+    "alibi dtype": (dict(alibi=torch.ones(1, Hq, device=device, dtype=torch.float64)), "alibi must be"),
+    "dropout_p range": (dict(dropout_p=1.5), "dropout_p must be a float in [0, 1]"),
+    "dropout without rng": (dict(dropout_p=0.5), "dropout_p > 0 needs rng"),
+    "rng shape": (dict(dropout_p=0.5, rng=torch.zeros(3, dtype=torch.int64, device=device)), "rng must be an int64"),
     "unknown backend": (dict(backend="flash"), "backend must name a registered backend"),
     "auto is not a backend": (dict(backend="auto"), "backend must name a registered backend"),
 }
@@ -159,6 +165,7 @@ bwd_cases = {
     "grad_lse dtype": (dict(dlse=r(B, Hq, L, dtype=torch.float64)), "grad_lse must be float32"),
     "mask_grad without a float mask": (dict(mask=None), "mask_grad=True needs a float attn_mask"),
     "scale beyond float32": (dict(scale=-1e39), "does not fit float32"),
+    "rng device": (dict(dropout_p=0.5, rng=meta(torch.zeros(2, dtype=torch.int64))), "rng must be on the query's"),
 }
 op, base, cases = (fwd, good, fwd_cases) if which == "forward" else (bwd, good_bwd, bwd_cases)
 results = {}
@@ -200,7 +207,7 @@ def test_ops_name_the_backend_that_cannot_run_the_call():
         if backend == "cpu":
             continue  # the CPU kernels take float64
         with pytest.raises(attnkern.BackendUnavailableError, match=rf"backend='{backend}' cannot run this call"):
-            fwd(q, k, v, None, 0.5, [1, -1, -1], backend, False)
+            fwd(q, k, v, None, 0.5, [1, -1, -1], 0.0, None, 0.0, None, backend, False)
 
 
 # ----------------------------------------------------------------------------------- zero-sized dims
@@ -252,10 +259,10 @@ def test_ops_called_directly_with_zero_heads_return_empty_results(backend):
     bwd = getattr(torch.ops.attnkern, f"attention_backward_{ops.CONTRACT}")
     q, k, v = torch.randn(2, 0, 3, 4, device=DEVICE), torch.randn(2, 0, 5, 4, device=DEVICE), torch.randn(
         2, 0, 5, 6, device=DEVICE)
-    out, lse, stats, out_lo = fwd(q, k, v, None, 0.5, [0, -1, 0], backend, True)
+    out, lse, stats, out_lo = fwd(q, k, v, None, 0.5, [0, -1, 0], 0.0, None, 0.0, None, backend, True)
     assert out.shape == (2, 0, 3, 6) and lse.shape == (2, 0, 3) and stats.shape == (2, 0, 3, 2)
     dq, dk, dv, _ = bwd(torch.randn(2, 0, 3, 6, device=DEVICE), None, q, k, v, None, out, out_lo, stats, 0.5, [0, -1, 0],
-                        False, backend)
+                        0.0, None, 0.0, None, False, backend)
     assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
 
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import attnkern
-from attnkern import cli
+from attnkern.tools import cli
 from attnkern.band import Band, make_band, parse_window
-from attnkern.flops import attention_flops, window_pairs
+from attnkern.tools.flops import attention_flops, window_pairs
 from attnkern.masks import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT
 
 

@@ -58,7 +58,14 @@ class BackendUnavailableError(RuntimeError):
 
 
 def _why_not(backend: Backend, problem) -> Optional[str]:
+    if getattr(problem, "is_varlen", False) and not backend.varlen:
+        return f"packed variable-length batches (varlen) are not implemented in the {backend.name} kernels yet"
     return backend.availability(problem.device) or backend.unsupported_reason(problem)
+
+
+def why_not(name: str, problem) -> Optional[str]:
+    """None if backend `name` runs `problem` on its device, else the reason."""
+    return _why_not(get(name), problem)
 
 
 def select(problem, requested: str) -> Choice:

@@ -80,8 +80,6 @@ class CudaBackend(Backend):
             return f"the CUDA kernels take float16 and bfloat16, not {problem.dtype}"
         if max(problem.E, problem.Ev) > MAX_HEAD_DIM:
             return f"head dims up to {MAX_HEAD_DIM} (got E={problem.E}, Ev={problem.Ev})"
-        if problem.dropout_p > 0.0:
-            return "dropout is not fused yet (dropout_p > 0)"
         # Grid y holds the heads (at most MAX_GRID_YZ); batches beyond grid z's limit run as several
         # launches (csrc/cuda/launch.h), so the batch size is not limited.
         if problem.Hq > MAX_GRID_YZ:
@@ -94,18 +92,19 @@ class CudaBackend(Backend):
     # Head dims that are not multiples of 8 run zero-padded to the next multiple (then on the next
     # instantiated size, like every head dim); `scale` is always passed explicitly, so padding does
     # not change it.
-    def forward(self, q, k, v, mask, scale, band, residual):
+    def forward(self, q, k, v, mask, scale, band, mods, residual):
         q0, Ev = q, v.shape[-1]
         q, k, v = _ready(_padded(q)), _ready(_padded(k)), _ready(_padded(v))
         # The output (and its residual) is laid out like the caller's query, padded or not.
         Evp = v.shape[-1]
         out, lse, stats, out_lo = new_output(q0, Evp), new_lse(q), new_stats(q), new_residual(q0, Evp, residual)
-        self._ops().forward(q, k, v, mask, scale, band.as_op(), out, lse, stats, out_lo if out_lo.numel() else None)
+        self._ops().forward(q, k, v, mask, scale, band.as_op(), *mods.op_args(), out, lse, stats,
+                            out_lo if out_lo.numel() else None)
         if out_lo.numel():
             out_lo = _cut(out_lo, lambda: new_output(q0, Ev), Ev)
         return _cut(out, lambda: new_output(q0, Ev), Ev), lse, stats, out_lo
 
-    def backward(self, dout, dlse, q, k, v, mask, out, out_lo, stats, scale, band, mask_grad,
+    def backward(self, dout, dlse, q, k, v, mask, out, out_lo, stats, scale, band, mods, mask_grad,
                  deterministic=False):  # always deterministic
         # The kernels read with 16-byte copies; autograd may hand over an expanded or strided dO.
         q0, k0, v0 = q, k, v
@@ -114,6 +113,7 @@ class CudaBackend(Backend):
         out_lo = _ready(_padded(out_lo)) if out_lo.numel() else None
         dq, dk, dv = new_grad(q), new_grad(k), new_grad(v)
         dmask = new_mask_grad(mask, stats.dtype) if mask_grad else None
-        self._ops().backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, band.as_op(), dq, dk, dv, dmask)
+        self._ops().backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, band.as_op(), *mods.op_args(),
+                             dq, dk, dv, dmask)
         dq, dk, dv = (_cut(g, lambda t=t: new_grad(t), t.shape[-1]) for g, t in ((dq, q0), (dk, k0), (dv, v0)))
         return dq, dk, dv, (dmask.to(mask.dtype) if dmask is not None else None)

@@ -19,6 +19,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 class ReferenceBackend(Backend):
     name = "reference"
     fused = False
+    varlen = True  # one sequence at a time (base.py's varlen_forward)
 
     def availability(self, device):
         return None
@@ -26,11 +27,12 @@ class ReferenceBackend(Backend):
     def unsupported_reason(self, problem):
         return None
 
-    def forward(self, q, k, v, mask, scale, band, residual):
+    def forward(self, q, k, v, mask, scale, band, mods, residual):
         cd = _compute_dtype(q.dtype)
         # The output in the compute dtype (inputs upcast first), so the rounding residual can be taken.
         o, l = reference.reference_attention(
             q.to(cd), k.to(cd), v.to(cd), mask, band=band, scale=scale, enable_gqa=True, compute_dtype=cd,
+            softcap=mods.softcap, alibi_slopes=mods.alibi, dropout_p=mods.dropout_p, dropout_rng=mods.rng,
         )
         Ev = v.shape[-1]
         out, lse, stats, out_lo = new_output(q, Ev), new_lse(q), new_stats(q), new_residual(q, Ev, residual)
@@ -38,15 +40,15 @@ class ReferenceBackend(Backend):
         if out_lo.numel():
             out_lo.copy_(o - out.to(cd))
         lse.copy_(l)
-        stats.copy_(reference.reference_softmax_stats(q, k, mask, scale, band, cd))
+        stats.copy_(reference.reference_softmax_stats(q, k, mask, scale, band, cd, mods))
         return out, lse, stats, out_lo
 
-    def backward(self, dout, dlse, q, k, v, mask, out, out_lo, stats, scale, band, mask_grad,
+    def backward(self, dout, dlse, q, k, v, mask, out, out_lo, stats, scale, band, mods, mask_grad,
                  deterministic=False):  # always deterministic
         # Recomputes the softmax outright: the stats are not needed at the naive path's O(L*S) cost.
         grads = reference.reference_attention_backward(
             dout, dlse, q, k, v, mask, out, scale, band, mask_grad,
-            compute_dtype=_compute_dtype(q.dtype), out_lo=out_lo,
+            compute_dtype=_compute_dtype(q.dtype), out_lo=out_lo, mods=mods,
         )
         dq, dk, dv = (new_grad(t).copy_(g) for t, g in zip((q, k, v), grads[:3]))
         return dq, dk, dv, grads[3]

@@ -54,8 +54,6 @@ class TritonBackend(Backend):
                 return "the Triton CPU interpreter computes bfloat16 dots wrongly; bfloat16 runs on a GPU"
             if torch.cuda.get_device_capability(problem.device) < (8, 0):
                 return "bfloat16 kernels need a GPU of compute capability 8.0 or newer"
-        if problem.dropout_p > 0.0:
-            return "dropout is not fused yet (dropout_p > 0)"
         # Grid axis 1 holds the heads (or the dMask launch's key tiles, 16 keys or more each); batches
         # beyond axis 2's limit run as several launches (triton/common.py batch_slices).
         if problem.Hq > MAX_GRID_YZ:
@@ -65,19 +63,19 @@ class TritonBackend(Backend):
                     "tiles of 16)")
         return None
 
-    def forward(self, q, k, v, mask, scale, band, residual):
+    def forward(self, q, k, v, mask, scale, band, mods, residual):
         from ..triton import attention_forward
 
         with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-            return attention_forward(q, k, v, mask, scale, band, residual)
+            return attention_forward(q, k, v, mask, scale, band, residual, mods)
 
-    def backward(self, dout, dlse, q, k, v, mask, out, out_lo, stats, scale, band, mask_grad,
+    def backward(self, dout, dlse, q, k, v, mask, out, out_lo, stats, scale, band, mods, mask_grad,
                  deterministic=False):
         from ..triton import attention_backward
 
         with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
             return attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, band, mask_grad,
-                                      deterministic)
+                                      deterministic, mods)
 
     def backward_path(self, deterministic):
         from ..config import SINGLE_PASS_ENV, single_pass_backward

@@ -11,6 +11,11 @@ residual of a half-precision output, when it saved one) to float32 accuracy.
 
     dV = Pᵀ dO,  dP = dO Vᵀ,  dS = P ∘ (dP − delta),  dQ = scale·dS K,  dK = scale·dSᵀ Q,  dMask = dS
 
+With the score modifications (score_mods.py; each behind a constexpr switch): dropout's multiplier Z
+(0 or 1/(1-p), regenerated from the rng) gives dV = (P ∘ Z)ᵀ dO and dP = (dO Vᵀ) ∘ Z, delta keeps its
+form (O is the dropped output); soft-capping multiplies dS by 1 − tanh² on its way to dQ and dK (dMask
+is dS itself); ALiBi changes only the recomputed scores.
+
 Single pass: a program owns a key block of one kv head and sweeps the query tiles of that head's whole
 query-head group once: S and dP are formed once per tile (5 products, 1 exp per score); dK, dV stay
 in registers and each tile's dQ share is added into a float32 buffer with atomics, so dQ's rounding
@@ -34,9 +39,10 @@ import triton.language as tl
 from ..buffers import new_grad, new_mask_grad
 from ..config import single_pass_backward
 from ..masks import mask_kind
+from ..score_mods import NONE
 from . import common as tcommon, configs
-from .common import (index_range, key_tiles, load_row_stats, load_tile, mask_scores, needs_int64, query_tiles,
-                     store_tile, LOG2E)
+from .common import (dropout_keep, index_range, key_tiles, load_mods, load_row_stats, load_tile, mask_scores,
+                     modify_scores, mods_args, needs_int64, query_tiles, store_tile, LOG2E)
 from .forward import mask_args, precision_for
 
 
@@ -77,12 +83,12 @@ def _bwd_preprocess_kernel(
 
 @triton.jit
 def _dkdv_tile(
-    dk, dv, kT, v, q_base, do_base, mask_base, stats_base, delta_base, start_m, offs_n, offs_m0, offs_e, offs_ev,
-    stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms,
-    L, S, scale, lo_off, hi_off,
+    dk, dv, kT, v, start_m, start_n, ptrs, offs, strides, problem, mods,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, APPLY_BAND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Accumulate one query tile's contribution to a key block's dK, dV. Works on Sᵀ (keys × queries).
 
@@ -90,7 +96,15 @@ def _dkdv_tile(
     it, and only then transposed: a dot with the operands swapped or laid out otherwise may sum in
     another order, and at |score| ~ 1e6 one rounding step of a
     score (0.06 at 1e6) already changes P by 6%. Bit-identical scores keep P exact relative to the
-    forward's statistics, however large the logits."""
+    forward's statistics, however large the logits.
+
+    With dropout, dV takes the kept P (the keep scale multiplies dV once, at the end) and dP the kept,
+    scaled dO Vᵀ; with soft-capping dS is multiplied by 1 - tanh² on its way to dK. The groups are
+    _dkdv_range's."""
+    q_base, do_base, mask_base, stats_base, delta_base = ptrs
+    offs_n, offs_m0, offs_e, offs_ev = offs
+    stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms = strides
+    L, S, scale, lo_off, hi_off = problem
     offs_m = start_m + offs_m0
     q = load_tile(q_base + offs_m[:, None] * stride_ql + offs_e[None, :] * stride_qe,
                   offs_m, offs_e, L, E, CHECK_M, BLOCK_E != E)
@@ -100,21 +114,61 @@ def _dkdv_tile(
     else:
         delta = tl.load(delta_base + offs_m)
     sT = tl.trans(tl.dot(q, kT, input_precision=PRECISION) * scale)
+    sT, tT = modify_scores(sT, offs_m[None, :], offs_n[:, None], mods, SOFTCAP, HAS_ALIBI)
     sT = mask_scores(sT, offs_m[None, :], offs_n[:, None], mask_base, stride_ml, stride_ms, L, S, lo_off, hi_off,
                      MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N)
     pT = tl.math.exp2((sT - row_max[None, :]) * LOG2E - log2l[None, :])
     do = load_tile(do_base + offs_m[:, None] * stride_dol + offs_ev[None, :] * stride_doe,
                    offs_m, offs_ev, L, EV, CHECK_M, BLOCK_EV != EV)
-    dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
+    if HAS_DROPOUT:
+        keepT = tl.trans(dropout_keep(offs_m, start_n, mods, BLOCK_M, BLOCK_N))
+        dv = tl.dot(tl.where(keepT, pT, 0.0).to(do.dtype), do, dv, input_precision=PRECISION)
+    else:
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
     dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    if HAS_DROPOUT:
+        dpT = tl.where(keepT, dpT * mods[8], 0.0)
     dsT = pT * (dpT - delta[None, :])
+    if SOFTCAP:
+        dsT = dsT * (1.0 - tT * tT)
     dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_range(
+    dk, dv, kT, v, tiles, start_n, ptrs, offs, strides, problem, mods,
+    E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One query head's query tiles against the key block at start_n, in order: `tiles` =
+    query_tiles' (lo, full_lo, full_hi, hi); the band's edge tiles [lo, full_lo) and [full_hi, hi)
+    compare per element, the inner ones do not. Groups: ptrs (q_base, do_base, mask_base, stats_base,
+    delta_base) at this batch and head, offs (offs_n, offs_m0, offs_e, offs_ev), strides (Q's row and
+    feature, dO's, the mask's row and column), problem (L, S, scale, lo_off, hi_off), mods (load_mods)."""
+    lo, full_lo, full_hi, hi = tiles
+    for start_m in range(lo, full_lo, BLOCK_M):
+        dk, dv = _dkdv_tile(dk, dv, kT, v, start_m, start_n, ptrs, offs, strides, problem, mods,
+                            E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
+                            PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
+    for start_m in range(full_lo, full_hi, BLOCK_M):
+        dk, dv = _dkdv_tile(dk, dv, kT, v, start_m, start_n, ptrs, offs, strides, problem, mods,
+                            E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
+                            PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
+    for start_m in range(full_hi, hi, BLOCK_M):
+        dk, dv = _dkdv_tile(dk, dv, kT, v, start_m, start_n, ptrs, offs, strides, problem, mods,
+                            E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
+                            PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
     return dk, dv
 
 
 @triton.autotune(
     configs=configs.configs_for(configs.DKDV_CONFIGS),
-    key=["L_BUCKET", "S_BUCKET", "E", "EV", "MASK_KIND", "HAS_LEFT", "HAS_RIGHT", "PRECISION"],
+    key=["L_BUCKET", "S_BUCKET", "E", "EV", "MASK_KIND", "HAS_LEFT", "HAS_RIGHT", "PRECISION", "SOFTCAP",
+         "HAS_ALIBI", "HAS_DROPOUT"],
     prune_configs_by={"early_config_prune": configs.prune_dkdv},
 )
 @triton.heuristics({
@@ -123,7 +177,7 @@ def _dkdv_tile(
 })
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, M, DO, STATS, DELTA, DK, DV,
+    Q, K, V, M, DO, STATS, DELTA, DK, DV, ALIBI, RNG,
     stride_qb, stride_qh, stride_ql, stride_qe,
     stride_kb, stride_kh, stride_ks, stride_ke,
     stride_vb, stride_vh, stride_vs, stride_ve,
@@ -132,8 +186,10 @@ def _attn_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dks, stride_dke,
     stride_dvb, stride_dvh, stride_dvs, stride_dve,
     H, GROUP, HEADS, L, S, scale, lo_off, hi_off, L_BUCKET, S_BUCKET,
+    stride_ab, b0, softcap, softcap_inv, drop_threshold, drop_scale,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     I64: tl.constexpr,
 ):
@@ -161,7 +217,7 @@ def _attn_bwd_dkdv_kernel(
 
     # The query tiles that see this key block: the band's edge tiles compare per element, the inner
     # ones do not.
-    lo, full_lo, full_hi, hi = query_tiles(start_n, L, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    tiles = query_tiles(start_n, L, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     for g in range(0, HEADS):
         h = h0 + g
         q_base = Q + b * stride_qb + h * stride_qh
@@ -169,26 +225,19 @@ def _attn_bwd_dkdv_kernel(
         mask_base = M + b * stride_mb + h * stride_mh
         stats_base = STATS + (b * H + h) * L * 2
         delta_base = DELTA + (b * H + h) * L
-        for start_m in range(lo, full_lo, BLOCK_M):
-            dk, dv = _dkdv_tile(
-                dk, dv, kT, v, q_base, do_base, mask_base, stats_base, delta_base, start_m, offs_n, offs_m0,
-                offs_e, offs_ev, stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms,
-                L, S, scale, lo_off, hi_off, E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, HAS_LEFT, HAS_RIGHT,
-                not EVEN_M, not EVEN_N, PRECISION)
-        for start_m in range(full_lo, full_hi, BLOCK_M):
-            dk, dv = _dkdv_tile(
-                dk, dv, kT, v, q_base, do_base, mask_base, stats_base, delta_base, start_m, offs_n, offs_m0,
-                offs_e, offs_ev, stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms,
-                L, S, scale, lo_off, hi_off, E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False, HAS_LEFT, HAS_RIGHT,
-                not EVEN_M, not EVEN_N, PRECISION)
-        for start_m in range(full_hi, hi, BLOCK_M):
-            dk, dv = _dkdv_tile(
-                dk, dv, kT, v, q_base, do_base, mask_base, stats_base, delta_base, start_m, offs_n, offs_m0,
-                offs_e, offs_ev, stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms,
-                L, S, scale, lo_off, hi_off, E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, HAS_LEFT, HAS_RIGHT,
-                not EVEN_M, not EVEN_N, PRECISION)
+        mods = load_mods(ALIBI, RNG, b, h, H, L, S, stride_ab, b0, softcap, softcap_inv, drop_threshold,
+                         drop_scale, HAS_ALIBI, HAS_DROPOUT)
+        dk, dv = _dkdv_range(
+            dk, dv, kT, v, tiles, start_n, (q_base, do_base, mask_base, stats_base, delta_base),
+            (offs_n, offs_m0, offs_e, offs_ev), (stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms),
+            (L, S, scale, lo_off, hi_off), mods,
+            E=E, EV=EV, BLOCK_E=BLOCK_E, BLOCK_EV=BLOCK_EV, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT,
+            HAS_RIGHT=HAS_RIGHT, CHECK_M=not EVEN_M, CHECK_N=not EVEN_N, PRECISION=PRECISION, SOFTCAP=SOFTCAP,
+            HAS_ALIBI=HAS_ALIBI, HAS_DROPOUT=HAS_DROPOUT, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
 
     dk = dk * scale
+    if HAS_DROPOUT:
+        dv = dv * drop_scale
     store_tile(DK + b * stride_dkb + j * stride_dkh + offs_n[:, None] * stride_dks + offs_e[None, :] * stride_dke,
                dk.to(DK.dtype.element_ty), offs_n, offs_e, S, E, not EVEN_N, BLOCK_E != E)
     store_tile(DV + b * stride_dvb + j * stride_dvh + offs_n[:, None] * stride_dvs + offs_ev[None, :] * stride_dve,
@@ -197,31 +246,73 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_tile(
-    dq, q, do, row_max, log2l, delta, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_e, offs_ev,
-    stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms,
-    L, S, scale, lo_off, hi_off,
+    dq, rows, start_n, ptrs, offs, strides, problem, mods,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, APPLY_BAND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """One key tile's share of a query block's dQ; the groups are _dq_range's."""
+    q, do, row_max, log2l, delta = rows
+    k_base, v_base, mask_base = ptrs
+    offs_m, offs_n0, offs_e, offs_ev = offs
+    stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms = strides
+    L, S, scale, lo_off, hi_off = problem
     offs_n = start_n + offs_n0
     kT = load_tile(k_base + offs_e[:, None] * stride_ke + offs_n[None, :] * stride_ks,
                    offs_e, offs_n, E, S, BLOCK_E != E, CHECK_N)
     vT = load_tile(v_base + offs_ev[:, None] * stride_ve + offs_n[None, :] * stride_vs,
                    offs_ev, offs_n, EV, S, BLOCK_EV != EV, CHECK_N)
     s = tl.dot(q, kT, input_precision=PRECISION) * scale
+    s, t = modify_scores(s, offs_m[:, None], offs_n[None, :], mods, SOFTCAP, HAS_ALIBI)
     s = mask_scores(s, offs_m[:, None], offs_n[None, :], mask_base, stride_ml, stride_ms, L, S, lo_off, hi_off,
                     MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N)
     p = tl.math.exp2((s - row_max[:, None]) * LOG2E - log2l[:, None])
     dp = tl.dot(do, vT, input_precision=PRECISION)
+    if HAS_DROPOUT:  # dP = (dO Vᵀ) ∘ Z
+        dp = tl.where(dropout_keep(offs_m, start_n, mods, BLOCK_M, BLOCK_N), dp * mods[8], 0.0)
     ds = p * (dp - delta[:, None])
+    if SOFTCAP:  # the raw scores' gradient
+        ds = ds * (1.0 - t * t)
     dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def _dq_range(
+    dq, rows, tiles, ptrs, offs, strides, problem, mods,
+    E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The key tiles of one query block, in order: `tiles` = key_tiles' (lo, full_lo, full_hi, hi); the
+    band's edge tiles [lo, full_lo) and [full_hi, hi) compare per element, the inner ones do not.
+    Groups: rows (q, dO, row max, log2 l, delta of the block's rows), ptrs (k_base, v_base, mask_base)
+    at this batch and head, offs (offs_m, offs_n0, offs_e, offs_ev), strides (K's key and feature, V's,
+    the mask's row and column), problem (L, S, scale, lo_off, hi_off), mods (load_mods)."""
+    lo, full_lo, full_hi, hi = tiles
+    for start_n in range(lo, full_lo, BLOCK_N):
+        dq = _dq_tile(dq, rows, start_n, ptrs, offs, strides, problem, mods,
+                      E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
+                      PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
+    for start_n in range(full_lo, full_hi, BLOCK_N):
+        dq = _dq_tile(dq, rows, start_n, ptrs, offs, strides, problem, mods,
+                      E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
+                      PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
+    for start_n in range(full_hi, hi, BLOCK_N):
+        dq = _dq_tile(dq, rows, start_n, ptrs, offs, strides, problem, mods,
+                      E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
+                      PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
     return dq
 
 
 @triton.autotune(
     configs=configs.configs_for(configs.DQ_CONFIGS),
-    key=["L_BUCKET", "S_BUCKET", "E", "EV", "MASK_KIND", "HAS_LEFT", "HAS_RIGHT", "PRECISION"],
+    key=["L_BUCKET", "S_BUCKET", "E", "EV", "MASK_KIND", "HAS_LEFT", "HAS_RIGHT", "PRECISION", "SOFTCAP",
+         "HAS_ALIBI", "HAS_DROPOUT"],
     prune_configs_by={"early_config_prune": configs.prune_dq},
 )
 @triton.heuristics({
@@ -230,7 +321,7 @@ def _dq_tile(
 })
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, M, DO, STATS, DELTA, DQ,
+    Q, K, V, M, DO, STATS, DELTA, DQ, ALIBI, RNG,
     stride_qb, stride_qh, stride_ql, stride_qe,
     stride_kb, stride_kh, stride_ks, stride_ke,
     stride_vb, stride_vh, stride_vs, stride_ve,
@@ -238,8 +329,10 @@ def _attn_bwd_dq_kernel(
     stride_dob, stride_doh, stride_dol, stride_doe,
     stride_dqb, stride_dqh, stride_dql, stride_dqe,
     H, GROUP, L, S, scale, lo_off, hi_off, L_BUCKET, S_BUCKET,
+    stride_ab, b0, softcap, softcap_inv, drop_threshold, drop_scale,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     I64: tl.constexpr,
 ):
@@ -268,24 +361,17 @@ def _attn_bwd_dq_kernel(
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     mask_base = M + b * stride_mb + h * stride_mh
+    mods = load_mods(ALIBI, RNG, b, h, H, L, S, stride_ab, b0, softcap, softcap_inv, drop_threshold, drop_scale,
+                     HAS_ALIBI, HAS_DROPOUT)
     dq = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
 
-    lo, full_lo, full_hi, hi = key_tiles(start_m, S, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    for start_n in range(lo, full_lo, BLOCK_N):
-        dq = _dq_tile(dq, q, do, row_max, log2l, delta, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_e,
-                      offs_ev, stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms,
-                      L, S, scale, lo_off, hi_off, E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, HAS_LEFT, HAS_RIGHT,
-                      not EVEN_M, not EVEN_N, PRECISION)
-    for start_n in range(full_lo, full_hi, BLOCK_N):
-        dq = _dq_tile(dq, q, do, row_max, log2l, delta, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_e,
-                      offs_ev, stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms,
-                      L, S, scale, lo_off, hi_off, E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False, HAS_LEFT, HAS_RIGHT,
-                      not EVEN_M, not EVEN_N, PRECISION)
-    for start_n in range(full_hi, hi, BLOCK_N):
-        dq = _dq_tile(dq, q, do, row_max, log2l, delta, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_e,
-                      offs_ev, stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms,
-                      L, S, scale, lo_off, hi_off, E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, HAS_LEFT, HAS_RIGHT,
-                      not EVEN_M, not EVEN_N, PRECISION)
+    tiles = key_tiles(start_m, S, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    dq = _dq_range(
+        dq, (q, do, row_max, log2l, delta), tiles, (k_base, v_base, mask_base), (offs_m, offs_n0, offs_e, offs_ev),
+        (stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms), (L, S, scale, lo_off, hi_off), mods,
+        E=E, EV=EV, BLOCK_E=BLOCK_E, BLOCK_EV=BLOCK_EV, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT,
+        CHECK_M=not EVEN_M, CHECK_N=not EVEN_N, PRECISION=PRECISION, SOFTCAP=SOFTCAP, HAS_ALIBI=HAS_ALIBI,
+        HAS_DROPOUT=HAS_DROPOUT, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
 
     dq = dq * scale
     store_tile(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dql + offs_e[None, :] * stride_dqe,
@@ -309,17 +395,22 @@ def _atomic_add_tile(ptrs, x, rows, cols, n_rows, n_cols, CHECK_ROWS: tl.constex
 
 @triton.jit
 def _onepass_tile(
-    dk, dv, kT, vT, q_base, do_base, mask_base, stats_base, delta_base, dq_base, start_m, offs_n, offs_m0,
-    offs_e, offs_ev, stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms,
-    L, S, scale, lo_off, hi_off,
+    dk, dv, kT, vT, start_m, start_n, ptrs, offs, strides, problem, mods,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, APPLY_BAND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One query tile against a key block: S and dP formed once, then dV, dK accumulated in registers
     and this tile's dQ share added to the float32 dQ buffer (unscaled; the caller scales the sum).
     S is formed as the forward forms it, dot(q, kᵀ) · scale with kᵀ loaded as the forward loads it, so
-    P is exact relative to the forward's statistics (see _dkdv_tile)."""
+    P is exact relative to the forward's statistics (see _dkdv_tile); dropout and soft-capping enter as
+    there. The groups are _onepass_range's."""
+    q_base, do_base, mask_base, stats_base, delta_base, dq_base = ptrs
+    offs_n, offs_m0, offs_e, offs_ev = offs
+    stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms = strides
+    L, S, scale, lo_off, hi_off = problem
     offs_m = start_m + offs_m0
     q = load_tile(q_base + offs_m[:, None] * stride_ql + offs_e[None, :] * stride_qe,
                   offs_m, offs_e, L, E, CHECK_M, BLOCK_E != E)
@@ -329,14 +420,24 @@ def _onepass_tile(
     else:
         delta = tl.load(delta_base + offs_m)
     s = tl.dot(q, kT, input_precision=PRECISION) * scale
+    s, t = modify_scores(s, offs_m[:, None], offs_n[None, :], mods, SOFTCAP, HAS_ALIBI)
     s = mask_scores(s, offs_m[:, None], offs_n[None, :], mask_base, stride_ml, stride_ms, L, S, lo_off, hi_off,
                     MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N)
     p = tl.math.exp2((s - row_max[:, None]) * LOG2E - log2l[:, None])
     do = load_tile(do_base + offs_m[:, None] * stride_dol + offs_ev[None, :] * stride_doe,
                    offs_m, offs_ev, L, EV, CHECK_M, BLOCK_EV != EV)
-    dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=PRECISION)
+    if HAS_DROPOUT:
+        keep = dropout_keep(offs_m, start_n, mods, BLOCK_M, BLOCK_N)
+        dv = tl.dot(tl.trans(tl.where(keep, p, 0.0).to(do.dtype)), do, dv, input_precision=PRECISION)
+    else:
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=PRECISION)
     dp = tl.dot(do, vT, input_precision=PRECISION)
-    ds = (p * (dp - delta[:, None])).to(q.dtype)
+    if HAS_DROPOUT:
+        dp = tl.where(keep, dp * mods[8], 0.0)
+    ds = p * (dp - delta[:, None])
+    if SOFTCAP:
+        ds = ds * (1.0 - t * t)
+    ds = ds.to(q.dtype)
     dk = tl.dot(tl.trans(ds), q, dk, input_precision=PRECISION)
     dq = tl.dot(ds, tl.trans(kT), input_precision=PRECISION)
     _atomic_add_tile(dq_base + offs_m[:, None] * E + offs_e[None, :], dq, offs_m, offs_e, L, E,
@@ -344,9 +445,37 @@ def _onepass_tile(
     return dk, dv
 
 
+@triton.jit
+def _onepass_range(
+    dk, dv, kT, vT, tiles, start_n, ptrs, offs, strides, problem, mods,
+    E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One query head's query tiles against the key block at start_n, in order, as _dkdv_range (the
+    band's edge tiles, a few each, are not pipelined); ptrs adds dq_base, the head's float32 dQ rows."""
+    lo, full_lo, full_hi, hi = tiles
+    for start_m in tl.range(lo, full_lo, BLOCK_M, num_stages=1):
+        dk, dv = _onepass_tile(dk, dv, kT, vT, start_m, start_n, ptrs, offs, strides, problem, mods,
+                               E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
+                               PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
+    for start_m in range(full_lo, full_hi, BLOCK_M):
+        dk, dv = _onepass_tile(dk, dv, kT, vT, start_m, start_n, ptrs, offs, strides, problem, mods,
+                               E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
+                               PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
+    for start_m in tl.range(full_hi, hi, BLOCK_M, num_stages=1):
+        dk, dv = _onepass_tile(dk, dv, kT, vT, start_m, start_n, ptrs, offs, strides, problem, mods,
+                               E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
+                               PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
+    return dk, dv
+
+
 @triton.autotune(
     configs=configs.configs_for(configs.ONEPASS_CONFIGS),
-    key=["L_BUCKET", "S_BUCKET", "E", "EV", "MASK_KIND", "HAS_LEFT", "HAS_RIGHT", "PRECISION"],
+    key=["L_BUCKET", "S_BUCKET", "E", "EV", "MASK_KIND", "HAS_LEFT", "HAS_RIGHT", "PRECISION", "SOFTCAP",
+         "HAS_ALIBI", "HAS_DROPOUT"],
     prune_configs_by={"early_config_prune": configs.prune_onepass},
     reset_to_zero=["DQ_ACC"],  # each benchmarked config adds into it
 )
@@ -356,7 +485,7 @@ def _onepass_tile(
 })
 @triton.jit
 def _attn_bwd_onepass_kernel(
-    Q, K, V, M, DO, STATS, DELTA, DK, DV, DQ_ACC,
+    Q, K, V, M, DO, STATS, DELTA, DK, DV, DQ_ACC, ALIBI, RNG,
     stride_qb, stride_qh, stride_ql, stride_qe,
     stride_kb, stride_kh, stride_ks, stride_ke,
     stride_vb, stride_vh, stride_vs, stride_ve,
@@ -365,8 +494,10 @@ def _attn_bwd_onepass_kernel(
     stride_dkb, stride_dkh, stride_dks, stride_dke,
     stride_dvb, stride_dvh, stride_dvs, stride_dve,
     H, GROUP, HEADS, L, S, scale, lo_off, hi_off, L_BUCKET, S_BUCKET,
+    stride_ab, b0, softcap, softcap_inv, drop_threshold, drop_scale,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     I64: tl.constexpr,
 ):
@@ -395,7 +526,7 @@ def _attn_bwd_onepass_kernel(
 
     # The query tiles that see this key block: the band's edge tiles compare per element (a few tiles
     # each: not pipelined), the inner ones do not.
-    lo, full_lo, full_hi, hi = query_tiles(start_n, L, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    tiles = query_tiles(start_n, L, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     for g in range(0, HEADS):
         h = h0 + g
         q_base = Q + b * stride_qb + h * stride_qh
@@ -404,26 +535,19 @@ def _attn_bwd_onepass_kernel(
         stats_base = STATS + (b * H + h) * L * 2
         delta_base = DELTA + (b * H + h) * L
         dq_base = DQ_ACC + (b * H + h) * L * E
-        for start_m in tl.range(lo, full_lo, BLOCK_M, num_stages=1):
-            dk, dv = _onepass_tile(
-                dk, dv, kT, vT, q_base, do_base, mask_base, stats_base, delta_base, dq_base, start_m, offs_n,
-                offs_m0, offs_e, offs_ev, stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms,
-                L, S, scale, lo_off, hi_off, E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, HAS_LEFT, HAS_RIGHT,
-                not EVEN_M, not EVEN_N, PRECISION)
-        for start_m in range(full_lo, full_hi, BLOCK_M):
-            dk, dv = _onepass_tile(
-                dk, dv, kT, vT, q_base, do_base, mask_base, stats_base, delta_base, dq_base, start_m, offs_n,
-                offs_m0, offs_e, offs_ev, stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms,
-                L, S, scale, lo_off, hi_off, E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False, HAS_LEFT, HAS_RIGHT,
-                not EVEN_M, not EVEN_N, PRECISION)
-        for start_m in tl.range(full_hi, hi, BLOCK_M, num_stages=1):
-            dk, dv = _onepass_tile(
-                dk, dv, kT, vT, q_base, do_base, mask_base, stats_base, delta_base, dq_base, start_m, offs_n,
-                offs_m0, offs_e, offs_ev, stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms,
-                L, S, scale, lo_off, hi_off, E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, HAS_LEFT, HAS_RIGHT,
-                not EVEN_M, not EVEN_N, PRECISION)
+        mods = load_mods(ALIBI, RNG, b, h, H, L, S, stride_ab, b0, softcap, softcap_inv, drop_threshold,
+                         drop_scale, HAS_ALIBI, HAS_DROPOUT)
+        dk, dv = _onepass_range(
+            dk, dv, kT, vT, tiles, start_n, (q_base, do_base, mask_base, stats_base, delta_base, dq_base),
+            (offs_n, offs_m0, offs_e, offs_ev), (stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms),
+            (L, S, scale, lo_off, hi_off), mods,
+            E=E, EV=EV, BLOCK_E=BLOCK_E, BLOCK_EV=BLOCK_EV, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT,
+            HAS_RIGHT=HAS_RIGHT, CHECK_M=not EVEN_M, CHECK_N=not EVEN_N, PRECISION=PRECISION, SOFTCAP=SOFTCAP,
+            HAS_ALIBI=HAS_ALIBI, HAS_DROPOUT=HAS_DROPOUT, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
 
     dk = dk * scale
+    if HAS_DROPOUT:
+        dv = dv * drop_scale
     store_tile(DK + b * stride_dkb + j * stride_dkh + offs_n[:, None] * stride_dks + offs_e[None, :] * stride_dke,
                dk.to(DK.dtype.element_ty), offs_n, offs_e, S, E, not EVEN_N, BLOCK_E != E)
     store_tile(DV + b * stride_dvb + j * stride_dvh + offs_n[:, None] * stride_dvs + offs_ev[None, :] * stride_dve,
@@ -432,7 +556,7 @@ def _attn_bwd_onepass_kernel(
 
 @triton.jit
 def _attn_bwd_dmask_kernel(
-    Q, K, V, M, DO, STATS, DELTA, DLSE, DM,
+    Q, K, V, M, DO, STATS, DELTA, DLSE, DM, ALIBI, RNG,
     stride_qb, stride_qh, stride_ql, stride_qe,
     stride_kb, stride_kh, stride_ks, stride_ke,
     stride_vb, stride_vh, stride_vs, stride_ve,
@@ -441,8 +565,10 @@ def _attn_bwd_dmask_kernel(
     stride_dlb, stride_dlh, stride_dll,
     stride_dmb, stride_dmh, stride_dml, stride_dms,
     B, H, GROUP, L, S, HM, scale, lo_off, hi_off,
+    stride_ab, b0, softcap, softcap_inv, drop_threshold, drop_scale,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr, HAS_DLSE: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     SUM_B: tl.constexpr, SUM_H: tl.constexpr, SUM_L: tl.constexpr, SUM_S: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, I64: tl.constexpr,
 ):
@@ -452,7 +578,9 @@ def _attn_bwd_dmask_kernel(
     formed in registers in a fixed order: deterministic, and the buffer is written once.
     Summed over keys (SUM_S), a row's Σ_j P (dP − delta) is formed as A (1 − B) + dlse B with
     A = Σ_j P dP and B = Σ_j P: the same value, without the cancellation of delta (rounded from O)
-    against A; a row that sees no key has B = 0 and gives 0.
+    against A; a row that sees no key has B = 0 and gives 0. With dropout dP is the kept, scaled one
+    (delta's form is unchanged); dMask is dS itself, without soft-capping's 1 - tanh² (the mask is added
+    after the cap).
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -497,6 +625,8 @@ def _attn_bwd_dmask_kernel(
             v_base = V + b * stride_vb + hk * stride_vh
             mask_base = M + b * stride_mb + h * stride_mh
             row0 = (b * H + h) * L
+            mods = load_mods(ALIBI, RNG, b, h, H, L, S, stride_ab, b0, softcap, softcap_inv, drop_threshold,
+                             drop_scale, HAS_ALIBI, HAS_DROPOUT)
             for start_m in range(m_lo, m_hi, BLOCK_M):
                 offs_m = start_m + offs_m0
                 q = load_tile(q_base + offs_m[:, None] * stride_ql + offs_e[None, :] * stride_qe,
@@ -514,10 +644,13 @@ def _attn_bwd_dmask_kernel(
                     vT = load_tile(v_base + offs_ev[:, None] * stride_ve + offs_n[None, :] * stride_vs,
                                    offs_ev, offs_n, EV, S, BLOCK_EV != EV, True)
                     s = tl.dot(q, kT, input_precision=PRECISION) * scale
+                    s, _ = modify_scores(s, offs_m[:, None], offs_n[None, :], mods, SOFTCAP, HAS_ALIBI)
                     s = mask_scores(s, offs_m[:, None], offs_n[None, :], mask_base, stride_ml, stride_ms,
                                     L, S, lo_off, hi_off, 2, True, HAS_LEFT, HAS_RIGHT, True, True)
                     p = tl.math.exp2((s - row_max[:, None]) * LOG2E - log2l[:, None])
                     dp = tl.dot(do, vT, input_precision=PRECISION)
+                    if HAS_DROPOUT:
+                        dp = tl.where(dropout_keep(offs_m, start_n, mods, BLOCK_M, BLOCK_N), dp * drop_scale, 0.0)
                     if SUM_S:
                         row_pdp += tl.sum(p * dp, 1)
                         row_p += tl.sum(p, 1)
@@ -613,7 +746,8 @@ def onepass_runs(E: int, Ev: int, dtype) -> bool:
     return True
 
 
-def _launch_onepass(q, k, v, mask_ptr, m_strides, dout, stats, delta, dq, dk, dv, scale, lo_off, hi_off, common):
+def _launch_onepass(q, k, v, mask_ptr, m_strides, dout, stats, delta, dq, dk, dv, scale, lo_off, hi_off, mod_ptrs,
+                    mod_scalars, common):
     """The single-pass dK/dV/dQ kernel: writes dk and dv, and dq (in q's dtype) from a float32 buffer
     the kernel adds into, scaled once at the end."""
     B, H, L, E = q.shape
@@ -625,15 +759,17 @@ def _launch_onepass(q, k, v, mask_ptr, m_strides, dout, stats, delta, dq, dk, dv
     dq_acc = torch.zeros((B, H, L, E), dtype=torch.float32, device=q.device)
     common = dict(common, I64=common["I64"] or needs_int64(dq_acc, dk_t, dv_t))
     _attn_bwd_onepass_kernel[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), Hkv * parts, B)](
-        q, k, v, mask_ptr, dout, stats, delta, dk_t, dv_t, dq_acc,
+        q, k, v, mask_ptr, dout, stats, delta, dk_t, dv_t, dq_acc, *mod_ptrs,
         *q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *dk_t.stride(), *dv_t.stride(),
-        H, group, group // parts, L, S, scale, lo_off, hi_off, configs.bucket(L), configs.bucket(S), **common,
+        H, group, group // parts, L, S, scale, lo_off, hi_off, configs.bucket(L), configs.bucket(S), *mod_scalars,
+        **common,
     )
     _sum_kv_parts(dk, dv, dk_t, dv_t, parts)
     dq.copy_(dq_acc.mul_(scale))
 
 
-def _launch_dkdv(q, k, v, mask_ptr, m_strides, dout, stats, delta, dk, dv, scale, lo_off, hi_off, common):
+def _launch_dkdv(q, k, v, mask_ptr, m_strides, dout, stats, delta, dk, dv, scale, lo_off, hi_off, mod_ptrs, mod_scalars,
+                 common):
     """The two-pass path's dK/dV kernel, its kv-head groups split as kv_group_parts says."""
     B, H, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
@@ -643,17 +779,18 @@ def _launch_dkdv(q, k, v, mask_ptr, m_strides, dout, stats, delta, dk, dv, scale
     dk_t, dv_t = _kv_part_buffers(dk, dv, parts)
     common = dict(common, I64=common["I64"] or needs_int64(dk_t, dv_t))
     _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), Hkv * parts, B)](
-        q, k, v, mask_ptr, dout, stats, delta, dk_t, dv_t,
+        q, k, v, mask_ptr, dout, stats, delta, dk_t, dv_t, *mod_ptrs,
         *q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *dk_t.stride(), *dv_t.stride(),
-        H, group, group // parts, L, S, scale, lo_off, hi_off, configs.bucket(L), configs.bucket(S), **common,
+        H, group, group // parts, L, S, scale, lo_off, hi_off, configs.bucket(L), configs.bucket(S), *mod_scalars,
+        **common,
     )
     _sum_kv_parts(dk, dv, dk_t, dv_t, parts)
 
 
 def attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale: float, band, mask_grad: bool,
-                       deterministic: bool = False):
-    """Triton backward on canonical tensors (see backends/base.py; `band` a band.Band). Returns
-    (dq, dk, dv, dmask or None).
+                       deterministic: bool = False, mods=NONE):
+    """Triton backward on canonical tensors (see backends/base.py; `band` a band.Band, `mods` the
+    forward's score_mods.ScoreMods, dropout's rng included). Returns (dq, dk, dv, dmask or None).
 
     By default the two-pass dK/dV + dQ kernels run (no atomics, bitwise reproducible). With
     ATTNKERN_SINGLE_PASS=1 (config.single_pass_backward) and unless `deterministic`, the single-pass
@@ -677,8 +814,9 @@ def attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale: flo
     dlse_t = dlse if dlse is not None else delta
     lo_t = out_lo if has_lo else out
     onepass = not deterministic and single_pass_backward() and onepass_runs(E, Ev, q.dtype)
+    switches = mods_args(mods, q)[2]
     common = dict(E=E, EV=Ev, BLOCK_E=block_e, BLOCK_EV=block_ev, MASK_KIND=kind, HAS_LEFT=has_left,
-                  HAS_RIGHT=has_right, PRECISION=precision, I64=i64)
+                  HAS_RIGHT=has_right, PRECISION=precision, I64=i64, **switches)
     for b0, b1, part in tcommon.batch_slices(B):  # one launch each unless B passes grid axis 2's limit
         n = b1 - b0
         _bwd_preprocess_kernel[(triton.cdiv(L, pre_block), H, n)](
@@ -687,14 +825,16 @@ def attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale: flo
             EV=Ev, BLOCK_EV=block_ev, HAS_DLSE=dlse is not None, HAS_LO=has_lo, BLOCK_M=pre_block, I64=i64,
         )
         args = (part(q), part(k), part(v), part(mask_ptr), m_strides, part(dout), part(stats), part(delta))
+        mod_ptrs, mod_scalars, _ = mods_args(mods, q, b0)
+        mod_ptrs = (part(mod_ptrs[0]), mod_ptrs[1])  # ALiBi slopes by batch; the rng whole
         if onepass:
-            _launch_onepass(*args, part(dq), part(dk), part(dv), scale, lo_off, hi_off, common)
+            _launch_onepass(*args, part(dq), part(dk), part(dv), scale, lo_off, hi_off, mod_ptrs, mod_scalars, common)
             continue
-        _launch_dkdv(*args, part(dk), part(dv), scale, lo_off, hi_off, common)
+        _launch_dkdv(*args, part(dk), part(dv), scale, lo_off, hi_off, mod_ptrs, mod_scalars, common)
         _attn_bwd_dq_kernel[lambda meta, n=n: (triton.cdiv(L, meta["BLOCK_M"]), H, n)](
-            part(q), part(k), part(v), part(mask_ptr), part(dout), part(stats), part(delta), part(dq),
+            part(q), part(k), part(v), part(mask_ptr), part(dout), part(stats), part(delta), part(dq), *mod_ptrs,
             *q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *dq.stride(),
-            H, group, L, S, scale, lo_off, hi_off, configs.bucket(L), configs.bucket(S), **common,
+            H, group, L, S, scale, lo_off, hi_off, configs.bucket(L), configs.bucket(S), *mod_scalars, **common,
         )
 
     dmask = None
@@ -708,11 +848,12 @@ def attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale: flo
         for b0, b1, part in (tcommon.batch_slices(B, Hm) if Bm > 1 else [(0, B, lambda t: t)]):
             grid = (1 if sum_l else triton.cdiv(L, bm_), 1 if sum_s else triton.cdiv(S, bn_),
                     (b1 - b0 if Bm > 1 else 1) * Hm)
+            mod_ptrs, mod_scalars, _ = mods_args(mods, q, b0)
             _attn_bwd_dmask_kernel[grid](
                 part(q), part(k), part(v), part(mask_ptr), part(dout), part(stats), part(delta), part(dlse_t),
-                part(dm),
+                part(dm), part(mod_ptrs[0]), mod_ptrs[1],
                 *q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *dlse_strides, *dm.stride(),
-                b1 - b0, H, group, L, S, Hm, scale, lo_off, hi_off,
+                b1 - b0, H, group, L, S, Hm, scale, lo_off, hi_off, *mod_scalars, **switches,
                 E=E, EV=Ev, BLOCK_E=block_e, BLOCK_EV=block_ev, HAS_LEFT=has_left, HAS_RIGHT=has_right,
                 PRECISION=precision,
                 HAS_DLSE=dlse is not None,

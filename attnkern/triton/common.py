@@ -7,10 +7,15 @@ exp(s - m) = exp2((s - m) · log2(e)). The log-sum-exp handed to Python is in na
 import triton
 import triton.language as tl
 
+from .. import masks
+
 # constexpr so compiled kernels may read them (plain globals only work under the interpreter); Python
 # code reads `.value`.
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+# The kernels' MASK_KIND, by name (masks.py's codes).
+MASK_NONE = tl.constexpr(masks.MASK_NONE)
+MASK_BOOL = tl.constexpr(masks.MASK_BOOL)
 
 
 @triton.jit
@@ -81,13 +86,13 @@ def mask_scores(
     ([:, None] and [None, :], or the transpose for the kernels that hold Sᵀ). Masked scores become -inf.
     APPLY_BAND is off for tiles that key_tiles/query_tiles found inside the band for every row.
     """
-    if MASK_KIND != 0:
+    if MASK_KIND != MASK_NONE:
         m_ptrs = mask_base + qi * stride_ml + kj * stride_ms
         if CHECK_Q or CHECK_K:
             m = tl.load(m_ptrs, mask=(qi < L) & (kj < S), other=0)
         else:
             m = tl.load(m_ptrs)
-        if MASK_KIND == 1:
+        if MASK_KIND == MASK_BOOL:
             s = tl.where(m != 0, s, float("-inf"))
         else:
             s = s + m.to(tl.float32)
@@ -99,6 +104,94 @@ def mask_scores(
     if CHECK_K:
         s = tl.where(kj < S, s, float("-inf"))
     return s
+
+
+# ----------------------------------------------------------------------------------------------------
+# Score modifications (score_mods.py): soft-capping, ALiBi, dropout. Each kernel takes them behind the
+# constexpr switches SOFTCAP, HAS_ALIBI, HAS_DROPOUT, so a kernel without them compiles to the code it
+# had before they existed. A program gathers its head's values once (load_mods) into one tuple that the
+# tile helpers take; `mods_args` (host side) builds the launch arguments.
+
+
+@triton.jit
+def tanh(x):
+    """tanh from exp2 (the interpreter has no libdevice): an odd Taylor polynomial where |x| < 0.3, where
+    (1 - e) / (1 + e) with e = exp(-2|x|) would lose bits to cancellation; that form elsewhere (within
+    a few ulp; ±1 exactly for large |x|, NaN stays NaN)."""
+    a = tl.abs(x)
+    x2 = x * x
+    poly = x + x * x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0
+                                                                                   + x2 * (-1382.0 / 155925.0)))))
+    e = tl.math.exp2(a * (-2.0 * LOG2E))
+    big = (1.0 - e) / (1.0 + e)
+    big = tl.where(x < 0.0, -big, big)
+    return tl.where(a < 0.3, poly, big)
+
+
+@triton.jit
+def load_mods(ALIBI, RNG, b, h, H, L, S, stride_ab, b0, softcap, softcap_inv, drop_threshold, drop_scale,
+              HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+    """The score modifications of batch b (of a launch whose batch slice starts at b0), query head h,
+    as the tuple the tile helpers take: (softcap, 1/softcap, ALiBi slope, ALiBi offset S - L, dropout
+    seed, counter offset, counter head word (b0 + b)·H + h, keep threshold, keep scale)."""
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(ALIBI + b * stride_ab + h)
+    seed = 0
+    offset = 0
+    bh = 0
+    if HAS_DROPOUT:  # the rng tensor read on the device: no host synchronization
+        seed = tl.load(RNG)
+        offset = tl.load(RNG + 1).to(tl.uint32)  # offset mod 2^32
+        bh = ((b0 + b) * H + h).to(tl.uint32)
+    return softcap, softcap_inv, slope, S - L, seed, offset, bh, drop_threshold, drop_scale
+
+
+@triton.jit
+def modify_scores(s, qi, kj, mods, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
+    """Soft-cap, then ALiBi, the scaled scores s (before masks; score_mods.py). `qi`, `kj` broadcast
+    against s as in mask_scores. Returns (s, t) with t = tanh(s_raw / softcap), which the backward's
+    gradient factor 1 - t² needs (t is s itself without soft-capping: unused)."""
+    t = s
+    if SOFTCAP:
+        t = tanh(s * mods[1])
+        s = mods[0] * t
+    if HAS_ALIBI:  # -slope * |i + S - L - j|
+        s = s - mods[2] * tl.abs(qi + mods[3] - kj).to(tl.float32)
+    return s, t
+
+
+@triton.jit
+def dropout_keep(rows, start_n, mods, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Which scores of query rows `rows` (BLOCK_M of them) and keys start_n + [0, BLOCK_N) dropout keeps:
+    philox.py's mask bit for bit. One Philox4x32-10 call per 4 keys (counter (j/4, i, b·H + h, offset),
+    key the seed's two words: tl.philox), its four lanes interleaved to keys 4q + lane. start_n is a
+    multiple of 4 (of BLOCK_N)."""
+    zero = tl.zeros([BLOCK_M, BLOCK_N // 4], dtype=tl.uint32)
+    c0 = zero + (start_n // 4 + tl.arange(0, BLOCK_N // 4)).to(tl.uint32)[None, :]
+    c1 = zero + rows.to(tl.uint32)[:, None]
+    r0, r1, r2, r3 = tl.philox(mods[4], c0, c1, zero + mods[6], zero + mods[5])
+    # join(join(r0, r2), join(r1, r3))[q, x, y] is lane 2x + y: row-major flattening puts it at 4q + lane.
+    r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [BLOCK_M, BLOCK_N])
+    return r >= mods[7]
+
+
+def mods_args(mods, dummy, b0: int = 0):
+    """The kernels' score-modification arguments for a ScoreMods: (ALIBI, RNG) pointers (`dummy`, never
+    read, for what is off), then (stride_ab, b0, softcap, 1/softcap, keep threshold, keep scale), and the
+    switches {SOFTCAP, HAS_ALIBI, HAS_DROPOUT}. b0 is the first batch of a batch slice's launch (the
+    dropout counter counts batches of the whole problem); 0 without dropout, so the plain kernels see
+    the same arguments whatever the slice."""
+    from ..philox import dropout_scale, dropout_threshold
+
+    drop = mods.dropout_p > 0.0
+    alibi = mods.alibi
+    ptrs = (alibi if alibi is not None else dummy, mods.rng if drop else dummy)
+    scalars = (alibi.stride(0) if alibi is not None and alibi.shape[0] > 1 else 0, b0 if drop else 0,
+               float(mods.softcap), 1.0 / mods.softcap if mods.softcap > 0.0 else 0.0,
+               dropout_threshold(mods.dropout_p) if drop else 0, dropout_scale(mods.dropout_p) if drop else 1.0)
+    switches = dict(SOFTCAP=mods.softcap > 0.0, HAS_ALIBI=alibi is not None, HAS_DROPOUT=drop)
+    return ptrs, scalars, switches
 
 
 @triton.jit

@@ -102,7 +102,7 @@ DMASK_CONFIGS = (
 # Single-pass backward: one program owns BLOCK_N keys (dK, dV accumulated in registers) and streams
 # query tiles of BLOCK_M rows, adding each tile's dQ into a float32 buffer with atomics. It holds more
 # live state than either two-pass kernel (dK, dV and a dQ tile at once), so its tiles are smaller.
-# Chosen from `compile_check` figures (registers, spills, shared memory; sm90 and sm80, with and without
+# Chosen from `attnkern compile-report` figures (registers, spills, shared memory; sm90 and sm80, with and without
 # the divisibility hints of a real launch): the first of each tier spills at most a few dozen bytes in
 # its plain form and fits an sm80's shared memory. fp32 above E = 64 spills in every config tried, as
 # the two-pass dK/dV kernel does there.
@@ -179,8 +179,20 @@ def pruner(chained_rows):
         fitting = [c for c in configs if getattr(c, "attnkern_tier", key) == key and kept_on(c, arch)
                    and (not _duplication_rule or chained_rows_ok(chained_rows(c), c.num_warps, arch,
                                                                  getattr(c, "attnkern_small_ok", False)))]
+        if args.get("HAS_DROPOUT"):
+            fitting = [c for c in fitting if dropout_fits(c)] or fitting
         return fitting if autotune_enabled() else fitting[:1]
     return prune
+
+
+# Dropout's Philox draws hold one 32-bit word per score of the tile beside the scores and accumulators:
+# tiles of more than this many scores per thread spill with it (compile report), so a dropout call
+# takes only configs within it where its tier has any.
+DROPOUT_SCORES_PER_THREAD = 32
+
+
+def dropout_fits(config) -> bool:
+    return config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] <= DROPOUT_SCORES_PER_THREAD * 32 * config.num_warps
 
 
 def kept_on(config, arch: Optional[int]) -> bool:

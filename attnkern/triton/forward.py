@@ -5,7 +5,9 @@ denominator) beside the log-sum-exp for the backward, and, when asked (HAS_LO), 
 output's rounding residual out_lo = O32 - out, so that the backward's delta is float32-accurate.
 A banded problem (causal, sliding window; band.py) visits only the key tiles its rows see and applies
 the band compare only on the tiles that straddle an edge; fully masked rows end with l = 0, which gives
-output 0 and log-sum-exp -inf.
+output 0 and log-sum-exp -inf. Soft-capping and ALiBi change the scores before the masks; dropout zeroes
+the dropped probabilities on their way into P·V only (the statistics and the lse are those of the
+undropped softmax) and scales the output by 1/(1-p) once (score_mods.py; common.py's helpers).
 """
 import os
 
@@ -14,24 +16,34 @@ import triton
 import triton.language as tl
 
 from ..buffers import new_lse, new_output, new_residual, new_stats
+from ..score_mods import NONE
 from . import common, configs
-from .common import index_range, key_tiles, needs_int64, LN2, LOG2E, load_tile, mask_scores, store_tile
+from .common import (dropout_keep, index_range, key_tiles, load_mods, load_tile, mask_scores, modify_scores,
+                     mods_args, needs_int64, store_tile, LN2, LOG2E)
 
 
 @triton.jit
 def _fwd_tile(
-    acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_e, offs_ev,
-    stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms,
-    L, S, scale, lo_off, hi_off,
+    acc, l_i, m_i, q, start_n, ptrs, offs, strides, problem, mods,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, APPLY_BAND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """One key tile of the online softmax. Groups: ptrs (k_base, v_base, mask_base) at this batch and
+    head, offs (offs_m, offs_n0, offs_e, offs_ev), strides (K's key and feature, V's, the mask's row and
+    column), problem (L, S, scale, lo_off, hi_off), mods (load_mods)."""
+    k_base, v_base, mask_base = ptrs
+    offs_m, offs_n0, offs_e, offs_ev = offs
+    stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms = strides
+    L, S, scale, lo_off, hi_off = problem
     offs_n = start_n + offs_n0
     # K is read transposed, (BLOCK_E, BLOCK_N), straight from memory.
     kT = load_tile(k_base + offs_e[:, None] * stride_ke + offs_n[None, :] * stride_ks,
                    offs_e, offs_n, E, S, BLOCK_E != E, CHECK_N)
     s = tl.dot(q, kT, input_precision=PRECISION) * scale
+    s, _ = modify_scores(s, offs_m[:, None], offs_n[None, :], mods, SOFTCAP, HAS_ALIBI)
     s = mask_scores(s, offs_m[:, None], offs_n[None, :], mask_base, stride_ml, stride_ms, L, S, lo_off, hi_off,
                     MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N)
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -39,7 +51,9 @@ def _fwd_tile(
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.math.exp2((s - m_safe[:, None]) * LOG2E)
     alpha = tl.math.exp2((m_i - m_safe) * LOG2E)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    l_i = l_i * alpha + tl.sum(p, 1)  # the softmax's denominator counts every score, dropped or not
+    if HAS_DROPOUT:  # P ∘ kept; the keep scale 1/(1-p) multiplies the output once, at the end
+        p = tl.where(dropout_keep(offs_m, start_n, mods, BLOCK_M, BLOCK_N), p, 0.0)
     v = load_tile(v_base + offs_n[:, None] * stride_vs + offs_ev[None, :] * stride_ve,
                   offs_n, offs_ev, S, EV, CHECK_N, BLOCK_EV != EV)
     acc = acc * alpha[:, None]
@@ -50,7 +64,8 @@ def _fwd_tile(
 @triton.autotune(
     configs=configs.configs_for(configs.FWD_CONFIGS),
     # HAS_LO (training: the residual store needs registers) tunes apart from the inference forward.
-    key=["L_BUCKET", "S_BUCKET", "E", "EV", "MASK_KIND", "HAS_LEFT", "HAS_RIGHT", "PRECISION", "HAS_LO"],
+    key=["L_BUCKET", "S_BUCKET", "E", "EV", "MASK_KIND", "HAS_LEFT", "HAS_RIGHT", "PRECISION", "HAS_LO",
+         "SOFTCAP", "HAS_ALIBI", "HAS_DROPOUT"],
     prune_configs_by={"early_config_prune": configs.prune_fwd},
 )
 @triton.heuristics({
@@ -59,16 +74,17 @@ def _fwd_tile(
 })
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, M, O, O_LO, LSE, STATS,
+    Q, K, V, M, O, O_LO, LSE, STATS, ALIBI, RNG,
     stride_qb, stride_qh, stride_ql, stride_qe,
     stride_kb, stride_kh, stride_ks, stride_ke,
     stride_vb, stride_vh, stride_vs, stride_ve,
     stride_mb, stride_mh, stride_ml, stride_ms,
     stride_ob, stride_oh, stride_ol, stride_oe,
     H, GROUP, L, S, scale, lo_off, hi_off, L_BUCKET, S_BUCKET,
+    stride_ab, b0, softcap, softcap_inv, drop_threshold, drop_scale,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr,
-    HAS_LO: tl.constexpr,
+    HAS_LO: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     I64: tl.constexpr,
 ):
@@ -93,31 +109,38 @@ def _attn_fwd_kernel(
     q = load_tile(q_base + offs_m[:, None] * stride_ql + offs_e[None, :] * stride_qe,
                   offs_m, offs_e, L, E, not EVEN_M, BLOCK_E != E)
 
+    mods = load_mods(ALIBI, RNG, b, h64, H, L, S, stride_ab, b0, softcap, softcap_inv, drop_threshold, drop_scale,
+                     HAS_ALIBI, HAS_DROPOUT)
+
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_EV], dtype=tl.float32)
 
     # The key tiles this block sees: the band's edge tiles compare per element, the inner ones do not.
-    lo, full_lo, full_hi, hi = key_tiles(start_m, S, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    tiles = key_tiles(start_m, S, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    lo, full_lo, full_hi, hi = tiles
+    ptrs = (k_base, v_base, mask_base)
+    offs = (offs_m, offs_n0, offs_e, offs_ev)
+    strides = (stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms)
+    problem = (L, S, scale, lo_off, hi_off)
     for start_n in range(lo, full_lo, BLOCK_N):
-        acc, l_i, m_i = _fwd_tile(
-            acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_e, offs_ev,
-            stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms, L, S, scale, lo_off, hi_off,
-            E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, HAS_LEFT, HAS_RIGHT, not EVEN_M, not EVEN_N, PRECISION)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, start_n, ptrs, offs, strides, problem, mods,
+                                  E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, HAS_LEFT, HAS_RIGHT, not EVEN_M,
+                                  not EVEN_N, PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
     for start_n in range(full_lo, full_hi, BLOCK_N):
-        acc, l_i, m_i = _fwd_tile(
-            acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_e, offs_ev,
-            stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms, L, S, scale, lo_off, hi_off,
-            E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False, HAS_LEFT, HAS_RIGHT, not EVEN_M, not EVEN_N, PRECISION)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, start_n, ptrs, offs, strides, problem, mods,
+                                  E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False, HAS_LEFT, HAS_RIGHT, not EVEN_M,
+                                  not EVEN_N, PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
     for start_n in range(full_hi, hi, BLOCK_N):
-        acc, l_i, m_i = _fwd_tile(
-            acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n0, offs_e, offs_ev,
-            stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms, L, S, scale, lo_off, hi_off,
-            E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, HAS_LEFT, HAS_RIGHT, not EVEN_M, not EVEN_N, PRECISION)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, start_n, ptrs, offs, strides, problem, mods,
+                                  E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, HAS_LEFT, HAS_RIGHT, not EVEN_M,
+                                  not EVEN_N, PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
 
     empty = l_i == 0.0  # every key masked: output 0, lse -inf
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
+    if HAS_DROPOUT:
+        out = out * drop_scale
     log2l = tl.where(empty, float("-inf"), tl.math.log2(l_safe))
     lse = tl.where(empty, float("-inf"), m_i + log2l * LN2)
 
@@ -166,9 +189,9 @@ def mask_args(mask):
     return mask, strides
 
 
-def attention_forward(q, k, v, mask, scale: float, band, residual: bool = False):
-    """Triton forward on canonical tensors (see backends/base.py; `band` a band.Band). Returns
-    (out, lse, stats, out_lo)."""
+def attention_forward(q, k, v, mask, scale: float, band, residual: bool = False, mods=NONE):
+    """Triton forward on canonical tensors (see backends/base.py; `band` a band.Band, `mods` a
+    score_mods.ScoreMods). Returns (out, lse, stats, out_lo)."""
     B, H, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
     out, lse, stats, out_lo = new_output(q, Ev), new_lse(q), new_stats(q), new_residual(q, Ev, residual)
@@ -180,12 +203,13 @@ def attention_forward(q, k, v, mask, scale: float, band, residual: bool = False)
     mask_t = mask_t if mask_t is not None else q
     lo_off, hi_off, has_left, has_right = common.band_args(band, L, S)
     for b0, b1, part in common.batch_slices(B):  # one launch unless B passes grid axis 2's limit
+        mod_ptrs, mod_scalars, switches = mods_args(mods, q, b0)
         _attn_fwd_kernel[lambda meta, n=b1 - b0: (triton.cdiv(L, meta["BLOCK_M"]), H, n)](
             part(q), part(k), part(v), part(mask_t), part(out), part(out_lo if has_lo else out), part(lse),
-            part(stats),
+            part(stats), part(mod_ptrs[0]), mod_ptrs[1],  # ALiBi slopes by batch; the rng whole
             *q.stride(), *k.stride(), *v.stride(), *m_strides, *out.stride(),
             H, H // Hkv, L, S, scale, lo_off, hi_off,
-            configs.bucket(L), configs.bucket(S),
+            configs.bucket(L), configs.bucket(S), *mod_scalars, **switches,
             E=E, EV=Ev, BLOCK_E=configs.head_block(E), BLOCK_EV=configs.head_block(Ev),
             MASK_KIND=mask_kind(mask), HAS_LEFT=has_left, HAS_RIGHT=has_right, PRECISION=precision_for(q.dtype),
             HAS_LO=has_lo, I64=needs_int64(q, k, v, mask, out),

@@ -6,6 +6,9 @@
 //                                                              0 where masked and on fully masked rows)
 //     dP = dO V^T,  dS = P (dP - delta),  delta = rowsum(dO O) - dlse  (O = out + out_lo, see params.h)
 //     dV += P^T dO,  dK += dS^T Q,  dQ += dS K;  dK, dQ times scale when written
+// With score mods (the MODS kernels, score_mods.h; attnkern/reference.py's backward): S = cap(S scale) +
+// alibi + mask with T = tanh(S scale / c); the dropout multipliers Z regenerated from the Philox key turn
+// dP into (dO V^T) Z and P into P Z for dV; dK and dQ take dS (1 - T^2), the float mask's gradient dS.
 // S is the forward's, bit for bit (same packing, GEMM and scaling after the dot); applying the scale
 // after the products, never to Q or K, means only a result beyond float range can overflow.
 // dK/dV accumulate in per-task buffers (O(S*E)); when a kv head's rows are split over several tasks
@@ -22,6 +25,7 @@
 #include <vector>
 
 #include "attention_cpu.h"
+#include "score_mods.h"
 #include "tile_math.h"
 
 namespace attnkern {
@@ -127,18 +131,55 @@ struct RowStats {
   const acc_t *row_max, *log2_denom, *delta;
 };
 
+// The score mods of one (batch, head) slice and one row of scratch for them: t = tanh of the scaled
+// scores (softcap), z = dropout multipliers (dropout_width(BNp) values). `mask_grad`: the tile serves
+// the float mask's gradient, which wants P itself and dS before the softcap's factor.
+template <typename acc_t>
+struct TileMods {
+  const RowMods<acc_t>& mods;
+  acc_t *t, *z;
+  bool mask_grad;
+};
+
 // P = 2^((S scale + masks - m) log2 e - log2 l) over a (mb x nbp) tile of unscaled S, then
 // dS = P (dP - delta) into dp. Subtracting the row max first keeps P exact when the scores are huge.
-template <typename acc_t>
-inline void probabilities_and_ds(const RowMasker<acc_t>& masker, acc_t* sb, acc_t* dp, int64_t ld, int64_t m0,
-                                 int64_t mb, int64_t n0, int64_t nb, int64_t nbp, bool band_check,
-                                 const RowStats<acc_t>& st, acc_t scale) {
+// MODS: with the score mods of tm (see the file comment): sb gets P Z, dp gets dS (1 - T^2), unless
+// tm.mask_grad (then P and dS).
+template <typename acc_t, bool MODS>
+inline void probabilities_and_ds(const RowMasker<acc_t>& masker, const TileMods<acc_t>& tm, acc_t* sb, acc_t* dp,
+                                 int64_t ld, int64_t m0, int64_t mb, int64_t n0, int64_t nb, int64_t nbp,
+                                 bool band_check, const RowStats<acc_t>& st, acc_t scale) {
   for (int64_t i = 0; i < mb; ++i) {
     acc_t* srow = sb + i * ld;
     acc_t* drow = dp + i * ld;
     scale_row(srow, nbp, scale);
+    if constexpr (MODS) tm.mods.scores(srow, tm.mods.softcap_on ? tm.t : nullptr, m0 + i, n0, nbp);
     masker.apply(srow, m0 + i, n0, nb, nbp, band_check);
     const Vec<acc_t> m(st.row_max[i]), l(st.log2_denom[i]), d(st.delta[i]), to_log2(static_cast<acc_t>(kLog2e));
+    if constexpr (MODS) {
+      const bool drop = tm.mods.dropout_on, drop_p = drop && !tm.mask_grad;
+      const bool cap_grad = tm.mods.softcap_on && !tm.mask_grad;
+      if (drop) {  // outside the band's keys P = 0: any finite multiplier gives the same dS and P Z
+        int64_t lo, hi;
+        masker.band_columns(m0 + i, n0, nb, band_check, &lo, &hi);
+        tm.mods.multipliers(tm.z, m0 + i, n0, nbp, lo, hi);
+      }
+      const Vec<acc_t> one(acc_t(1));
+      for (int64_t j = 0; j < nbp; j += Vec<acc_t>::size()) {
+        Vec<acc_t> pv = exp2_vec<acc_t>((Vec<acc_t>::loadu(srow + j) - m) * to_log2 - l);
+        Vec<acc_t> dpv = Vec<acc_t>::loadu(drow + j);
+        if (drop) dpv = dpv * Vec<acc_t>::loadu(tm.z + j);
+        Vec<acc_t> ds = pv * (dpv - d);
+        if (cap_grad) {
+          const Vec<acc_t> t = Vec<acc_t>::loadu(tm.t + j);
+          ds = ds * (one - t * t);
+        }
+        if (drop_p) pv = pv * Vec<acc_t>::loadu(tm.z + j);
+        pv.store(srow + j);
+        ds.store(drow + j);
+      }
+      continue;
+    }
     for (int64_t j = 0; j < nbp; j += Vec<acc_t>::size()) {
       const Vec<acc_t> pv = exp2_vec<acc_t>((Vec<acc_t>::loadu(srow + j) - m) * to_log2 - l);
       pv.store(srow + j);
@@ -149,8 +190,8 @@ inline void probabilities_and_ds(const RowMasker<acc_t>& masker, acc_t* sb, acc_
 
 // One (query block, key tile) step shared by both passes: S = Q K^T into sb and dP = dO V^T into dpb,
 // then P (in sb) and dS (in dpb) by probabilities_and_ds. Ep, Evp: the packed query block's row widths.
-template <typename scalar_t, typename acc_t>
-inline void tile_p_and_ds(const AttentionParams& p, const RowMasker<acc_t>& masker,
+template <typename scalar_t, typename acc_t, bool MODS>
+inline void tile_p_and_ds(const AttentionParams& p, const RowMasker<acc_t>& masker, const TileMods<acc_t>& tm,
                           const QueryBlock<scalar_t, acc_t>& qblk, const PackedKV<scalar_t, acc_t>& kv, int64_t m0,
                           int64_t mb, int64_t n0, int64_t nb, const KeyTiles& tiles, int64_t Ep, int64_t Evp, acc_t* sb,
                           acc_t* dpb, int64_t BNp) {
@@ -158,11 +199,13 @@ inline void tile_p_and_ds(const AttentionParams& p, const RowMasker<acc_t>& mask
   const int64_t nbp = round_up(nb, NR);
   gemm<acc_t, false, false>(mb, nbp, p.E, qblk.qb, Ep, kv.kt_block(n0, p), p.E * NR, sb, BNp);
   gemm<acc_t, false, false>(mb, nbp, p.Ev, qblk.dob, Evp, kv.vt_block(n0, p), p.Ev * NR, dpb, BNp);
-  probabilities_and_ds(masker, sb, dpb, BNp, m0, mb, n0, nb, nbp, tiles.band_check(p, n0, nb),
+  probabilities_and_ds<acc_t, MODS>(masker, tm, sb, dpb, BNp, m0, mb, n0, nb, nbp, tiles.band_check(p, n0, nb),
                        {qblk.row_max, qblk.log2_denom, qblk.delta}, static_cast<acc_t>(p.scale));
 }
 
-template <typename scalar_t>
+// MODS: whether soft-capping, ALiBi or dropout are compiled in (the plain kernel has none of their per-score
+// code; it only builds the unused per-slice RowMods).
+template <typename scalar_t, bool MODS>
 void backward_kernel(const AttentionParams& p, const Blocking& blk) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int64_t NR = kNR<acc_t>;
@@ -187,7 +230,8 @@ void backward_kernel(const AttentionParams& p, const Blocking& blk) {
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     PackedKV<scalar_t, acc_t> kv;
     QueryBlock<scalar_t, acc_t> qblk;
-    Scratch<acc_t> s_buf, dp_buf, dq_buf, acc_buf;
+    Scratch<acc_t> s_buf, dp_buf, dq_buf, acc_buf, mod_buf;
+    acc_t* mod_rows = MODS ? mod_buf.get(BNp + dropout_width(BNp)) : nullptr;
     for (int64_t task = next_task++; task < n_tasks; task = next_task++) {
       const int64_t chunk = task_chunk(p, task, n_chunks);
       const int64_t hk = (task / n_chunks) % p.Hkv;
@@ -207,6 +251,8 @@ void backward_kernel(const AttentionParams& p, const Blocking& blk) {
         for (int64_t g = 0; g < p.group; ++g) {
           const int64_t h = hk * p.group + g;
           const RowMasker<acc_t> masker{p, b, h};
+          const RowMods<acc_t> mods(p, b, h);
+          const TileMods<acc_t> tm{mods, mod_rows, MODS ? mod_rows + BNp : nullptr, /*mask_grad=*/false};
           for (int64_t m0 = r0; m0 < r1; m0 += BM) {
             const int64_t mb = std::min(BM, r1 - m0);
             qblk.load(p, b, h, m0, mb, BM, Ep, Evp);
@@ -214,7 +260,8 @@ void backward_kernel(const AttentionParams& p, const Blocking& blk) {
             const KeyTiles tiles(p, m0, mb, BN);
             for (int64_t n0 = tiles.n_begin; n0 < tiles.n_end; n0 += BN) {
               const int64_t nb = std::min(BN, tiles.n_end - n0);
-              tile_p_and_ds(p, masker, qblk, kv, m0, mb, n0, nb, tiles, Ep, Evp, sb, dpb, BNp);
+              tile_p_and_ds<scalar_t, acc_t, MODS>(p, masker, tm, qblk, kv, m0, mb, n0, nb, tiles, Ep, Evp, sb, dpb,
+                                                   BNp);
               gemm<acc_t, true, true>(nb, Evp, mb, sb, BNp, qblk.dop, BM * NR, dv_acc + n0 * Evp, Evp);
               gemm<acc_t, true, true>(nb, Ep, mb, dpb, BNp, qblk.qp, BM * NR, dk_acc + n0 * Ep, Ep);
               gemm<acc_t, false, true>(mb, Ep, nb, dpb, BNp, kv.kr_rows(n0), kv.sp * NR, dqb, Ep);
@@ -254,7 +301,7 @@ void backward_kernel(const AttentionParams& p, const Blocking& blk) {
 // dMask (Bm, Hm, Lm, Sm) = dS summed over the dims the mask broadcasts over. A task owns one
 // (bm, hm) and, when the mask has full rows, one block of them: it loops over every (b, h) that
 // reads those entries and writes only its own entries.
-template <typename scalar_t>
+template <typename scalar_t, bool MODS>
 void mask_grad_kernel(const AttentionParams& p, const Blocking& blk) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int64_t NR = kNR<acc_t>;
@@ -269,7 +316,8 @@ void mask_grad_kernel(const AttentionParams& p, const Blocking& blk) {
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     PackedKV<scalar_t, acc_t> kv;
     QueryBlock<scalar_t, acc_t> qblk;
-    Scratch<acc_t> s_buf, dp_buf, ab_buf;
+    Scratch<acc_t> s_buf, dp_buf, ab_buf, mod_buf;
+    acc_t* mod_rows = MODS ? mod_buf.get(BNp + dropout_width(BNp)) : nullptr;
     acc_t* sb = s_buf.get(BM * BNp);
     acc_t* dpb = dp_buf.get(BM * BNp);
     acc_t* row_a = ab_buf.get(2 * BM);  // per row Σ_j P dP and Σ_j P (masks reduced over keys)
@@ -287,6 +335,8 @@ void mask_grad_kernel(const AttentionParams& p, const Blocking& blk) {
         for (int64_t h = (p.Hm == 1 ? 0 : hm); h < (p.Hm == 1 ? p.Hq : hm + 1); ++h) {
           const int64_t hk = h / p.group;
           const RowMasker<acc_t> masker{p, b, h};
+          const RowMods<acc_t> mods(p, b, h);
+          const TileMods<acc_t> tm{mods, mod_rows, MODS ? mod_rows + BNp : nullptr, /*mask_grad=*/true};
           const int64_t keys = p.key_end(r1);
           if (keys == 0) continue;
           kv.pack(p, b, hk, p.key_begin(r0) / BN * BN, keys, Ep);
@@ -304,7 +354,8 @@ void mask_grad_kernel(const AttentionParams& p, const Blocking& blk) {
             const KeyTiles tiles(p, m0, mb, BN);
             for (int64_t n0 = tiles.n_begin; n0 < tiles.n_end; n0 += BN) {
               const int64_t nb = std::min(BN, tiles.n_end - n0);
-              tile_p_and_ds(p, masker, qblk, kv, m0, mb, n0, nb, tiles, Ep, Evp, sb, dpb, BNp);
+              tile_p_and_ds<scalar_t, acc_t, MODS>(p, masker, tm, qblk, kv, m0, mb, n0, nb, tiles, Ep, Evp, sb, dpb,
+                                                   BNp);
               for (int64_t i = 0; i < mb; ++i) {
                 const acc_t* ds = dpb + i * BNp;
                 if (cols_full) {
@@ -335,10 +386,15 @@ void mask_grad_kernel(const AttentionParams& p, const Blocking& blk) {
   });
 }
 
+template <typename scalar_t, bool MODS>
+void run_backward(const AttentionParams& p, const Blocking& blk) {
+  backward_kernel<scalar_t, MODS>(p, blk);
+  if (p.dmask) mask_grad_kernel<scalar_t, MODS>(p, blk);
+}
+
 template <typename scalar_t>
 void run_backward(const AttentionParams& p, const Blocking& blk) {
-  backward_kernel<scalar_t>(p, blk);
-  if (p.dmask) mask_grad_kernel<scalar_t>(p, blk);
+  p.has_mods() ? run_backward<scalar_t, true>(p, blk) : run_backward<scalar_t, false>(p, blk);
 }
 
 }  // namespace

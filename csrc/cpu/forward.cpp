@@ -5,8 +5,10 @@
 // block of BLOCK_M query rows streams key blocks of BLOCK_N:
 //     S = (Q K^T) scale          GEMM, in register tiles of 6 x 16; scaled after the dot (as the
 //                                Triton and CUDA kernels do), so only a score beyond float range overflows
+//     S = cap(S) + alibi         soft-capping and ALiBi (score_mods.h), only in the MODS kernels
 //     S += mask; band (causal, window)/bounds -> -inf
 //     online softmax, exp(s - m) as 2^((s - m) log2 e): m, l, rescale the output accumulator
+//     P *= dropout multipliers   (MODS kernels: regenerated from the Philox key, l keeps the undropped sum)
 //     O += P V                   GEMM
 // Tasks are handed out dynamically (an atomic counter), so banded problems balance across threads.
 // With p.out_lo the output's rounding residual is written beside it (for the backward's delta).
@@ -16,6 +18,7 @@
 #include <atomic>
 
 #include "attention_cpu.h"
+#include "score_mods.h"
 #include "tile_math.h"
 
 namespace attnkern {
@@ -23,7 +26,9 @@ namespace cpu {
 
 namespace {
 
-template <typename scalar_t>
+// MODS: whether soft-capping, ALiBi or dropout are compiled in (the plain kernel has none of their per-score
+// code; it only builds the unused per-slice RowMods).
+template <typename scalar_t, bool MODS>
 void forward_kernel(const AttentionParams& p, const Blocking& blk) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int64_t NR = kNR<acc_t>;
@@ -45,7 +50,7 @@ void forward_kernel(const AttentionParams& p, const Blocking& blk) {
 
   std::atomic<int64_t> next_task{0};
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    Scratch<acc_t> kt_buf, v_buf, q_buf, s_buf, o_buf, stat_buf;
+    Scratch<acc_t> kt_buf, v_buf, q_buf, s_buf, o_buf, stat_buf, z_buf;
     int64_t packed_b = -1, packed_hk = -1, packed_base = 0, packed_keys = 0, packed_sp = 0;
     acc_t *kt = nullptr, *vp = nullptr;
     for (int64_t task = next_task++; task < n_tasks; task = next_task++) {
@@ -76,10 +81,12 @@ void forward_kernel(const AttentionParams& p, const Blocking& blk) {
       acc_t* ob = o_buf.get(BM * Evp);
       acc_t* m_i = stat_buf.get(2 * BM);
       acc_t* l_i = m_i + BM;
+      acc_t* zb = MODS ? z_buf.get(dropout_width(BNp)) : nullptr;  // one row's dropout multipliers
 
       for (int64_t g = 0; g < p.group; ++g) {
         const int64_t h = hk * p.group + g;
         const RowMasker<acc_t> masker{p, b, h};
+        const RowMods<acc_t> mods(p, b, h);
         for (int64_t m0 = r0; m0 < r1; m0 += BM) {
           const int64_t mb = std::min(BM, r1 - m0);
           pack_rows(qb, Ep, q + b * p.q_st.b + h * p.q_st.h + m0 * p.q_st.l, p.q_st.l, p.q_st.e, mb, p.E, acc_t(1));
@@ -97,6 +104,7 @@ void forward_kernel(const AttentionParams& p, const Blocking& blk) {
             for (int64_t i = 0; i < mb; ++i) {
               acc_t* row = sb + i * BNp;
               scale_row(row, nbp, scale);
+              if constexpr (MODS) mods.scores(row, nullptr, m0 + i, n0, nbp);
               masker.apply(row, m0 + i, n0, nb, nbp, band_check);
               // std::max keeps a NaN m_i (its first argument): once NaN, a row stays NaN.
               acc_t m_new = std::max(m_i[i], cpu::row_max(row, nbp));
@@ -110,6 +118,14 @@ void forward_kernel(const AttentionParams& p, const Blocking& blk) {
               const acc_t alpha = std::exp(m_i[i] - m_new);  // 0 when m_i was -inf
               l_i[i] = l_i[i] * alpha + exp_shift_sum(row, nbp, m_new);
               m_i[i] = m_new;
+              if constexpr (MODS) {
+                if (mods.dropout_on) {  // after the sum: the softmax statistics are those without dropout
+                  int64_t lo, hi;  // outside the band's keys the probabilities are 0 (or a NaN row's NaN)
+                  masker.band_columns(m0 + i, n0, nb, band_check, &lo, &hi);
+                  mods.multipliers(zb, m0 + i, n0, nbp, lo, hi);
+                  at::vec::map2([](Vec<acc_t> x, Vec<acc_t> z) { return x * z; }, row, row, zb, nbp);
+                }
+              }
               if (alpha != acc_t(1)) {
                 acc_t* orow = ob + i * Evp;
                 at::vec::map([alpha](Vec<acc_t> x) { return x * Vec<acc_t>(alpha); }, orow, orow, Evp);
@@ -145,11 +161,18 @@ void forward_kernel(const AttentionParams& p, const Blocking& blk) {
 
 void attention_forward(const AttentionParams& p, c10::ScalarType dtype) {
   const Blocking blk = choose_blocking(p, dtype, /*backward=*/false);
+  const bool mods = p.has_mods();
   switch (dtype) {
-    case c10::ScalarType::Float: forward_kernel<float>(p, blk); break;
-    case c10::ScalarType::Double: forward_kernel<double>(p, blk); break;
-    case c10::ScalarType::BFloat16: forward_kernel<c10::BFloat16>(p, blk); break;
-    case c10::ScalarType::Half: forward_kernel<c10::Half>(p, blk); break;
+    case c10::ScalarType::Float: mods ? forward_kernel<float, true>(p, blk) : forward_kernel<float, false>(p, blk); break;
+    case c10::ScalarType::Double:
+      mods ? forward_kernel<double, true>(p, blk) : forward_kernel<double, false>(p, blk);
+      break;
+    case c10::ScalarType::BFloat16:
+      mods ? forward_kernel<c10::BFloat16, true>(p, blk) : forward_kernel<c10::BFloat16, false>(p, blk);
+      break;
+    case c10::ScalarType::Half:
+      mods ? forward_kernel<c10::Half, true>(p, blk) : forward_kernel<c10::Half, false>(p, blk);
+      break;
     default: TORCH_CHECK(false, "attnkern cpu forward: unsupported dtype ", dtype);
   }
 }

@@ -3,23 +3,19 @@
 
 #include "../op_args.h"
 #include "attention_cpu.h"
+#include "isa.h"
 
 namespace attnkern {
 namespace {
 
-void check_isa() {
-#if defined(__AVX2__) && (defined(__x86_64__) || defined(_M_X64))
-  TORCH_CHECK(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"),
-              "attnkern: this build of the CPU kernels needs AVX2 and FMA, which this processor lacks; "
-              "rebuild attnkern on this machine");
-#endif
-}
-
 void forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                 const std::optional<at::Tensor>& mask, double scale, at::IntArrayRef band, const at::Tensor& out,
+                 const std::optional<at::Tensor>& mask, double scale, at::IntArrayRef band,
+                 double softcap, const std::optional<at::Tensor>& alibi, double dropout_p,
+                 const std::optional<at::Tensor>& rng, const at::Tensor& out,
                  const at::Tensor& lse, const at::Tensor& stats, const std::optional<at::Tensor>& out_lo) {
-  check_isa();
-  const AttentionParams p = forward_params(q, k, v, mask, scale, band, out, &lse, stats, out_lo);
+  cpu::check_isa();
+  const AttentionParams p =
+      forward_params(q, k, v, mask, scale, band, {softcap, alibi, dropout_p, rng}, out, &lse, stats, out_lo);
   if (p.B * p.Hq * p.L == 0) return;
   cpu::attention_forward(p, q.scalar_type());
 }
@@ -27,12 +23,14 @@ void forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 void backward_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
                   const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
                   const at::Tensor& out, const std::optional<at::Tensor>& out_lo, const at::Tensor& stats,
-                  double scale, at::IntArrayRef band,
+                  double scale, at::IntArrayRef band, double softcap, const std::optional<at::Tensor>& alibi,
+                  double dropout_p, const std::optional<at::Tensor>& rng,
                   const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
                   const std::optional<at::Tensor>& dmask) {
-  check_isa();
+  cpu::check_isa();
   const AttentionParams p =
-      backward_params(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, band, dq, dk, dv, dmask);
+      backward_params(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, band, {softcap, alibi, dropout_p, rng}, dq,
+                      dk, dv, dmask);
   if (p.B * p.Hkv * p.S == 0 && p.B * p.Hq * p.L == 0) return;
   cpu::attention_backward(p, q.scalar_type());
 }

@@ -400,13 +400,20 @@ struct RowMasker {
         }
       }
     }
-    int64_t first = 0, valid = nb;  // the band's keys of this tile: [first, valid)
-    if (band_check) {  // key n0 + j visible iff qi + band_lo <= n0 + j <= qi + band_hi
-      if (p.has_right) valid = std::clamp<int64_t>(qi + p.band_hi - n0 + 1, 0, nb);
-      if (p.has_left) first = std::clamp<int64_t>(qi + p.band_lo - n0, 0, valid);
-    }
+    int64_t first, valid;
+    band_columns(qi, n0, nb, band_check, &first, &valid);
     fill(row, first, neg_inf<acc_t>());
     fill(row + valid, padded - valid, neg_inf<acc_t>());
+  }
+
+  // The band's keys of the tile in row qi: columns [*first, *valid) of keys n0 .. n0 + nb.
+  inline void band_columns(int64_t qi, int64_t n0, int64_t nb, bool band_check, int64_t* first,
+                           int64_t* valid) const {
+    *first = 0, *valid = nb;
+    if (band_check) {  // key n0 + j visible iff qi + band_lo <= n0 + j <= qi + band_hi
+      if (p.has_right) *valid = std::clamp<int64_t>(qi + p.band_hi - n0 + 1, 0, nb);
+      if (p.has_left) *first = std::clamp<int64_t>(qi + p.band_lo - n0, 0, *valid);
+    }
   }
 };
 

@@ -13,9 +13,13 @@
 //                  S = Q K^T, P, dP = dO V^T, dS = P (dP - delta), dQ += dS K
 //   dMask pass   only for a float mask that requires grad: one CTA per tile of the (Bm, Hm, Lm, Sm)
 //                gradient, summing dS over the dims the mask broadcasts over in a fixed order.
+// The kMods variants (mods.h) recompute the capped, biased scores and the dropout mask Z:
+//   dV += (P Z)^T dO, dS = P (dP Z - delta) (= the mask's gradient), dR = dS (1 - T^2), T = tanh(raw / softcap),
+//   and dQ, dK come from dR (delta = rowsum(dO O) - dlse holds as is: O is the dropped output).
 #pragma once
 
 #include "mask.h"
+#include "mods.h"
 #include "tile.h"
 
 namespace attnkern {
@@ -98,8 +102,8 @@ __global__ void attention_bwd_preprocess_kernel(const AttentionParams p, float* 
 
 // ---------------------------------------------------------------------------------------------------
 // kLeft: whether the band may have a left bound (a sliding window); without one, the launch takes the
-// variant that does not test for it.
-template <typename Traits, bool kHasMask, bool kLeft>
+// variant that does not test for it. kMods: the general variant with the score modifications (fwd_kernel.h).
+template <typename Traits, bool kHasMask, bool kLeft, bool kMods = false>
 __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dkdv_kernel(const AttentionParams p,
                                                                               const float* delta) {
   using T = typename Traits::T;
@@ -176,6 +180,7 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dkdv_kernel(co
     const T* sQs = sQ + stage * QTile::kElems;
     const T* sdOs = sdO + stage * QTile::kElems;
     const MaskReader mask(p, b, h);
+    const ScoreModsOf<kMods> mods(p, b, h);
 
     // S^T = K Q^T and dP^T = V dO^T: rows = this warp's 16 keys, columns = the tile's queries.
     float s[kMT][4], dp[kMT][4];
@@ -193,10 +198,19 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dkdv_kernel(co
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
           const int qi = j * 8 + 2 * t + c;
-          const float x = mask_score<kHasMask, kLeft>(s[j][2 * r + c], m0 + qi, key, p, mask, check);
-          const float pv = fast_exp2((x - st[qi]) * kLog2e - st[kBM + qi]);
-          s[j][2 * r + c] = pv;
-          dp[j][2 * r + c] = pv * (dp[j][2 * r + c] - st[2 * kBM + qi]);
+          if constexpr (kMods) {
+            float th;
+            const float x = mods_mask_score(s[j][2 * r + c], m0 + qi, key, p, mask, mods, th);
+            const float pv = fast_exp2((x - st[qi]) * kLog2e - st[kBM + qi]);
+            const float z = mods.dropout ? mods.dropout_one(m0 + qi, key) : 1.f;
+            s[j][2 * r + c] = pv * z;
+            dp[j][2 * r + c] = pv * (dp[j][2 * r + c] * z - st[2 * kBM + qi]) * (1.f - th * th);
+          } else {
+            const float x = mask_score<kHasMask, kLeft>(s[j][2 * r + c], m0 + qi, key, p, mask, check);
+            const float pv = fast_exp2((x - st[qi]) * kLog2e - st[kBM + qi]);
+            s[j][2 * r + c] = pv;
+            dp[j][2 * r + c] = pv * (dp[j][2 * r + c] - st[2 * kBM + qi]);
+          }
         }
       }
     }
@@ -233,14 +247,17 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dkdv_kernel(co
 // ---------------------------------------------------------------------------------------------------
 // Shared by the dQ and dMask passes: for one tile of query rows (in sQ/sdO, stats in registers) and one
 // tile of keys (in sKs/sVs), compute dS (in s) for this warp's 16 rows. p_sum, when given, gets this
-// thread's P of each of its two rows added (the dMask pass's sums over keys).
-template <typename Traits, bool kHasMask>
+// thread's P of each of its two rows added (the dMask pass's sums over keys). kMods: with the score
+// modifications, dS = P (dP Z - delta), times the cap's derivative when kCapGrad (dQ: dR; the mask's
+// gradient is dS itself).
+template <typename Traits, bool kHasMask, bool kMods = false, bool kCapGrad = false>
 __device__ __forceinline__ void compute_ds(float (&s)[Traits::kBlockN / 8][4], const typename Traits::T* sQ,
                                            const typename Traits::T* sdO, const typename Traits::T* sKs,
                                            const typename Traits::T* sVs, int wrow, int lane, int64_t m0,
                                            int64_t n0, const float (&m)[2], const float (&log2l)[2],
                                            const float (&dl)[2], bool check, const AttentionParams& p,
-                                           const MaskReader& mask, float* p_sum = nullptr) {
+                                           const MaskReader& mask, const ScoreModsOf<kMods>& mods,
+                                           float* p_sum = nullptr) {
   using T = typename Traits::T;
   using QTile = typename Traits::QTile;
   using KVTile = typename Traits::KVTile;
@@ -255,18 +272,33 @@ __device__ __forceinline__ void compute_ds(float (&s)[Traits::kBlockN / 8][4], c
     const int64_t i = m0 + wrow + g + 8 * r;
 #pragma unroll
     for (int j = 0; j < kNT; ++j) {
+      if constexpr (kMods) {
+        float z[2] = {1.f, 1.f};
+        if (mods.dropout) mods.dropout_pair(i, n0 + j * 8 + 2 * t, z[0], z[1]);
 #pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const float x = mask_score<kHasMask>(s[j][2 * r + c], i, n0 + j * 8 + 2 * t + c, p, mask, check);
-        const float pv = fast_exp2((x - m[r]) * kLog2e - log2l[r]);
-        s[j][2 * r + c] = pv * (dp[j][2 * r + c] - dl[r]);
-        if (p_sum) p_sum[r] += pv;
+        for (int c = 0; c < 2; ++c) {
+          float th;
+          const float x = mods_mask_score(s[j][2 * r + c], i, n0 + j * 8 + 2 * t + c, p, mask, mods, th);
+          const float pv = fast_exp2((x - m[r]) * kLog2e - log2l[r]);
+          const float ds = pv * (dp[j][2 * r + c] * z[c] - dl[r]);
+          s[j][2 * r + c] = kCapGrad ? ds * (1.f - th * th) : ds;
+          if (p_sum) p_sum[r] += pv;
+        }
+      } else {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const float x = mask_score<kHasMask>(s[j][2 * r + c], i, n0 + j * 8 + 2 * t + c, p, mask, check);
+          const float pv = fast_exp2((x - m[r]) * kLog2e - log2l[r]);
+          s[j][2 * r + c] = pv * (dp[j][2 * r + c] - dl[r]);
+          if (p_sum) p_sum[r] += pv;
+        }
       }
     }
   }
 }
 
-template <typename Traits, bool kHasMask>
+// kMods: the general variant with the score modifications (reads the user mask when there is one).
+template <typename Traits, bool kHasMask, bool kMods = false>
 __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dq_kernel(const AttentionParams p,
                                                                             const float* delta) {
   using T = typename Traits::T;
@@ -293,6 +325,7 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dq_kernel(cons
   const T* k = static_cast<const T*>(p.k) + b * p.k_st.b + hk * p.k_st.h;
   const T* v = static_cast<const T*>(p.v) + b * p.v_st.b + hk * p.v_st.h;
   const MaskReader mask(p, b, h);
+  const ScoreModsOf<kMods> mods(p, b, h);
 
   const KeyRange<true> keys(p, m0, kBM, kBN);
   const int n_end = keys.end;
@@ -331,7 +364,8 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dq_kernel(cons
 
     float ds[kNT][4];
     const bool check = n0 + kBN > p.S || keys.check(p, n0, kBN) || kHasMask;
-    compute_ds<Traits, kHasMask>(ds, sQ, sdO, sKs, sVs, wrow, lane, m0, n0, m, log2l, dl, check, p, mask);
+    compute_ds<Traits, kHasMask, kMods, true>(ds, sQ, sdO, sKs, sVs, wrow, lane, m0, n0, m, log2l, dl, check, p, mask,
+                                              mods);
 
     // dQ += dS K
     warp_mma_pb<T, KVTile, kNT, kOT>(dq, ds, sKs, 0, lane);
@@ -363,8 +397,9 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dq_kernel(cons
 // fixed order. Summed over keys (sum_s), a row's sum of dS = P (dP - delta) is formed as
 // A (1 - B) + dlse B with A = sum P dP, B = sum P: the same value without the cancellation of delta
 // (rounded from O) against A; each row's value goes to its column 0 of the tile. A row that sees no key
-// has B = 0 and gives 0.
-template <typename Traits>
+// has B = 0 and gives 0 (with dropout A = sum P dP Z, B = sum P: the same identity). kMods: the variant
+// with the score modifications.
+template <typename Traits, bool kMods = false>
 __global__ void __launch_bounds__(Traits::kThreads, 1) attention_bwd_dmask_kernel(const AttentionParams p,
                                                                                const float* delta, float* dmask) {
   using T = typename Traits::T;
@@ -396,6 +431,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) attention_bwd_dmask_kerne
     for (int64_t h = sum_h ? 0 : hm; h < (sum_h ? p.Hq : hm + 1); ++h) {
       const int64_t hk = h / p.group;
       const MaskReader mask(p, b, h);
+      const ScoreModsOf<kMods> mods(p, b, h);
       const T* k = static_cast<const T*>(p.k) + b * p.k_st.b + hk * p.k_st.h;
       const T* v = static_cast<const T*>(p.v) + b * p.v_st.b + hk * p.v_st.h;
       for (int64_t m0 = r0; m0 < r1; m0 += kBM) {
@@ -420,8 +456,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) attention_bwd_dmask_kerne
           cp_async_wait<0>();
           __syncthreads();
           float ds[kNT][4];
-          compute_ds<Traits, true>(ds, sQ, sdO, sK, sV, wrow, lane, m0, n0, m, log2l, dl, true, p, mask,
-                                   sum_s ? row_p : nullptr);
+          compute_ds<Traits, true, kMods, false>(ds, sQ, sdO, sK, sV, wrow, lane, m0, n0, m, log2l, dl, true, p,
+                                                 mask, mods, sum_s ? row_p : nullptr);
           if (sum_s) {
 #pragma unroll
             for (int j = 0; j < kNT; ++j) {

@@ -4,7 +4,8 @@
 
 Every unit in csrc/cuda/inst/ goes through nvcc with `-Xptxas -v`; per kernel it reports registers,
 spill bytes and static shared memory. It fails on a compile error, and on any register spill in the
-kernels of the head dims the benchmarks time (64 and 128, forward and backward). The op layer
+kernels of the head dims the benchmarks time (64 and 128, forward and backward, and the score-modification
+kernels of those head dims). The op layer
 (ops_cuda.cpp, host code) is syntax-checked against torch's headers with the host compiler. Needs nvcc,
 not a GPU and not a CUDA build of torch: the kernel units include no torch headers.
 """
@@ -25,7 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.dirname(HERE)
 # Kernels that must not spill: those of the head dims the throughput benchmarks time. The others are
 # reported (head dims 160..256 spill a little at these tile sizes) but do not fail the check.
-BUDGETED = re.compile(r"(fwd|bwd)_hdim(64|128)_")
+BUDGETED = re.compile(r"(fwd|bwd|mods)_hdim(64|128)_")
 SPILL_BUDGET = 0  # bytes of spill stores allowed in BUDGETED units
 
 
@@ -48,11 +49,13 @@ def short_kernel_name(name: str) -> str:
     m = re.search(r"(attention_\w+_kernel)", name)
     if not m:
         return name[:60]
-    # The variants are the kernel template's trailing bools: kHasMask (reads a user mask), then, for the
-    # forward and dK/dV passes, kLeft (the band may have a left bound: a sliding window).
+    # The variants are the kernel template's trailing bools: for the forward and dK/dV passes kHasMask
+    # (reads a user mask), kLeft (the band may have a left bound: a sliding window), kMods (the score
+    # modifications: softcap, ALiBi, dropout); for dQ kHasMask, kMods; for dMask kMods.
     flags = re.search(r"((?:, (?:true|false))+)>\(", name)
     bools = [b.strip() == "true" for b in flags.group(1).split(",")[1:]] if flags else []
-    tags = [tag for tag, on in zip(("mask", "window"), bools) if on]
+    names = {"attention_bwd_dq_kernel": ("mask", "mods"), "attention_bwd_dmask_kernel": ("mods",)}
+    tags = [tag for tag, on in zip(names.get(m.group(1), ("mask", "window", "mods")), bools) if on]
     return m.group(1) + "".join(f"[{t}]" for t in tags)
 
 

@@ -22,9 +22,18 @@ cudaError_t run_attention_fwd(const AttentionParams& p, cudaStream_t stream);
 template <typename T, int HD>
 cudaError_t run_attention_bwd(const AttentionParams& p, float* delta, cudaStream_t stream);
 
-#define ATTNKERN_DECLARE_INSTANCES(T, HD)                                                       \
-  extern template cudaError_t run_attention_fwd<T, HD>(const AttentionParams&, cudaStream_t); \
-  extern template cudaError_t run_attention_bwd<T, HD>(const AttentionParams&, float*, cudaStream_t);
+// The same for problems with score modifications (p.has_mods(); run_attention_fwd/bwd call these), in units
+// of their own (inst/mods_hdim*): the general kernels they launch cost a build as much as the plain ones.
+template <typename T, int HD>
+cudaError_t run_attention_fwd_mods(const AttentionParams& p, cudaStream_t stream);
+template <typename T, int HD>
+cudaError_t run_attention_bwd_mods(const AttentionParams& p, float* delta, cudaStream_t stream);
+
+#define ATTNKERN_DECLARE_INSTANCES(T, HD)                                                                 \
+  extern template cudaError_t run_attention_fwd<T, HD>(const AttentionParams&, cudaStream_t);           \
+  extern template cudaError_t run_attention_bwd<T, HD>(const AttentionParams&, float*, cudaStream_t);   \
+  extern template cudaError_t run_attention_fwd_mods<T, HD>(const AttentionParams&, cudaStream_t);      \
+  extern template cudaError_t run_attention_bwd_mods<T, HD>(const AttentionParams&, float*, cudaStream_t);
 
 #define ATTNKERN_FOR_EACH_HEAD_DIM(M, T) M(T, 32) M(T, 64) M(T, 96) M(T, 128) M(T, 160) M(T, 192) M(T, 256)
 ATTNKERN_FOR_EACH_HEAD_DIM(ATTNKERN_DECLARE_INSTANCES, __half)

@@ -7,20 +7,24 @@
 //     online softmax: row max m (natural units), P = 2^((S - m) log2 e), rescale O by 2^((m_old - m) log2 e)
 //     O += P V   (P reused from the S accumulators as the A operand, converted to T)
 // Banded problems (causal, window) visit only the key tiles the block sees; only tiles that cross an
-// edge of the band (or the key bound, or any tile when there is a user mask) pay for per-element masking. Writes O, the lse and the per-row
-// statistics (row max, log2 denominator) the backward recomputes P from, and, when p.out_lo is set, the
-// output's rounding residual (for the backward's delta).
+// edge of the band (or the key bound, or any tile when there is a user mask) pay for per-element masking.
+// Writes O, the lse and the per-row statistics (row max, log2 denominator) the backward recomputes P
+// from, and, when p.out_lo is set, the output's rounding residual (for the backward's delta).
+// The kMods variant (soft-capping, ALiBi, dropout: mods.h) caps and biases the scaled scores before the
+// masks and drops probabilities after the softmax statistics (P V uses the dropped P; l and the lse do not).
 #pragma once
 
 #include "mask.h"
+#include "mods.h"
 #include "tile.h"
 
 namespace attnkern {
 namespace cuda {
 
 // kLeft: whether the band may have a left bound (a sliding window); the launch takes the variant without
-// it otherwise (registers: see mask_score).
-template <typename Traits, bool kHasMask, bool kLeft>
+// it otherwise (registers: see mask_score). kMods: the general variant with the score modifications, for
+// problems that have some (it reads the user mask when there is one, kHasMask and kLeft being true).
+template <typename Traits, bool kHasMask, bool kLeft, bool kMods = false>
 __global__ void __launch_bounds__(Traits::kThreads) attention_fwd_kernel(const AttentionParams p) {
   using T = typename Traits::T;
   using QTile = typename Traits::QTile;
@@ -45,6 +49,7 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_fwd_kernel(const A
   const T* k = static_cast<const T*>(p.k) + b * p.k_st.b + hk * p.k_st.h;
   const T* v = static_cast<const T*>(p.v) + b * p.v_st.b + hk * p.v_st.h;
   const MaskReader mask(p, b, h);
+  const ScoreModsOf<kMods> mods(p, b, h);
 
   const KeyRange<kLeft> keys(p, m0, kBM, kBN);
   const int n_end = keys.end;
@@ -92,7 +97,12 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_fwd_kernel(const A
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
           float& x = s[j][2 * r + c];
-          x = mask_score<kHasMask, kLeft>(x, i, n0 + j * 8 + 2 * t + c, p, mask, check);
+          if constexpr (kMods) {
+            float tanh_unused;
+            x = mods_mask_score(x, i, n0 + j * 8 + 2 * t + c, p, mask, mods, tanh_unused);
+          } else {
+            x = mask_score<kHasMask, kLeft>(x, i, n0 + j * 8 + 2 * t + c, p, mask, check);
+          }
           mx = fmaxf(mx, x);
         }
       }
@@ -111,6 +121,17 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_fwd_kernel(const A
       }
       row_sum[r] = row_sum[r] * alpha + sum;  // this thread's part; the quad's parts add up at the end
       row_max[r] = m_new;
+      if constexpr (kMods) {
+        if (mods.dropout) {  // after the sum: the statistics are those of the undropped P
+#pragma unroll
+          for (int j = 0; j < kNT; ++j) {
+            float z0, z1;
+            mods.dropout_pair(i, n0 + j * 8 + 2 * t, z0, z1);
+            s[j][2 * r] *= z0;
+            s[j][2 * r + 1] *= z1;
+          }
+        }
+      }
 #pragma unroll
       for (int i2 = 0; i2 < kOT; ++i2) {
         o[i2][2 * r] *= alpha;

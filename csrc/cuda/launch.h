@@ -1,6 +1,7 @@
 // Launch templates: the tile configuration of each (dtype, head dim) and the kernel launches.
-// Included only by the instantiation units in inst/ (one per dtype, head dim and direction), which
-// explicitly instantiate run_attention_fwd / run_attention_bwd for their pair.
+// Included only by the instantiation units in inst/ (one per dtype, head dim and direction, and one per
+// dtype and head dim for the score modifications), which explicitly instantiate run_attention_fwd /
+// run_attention_bwd, or run_attention_fwd_mods / run_attention_bwd_mods, for their pair.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -23,6 +24,9 @@ struct FwdConfig {
   using Traits = FwdTraits<HD, (HD <= 64 ? 128 : (HD <= 128 ? 64 : 32)), 4, T>;
   // A user mask and a window together: key tiles of 32 from head dim 128 on (the 64-key tiles spilled).
   using MaskedWindow = FwdTraits<HD, (HD <= 64 ? 128 : (HD < 128 ? 64 : 32)), 4, T>;
+  // The kMods variant (soft-capping, ALiBi, dropout, with any mask and band): the capping and the dropout
+  // draws need registers of their own, so key tiles of 64 up to head dim 96, 32 to 160, then 16.
+  using Mods = FwdTraits<HD, (HD <= 96 ? 64 : (HD <= 160 ? 32 : 16)), 4, T>;
 };
 
 // dK/dV: 4 warps (64 keys per CTA), query tiles of 64 rows up to head dim 64, else 32 (16 over head
@@ -38,6 +42,11 @@ struct BwdConfig {
   // and the column split from head dim 128 on.
   using DkDvMasked = BwdTraits<HD, (kTile < 32 ? kTile : 32), 4, (HD < 128 ? 1 : 2), T>;
   using Dq = DqTraits<HD, kTile, 4, T>;
+  // The kMods variants (soft-capping, ALiBi, dropout, with any mask and band): the masked tiling, with
+  // tiles of 16 from head dim 192 on, and key tiles of 32 for dQ and dMask at head dim 32.
+  static constexpr int kModsTile = HD <= 32 ? 32 : (HD <= 64 ? 64 : (HD < 192 ? 32 : 16));
+  using DkDvMods = BwdTraits<HD, (kModsTile < 32 ? kModsTile : 32), 4, (HD < 128 ? 1 : 2), T>;
+  using DqMods = DqTraits<HD, kModsTile, 4, T>;
 };
 
 // The opt-in to more than 48 KB of dynamic shared memory. The attribute stays set, and setting it is a
@@ -98,6 +107,8 @@ AttentionParams batch_slice(const AttentionParams& p, int64_t b0, int64_t n) {
   s.dq = advance(p.dq, b0 * p.dq_st.b, sizeof(T));
   s.dk = advance(p.dk, b0 * p.dk_st.b, sizeof(T));
   s.dv = advance(p.dv, b0 * p.dv_st.b, sizeof(T));
+  s.alibi = p.alibi ? p.alibi + b0 * p.alibi_st_b : nullptr;
+  s.batch_base = p.batch_base + b0;  // the dropout mask of batch b0 onwards
   if (p.Bm > 1) {
     s.Bm = n;
     s.mask = advance(p.mask, b0 * p.mask_st.b, mask_elem_bytes(p));
@@ -131,8 +142,16 @@ cudaError_t launch_fwd(Kernel kernel, const AttentionParams& p, cudaStream_t str
   });
 }
 
+// Problems with score modifications: one general kernel (mods.h) with any mask and band.
+template <typename T, int HD>
+cudaError_t run_attention_fwd_mods(const AttentionParams& p, cudaStream_t stream) {
+  using Mods = typename FwdConfig<T, HD>::Mods;
+  return launch_fwd<T, Mods>(attention_fwd_kernel<Mods, true, true, true>, p, stream);
+}
+
 template <typename T, int HD>
 cudaError_t run_attention_fwd(const AttentionParams& p, cudaStream_t stream) {
+  if (p.has_mods()) return run_attention_fwd_mods<T, HD>(p, stream);  // in the mods_hdim* units
   using Traits = typename FwdConfig<T, HD>::Traits;
   using MaskedWindow = typename FwdConfig<T, HD>::MaskedWindow;
   // Four kernels: with and without the user-mask reads, with and without a window's left bound (each
@@ -144,9 +163,9 @@ cudaError_t run_attention_fwd(const AttentionParams& p, cudaStream_t stream) {
   return launch_fwd<T, Traits>(attention_fwd_kernel<Traits, false, false>, p, stream);
 }
 
-template <typename Traits, bool kHasMask, bool kLeft>
+template <typename Traits, bool kHasMask, bool kLeft, bool kMods = false>
 cudaError_t launch_dkdv(const AttentionParams& p, const float* delta, cudaStream_t stream) {
-  auto kernel = attention_bwd_dkdv_kernel<Traits, kHasMask, kLeft>;
+  auto kernel = attention_bwd_dkdv_kernel<Traits, kHasMask, kLeft, kMods>;
   cudaError_t err = allow_smem(kernel, Traits::kSmemBytes);
   if (err != cudaSuccess) return err;
   const dim3 grid(unsigned((p.S + Traits::kBlockN - 1) / Traits::kBlockN * Traits::kSplit), unsigned(p.Hkv),
@@ -155,12 +174,12 @@ cudaError_t launch_dkdv(const AttentionParams& p, const float* delta, cudaStream
   return cudaGetLastError();
 }
 
-template <typename T, int HD>
-cudaError_t run_attention_bwd(const AttentionParams& p, float* delta, cudaStream_t stream) {
-  using DkDv = typename BwdConfig<T, HD>::DkDv;
-  using Dq = typename BwdConfig<T, HD>::Dq;
+// The backward's passes: preprocess, dK/dV (dkdv(slice, delta)), dQ (kernel dq) and, for a float mask that
+// requires grad, dMask (kernel dm); dQ and dMask on tiles of Dq.
+template <typename T, typename Dq, typename DkDvLaunch, typename DqKernel, typename DmKernel>
+cudaError_t launch_bwd(const AttentionParams& p, float* delta, cudaStream_t stream, DkDvLaunch dkdv, DqKernel dq,
+                       DmKernel dm) {
   if (p.B * p.Hq == 0) return cudaSuccess;
-  const bool has_mask = p.mask_kind != MaskKind::kNone;
   cudaError_t err = cudaSuccess;
   constexpr int kRowsPerBlock = 8;  // preprocess: one warp per row
   // Preprocess, dK/dV and dQ: heads (or kv heads) on grid y, batches on z, sliced as z allows.
@@ -172,16 +191,9 @@ cudaError_t run_attention_bwd(const AttentionParams& p, float* delta, cudaStream
       if ((e = cudaGetLastError()) != cudaSuccess) return e;
     }
     if (s.S > 0) {  // with no query rows it writes zeros
-      // A user mask or a window's left bound costs the per-element reads/compares registers: those
-      // launches take the masked tiling (the column split from head dim 128 on).
-      using DkDvMasked = typename BwdConfig<T, HD>::DkDvMasked;
-      e = has_mask ? launch_dkdv<DkDvMasked, true, true>(s, d, stream)
-          : s.has_left ? launch_dkdv<DkDvMasked, false, true>(s, d, stream)
-                       : launch_dkdv<DkDv, false, false>(s, d, stream);
-      if (e != cudaSuccess) return e;
+      if ((e = dkdv(s, d)) != cudaSuccess) return e;
     }
     if (s.L > 0) {  // with no keys it writes zeros
-      auto dq = has_mask ? attention_bwd_dq_kernel<Dq, true> : attention_bwd_dq_kernel<Dq, false>;
       if ((e = allow_smem(dq, Dq::kSmemBytes)) != cudaSuccess) return e;
       const dim3 grid_q(unsigned((s.L + Dq::kBlockM - 1) / Dq::kBlockM), unsigned(s.Hq), unsigned(s.B));
       ATTNKERN_LAUNCH(dq, grid_q, Dq::kThreads, Dq::kSmemBytes, stream)(s, d);
@@ -193,7 +205,6 @@ cudaError_t run_attention_bwd(const AttentionParams& p, float* delta, cudaStream
   if (p.dmask && p.L > 0 && p.S > 0) {
     // dMask: Bm * Hm mask slices on grid z. A mask shared by the batch (Bm == 1) is summed over it inside
     // the kernel: one launch over the whole batch; a per-batch mask (Bm == B) is sliced with the batch.
-    auto dm = attention_bwd_dmask_kernel<Dq>;
     if ((err = allow_smem(dm, Dq::kSmemBytes)) != cudaSuccess) return err;
     const int64_t per_launch = p.Bm > 1 ? max_grid_yz() / p.Hm : p.B;
     if (per_launch < 1) return cudaErrorInvalidConfiguration;  // more mask heads than grid z holds (declined)
@@ -206,6 +217,35 @@ cudaError_t run_attention_bwd(const AttentionParams& p, float* delta, cudaStream
     });
   }
   return err;
+}
+
+// Problems with score modifications: the general kernels (mods.h) with any mask and band.
+template <typename T, int HD>
+cudaError_t run_attention_bwd_mods(const AttentionParams& p, float* delta, cudaStream_t stream) {
+  using DkDv = typename BwdConfig<T, HD>::DkDvMods;
+  using Dq = typename BwdConfig<T, HD>::DqMods;
+  auto dkdv = [&](const AttentionParams& s, const float* d) { return launch_dkdv<DkDv, true, true, true>(s, d, stream); };
+  return launch_bwd<T, Dq>(p, delta, stream, dkdv, attention_bwd_dq_kernel<Dq, true, true>,
+                           attention_bwd_dmask_kernel<Dq, true>);
+}
+
+template <typename T, int HD>
+cudaError_t run_attention_bwd(const AttentionParams& p, float* delta, cudaStream_t stream) {
+  if (p.has_mods()) return run_attention_bwd_mods<T, HD>(p, delta, stream);  // in the mods_hdim* units
+  using DkDv = typename BwdConfig<T, HD>::DkDv;
+  using DkDvMasked = typename BwdConfig<T, HD>::DkDvMasked;
+  using Dq = typename BwdConfig<T, HD>::Dq;
+  const bool has_mask = p.mask_kind != MaskKind::kNone;
+  // A user mask or a window's left bound costs the per-element reads/compares registers: those launches
+  // take the masked tiling (the column split from head dim 128 on).
+  auto dkdv = [&](const AttentionParams& s, const float* d) {
+    return has_mask ? launch_dkdv<DkDvMasked, true, true>(s, d, stream)
+           : s.has_left ? launch_dkdv<DkDvMasked, false, true>(s, d, stream)
+                        : launch_dkdv<DkDv, false, false>(s, d, stream);
+  };
+  return launch_bwd<T, Dq>(p, delta, stream, dkdv,
+                           has_mask ? attention_bwd_dq_kernel<Dq, true> : attention_bwd_dq_kernel<Dq, false>,
+                           attention_bwd_dmask_kernel<Dq>);
 }
 
 }  // namespace cuda

@@ -90,15 +90,21 @@ __device__ __forceinline__ void load_kv_async(T* sK, T* sV, const T* k, const T*
 // kernels without a user mask carry none of the mask-reading code (registers); kLeft likewise drops the
 // band's left bound for the one launch that cannot have it (the dK/dV pass without a window, whose
 // registers at head dim 128 are exactly used up).
+// mask_scaled does the same to a score already scaled (and modified: mods.h).
 template <bool kHasMask, bool kLeft = true>
-__device__ __forceinline__ float mask_score(float s, int64_t i, int64_t j, const AttentionParams& p,
-                                           const MaskReader& mask, bool check) {
-  float x = s * static_cast<float>(p.scale);
+__device__ __forceinline__ float mask_scaled(float x, int64_t i, int64_t j, const AttentionParams& p,
+                                            const MaskReader& mask, bool check) {
   if (!check) return x;
   if (j >= p.S || (p.has_right && j > i + p.band_hi)) return kNegInf;
   if (kLeft && p.has_left && j < i + p.band_lo) return kNegInf;
   if (kHasMask && i < p.L) x += mask.at(i, j);
   return x;
+}
+
+template <bool kHasMask, bool kLeft = true>
+__device__ __forceinline__ float mask_score(float s, int64_t i, int64_t j, const AttentionParams& p,
+                                           const MaskReader& mask, bool check) {
+  return mask_scaled<kHasMask, kLeft>(s * static_cast<float>(p.scale), i, j, p, mask, check);
 }
 
 }  // namespace cuda

@@ -83,9 +83,12 @@ cudaError_t run_bwd(int hd, const AttentionParams& p, float* delta, cudaStream_t
 }
 
 void forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                  const std::optional<at::Tensor>& mask, double scale, at::IntArrayRef band, const at::Tensor& out,
+                  const std::optional<at::Tensor>& mask, double scale, at::IntArrayRef band,
+                 double softcap, const std::optional<at::Tensor>& alibi, double dropout_p,
+                 const std::optional<at::Tensor>& rng, const at::Tensor& out,
                   const at::Tensor& lse, const at::Tensor& stats, const std::optional<at::Tensor>& out_lo) {
-  const AttentionParams p = forward_params(q, k, v, mask, scale, band, out, &lse, stats, out_lo);
+  const AttentionParams p =
+      forward_params(q, k, v, mask, scale, band, {softcap, alibi, dropout_p, rng}, out, &lse, stats, out_lo);
   check_problem(p, q);
   check_layout(q, "query"), check_layout(k, "key"), check_layout(v, "value"), check_layout(out, "out");
   if (p.out_lo) check_layout(*out_lo, "out_lo");
@@ -101,11 +104,13 @@ void forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 void backward_cuda(const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
                    const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
                    const at::Tensor& out, const std::optional<at::Tensor>& out_lo, const at::Tensor& stats,
-                   double scale, at::IntArrayRef band,
+                   double scale, at::IntArrayRef band, double softcap, const std::optional<at::Tensor>& alibi,
+                  double dropout_p, const std::optional<at::Tensor>& rng,
                    const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
                    const std::optional<at::Tensor>& dmask) {
   const AttentionParams p =
-      backward_params(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, band, dq, dk, dv, dmask);
+      backward_params(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, band, {softcap, alibi, dropout_p, rng}, dq,
+                      dk, dv, dmask);
   check_problem(p, q);
   check_layout(q, "query"), check_layout(k, "key"), check_layout(v, "value"), check_layout(out, "out");
   if (p.out_lo) check_layout(*out_lo, "out_lo");

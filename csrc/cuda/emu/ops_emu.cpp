@@ -85,15 +85,19 @@ cudaError_t run_bwd(int hd, const AttentionParams& p, float* delta) {
 }
 
 void forward_emu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
-                 double scale, at::IntArrayRef band, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& stats,
-                 const std::optional<at::Tensor>& out_lo) {
-  const AttentionParams p = forward_params(q, k, v, mask, scale, band, out, &lse, stats, out_lo);
+                 double scale, at::IntArrayRef band,
+                 double softcap, const std::optional<at::Tensor>& alibi, double dropout_p,
+                 const std::optional<at::Tensor>& rng, const at::Tensor& out, const at::Tensor& lse,
+                 const at::Tensor& stats, const std::optional<at::Tensor>& out_lo) {
+  const AttentionParams p =
+      forward_params(q, k, v, mask, scale, band, {softcap, alibi, dropout_p, rng}, out, &lse, stats, out_lo);
   check_problem(p, q);
   check_layout(q, "query"), check_layout(k, "key"), check_layout(v, "value"), check_layout(out, "out");
   if (p.out_lo) check_layout(*out_lo, "out_lo");
   if (p.B * p.Hq * p.L == 0) return;
   const emu::GlobalRanges ranges{span(q, "query"), span(k, "key"),     span(v, "value"),  span(mask, "attn_mask"),
-                                 span(out, "out"), span(lse, "lse"), span(stats, "stats"), span(out_lo, "out_lo")};
+                                 span(out, "out"), span(lse, "lse"), span(stats, "stats"), span(out_lo, "out_lo"),
+                                 span(alibi, "alibi"), span(rng, "rng")};
   const int hd = head_dim_bucket(std::max(p.E, p.Ev));
   const cudaError_t err = q.scalar_type() == at::kHalf ? run_fwd<__half>(hd, p) : run_fwd<__nv_bfloat16>(hd, p);
   TORCH_CHECK(err == cudaSuccess, "attnkern cuda-emu forward: error ", int(err));
@@ -102,10 +106,13 @@ void forward_emu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
 void backward_emu(const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
                   const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
                   const at::Tensor& out, const std::optional<at::Tensor>& out_lo, const at::Tensor& stats,
-                  double scale, at::IntArrayRef band, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
+                  double scale, at::IntArrayRef band, double softcap, const std::optional<at::Tensor>& alibi,
+                  double dropout_p, const std::optional<at::Tensor>& rng, const at::Tensor& dq, const at::Tensor& dk,
+                  const at::Tensor& dv,
                   const std::optional<at::Tensor>& dmask) {
   const AttentionParams p =
-      backward_params(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, band, dq, dk, dv, dmask);
+      backward_params(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, band, {softcap, alibi, dropout_p, rng}, dq,
+                      dk, dv, dmask);
   check_problem(p, q);
   check_layout(q, "query"), check_layout(k, "key"), check_layout(v, "value"), check_layout(out, "out");
   if (p.out_lo) check_layout(*out_lo, "out_lo");
@@ -117,7 +124,7 @@ void backward_emu(const at::Tensor& dout, const std::optional<at::Tensor>& dlse,
                                  span(out, "out"),          span(out_lo, "out_lo"), span(stats, "stats"),
                                  span(dq, "grad_query"),
                                  span(dk, "grad_key"),      span(dv, "grad_value"), span(dmask, "grad_mask"),
-                                 span(delta, "delta (scratch)")};
+                                 span(alibi, "alibi"),      span(rng, "rng"),       span(delta, "delta (scratch)")};
   const int hd = head_dim_bucket(std::max(p.E, p.Ev));
   const cudaError_t err = q.scalar_type() == at::kHalf ? run_bwd<__half>(hd, p, delta.data_ptr<float>())
                                                        : run_bwd<__nv_bfloat16>(hd, p, delta.data_ptr<float>());

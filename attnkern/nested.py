@@ -35,10 +35,10 @@ def _packed(name: str, t: torch.Tensor):
     return packed.values(), offsets.to(torch.int32), int(n)
 
 
-def nested_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
-    """scaled_dot_product_attention for nested jagged inputs (see the module docstring)."""
-    from .api import varlen_attention
-
+def pack_nested(query, key, value, attn_mask, is_causal):
+    """Check a nested call as torch's SDPA would and return the packed varlen arguments
+    (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k); reads no tensor data beyond the
+    offsets (and their maximum when the nested tensor does not cache it)."""
     if attn_mask is not None:
         raise ValueError("attn_mask is not supported with nested (jagged) query/key/value, as in torch's SDPA")
     if is_causal:
@@ -52,7 +52,15 @@ def nested_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
     if cu_k.shape[0] != cu_q.shape[0]:
         raise ValueError(f"query and key must have the same batch size, got {cu_q.shape[0] - 1} and "
                          f"{cu_k.shape[0] - 1}")
+    return q, k, v, cu_q, cu_k, max_q, max_k
+
+
+def nested_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend=None):
+    """scaled_dot_product_attention for nested jagged inputs (see the module docstring)."""
+    from .api import varlen_attention
+
+    q, k, v, cu_q, cu_k, max_q, max_k = pack_nested(query, key, value, attn_mask, is_causal)
     out = varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, enable_gqa=enable_gqa,
-                           dropout_p=dropout_p)
+                           dropout_p=dropout_p, backend=backend)
     nested = torch.nested.nested_tensor_from_jagged(out, query.transpose(1, 2).offsets(), max_seqlen=max_q)
     return nested.transpose(1, 2)

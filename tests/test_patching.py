@@ -190,6 +190,35 @@ def test_float64_and_large_head_dims_run_on_the_cpu_kernels(counted):
     torch.testing.assert_close(out, TORCH_SDPA(q, q, q), rtol=1e-10, atol=1e-10)
 
 
+def _jagged(lengths, H, E, grad=False):
+    values = torch.randn(sum(lengths), H, E, dtype=torch.float32, device=DEVICE)
+    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=DEVICE)
+    nt = torch.nested.nested_tensor_from_jagged(values.requires_grad_(grad), offsets)
+    return nt.transpose(1, 2), values  # (B, H, j, E)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the C++ varlen kernels take CPU tensors")
+def test_nested_jagged_tensors_run_the_varlen_kernels(counted, monkeypatch):
+    """Nested jagged q/k/v go to attnkern's packed varlen path (no padding) where a fused backend takes
+    it, with torch's result and gradients; attn_mask/is_causal with nested inputs stay torch's to refuse."""
+    calls, _ = counted
+    cpu = backends.get("cpu")
+    monkeypatch.setattr(cpu, "varlen_forward", lambda *a, _o=cpu.varlen_forward: (calls.append("cpu varlen"),
+                                                                                  _o(*a))[1])
+    (q, q_vals), (k, _), (v, _) = (_jagged([3, 1, 6], 2, 8, grad=True), _jagged([4, 2, 5], 2, 8),
+                                   _jagged([4, 2, 5], 2, 8))
+    with attnkern.replace_sdpa():
+        out = F.scaled_dot_product_attention(q, k, v)
+    assert calls == ["cpu varlen"] and out.is_nested
+    ref = TORCH_SDPA(q, k, v)
+    torch.testing.assert_close(out.values(), ref.values(), rtol=1e-5, atol=1e-5)
+    (dq,) = torch.autograd.grad(out.values().sum(), q_vals)
+    (dq_ref,) = torch.autograd.grad(ref.values().sum(), q_vals)
+    torch.testing.assert_close(dq, dq_ref, rtol=1e-5, atol=1e-5)
+    route = dispatch.route_sdpa(q, k, v, is_causal=True)
+    assert route.to_torch and "is_causal" in route.reason
+
+
 @pytest.mark.skipif(DEVICE != "cpu", reason="the C++ kernels take CPU tensors")
 def test_dropout_runs_the_cpu_kernels(counted):
     """SDPA's dropout_p runs fused on the CPU kernels, its mask drawn from torch's generator: the same

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
-from .. import api, backends, config, masks
+from .. import api, backends, config, masks, nested
 from ..problem import AttentionProblem, normalize
 
 logger = logging.getLogger("attnkern")
@@ -34,6 +34,8 @@ class Route:
     # How a fallback is logged (once): INFO for routine reasons (dropout, arguments attnkern does not take,
     # sdpa_kernel, ...), WARNING where a fused kernel was expected but cannot run on the device.
     log_level: int = logging.INFO
+    # Set for calls that do not run through api._run (nested jagged tensors: the varlen path).
+    runner: Optional[Callable[[], torch.Tensor]] = None
 
     @property
     def to_torch(self) -> bool:
@@ -118,9 +120,12 @@ def route_sdpa(
     restriction = torch_kernel_restriction()
     if restriction is not None:
         return Route(None, restriction)
+    if all(nested.is_jagged(t) for t in (query, key, value)):
+        return _route_nested(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend)
     if not all(_plain_tensor(t) for t in (query, key, value)) or (
             attn_mask is not None and not causal_bias and not _plain_tensor(attn_mask)):
-        return Route(None, "nested tensors and tensor subclasses are left to torch")
+        return Route(None, "strided nested tensors, mixed nested/dense inputs and tensor subclasses are left "
+                           "to torch")
     if attn_mask is not None and is_causal:
         return Route(None, "attn_mask together with is_causal: torch's backends differ on it (some raise)")
     requested = config.requested_backend() if backend is None else backends.check_name(backend)
@@ -155,9 +160,37 @@ def route_sdpa(
     return Route(requested, "requested explicitly", problem)
 
 
+def _route_nested(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend) -> Route:
+    """Nested jagged query/key/value (torch.nested, layout=torch.jagged) run on the packed varlen path
+    where a fused backend takes the packed batch; torch decides everything else (it refuses attn_mask and
+    is_causal with nested inputs)."""
+    from ..varlen import normalize_varlen
+
+    try:
+        packed = nested.pack_nested(query, key, value, attn_mask, is_causal)
+        problem = normalize_varlen(*packed, scale=scale, enable_gqa=enable_gqa, dropout_p=dropout_p)
+    except (TypeError, ValueError) as exc:
+        return Route(None, f"attnkern does not take these nested arguments ({exc})")
+    if problem.is_empty:
+        return Route(None, "empty problem (a zero-sized dim)")
+    requested = config.requested_backend() if backend is None else backends.check_name(backend)
+    try:
+        choice = backends.select(problem, requested)
+    except backends.BackendUnavailableError as exc:
+        return Route(None, f"the pinned backend cannot run this packed batch: {exc}")
+    if choice.fallback or not backends.get(choice.backend).fused:
+        why = "; ".join(f"{name}: {w}" for name, w in choice.rejected.items()) or choice.reason
+        return Route(None, f"no fused kernel covers this nested (packed) batch ({why})")
+    return Route(choice.backend, f"nested jagged tensors on the varlen path: {choice.reason}", runner=lambda: (
+        nested.nested_sdpa(query, key, value, None, dropout_p, False, scale, enable_gqa, backend=choice.backend)))
+
+
 def run(route: Route, sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Run a call that `route_sdpa` sent to attnkern; returns the output in the query's shape.
     `sinks`: per-query-head sink logits (attention(sinks=...)), e.g. gpt-oss's through transformers."""
+    if route.runner is not None:
+        assert sinks is None, "sinks do not reach nested calls"
+        return route.runner()
     assert route.backend is not None and route.problem is not None, "run() takes a route to attnkern"
     return api._run(route.problem, route.backend, sinks)[0]
 

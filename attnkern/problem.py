@@ -296,6 +296,9 @@ def normalize(
     if attn_mask is not None:
         if not isinstance(attn_mask, torch.Tensor):
             raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+        if attn_mask.layout != torch.strided:  # sparse masks: the kernels read masks through strides
+            raise TypeError(f"attn_mask must be a dense (strided) tensor, got layout {attn_mask.layout}; "
+                            "pass attn_mask.to_dense()")
         masks.check_mask_dtype(attn_mask, query.dtype)
         if attn_mask.device != query.device:
             raise ValueError(

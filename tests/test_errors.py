@@ -105,6 +105,12 @@ def test_mask_not_a_tensor():
         SDPA(q, k, v, attn_mask=[[True]])
 
 
+def test_sparse_mask_names_the_layout():
+    q, k, v = qkv()
+    with pytest.raises(TypeError, match=r"attn_mask must be a dense \(strided\) tensor, got layout torch.sparse_coo"):
+        SDPA(q, k, v, attn_mask=torch.ones(5, 7, dtype=torch.bool).to_sparse())
+
+
 def test_bad_dropout_and_scale():
     q, k, v = qkv()
     with pytest.raises(ValueError, match=r"dropout_p must be a float in \[0, 1\], got 1.5"):

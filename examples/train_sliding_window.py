@@ -14,14 +14,11 @@ the kernels the same way.)
 """
 from __future__ import annotations
 
-import argparse
-import statistics
-import time
-
 import torch
 import torch.nn.functional as F
 
 import attnkern
+import lm_training
 
 
 def rotary(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
@@ -100,74 +97,29 @@ def attention_path(args, device, dtype) -> str:
     return f"attnkern, backend {e.backend!r}" + (" (fallback: the naive reference)" if e.fallback else "")
 
 
-def train(args, device, dtype, use_attnkern: bool):
+def train(args, use_attnkern: bool):
     torch.manual_seed(0)
     model = TinyMistral(args.vocab, args.hidden, args.heads, args.kv_heads, args.layers, args.window,
-                        use_attnkern).to(device, dtype)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    data = torch.Generator().manual_seed(1)
-    losses, times = [], []
-    for _ in range(args.steps):
-        ids = torch.randint(0, args.vocab, (args.batch, args.length + 1), generator=data).to(device)
-        start = time.perf_counter()
-        logits = model(ids[:, :-1])  # predict each next token
-        loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-        losses.append(loss.item())
-    return losses, times
+                        use_attnkern).to(args.device_, args.dtype_)
+    return lm_training.train(model, args)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--length", type=int, default=1024, help="tokens per sequence")
+    p = lm_training.parser(__doc__, steps=5, batch=2, length=1024, hidden=64, vocab=256)
     p.add_argument("--window", type=int, default=64, help="tokens each token sees, itself included")
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--vocab", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                   help="default: bfloat16 on a GPU, float32 on the CPU")
-    args = p.parse_args(argv)
-    for name in ("steps", "batch", "length", "window", "hidden", "heads", "kv_heads", "layers", "vocab"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    args = lm_training.parse(p, argv, positive=("window", "kv_heads"))
     if args.hidden % args.heads or (args.hidden // args.heads) % 2:
         p.error(f"--hidden ({args.hidden}) must be --heads ({args.heads}) times an even head dim")
     if args.heads % args.kv_heads:
         p.error(f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    path = attention_path(args, device, dtype)
-
-    print(f"device {device}, dtype {str(dtype).replace('torch.', '')}, {args.layers} layers, hidden {args.hidden}, "
-          f"{args.heads} heads ({args.kv_heads} kv), batch {args.batch} x {args.length} tokens, "
+    path = attention_path(args, args.device_, args.dtype_)
+    print(f"device {args.device_}, dtype {str(args.dtype_).replace('torch.', '')}, {args.layers} layers, hidden "
+          f"{args.hidden}, {args.heads} heads ({args.kv_heads} kv), batch {args.batch} x {args.length} tokens, "
           f"window {args.window}, {args.steps} steps")
     print(f"sliding-window attention runs on: {path}")
-
-    results = {}
-    for name, on in (("dense mask", False), ("attnkern", True)):
-        losses, times = train(args, device, dtype, on)
-        steady = times[1:] or times  # the first step pays for warm-up
-        tokens_per_s = args.batch * args.length / statistics.median(steady)
-        results[name] = {"losses": losses, "step_s": statistics.median(steady), "tokens_per_s": tokens_per_s}
-        print(f"{name:>10}: losses {' '.join(f'{x:.4f}' for x in losses)}")
-        print(f"{'':>10}  median step {1e3 * statistics.median(steady):.1f} ms, {tokens_per_s:,.0f} tokens/s")
-    a, b = results["attnkern"], results["dense mask"]
-    drift = max(abs(x - y) for x, y in zip(a["losses"], b["losses"]))
-    print(f"largest loss difference {drift:.2e}; attnkern step time {a['step_s'] / b['step_s']:.2f}x "
-          f"the dense mask's")
-    results["path"] = path
-    return results
+    return lm_training.compare(args, {"dense mask": lambda: train(args, False), "attnkern": lambda: train(args, True)},
+                               path)
 
 
 if __name__ == "__main__":

@@ -11,13 +11,10 @@ says which path ran, using attnkern.explain.
 """
 from __future__ import annotations
 
-import argparse
-import statistics
-import time
-
 import torch
 
 import attnkern
+import lm_training
 
 
 class TinyCausalLM(torch.nn.Module):
@@ -51,72 +48,28 @@ def attention_path(args, device, dtype) -> str:
     return f"attnkern, backend {e.backend!r}"
 
 
-def train(args, device, dtype, with_attnkern: bool):
+def train(args, with_attnkern: bool):
     torch.manual_seed(0)
-    model = TinyCausalLM(args.vocab, args.hidden, args.heads, args.layers, args.length).to(device, dtype)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    data = torch.Generator().manual_seed(1)
-    losses, times = [], []
+    model = TinyCausalLM(args.vocab, args.hidden, args.heads, args.layers, args.length).to(args.device_, args.dtype_)
     patch = attnkern.replace_sdpa() if with_attnkern else None
     try:
-        for _ in range(args.steps):
-            ids = torch.randint(0, args.vocab, (args.batch, args.length + 1), generator=data).to(device)
-            start = time.perf_counter()
-            logits = model(ids[:, :-1])  # predict each next token
-            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - start)
-            losses.append(loss.item())
+        return lm_training.train(model, args)
     finally:
         if patch is not None:
             patch.restore()
-    return losses, times
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--length", type=int, default=256, help="tokens per sequence")
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--vocab", type=int, default=512)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                   help="default: bfloat16 on a GPU, float32 on the CPU")
-    args = p.parse_args(argv)
-    for name in ("steps", "batch", "length", "hidden", "heads", "layers", "vocab"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    p = lm_training.parser(__doc__)
+    args = lm_training.parse(p, argv)
     if args.hidden % args.heads:
         p.error(f"--hidden ({args.hidden}) must be a multiple of --heads ({args.heads})")
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    path = attention_path(args, device, dtype)
-
-    print(f"device {device}, dtype {str(dtype).replace('torch.', '')}, {args.layers} layers, hidden {args.hidden}, "
-          f"{args.heads} heads, batch {args.batch} x {args.length} tokens, {args.steps} steps")
+    path = attention_path(args, args.device_, args.dtype_)
+    print(f"device {args.device_}, dtype {str(args.dtype_).replace('torch.', '')}, {args.layers} layers, hidden "
+          f"{args.hidden}, {args.heads} heads, batch {args.batch} x {args.length} tokens, {args.steps} steps")
     print(f"with attnkern, attention runs on: {path}")
-
-    results = {}
-    for name, on in (("torch SDPA", False), ("attnkern", True)):
-        losses, times = train(args, device, dtype, on)
-        steady = times[1:] or times  # the first step pays for compilation and warm-up
-        tokens_per_s = args.batch * args.length / statistics.median(steady)
-        results[name] = {"losses": losses, "step_s": statistics.median(steady), "tokens_per_s": tokens_per_s}
-        print(f"{name:>10}: losses {' '.join(f'{x:.4f}' for x in losses)}")
-        print(f"{'':>10}  median step {1e3 * statistics.median(steady):.1f} ms, {tokens_per_s:,.0f} tokens/s")
-    a, b = results["attnkern"], results["torch SDPA"]
-    drift = max(abs(x - y) for x, y in zip(a["losses"], b["losses"]))
-    print(f"largest loss difference {drift:.2e}; attnkern step time {a['step_s'] / b['step_s']:.2f}x torch's")
-    results["path"] = path
-    return results
+    return lm_training.compare(args, {"torch SDPA": lambda: train(args, False), "attnkern": lambda: train(args, True)},
+                               path)
 
 
 if __name__ == "__main__":

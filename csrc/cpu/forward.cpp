@@ -10,6 +10,11 @@
 //     online softmax, exp(s - m) as 2^((s - m) log2 e): m, l, rescale the output accumulator
 //     P *= dropout multipliers   (MODS kernels: regenerated from the Philox key, l keeps the undropped sum)
 //     O += P V                   GEMM
+// Problems with very few query rows per kv head (decode-like: L * group <= kDirectRows) in float or
+// double with contiguous head dims skip the packing: it would cost more than their arithmetic (one
+// extra pass over K and V), so scores are dot products over K's rows and O += p v reads V's rows in
+// place. The choice depends on the problem alone (never on the thread count), so results stay bitwise
+// reproducible.
 // Tasks are handed out dynamically (an atomic counter), so banded problems balance across threads.
 // With p.out_lo the output's rounding residual is written beside it (for the backward's delta).
 // Extra memory per thread: K^T and V of one kv head (O(S*E)) plus O(BLOCK_M * (BLOCK_N + Ev)) tiles.
@@ -26,6 +31,15 @@ namespace cpu {
 
 namespace {
 
+constexpr int64_t kDirectRows = 8;
+
+// x itself where the input is already in acc_t (the direct path's only case), else nothing.
+template <typename acc_t, typename scalar_t>
+inline const acc_t* in_place(const scalar_t* x) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) return x;
+  return nullptr;
+}
+
 // MODS: whether soft-capping, ALiBi or dropout are compiled in (the plain kernel has none of their per-score
 // code; it only builds the unused per-slice RowMods).
 template <typename scalar_t, bool MODS>
@@ -39,6 +53,9 @@ void forward_kernel(const AttentionParams& p, const Blocking& blk) {
   const int64_t chunk_rows = round_up((p.L + n_chunks - 1) / n_chunks, BM);
   const int64_t n_tasks = p.B * p.Hkv * n_chunks;
   const acc_t scale = static_cast<acc_t>(p.scale);
+  // K and V read in place (no packing): see the top of the file.
+  const bool direct = std::is_same_v<scalar_t, acc_t> && p.L * p.group <= kDirectRows && p.k_st.e == 1 &&
+                      p.v_st.e == 1;
 
   const auto* q = static_cast<const scalar_t*>(p.q);
   const auto* k = static_cast<const scalar_t*>(p.k);
@@ -63,7 +80,9 @@ void forward_kernel(const AttentionParams& p, const Blocking& blk) {
       const int64_t base = p.key_begin(r0) / BN * BN, keys = p.key_end(r1);
       const int64_t Sp = round_up(std::max<int64_t>(keys - base, 1), NR);
 
-      if (b != packed_b || hk != packed_hk || base < packed_base || keys > packed_keys) {
+      const scalar_t* k_head = k + b * p.k_st.b + hk * p.k_st.h;  // (direct) this kv head's keys, in place
+      const scalar_t* v_head = v + b * p.v_st.b + hk * p.v_st.h;
+      if (!direct && (b != packed_b || hk != packed_hk || base < packed_base || keys > packed_keys)) {
         // K^T in panels of NR keys (K-dim E) and V in panels of NR columns (K-dim keys).
         packed_sp = Sp;
         kt = kt_buf.get(p.E * Sp);
@@ -98,8 +117,17 @@ void forward_kernel(const AttentionParams& p, const Blocking& blk) {
           for (int64_t n0 = tiles.n_begin; n0 < tiles.n_end; n0 += BN) {
             const int64_t nb = std::min(BN, tiles.n_end - n0);
             const int64_t nbp = round_up(nb, NR);
-            gemm<acc_t, false, false>(mb, nbp, p.E, qb, Ep, kt + ((n0 - packed_base) / NR) * p.E * NR, p.E * NR, sb,
-                                      BNp);
+            if (direct) {
+              for (int64_t i = 0; i < mb; ++i) {
+                acc_t* row = sb + i * BNp;
+                for (int64_t j = 0; j < nb; ++j)
+                  row[j] = dot(qb + i * Ep, in_place<acc_t>(k_head + (n0 + j) * p.k_st.l), p.E);
+                fill(row + nb, nbp - nb, acc_t(0));  // as the packed panels' zero columns
+              }
+            } else {
+              gemm<acc_t, false, false>(mb, nbp, p.E, qb, Ep, kt + ((n0 - packed_base) / NR) * p.E * NR, p.E * NR,
+                                        sb, BNp);
+            }
             const bool band_check = tiles.band_check(p, n0, nb);
             for (int64_t i = 0; i < mb; ++i) {
               acc_t* row = sb + i * BNp;
@@ -131,7 +159,14 @@ void forward_kernel(const AttentionParams& p, const Blocking& blk) {
                 at::vec::map([alpha](Vec<acc_t> x) { return x * Vec<acc_t>(alpha); }, orow, orow, Evp);
               }
             }
-            gemm<acc_t, false, true>(mb, Evp, nb, sb, BNp, vp + (n0 - packed_base) * NR, packed_sp * NR, ob, Evp);
+            if (direct) {
+              for (int64_t i = 0; i < mb; ++i)
+                for (int64_t j = 0; j < nb; ++j)
+                  axpy(ob + i * Evp, sb[i * BNp + j], in_place<acc_t>(v_head + (n0 + j) * p.v_st.l),
+                       p.Ev);
+            } else {
+              gemm<acc_t, false, true>(mb, Evp, nb, sb, BNp, vp + (n0 - packed_base) * NR, packed_sp * NR, ob, Evp);
+            }
           }
 
           scalar_t* o_rows = out + b * p.out_st.b + h * p.out_st.h + m0 * p.out_st.l;

@@ -208,6 +208,24 @@ void pack_panels(acc_t* dst, int64_t panel_stride, const scalar_t* src, int64_t 
   }
 }
 
+// sum_k a[k] * b[k] over n contiguous elements (lanes summed at the end).
+template <typename T>
+inline T dot(const T* a, const T* b, int64_t n) {
+  constexpr int64_t W = Vec<T>::size();
+  Vec<T> acc(T(0));
+  int64_t k = 0;
+  for (; k + W <= n; k += W) acc = at::vec::fmadd(Vec<T>::loadu(a + k), Vec<T>::loadu(b + k), acc);
+  T sum = at::vec::vec_reduce_all<T>([](Vec<T>& x, Vec<T>& y) { return x + y; }, acc);
+  for (; k < n; ++k) sum += a[k] * b[k];
+  return sum;
+}
+
+// y[c] += alpha * x[c] for n contiguous elements.
+template <typename T>
+inline void axpy(T* y, T alpha, const T* x, int64_t n) {
+  at::vec::map2([alpha](Vec<T> yv, Vec<T> xv) { return at::vec::fmadd(Vec<T>(alpha), xv, yv); }, y, y, x, n);
+}
+
 // Scores, masks and row maxima stay in natural units (any finite float mask, finfo.min included, then
 // adds without overflow); only differences from the row max enter base 2: exp(s - m) = 2^((s - m) log2 e).
 // 2^x needs no Cody-Waite reduction, only x = n + f, |f| <= 1/2.

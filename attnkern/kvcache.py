@@ -60,6 +60,17 @@ class DecodeProblem:
     def device(self) -> torch.device:
         return self.q.device
 
+    def summary(self) -> str:
+        """One line for explain_kvcache (reads no tensor data)."""
+        B, Lq, Hq, E = self.q.shape
+        P, page_size, Hkv, _ = self.k_cache.shape
+        cache = (f"paged cache ({P} pages of {page_size}, block_table {tuple(self.block_table.shape)})"
+                 if self.block_table is not None else f"contiguous cache (S_max={page_size})")
+        mods = (f" softcap={self.softcap:g}" if self.softcap else "") + (" alibi" if self.alibi is not None else "")
+        return (f"decode B={B} Lq={Lq} Hq={Hq} Hkv={Hkv} E={E} Ev={self.v_cache.shape[3]} dtype={_dt(self.dtype)} "
+                f"device={self.device.type} {cache} band={self.band.describe()} (on each batch element's length)"
+                + mods)
+
 
 def _check_float(name: str, t, dtype=None, device=None) -> None:
     if not isinstance(t, torch.Tensor):

@@ -58,3 +58,46 @@ def test_decode_cases_cover_the_issue():
     assert any(0 in c.cache for c in cpu) and all(len(set(c.cache)) > 1 for c in cpu)
     assert any(c.page_size for c in cpu) and any(c.page_size is None for c in cpu)
     assert any(c.Hq // c.Hkv == 8 for c in cpu)
+
+
+def _call_args(inputs):
+    return (inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs["k_new"], inputs["v_new"],
+            inputs["cache_seqlens"])
+
+
+def test_explain_kvcache_names_the_runner_and_every_decline():
+    """explain_kvcache agrees with the backends' own answers, appends nothing, and reports (not raises) an
+    explicit backend that declines."""
+    from attnkern.backends import names
+
+    case = decode_cases("cpu")[1]
+    inputs = make_decode_inputs(case, torch.float32, DEVICE)
+    kw = dict(block_table=inputs["block_table"], **decode_kwargs(case, DEVICE))
+    k_before = inputs["k_cache"].clone()
+    e = attnkern.explain_kvcache(*_call_args(inputs), **kw)
+    torch.testing.assert_close(inputs["k_cache"], k_before, rtol=0, atol=0, equal_nan=True)
+    declining = {n: _declines(n, inputs, case) for n in names() if n not in ("auto", "reference")}
+    declining = {n: why for n, why in declining.items() if why}
+    assert e.rejected == {n: why for n, why in declining.items() if n != e.backend}
+    assert e.backend not in declining and e.backward.startswith("none")
+    assert f"B={case.B} Lq={case.Lq} Hq={case.Hq} Hkv={case.Hkv}" in e.problem and "paged" in e.problem
+    text = str(e)
+    assert text.startswith(f"backend: {e.backend}") and all(f"not {n}: {why}" in text for n, why in e.rejected.items())
+    if declining:  # a backend that declines, asked by name: reported with its reason
+        name, why = next(iter(declining.items()))
+        e = attnkern.explain_kvcache(*_call_args(inputs), backend=name, **kw)
+        assert e.backend == "none" and why in e.reason
+    e = attnkern.explain_kvcache(*_call_args(inputs), backend="reference", **kw)
+    assert (e.backend, e.reason, e.fallback) == ("reference", "requested explicitly", False)
+
+
+def test_explain_kvcache_checks_arguments_as_the_call_does():
+    case = decode_cases("cpu")[1]
+    inputs = make_decode_inputs(case, torch.float32, DEVICE)
+    bad = inputs["block_table"].clone()
+    bad[0, 0] = -1
+    with pytest.raises(ValueError, match="block_table holds page -1"):
+        attnkern.explain_kvcache(*_call_args(inputs), block_table=bad)
+    with pytest.raises(ValueError, match="k_new and v_new come together"):
+        attnkern.explain_kvcache(inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs["k_new"], None,
+                                 inputs["cache_seqlens"], block_table=inputs["block_table"])

@@ -4,7 +4,8 @@ Adding a backend to the test matrix gives it all of these cases at once."""
 from __future__ import annotations
 
 from attnkern.tools.cases import (  # noqa: F401
-    RANDOM_MAX_WORK, Case, DecodeCase, as_kwargs, decode_kwargs, make_decode_inputs, run_decode_reference, describe, detached, grad_leaves, make_inputs, mask_shape, random_case,
+    RANDOM_MAX_WORK, Case, DecodeCase, as_kwargs, decode_kwargs, describe, detached, grad_leaves, make_decode_inputs,
+    make_inputs, mask_shape, random_case, run_decode_reference,
     random_empty_case, run_reference, upstream_grads,
 )
 

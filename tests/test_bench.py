@@ -297,6 +297,27 @@ def test_varlen_grid_writes_every_cell_a_png_and_a_summary(tmp_path, capsys):
     assert "vs sdpa padded" in stdout and "batch: 8 sequences, lengths 16..40" in stdout
 
 
+def test_decode_grid_times_every_provider_or_says_why_not(tmp_path, capsys, monkeypatch):
+    """`--decode` with a tiny grid (a cache that is not a whole number of pages); a call attnkern would only
+    run on the reference path is marked with the reason, not timed."""
+    from attnkern import kvcache
+
+    out = tmp_path / "decode.json"
+    rc, stdout, _ = _run(["bench", "--decode", "--decode-caches", "300", "--batch", "2", "--dtypes", "fp32",
+                          "--repeats", "2", "--warmup", "1", "--json", str(out)], capsys)
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    (row,) = doc["rows"]
+    assert doc["shape"]["B"] == 2 and (row["cache"], row["dtype"]) == (300, "float32")
+    assert {"attnkern", "attnkern paged", "sdpa gqa", "sdpa repeat-kv"} <= set(row["ms"])
+    assert row["speedup_vs_best_sdpa"] == pytest.approx(min(row["ms"]["sdpa gqa"], row["ms"]["sdpa repeat-kv"])
+                                                        / row["ms"]["attnkern"])
+    assert ("flash_attn kvcache" in row["ms"]) != ("flash_attn kvcache" in doc["not_run"])
+    monkeypatch.setattr(kvcache, "unsupported_reason", lambda name, problem: None if name == "reference" else "no")
+    rc, stdout, _ = _run(["bench", "--decode", "--decode-caches", "300", "--dtypes", "fp32", "--repeats", "1"], capsys)
+    assert rc == 0 and "not run: attnkern: no decode kernel runs it here" in stdout
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["keypad", "causal"])
 def test_varlen_providers_compute_the_same_attention(causal):
     """The packed call and the padded SDPA call of the varlen grid agree on every real row."""

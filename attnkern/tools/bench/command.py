@@ -97,10 +97,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--list-providers", action="store_true", help="list the providers and whether they run here")
     d = p.add_argument_group("decode (instead of the sweep)")
     d.add_argument("--decode", action="store_true",
-                   help="time a CPU decode step (B=1, Hq=32, Hkv=8, E=128, Lq=1) against KV caches of --decode-caches "
-                        "keys: attention_with_kvcache (contiguous and paged) beside torch's SDPA (enable_gqa, and "
-                        "K/V repeated); takes --dtypes (default fp32,bf16), --repeats, --warmup, --threads, --seed, "
-                        "--json")
+                   help="time a decode step (B=1 CPU, 8 GPU; Hq=32, Hkv=8, E=128, Lq=1) against KV caches of "
+                        "--decode-caches keys: attention_with_kvcache (contiguous and paged) beside torch's SDPA "
+                        "(enable_gqa, and K/V repeated) and flash_attn_with_kvcache if importable; takes --device, "
+                        "--batch, --dtypes (default fp32,bf16 CPU, bf16 GPU), --repeats, --warmup, --threads, "
+                        "--seed, --json")
     d.add_argument("--decode-caches", type=arg_type(parse_lengths), metavar="S,...",
                    help="cache lengths of --decode, k = 1024 (default 4k,8k,16k,32k)")
     w = p.add_argument_group("packed variable-length batches (--varlen; see attnkern/tools/bench/varlen.py)")
@@ -179,7 +180,7 @@ def run(args, parser: argparse.ArgumentParser, out=None) -> int:
             torch.set_num_threads(args.threads)
         run_decode(args.decode_caches, args.dtypes, repeats=args.repeats or 10,
                    warmup=args.warmup if args.warmup is not None else 2, seed=args.seed, out=out,
-                   json_path=args.json)
+                   json_path=args.json, device=_device(args, parser), batch=args.batch)
         return 0
     device = _device(args, parser)
     if args.list_providers:

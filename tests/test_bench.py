@@ -297,6 +297,15 @@ def test_varlen_grid_writes_every_cell_a_png_and_a_summary(tmp_path, capsys):
     assert "vs sdpa padded" in stdout and "batch: 8 sequences, lengths 16..40" in stdout
 
 
+def test_varlen_grid_marks_a_reference_fallback(monkeypatch, capsys, tmp_path):
+    from attnkern import backends
+
+    monkeypatch.setattr(backends.get("cpu"), "varlen", False)
+    rc, stdout, _ = _run(["bench", "--varlen", "--varlen-lengths", "3,9", "--modes", "fwd", "--repeats", "1",
+                          "--out-dir", str(tmp_path), "--no-plot", "--no-progress"], capsys)
+    assert rc == 0 and "attnkern varlen  unsupported: no varlen kernel runs it here" in stdout
+
+
 def test_decode_grid_times_every_provider_or_says_why_not(tmp_path, capsys, monkeypatch):
     """`--decode` with a tiny grid (a cache that is not a whole number of pages); a call attnkern would only
     run on the reference path is marked with the reason, not timed."""
@@ -329,8 +338,8 @@ def test_varlen_providers_compute_the_same_attention(causal):
     cu = [0, *itertools.accumulate(lengths)]
     packed = varlen._input_sets(lengths, 4, 2, 8, torch.float64, device, 1, 3, padded=False)[0]
     padded = varlen._input_sets(lengths, 4, 2, 8, torch.float64, device, 1, 3, padded=True)[0]
-    fn_packed = varlen._provider_fn("attnkern varlen", lengths, causal, True, "reference", device)[0]
-    fn_padded = varlen._provider_fn("sdpa padded", lengths, causal, True, "auto", device)[0]
+    fn_packed = varlen._provider_fn("attnkern varlen", lengths, causal, (4, 2, 8), "reference", device)[0]
+    fn_padded = varlen._provider_fn("sdpa padded", lengths, causal, (4, 2, 8), "auto", device)[0]
     got = fn_packed(*packed.frozen)
     want = varlen._pad(got, cu, max(lengths))
     ref = fn_padded(*padded.frozen)

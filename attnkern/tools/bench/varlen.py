@@ -9,7 +9,8 @@ CPU, 16 on a GPU), Hkv = H / --gqa, head dim: the first of --head-dims (default 
 --dtypes, --causal (default yes), --modes, --repeats/--warmup/--input-sets as in the sweep.
 
 Providers: "attnkern varlen" (the backend auto picks for varlen_attention, or the one of
---varlen-backend; a backend that declines packed batches marks its cells with the reason);
+--varlen-backend; a backend that declines packed batches marks its cells with the reason, and so does
+a call auto would only run on the naive reference path);
 "sdpa padded" (torch's SDPA on (B, H, M, E) with its default kernel choice: causal top-left, as padding
 at the end changes no real row, or without causal a bool key-padding mask; the baseline); on a GPU
 also "sdpa:flash padded" (the same through SDPA's flash kernel, causal only: it takes no mask). The
@@ -88,12 +89,13 @@ def _input_sets(lengths, H, Hkv, E, dtype, device, count, seed, padded: bool) ->
     return sets
 
 
-def _provider_fn(name: str, lengths, causal: bool, gqa: bool, backend: str, device: torch.device):
-    """(fn(q, k, v) -> out, context manager, reason it cannot run or None)."""
+def _provider_fn(name: str, lengths, causal: bool, heads, backend: str, device: torch.device):
+    """(fn(q, k, v) -> out, context manager, reason it cannot run or None); heads = (H, Hkv, E)."""
     import attnkern
     import torch.nn.functional as F
 
     B, longest = len(lengths), max(lengths)
+    gqa = heads[0] != heads[1]
     if name == "attnkern varlen":
         cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
 
@@ -101,7 +103,13 @@ def _provider_fn(name: str, lengths, causal: bool, gqa: bool, backend: str, devi
             return attnkern.varlen_attention(q, k, v, cu, cu, longest, longest, causal=causal, enable_gqa=gqa,
                                              backend=backend)
 
-        return fn, contextlib.nullcontext, None
+        # What auto would only run on the naive reference path (O(L^2) memory per sequence) is not timed.
+        H, Hkv, E = heads
+        shapes = ((cu[-1].item(), H, E), (cu[-1].item(), Hkv, E), (cu[-1].item(), Hkv, E))
+        e = attnkern.explain_varlen(*(torch.empty(s, device=device) for s in shapes), cu, cu, longest, longest,
+                                    causal=causal, enable_gqa=gqa, backend=backend)
+        why = f"no varlen kernel runs it here ({e.reason})" if e.fallback else None
+        return fn, contextlib.nullcontext, why
     mask = None if causal else (torch.arange(longest, device=device) < torch.tensor(lengths, device=device)[:, None]
                                 ).view(B, 1, 1, longest)
 
@@ -151,7 +159,7 @@ def run_varlen(device: torch.device, batches: List[List[int]], dtypes: List[str]
                      Lk=max(lengths), E=E, Ev=E, causal=is_causal, window=None, softcap=0.0, alibi=False,
                      dropout=0.0, lengths=list(lengths), tokens=sum(lengths))
         for name in providers:
-            fn, context, why = _provider_fn(name, lengths, is_causal, Hkv != heads, backend, device)
+            fn, context, why = _provider_fn(name, lengths, is_causal, (heads, Hkv, E), backend, device)
             sets = [] if why else _input_sets(lengths, heads, Hkv, E, DTYPES[dtype], device, input_sets, seed,
                                               padded=name != "attnkern varlen")
             for mode in modes:

@@ -11,6 +11,8 @@ its queries attend to those n_b keys, `causal` and `window` aligned bottom-right
 This module holds the checks, the in-place append, the gather-based reference path (also the oracle of
 the tests) and the backend choice; the CPU kernel is the C++ op attnkern_ext::decode (csrc/cpu/decode.cpp,
 split-KV). Forward only: decoding is inference, and a call that would need a gradient is refused.
+Under torch.compile a call traces as one custom op (ops_kvcache.py) that declares the append as a mutation
+and makes the host checks of the lengths when it runs; eager calls run the same body (decode_step).
 """
 from __future__ import annotations
 

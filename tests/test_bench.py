@@ -338,8 +338,9 @@ def test_varlen_providers_compute_the_same_attention(causal):
     cu = [0, *itertools.accumulate(lengths)]
     packed = varlen._input_sets(lengths, 4, 2, 8, torch.float64, device, 1, 3, padded=False)[0]
     padded = varlen._input_sets(lengths, 4, 2, 8, torch.float64, device, 1, 3, padded=True)[0]
-    fn_packed = varlen._provider_fn("attnkern varlen", lengths, causal, (4, 2, 8), "reference", device)[0]
-    fn_padded = varlen._provider_fn("sdpa padded", lengths, causal, (4, 2, 8), "auto", device)[0]
+    fn_packed = varlen._provider_fn("attnkern varlen", lengths, causal, (4, 2, 8), torch.float64, "reference",
+                                    device)[0]
+    fn_padded = varlen._provider_fn("sdpa padded", lengths, causal, (4, 2, 8), torch.float64, "auto", device)[0]
     got = fn_packed(*packed.frozen)
     want = varlen._pad(got, cu, max(lengths))
     ref = fn_padded(*padded.frozen)

@@ -89,7 +89,7 @@ def _input_sets(lengths, H, Hkv, E, dtype, device, count, seed, padded: bool) ->
     return sets
 
 
-def _provider_fn(name: str, lengths, causal: bool, heads, backend: str, device: torch.device):
+def _provider_fn(name: str, lengths, causal: bool, heads, dtype: torch.dtype, backend: str, device: torch.device):
     """(fn(q, k, v) -> out, context manager, reason it cannot run or None); heads = (H, Hkv, E)."""
     import attnkern
     import torch.nn.functional as F
@@ -105,9 +105,10 @@ def _provider_fn(name: str, lengths, causal: bool, heads, backend: str, device: 
 
         # What auto would only run on the naive reference path (O(L^2) memory per sequence) is not timed.
         H, Hkv, E = heads
-        shapes = ((cu[-1].item(), H, E), (cu[-1].item(), Hkv, E), (cu[-1].item(), Hkv, E))
-        e = attnkern.explain_varlen(*(torch.empty(s, device=device) for s in shapes), cu, cu, longest, longest,
-                                    causal=causal, enable_gqa=gqa, backend=backend)
+        T = sum(lengths)
+        q, kv = (torch.empty(T, h, E, device=device, dtype=dtype) for h in (H, Hkv))
+        e = attnkern.explain_varlen(q, kv, kv, cu, cu, longest, longest, causal=causal, enable_gqa=gqa,
+                                    backend=backend)
         why = f"no varlen kernel runs it here ({e.reason})" if e.fallback else None
         return fn, contextlib.nullcontext, why
     mask = None if causal else (torch.arange(longest, device=device) < torch.tensor(lengths, device=device)[:, None]
@@ -159,7 +160,7 @@ def run_varlen(device: torch.device, batches: List[List[int]], dtypes: List[str]
                      Lk=max(lengths), E=E, Ev=E, causal=is_causal, window=None, softcap=0.0, alibi=False,
                      dropout=0.0, lengths=list(lengths), tokens=sum(lengths))
         for name in providers:
-            fn, context, why = _provider_fn(name, lengths, is_causal, (heads, Hkv, E), backend, device)
+            fn, context, why = _provider_fn(name, lengths, is_causal, (heads, Hkv, E), DTYPES[dtype], backend, device)
             sets = [] if why else _input_sets(lengths, heads, Hkv, E, DTYPES[dtype], device, input_sets, seed,
                                               padded=name != "attnkern varlen")
             for mode in modes:

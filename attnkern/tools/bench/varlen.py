@@ -35,7 +35,7 @@ import torch
 from ..flops import attention_flops
 from . import measure
 from .grid import DTYPE_NAMES, DTYPES
-from .runner import ERROR, OK, UNSUPPORTED, InputSet, add_speedups, classify, mode_callables
+from .runner import OK, UNSUPPORTED, InputSet, add_speedups, classify, mode_callables
 
 # Issue 14's CPU target batch: 64..4k, mean 1048.
 TARGET_LENGTHS = [64, 128, 256, 512, 768, 1024, 1536, 4096]

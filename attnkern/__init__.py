@@ -3,7 +3,8 @@
     attnkern.scaled_dot_product_attention(q, k, v, ...)   torch's SDPA, same signature and semantics
     attnkern.attention(q, k, v, causal=..., ...)          richer API: alignments, lse, backend choice
     attnkern.attention_with_kvcache(q, k_cache, v_cache, ...)   decoding against a (paged) KV cache, forward only
-    attnkern.explain(q, k, v, ...)                        which path a call takes, and why
+    attnkern.explain(q, k, v, ...)                        which path a call takes, and why (explain_varlen,
+                                                          explain_kvcache: the same for those entry points)
     attnkern.varlen_attention(q, k, v, cu_q, cu_k, ...)   packed variable-length batches (FlashAttention's varlen)
     attnkern.use_backend("triton")                        context manager (or ATTNKERN_BACKEND=...)
     attnkern.replace_sdpa()                               torch's F.scaled_dot_product_attention runs attnkern
@@ -12,7 +13,7 @@
 
 Command line: `attnkern bench`, `attnkern check-grads`, `attnkern selfcheck` (see attnkern/tools/cli.py).
 """
-from .api import (AttnkernFallbackWarning, Explanation, attention, explain, explain_varlen,
+from .api import (AttnkernFallbackWarning, Explanation, attention, explain, explain_kvcache, explain_varlen,
                   scaled_dot_product_attention, varlen_attention)
 from .backends import BackendUnavailableError
 from .backends import names as backend_names
@@ -41,6 +42,7 @@ __all__ = [
     "attention_with_kvcache",
     "backend_names",
     "explain",
+    "explain_kvcache",
     "explain_varlen",
     "reference_attention",
     "reference_varlen_attention",

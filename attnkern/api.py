@@ -1,5 +1,6 @@
 """Public entry points: `scaled_dot_product_attention` (torch's signature and semantics), `attention`
-(the richer API) and `explain` (which path a call takes, and why).
+(the richer API) and `explain` (which path a call takes, and why; `explain_varlen` and
+`explain_kvcache` for the packed and the KV-cache entry points).
 
 Every call goes the same way: normalize the arguments into one AttentionProblem (problem.py), choose a
 backend (backends/__init__.py), run it through the custom ops (ops.py), view the result back into the
@@ -319,3 +320,38 @@ def explain_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
     backward = backends.get(choice.backend).backward_path(config.deterministic_backward(deterministic))
     return Explanation(choice.backend, choice.reason, choice.fallback, problem.summary(), dict(choice.rejected),
                        [], backward)
+
+
+def explain_kvcache(q, k_cache, v_cache, k_new=None, v_new=None, cache_seqlens=None, *, block_table=None,
+                    causal=False, window=None, softcap=None, alibi_slopes=None, scale=None, return_lse: bool = False,
+                    num_splits: int = 0, backend: Optional[str] = None) -> Explanation:
+    """`explain` for `attention_with_kvcache`'s arguments (the same signature): which backend runs the decode
+    step, and why each of the others declines it. Appends nothing. Checks the arguments as the call would
+    (reading the lengths and the block table); an explicit backend that cannot run the call is reported,
+    not raised."""
+    from . import kvcache
+
+    problem, _, _ = kvcache.check_call(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, causal, window,
+                                       softcap, alibi_slopes, scale, num_splits)
+    requested = _requested(backend)
+    rejected = {}
+    for name in backends.names():
+        why = None if name in ("auto", "reference") else kvcache.unsupported_reason(name, problem)
+        if why:
+            rejected[name] = why
+    try:
+        with warnings.catch_warnings():  # the fallback warning is what this call reports
+            warnings.simplefilter("ignore")
+            chosen = kvcache.choose_backend(problem, requested)
+    except backends.BackendUnavailableError as exc:
+        return Explanation("none", str(exc), False, problem.summary(), rejected)
+    fallback = requested == "auto" and chosen == "reference"
+    if requested != "auto":
+        reason = "requested explicitly"
+    elif fallback:
+        reason = ("no decode kernel covers this call; the naive reference path runs it (each batch element's "
+                  "keys gathered, then the reference attention)")
+    else:
+        reason = f"auto: the {chosen} decode kernel runs {problem.device.type} calls like this one"
+    rejected.pop(chosen, None)
+    return Explanation(chosen, reason, fallback, problem.summary(), rejected, [], "none (decoding is forward only)")

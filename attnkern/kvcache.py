@@ -11,6 +11,8 @@ its queries attend to those n_b keys, `causal` and `window` aligned bottom-right
 This module holds the checks, the in-place append, the gather-based reference path (also the oracle of
 the tests) and the backend choice; the CPU kernel is the C++ op attnkern_ext::decode (csrc/cpu/decode.cpp,
 split-KV). Forward only: decoding is inference, and a call that would need a gradient is refused.
+Under torch.compile a call traces as one custom op (ops_kvcache.py) that declares the append as a mutation
+and makes the host checks of the lengths when it runs; eager calls run the same body (decode_step).
 """
 from __future__ import annotations
 
@@ -60,6 +62,17 @@ class DecodeProblem:
     def device(self) -> torch.device:
         return self.q.device
 
+    def summary(self) -> str:
+        """One line for explain_kvcache (reads no tensor data)."""
+        B, Lq, Hq, E = self.q.shape
+        P, page_size, Hkv, _ = self.k_cache.shape
+        cache = (f"paged cache ({P} pages of {page_size}, block_table {tuple(self.block_table.shape)})"
+                 if self.block_table is not None else f"contiguous cache (S_max={page_size})")
+        mods = (f" softcap={self.softcap:g}" if self.softcap else "") + (" alibi" if self.alibi is not None else "")
+        return (f"decode B={B} Lq={Lq} Hq={Hq} Hkv={Hkv} E={E} Ev={self.v_cache.shape[3]} dtype={_dt(self.dtype)} "
+                f"device={self.device.type} {cache} band={self.band.describe()} (on each batch element's length)"
+                + mods)
+
 
 def _check_float(name: str, t, dtype=None, device=None) -> None:
     if not isinstance(t, torch.Tensor):
@@ -87,10 +100,32 @@ def _parse_causal(causal) -> int:
     return masks.CAUSAL_BOTTOM_RIGHT if code != masks.CAUSAL_NONE else code
 
 
+def check_lengths(k_cache, cache_seqlens, Lnew: int, block_table) -> None:
+    """The checks on values (host reads of the lengths and the block table) that bound every cache access:
+    cache_seqlens + Lnew within the keys a batch element's cache holds, the pages in use within the cache.
+    Arguments as checked by `check_call` on their metadata."""
+    P, page_size = k_cache.shape[:2]
+    capacity = page_size if block_table is None else block_table.shape[1] * page_size
+    lens = cache_seqlens.to(torch.int64)
+    if not lens.numel():
+        return
+    if int(lens.min()) < 0 or int(lens.max()) + Lnew > capacity:
+        raise ValueError(f"cache_seqlens + Lnew must lie in [0, {capacity}] (the keys the cache holds per batch "
+                         f"element), got cache_seqlens in [{int(lens.min())}, {int(lens.max())}] with Lnew = {Lnew}")
+    if block_table is not None:
+        used = (lens + Lnew + page_size - 1) // page_size if page_size else torch.zeros_like(lens)
+        cols = torch.arange(block_table.shape[1], device=block_table.device)
+        pages = block_table[cols.unsqueeze(0) < used.unsqueeze(1)]
+        if pages.numel() and (int(pages.min()) < 0 or int(pages.max()) >= P):
+            raise ValueError(f"block_table holds page {int(pages.min()) if int(pages.min()) < 0 else int(pages.max())}"
+                             f" among the pages in use, outside the cache's pages [0, {P})")
+
+
 def check_call(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, causal, window, softcap,
-               alibi_slopes, scale, num_splits):
+               alibi_slopes, scale, num_splits, read_values: bool = True):
     """Validate a call; returns (DecodeProblem with the lengths after the append, cache_seqlens as an int32
-    (B,) tensor, Lnew). Reads the lengths and the block table (host values) to bound every access."""
+    (B,) tensor, Lnew). With `read_values` (eager calls) also `check_lengths`, which reads the lengths and
+    the block table on the host; a traced call leaves that to the op (ops_kvcache.py)."""
     _check_float("q", q)
     dtype, device = q.dtype, q.device
     B, Lq, Hq, E = q.shape
@@ -137,18 +172,9 @@ def check_call(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, ca
                if isinstance(cache_seqlens, torch.Tensor) else repr(cache_seqlens))
         raise ValueError(f"cache_seqlens must be an int or an int32 tensor of shape (B,) = ({B},) on {device}, "
                          f"got {got}")
-    lens = cache_seqlens.to(torch.int64)
-    if B and (int(lens.min()) < 0 or int(lens.max()) + Lnew > capacity):
-        raise ValueError(f"cache_seqlens + Lnew must lie in [0, {capacity}] (the keys the cache holds per batch "
-                         f"element), got cache_seqlens in [{int(lens.min())}, {int(lens.max())}] with Lnew = {Lnew}")
-    seqlens = (lens + Lnew).to(torch.int32)
-    if paged and B:
-        used = (lens + Lnew + page_size - 1) // page_size if page_size else torch.zeros_like(lens)
-        cols = torch.arange(block_table.shape[1], device=device)
-        pages = block_table[cols.unsqueeze(0) < used.unsqueeze(1)]
-        if pages.numel() and (int(pages.min()) < 0 or int(pages.max()) >= P):
-            raise ValueError(f"block_table holds page {int(pages.min()) if int(pages.min()) < 0 else int(pages.max())}"
-                             f" among the pages in use, outside the cache's pages [0, {P})")
+    if read_values:
+        check_lengths(k_cache, cache_seqlens, Lnew, block_table)
+    seqlens = (cache_seqlens.to(torch.int64) + Lnew).to(torch.int32)
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0 (0: chosen from the problem), got {num_splits!r}")
     band = make_band(_parse_causal(causal), parse_window(window))
@@ -242,7 +268,7 @@ def choose_backend(problem: DecodeProblem, requested: str) -> str:
     why = unsupported_reason("cpu", problem)
     if why is None:
         return "cpu"
-    if why not in _warned:  # as attention's fallback warning: once per reason
+    if why not in _warned and not torch.compiler.is_compiling():  # as attention's fallback warning: once per reason
         _warned.add(why)
         from .api import AttnkernFallbackWarning
 
@@ -314,11 +340,24 @@ def attention_with_kvcache(
         if needing:
             raise RuntimeError(f"attention_with_kvcache is forward only (inference), but {', '.join(needing)} "
                                "requires grad: call it under torch.no_grad() or torch.inference_mode(), or detach")
+    compiling = torch.compiler.is_compiling()
     problem, cache_seqlens, Lnew = check_call(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, causal,
-                                              window, softcap, alibi_slopes, scale, num_splits)
+                                              window, softcap, alibi_slopes, scale, num_splits,
+                                              read_values=not compiling)
     requested = config.requested_backend() if backend is None else backends.check_name(backend)
     name = choose_backend(problem, requested)
-    if Lnew:
-        append_to_cache(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
-    out, lse = run(problem, name)
+    if compiling:  # the op, which tells the compiler about the in-place append (ops_kvcache.py)
+        from .ops_kvcache import kvcache_decode
+
+        out, lse = kvcache_decode(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, problem.scale,
+                                  problem.band.as_op(), problem.softcap, problem.alibi, num_splits, name)
+    else:
+        out, lse = decode_step(problem, k_new, v_new, cache_seqlens, name)
     return (out, lse) if return_lse else out
+
+
+def decode_step(problem: DecodeProblem, k_new, v_new, cache_seqlens, backend: str):
+    """Append k_new/v_new (or None) in place at cache_seqlens, then attend on `backend`: (out, lse)."""
+    if k_new is not None and k_new.shape[1]:
+        append_to_cache(problem.k_cache, problem.v_cache, k_new, v_new, cache_seqlens, problem.block_table)
+    return run(problem, backend)

@@ -4,7 +4,8 @@ Adding a backend to the test matrix gives it all of these cases at once."""
 from __future__ import annotations
 
 from attnkern.tools.cases import (  # noqa: F401
-    RANDOM_MAX_WORK, Case, as_kwargs, describe, detached, grad_leaves, make_inputs, mask_shape, random_case,
+    RANDOM_MAX_WORK, Case, DecodeCase, as_kwargs, decode_kwargs, describe, detached, grad_leaves, make_decode_inputs,
+    make_inputs, mask_shape, random_case, run_decode_reference,
     random_empty_case, run_reference, upstream_grads,
 )
 
@@ -86,6 +87,28 @@ CASES = [
     Case("gpu_L2049_e256_causal", L=2049, S=2049, E=256, Hq=2, causal="top_left", gpu_only=True),
     Case("gpu_L777_e80_keypad", L=777, S=777, E=80, B=4, Hq=4, mask="bool", mask_dims="bs", gpu_only=True),
 ]
+
+
+# Decode steps (attention_with_kvcache): Lq 1..16 against caches of 0..8k keys, ragged per batch element
+# (an empty one included: its rows see nothing), contiguous and paged (pages of 16..256 in random order),
+# GQA 8:1 mostly, appending or not. The 8k caches are in two cases only, to keep the CPU cost small.
+DECODE_CASES = [
+    DecodeCase("dec_lq1_contig_gqa8", Lq=1, cache=(700, 1, 2047), Lnew=1),
+    DecodeCase("dec_lq1_paged16_gqa8_e128", Lq=1, cache=(33, 1500, 0), Lnew=1, Hq=16, Hkv=2, E=128, page_size=16),
+    DecodeCase("dec_lq4_paged256_causal", Lq=4, cache=(3000, 257), Lnew=4, page_size=256, causal=True),
+    DecodeCase("dec_lq16_contig_causal_e80", Lq=16, cache=(100, 1030), Lnew=16, E=80, causal=True),
+    DecodeCase("dec_lq7_noappend_mha_ev24", Lq=7, cache=(9, 1200, 0), Hq=4, Hkv=4, E=40, Ev=24),
+    DecodeCase("dec_lq2_paged32_mods", Lq=2, cache=(77, 301), Lnew=1, page_size=32, causal=True, window=(100, -1),
+               softcap=3.0, alibi=True),
+    DecodeCase("dec_lq1_cache8k_paged64", Lq=1, cache=(8191, 40), Lnew=1, page_size=64),
+    DecodeCase("dec_lq16_cache8k_contig_causal", Lq=16, cache=(8176, 3), Lnew=16, causal=True),
+    DecodeCase("gpu_dec_lq1_cache32k_b8", Lq=1, cache=(32768, 1, 30000, 4097, 16384, 100, 32000, 7), Hq=32, Hkv=8,
+               E=128, page_size=256, gpu_only=True),
+]
+
+
+def decode_cases(device_type: str):
+    return [c for c in DECODE_CASES if device_type == "cuda" or not c.gpu_only]
 
 
 def case_by_name(name: str) -> Case:

@@ -242,6 +242,8 @@ def test_compare_prints_per_cell_speedups(tmp_path, capsys):
     (["bench", "--dtypes", "fp8"], "--dtypes"),
     (["bench", "--providers", "cudnn"], "--providers"),
     (["bench", "--heads", "4", "--gqa", "3"], "--gqa"),
+    (["bench", "--varlen", "--heads", "4", "--gqa", "3"], "--gqa"),
+    (["bench", "--varlen", "--varlen-lengths", "9..2x3"], "--varlen-lengths"),
     (["bench", "--tokens", "1k", "--batch", "2"], "--batch"),
     (["bench", "--kv-seqlen", "x-1"], "--kv-seqlen"),
     (["bench", "--repeats", "0"], "--repeats"),
@@ -266,6 +268,84 @@ def test_bad_flags_name_the_flag(argv, flag, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "error:" in err and flag in err, err
+
+
+def test_varlen_grid_writes_every_cell_a_png_and_a_summary(tmp_path, capsys):
+    """`--varlen`: one packed batch per --seqlens value against the padded batch through SDPA, each
+    (batch, dtype, causal, provider, mode) cell once, FLOPs of the real tokens, the sweep's outputs."""
+    from attnkern.tools.bench.varlen import scaled_lengths
+
+    out = tmp_path / "varlen.json"
+    rc, stdout, _ = _run(["bench", "--varlen", "--seqlens", "40,64", "--heads", "4", "--gqa", "2", "--head-dims",
+                          "16", "--causal", "both", "--modes", "fwd,bwd,fwd+bwd", "--repeats", "2", "--json", str(out),
+                          "--markdown", str(tmp_path / "varlen.md"), "--no-progress"], capsys)
+    assert rc == 0, stdout
+    doc = json.loads(out.read_text())
+    got = sorted((c["Lq"], c["causal"], c["mode"], c["provider"]) for c in doc["cells"])
+    assert got == sorted((L, causal, mode, p) for L in (40, 64) for causal in (False, True)
+                         for mode in ("fwd", "bwd", "fwd+bwd") for p in ("attnkern varlen", "sdpa padded"))
+    for c in doc["cells"]:
+        lengths = scaled_lengths(c["Lq"])
+        assert c["lengths"] == lengths and c["B"] == len(lengths) and max(lengths) == c["Lq"] == c["Lk"]
+        assert (c["H"], c["Hkv"], c["E"], c["dtype"], c["status"]) == (4, 2, 16, "fp32", OK)
+        assert c["flops"] == pytest.approx(sum(attention_flops(1, 4, n, n, 16, 16, c["causal"], c["mode"])
+                                               for n in lengths))
+        assert len(c["times_ms"]) == 2 and c["speedup_vs_baseline"] > 0
+    assert doc["config"]["baseline"] == "sdpa padded" and doc["notes"]["varlen"]
+    assert (tmp_path / "varlen.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| attnkern varlen |" in (tmp_path / "varlen.md").read_text()
+    assert "vs sdpa padded" in stdout and "batch: 8 sequences, lengths 16..40" in stdout
+
+
+def test_varlen_grid_marks_a_reference_fallback(monkeypatch, capsys, tmp_path):
+    from attnkern import backends
+
+    monkeypatch.setattr(backends.get("cpu"), "varlen", False)
+    rc, stdout, _ = _run(["bench", "--varlen", "--varlen-lengths", "3,9", "--modes", "fwd", "--repeats", "1",
+                          "--out-dir", str(tmp_path), "--no-plot", "--no-progress"], capsys)
+    assert rc == 0 and "attnkern varlen  unsupported: no varlen kernel runs it here" in stdout
+
+
+def test_decode_grid_times_every_provider_or_says_why_not(tmp_path, capsys, monkeypatch):
+    """`--decode` with a tiny grid (a cache that is not a whole number of pages); a call attnkern would only
+    run on the reference path is marked with the reason, not timed."""
+    from attnkern import kvcache
+
+    out = tmp_path / "decode.json"
+    rc, stdout, _ = _run(["bench", "--decode", "--decode-caches", "300", "--batch", "2", "--dtypes", "fp32",
+                          "--repeats", "2", "--warmup", "1", "--json", str(out)], capsys)
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    (row,) = doc["rows"]
+    assert doc["shape"]["B"] == 2 and (row["cache"], row["dtype"]) == (300, "float32")
+    assert {"attnkern", "attnkern paged", "sdpa gqa", "sdpa repeat-kv"} <= set(row["ms"])
+    assert row["speedup_vs_best_sdpa"] == pytest.approx(min(row["ms"]["sdpa gqa"], row["ms"]["sdpa repeat-kv"])
+                                                        / row["ms"]["attnkern"])
+    assert ("flash_attn kvcache" in row["ms"]) != ("flash_attn kvcache" in doc["not_run"])
+    monkeypatch.setattr(kvcache, "unsupported_reason", lambda name, problem: None if name == "reference" else "no")
+    rc, stdout, _ = _run(["bench", "--decode", "--decode-caches", "300", "--dtypes", "fp32", "--repeats", "1"], capsys)
+    assert rc == 0 and "not run: attnkern: no decode kernel runs it here" in stdout
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["keypad", "causal"])
+def test_varlen_providers_compute_the_same_attention(causal):
+    """The packed call and the padded SDPA call of the varlen grid agree on every real row."""
+    import itertools
+
+    from attnkern.tools.bench import varlen
+
+    lengths, device = [5, 17, 1, 9], torch.device("cpu")
+    cu = [0, *itertools.accumulate(lengths)]
+    packed = varlen._input_sets(lengths, 4, 2, 8, torch.float64, device, 1, 3, padded=False)[0]
+    padded = varlen._input_sets(lengths, 4, 2, 8, torch.float64, device, 1, 3, padded=True)[0]
+    fn_packed = varlen._provider_fn("attnkern varlen", lengths, causal, (4, 2, 8), torch.float64, "reference",
+                                    device)[0]
+    fn_padded = varlen._provider_fn("sdpa padded", lengths, causal, (4, 2, 8), torch.float64, "auto", device)[0]
+    got = fn_packed(*packed.frozen)
+    want = varlen._pad(got, cu, max(lengths))
+    ref = fn_padded(*padded.frozen)
+    for b, n in enumerate(lengths):
+        torch.testing.assert_close(want[b, :, :n], ref[b, :, :n])
 
 
 def test_no_command_runs_the_selfcheck(monkeypatch):

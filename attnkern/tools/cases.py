@@ -5,6 +5,8 @@ A `Case` names a problem (shapes, heads, causal alignment, mask kind and broadca
 layout, rank, scale); `make_inputs` draws fresh random tensors for it, `run_reference` runs the naive
 reference on copies. `random_case(seed)` draws a case from the whole vocabulary (the randomized oracle
 tests run hundreds). A new feature is added here once, and every user of the module can express it.
+Decode steps against a KV cache (attention_with_kvcache) have their own `DecodeCase`, with
+`make_decode_inputs` and `run_decode_reference`.
 """
 from __future__ import annotations
 
@@ -393,3 +395,137 @@ def describe(case: Case) -> str:
     fields = [f"{f}={getattr(case, f)!r}" for f in case.__dataclass_fields__
               if f == "name" or f in ("L", "S") or getattr(case, f) != getattr(default, f)]
     return "Case(" + ", ".join(fields) + ")"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decode cases: one step of `attention_with_kvcache` (kvcache.py), a few queries against a KV cache
+# that holds a different number of keys per batch element, contiguous or paged.
+
+@dataclass(frozen=True)
+class DecodeCase:
+    name: str
+    Lq: int
+    cache: Tuple[int, ...]  # cache_seqlens per batch element before the call (B = len(cache))
+    Lnew: int = 0  # keys/values appended in place before attending (k_new, v_new); 0: none
+    Hq: int = 8
+    Hkv: int = 1  # GQA Hq:Hkv
+    E: int = 64
+    Ev: Optional[int] = None  # None: = E
+    page_size: Optional[int] = None  # None: contiguous cache (B, S_max, Hkv, E); else paged
+    causal: bool = False  # bottom-right on each batch element's own length
+    window: Optional[Tuple[int, int]] = None
+    softcap: Optional[float] = None
+    alibi: bool = False  # ALiBi slopes per query head
+    gpu_only: bool = False
+
+    @property
+    def B(self) -> int:
+        return len(self.cache)
+
+    @property
+    def ev(self) -> int:
+        return self.E if self.Ev is None else self.Ev
+
+    def summary(self) -> str:
+        return (f"B={self.B} H={self.Hq}/{self.Hkv} Lq={self.Lq} cache={list(self.cache)}+{self.Lnew} E={self.E}"
+                + (f" Ev={self.ev}" if self.ev != self.E else "")
+                + (f" paged({self.page_size})" if self.page_size else " contiguous")
+                + (" causal" if self.causal else "") + (f" window={self.window}" if self.window else "")
+                + (f" softcap={self.softcap:g}" if self.softcap else "") + (" alibi" if self.alibi else ""))
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def decode_kwargs(case: DecodeCase, device="cpu"):
+    """The keyword arguments of attention_with_kvcache (besides the tensors) for `case`."""
+    kw = dict(causal=case.causal, window=case.window)
+    if case.softcap:
+        kw["softcap"] = case.softcap
+    if case.alibi:
+        kw["alibi_slopes"] = torch.tensor([2.0 ** (-8.0 * (h + 1) / case.Hq) for h in range(case.Hq)],
+                                          dtype=torch.float32, device=device)
+    return kw
+
+
+def make_decode_inputs(case: DecodeCase, dtype: torch.dtype, device, seed: int = 0):
+    """Fresh random inputs of a decode step, as a dict: q, k_cache, v_cache, k_new, v_new (None without
+    Lnew), cache_seqlens, block_table (None for a contiguous cache) -- the arguments of
+    attention_with_kvcache -- and `keys`/`values`, each batch element's keys after the append as a plain
+    contiguous (B, S_max, Hkv, E) tensor (the reference's view, independent of any paging), with
+    `k_after`/`v_after`, the caches as the in-place append must leave them.
+
+    Every cache slot that holds no key (past a batch element's length, pages no one uses) is NaN, and the
+    block table's unused entries name pages that do not exist, so a kernel that reads what it must not
+    fails. Pages are handed out in a random order."""
+    gen = torch.Generator().manual_seed(seed)
+    B, Hkv, E, Ev = case.B, case.Hkv, case.E, case.ev
+    before = torch.tensor(case.cache, dtype=torch.int64)
+    after = before + case.Lnew
+    cap = int(after.max()) + 5 if B else 5
+    if case.page_size:
+        cap = -(-cap // case.page_size) * case.page_size
+    q = torch.randn(B, case.Lq, case.Hq, E, generator=gen, dtype=torch.float64)
+    k_new = torch.randn(B, case.Lnew, Hkv, E, generator=gen, dtype=torch.float64)
+    v_new = torch.randn(B, case.Lnew, Hkv, Ev, generator=gen, dtype=torch.float64)
+    # The logical caches, (B, cap, Hkv, E): keys below each length, NaN above.
+    j = torch.arange(cap)
+    keys = torch.randn(B, cap, Hkv, E, generator=gen, dtype=torch.float64)
+    values = torch.randn(B, cap, Hkv, Ev, generator=gen, dtype=torch.float64)
+    keys[j[None, :] >= before[:, None]] = float("nan")
+    values[j[None, :] >= before[:, None]] = float("nan")
+    keys_after, values_after = keys.clone(), values.clone()
+    for b in range(B):
+        keys_after[b, int(before[b]): int(after[b])] = k_new[b]
+        values_after[b, int(before[b]): int(after[b])] = v_new[b]
+
+    def cast(t):
+        return t.to(device=device, dtype=dtype)
+
+    table = None
+    if case.page_size is None:
+        k_cache, v_cache, k_after, v_after = keys, values, keys_after, values_after
+    else:
+        ps = case.page_size
+        max_pages = cap // ps
+        used = [(int(n) + ps - 1) // ps for n in after]
+        P = sum(used) + 3  # a few pages no one uses
+        perm = torch.randperm(P, generator=gen)
+        table = torch.full((B, max_pages), P + 7, dtype=torch.int32)
+        k_cache = torch.full((P, ps, Hkv, E), float("nan"), dtype=torch.float64)
+        v_cache = torch.full((P, ps, Hkv, Ev), float("nan"), dtype=torch.float64)
+        k_after, v_after = k_cache.clone(), v_cache.clone()
+        at = 0
+        for b in range(B):
+            pages = perm[at: at + used[b]]
+            at += used[b]
+            table[b, : used[b]] = pages.to(torch.int32)
+            span = slice(0, used[b] * ps)
+            k_cache[pages] = keys[b, span].reshape(-1, ps, Hkv, E)
+            v_cache[pages] = values[b, span].reshape(-1, ps, Hkv, Ev)
+            k_after[pages] = keys_after[b, span].reshape(-1, ps, Hkv, E)
+            v_after[pages] = values_after[b, span].reshape(-1, ps, Hkv, Ev)
+        table = table.to(device)
+    return dict(q=cast(q), k_cache=cast(k_cache), v_cache=cast(v_cache),
+                k_new=cast(k_new) if case.Lnew else None, v_new=cast(v_new) if case.Lnew else None,
+                cache_seqlens=before.to(device=device, dtype=torch.int32), block_table=table,
+                keys=cast(keys_after), values=cast(values_after), k_after=cast(k_after), v_after=cast(v_after))
+
+
+def run_decode_reference(inputs, case: DecodeCase, dtype: torch.dtype):
+    """The naive decode math (kvcache_reference) in `dtype` on each batch element's keys after the append,
+    read from the plain logical caches of make_decode_inputs (no paging, no append): (out, lse)."""
+    from attnkern.band import make_band
+    from attnkern.kvcache import kvcache_reference
+    from attnkern.masks import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE
+    from attnkern.problem import kernel_scale
+
+    q = inputs["q"].to(dtype)
+    kw = decode_kwargs(case, q.device)
+    slopes = kw.get("alibi_slopes")
+    lens = inputs["cache_seqlens"].to(torch.int64) + case.Lnew
+    return kvcache_reference(
+        q, inputs["keys"].to(dtype), inputs["values"].to(dtype), lens, None,
+        band=make_band(CAUSAL_BOTTOM_RIGHT if case.causal else CAUSAL_NONE, case.window),
+        scale=kernel_scale(case.E ** -0.5 if case.E else 1.0, inputs["q"].dtype), softcap=case.softcap or 0.0,
+        alibi=None if slopes is None else slopes.reshape(1, -1))

@@ -19,6 +19,7 @@ from .overhead import parse_shape
 from .progress import Progress
 from .providers import by_name, default_providers, left_out_by_default, parse_providers
 from .runner import ERROR, MODES_DOC, OK, Sweep
+from .varlen import parse_batch_lengths
 
 DESCRIPTION = """\
 Measure attention throughput over sequence lengths: every attnkern backend available on the device,
@@ -96,12 +97,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--list-providers", action="store_true", help="list the providers and whether they run here")
     d = p.add_argument_group("decode (instead of the sweep)")
     d.add_argument("--decode", action="store_true",
-                   help="time a CPU decode step (B=1, Hq=32, Hkv=8, E=128, Lq=1) against KV caches of --decode-caches "
-                        "keys: attention_with_kvcache (contiguous and paged) beside torch's SDPA (enable_gqa, and "
-                        "K/V repeated); takes --dtypes (default fp32,bf16), --repeats, --warmup, --threads, --seed, "
-                        "--json")
+                   help="time a decode step (B=1 CPU, 8 GPU; Hq=32, Hkv=8, E=128, Lq=1) against KV caches of "
+                        "--decode-caches keys: attention_with_kvcache (contiguous and paged) beside torch's SDPA "
+                        "(enable_gqa, and K/V repeated) and flash_attn_with_kvcache if importable; takes --device, "
+                        "--batch, --dtypes (default fp32,bf16 CPU, bf16 GPU), --repeats, --warmup, --threads, "
+                        "--seed, --json")
     d.add_argument("--decode-caches", type=arg_type(parse_lengths), metavar="S,...",
                    help="cache lengths of --decode, k = 1024 (default 4k,8k,16k,32k)")
+    w = p.add_argument_group("packed variable-length batches (--varlen; see attnkern/tools/bench/varlen.py)")
+    w.add_argument("--varlen", action="store_true",
+                   help="instead of the sweep: varlen_attention on packed batches of mixed lengths against the "
+                        "same batch padded through torch's SDPA; one batch per --seqlens value (its longest "
+                        "length; default 1k,4k CPU, 4k,16k GPU), takes --heads, --gqa, --head-dims (the first), "
+                        "--dtypes, --causal (default yes), --modes, the timing and output options")
+    w.add_argument("--varlen-lengths", type=arg_type(parse_batch_lengths), metavar="N,...|LO..HIxN",
+                   help="one batch's sequence lengths instead of the --seqlens batches")
+    w.add_argument("--varlen-backend", default="auto", help="attnkern backend of --varlen (default auto)")
 
 
 def _device(args, parser) -> torch.device:
@@ -140,9 +151,9 @@ def _list_providers(device: torch.device, out) -> int:
     return 0
 
 
-def _output_paths(args, device: torch.device):
+def _output_paths(args, device: torch.device, kind: str = "bench"):
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    json_path = args.json or os.path.join(args.out_dir, f"bench-{environment.device_tag(device)}-{stamp}.json")
+    json_path = args.json or os.path.join(args.out_dir, f"{kind}-{environment.device_tag(device)}-{stamp}.json")
     plot_path = None if args.no_plot else (args.plot or os.path.splitext(json_path)[0] + ".png")
     return json_path, plot_path
 
@@ -169,13 +180,15 @@ def run(args, parser: argparse.ArgumentParser, out=None) -> int:
             torch.set_num_threads(args.threads)
         run_decode(args.decode_caches, args.dtypes, repeats=args.repeats or 10,
                    warmup=args.warmup if args.warmup is not None else 2, seed=args.seed, out=out,
-                   json_path=args.json)
+                   json_path=args.json, device=_device(args, parser), batch=args.batch)
         return 0
     device = _device(args, parser)
     if args.list_providers:
         return _list_providers(device, out)
     if args.overhead:
         return run_overhead(args, device, out)
+    if args.varlen:
+        return run_varlen_grid(args, parser, device, out)
     for flag, given in (("--overhead-shape", args.overhead_shape), ("--calls", args.calls)):
         if given is not None:
             parser.error(f"argument {flag}: only with --overhead")
@@ -215,7 +228,12 @@ def run(args, parser: argparse.ArgumentParser, out=None) -> int:
     doc = report.document(environment.environment(device), cfg.to_dict(),
                           {n: by_name()[n].description for n in cfg.providers}, cells, notes)
     report.print_table(cells, cfg.baseline, out)
+    return write_outputs(args, doc, cells, json_path, plot_path, out)
 
+
+def write_outputs(args, doc, cells, json_path: str, plot_path: Optional[str], out) -> int:
+    """The results file, the plot and the markdown summary of a grid's cells (already printed as a
+    table), then what was not measured; returns the exit status."""
     status = 0
     try:
         os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
@@ -257,6 +275,48 @@ def run(args, parser: argparse.ArgumentParser, out=None) -> int:
         if args.strict:
             status = 1
     return status
+
+
+def run_varlen_grid(args, parser, device: torch.device, out) -> int:
+    """`--varlen`: packed batches against the padded batch through torch's SDPA (varlen.py), with the
+    sweep's table, JSON, plot and markdown outputs."""
+    from . import varlen
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    cpu = device.type != "cuda"
+    heads = args.heads or (4 if cpu else 16)
+    gqa = args.gqa or 1
+    if heads % gqa:
+        parser.error(f"argument --gqa: must divide the query heads {heads}")
+    E = (args.head_dims or [64 if cpu else 128])[0]
+    dtypes = args.dtypes or (["fp32"] if cpu else ["bf16"])
+    modes = args.modes or (["fwd", "fwd+bwd"] if cpu else ["fwd", "bwd", "fwd+bwd"])
+    causal = args.causal or [True]
+    repeats = args.repeats or (3 if cpu else 30)
+    warmup = args.warmup if args.warmup is not None else (1 if cpu else 5)
+    batches = varlen.batches_of(args.seqlens, args.varlen_lengths, device)
+    json_path, plot_path = _output_paths(args, device, "varlen")
+    print(f"attnkern bench --varlen on {environment.device_info(device)['name']} ({device}), "
+          f"{torch.get_num_threads()} threads", file=out)
+    for lengths in batches:
+        print(f"batch: {len(lengths)} sequences, lengths {min(lengths)}..{max(lengths)} (mean "
+              f"{sum(lengths) / len(lengths):.0f}, {sum(lengths)} tokens, padded {len(lengths) * max(lengths)})",
+              file=out)
+    providers = [p for p in varlen.PROVIDERS if not cpu or p != "sdpa:flash padded"]
+    progress = Progress(len(batches) * len(dtypes) * len(causal) * len(providers), enabled=not args.no_progress)
+    try:
+        cells = varlen.run_varlen(device, batches, dtypes, heads, gqa, E, causal, modes, repeats, warmup,
+                                  args.input_sets or 2, args.seed, args.varlen_backend, progress)
+    finally:
+        progress.close()
+    config = dict(device=str(device), batches=batches, dtypes=dtypes, heads=heads, gqa=gqa, head_dim=E,
+                  causal=causal, modes=modes, repeats=repeats, warmup=warmup, seed=args.seed,
+                  backend=args.varlen_backend, baseline=varlen.BASELINE)
+    doc = report.document(environment.environment(device), config,
+                          {p: p for p in providers}, cells, varlen.notes(device, args.varlen_backend))
+    report.print_table(cells, varlen.BASELINE, out)
+    return write_outputs(args, doc, cells, json_path, plot_path, out)
 
 
 def run_overhead(args, device: torch.device, out) -> int:

@@ -60,7 +60,7 @@ def write_plot(doc: Dict, path: str, dpi: int = 90) -> None:
             ax.set_ylim(bottom=0)
             ax.grid(True, alpha=0.3)
             if r == n_rows - 1:
-                ax.set_xlabel("sequence length (Lq)", fontsize=8)
+                ax.set_xlabel(doc.get("notes", {}).get("x_axis", "sequence length (Lq)"), fontsize=8)
             if m == 0:
                 ax.set_ylabel("TFLOP/s", fontsize=8)
     handles = [h for ax in axes.flat for h in ax.get_lines()]

@@ -65,6 +65,37 @@ def test_triton_score_mods_and_window(variant, dtype):
     _run(case, num_splits=3, **mods)
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_triton_several_row_blocks(num_splits):
+    """GQA 8:1 with Lq = 9: 72 query rows per kv head, two row blocks of at most 64."""
+    case = make_case(B=2, Lq=9, Hq=8, Hkv=1, E=16, before=[30, 0], Lnew=9, page_size=16, dtype=torch.float16,
+                     seed=7)
+    _run(case, num_splits=num_splits, causal=True)
+
+
+def test_triton_strided_inputs():
+    """q in (B, Hq, Lq, E) storage, caches and new rows whose head dim is strided: read in place."""
+    from test_kvcache import references
+    from attnkern.tolerance import check
+
+    case = _on_device(make_case(B=2, Lq=2, Hq=8, Hkv=2, E=32, before=[40, 3], Lnew=2, page_size=5,
+                                dtype=torch.float16, seed=21))
+
+    def strided(t):
+        big = torch.full((*t.shape[:-1], 2 * t.shape[-1]), float("nan"), dtype=t.dtype, device=t.device)
+        big[..., ::2] = t
+        return big[..., ::2]
+
+    q = case["q"].transpose(1, 2).contiguous().transpose(1, 2)
+    k_cache, v_cache = strided(case["k_cache"]), strided(case["v_cache"])
+    out, lse = attnkern.attention_with_kvcache(q, k_cache, v_cache, strided(case["k_new"]), strided(case["v_new"]),
+                                               case["cache_seqlens"], block_table=case["block_table"], causal=True,
+                                               return_lse=True, backend="triton", num_splits=2)
+    (o64, l64), (olp, llp) = references(case, causal=True)
+    msgs = [check("out", out, o64, olp, torch.float16), check("lse", lse, l64, llp.float(), torch.float16)]
+    assert not any(msgs), "\n".join(m for m in msgs if m)
+
+
 def test_triton_auto_splits_and_rows_that_see_nothing():
     """num_splits=0 (chosen from the problem) on a cache long enough for two splits under the interpreter;
     rows that see no key under causal give out 0 and lse -inf."""

@@ -225,9 +225,10 @@ def decode_forward(q, k_cache, v_cache, seqlens, block_table, band, scale: float
     lse = _poisoned(q.new_empty((B, Hq, Lq), dtype=torch.float32))
     if out.numel() == 0:
         return out, lse
+    # A page size that is not a multiple of the key tile (16, say, under a 64-key tile) keeps the tile
+    # and looks up each key's page: smaller tiles would cost more than the lookups (compile report:
+    # 16-key tiles duplicate MMA work across the warps).
     block_m, block_n, warps, stages = configs.decode_config(group * Lq, max(E, Ev), q.dtype)
-    if paged and page_size % block_n and page_size % 16 == 0:  # a smaller tile that divides the page
-        block_n = min(block_n, page_size & -page_size)
     row_blocks = triton.cdiv(group * Lq, block_m)
     splits = choose_splits(num_splits, B * Hkv * row_blocks, capacity, block_n, q.device)
     # Windows past the cache's capacity see the same keys as unbounded ones: clamped, they stay 32-bit.

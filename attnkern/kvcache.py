@@ -10,7 +10,8 @@ its queries attend to those n_b keys, `causal` and `window` aligned bottom-right
 
 This module holds the checks, the in-place append, the gather-based reference path (also the oracle of
 the tests) and the backend choice; the CPU kernel is the C++ op attnkern_ext::decode (csrc/cpu/decode.cpp,
-split-KV). Forward only: decoding is inference, and a call that would need a gradient is refused.
+split-KV), the GPU kernel attnkern/triton/decode.py (split-KV, the same merge). Forward only: decoding is
+inference, and a call that would need a gradient is refused.
 Under torch.compile a call traces as one custom op (ops_kvcache.py) that declares the append as a mutation
 and makes the host checks of the lengths when it runs; eager calls run the same body (decode_step).
 """
@@ -238,7 +239,8 @@ def kvcache_reference(q, k_cache, v_cache, seqlens, block_table=None, *, band: B
 
 
 # ----------------------------------------------------------------------------------------------------
-# Backends: the C++ CPU kernel, and the reference. The GPU backends have no decode kernel yet.
+# Backends: the C++ CPU kernel, the Triton kernel (attnkern/triton/decode.py; GPUs, and CPU tensors
+# under TRITON_INTERPRET=1), and the reference. The cuda backend has no decode kernel yet.
 
 def unsupported_reason(name: str, problem: DecodeProblem) -> Optional[str]:
     """None if backend `name` runs this decode call, else why not."""
@@ -256,7 +258,31 @@ def unsupported_reason(name: str, problem: DecodeProblem) -> Optional[str]:
         if problem.dtype not in CPU_DTYPES:
             return f"the CPU decode kernel takes float16, bfloat16, float32 and float64, not {problem.dtype}"
         return None
-    return f"KV-cache decoding has no {name} kernel yet (the cpu and reference backends run it)"
+    if name == "triton":
+        return _triton_reason(problem)
+    return f"KV-cache decoding has no {name} kernel yet (the cpu, triton and reference backends run it)"
+
+
+def _triton_reason(problem: DecodeProblem) -> Optional[str]:
+    from .backends import triton as triton_backend
+
+    why = backends.get("triton").availability(problem.device)
+    if why:
+        return why
+    if problem.dtype not in triton_backend.KERNEL_DTYPES:
+        return f"the Triton decode kernel takes float16, bfloat16 and float32, not {problem.dtype}"
+    E, Ev = problem.q.shape[3], problem.v_cache.shape[3]
+    if max(E, Ev) > triton_backend.MAX_HEAD_DIM:
+        return f"head dims up to {triton_backend.MAX_HEAD_DIM} (got E={E}, Ev={Ev})"
+    if problem.dtype == torch.bfloat16:
+        if problem.device.type == "cpu":
+            return "the Triton CPU interpreter computes bfloat16 dots wrongly; bfloat16 runs on a GPU"
+        if torch.cuda.get_device_capability(problem.device) < (8, 0):
+            return "bfloat16 kernels need a GPU of compute capability 8.0 or newer"
+    B, Hkv = problem.q.shape[0], problem.k_cache.shape[2]
+    if max(B, Hkv) > triton_backend.MAX_GRID_YZ:  # grid axes 1 (kv heads) and 2 (batch)
+        return f"at most {triton_backend.MAX_GRID_YZ} batch elements and kv heads (got B={B}, Hkv={Hkv})"
+    return None
 
 
 def choose_backend(problem: DecodeProblem, requested: str) -> str:
@@ -265,14 +291,16 @@ def choose_backend(problem: DecodeProblem, requested: str) -> str:
         if why:
             raise backends.BackendUnavailableError(f"backend={requested!r} cannot run this decode call: {why}")
         return requested
-    why = unsupported_reason("cpu", problem)
+    # The CPU kernel for CPU tensors, the Triton one for GPU tensors.
+    first = "triton" if problem.device.type == "cuda" else "cpu"
+    why = unsupported_reason(first, problem)
     if why is None:
-        return "cpu"
+        return first
     if why not in _warned and not torch.compiler.is_compiling():  # as attention's fallback warning: once per reason
         _warned.add(why)
         from .api import AttnkernFallbackWarning
 
-        warnings.warn(f"attnkern: attention_with_kvcache runs the naive reference path (cpu: {why})",
+        warnings.warn(f"attnkern: attention_with_kvcache runs the naive reference path ({first}: {why})",
                       AttnkernFallbackWarning, stacklevel=3)
     return "reference"
 
@@ -289,9 +317,21 @@ def _run_cpu(p: DecodeProblem):
     return out, lse
 
 
+def _run_triton(p: DecodeProblem):
+    import contextlib
+
+    from .triton.decode import decode_forward
+
+    with torch.cuda.device(p.device) if p.device.type == "cuda" else contextlib.nullcontext():
+        return decode_forward(p.q, p.k_cache, p.v_cache, p.seqlens, p.block_table, p.band, p.scale, p.softcap,
+                              p.alibi, p.num_splits)
+
+
 def run(problem: DecodeProblem, backend: str):
     if backend == "cpu":
         return _run_cpu(problem)
+    if backend == "triton":
+        return _run_triton(problem)
     return kvcache_reference(problem.q, problem.k_cache, problem.v_cache, problem.seqlens, problem.block_table,
                              band=problem.band, scale=problem.scale, softcap=problem.softcap, alibi=problem.alibi,
                              compute_dtype=torch.float32 if problem.dtype in (torch.float16, torch.bfloat16) else None)
@@ -330,8 +370,10 @@ def attention_with_kvcache(
     log-sum-exp (B, Hq, Lq) (float32; -inf and out 0 for a row that sees no key).
     num_splits: how many parts each batch element's keys are split into across threads (0: chosen from
     the problem; never from the thread count, so results are bitwise reproducible).
-    backend: "auto" (the CPU kernel for CPU tensors, else the reference), "cpu" or "reference"; triton
-    and cuda have no decode kernel yet and decline with that reason. None: use_backend/ATTNKERN_BACKEND.
+    backend: "auto" (the CPU kernel for CPU tensors, the Triton kernel for CUDA tensors, else the
+    reference), "cpu", "triton" (split-KV as the CPU kernel; CPU tensors only under TRITON_INTERPRET=1)
+    or "reference"; cuda has no decode kernel yet and declines with that reason. None:
+    use_backend/ATTNKERN_BACKEND.
     Inference only: a call with an input that requires grad (under grad mode) raises.
     """
     if torch.is_grad_enabled():

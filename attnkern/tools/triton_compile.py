@@ -6,8 +6,9 @@
 The Triton interpreter (what the CPU test suite runs) accepts code the GPU compiler rejects, and says
 nothing of shared memory, registers, spills or how the tensor cores are used. This compiles what runs:
 
-- the launch: `attention_forward` / `attention_backward` run on CPU tensors of a problem's shapes with
-  each kernel replaced by a recorder, so the arguments are those the launch code really passes;
+- the launch: `attention_forward` / `attention_backward` (or, for the decode kernels, `decode_forward`)
+  run on CPU tensors of a problem's shapes with each kernel replaced by a recorder, so the arguments are
+  those the launch code really passes;
 - the specialization: the recorded arguments go through Triton's own argument binder for the target,
   as a launch does (16-divisible pointers, strides and sizes marked so, unit strides and GROUP = 1 made
   constant); CPU and CUDA allocations are both 16-byte aligned. A ragged problem (head dim 8 short of
@@ -48,9 +49,9 @@ from . import asm_stats  # noqa: E402
 from .. import config  # noqa: E402
 from .compile_report import MAX_SHARED, Record  # noqa: E402
 from ..band import make_band  # noqa: E402
-from ..masks import CAUSAL_NONE, CAUSAL_TOP_LEFT  # noqa: E402
+from ..masks import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT  # noqa: E402
 from ..score_mods import NONE, ScoreMods  # noqa: E402
-from ..triton import backward, configs, forward  # noqa: E402
+from ..triton import backward, configs, decode, forward  # noqa: E402
 
 TARGETS = (90, 86, 80)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -109,6 +110,18 @@ class KernelEntry:
     mask_grad: bool = False
     in_grid: bool = True  # run by the benchmark grid's calls
     deterministic: Optional[bool] = None
+    decode: bool = False  # launched by attention_with_kvcache (record_decode_launches), not attention
+
+    def runs_for(self, p: "Problem") -> bool:
+        """Whether a call of problem p launches this kernel: decode kernels only for the plain problems
+        (no mask, no score modifications, aligned), which record_decode_launches turns into a decode
+        call; attention kernels for every problem but float32 ones' residual forward (float32 outputs
+        save none) and, for the mask-gradient pass, only learned (float) masks."""
+        if self.decode:
+            return p.mask == 0 and not (p.mods or p.ragged or p.i64)
+        if self.residual and p.dtype == "float32":
+            return False
+        return not self.mask_grad or p.mask == 2
 
     def useful_macs(self, blocks: Dict[str, int]) -> int:
         return sum(blocks[a] * blocks[b] * blocks[c] for a, b, c in self.products)
@@ -128,9 +141,13 @@ KERNELS = (
                 (QK, ("N", "EV", "M"), ("N", "M", "EV"), ("N", "E", "M"), ("M", "E", "N")), deterministic=False,
                 in_grid=False),
     KernelEntry("dmask", "_attn_bwd_dmask_kernel", (QK, ("M", "N", "EV")), mask_grad=True, in_grid=False),
+    # KV-cache decoding (triton/decode.py): the split-KV pass (M: the GQA group's query rows), and the
+    # merge of the splits (no products).
+    KernelEntry("decode", "_decode_split_kernel", (QK, ("M", "EV", "N")), in_grid=False, decode=True),
+    KernelEntry("decode-merge", "_decode_merge_kernel", (), in_grid=False, decode=True),
 )
 KERNEL_BY_NAME = {k.name: k for k in KERNELS}
-LAUNCH_MODULES = (forward, backward)
+LAUNCH_MODULES = (forward, backward, decode)
 
 
 @dataclass
@@ -211,6 +228,25 @@ def record_launches(p: Problem, residual: bool, mask_grad: bool,
     if p.i64:
         for launch in launches.values():
             launch.kwargs["I64"] = True
+    return launches
+
+
+def record_decode_launches(p: Problem) -> Dict[str, Launch]:
+    """The launches of one attention_with_kvcache call of p's dtype and head dim: GQA 8:1 (Hq = 32,
+    Hkv = 4), one query per sequence, B = 4 sequences of up to 4096 keys in a cache of 256-key pages
+    (one page lookup per key tile), causal per p; split in 8 as the interpreter's rule splits it (on a
+    GPU the split count depends on its SM count, not on the kernels' code), so both kernels launch."""
+    torch.manual_seed(0)
+    B, Hq, Hkv, E, page, pages = 4, 32, 4, p.head_dim, 256, 16
+    dt = DTYPES[p.dtype]
+    q = torch.randn(B, 1, Hq, E, dtype=dt)
+    k_cache, v_cache = (torch.randn(B * pages, page, Hkv, E, dtype=dt) for _ in range(2))
+    table = torch.arange(B * pages, dtype=torch.int32).reshape(B, pages)
+    seqlens = torch.full((B,), page * pages, dtype=torch.int32)
+    band = make_band(CAUSAL_BOTTOM_RIGHT if p.causal else CAUSAL_NONE, None)
+    launches: Dict[str, Launch] = {}
+    with _recording(launches):
+        decode.decode_forward(q, k_cache, v_cache, seqlens, table, band, 0.125, 0.0, None, 0)
     return launches
 
 
@@ -301,7 +337,8 @@ def ptxas_figures(log: str) -> Tuple[int, int]:
 
 
 def _config_label(c: Choice) -> str:
-    return f"{c.meta.get('BLOCK_M')}x{c.meta.get('BLOCK_N')} w{c.num_warps} s{c.num_stages}"
+    tile = f"{c.meta.get('BLOCK_M')}x{c.meta['BLOCK_N']}" if "BLOCK_N" in c.meta else f"{c.meta.get('BLOCK_M')}"
+    return f"{tile} w{c.num_warps} s{c.num_stages}"
 
 
 @dataclass(frozen=True)
@@ -317,7 +354,8 @@ def run_job(job: Job) -> List[Record]:
     """Compile every choice of one kernel's launch for one problem and target."""
     entry = KERNEL_BY_NAME[job.kernel]
     with configs.for_target(job.arch):  # launch code that picks a config per GPU picks it for this one
-        launches = record_launches(job.problem, entry.residual, entry.mask_grad, entry.deterministic)
+        launches = (record_decode_launches(job.problem) if entry.decode else
+                    record_launches(job.problem, entry.residual, entry.mask_grad, entry.deterministic))
     launch = launches.get(entry.attr)
     base = dict(backend="triton", kernel=entry.name, target=f"sm_{job.arch}", problem=job.problem.label(),
                 in_grid=entry.in_grid and job.problem.in_grid())
@@ -355,7 +393,7 @@ def compile_choice(entry: KernelEntry, launch: Launch, c: Choice, arch: int, bas
     rec.smem_bytes = int(k.metadata.shared)
     ptx = k.asm["ptx"]
     rec.registers, rec.spill_bytes = ptxas_figures(log)
-    blocks = {"M": meta["BLOCK_M"], "N": meta["BLOCK_N"], "E": meta["BLOCK_E"], "EV": meta["BLOCK_EV"]}
+    blocks = {name: meta.get(f"BLOCK_{name}", 1) for name in ("M", "N", "E", "EV")}  # the merge has no N, E
     passes = 3 if meta.get("PRECISION") == "tf32x3" else 1
     eff = asm_stats.efficiency(ptx, c.num_warps, entry.useful_macs(blocks) * passes, blocks["M"] * blocks["N"])
     rec.mma_efficiency, rec.exp_per_score = eff.mma_efficiency, eff.exp_per_score
@@ -399,11 +437,8 @@ def jobs_for(problems, archs, kernels=None, include_pruned=False) -> List[Job]:
             for entry in KERNELS:
                 if kernels and entry.name not in kernels:
                     continue
-                if entry.residual and p.dtype == "float32":
-                    continue  # float32 outputs save no residual: the same launch as "fwd"
-                if entry.mask_grad and p.mask != 2:
-                    continue  # the mask-gradient pass runs for learned (float) masks
-                out.append(Job(entry.name, p, arch, include_pruned))
+                if entry.runs_for(p):
+                    out.append(Job(entry.name, p, arch, include_pruned))
     return out
 
 
@@ -414,9 +449,9 @@ def ci_jobs() -> List[Job]:
     default config of every kernel, tier and dtype class in its heaviest form (float mask, causal),
     plus one int64-indexing forward; the default config of the forward and both backward paths with
     every score modification (mods_problems) on sm_90 and sm_80, and their mask-gradient pass at E = 64
-    on sm_90."""
+    on sm_90; the decode kernel's split pass at E = 128 in fp16 and bf16 on sm_90."""
     grid = [Problem("float16", 64), Problem("float16", 128)]
-    out = jobs_for(grid, [90, 86])
+    out = jobs_for(grid, [90, 86], [k.name for k in KERNELS if not k.decode])
     out += jobs_for([Problem("float16", 128, ragged=True)], [90], ["fwd", "dkdv", "dq"])
     heavy = [Problem(dt, t, 2, True) for dt in ("float16", "float32") for t in configs.TIERS]
     out += [Job(j.kernel, j.problem, j.arch, default_only=True)
@@ -425,6 +460,7 @@ def ci_jobs() -> List[Job]:
     out += [Job(j.kernel, j.problem, j.arch, default_only=True)
             for j in jobs_for(mods_problems(), [90, 80], ["fwd", "fwd+lo", "dkdv", "dq", "onepass"])
             + jobs_for(mods_dmask_problems()[:1], [90], ["dmask"])]
+    out += [Job("decode", Problem(dt, 128), 90, default_only=True) for dt in ("float16", "bfloat16")]
     return out
 
 

@@ -227,3 +227,26 @@ def dmask_config(e: int, dtype):
     arch = target_arch()
     return next(c for c in DMASK_CONFIGS if c.attnkern_tier == key and kept_on(c, arch)
                 and chained_rows_ok(c.kwargs["BLOCK_M"], c.num_warps, arch, c.attnkern_small_ok))
+
+
+# KV-cache decoding (decode.py): not autotuned (one launch per generated token; the split count, not
+# the tile, decides how well a GPU is used). The M dim is the GQA group's query rows (group * Lq), at
+# least 16 for tl.dot and at most 64 per program; the key tile streams the cache.
+DECODE_MAX_ROWS = 64
+# Interpreter key tile: small, so that test caches of a few dozen keys span several tiles and splits.
+INTERPRET_DECODE_KEYS = 16
+
+
+def decode_config(rows: int, e: int, dtype):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the decode kernel for `rows` query rows per kv head
+    and head dim e (the larger of E and Ev)."""
+    block_m = min(max(16, triton.next_power_of_2(max(rows, 1))), DECODE_MAX_ROWS)
+    if INTERPRET:
+        return block_m, INTERPRET_DECODE_KEYS, 4, 1
+    wide = head_block(e) > 128 or dtype_class(dtype) == "fp32"
+    if head_block(e) > 128 and dtype_class(dtype) == "fp32":
+        # float32 at 256 features (compile report, sm_90/sm_86): two stages take 100 KB of shared memory
+        # (sm_86 has 99 KB), one stage on 4 warps spills 184-256 B; 8 warps spill nothing, at the price of
+        # duplicated MMA work in a kernel that waits on memory anyway.
+        return block_m, 32, 8, 1
+    return block_m, 32 if wide else 64, 4, 2

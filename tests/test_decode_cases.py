@@ -26,10 +26,14 @@ def _declines(backend: str, inputs, case) -> str:
 
 
 DECODE_PAIRS = [p for p in pairs() if p[0] != "reference"]
+# Kernels interpreted on the CPU (Triton's interpreter, the CUDA emulator) take the cases up to 4k keys:
+# an 8k case costs them 20-40 s each, and the 8k cases' shapes add no kernel path the others miss.
+INTERPRETED = {"triton", "cuda-emu"} if torch.device(DEVICE).type == "cpu" else set()
+CASE_PAIRS = [(case, pair) for case in decode_cases(torch.device(DEVICE).type) for pair in DECODE_PAIRS
+              if pair[0] not in INTERPRETED or max(case.cache) + case.Lnew <= 4096]
 
 
-@pytest.mark.parametrize("pair", DECODE_PAIRS, ids=pair_id)
-@pytest.mark.parametrize("case", decode_cases(torch.device(DEVICE).type), ids=str)
+@pytest.mark.parametrize("case, pair", CASE_PAIRS, ids=lambda x: pair_id(x) if isinstance(x, tuple) else str(x))
 def test_decode_case(case, pair):
     backend, dtype = pair
     inputs = make_decode_inputs(case, dtype, DEVICE, seed=len(case.name))

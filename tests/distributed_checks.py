@@ -143,6 +143,41 @@ def fail_on_rank_one(rank, world):
     return []
 
 
+def stall_rank_one(rank, world):
+    """On a group per method, rank 1 agrees on the layout (the shard-length all_gather every call starts
+    with), then never joins the attention's transfers (ring: batch_isend_irecv, Ulysses: async
+    all-to-alls). Rank 0's call must raise once the group's timeout passes, not hang. Failure messages."""
+    import datetime
+    import time
+
+    import torch.distributed as dist
+
+    from attnkern.distributed.sharding import layout_from_shards
+
+    q = torch.randn(1, 2, 5, 8)
+    # A subgroup has its own timeout (new_group's default is not the world's). Rank 1 enters Ulysses's
+    # all_gather while rank 0 is still stuck in the ring: that group waits longer than the ring's.
+    groups = {m: dist.new_group([0, 1], timeout=datetime.timedelta(seconds=s)) for m, s in (("ring", 3),
+                                                                                               ("ulysses", 6))}
+    if rank == 1:
+        for group in groups.values():
+            layout_from_shards(5, group, "zigzag", q.device)
+        time.sleep(10)  # until rank 0 has seen both timeouts
+        return []
+    failures = []
+    for method, group in groups.items():
+        fn = ring_attention if method == "ring" else ulysses_attention
+        start = time.monotonic()
+        try:
+            fn(q, q, q, causal=True, group=group)
+            failures.append(f"{method}: rank 0 finished without its peer")
+        except RuntimeError as e:
+            if "timed out" not in str(e).lower() or time.monotonic() - start > 10:
+                failures.append(f"{method}: expected a timeout within 10 s, got after "
+                                f"{time.monotonic() - start:.1f} s: {e}")
+    return failures
+
+
 def check_subgroups(rank, world):
     """Two independent rings at once, on process groups {0, 1} and {2, 3} (peers are group ranks)."""
     import torch.distributed as dist
@@ -154,3 +189,4 @@ def check_subgroups(rank, world):
         case = dict(method=method, B=1, Hq=2, Hkv=2, L=11, E=8, dtype=torch.float32, causal=True, seed=rank // 2)
         failures += check_case(rank, world, case, group=mine)
     return failures
+

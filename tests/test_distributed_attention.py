@@ -84,6 +84,13 @@ def test_failing_rank_fails_fast():
     assert time.monotonic() - start < 40
 
 
+def test_stalled_peer_times_out():
+    """Rank 1 never joins the transfers (ring: batch_isend_irecv; Ulysses: async all-to-alls): rank 0's
+    waits raise after the group's timeout (3 s here) instead of hanging (checks.stall_rank_one)."""
+    failures = run_local(checks.stall_rank_one, 2, timeout=100, collective_timeout=3)
+    assert not any(failures), failures
+
+
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
 @pytest.mark.parametrize("L,P", [(16, 2), (13, 4), (7, 3)])
 def test_layout_covers_the_sequence_once(layout, L, P):

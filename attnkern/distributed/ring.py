@@ -18,7 +18,6 @@ key padding mask travels around the ring with its keys and joins the block's mas
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -29,6 +28,7 @@ from .. import backends, masks, ops
 from ..api import _requested, attention
 from ..band import make_band, parse_window
 from ..problem import normalize
+from .comm import wait as _wait
 from .sharding import SequenceLayout, group_info, layout_from_shards
 
 _INF = float("inf")
@@ -209,19 +209,6 @@ class _Ring:
             ops.append(dist.P2POp(dist.isend, t.contiguous(), self.next, self.group, tag))
             ops.append(dist.P2POp(dist.irecv, buf, self.prev, self.group, tag))
         return dist.batch_isend_irecv(ops), bufs
-
-
-# Seconds this process spent blocked on ring transfers (communication that compute did not hide); the
-# benchmark (bench/context_parallel.py) reads and resets it.
-exposed_comm_seconds = 0.0
-
-
-def _wait(reqs) -> None:
-    global exposed_comm_seconds
-    start = time.perf_counter()
-    for r in reqs:
-        r.wait()
-    exposed_comm_seconds += time.perf_counter() - start
 
 
 class _RingAttention(torch.autograd.Function):

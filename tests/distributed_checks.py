@@ -190,3 +190,55 @@ def check_subgroups(rank, world):
         failures += check_case(rank, world, case, group=mine)
     return failures
 
+
+def check_llama(rank, world, method, layout):
+    """A tiny Llama (random weights, fp32) with attn_implementation="attnkern": loss and every parameter's
+    gradient of a step with the sequence sharded over the group inside context_parallel (losses and
+    gradients summed over the ranks) equal the single-process step on the full sequence. Failure messages."""
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import attnkern
+    from attnkern.distributed import context_parallel
+
+    torch.set_num_threads(1)
+    attnkern.register_transformers()
+    torch.manual_seed(0)  # the same weights and tokens on every rank
+    config = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         attn_implementation="attnkern")
+    model = LlamaForCausalLM(config).float()
+    B, L = 2, 4 * world + 3
+    ids = torch.randint(0, config.vocab_size, (B, L))
+    labels = torch.cat([ids[:, 1:], torch.full((B, 1), -100)], dim=1)  # next token; the last has none
+    count = B * (L - 1)
+
+    def loss_of(logits, target):
+        return F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum") / count
+
+    single = loss_of(model(ids).logits, labels)
+    single.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    def mine(t):
+        return shard_sequence(t, 1, layout=layout)
+
+    positions = torch.arange(L).expand(B, L)
+    with context_parallel(layout=layout, method=method, backend="cpu"):
+        logits = model(mine(ids), position_ids=mine(positions)).logits
+    local = loss_of(logits, mine(labels))
+    local.backward()
+    loss = local.detach().clone()
+    dist.all_reduce(loss)
+    failures = []
+    if abs(loss.item() - single.item()) > 1e-5 * abs(single.item()):
+        failures.append(f"rank {rank} {method} {layout}: loss {loss.item()} != single-process {single.item()}")
+    for name, p in model.named_parameters():
+        g = p.grad.clone()
+        dist.all_reduce(g)
+        err, ref = (g - expected[name]).norm().item(), expected[name].norm().item()
+        if not err <= 1e-5 * ref + 1e-7:
+            failures.append(f"rank {rank} {method} {layout}: grad {name}: error norm {err:.3g} of {ref:.3g}")
+    return failures

@@ -24,3 +24,14 @@ def test_context_parallel_training_matches_single_process(capsys, monkeypatch, p
         assert abs(a - b) <= 1e-5 * abs(a), (single, sharded)
     assert single[0] != single[-1]  # it trained
 
+
+@pytest.mark.parametrize("method,layout", [("ring", "zigzag"), ("ulysses", "contiguous")])
+def test_transformers_llama_under_context_parallel(method, layout):
+    """A tiny Llama with attn_implementation="attnkern", sequence sharded over 2 gloo processes inside
+    context_parallel: loss and all parameter gradients equal the single-process run (checks.check_llama)."""
+    pytest.importorskip("transformers")
+    import distributed_checks as checks
+    from attnkern.distributed import run_local
+
+    failures = run_local(checks.check_llama, 2, method, layout, timeout=200)
+    assert not any(failures), "\n".join(m for f in failures for m in f)

@@ -35,3 +35,29 @@ def test_transformers_llama_under_context_parallel(method, layout):
 
     failures = run_local(checks.check_llama, 2, method, layout, timeout=200)
     assert not any(failures), "\n".join(m for f in failures for m in f)
+
+
+def test_transformers_calls_context_parallel_refuses():
+    """Inside context_parallel, what a sharded sequence cannot mean raises ValueError naming it (checked
+    before any communication: no process group needed)."""
+    import torch
+
+    from attnkern.distributed import context
+    from attnkern.distributed.context import context_parallel, transformers_attention, transformers_mask
+
+    q = torch.randn(1, 2, 4, 8)
+    module = torch.nn.Module()
+    with context_parallel():
+        for kwargs, words in (({"attention_mask": torch.ones(1, 1, 4, 4, dtype=torch.bool)}, "attention mask"),
+                              ({"kwargs": {"softcap": 30.0}}, "softcap"),
+                              ({"kwargs": {"s_aux": torch.zeros(2)}}, "s_aux"),
+                              ({"kwargs": {"sliding_window": 3}}, "sliding_window")):
+            args = dict(attention_mask=None, dropout=0.0, scaling=None, is_causal=True, kwargs={})
+            args.update(kwargs)
+            with pytest.raises(ValueError, match=words):
+                transformers_attention(module, q, q, q, **args)
+        transformers_mask(None)
+        transformers_mask(torch.ones(1, 4, dtype=torch.bool))  # nothing padded: fine
+        with pytest.raises(ValueError, match="key_padding_mask"):
+            transformers_mask(torch.tensor([[True, True, False, True]]))
+    assert context.active() is None

@@ -50,12 +50,14 @@ def comm_bytes(cfg: CPConfig, P: int) -> float:
     ring: P-1 hops of K and V forward, the same P-1 hops backward plus P hops of the dK/dV accumulators
     (float32; float64 for float64 inputs). Ulysses: all-to-alls keep 1/P of each tensor at home; forward
     q, k, v out and the float32 lse, backward their gradients (key/value heads replicated up to a multiple
-    of P when P does not divide them)."""
+    of P when P does not divide them). One rank sends nothing."""
     from .grid import DTYPES
 
     b = torch.empty((), dtype=DTYPES[cfg.dtype]).element_size()
     acc = 8 if b == 8 else 4
     n, B, E = cfg.length / P, cfg.batch, cfg.dim
+    if P == 1:
+        return 0.0
     if cfg.method == "ring":
         kv = 2 * B * cfg.kv_heads * n * E
         return (P - 1) * kv * b * 2 + P * kv * acc

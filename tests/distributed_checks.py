@@ -8,26 +8,18 @@ import torch
 
 os.environ.setdefault("ATTNKERN_POISON", "1")
 
-from attnkern import reference_attention, tolerance  # noqa: E402
+from attnkern import attention, reference_attention, tolerance  # noqa: E402
 from attnkern.distributed import ring_attention, shard_sequence, ulysses_attention  # noqa: E402
-from attnkern.distributed.ring import parse_window  # noqa: E402
-
-
-def _band_mask(L, lo, hi):
-    d = torch.arange(L).unsqueeze(0) - torch.arange(L).unsqueeze(1)
-    return (d >= lo) & (d <= hi)
 
 
 def _reference(q, k, v, dout, causal, window, gqa, dtype, keep=None, dlse=None):
     """(out, dq, dk, dv, lse) of the full-sequence reference computed in `dtype`; the gradients are those
-    of sum(out * dout) (+ sum(lse * dlse) if given)."""
-    lo, hi = parse_window(window, False)
-    mask = None if window is None else _band_mask(q.shape[-2], lo, hi)
-    if keep is not None:
-        mask = keep[:, None, None, :] if mask is None else mask & keep[:, None, None, :]
+    of sum(out * dout) (+ sum(lse * dlse) if given). `window` means what it means to attnkern.attention
+    on the full sequence (the reference takes it as attention does)."""
+    mask = None if keep is None else keep[:, None, None, :]
     leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-    out, lse = reference_attention(*leaves, mask, causal="top_left" if causal else False, enable_gqa=gqa,
-                                   compute_dtype=dtype)
+    out, lse = reference_attention(*leaves, mask, causal="top_left" if causal else False, window=window,
+                                   enable_gqa=gqa, compute_dtype=dtype)
     loss = (out * dout.to(dtype)).sum()
     if dlse is not None:
         loss = loss + (torch.where(torch.isinf(lse), 0, lse) * dlse.to(lse.dtype)).sum()
@@ -70,12 +62,18 @@ def check_case(rank, world, case, group=None):
     got = [out] + [t.grad for t in leaves] + [lse]
     tag = f"rank {rank}/{world} {case}: "
     msgs = []
+    if window is not None and keep is None:
+        # Windowed ring == single-process attnkern.attention(window=...) on the full sequence: the same
+        # band, held to the rule with attention's output as the truth.
+        single = attention(q, k, v, causal=causal, window=window, enable_gqa=gqa, backend=backend,
+                           return_lse=False)
+        msgs.append(tag + tolerance.check("out vs attention(window=)", out, mine(single), mine(ref_lp[0]), dtype))
     for name, x, r64, rlp, factor in zip(("out", "dq", "dk", "dv", "lse"), got, ref64, ref_lp, (2, 3, 3, 3, 2)):
         dim = -1 if name == "lse" else -2
         msg = tolerance.check(name, x, mine(r64, dim), mine(rlp, dim), dtype, factor)
         if msg:
             msgs.append(tag + msg)
-    return msgs
+    return [m for m in msgs if m != tag]
 
 
 def run_cases(rank, world, cases, refusals=False, subgroups=False):
@@ -107,7 +105,8 @@ def check_refusals(rank, world):
     k3 = torch.randn(1, 3, 6, 8)
     checks = [
         _raises(lambda: ring_attention(q, q, q, causal="bottom_right"), ValueError, ["causal"]),
-        _raises(lambda: ring_attention(q, q, q, window=(-1, 2)), ValueError, ["window"]),
+        _raises(lambda: ring_attention(q, q, q, window=(-2, 2)), ValueError, ["window"]),
+        _raises(lambda: ring_attention(q, q, q, window=3), ValueError, ["window", "pair"]),
         _raises(lambda: ring_attention(q, q, q, layout="striped"), ValueError, ["layout"]),
         _raises(lambda: ring_attention(q, q[:, :, :5], q[:, :, :5]), ValueError, ["sequence shard"]),
         _raises(lambda: ring_attention(q, k3, k3, enable_gqa=True), ValueError, ["heads"]),
@@ -144,6 +143,41 @@ def fail_on_rank_one(rank, world):
     return []
 
 
+def stall_rank_one(rank, world):
+    """On a group per method, rank 1 agrees on the layout (the shard-length all_gather every call starts
+    with), then never joins the attention's transfers (ring: batch_isend_irecv, Ulysses: async
+    all-to-alls). Rank 0's call must raise once the group's timeout passes, not hang. Failure messages."""
+    import datetime
+    import time
+
+    import torch.distributed as dist
+
+    from attnkern.distributed.sharding import layout_from_shards
+
+    q = torch.randn(1, 2, 5, 8)
+    # A subgroup has its own timeout (new_group's default is not the world's). Rank 1 enters Ulysses's
+    # all_gather while rank 0 is still stuck in the ring: that group waits longer than the ring's.
+    groups = {m: dist.new_group([0, 1], timeout=datetime.timedelta(seconds=s)) for m, s in (("ring", 3),
+                                                                                               ("ulysses", 6))}
+    if rank == 1:
+        for group in groups.values():
+            layout_from_shards(5, group, "zigzag", q.device)
+        time.sleep(10)  # until rank 0 has seen both timeouts
+        return []
+    failures = []
+    for method, group in groups.items():
+        fn = ring_attention if method == "ring" else ulysses_attention
+        start = time.monotonic()
+        try:
+            fn(q, q, q, causal=True, group=group)
+            failures.append(f"{method}: rank 0 finished without its peer")
+        except RuntimeError as e:
+            if "timed out" not in str(e).lower() or time.monotonic() - start > 10:
+                failures.append(f"{method}: expected a timeout within 10 s, got after "
+                                f"{time.monotonic() - start:.1f} s: {e}")
+    return failures
+
+
 def check_subgroups(rank, world):
     """Two independent rings at once, on process groups {0, 1} and {2, 3} (peers are group ranks)."""
     import torch.distributed as dist
@@ -154,4 +188,57 @@ def check_subgroups(rank, world):
     for method in ("ring", "ulysses"):
         case = dict(method=method, B=1, Hq=2, Hkv=2, L=11, E=8, dtype=torch.float32, causal=True, seed=rank // 2)
         failures += check_case(rank, world, case, group=mine)
+    return failures
+
+
+def check_llama(rank, world, method, layout):
+    """A tiny Llama (random weights, fp32) with attn_implementation="attnkern": loss and every parameter's
+    gradient of a step with the sequence sharded over the group inside context_parallel (losses and
+    gradients summed over the ranks) equal the single-process step on the full sequence. Failure messages."""
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import attnkern
+    from attnkern.distributed import context_parallel
+
+    torch.set_num_threads(1)
+    attnkern.register_transformers()
+    torch.manual_seed(0)  # the same weights and tokens on every rank
+    config = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         attn_implementation="attnkern")
+    model = LlamaForCausalLM(config).float()
+    B, L = 2, 4 * world + 3
+    ids = torch.randint(0, config.vocab_size, (B, L))
+    labels = torch.cat([ids[:, 1:], torch.full((B, 1), -100)], dim=1)  # next token; the last has none
+    count = B * (L - 1)
+
+    def loss_of(logits, target):
+        return F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum") / count
+
+    single = loss_of(model(ids).logits, labels)
+    single.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    def mine(t):
+        return shard_sequence(t, 1, layout=layout)
+
+    positions = torch.arange(L).expand(B, L)
+    with context_parallel(layout=layout, method=method, backend="cpu"):
+        logits = model(mine(ids), position_ids=mine(positions)).logits
+    local = loss_of(logits, mine(labels))
+    local.backward()
+    loss = local.detach().clone()
+    dist.all_reduce(loss)
+    failures = []
+    if abs(loss.item() - single.item()) > 1e-5 * abs(single.item()):
+        failures.append(f"rank {rank} {method} {layout}: loss {loss.item()} != single-process {single.item()}")
+    for name, p in model.named_parameters():
+        g = p.grad.clone()
+        dist.all_reduce(g)
+        err, ref = (g - expected[name]).norm().item(), expected[name].norm().item()
+        if not err <= 1e-5 * ref + 1e-7:
+            failures.append(f"rank {rank} {method} {layout}: grad {name}: error norm {err:.3g} of {ref:.3g}")
     return failures

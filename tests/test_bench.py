@@ -371,3 +371,34 @@ def test_module_entry_point_and_the_bench_suite_run(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "4 passed, 2 skipped" in res.stdout, res.stdout
+
+
+def test_context_parallel_bench_reports_time_comm_and_memory(tmp_path, capsys):
+    """`attnkern bench --context-parallel 2` on a tiny problem (one spawn of 2 gloo processes): a row with
+    the time, the exposed communication (within the step), the bytes sent per rank and the peak extra
+    memory; no P = 1 measured, so no efficiency. comm_bytes follows the plan's formulas."""
+    from attnkern.tools.bench.context_parallel import CPConfig, comm_bytes
+
+    path = tmp_path / "cp.json"
+    code = cli.main(["bench", "--context-parallel", "2", "--cp-length", "96", "--heads", "4", "--gqa", "2",
+                     "--head-dims", "16", "--repeats", "1", "--json", str(path)])
+    printed = capsys.readouterr().out
+    assert code == 0 and "exposed comm" in printed and "Hq=4 Hkv=2 L=96 E=16" in printed
+    (row,) = json.loads(path.read_text())["rows"]
+    assert row["P"] == 2 and row["time"] > 0 and 0 <= row["comm"] <= row["time"] and row["shard_mb"] > 0
+    assert row["efficiency"] is None and row["extra_mb"] >= 0
+    # ring, K and V of one shard = 2 * (B=1) * (Hkv=2) * (n=48) * (E=16) fp32 values: one hop forward, one
+    # backward, and P = 2 hops of the fp32 dK/dV accumulators
+    assert row["sent_mb"] * 2**20 == pytest.approx((1 + 1 + 2) * (2 * 2 * 48 * 16) * 4)
+    uly = CPConfig(procs=[4], method="ulysses", heads=8, kv_heads=2, length=64, dim=16, batch=1)
+    # kv heads replicated to 4; per direction (2*8 + 2*4)*16*16*4 bytes + the lse, 3/4 of it leaves
+    assert comm_bytes(uly, 4) == pytest.approx(2 * ((2 * 8 + 2 * 4) * 16 * 16 * 4 + 8 * 16 * 4) * 3 / 4)
+
+
+def test_context_parallel_flags_are_checked(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--context-parallel", "0"])
+    assert "--context-parallel" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--context-parallel", "2", "--causal", "both"])
+    assert "--causal" in capsys.readouterr().err

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from attnkern.distributed import SequenceLayout, run_local, shard_sequence
-from attnkern.distributed.ring import parse_window, plan_block
+from attnkern.distributed.ring import plan_block, visible_offsets
 import distributed_checks as checks
 
 FP = (torch.float32, torch.bfloat16)
@@ -22,10 +22,12 @@ def _ring_cases(P):
                 cases.append(dict(method="ring", B=2, Hq=4, Hkv=2, L=4 * P + 3, E=16, dtype=dtype,
                                   causal=causal, layout=layout, seed=len(cases)))
     cases.append(dict(method="ring", B=1, Hq=2, Hkv=2, L=8 * P, E=8, dtype=torch.float32, causal=True, lse=True))
-    for window in (3, (5, 0), (2, 6)):
+    # Windows as attnkern.attention(window=) takes them (-1: unbounded side), both layouts, both causal modes.
+    for i, window in enumerate(((3, 3), (5, 0), (2, 6), (-1, 2))):
         for causal in (False, True):
             cases.append(dict(method="ring", B=1, Hq=2, Hkv=1, L=6 * P + 1, E=8, dtype=torch.float32,
-                              causal=causal, window=window, layout="zigzag", seed=len(cases)))
+                              causal=causal, window=window, layout=("zigzag", "contiguous")[(i + causal) % 2],
+                              seed=len(cases)))
     for causal in (False, True):  # key padding, with queries that see no key at all
         cases.append(dict(method="ring", B=2, Hq=2, Hkv=2, L=4 * P + 1, E=8, dtype=torch.float32, causal=causal,
                           padding=True, window=(4, 2) if causal else None, lse=True, seed=len(cases)))
@@ -82,6 +84,13 @@ def test_failing_rank_fails_fast():
     assert time.monotonic() - start < 40
 
 
+def test_stalled_peer_times_out():
+    """Rank 1 never joins the transfers (ring: batch_isend_irecv; Ulysses: async all-to-alls): rank 0's
+    waits raise after the group's timeout (3 s here) instead of hanging (checks.stall_rank_one)."""
+    failures = run_local(checks.stall_rank_one, 2, timeout=100, collective_timeout=3)
+    assert not any(failures), failures
+
+
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
 @pytest.mark.parametrize("L,P", [(16, 2), (13, 4), (7, 3)])
 def test_layout_covers_the_sequence_once(layout, L, P):
@@ -101,7 +110,7 @@ def test_zigzag_balances_causal_work():
 
     def work(layout):
         seq = SequenceLayout(L, P, layout)
-        lo, hi = parse_window(None, True)
+        lo, hi = visible_offsets(None, True)
         per_rank = []
         for r in range(P):
             total = 0
@@ -116,12 +125,12 @@ def test_zigzag_balances_causal_work():
 
 
 def test_plan_skips_and_masks_only_what_it_must():
-    lo, hi = parse_window(None, True)
+    lo, hi = visible_offsets(None, True)
     assert plan_block([(8, 4)], [(0, 4)], lo, hi)[0].causal is False  # earlier keys: full block
     assert plan_block([(0, 4)], [(8, 4)], lo, hi) == []  # later keys: skipped
     diag = plan_block([(4, 4)], [(4, 4)], lo, hi)[0]
     assert diag.causal == "top_left" and diag.band is None
-    lo, hi = parse_window(2, True)
+    lo, hi = visible_offsets((2, 2), True)
     assert plan_block([(8, 4)], [(0, 4)], lo, hi) == []  # out of the window: skipped
     partial = plan_block([(4, 4)], [(2, 4)], lo, hi)[0]
     assert partial.band is not None and tuple(partial.mask("cpu").shape) == (4, 4)

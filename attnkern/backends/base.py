@@ -54,6 +54,10 @@ class Backend:
     fused: bool = True
     #: Whether it runs packed variable-length batches (varlen.py); those without decline them.
     varlen: bool = False
+    #: Whether `backward` takes the probabilities from the `stats` and `out` it is given (the fused
+    #: kernels) rather than recomputing its own softmax (the reference): ring attention's backward passes
+    #: a block the merged result's statistics and relies on it (distributed/ring.py).
+    backward_reads_stats: bool = True
 
     def availability(self, device: torch.device) -> Optional[str]:
         """None if this backend can run on `device` in this process, else the reason it cannot."""

@@ -20,6 +20,7 @@ class ReferenceBackend(Backend):
     name = "reference"
     fused = False
     varlen = True  # one sequence at a time (base.py's varlen_forward)
+    backward_reads_stats = False  # recomputes P (and delta) from the scores
 
     def availability(self, device):
         return None

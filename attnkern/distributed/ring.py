@@ -2,49 +2,48 @@
 
 Step s of P: rank r attends its query shard to the key/value shard of rank (r - s) mod P, while the next
 block is already in flight (batch_isend_irecv), and merges the partial result into its running output by
-the log-sum-exp of each row. The backward walks the ring again: it recomputes each block's attention
-(attnkern's own forward and backward through autograd on the block call, so any backend works), adds
-the block's dK/dV to an accumulator that travels with the block, and one last hop hands every rank the
-finished dK/dV of its own shard. Memory per rank stays O(L/P * E): a rank holds its own shard, one block
-in use and one in flight, never the full sequence.
+the log-sum-exp of each row. The backward walks the ring again and calls the backend's own backward
+(the attention_backward op) for each block with the merged result: the global output, its row
+log-sum-exp (as the softmax statistics) and dout, as FlashAttention's backward would for the whole
+sequence, so each block's dQ/dK/dV are its exact share with no recomputed forward. The block's dK/dV
+join an accumulator that travels with the block (its exchange overlapping the next block's compute), and
+one last hop hands every rank the finished dK/dV of its own shard. Memory per rank stays O(L/P * E): a
+rank holds its own shard, one block in use and one in flight, never the full sequence.
 
-Masks at the ring level: causal and a sliding window are decided per pair of segments (see sharding.py):
-a pair entirely outside is skipped, one entirely inside runs unmasked, the causal diagonal runs with the
-kernel's top-left (or bottom-right) causal flag, and any other partial pair gets a bool band mask of the
-pair's size only. A key padding mask travels around the ring with its keys and joins the block's mask.
+Masks at the ring level: causal and a sliding window (FlashAttention's window_size on the full sequence,
+parsed by band.py) are decided per pair of segments (see sharding.py): a pair entirely outside is
+skipped, one entirely inside runs unmasked, the causal diagonal runs with the kernel's top-left (or
+bottom-right) causal flag, and any other partial pair gets a bool band mask of the pair's size only. A
+key padding mask travels around the ring with its keys and joins the block's mask.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-from ..api import attention
+from .. import backends, masks, ops
+from ..api import _requested, attention
+from ..band import make_band, parse_window
+from ..problem import normalize
+from .comm import wait as _wait
 from .sharding import SequenceLayout, group_info, layout_from_shards
 
 _INF = float("inf")
 _TAG_KV, _TAG_DKV = 17, 18  # distinct tags: the kv and dkv exchanges of a step may be in flight together
 
 
-def parse_window(window, causal: bool) -> Tuple[float, float]:
-    """The band of visible key-minus-query offsets [lo, hi] for `causal` and `window`.
+def visible_offsets(window, causal: bool) -> Tuple[float, float]:
+    """The band of visible key-minus-query offsets [lo, hi] on the full sequence for `causal` and `window`.
 
-    window: None (no band), an int w (= (w, w)) or a pair (left, right) of ints >= 0: the query at position
-    p sees keys p-left .. p+right. With causal the band is also cut at p."""
-    lo, hi = -_INF, _INF
-    if window is not None:
-        pair = (window, window) if isinstance(window, int) else tuple(window) if isinstance(window, (tuple, list)) \
-            else ()
-        if len(pair) != 2 or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 0 for w in pair):
-            raise ValueError(f"window must be None, an int >= 0 or a pair (left, right) of ints >= 0, "
-                             f"got {window!r}")
-        lo, hi = -pair[0], pair[1]
-    if causal:
-        hi = min(hi, 0)
-    return lo, hi
+    window: None or (left, right), FlashAttention's window_size as attnkern.attention takes it (band.py's
+    parse_window; -1: unbounded on that side): the query at position p sees keys p-left .. p+right. On the
+    full sequence queries and keys have the same length, so bottom-right and top-left alignment agree.
+    With causal the right bound is 0."""
+    band = make_band(masks.CAUSAL_TOP_LEFT if causal else masks.CAUSAL_NONE, parse_window(window))
+    return (-_INF if band.left < 0 else -band.left), (_INF if band.right < 0 else band.right)
 
 
 @dataclass(frozen=True)
@@ -96,16 +95,79 @@ def _rows(t: torch.Tensor, start: int, length: int) -> torch.Tensor:
     return t.narrow(-2, start, length)
 
 
-def _run_call(call: BlockCall, q, block, scale, enable_gqa, backend):
-    """One call of a step; block = (k, v) or (k, v, keep) with keep (B, S, 1) uint8, 1 = key attended."""
+def _call_inputs(call: BlockCall, q, block):
+    """(q rows, k rows, v rows, mask) of one call; block = (k, v) or (k, v, keep) with keep (B, S, 1)
+    uint8, 1 = key attended."""
     mask = call.mask(q.device)
     if len(block) > 2:
         keep = _rows(block[2], call.k0, call.kl).squeeze(-1).bool()[:, None, None, :]  # (B, 1, 1, kl)
         mask = keep if mask is None else mask & keep
     k, v = block[0], block[1]
-    return attention(_rows(q, call.q0, call.ql), _rows(k, call.k0, call.kl), _rows(v, call.k0, call.kl),
-                     causal=call.causal, attn_mask=mask, scale=scale, enable_gqa=enable_gqa,
+    return _rows(q, call.q0, call.ql), _rows(k, call.k0, call.kl), _rows(v, call.k0, call.kl), mask
+
+
+def _run_call(call: BlockCall, q, block, scale, enable_gqa, backend):
+    """One call of a step -> (out, lse) of the block alone."""
+    qc, kc, vc, mask = _call_inputs(call, q, block)
+    return attention(qc, kc, vc, causal=call.causal, attn_mask=mask, scale=scale, enable_gqa=enable_gqa,
                      return_lse=True, backend=backend)
+
+
+def _global_stats(lse: torch.Tensor) -> torch.Tensor:
+    """The backward's softmax statistics (row max m, log2 of the denominator; backends/base.py) that make
+    a block's probabilities its share of the merged softmax: m = the global lse, log2 l = 0, so P =
+    exp(s - lse). Rows that see nothing keep m = log2 l = -inf, as the kernels write them."""
+    return torch.stack([lse, torch.where(torch.isinf(lse), lse, torch.zeros_like(lse))], dim=-1)
+
+
+@dataclass
+class _Merged:
+    """The merged result of this rank's rows as the backward op takes it: out in q's dtype with its rounding
+    residual (half inputs; else empty), dout in q's dtype, dlse (or None) and the statistics in the
+    accumulator dtype; lse and delta = rowsum(dout * out) for backends that recompute their own softmax."""
+
+    out: torch.Tensor
+    out_lo: torch.Tensor
+    dout: torch.Tensor
+    dlse: Optional[torch.Tensor]
+    stats: torch.Tensor
+    lse: torch.Tensor
+    delta: torch.Tensor
+
+    def rows(self, call: BlockCall):
+        r = slice(call.q0, call.q0 + call.ql)
+        return (_rows(self.dout, call.q0, call.ql), None if self.dlse is None else self.dlse[..., r],
+                _rows(self.out, call.q0, call.ql),
+                self.out_lo if self.out_lo.numel() == 0 else _rows(self.out_lo, call.q0, call.ql),
+                self.stats[..., r, :].contiguous(), self.lse[..., r], self.delta[..., r])
+
+
+def _call_backward(call: BlockCall, q, block, scale, enable_gqa, backend, merged: _Merged):
+    """(dq rows, dk rows, dv rows) of one call, by the backend's backward op.
+
+    A fused backend gets the merged result's rows (dout, dlse, out and the global statistics): its
+    probabilities are then the block's share of the full softmax, and its gradients the block's exact
+    share, with no forward recomputed. A backend that recomputes its own softmax (the reference) gets the
+    block's own result, recomputed, and the gradient of the merged result with respect to it: the block's
+    weight in a row is w = exp(lse_b - lse), so d/d(out_b) = w * dout and d/d(lse_b) = w * (rowsum(dout *
+    out_b) - delta + dlse)."""
+    qc, kc, vc, mask = _call_inputs(call, q, block)
+    problem = normalize(qc, kc, vc, mask, 0.0, masks.parse_causal(call.causal), scale, enable_gqa)
+    name = backends.select(problem, _requested(backend)).backend
+    mods = problem.mods.op_args()
+    dout, dlse, out, out_lo, stats, lse, delta = merged.rows(call)
+    if not backends.get(name).backward_reads_stats:
+        out_b, lse_b, stats, out_lo = ops.attention_forward(problem.q, problem.k, problem.v, problem.mask,
+                                                            problem.scale, problem.band.as_op(), *mods, name,
+                                                            True)
+        lse_ref = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+        w = torch.exp(lse_b - lse_ref)
+        g_lse = w * (torch.einsum("...e,...e->...", dout.to(w.dtype), out_b.to(w.dtype)) - delta)
+        dlse = g_lse if dlse is None else g_lse + w * dlse
+        dout, out = (w.unsqueeze(-1) * dout.to(w.dtype)).to(dout.dtype), out_b
+    dq, dk, dv, _ = ops.attention_backward(dout, dlse, problem.q, problem.k, problem.v, problem.mask, out, out_lo,
+                                           stats, problem.scale, problem.band.as_op(), *mods, False, name, False)
+    return dq, dk, dv
 
 
 def _merge(acc_out, acc_lse, out_b, lse_b) -> None:
@@ -115,11 +177,6 @@ def _merge(acc_out, acc_lse, out_b, lse_b) -> None:
     acc_out.mul_(torch.exp(acc_lse - ref).unsqueeze(-1)).addcmul_(out_b.to(acc_out.dtype),
                                                                   torch.exp(lse_b - ref).unsqueeze(-1))
     acc_lse.copy_(new)
-
-
-def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """rowsum(a * b) over the last dim, without an (..., L, E) temporary."""
-    return torch.einsum("...e,...e->...", a, b)
 
 
 class _Ring:
@@ -154,19 +211,6 @@ class _Ring:
         return dist.batch_isend_irecv(ops), bufs
 
 
-# Seconds this process spent blocked on ring transfers (communication that compute did not hide); the
-# benchmark (bench/context_parallel.py) reads and resets it.
-exposed_comm_seconds = 0.0
-
-
-def _wait(reqs) -> None:
-    global exposed_comm_seconds
-    start = time.perf_counter()
-    for r in reqs:
-        r.wait()
-    exposed_comm_seconds += time.perf_counter() - start
-
-
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, keep, group, seq, lo, hi, scale, enable_gqa, backend):
@@ -197,11 +241,13 @@ class _RingAttention(torch.autograd.Function):
         keep, group, seq, lo, hi, scale, enable_gqa, backend = ctx.ring
         ring = _Ring(group, seq)
         acc = out.dtype
+        out_q = out.to(q.dtype)
+        out_lo = (out - out_q.to(acc)).to(q.dtype) if q.dtype in (torch.float16, torch.bfloat16) \
+            else out.new_empty((0,), dtype=q.dtype)
+        dout = torch.zeros_like(out_q) if dout is None else dout.to(q.dtype).contiguous()
+        merged = _Merged(out_q, out_lo, dout, dlse, _global_stats(lse), lse,
+                         torch.einsum("...e,...e->...", dout.to(acc), out))
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-        dout = torch.zeros_like(out) if dout is None else dout.to(acc)
-        # Each row's share of the final result that a block with lse_b holds is exp(lse_b - lse).
-        lse_ref = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-        out_dot = _rowdot(dout, out)  # rowsum(dout * out): the softmax backward's D of the final result
         q_segments = seq.segments(ring.rank)
         block = (k, v) if keep is None else (k, v, keep)
         dkv_pending = None
@@ -209,30 +255,14 @@ class _RingAttention(torch.autograd.Function):
             kv_pending = None
             if step < ring.world - 1:
                 kv_pending = ring.exchange(block, seq.shard_length(ring.owner(step + 1)), _TAG_KV)
-            gq = gk = gv = None
-            calls = plan_block(q_segments, seq.segments(ring.owner(step)), lo, hi)
-            if calls:
-                with torch.enable_grad():
-                    qd, kd, vd = (t.detach().requires_grad_() for t in (q, block[0], block[1]))
-                    outs, grads = [], []
-                    for call in calls:
-                        out_b, lse_b = _run_call(call, qd, (kd, vd) + tuple(block[2:]), scale, enable_gqa,
-                                                 backend)
-                        rows = slice(call.q0, call.q0 + call.ql)
-                        w = torch.exp(lse_b.to(acc) - lse_ref[..., rows])
-                        g_out = _rows(dout, call.q0, call.ql)
-                        # d(final out)/d(lse_b) = w * (out_b - out): the block's weight moves with its lse.
-                        g_lse = w * (_rowdot(g_out, out_b.to(acc)) - out_dot[..., rows])
-                        if dlse is not None:
-                            g_lse = g_lse + w * dlse[..., rows].to(acc)
-                        outs += [out_b, lse_b]
-                        grads += [(w.unsqueeze(-1) * g_out).to(out_b.dtype), g_lse.to(lse_b.dtype)]
-                    gq, gk, gv = torch.autograd.grad(outs, (qd, kd, vd), grads, allow_unused=True)
-                if gq is not None:
-                    dq.add_(gq)
-            # This rank's share of the block's dK/dV (fresh tensors from autograd, or zeros).
-            dk_b = gk.to(acc) if gk is not None else torch.zeros(block[0].shape, dtype=acc, device=q.device)
-            dv_b = gv.to(acc) if gv is not None else torch.zeros(block[1].shape, dtype=acc, device=q.device)
+            # This rank's share of the block's dK/dV, summed over the block's calls.
+            dk_b = torch.zeros(block[0].shape, dtype=acc, device=q.device)
+            dv_b = torch.zeros(block[1].shape, dtype=acc, device=q.device)
+            for call in plan_block(q_segments, seq.segments(ring.owner(step)), lo, hi):
+                gq, gk, gv = _call_backward(call, q, block, scale, enable_gqa, backend, merged)
+                _rows(dq, call.q0, call.ql).add_(gq)
+                _rows(dk_b, call.k0, call.kl).add_(gk)
+                _rows(dv_b, call.k0, call.kl).add_(gv)
             if dkv_pending is not None:  # the accumulator of this block, from the previous rank
                 _wait(dkv_pending[0])
                 dk_b.add_(dkv_pending[1][0])
@@ -284,8 +314,9 @@ def ring_attention(q, k, v, *, group=None, causal=False, window=None, key_paddin
 
     q (B, Hq, L_r, E), k (B, H, L_r, E), v (B, H, L_r, Ev): this rank's shard of one sequence in `layout`
     ("zigzag" or "contiguous", see attnkern.distributed.shard_sequence; shard lengths may differ by one).
-    causal: False or True (global top-left causal: position p sees keys <= p). window: None, int or
-    (left, right), a sliding band of keys around each query (see parse_window). key_padding_mask: bool
+    causal: False or True (global top-left causal: position p sees keys <= p). window: None or
+    (left, right), FlashAttention's window_size on the full sequence exactly as attnkern.attention takes
+    it (-1: unbounded on that side; with causal the right bound is 0), see visible_offsets. key_padding_mask: bool
     (B, L_r), this rank's shard of which keys may be attended (True, as SDPA's bool masks); it travels
     with its keys, and a query that sees no key gets output 0 and lse -inf. scale, enable_gqa,
     backend: as in attnkern.attention, used for every block. Returns this rank's output shard
@@ -297,7 +328,7 @@ def ring_attention(q, k, v, *, group=None, causal=False, window=None, key_paddin
         raise ValueError(f"causal must be False or True (global top-left causal over the full sequence), "
                          f"got {causal!r}")
     _check_inputs(q, k, v, enable_gqa)
-    lo, hi = parse_window(window, bool(causal))
+    lo, hi = visible_offsets(window, bool(causal))
     seq = layout_from_shards(q.shape[-2], group, layout, q.device)
     keep = None
     if key_padding_mask is not None:

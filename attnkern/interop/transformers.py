@@ -27,6 +27,8 @@ function computes what the "sdpa" function computes:
 - packed batches (one row of several documents: position_ids restarting, or the cu_seq_lens_q/k kwargs of
   transformers' DataCollatorWithFlattening): causal per document on attnkern's varlen path, no dense
   block-diagonal mask (`_packed_sequences` says when).
+- inside `attnkern.distributed.context_parallel(...)` (a sequence sharded over processes): every call goes
+  to its ring (or Ulysses) attention and the mask function builds no mask (distributed/context.py).
 Calls the fused kernels do not serve (a variant the backend does not take, float64 on a GPU, a device
 without kernels, position bias, paged cache, ...) run transformers' own sdpa function instead; the reason
 is logged once on the "attnkern" logger. Soft-capping and sinks in such a call raise NotImplementedError:
@@ -46,6 +48,7 @@ import torch
 
 from .. import masks
 from ..band import make_band
+from ..distributed import context as context_parallel
 from . import dispatch
 from ..sinks import check_sinks
 
@@ -121,6 +124,9 @@ def make_mask_function(sdpa_mask):
 
     def attnkern_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=causal_mask_function,
                       attention_mask=None, local_size=None, allow_is_causal_skip=True, **kwargs):
+        if context_parallel.active() is not None:  # a sharded sequence: the ring computes causality
+            context_parallel.transformers_mask(attention_mask)
+            return None
         if _window_stands_in(q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
                              local_size, allow_is_causal_skip):
             return None
@@ -220,6 +226,9 @@ def attention_forward(
 ):
     """transformers' attention-function contract: query (B, Hq, L, E), key/value (B, Hkv, S, E) ->
     (output (B, L, Hq, Ev), None)."""
+    if context_parallel.active() is not None:  # inside attnkern.distributed.context_parallel
+        return context_parallel.transformers_attention(module, query, key, value, attention_mask, dropout, scaling,
+                                                       is_causal, kwargs)
     reason = _transformers_only(kwargs)
     route = dispatch.Route(None, reason)
     sinks = kwargs.get("s_aux", kwargs.get("sinks"))

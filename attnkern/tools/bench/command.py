@@ -113,6 +113,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     w.add_argument("--varlen-lengths", type=arg_type(parse_batch_lengths), metavar="N,...|LO..HIxN",
                    help="one batch's sequence lengths instead of the --seqlens batches")
     w.add_argument("--varlen-backend", default="auto", help="attnkern backend of --varlen (default auto)")
+    c = p.add_argument_group("context parallelism (instead of the sweep; see attnkern/tools/bench/context_parallel.py)")
+    c.add_argument("--context-parallel", type=arg_type(parse_positive_ints), nargs="?", const=[1, 2, 4],
+                   metavar="P,...",
+                   help="time ring (or Ulysses) attention forward+backward with the sequence split over P local "
+                        "gloo processes, for each P (default 1,2,4): time, scaling efficiency, exposed "
+                        "communication, bytes sent and peak extra memory per rank; takes --heads (8), --gqa, "
+                        "--head-dims (the first, 64), --batch (1), --causal yes|no (yes), --dtypes (the first, fp32), "
+                        "--repeats (3), --json")
+    c.add_argument("--cp-method", choices=("ring", "ulysses"), default="ring", help="context-parallel method")
+    c.add_argument("--cp-layout", choices=("zigzag", "contiguous"), default="zigzag", help="sequence layout")
+    c.add_argument("--cp-length", type=arg_type(parse_length), default=4096, metavar="L",
+                   help="the full sequence length (default 4k)")
+    c.add_argument("--cp-backend", default="cpu", help="attnkern backend of each rank's attention (default cpu)")
+
+
+def run_cp(args, parser, out) -> int:
+    from .context_parallel import CPConfig, run_context_parallel
+
+    if args.causal is not None and len(args.causal) != 1:
+        parser.error("argument --causal: --context-parallel takes yes or no, not both")
+    heads = args.heads or 8
+    gqa = args.gqa or 1
+    if heads % gqa:
+        parser.error(f"argument --gqa: {gqa} does not divide the {heads} heads")
+    cfg = CPConfig(procs=args.context_parallel, method=args.cp_method, layout=args.cp_layout,
+                   causal=args.causal[0] if args.causal else True, backend=args.cp_backend,
+                   batch=args.batch or 1, heads=heads, kv_heads=heads // gqa, length=args.cp_length,
+                   dim=args.head_dims[0] if args.head_dims else 64,
+                   dtype=str(args.dtypes[0]) if args.dtypes else "fp32", repeats=args.repeats or 3)
+    run_context_parallel(cfg, out, args.json)
+    return 0
 
 
 def _device(args, parser) -> torch.device:
@@ -182,6 +213,8 @@ def run(args, parser: argparse.ArgumentParser, out=None) -> int:
                    warmup=args.warmup if args.warmup is not None else 2, seed=args.seed, out=out,
                    json_path=args.json, device=_device(args, parser), batch=args.batch)
         return 0
+    if args.context_parallel is not None:
+        return run_cp(args, parser, out)
     device = _device(args, parser)
     if args.list_providers:
         return _list_providers(device, out)

@@ -82,6 +82,30 @@ def test_varlen_matches_reference(case, dtype):
     _check_against_reference(lq, lk, q, k, v, dout, dlse, dtype, **kw)
 
 
+def test_no_block_reads_another_sequences_tokens():
+    """Every other sequence's q, k, v set to NaN leaves a sequence's output, lse and gradients bit for bit
+    as they were: no tile reads (even masked off) a token of another sequence (0 * NaN would show)."""
+    lq, lk = [17, 5, 9], [20, 3, 70]
+    q, k, v, dout, _ = _inputs(lq, lk, 2, 2, 16, 16, torch.float16, seed=3)
+    cu_q, cu_k = _cu(lq), _cu(lk)
+
+    def run(q, k, v):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out, lse = attnkern.varlen_attention(*leaves, cu_q, cu_k, max(lq), max(lk), return_lse=True,
+                                             backend="cuda-emu")
+        return (out, lse, *torch.autograd.grad((out * dout).sum(), leaves))
+
+    clean = run(q, k, v)
+    for b in range(len(lq)):
+        rows, keys = slice(*cu_q[b:b + 2].tolist()), slice(*cu_k[b:b + 2].tolist())
+        poisoned = [torch.full_like(t, float("nan")) for t in (q, k, v)]
+        poisoned[0][rows], poisoned[1][keys], poisoned[2][keys] = q[rows], k[keys], v[keys]
+        got = run(*poisoned)
+        for name, a, c, sel in zip(("out", "lse", "dq", "dk", "dv"), got, clean,
+                                   ((rows,), (slice(None), rows), (rows,), (keys,), (keys,))):
+            assert torch.equal(a[sel], c[sel]), f"sequence {b}: {name} changed with the other sequences NaN"
+
+
 def test_varlen_score_mods_match_reference():
     """softcap, per-sequence ALiBi slopes (B, Hq) and dropout through the kMods kernels, causal, GQA."""
     lq, lk = [1, 17, 0, 9], [3, 20, 2, 9]

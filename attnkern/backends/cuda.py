@@ -6,7 +6,8 @@ the Triton kernels (see the closing notes of the CUDA issue). The reasons below 
 csrc/cuda/ops_cuda.cpp, so explain() can say why a call is refused before the op would raise. Inputs
 the kernels cannot read in place (a strided head dim, a view not 16-byte aligned) are copied first;
 (B, L, H, E) views and the like are read as they are. Head dims that are not multiples of 8 are
-zero-padded to one (a copy), so every head dim up to 256 runs.
+zero-padded to one (a copy), so every head dim up to 256 runs. Packed variable-length batches
+(varlen.py) run through the varlen ops: one launch per kernel pass over all sequences (csrc/cuda/varlen.h).
 """
 from __future__ import annotations
 

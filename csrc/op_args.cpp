@@ -118,13 +118,7 @@ AttentionParams forward_params(const at::Tensor& q, const at::Tensor& k, const a
   p.q = q.data_ptr(), p.k = k.data_ptr(), p.v = v.data_ptr();
   p.q_st = strides_of(q), p.k_st = strides_of(k), p.v_st = strides_of(v);
   p.scale = scale;
-  const int64_t offset = band[0] == 1 ? S - L : 0;
-  p.has_left = band[1] >= 0, p.has_right = band[2] >= 0;
-  // Clamped to [-L, S], which changes no visibility (rows are in [0, L), keys in [0, S)), so that the
-  // offsets stay small whatever window was asked for; an absent bound is the one that lets every key
-  // through (-L, S).
-  p.band_lo = p.has_left ? std::max<int64_t>(offset - band[1], -L) : -L;
-  p.band_hi = p.has_right ? std::clamp<int64_t>(offset + band[2], -L, S) : S;
+  p.set_band({band[0], band[1], band[2]});
 
   fill_mods(p, mods, q);
 

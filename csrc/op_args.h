@@ -37,6 +37,20 @@ inline constexpr const char* kBackwardSchema =
     "float dropout_p, Tensor? rng, Tensor(a!) grad_query, "
     "Tensor(b!) grad_key, Tensor(c!) grad_value, Tensor(d!)? grad_mask) -> ()";
 
+// The varlen ops' schemas (attnkern/varlen.py's packed layouts: q (Tq, Hq, E), k/v (Tk, Hkv, E/Ev), out
+// (Tq, Hq, Ev), lse (Hq, Tq), stats (Hq, Tq, 2), cu_seqlens int32 (B + 1,)), shared by attnkern_ext
+// (cpu/varlen_cpu.cpp, cuda/ops_cuda.cpp) and attnkern_emu. With dropout_p > 0 sequence b's mask is its own
+// problem's with rng offset + b (varlen.sequence_rng).
+inline constexpr const char* kVarlenForwardSchema =
+    "varlen_forward(Tensor query, Tensor key, Tensor value, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+    "float scale, int[] band, float softcap, Tensor? alibi, Tensor(a!) out, Tensor(b!) lse, Tensor(c!) stats, "
+    "Tensor(d!)? out_lo=None, float dropout_p=0.0, Tensor? rng=None) -> ()";
+inline constexpr const char* kVarlenBackwardSchema =
+    "varlen_backward(Tensor grad_out, Tensor? grad_lse, Tensor query, Tensor key, Tensor value, "
+    "Tensor cu_seqlens_q, Tensor cu_seqlens_k, Tensor out, Tensor? out_lo, Tensor stats, float scale, "
+    "int[] band, float softcap, Tensor? alibi, Tensor(a!) grad_query, Tensor(b!) grad_key, "
+    "Tensor(c!) grad_value, float dropout_p=0.0, Tensor? rng=None) -> ()";
+
 AttentionParams forward_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const std::optional<at::Tensor>& mask, double scale, at::IntArrayRef band,
                                const ModArgs& mods, const at::Tensor& out, const at::Tensor* lse,

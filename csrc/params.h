@@ -12,6 +12,8 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "philox.h"  // ATTNKERN_HOST_DEVICE
+
 namespace attnkern {
 
 enum class MaskKind : int32_t { kNone = 0, kBool = 1, kFloat = 2 };
@@ -43,6 +45,7 @@ struct AttentionParams {
   // [-L, S], an absent bound being -L (band_lo) or S (band_hi), which bound nothing.
   bool has_left = false, has_right = false;
   int64_t band_lo = 0, band_hi = 0;
+  int64_t band_spec[3] = {0, -1, -1};  // the band as the op took it (band.py: [bottom_right, left, right])
 
   // Score modifications (attnkern/score_mods.py), in this order. softcap > 0: s = softcap * tanh(s /
   // softcap) on the scaled scores; alibi (float32 (Ba, Hq), Ba 1 or B): s -= alibi[b * alibi_st_b + h] *
@@ -86,6 +89,38 @@ struct AttentionParams {
   void* dmask = nullptr;  // (Bm, Hm, Lm, Sm) contiguous, float32 (float64 for float64); null: no grad
   Strides4 dq_st, dk_st, dv_st;
 
+  // Packed variable-length batches (attnkern/varlen.py); null for a padded batch. int32 (B + 1,) offsets of
+  // each sequence's first query and key token: q, out, out_lo, dout, dq are (Tq, H, D) and k, v, dk, dv
+  // (Tk, H, D), held as (1, H, T, D) (their *_st.b unused), lse and stats (and the CUDA backward's delta)
+  // (Hq, Tq[, 2]) with Tq = total_q, dlse (Hq, Tq) through dlse_st.h/.l. B counts the sequences; L and S
+  // are the longest sequences' lengths (they size the CUDA grids). A CUDA block narrows p to its sequence
+  // (cuda/varlen.h): sequence b is its own (1, Hq, L_b, S_b) problem on its rows of the packed tensors,
+  // with the band offset S_b - L_b, ALiBi row b and the dropout mask of rng offset + b (varlen.sequence_rng),
+  // which rng_offset_add carries. No user mask.
+  const int32_t* cu_seqlens_q = nullptr;
+  const int32_t* cu_seqlens_k = nullptr;
+  int64_t total_q = 0;
+  int64_t rng_offset_add = 0;
+
+  // has_left/has_right and band_lo/band_hi from the op's band for a problem of L rows and S keys.
+  ATTNKERN_HOST_DEVICE void set_band(const int64_t (&spec)[3]) {
+    for (int d = 0; d < 3; ++d) band_spec[d] = spec[d];
+    has_left = spec[1] >= 0, has_right = spec[2] >= 0;
+    set_band_offsets();
+  }
+  // band_lo/band_hi from band_spec for the present L and S (has_left/has_right stay: they do not depend
+  // on the lengths). Clamped to [-L, S], which changes no visibility (rows are in [0, L), keys in [0, S)),
+  // so that the offsets stay small whatever window was asked for; an absent bound is the one that lets
+  // every key through (-L, S).
+  ATTNKERN_HOST_DEVICE void set_band_offsets() {
+    const int64_t offset = band_spec[0] == 1 ? S - L : 0;
+    const int64_t lo = offset - band_spec[1], hi = offset + band_spec[2];
+    band_lo = has_left && lo > -L ? lo : -L;
+    band_hi = has_right ? (hi < -L ? -L : (hi > S ? S : hi)) : S;
+  }
+  // Elements between the rows of consecutive (batch, head) pairs in lse, delta (stats: twice that): L,
+  // or the packed token count of a varlen batch (whose pairs are heads of its one (Hq, Tq) matrix).
+  ATTNKERN_HOST_DEVICE int64_t stat_len() const { return cu_seqlens_q ? total_q : L; }
   bool banded() const { return has_left || has_right; }
   bool has_mods() const { return softcap > 0.0 || alibi != nullptr || dropout_p > 0.0; }
   // The keys [key_begin, key_end) some row of rows [r0, r1) sees, and [full_key_begin, full_key_end)

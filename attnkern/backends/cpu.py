@@ -16,8 +16,13 @@ from .base import Backend
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _has_varlen_ops() -> bool:
-    return hasattr(torch.ops.attnkern_ext, "varlen_forward")
+def _has_varlen_ops(dropout: bool = False) -> bool:
+    """Whether the extension registers the varlen ops (with their dropout arguments, if `dropout`: an
+    extension built before those were added runs dropout through the loop over sequences)."""
+    if not hasattr(torch.ops.attnkern_ext, "varlen_forward"):
+        return False
+    args = torch.ops.attnkern_ext.varlen_forward.default._schema.arguments
+    return not dropout or any(a.name == "dropout_p" for a in args)
 
 
 class CpuBackend(Backend):
@@ -52,18 +57,19 @@ class CpuBackend(Backend):
         return dq, dk, dv, (dmask.to(mask.dtype) if dmask is not None else None)
 
     # Packed batches: attnkern_ext::varlen_forward/backward (csrc/cpu/varlen_cpu.cpp) run every sequence
-    # in one parallel region, each on views of the packed tensors. Dropout (its per-sequence rng) and an
+    # in one parallel region, each on views of the packed tensors (dropout with each sequence's own rng). An
     # extension built before those ops take base.py's loop over sequences, for which the hooks below write
     # each sequence straight into its rows of the packed output and gradients.
     def varlen_forward(self, q, k, v, cu_q, cu_k, max_q, max_k, scale, band, mods, residual):
-        if mods.dropout_p > 0.0 or not _has_varlen_ops():
+        if not _has_varlen_ops(mods.dropout_p > 0.0):
             return super().varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, band, mods, residual)
         bounds = sequence_bounds(cu_q, cu_k, q.shape[0], k.shape[0], max_q, max_k)  # checks the offsets
         Ev = v.shape[2]
         out, lse = new_varlen_output(q, Ev), new_varlen_lse(q)
         stats, out_lo = new_varlen_stats(q), new_varlen_residual(q, Ev, residual)
         torch.ops.attnkern_ext.varlen_forward(q, k, v, cu_q, cu_k, scale, band.as_op(), mods.softcap, mods.alibi,
-                                              out, lse, stats, out_lo if out_lo.numel() else None)
+                                              out, lse, stats, out_lo if out_lo.numel() else None,
+                                              *self._varlen_dropout(mods))
         for q0, q1, k0, k1 in bounds:
             if q1 > q0 and k1 == k0:  # rows that see no key: 0, lse -inf (base.py)
                 out[q0:q1].zero_()
@@ -75,7 +81,7 @@ class CpuBackend(Backend):
 
     def varlen_backward(self, dout, dlse, q, k, v, cu_q, cu_k, max_q, max_k, out, out_lo, stats, scale, band,
                         mods, deterministic=False):
-        if mods.dropout_p > 0.0 or not _has_varlen_ops():
+        if not _has_varlen_ops(mods.dropout_p > 0.0):
             return super().varlen_backward(dout, dlse, q, k, v, cu_q, cu_k, max_q, max_k, out, out_lo, stats,
                                            scale, band, mods, deterministic)
         sequence_bounds(cu_q, cu_k, q.shape[0], k.shape[0], max_q, max_k)
@@ -83,8 +89,13 @@ class CpuBackend(Backend):
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         torch.ops.attnkern_ext.varlen_backward(dout, dlse, q, k, v, cu_q, cu_k, out,
                                                out_lo if out_lo.numel() else None, stats, scale, band.as_op(),
-                                               mods.softcap, mods.alibi, dq, dk, dv)
+                                               mods.softcap, mods.alibi, dq, dk, dv, *self._varlen_dropout(mods))
         return dq, dk, dv
+
+    @staticmethod
+    def _varlen_dropout(mods):
+        """The varlen ops' trailing (dropout_p, rng), or nothing (an extension whose ops lack them)."""
+        return (mods.dropout_p, mods.rng) if mods.dropout_p > 0.0 else ()
 
     def sequence_forward(self, q, k, v, scale, band, mods, residual, out, out_lo):
         lse, stats = new_lse(q), new_stats(q)

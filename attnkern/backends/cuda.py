@@ -6,14 +6,17 @@ the Triton kernels (see the closing notes of the CUDA issue). The reasons below 
 csrc/cuda/ops_cuda.cpp, so explain() can say why a call is refused before the op would raise. Inputs
 the kernels cannot read in place (a strided head dim, a view not 16-byte aligned) are copied first;
 (B, L, H, E) views and the like are read as they are. Head dims that are not multiples of 8 are
-zero-padded to one (a copy), so every head dim up to 256 runs.
+zero-padded to one (a copy), so every head dim up to 256 runs. Packed variable-length batches
+(varlen.py) run through the varlen ops: one launch per kernel pass over all sequences (csrc/cuda/varlen.h).
 """
 from __future__ import annotations
 
 import torch
 
 from . import extension
-from ..buffers import new_grad, new_lse, new_mask_grad, new_output, new_residual, new_stats
+from ..buffers import (new_grad, new_lse, new_mask_grad, new_output, new_residual, new_stats, new_varlen_lse,
+                       new_varlen_output, new_varlen_residual, new_varlen_stats)
+from ..varlen import sequence_bounds
 from .base import Backend
 
 MAX_HEAD_DIM = 256
@@ -57,8 +60,17 @@ def _layout_problem(t: torch.Tensor, name: str):
     return None
 
 
+def _ready_packed(t: torch.Tensor) -> torch.Tensor:
+    """_ready for a packed (T, H, D) tensor (varlen.py), judged on its canonical (1, H, T, D) view."""
+    if _layout_problem(t.permute(1, 0, 2).unsqueeze(0), "") is None:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 class CudaBackend(Backend):
     name = "cuda"
+    # Packed batches: the varlen ops run every sequence in one launch per pass (csrc/cuda/varlen.h).
+    varlen = True
 
     def _ops(self):
         """The op namespace the glue below calls (cuda_emu.py's subclass swaps in the emulated kernels)."""
@@ -117,3 +129,32 @@ class CudaBackend(Backend):
                              dq, dk, dv, dmask)
         dq, dk, dv = (_cut(g, lambda t=t: new_grad(t), t.shape[-1]) for g, t in ((dq, q0), (dk, k0), (dv, v0)))
         return dq, dk, dv, (dmask.to(mask.dtype) if dmask is not None else None)
+
+    # Packed batches (varlen.py), with the padded path's head-dim padding and layout copies. The op reads
+    # and checks the offsets itself; sequence_bounds checks them against max_seqlen, as every backend does.
+    def varlen_forward(self, q, k, v, cu_q, cu_k, max_q, max_k, scale, band, mods, residual):
+        sequence_bounds(cu_q, cu_k, q.shape[0], k.shape[0], max_q, max_k)
+        q0, Ev = q, v.shape[2]
+        q, k, v = _ready_packed(_padded(q)), _ready_packed(_padded(k)), _ready_packed(_padded(v))
+        Evp = v.shape[2]
+        out, lse = new_varlen_output(q0, Evp), new_varlen_lse(q)
+        stats, out_lo = new_varlen_stats(q), new_varlen_residual(q0, Evp, residual)
+        self._ops().varlen_forward(q, k, v, cu_q, cu_k, scale, band.as_op(), mods.softcap, mods.alibi, out, lse,
+                                   stats, out_lo if out_lo.numel() else None, mods.dropout_p, mods.rng)
+        if out_lo.numel():
+            out_lo = _cut(out_lo, lambda: new_varlen_output(q0, Ev), Ev)
+        return _cut(out, lambda: new_varlen_output(q0, Ev), Ev), lse, stats, out_lo
+
+    def varlen_backward(self, dout, dlse, q, k, v, cu_q, cu_k, max_q, max_k, out, out_lo, stats, scale, band,
+                        mods, deterministic=False):  # always deterministic
+        sequence_bounds(cu_q, cu_k, q.shape[0], k.shape[0], max_q, max_k)
+        q0, k0, v0 = q, k, v
+        q, k, v = _ready_packed(_padded(q)), _ready_packed(_padded(k)), _ready_packed(_padded(v))
+        dout, out = _ready_packed(_padded(dout)), _ready_packed(_padded(out))
+        out_lo = _ready_packed(_padded(out_lo)) if out_lo.numel() else None
+        # Every row and key belongs to a sequence, whose blocks write all of its gradients (zeros where it
+        # has no keys or no queries).
+        dq, dk, dv = new_grad(q), new_grad(k), new_grad(v)
+        self._ops().varlen_backward(dout, dlse, q, k, v, cu_q, cu_k, out, out_lo, stats, scale, band.as_op(),
+                                    mods.softcap, mods.alibi, dq, dk, dv, mods.dropout_p, mods.rng)
+        return tuple(_cut(g, lambda t=t: new_grad(t), t.shape[-1]) for g, t in ((dq, q0), (dk, k0), (dv, v0)))

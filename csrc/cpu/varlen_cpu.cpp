@@ -11,6 +11,8 @@
 // each cost a barrier, which is what a loop from Python paid B times. Results do not depend on the thread
 // count: a sequence's arithmetic is that of its own problem either way (the kernels are deterministic).
 // lse and stats pass through per-sequence contiguous buffers (the kernels write (1, Hq, L_b) rows).
+// Dropout: sequence b draws its own problem's mask with rng (seed, (offset mod 2^32) + b)
+// (varlen.sequence_rng), a small CPU tensor of its own.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -57,6 +59,21 @@ std::optional<at::Tensor> seq_alibi(const std::optional<at::Tensor>& alibi, int6
   return alibi;
 }
 
+// Sequence b's dropout rng (varlen.sequence_rng), or none without dropout.
+std::optional<at::Tensor> seq_rng(double dropout_p, const std::optional<at::Tensor>& rng, int64_t b) {
+  if (dropout_p <= 0) return std::nullopt;
+  TORCH_CHECK(rng.has_value() && rng->defined() && rng->device().is_cpu() && rng->scalar_type() == at::kLong &&
+                  rng->dim() == 1 && rng->size(0) == 2,
+              "attnkern: dropout_p > 0 needs rng, an int64 (2,) CPU tensor (seed, offset)");
+  const at::Tensor r = rng->contiguous();
+  const int64_t seed = r.data_ptr<int64_t>()[0], offset = r.data_ptr<int64_t>()[1];
+  const int64_t wrap = int64_t(1) << 32;
+  at::Tensor out = at::empty({2}, r.options());
+  out.data_ptr<int64_t>()[0] = seed;
+  out.data_ptr<int64_t>()[1] = (offset % wrap + wrap) % wrap + b;
+  return out;
+}
+
 // Runs fn(seq) for every sequence: the big ones alone (fn parallelizes inside), the rest in one shared
 // parallel region, one thread each.
 template <typename Fn>
@@ -76,7 +93,8 @@ void for_each_sequence(const std::vector<Seq>& seqs, const Fn& fn) {
 void varlen_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
                         const at::Tensor& cu_k, double scale, at::IntArrayRef band, double softcap,
                         const std::optional<at::Tensor>& alibi, const at::Tensor& out, const at::Tensor& lse,
-                        const at::Tensor& stats, const std::optional<at::Tensor>& out_lo) {
+                        const at::Tensor& stats, const std::optional<at::Tensor>& out_lo, double dropout_p,
+                        const std::optional<at::Tensor>& rng) {
   cpu::check_isa();
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && out.dim() == 3, "attnkern: varlen q, k, v, out must be 3-D");
   TORCH_CHECK(lse.dim() == 2 && lse.size(0) == q.size(1) && lse.size(1) == q.size(0) && stats.dim() == 3 &&
@@ -91,6 +109,7 @@ void varlen_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tens
   // Params of every sequence first (their checks raise here, outside any parallel region).
   std::vector<AttentionParams> params(seqs.size());
   std::vector<at::Tensor> lse_b(seqs.size()), stats_b(seqs.size());
+  std::vector<std::optional<at::Tensor>> rng_b(seqs.size());
   for (size_t i = 0; i < seqs.size(); ++i) {
     const Seq& s = seqs[i];
     const at::Tensor qb = rows(q, s.q0, s.q1);
@@ -98,8 +117,9 @@ void varlen_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tens
     stats_b[i] = at::empty({1, q.size(1), s.q1 - s.q0, 2}, stats.options());
     const std::optional<at::Tensor> lo = has_lo ? std::optional<at::Tensor>(rows(*out_lo, s.q0, s.q1)) : std::nullopt;
     const std::optional<at::Tensor> none, al = seq_alibi(alibi, s.b);
+    rng_b[i] = seq_rng(dropout_p, rng, s.b);
     params[i] = forward_params(qb, rows(k, s.k0, s.k1), rows(v, s.k0, s.k1), none, scale, band,
-                               {softcap, al, 0.0, none}, rows(out, s.q0, s.q1), &lse_b[i], stats_b[i], lo);
+                               {softcap, al, dropout_p, rng_b[i]}, rows(out, s.q0, s.q1), &lse_b[i], stats_b[i], lo);
   }
   const auto dtype = q.scalar_type();
   for_each_sequence(seqs, [&](const Seq& s) {
@@ -117,7 +137,8 @@ void varlen_backward_cpu(const at::Tensor& dout, const std::optional<at::Tensor>
                          const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k,
                          const at::Tensor& out, const std::optional<at::Tensor>& out_lo, const at::Tensor& stats,
                          double scale, at::IntArrayRef band, double softcap, const std::optional<at::Tensor>& alibi,
-                         const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv) {
+                         const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv, double dropout_p,
+                         const std::optional<at::Tensor>& rng) {
   cpu::check_isa();
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && dq.sizes() == q.sizes() && dk.sizes() == k.sizes() &&
                   dv.sizes() == v.sizes() && stats.dim() == 3 && stats.size(1) == q.size(0),
@@ -130,16 +151,18 @@ void varlen_backward_cpu(const at::Tensor& dout, const std::optional<at::Tensor>
   const bool has_dlse = dlse.has_value() && dlse->defined();
   std::vector<AttentionParams> params(seqs.size());
   std::vector<at::Tensor> stats_b(seqs.size());
+  std::vector<std::optional<at::Tensor>> rng_b(seqs.size());
   for (size_t i = 0; i < seqs.size(); ++i) {
     const Seq& s = seqs[i];
     stats_b[i] = stats.narrow(1, s.q0, s.q1 - s.q0).unsqueeze(0).contiguous();
     const std::optional<at::Tensor> none, al = seq_alibi(alibi, s.b);
+    rng_b[i] = seq_rng(dropout_p, rng, s.b);
     const std::optional<at::Tensor> lo = has_lo ? std::optional<at::Tensor>(rows(*out_lo, s.q0, s.q1)) : std::nullopt;
     const std::optional<at::Tensor> dl =
         has_dlse ? std::optional<at::Tensor>(dlse->narrow(1, s.q0, s.q1 - s.q0).unsqueeze(0)) : std::nullopt;
     params[i] = backward_params(rows(dout, s.q0, s.q1), dl, rows(q, s.q0, s.q1), rows(k, s.k0, s.k1),
                                 rows(v, s.k0, s.k1), none, rows(out, s.q0, s.q1), lo, stats_b[i], scale, band,
-                                {softcap, al, 0.0, none}, rows(dq, s.q0, s.q1), rows(dk, s.k0, s.k1),
+                                {softcap, al, dropout_p, rng_b[i]}, rows(dq, s.q0, s.q1), rows(dk, s.k0, s.k1),
                                 rows(dv, s.k0, s.k1), none);
   }
   const auto dtype = q.scalar_type();
@@ -150,13 +173,8 @@ void varlen_backward_cpu(const at::Tensor& dout, const std::optional<at::Tensor>
 }  // namespace attnkern
 
 TORCH_LIBRARY_FRAGMENT(attnkern_ext, m) {
-  m.def("varlen_forward(Tensor query, Tensor key, Tensor value, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
-        "float scale, int[] band, float softcap, Tensor? alibi, Tensor(a!) out, Tensor(b!) lse, Tensor(c!) stats, "
-        "Tensor(d!)? out_lo=None) -> ()");
-  m.def("varlen_backward(Tensor grad_out, Tensor? grad_lse, Tensor query, Tensor key, Tensor value, "
-        "Tensor cu_seqlens_q, Tensor cu_seqlens_k, Tensor out, Tensor? out_lo, Tensor stats, float scale, "
-        "int[] band, float softcap, Tensor? alibi, Tensor(a!) grad_query, Tensor(b!) grad_key, "
-        "Tensor(c!) grad_value) -> ()");
+  m.def(attnkern::kVarlenForwardSchema);
+  m.def(attnkern::kVarlenBackwardSchema);
 }
 
 TORCH_LIBRARY_IMPL(attnkern_ext, CPU, m) {

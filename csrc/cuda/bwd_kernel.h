@@ -21,6 +21,7 @@
 #include "mask.h"
 #include "mods.h"
 #include "tile.h"
+#include "varlen.h"
 
 namespace attnkern {
 namespace cuda {
@@ -63,7 +64,7 @@ __device__ __forceinline__ void row_stats(const AttentionParams& p, int64_t bh, 
     m = INFINITY, log2l = 0.f;
     return;
   }
-  const float* st = static_cast<const float*>(p.stats) + (bh * p.L + i) * 2;
+  const float* st = static_cast<const float*>(p.stats) + (bh * p.stat_len() + i) * 2;
   m = st[0] == kNegInf ? INFINITY : st[0];
   log2l = st[0] == kNegInf ? 0.f : st[1];
 }
@@ -71,10 +72,14 @@ __device__ __forceinline__ void row_stats(const AttentionParams& p, int64_t bh, 
 // ---------------------------------------------------------------------------------------------------
 // delta[b, h, i] = sum_e dO * O - dlse, one warp per row (lanes stride the head dim).
 template <typename T>
-__global__ void attention_bwd_preprocess_kernel(const AttentionParams p, float* delta) {
+__global__ void attention_bwd_preprocess_kernel(const AttentionParams params, float* delta) {
+  AttentionParams p = params;
+  int64_t tok0;
+  const int64_t b = enter_batch<T>(p, tok0);
+  delta += tok0;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t i = int64_t(blockIdx.x) * (blockDim.x / 32) + warp;
-  const int64_t h = blockIdx.y, b = blockIdx.z;
+  const int64_t h = blockIdx.y;
   if (i >= p.L) return;
   const T* o = static_cast<const T*>(p.out) + b * p.out_st.b + h * p.out_st.h + i * p.out_st.l;
   const T* d = static_cast<const T*>(p.dout) + b * p.dout_st.b + h * p.dout_st.h + i * p.dout_st.l;
@@ -92,11 +97,11 @@ __global__ void attention_bwd_preprocess_kernel(const AttentionParams p, float* 
   if (lane == 0) {
     // A fully masked row (row max -inf) has P = 0 and a constant lse: its dlse, maybe inf or NaN (a
     // log-sum-exp merge), must not enter delta, or dS = 0 * (dP - delta) would be NaN on every key.
-    const bool empty = static_cast<const float*>(p.stats)[((b * p.Hq + h) * p.L + i) * 2] == kNegInf;
+    const bool empty = static_cast<const float*>(p.stats)[((b * p.Hq + h) * p.stat_len() + i) * 2] == kNegInf;
     if (p.dlse && !empty) {
       acc -= static_cast<const float*>(p.dlse)[b * p.dlse_st.b + h * p.dlse_st.h + i * p.dlse_st.l];
     }
-    delta[(b * p.Hq + h) * p.L + i] = acc;
+    delta[(b * p.Hq + h) * p.stat_len() + i] = acc;
   }
 }
 
@@ -104,7 +109,7 @@ __global__ void attention_bwd_preprocess_kernel(const AttentionParams p, float* 
 // kLeft: whether the band may have a left bound (a sliding window); without one, the launch takes the
 // variant that does not test for it. kMods: the general variant with the score modifications (fwd_kernel.h).
 template <typename Traits, bool kHasMask, bool kLeft, bool kMods = false>
-__global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dkdv_kernel(const AttentionParams p,
+__global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dkdv_kernel(const AttentionParams params,
                                                                               const float* delta) {
   using T = typename Traits::T;
   using KVTile = typename Traits::KVTile;
@@ -121,10 +126,15 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dkdv_kernel(co
   T* sdO = sQ + 2 * QTile::kElems;         // [2][QTile]
   float* sStat = reinterpret_cast<float*>(sdO + 2 * QTile::kElems);  // [2][3][kBM]: m, log2l, delta
 
+  AttentionParams p = params;
+  int64_t tok0;
+  const int64_t b = enter_batch<T, !kHasMask || kMods>(p, tok0);  // packed batches have no mask
+  delta += tok0;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane >> 2, t = lane & 3;
   const int n_block = blockIdx.x / Traits::kSplit, split = blockIdx.x % Traits::kSplit;
-  const int64_t hk = blockIdx.y, b = blockIdx.z;
+  const int64_t hk = blockIdx.y;
   const int n0 = n_block * kBN;
+  if (n0 >= p.S) return;  // past the keys of its sequence (a packed batch's shorter ones)
   const int col0 = split * kOT * 8;  // first dK/dV column of this CTA
 
   const T* k = static_cast<const T*>(p.k) + b * p.k_st.b + hk * p.k_st.h;
@@ -173,7 +183,7 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dkdv_kernel(co
       row_stats(p, b * p.Hq + h, m0 + r, m, l2);
       st[r] = m;
       st[kBM + r] = l2;
-      st[2 * kBM + r] = m0 + r < p.L ? delta[(b * p.Hq + h) * p.L + m0 + r] : 0.f;
+      st[2 * kBM + r] = m0 + r < p.L ? delta[(b * p.Hq + h) * p.stat_len() + m0 + r] : 0.f;
     }
     cp_async_wait<1>();
     __syncthreads();
@@ -299,7 +309,7 @@ __device__ __forceinline__ void compute_ds(float (&s)[Traits::kBlockN / 8][4], c
 
 // kMods: the general variant with the score modifications (reads the user mask when there is one).
 template <typename Traits, bool kHasMask, bool kMods = false>
-__global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dq_kernel(const AttentionParams p,
+__global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dq_kernel(const AttentionParams params,
                                                                             const float* delta) {
   using T = typename Traits::T;
   using QTile = typename Traits::QTile;
@@ -314,10 +324,15 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dq_kernel(cons
   T* sK = sdO + QTile::kElems;  // [2][KVTile]
   T* sV = sK + 2 * KVTile::kElems;
 
+  AttentionParams p = params;
+  int64_t tok0;
+  const int64_t b = enter_batch<T, !kHasMask || kMods>(p, tok0);  // packed batches have no mask
+  delta += tok0;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane >> 2, t = lane & 3;
   const int m_block = p.has_right && !p.has_left ? gridDim.x - 1 - blockIdx.x : blockIdx.x;  // longest first
-  const int64_t h = blockIdx.y, b = blockIdx.z, hk = h / p.group;
+  const int64_t h = blockIdx.y, hk = h / p.group;
   const int m0 = m_block * kBM;
+  if (m0 >= p.L) return;  // past the rows of its sequence (a packed batch's shorter ones)
   const int wrow = warp * 16;
 
   const T* q = static_cast<const T*>(p.q) + b * p.q_st.b + h * p.q_st.h + int64_t(m0) * p.q_st.l;
@@ -344,7 +359,7 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dq_kernel(cons
   for (int r = 0; r < 2; ++r) {
     const int64_t i = m0 + wrow + g + 8 * r;
     row_stats(p, b * p.Hq + h, i, m[r], log2l[r]);
-    dl[r] = i < p.L ? delta[(b * p.Hq + h) * p.L + i] : 0.f;
+    dl[r] = i < p.L ? delta[(b * p.Hq + h) * p.stat_len() + i] : 0.f;
   }
   float dq[kOT][4];
   zero(dq);

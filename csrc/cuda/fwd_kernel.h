@@ -17,6 +17,7 @@
 #include "mask.h"
 #include "mods.h"
 #include "tile.h"
+#include "varlen.h"
 
 namespace attnkern {
 namespace cuda {
@@ -25,7 +26,7 @@ namespace cuda {
 // it otherwise (registers: see mask_score). kMods: the general variant with the score modifications, for
 // problems that have some (it reads the user mask when there is one, kHasMask and kLeft being true).
 template <typename Traits, bool kHasMask, bool kLeft, bool kMods = false>
-__global__ void __launch_bounds__(Traits::kThreads) attention_fwd_kernel(const AttentionParams p) {
+__global__ void __launch_bounds__(Traits::kThreads) attention_fwd_kernel(const AttentionParams params) {
   using T = typename Traits::T;
   using QTile = typename Traits::QTile;
   using KVTile = typename Traits::KVTile;
@@ -39,11 +40,15 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_fwd_kernel(const A
   T* sK = sQ + QTile::kElems;
   T* sV = sK + Traits::kStages * KVTile::kElems;
 
+  AttentionParams p = params;
+  int64_t tok0;
+  const int64_t b = enter_batch<T, (!kHasMask && !kLeft) || kMods>(p, tok0);  // see run_attention_fwd
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane >> 2, t = lane & 3;
   // Causal-like bands: the longest rows (most key tiles) first, for a better tail across SMs.
   const int m_block = p.has_right && !p.has_left ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
-  const int64_t h = blockIdx.y, b = blockIdx.z, hk = h / p.group;
+  const int64_t h = blockIdx.y, hk = h / p.group;
   const int m0 = m_block * kBM;
+  if (m0 >= p.L) return;  // past the rows of its sequence (a packed batch's shorter ones)
 
   const T* q = static_cast<const T*>(p.q) + b * p.q_st.b + h * p.q_st.h + int64_t(m0) * p.q_st.l;
   const T* k = static_cast<const T*>(p.k) + b * p.k_st.b + hk * p.k_st.h;
@@ -147,8 +152,8 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_fwd_kernel(const A
 
   // Normalize and store O; the lse and the statistics come from the quad's first thread.
   T* out = static_cast<T*>(p.out) + b * p.out_st.b + h * p.out_st.h;
-  float* lse = static_cast<float*>(p.lse) + (b * p.Hq + h) * p.L;
-  float* stats = static_cast<float*>(p.stats) + (b * p.Hq + h) * p.L * 2;
+  float* lse = static_cast<float*>(p.lse) + (b * p.Hq + h) * p.stat_len();
+  float* stats = static_cast<float*>(p.stats) + (b * p.Hq + h) * p.stat_len() * 2;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int64_t i = m0 + wrow + g + 8 * r;

@@ -91,10 +91,18 @@ inline size_t mask_elem_bytes(const AttentionParams& p) {
 
 // p restricted to batches [b0, b0 + n). lse, stats, delta (B, Hq, L[, 2]) and dmask (Bm, Hm, Lm, Sm) are
 // contiguous float32; a mask broadcast over the batch (Bm == 1, stride 0) stays whole.
+// A packed batch (p.cu_seqlens_q) is sliced by its offsets: its tensors stay whole (its blocks find their
+// rows through the offsets).
 template <typename T>
 AttentionParams batch_slice(const AttentionParams& p, int64_t b0, int64_t n) {
   AttentionParams s = p;
   s.B = n;
+  if (p.cu_seqlens_q) {
+    s.cu_seqlens_q = p.cu_seqlens_q + b0, s.cu_seqlens_k = p.cu_seqlens_k + b0;
+    s.alibi = p.alibi ? p.alibi + b0 * p.alibi_st_b : nullptr;
+    s.batch_base = p.batch_base + b0;  // the dropout streams of sequence b0 onwards
+    return s;
+  }
   s.q = advance(p.q, b0 * p.q_st.b, sizeof(T));
   s.k = advance(p.k, b0 * p.k_st.b, sizeof(T));
   s.v = advance(p.v, b0 * p.v_st.b, sizeof(T));
@@ -123,7 +131,8 @@ cudaError_t for_batch_slices(const AttentionParams& p, float* delta, int64_t per
   if (p.B <= per_launch) return launch(p, delta);
   for (int64_t b0 = 0; b0 < p.B; b0 += per_launch) {
     const int64_t n = p.B - b0 < per_launch ? p.B - b0 : per_launch;
-    const cudaError_t err = launch(batch_slice<T>(p, b0, n), delta ? delta + b0 * p.Hq * p.L : delta);
+    // A packed batch's delta is (Hq, Tq): whole, like its other tensors.
+    const cudaError_t err = launch(batch_slice<T>(p, b0, n), delta && !p.cu_seqlens_q ? delta + b0 * p.Hq * p.L : delta);
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;
@@ -151,7 +160,9 @@ cudaError_t run_attention_fwd_mods(const AttentionParams& p, cudaStream_t stream
 
 template <typename T, int HD>
 cudaError_t run_attention_fwd(const AttentionParams& p, cudaStream_t stream) {
-  if (p.has_mods()) return run_attention_fwd_mods<T, HD>(p, stream);  // in the mods_hdim* units
+  // A packed batch (p.cu_seqlens_q) with a sliding window runs on the general kernel too: the window
+  // kernel has no registers left for a sequence's bounds (at head dim 128 they spilled 28 bytes).
+  if (p.has_mods() || (p.cu_seqlens_q && p.has_left)) return run_attention_fwd_mods<T, HD>(p, stream);
   using Traits = typename FwdConfig<T, HD>::Traits;
   using MaskedWindow = typename FwdConfig<T, HD>::MaskedWindow;
   // Four kernels: with and without the user-mask reads, with and without a window's left bound (each

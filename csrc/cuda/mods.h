@@ -37,7 +37,7 @@ struct ScoreModsState {
         dropout(p.dropout_p > 0.0),
         threshold(p.dropout_threshold),
         drop_scale(p.dropout_scale),
-        key(p.dropout_p > 0.0 ? dropout_key(p.rng[0], p.rng[1]) : DropoutKey{}),
+        key(p.dropout_p > 0.0 ? dropout_key(p.rng[0], p.rng[1] + p.rng_offset_add) : DropoutKey{}),
         bh((p.batch_base + b) * p.Hq + h) {}
 
   // The capped score of scaled score x, and T = tanh(x / softcap) (1 - T^2 is the cap's derivative;

@@ -13,6 +13,7 @@
 
 #include "../op_args.h"
 #include "dispatch.h"
+#include "varlen_args.h"
 
 namespace attnkern {
 namespace {
@@ -126,10 +127,58 @@ void backward_cuda(const at::Tensor& dout, const std::optional<at::Tensor>& dlse
   TORCH_CHECK(err == cudaSuccess, "attnkern cuda backward: ", cudaGetErrorString(err));
 }
 
+// Packed variable-length batches: one launch per pass over every sequence (varlen.h), on the packed
+// tensors' canonical views (varlen_args.h).
+void varlen_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
+                         const at::Tensor& cu_k, double scale, at::IntArrayRef band, double softcap,
+                         const std::optional<at::Tensor>& alibi, const at::Tensor& out, const at::Tensor& lse,
+                         const at::Tensor& stats, const std::optional<at::Tensor>& out_lo, double dropout_p,
+                         const std::optional<at::Tensor>& rng) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  const AttentionParams p =
+      varlen_forward_params(q, k, v, cu_q, cu_k, scale, band, softcap, alibi, dropout_p, rng, out, lse, stats, out_lo);
+  check_problem(p, q);
+  check_layout(packed_view(q), "query"), check_layout(packed_view(k), "key"), check_layout(packed_view(v), "value");
+  check_layout(packed_view(out), "out");
+  if (p.out_lo) check_layout(packed_view(*out_lo), "out_lo");
+  if (p.B * p.Hq * p.L == 0) return;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const int hd = head_dim_bucket(std::max(p.E, p.Ev));
+  const cudaError_t err = q.scalar_type() == at::kHalf ? run_fwd<__half>(hd, p, stream)
+                                                       : run_fwd<__nv_bfloat16>(hd, p, stream);
+  TORCH_CHECK(err == cudaSuccess, "attnkern cuda varlen forward: ", cudaGetErrorString(err));
+}
+
+void varlen_backward_cuda(const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
+                          const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k,
+                          const at::Tensor& out, const std::optional<at::Tensor>& out_lo, const at::Tensor& stats,
+                          double scale, at::IntArrayRef band, double softcap, const std::optional<at::Tensor>& alibi,
+                          const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv, double dropout_p,
+                          const std::optional<at::Tensor>& rng) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  const AttentionParams p = varlen_backward_params(dout, dlse, q, k, v, cu_q, cu_k, out, out_lo, stats, scale, band,
+                                                   softcap, alibi, dropout_p, rng, dq, dk, dv);
+  check_problem(p, q);
+  const std::pair<const at::Tensor*, const char*> packed[] = {
+      {&q, "query"}, {&k, "key"}, {&v, "value"}, {&out, "out"}, {&dout, "grad_out"},
+      {&dq, "grad_query"}, {&dk, "grad_key"}, {&dv, "grad_value"}};
+  for (const auto& [t, name] : packed) check_layout(packed_view(*t), name);
+  if (p.out_lo) check_layout(packed_view(*out_lo), "out_lo");
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const at::Tensor delta = at::empty({p.Hq, p.total_q}, q.options().dtype(at::kFloat));  // (Hq, Tq), like lse
+  const int hd = head_dim_bucket(std::max(p.E, p.Ev));
+  const cudaError_t err =
+      q.scalar_type() == at::kHalf ? run_bwd<__half>(hd, p, delta.data_ptr<float>(), stream)
+                                   : run_bwd<__nv_bfloat16>(hd, p, delta.data_ptr<float>(), stream);
+  TORCH_CHECK(err == cudaSuccess, "attnkern cuda varlen backward: ", cudaGetErrorString(err));
+}
+
 }  // namespace
 }  // namespace attnkern
 
 TORCH_LIBRARY_IMPL(attnkern_ext, CUDA, m) {
   m.impl("forward", &attnkern::forward_cuda);
   m.impl("backward", &attnkern::backward_cuda);
+  m.impl("varlen_forward", &attnkern::varlen_forward_cuda);
+  m.impl("varlen_backward", &attnkern::varlen_backward_cuda);
 }

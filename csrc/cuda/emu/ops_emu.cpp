@@ -9,6 +9,7 @@
 
 #include "../../op_args.h"
 #include "../dispatch.h"
+#include "../varlen_args.h"
 #include "runtime.h"
 
 namespace attnkern {
@@ -131,6 +132,57 @@ void backward_emu(const at::Tensor& dout, const std::optional<at::Tensor>& dlse,
   TORCH_CHECK(err == cudaSuccess, "attnkern cuda-emu backward: error ", int(err));
 }
 
+// Packed variable-length batches: varlen_forward_cuda / varlen_backward_cuda of ops_cuda.cpp, emulated.
+void varlen_forward_emu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
+                        const at::Tensor& cu_k, double scale, at::IntArrayRef band, double softcap,
+                        const std::optional<at::Tensor>& alibi, const at::Tensor& out, const at::Tensor& lse,
+                        const at::Tensor& stats, const std::optional<at::Tensor>& out_lo, double dropout_p,
+                        const std::optional<at::Tensor>& rng) {
+  const AttentionParams p =
+      varlen_forward_params(q, k, v, cu_q, cu_k, scale, band, softcap, alibi, dropout_p, rng, out, lse, stats, out_lo);
+  check_problem(p, q);
+  check_layout(packed_view(q), "query"), check_layout(packed_view(k), "key"), check_layout(packed_view(v), "value");
+  check_layout(packed_view(out), "out");
+  if (p.out_lo) check_layout(packed_view(*out_lo), "out_lo");
+  if (p.B * p.Hq * p.L == 0) return;
+  const emu::GlobalRanges ranges{span(q, "query"),         span(k, "key"),
+                                 span(v, "value"),         span(cu_q, "cu_seqlens_q"),
+                                 span(cu_k, "cu_seqlens_k"), span(out, "out"),
+                                 span(lse, "lse"),         span(stats, "stats"),
+                                 span(out_lo, "out_lo"),   span(alibi, "alibi"),
+                                 span(rng, "rng")};
+  const int hd = head_dim_bucket(std::max(p.E, p.Ev));
+  const cudaError_t err = q.scalar_type() == at::kHalf ? run_fwd<__half>(hd, p) : run_fwd<__nv_bfloat16>(hd, p);
+  TORCH_CHECK(err == cudaSuccess, "attnkern cuda-emu varlen forward: error ", int(err));
+}
+
+void varlen_backward_emu(const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
+                         const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k,
+                         const at::Tensor& out, const std::optional<at::Tensor>& out_lo, const at::Tensor& stats,
+                         double scale, at::IntArrayRef band, double softcap, const std::optional<at::Tensor>& alibi,
+                         const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv, double dropout_p,
+                         const std::optional<at::Tensor>& rng) {
+  const AttentionParams p = varlen_backward_params(dout, dlse, q, k, v, cu_q, cu_k, out, out_lo, stats, scale, band,
+                                                   softcap, alibi, dropout_p, rng, dq, dk, dv);
+  check_problem(p, q);
+  const std::pair<const at::Tensor*, const char*> packed[] = {
+      {&q, "query"}, {&k, "key"}, {&v, "value"}, {&out, "out"}, {&dout, "grad_out"},
+      {&dq, "grad_query"}, {&dk, "grad_key"}, {&dv, "grad_value"}};
+  for (const auto& [t, name] : packed) check_layout(packed_view(*t), name);
+  if (p.out_lo) check_layout(packed_view(*out_lo), "out_lo");
+  const at::Tensor delta = at::empty({p.Hq, p.total_q}, q.options().dtype(at::kFloat));  // (Hq, Tq), like lse
+  const emu::GlobalRanges ranges{span(dout, "grad_out"),    span(dlse, "grad_lse"),       span(q, "query"),
+                                 span(k, "key"),            span(v, "value"),             span(cu_q, "cu_seqlens_q"),
+                                 span(cu_k, "cu_seqlens_k"), span(out, "out"),            span(out_lo, "out_lo"),
+                                 span(stats, "stats"),      span(dq, "grad_query"),       span(dk, "grad_key"),
+                                 span(dv, "grad_value"),    span(alibi, "alibi"),         span(rng, "rng"),
+                                 span(delta, "delta (scratch)")};
+  const int hd = head_dim_bucket(std::max(p.E, p.Ev));
+  const cudaError_t err = q.scalar_type() == at::kHalf ? run_bwd<__half>(hd, p, delta.data_ptr<float>())
+                                                       : run_bwd<__nv_bfloat16>(hd, p, delta.data_ptr<float>());
+  TORCH_CHECK(err == cudaSuccess, "attnkern cuda-emu varlen backward: error ", int(err));
+}
+
 }  // namespace
 
 namespace cuda {  // selftest.cu
@@ -180,11 +232,15 @@ TORCH_LIBRARY(attnkern_emu, m) {
   m.def("attribute_calls() -> int");
   m.def(attnkern::kForwardSchema);
   m.def(attnkern::kBackwardSchema);
+  m.def(attnkern::kVarlenForwardSchema);
+  m.def(attnkern::kVarlenBackwardSchema);
 }
 
 TORCH_LIBRARY_IMPL(attnkern_emu, CPU, m) {
   m.impl("forward", &attnkern::forward_emu);
   m.impl("backward", &attnkern::backward_emu);
+  m.impl("varlen_forward", &attnkern::varlen_forward_emu);
+  m.impl("varlen_backward", &attnkern::varlen_backward_emu);
   m.impl("warp_gemm_check", &attnkern::warp_gemm_check);
 }
 

@@ -27,6 +27,10 @@ exps per score). Grouped-query attention needs neither atomics nor a materialize
 a dK/dV program loops over its kv head's query heads, or, when that grid would leave SMs idle (MQA,
 small batch), over one part of them, the parts summed after in a fixed order (kv_group_parts).
 
+Packed variable-length batches (varlen.py; varlen_backward) run the dK/dV, dQ and single-pass kernels
+with VARLEN set, one launch each over every sequence, as the forward does (forward.py); the preprocess
+takes the packed rows as one problem. A packed batch has no mask, hence no dMask pass.
+
 The dMask pass owns one tile of the (Bm, Hm, Lm, Sm) mask gradient and sums over exactly the dims the
 mask broadcasts over; over keys it sums each row as rowsum(P ∘ dP)(1 − rowsum P) + dlse · rowsum P,
 the same value as rowsum dS but free of delta's rounding (which rowsum dS ≈ dlse would amplify by
@@ -43,7 +47,7 @@ from ..score_mods import NONE
 from . import common as tcommon, configs
 from .common import (dropout_keep, index_range, key_tiles, load_mods, load_row_stats, load_tile, mask_scores,
                      modify_scores, mods_args, needs_int64, packed_mods, packed_sequence, query_tiles, store_tile,
-                     LOG2E)
+                     at_token, first_row, LOG2E)
 from .forward import mask_args, precision_for
 
 
@@ -178,7 +182,7 @@ def _dkdv_range(
 })
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, M, DO, STATS, DELTA, DK, DV, ALIBI, RNG, CU_Q, CU_K,
+    Q, K, V, M, DO, STATS, DELTA, DK, DV, ALIBI, RNG,
     stride_qb, stride_qh, stride_ql, stride_qe,
     stride_kb, stride_kh, stride_ks, stride_ke,
     stride_vb, stride_vh, stride_vs, stride_ve,
@@ -187,7 +191,7 @@ def _attn_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dks, stride_dke,
     stride_dvb, stride_dvh, stride_dvs, stride_dve,
     H, GROUP, HEADS, L, S, scale, lo_off, hi_off, L_BUCKET, S_BUCKET,
-    stride_ab, b0, softcap, softcap_inv, drop_threshold, drop_scale,
+    stride_ab, b0, softcap, softcap_inv, drop_threshold, drop_scale, CU_Q, CU_K,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
@@ -209,18 +213,18 @@ def _attn_bwd_dkdv_kernel(
 
     # K read transposed, (BLOCK_E, BLOCK_N), as the forward reads it: the score product then has the
     # forward's operands in the forward's layout (see _dkdv_tile).
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
+    q0 = 0
+    k0 = 0
+    rows = L  # the lse/stats/delta rows per head (a packed batch's total)
     if VARLEN:  # sequence b0 + b of a packed batch: its own rows, keys, lengths and band (batch strides 0)
-        rows = L  # the packed total: stats/delta rows per head
         q0, k0, L, S, lo_off, hi_off = packed_sequence(CU_Q, CU_K, b, lo_off, hi_off)
         if start_n >= S:
             return
-        k_base += k0 * stride_ks
-        v_base += k0 * stride_vs
-    kT = load_tile(k_base + offs_e[:, None] * stride_ke + offs_n[None, :] * stride_ks,
+    kT = load_tile(at_token(K + b * stride_kb + hk * stride_kh, k0, stride_ks, VARLEN)
+                   + offs_e[:, None] * stride_ke + offs_n[None, :] * stride_ks,
                    offs_e, offs_n, E, S, BLOCK_E != E, not EVEN_N)
-    v = load_tile(v_base + offs_n[:, None] * stride_vs + offs_ev[None, :] * stride_ve,
+    v = load_tile(at_token(V + b * stride_vb + hk * stride_vh, k0, stride_vs, VARLEN)
+                  + offs_n[:, None] * stride_vs + offs_ev[None, :] * stride_ve,
                   offs_n, offs_ev, S, EV, not EVEN_N, BLOCK_EV != EV)
     dk = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_EV], dtype=tl.float32)
@@ -230,14 +234,10 @@ def _attn_bwd_dkdv_kernel(
     tiles = query_tiles(start_n, L, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     for g in range(0, HEADS):
         h = h0 + g
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DO + b * stride_dob + h * stride_doh
+        q_base = at_token(Q + b * stride_qb + h * stride_qh, q0, stride_ql, VARLEN)
+        do_base = at_token(DO + b * stride_dob + h * stride_doh, q0, stride_dol, VARLEN)
         mask_base = M + b * stride_mb + h * stride_mh
-        row0 = (b * H + h) * L
-        if VARLEN:
-            q_base += q0 * stride_ql
-            do_base += q0 * stride_dol
-            row0 = h * rows + q0
+        row0 = first_row(b, h, H, rows, q0, VARLEN)
         stats_base = STATS + row0 * 2
         delta_base = DELTA + row0
         mods = load_mods(ALIBI, RNG, b, h, H, L, S, stride_ab, b0, softcap, softcap_inv, drop_threshold,
@@ -255,14 +255,11 @@ def _attn_bwd_dkdv_kernel(
     dk = dk * scale
     if HAS_DROPOUT:
         dv = dv * drop_scale
-    dk_base = DK + b * stride_dkb + j * stride_dkh
-    dv_base = DV + b * stride_dvb + j * stride_dvh
-    if VARLEN:
-        dk_base += k0 * stride_dks
-        dv_base += k0 * stride_dvs
-    store_tile(dk_base + offs_n[:, None] * stride_dks + offs_e[None, :] * stride_dke,
+    store_tile(at_token(DK + b * stride_dkb + j * stride_dkh, k0, stride_dks, VARLEN)
+               + offs_n[:, None] * stride_dks + offs_e[None, :] * stride_dke,
                dk.to(DK.dtype.element_ty), offs_n, offs_e, S, E, not EVEN_N, BLOCK_E != E)
-    store_tile(dv_base + offs_n[:, None] * stride_dvs + offs_ev[None, :] * stride_dve,
+    store_tile(at_token(DV + b * stride_dvb + j * stride_dvh, k0, stride_dvs, VARLEN)
+               + offs_n[:, None] * stride_dvs + offs_ev[None, :] * stride_dve,
                dv.to(DV.dtype.element_ty), offs_n, offs_ev, S, EV, not EVEN_N, BLOCK_EV != EV)
 
 
@@ -343,7 +340,7 @@ def _dq_range(
 })
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, M, DO, STATS, DELTA, DQ, ALIBI, RNG, CU_Q, CU_K,
+    Q, K, V, M, DO, STATS, DELTA, DQ, ALIBI, RNG,
     stride_qb, stride_qh, stride_ql, stride_qe,
     stride_kb, stride_kh, stride_ks, stride_ke,
     stride_vb, stride_vh, stride_vs, stride_ve,
@@ -351,7 +348,7 @@ def _attn_bwd_dq_kernel(
     stride_dob, stride_doh, stride_dol, stride_doe,
     stride_dqb, stride_dqh, stride_dql, stride_dqe,
     H, GROUP, L, S, scale, lo_off, hi_off, L_BUCKET, S_BUCKET,
-    stride_ab, b0, softcap, softcap_inv, drop_threshold, drop_scale,
+    stride_ab, b0, softcap, softcap_inv, drop_threshold, drop_scale, CU_Q, CU_K,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
@@ -370,32 +367,28 @@ def _attn_bwd_dq_kernel(
     offs_e = index_range(0, BLOCK_E, I64)
     offs_ev = index_range(0, BLOCK_EV, I64)
 
-    q_base = Q + b * stride_qb + h * stride_qh
-    do_base = DO + b * stride_dob + h * stride_doh
-    row0 = (b * H + h) * L
+    q0 = 0
+    k0 = 0
+    rows = L  # the lse/stats/delta rows per head (a packed batch's total)
     if VARLEN:  # sequence b0 + b of a packed batch: its own rows, keys, lengths and band (batch strides 0)
-        rows = L  # the packed total: stats/delta rows per head
         q0, k0, L, S, lo_off, hi_off = packed_sequence(CU_Q, CU_K, b, lo_off, hi_off)
         if start_m >= L:
             return
-        q_base += q0 * stride_ql
-        do_base += q0 * stride_dol
-        row0 = h * rows + q0
-    q = load_tile(q_base + offs_m[:, None] * stride_ql + offs_e[None, :] * stride_qe,
+
+    q = load_tile(at_token(Q + b * stride_qb + h * stride_qh, q0, stride_ql, VARLEN)
+                  + offs_m[:, None] * stride_ql + offs_e[None, :] * stride_qe,
                   offs_m, offs_e, L, E, not EVEN_M, BLOCK_E != E)
-    do = load_tile(do_base + offs_m[:, None] * stride_dol
+    do = load_tile(at_token(DO + b * stride_dob + h * stride_doh, q0, stride_dol, VARLEN) + offs_m[:, None] * stride_dol
                    + offs_ev[None, :] * stride_doe, offs_m, offs_ev, L, EV, not EVEN_M, BLOCK_EV != EV)
+    row0 = first_row(b, h, H, rows, q0, VARLEN)
     row_max, log2l = load_row_stats(STATS + row0 * 2, offs_m, L, not EVEN_M)
     if EVEN_M:
         delta = tl.load(DELTA + row0 + offs_m)
     else:
         delta = tl.load(DELTA + row0 + offs_m, mask=offs_m < L, other=0.0)
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
+    k_base = at_token(K + b * stride_kb + hk * stride_kh, k0, stride_ks, VARLEN)
+    v_base = at_token(V + b * stride_vb + hk * stride_vh, k0, stride_vs, VARLEN)
     mask_base = M + b * stride_mb + h * stride_mh
-    if VARLEN:
-        k_base += k0 * stride_ks
-        v_base += k0 * stride_vs
     mods = load_mods(ALIBI, RNG, b, h, H, L, S, stride_ab, b0, softcap, softcap_inv, drop_threshold, drop_scale,
                      HAS_ALIBI, HAS_DROPOUT)
     if VARLEN:
@@ -411,10 +404,8 @@ def _attn_bwd_dq_kernel(
         HAS_DROPOUT=HAS_DROPOUT, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
 
     dq = dq * scale
-    dq_base = DQ + b * stride_dqb + h * stride_dqh
-    if VARLEN:
-        dq_base += q0 * stride_dql
-    store_tile(dq_base + offs_m[:, None] * stride_dql + offs_e[None, :] * stride_dqe,
+    store_tile(at_token(DQ + b * stride_dqb + h * stride_dqh, q0, stride_dql, VARLEN)
+               + offs_m[:, None] * stride_dql + offs_e[None, :] * stride_dqe,
                dq.to(DQ.dtype.element_ty), offs_m, offs_e, L, E, not EVEN_M, BLOCK_E != E)
 
 
@@ -525,7 +516,7 @@ def _onepass_range(
 })
 @triton.jit
 def _attn_bwd_onepass_kernel(
-    Q, K, V, M, DO, STATS, DELTA, DK, DV, DQ_ACC, ALIBI, RNG, CU_Q, CU_K,
+    Q, K, V, M, DO, STATS, DELTA, DK, DV, DQ_ACC, ALIBI, RNG,
     stride_qb, stride_qh, stride_ql, stride_qe,
     stride_kb, stride_kh, stride_ks, stride_ke,
     stride_vb, stride_vh, stride_vs, stride_ve,
@@ -534,7 +525,7 @@ def _attn_bwd_onepass_kernel(
     stride_dkb, stride_dkh, stride_dks, stride_dke,
     stride_dvb, stride_dvh, stride_dvs, stride_dve,
     H, GROUP, HEADS, L, S, scale, lo_off, hi_off, L_BUCKET, S_BUCKET,
-    stride_ab, b0, softcap, softcap_inv, drop_threshold, drop_scale,
+    stride_ab, b0, softcap, softcap_inv, drop_threshold, drop_scale, CU_Q, CU_K,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
@@ -557,18 +548,18 @@ def _attn_bwd_onepass_kernel(
     offs_e = index_range(0, BLOCK_E, I64)
     offs_ev = index_range(0, BLOCK_EV, I64)
 
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
+    q0 = 0
+    k0 = 0
+    rows = L  # the lse/stats/delta rows per head (a packed batch's total)
     if VARLEN:  # sequence b0 + b of a packed batch: its own rows, keys, lengths and band (batch strides 0)
-        rows = L  # the packed total: stats/delta rows per head
         q0, k0, L, S, lo_off, hi_off = packed_sequence(CU_Q, CU_K, b, lo_off, hi_off)
         if start_n >= S:
             return
-        k_base += k0 * stride_ks
-        v_base += k0 * stride_vs
-    kT = load_tile(k_base + offs_e[:, None] * stride_ke + offs_n[None, :] * stride_ks,
+    kT = load_tile(at_token(K + b * stride_kb + hk * stride_kh, k0, stride_ks, VARLEN)
+                   + offs_e[:, None] * stride_ke + offs_n[None, :] * stride_ks,
                    offs_e, offs_n, E, S, BLOCK_E != E, not EVEN_N)
-    vT = load_tile(v_base + offs_ev[:, None] * stride_ve + offs_n[None, :] * stride_vs,
+    vT = load_tile(at_token(V + b * stride_vb + hk * stride_vh, k0, stride_vs, VARLEN)
+                   + offs_ev[:, None] * stride_ve + offs_n[None, :] * stride_vs,
                    offs_ev, offs_n, EV, S, BLOCK_EV != EV, not EVEN_N)
     dk = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_EV], dtype=tl.float32)
@@ -578,14 +569,10 @@ def _attn_bwd_onepass_kernel(
     tiles = query_tiles(start_n, L, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     for g in range(0, HEADS):
         h = h0 + g
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DO + b * stride_dob + h * stride_doh
+        q_base = at_token(Q + b * stride_qb + h * stride_qh, q0, stride_ql, VARLEN)
+        do_base = at_token(DO + b * stride_dob + h * stride_doh, q0, stride_dol, VARLEN)
         mask_base = M + b * stride_mb + h * stride_mh
-        row0 = (b * H + h) * L
-        if VARLEN:
-            q_base += q0 * stride_ql
-            do_base += q0 * stride_dol
-            row0 = h * rows + q0
+        row0 = first_row(b, h, H, rows, q0, VARLEN)
         stats_base = STATS + row0 * 2
         delta_base = DELTA + row0
         dq_base = DQ_ACC + row0 * E
@@ -604,14 +591,11 @@ def _attn_bwd_onepass_kernel(
     dk = dk * scale
     if HAS_DROPOUT:
         dv = dv * drop_scale
-    dk_base = DK + b * stride_dkb + j * stride_dkh
-    dv_base = DV + b * stride_dvb + j * stride_dvh
-    if VARLEN:
-        dk_base += k0 * stride_dks
-        dv_base += k0 * stride_dvs
-    store_tile(dk_base + offs_n[:, None] * stride_dks + offs_e[None, :] * stride_dke,
+    store_tile(at_token(DK + b * stride_dkb + j * stride_dkh, k0, stride_dks, VARLEN)
+               + offs_n[:, None] * stride_dks + offs_e[None, :] * stride_dke,
                dk.to(DK.dtype.element_ty), offs_n, offs_e, S, E, not EVEN_N, BLOCK_E != E)
-    store_tile(dv_base + offs_n[:, None] * stride_dvs + offs_ev[None, :] * stride_dve,
+    store_tile(at_token(DV + b * stride_dvb + j * stride_dvh, k0, stride_dvs, VARLEN)
+               + offs_n[:, None] * stride_dvs + offs_ev[None, :] * stride_dve,
                dv.to(DV.dtype.element_ty), offs_n, offs_ev, S, EV, not EVEN_N, BLOCK_EV != EV)
 
 
@@ -812,49 +796,33 @@ def onepass_runs(E: int, Ev: int, dtype) -> bool:
     return True
 
 
-def _launch_onepass(q, k, v, mask_ptr, m_strides, dout, stats, delta, dq, dk, dv, scale, band_bounds, mod_ptrs,
-                    cu_ptrs, mod_scalars, common, lengths, dq_acc=None):
-    """The single-pass dK/dV/dQ kernel: writes dk and dv, and dq (in q's dtype) from a float32 buffer
-    the kernel adds into, scaled once at the end. A packed launch passes that buffer (`dq_acc`, shared
-    by its batch slices) and scales and copies it itself."""
+def _launch_onepass(q, k, v, mask_ptr, m_strides, dout, stats, delta, dk_t, dv_t, dq_acc, parts: int, scale,
+                    band_bounds, mod_ptrs, cu_ptrs, mod_scalars, common, lengths):
+    """The single-pass dK/dV/dQ kernel: writes dK and dV into dk_t and dv_t (_kv_part_buffers' for
+    `parts`) and adds the unscaled dQ into the float32 buffer dq_acc."""
     B, H, L, E = q.shape
-    Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
-    group = H // Hkv
-    parts = kv_group_parts(B, Hkv, group, lengths[1], _first_block_n(configs.ONEPASS_CONFIGS, configs.onepass_rows,
-                                                                     E, Ev, q.dtype), q.device)
-    dk_t, dv_t = _kv_part_buffers(dk, dv, parts)
-    own_acc = dq_acc is None
-    if own_acc:
-        dq_acc = torch.zeros((B, H, L, E), dtype=torch.float32, device=q.device)
+    Hkv, S = k.shape[1], k.shape[2]
     common = dict(common, I64=common["I64"] or needs_int64(dq_acc, dk_t, dv_t))
     _attn_bwd_onepass_kernel[lambda meta: (triton.cdiv(lengths[1], meta["BLOCK_N"]), Hkv * parts, B)](
-        q, k, v, mask_ptr, dout, stats, delta, dk_t, dv_t, dq_acc, *mod_ptrs, *cu_ptrs,
+        q, k, v, mask_ptr, dout, stats, delta, dk_t, dv_t, dq_acc, *mod_ptrs,
         *q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *dk_t.stride(), *dv_t.stride(),
-        H, group, group // parts, L, S, scale, *band_bounds, configs.bucket(lengths[0]), configs.bucket(lengths[1]),
-        *mod_scalars, **common,
+        H, H // Hkv, H // Hkv // parts, L, S, scale, *band_bounds, configs.bucket(lengths[0]),
+        configs.bucket(lengths[1]), *mod_scalars, *cu_ptrs, **common,
     )
-    _sum_kv_parts(dk, dv, dk_t, dv_t, parts)
-    if own_acc:
-        dq.copy_(dq_acc.mul_(scale))
 
 
-def _launch_dkdv(q, k, v, mask_ptr, m_strides, dout, stats, delta, dk, dv, scale, band_bounds, mod_ptrs, cu_ptrs,
-                 mod_scalars, common, lengths):
-    """The two-pass path's dK/dV kernel, its kv-head groups split as kv_group_parts says."""
+def _launch_dkdv(q, k, v, mask_ptr, m_strides, dout, stats, delta, dk_t, dv_t, parts: int, scale, band_bounds,
+                 mod_ptrs, cu_ptrs, mod_scalars, common, lengths):
+    """The two-pass path's dK/dV kernel, writing dk_t and dv_t (_kv_part_buffers' for `parts`)."""
     B, H, L, E = q.shape
-    Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
-    group = H // Hkv
-    parts = kv_group_parts(B, Hkv, group, lengths[1], _first_block_n(configs.DKDV_CONFIGS, configs.dkdv_rows, E, Ev,
-                                                                     q.dtype), q.device)
-    dk_t, dv_t = _kv_part_buffers(dk, dv, parts)
+    Hkv, S = k.shape[1], k.shape[2]
     common = dict(common, I64=common["I64"] or needs_int64(dk_t, dv_t))
     _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(lengths[1], meta["BLOCK_N"]), Hkv * parts, B)](
-        q, k, v, mask_ptr, dout, stats, delta, dk_t, dv_t, *mod_ptrs, *cu_ptrs,
+        q, k, v, mask_ptr, dout, stats, delta, dk_t, dv_t, *mod_ptrs,
         *q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *dk_t.stride(), *dv_t.stride(),
-        H, group, group // parts, L, S, scale, *band_bounds, configs.bucket(lengths[0]), configs.bucket(lengths[1]),
-        *mod_scalars, **common,
+        H, H // Hkv, H // Hkv // parts, L, S, scale, *band_bounds, configs.bucket(lengths[0]),
+        configs.bucket(lengths[1]), *mod_scalars, *cu_ptrs, **common,
     )
-    _sum_kv_parts(dk, dv, dk_t, dv_t, parts)
 
 
 def _launch_preprocess(out, out_lo, dout, dlse, stats, delta, i64: bool) -> None:
@@ -882,13 +850,18 @@ def _gradients(q, k, v, mask_ptr, m_strides, dout, stats, delta, dq, dk, dv, sca
                onepass: bool, common, lengths, cu=None) -> None:
     """dK, dV and dQ over (B, H, L, ·) tensors, after the preprocess: the two-pass kernels or the single
     pass, one launch each per batch slice. `lengths` (query, key) size the grids and the autotune
-    buckets; `cu` (cu_seqlens_q, cu_seqlens_k) makes the launches packed ones (VARLEN)."""
+    buckets; `cu` (cu_seqlens_q, cu_seqlens_k) makes the launches packed ones (VARLEN, on
+    common.packed_view's tensors, whose batch stride is 0: one buffer under every batch index)."""
     B, H, L, E = q.shape
-    S = k.shape[2]
-    lo_off, hi_off = band_bounds[:2]
+    Hkv, Ev = k.shape[1], v.shape[3]
+    candidates = (configs.ONEPASS_CONFIGS, configs.onepass_rows) if onepass else (configs.DKDV_CONFIGS,
+                                                                                   configs.dkdv_rows)
+    parts = kv_group_parts(B, Hkv, H // Hkv, lengths[1], _first_block_n(*candidates, E, Ev, q.dtype), q.device)
+    dk_t, dv_t = _kv_part_buffers(dk, dv, parts)
     dq_acc = None
-    if onepass and cu is not None:  # the packed rows' float32 dQ, which every batch slice adds into
-        dq_acc = torch.zeros((1, H, L, E), dtype=torch.float32, device=q.device)
+    if onepass:  # the float32 dQ the single pass adds into, scaled once at the end
+        dq_acc = torch.zeros((1 if cu is not None else B, H, L, E), dtype=torch.float32, device=q.device)
+    lo_off, hi_off = band_bounds[:2]
     for b0, b1, part in tcommon.batch_slices(B):  # one launch each unless B passes grid axis 2's limit
         n = b1 - b0
         args = (part(q), part(k), part(v), part(mask_ptr), m_strides, part(dout), part(stats), part(delta))
@@ -896,19 +869,20 @@ def _gradients(q, k, v, mask_ptr, m_strides, dout, stats, delta, dq, dk, dv, sca
         mod_ptrs = (part(mod_ptrs[0]), mod_ptrs[1])  # ALiBi slopes by batch; the rng whole
         cu_ptrs = (cu[0][b0:b1 + 1], cu[1][b0:b1 + 1]) if cu is not None else (q, q)  # q: never read
         if onepass:
-            _launch_onepass(*args, part(dq), part(dk), part(dv), scale, (lo_off, hi_off), mod_ptrs, cu_ptrs,
-                            mod_scalars, common, lengths, dq_acc)
+            _launch_onepass(*args, part(dk_t), part(dv_t), part(dq_acc), parts, scale, (lo_off, hi_off), mod_ptrs,
+                            cu_ptrs, mod_scalars, common, lengths)
             continue
-        _launch_dkdv(*args, part(dk), part(dv), scale, (lo_off, hi_off), mod_ptrs, cu_ptrs, mod_scalars, common,
-                     lengths)
+        _launch_dkdv(*args, part(dk_t), part(dv_t), parts, scale, (lo_off, hi_off), mod_ptrs, cu_ptrs, mod_scalars,
+                     common, lengths)
         _attn_bwd_dq_kernel[lambda meta, n=n: (triton.cdiv(lengths[0], meta["BLOCK_M"]), H, n)](
             part(q), part(k), part(v), part(mask_ptr), part(dout), part(stats), part(delta), part(dq), *mod_ptrs,
-            *cu_ptrs, *q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *dq.stride(),
-            H, H // k.shape[1], L, S, scale, lo_off, hi_off, configs.bucket(lengths[0]), configs.bucket(lengths[1]),
-            *mod_scalars, **common,
+            *q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *dq.stride(),
+            H, H // Hkv, L, k.shape[2], scale, lo_off, hi_off, configs.bucket(lengths[0]), configs.bucket(lengths[1]),
+            *mod_scalars, *cu_ptrs, **common,
         )
+    _sum_kv_parts(dk, dv, dk_t, dv_t, parts)
     if dq_acc is not None:
-        dq[:1].copy_(dq_acc.mul_(scale))
+        (dq[:1] if cu is not None else dq).copy_(dq_acc.mul_(scale))
 
 
 def _use_onepass(deterministic: bool, E: int, Ev: int, dtype) -> bool:

@@ -217,6 +217,26 @@ def packed_sequence(CU_Q, CU_K, b, neg_left, right):
 
 
 @triton.jit
+def at_token(base, first, stride, VARLEN: tl.constexpr):
+    """A pointer (or offset) at a batch and head, moved to a packed sequence's first token (VARLEN) or left as
+    is."""
+    if VARLEN:
+        base += first * stride
+    return base
+
+
+@triton.jit
+def first_row(b, h, H, rows, q0, VARLEN: tl.constexpr):
+    """The first lse/stats/delta row of batch b, head h: (b·H + h)·rows, or for a packed batch (rows the
+    total Tq) h·Tq + q0."""
+    if VARLEN:
+        row = h * rows + q0
+    else:
+        row = (b * H + h) * rows
+    return row
+
+
+@triton.jit
 def packed_mods(mods, b, h):
     """load_mods' tuple for sequence b (of the whole batch) and query head h of a packed batch: dropout
     draws as for the sequence's own (1, Hq, L_b, S_b) problem with offset + b (varlen.sequence_rng), i.e.

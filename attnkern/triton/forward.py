@@ -8,6 +8,12 @@ the band compare only on the tiles that straddle an edge; fully masked rows end 
 output 0 and log-sum-exp -inf. Soft-capping and ALiBi change the scores before the masks; dropout zeroes
 the dropped probabilities on their way into P·V only (the statistics and the lse are those of the
 undropped softmax) and scales the output by 1/(1-p) once (score_mods.py; common.py's helpers).
+
+Packed variable-length batches (varlen.py) run the same kernel with VARLEN set (varlen_forward): one
+launch, grid (query tiles of the longest sequence, heads, sequences); a program reads its sequence's
+offsets and bottom-right band (common.packed_sequence), returns at once when its tile starts past the
+sequence's end, and otherwise is the padded program for that sequence alone. With VARLEN off the
+compiled kernel is the padded one (the offsets' pointers are unused arguments).
 """
 import os
 
@@ -20,7 +26,8 @@ from ..buffers import (new_lse, new_output, new_residual, new_stats, new_varlen_
 from ..score_mods import NONE
 from . import common, configs
 from .common import (dropout_keep, index_range, key_tiles, load_mods, load_tile, mask_scores, modify_scores,
-                     mods_args, needs_int64, packed_mods, packed_sequence, store_tile, LN2, LOG2E)
+                     mods_args, needs_int64, packed_mods, packed_sequence, store_tile, at_token, first_row, LN2,
+                     LOG2E)
 
 
 @triton.jit
@@ -75,14 +82,14 @@ def _fwd_tile(
 })
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, M, O, O_LO, LSE, STATS, ALIBI, RNG, CU_Q, CU_K,
+    Q, K, V, M, O, O_LO, LSE, STATS, ALIBI, RNG,
     stride_qb, stride_qh, stride_ql, stride_qe,
     stride_kb, stride_kh, stride_ks, stride_ke,
     stride_vb, stride_vh, stride_vs, stride_ve,
     stride_mb, stride_mh, stride_ml, stride_ms,
     stride_ob, stride_oh, stride_ol, stride_oe,
     H, GROUP, L, S, scale, lo_off, hi_off, L_BUCKET, S_BUCKET,
-    stride_ab, b0, softcap, softcap_inv, drop_threshold, drop_scale,
+    stride_ab, b0, softcap, softcap_inv, drop_threshold, drop_scale, CU_Q, CU_K,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr,
     HAS_LO: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -104,18 +111,18 @@ def _attn_fwd_kernel(
     offs_e = index_range(0, BLOCK_E, I64)
     offs_ev = index_range(0, BLOCK_EV, I64)
 
-    q_base = Q + b * stride_qb + h64 * stride_qh
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
-    mask_base = M + b * stride_mb + h64 * stride_mh
+    q0 = 0
+    k0 = 0
+    rows = L  # the lse/stats rows per head (a packed batch's total)
     if VARLEN:  # sequence b0 + b of a packed batch: its own rows, keys, lengths and band (batch strides 0)
-        rows = L  # the packed total: lse/stats rows per head
         q0, k0, L, S, lo_off, hi_off = packed_sequence(CU_Q, CU_K, b, lo_off, hi_off)
         if start_m >= L:
             return
-        q_base += q0 * stride_ql
-        k_base += k0 * stride_ks
-        v_base += k0 * stride_vs
+
+    q_base = at_token(Q + b * stride_qb + h64 * stride_qh, q0, stride_ql, VARLEN)
+    k_base = at_token(K + b * stride_kb + hk * stride_kh, k0, stride_ks, VARLEN)
+    v_base = at_token(V + b * stride_vb + hk * stride_vh, k0, stride_vs, VARLEN)
+    mask_base = M + b * stride_mb + h64 * stride_mh
     q = load_tile(q_base + offs_m[:, None] * stride_ql + offs_e[None, :] * stride_qe,
                   offs_m, offs_e, L, E, not EVEN_M, BLOCK_E != E)
 
@@ -156,18 +163,14 @@ def _attn_fwd_kernel(
     log2l = tl.where(empty, float("-inf"), tl.math.log2(l_safe))
     lse = tl.where(empty, float("-inf"), m_i + log2l * LN2)
 
-    o_offs = b * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_ol + offs_ev[None, :] * stride_oe
-    if VARLEN:
-        o_offs += q0 * stride_ol
+    o_offs = (at_token(b * stride_ob + h64 * stride_oh, q0, stride_ol, VARLEN) + offs_m[:, None] * stride_ol
+              + offs_ev[None, :] * stride_oe)
     out_hi = out.to(O.dtype.element_ty)
     store_tile(O + o_offs, out_hi, offs_m, offs_ev, L, EV, not EVEN_M, BLOCK_EV != EV)
     if HAS_LO:  # out_lo has out's layout (and strides)
         store_tile(O_LO + o_offs, (out - out_hi.to(tl.float32)).to(O.dtype.element_ty),
                    offs_m, offs_ev, L, EV, not EVEN_M, BLOCK_EV != EV)
-    if VARLEN:
-        row = h64 * rows + q0 + offs_m
-    else:
-        row = (b * H + h64) * L + offs_m
+    row = first_row(b, h64, H, rows, q0, VARLEN) + offs_m
     # A row with NaN (or +inf) scores has l = NaN, hence NaN output, lse and log2l. Its max may still have
     # come out finite or -inf (compiled max drops NaN): store NaN, so the backward cannot take the row
     # for a fully masked one (m = -inf) and recomputes NaN probabilities for it, as torch's math path has.
@@ -251,9 +254,9 @@ def _launch(q, k, v, mask, out, out_lo, lse, stats, scale, band_bounds, mods, le
         _attn_fwd_kernel[lambda meta, n=b1 - b0: (triton.cdiv(lengths[0], meta["BLOCK_M"]), H, n)](
             part(q), part(k), part(v), part(mask_t), part(out), part(out_lo if has_lo else out), part(lse),
             part(stats), part(mod_ptrs[0]), mod_ptrs[1],  # ALiBi slopes by batch; the rng whole
-            cu_q, cu_k, *q.stride(), *k.stride(), *v.stride(), *m_strides, *out.stride(),
+            *q.stride(), *k.stride(), *v.stride(), *m_strides, *out.stride(),
             H, H // Hkv, L, S, scale, lo_off, hi_off,
-            configs.bucket(lengths[0]), configs.bucket(lengths[1]), *mod_scalars, **switches,
+            configs.bucket(lengths[0]), configs.bucket(lengths[1]), *mod_scalars, cu_q, cu_k, **switches,
             E=E, EV=Ev, BLOCK_E=configs.head_block(E), BLOCK_EV=configs.head_block(Ev),
             MASK_KIND=mask_kind(mask), HAS_LEFT=has_left, HAS_RIGHT=has_right, PRECISION=precision_for(q.dtype),
             HAS_LO=has_lo, VARLEN=cu is not None, I64=needs_int64(q, k, v, mask, out),

@@ -194,7 +194,6 @@ def mods_args(mods, dummy, b0: int = 0):
     return ptrs, scalars, switches
 
 
-
 # ----------------------------------------------------------------------------------------------------
 # Packed variable-length batches (varlen.py). The kernels take them behind the constexpr VARLEN: the
 # launch passes the packed tensors as (B, H, T, D) views with batch stride 0, L and S the packed totals

@@ -11,6 +11,7 @@ import os
 
 import torch
 
+from ..varlen import sequence_bounds
 from .base import Backend
 
 MAX_HEAD_DIM = 256
@@ -29,6 +30,7 @@ MAX_GRID_YZ = 65535  # the launches' grid axes 1 and 2 (triton/common.py)
 
 class TritonBackend(Backend):
     name = "triton"
+    varlen = True  # packed batches: one launch per kernel over every sequence (the kernels' VARLEN)
 
     def availability(self, device):
         if not _TRITON_FOUND:
@@ -58,6 +60,8 @@ class TritonBackend(Backend):
         # beyond axis 2's limit run as several launches (triton/common.py batch_slices).
         if problem.Hq > MAX_GRID_YZ:
             return f"at most {MAX_GRID_YZ} query heads (grid axis 1), got {problem.Hq}"
+        if getattr(problem, "is_varlen", False) and not problem.band.bottom_right:
+            return "packed batches align their bands bottom-right in the Triton kernels (got a top-left band)"
         if problem.mask_requires_grad and -(-problem.mask.shape[3] // 16) > MAX_GRID_YZ:
             return (f"a mask gradient over {problem.mask.shape[3]} keys (grid axis 1 allows {MAX_GRID_YZ} "
                     "tiles of 16)")
@@ -76,6 +80,22 @@ class TritonBackend(Backend):
         with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
             return attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, band, mask_grad,
                                       deterministic, mods)
+
+    def varlen_forward(self, q, k, v, cu_q, cu_k, max_q, max_k, scale, band, mods, residual):
+        from ..triton import varlen_forward
+
+        sequence_bounds(cu_q, cu_k, q.shape[0], k.shape[0], max_q, max_k)  # checks the offsets' values
+        with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+            return varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, band, residual, mods)
+
+    def varlen_backward(self, dout, dlse, q, k, v, cu_q, cu_k, max_q, max_k, out, out_lo, stats, scale, band, mods,
+                        deterministic=False):
+        from ..triton import varlen_backward
+
+        sequence_bounds(cu_q, cu_k, q.shape[0], k.shape[0], max_q, max_k)
+        with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+            return varlen_backward(dout, dlse, q, k, v, cu_q, cu_k, max_q, max_k, out, out_lo, stats, scale, band,
+                                   deterministic, mods)
 
     def backward_path(self, deterministic):
         from ..config import SINGLE_PASS_ENV, single_pass_backward

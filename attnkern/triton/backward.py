@@ -27,6 +27,10 @@ exps per score). Grouped-query attention needs neither atomics nor a materialize
 a dK/dV program loops over its kv head's query heads, or, when that grid would leave SMs idle (MQA,
 small batch), over one part of them, the parts summed after in a fixed order (kv_group_parts).
 
+Packed variable-length batches (varlen.py; varlen_backward) run the dK/dV, dQ and single-pass kernels
+with VARLEN set, one launch each over every sequence, as the forward does (forward.py); the preprocess
+takes the packed rows as one problem. A packed batch has no mask, hence no dMask pass.
+
 The dMask pass owns one tile of the (Bm, Hm, Lm, Sm) mask gradient and sums over exactly the dims the
 mask broadcasts over; over keys it sums each row as rowsum(P ∘ dP)(1 − rowsum P) + dlse · rowsum P,
 the same value as rowsum dS but free of delta's rounding (which rowsum dS ≈ dlse would amplify by
@@ -42,7 +46,8 @@ from ..masks import mask_kind
 from ..score_mods import NONE
 from . import common as tcommon, configs
 from .common import (dropout_keep, index_range, key_tiles, load_mods, load_row_stats, load_tile, mask_scores,
-                     modify_scores, mods_args, needs_int64, query_tiles, store_tile, LOG2E)
+                     modify_scores, mods_args, needs_int64, packed_mods, packed_sequence, query_tiles, store_tile,
+                     at_token, first_row, LOG2E)
 from .forward import mask_args, precision_for
 
 
@@ -168,12 +173,12 @@ def _dkdv_range(
 @triton.autotune(
     configs=configs.configs_for(configs.DKDV_CONFIGS),
     key=["L_BUCKET", "S_BUCKET", "E", "EV", "MASK_KIND", "HAS_LEFT", "HAS_RIGHT", "PRECISION", "SOFTCAP",
-         "HAS_ALIBI", "HAS_DROPOUT"],
+         "HAS_ALIBI", "HAS_DROPOUT", "VARLEN"],
     prune_configs_by={"early_config_prune": configs.prune_dkdv},
 )
 @triton.heuristics({
-    "EVEN_M": lambda a: a["L"] % a["BLOCK_M"] == 0,
-    "EVEN_N": lambda a: a["S"] % a["BLOCK_N"] == 0,
+    "EVEN_M": lambda a: not a["VARLEN"] and a["L"] % a["BLOCK_M"] == 0,
+    "EVEN_N": lambda a: not a["VARLEN"] and a["S"] % a["BLOCK_N"] == 0,
 })
 @triton.jit
 def _attn_bwd_dkdv_kernel(
@@ -186,10 +191,10 @@ def _attn_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dks, stride_dke,
     stride_dvb, stride_dvh, stride_dvs, stride_dve,
     H, GROUP, HEADS, L, S, scale, lo_off, hi_off, L_BUCKET, S_BUCKET,
-    stride_ab, b0, softcap, softcap_inv, drop_threshold, drop_scale,
+    stride_ab, b0, softcap, softcap_inv, drop_threshold, drop_scale, CU_Q, CU_K,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr,
-    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     I64: tl.constexpr,
 ):
@@ -208,9 +213,18 @@ def _attn_bwd_dkdv_kernel(
 
     # K read transposed, (BLOCK_E, BLOCK_N), as the forward reads it: the score product then has the
     # forward's operands in the forward's layout (see _dkdv_tile).
-    kT = load_tile(K + b * stride_kb + hk * stride_kh + offs_e[:, None] * stride_ke + offs_n[None, :] * stride_ks,
+    q0 = 0
+    k0 = 0
+    rows = L  # the lse/stats/delta rows per head (a packed batch's total)
+    if VARLEN:  # sequence b0 + b of a packed batch: its own rows, keys, lengths and band (batch strides 0)
+        q0, k0, L, S, lo_off, hi_off = packed_sequence(CU_Q, CU_K, b, lo_off, hi_off)
+        if start_n >= S:
+            return
+    kT = load_tile(at_token(K + b * stride_kb + hk * stride_kh, k0, stride_ks, VARLEN)
+                   + offs_e[:, None] * stride_ke + offs_n[None, :] * stride_ks,
                    offs_e, offs_n, E, S, BLOCK_E != E, not EVEN_N)
-    v = load_tile(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vs + offs_ev[None, :] * stride_ve,
+    v = load_tile(at_token(V + b * stride_vb + hk * stride_vh, k0, stride_vs, VARLEN)
+                  + offs_n[:, None] * stride_vs + offs_ev[None, :] * stride_ve,
                   offs_n, offs_ev, S, EV, not EVEN_N, BLOCK_EV != EV)
     dk = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_EV], dtype=tl.float32)
@@ -220,13 +234,16 @@ def _attn_bwd_dkdv_kernel(
     tiles = query_tiles(start_n, L, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     for g in range(0, HEADS):
         h = h0 + g
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DO + b * stride_dob + h * stride_doh
+        q_base = at_token(Q + b * stride_qb + h * stride_qh, q0, stride_ql, VARLEN)
+        do_base = at_token(DO + b * stride_dob + h * stride_doh, q0, stride_dol, VARLEN)
         mask_base = M + b * stride_mb + h * stride_mh
-        stats_base = STATS + (b * H + h) * L * 2
-        delta_base = DELTA + (b * H + h) * L
+        row0 = first_row(b, h, H, rows, q0, VARLEN)
+        stats_base = STATS + row0 * 2
+        delta_base = DELTA + row0
         mods = load_mods(ALIBI, RNG, b, h, H, L, S, stride_ab, b0, softcap, softcap_inv, drop_threshold,
                          drop_scale, HAS_ALIBI, HAS_DROPOUT)
+        if VARLEN:
+            mods = packed_mods(mods, b0 + b, h)
         dk, dv = _dkdv_range(
             dk, dv, kT, v, tiles, start_n, (q_base, do_base, mask_base, stats_base, delta_base),
             (offs_n, offs_m0, offs_e, offs_ev), (stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms),
@@ -238,9 +255,11 @@ def _attn_bwd_dkdv_kernel(
     dk = dk * scale
     if HAS_DROPOUT:
         dv = dv * drop_scale
-    store_tile(DK + b * stride_dkb + j * stride_dkh + offs_n[:, None] * stride_dks + offs_e[None, :] * stride_dke,
+    store_tile(at_token(DK + b * stride_dkb + j * stride_dkh, k0, stride_dks, VARLEN)
+               + offs_n[:, None] * stride_dks + offs_e[None, :] * stride_dke,
                dk.to(DK.dtype.element_ty), offs_n, offs_e, S, E, not EVEN_N, BLOCK_E != E)
-    store_tile(DV + b * stride_dvb + j * stride_dvh + offs_n[:, None] * stride_dvs + offs_ev[None, :] * stride_dve,
+    store_tile(at_token(DV + b * stride_dvb + j * stride_dvh, k0, stride_dvs, VARLEN)
+               + offs_n[:, None] * stride_dvs + offs_ev[None, :] * stride_dve,
                dv.to(DV.dtype.element_ty), offs_n, offs_ev, S, EV, not EVEN_N, BLOCK_EV != EV)
 
 
@@ -312,12 +331,12 @@ def _dq_range(
 @triton.autotune(
     configs=configs.configs_for(configs.DQ_CONFIGS),
     key=["L_BUCKET", "S_BUCKET", "E", "EV", "MASK_KIND", "HAS_LEFT", "HAS_RIGHT", "PRECISION", "SOFTCAP",
-         "HAS_ALIBI", "HAS_DROPOUT"],
+         "HAS_ALIBI", "HAS_DROPOUT", "VARLEN"],
     prune_configs_by={"early_config_prune": configs.prune_dq},
 )
 @triton.heuristics({
-    "EVEN_M": lambda a: a["L"] % a["BLOCK_M"] == 0,
-    "EVEN_N": lambda a: a["S"] % a["BLOCK_N"] == 0,
+    "EVEN_M": lambda a: not a["VARLEN"] and a["L"] % a["BLOCK_M"] == 0,
+    "EVEN_N": lambda a: not a["VARLEN"] and a["S"] % a["BLOCK_N"] == 0,
 })
 @triton.jit
 def _attn_bwd_dq_kernel(
@@ -329,10 +348,10 @@ def _attn_bwd_dq_kernel(
     stride_dob, stride_doh, stride_dol, stride_doe,
     stride_dqb, stride_dqh, stride_dql, stride_dqe,
     H, GROUP, L, S, scale, lo_off, hi_off, L_BUCKET, S_BUCKET,
-    stride_ab, b0, softcap, softcap_inv, drop_threshold, drop_scale,
+    stride_ab, b0, softcap, softcap_inv, drop_threshold, drop_scale, CU_Q, CU_K,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr,
-    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     I64: tl.constexpr,
 ):
@@ -348,21 +367,32 @@ def _attn_bwd_dq_kernel(
     offs_e = index_range(0, BLOCK_E, I64)
     offs_ev = index_range(0, BLOCK_EV, I64)
 
-    q = load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_e[None, :] * stride_qe,
+    q0 = 0
+    k0 = 0
+    rows = L  # the lse/stats/delta rows per head (a packed batch's total)
+    if VARLEN:  # sequence b0 + b of a packed batch: its own rows, keys, lengths and band (batch strides 0)
+        q0, k0, L, S, lo_off, hi_off = packed_sequence(CU_Q, CU_K, b, lo_off, hi_off)
+        if start_m >= L:
+            return
+
+    q = load_tile(at_token(Q + b * stride_qb + h * stride_qh, q0, stride_ql, VARLEN)
+                  + offs_m[:, None] * stride_ql + offs_e[None, :] * stride_qe,
                   offs_m, offs_e, L, E, not EVEN_M, BLOCK_E != E)
-    do = load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dol
+    do = load_tile(at_token(DO + b * stride_dob + h * stride_doh, q0, stride_dol, VARLEN) + offs_m[:, None] * stride_dol
                    + offs_ev[None, :] * stride_doe, offs_m, offs_ev, L, EV, not EVEN_M, BLOCK_EV != EV)
-    row0 = (b * H + h) * L
+    row0 = first_row(b, h, H, rows, q0, VARLEN)
     row_max, log2l = load_row_stats(STATS + row0 * 2, offs_m, L, not EVEN_M)
     if EVEN_M:
         delta = tl.load(DELTA + row0 + offs_m)
     else:
         delta = tl.load(DELTA + row0 + offs_m, mask=offs_m < L, other=0.0)
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
+    k_base = at_token(K + b * stride_kb + hk * stride_kh, k0, stride_ks, VARLEN)
+    v_base = at_token(V + b * stride_vb + hk * stride_vh, k0, stride_vs, VARLEN)
     mask_base = M + b * stride_mb + h * stride_mh
     mods = load_mods(ALIBI, RNG, b, h, H, L, S, stride_ab, b0, softcap, softcap_inv, drop_threshold, drop_scale,
                      HAS_ALIBI, HAS_DROPOUT)
+    if VARLEN:
+        mods = packed_mods(mods, b0 + b, h)
     dq = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
 
     tiles = key_tiles(start_m, S, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
@@ -374,7 +404,8 @@ def _attn_bwd_dq_kernel(
         HAS_DROPOUT=HAS_DROPOUT, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
 
     dq = dq * scale
-    store_tile(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dql + offs_e[None, :] * stride_dqe,
+    store_tile(at_token(DQ + b * stride_dqb + h * stride_dqh, q0, stride_dql, VARLEN)
+               + offs_m[:, None] * stride_dql + offs_e[None, :] * stride_dqe,
                dq.to(DQ.dtype.element_ty), offs_m, offs_e, L, E, not EVEN_M, BLOCK_E != E)
 
 
@@ -475,13 +506,13 @@ def _onepass_range(
 @triton.autotune(
     configs=configs.configs_for(configs.ONEPASS_CONFIGS),
     key=["L_BUCKET", "S_BUCKET", "E", "EV", "MASK_KIND", "HAS_LEFT", "HAS_RIGHT", "PRECISION", "SOFTCAP",
-         "HAS_ALIBI", "HAS_DROPOUT"],
+         "HAS_ALIBI", "HAS_DROPOUT", "VARLEN"],
     prune_configs_by={"early_config_prune": configs.prune_onepass},
     reset_to_zero=["DQ_ACC"],  # each benchmarked config adds into it
 )
 @triton.heuristics({
-    "EVEN_M": lambda a: a["L"] % a["BLOCK_M"] == 0,
-    "EVEN_N": lambda a: a["S"] % a["BLOCK_N"] == 0,
+    "EVEN_M": lambda a: not a["VARLEN"] and a["L"] % a["BLOCK_M"] == 0,
+    "EVEN_N": lambda a: not a["VARLEN"] and a["S"] % a["BLOCK_N"] == 0,
 })
 @triton.jit
 def _attn_bwd_onepass_kernel(
@@ -494,10 +525,10 @@ def _attn_bwd_onepass_kernel(
     stride_dkb, stride_dkh, stride_dks, stride_dke,
     stride_dvb, stride_dvh, stride_dvs, stride_dve,
     H, GROUP, HEADS, L, S, scale, lo_off, hi_off, L_BUCKET, S_BUCKET,
-    stride_ab, b0, softcap, softcap_inv, drop_threshold, drop_scale,
+    stride_ab, b0, softcap, softcap_inv, drop_threshold, drop_scale, CU_Q, CU_K,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr,
-    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     I64: tl.constexpr,
 ):
@@ -517,9 +548,18 @@ def _attn_bwd_onepass_kernel(
     offs_e = index_range(0, BLOCK_E, I64)
     offs_ev = index_range(0, BLOCK_EV, I64)
 
-    kT = load_tile(K + b * stride_kb + hk * stride_kh + offs_e[:, None] * stride_ke + offs_n[None, :] * stride_ks,
+    q0 = 0
+    k0 = 0
+    rows = L  # the lse/stats/delta rows per head (a packed batch's total)
+    if VARLEN:  # sequence b0 + b of a packed batch: its own rows, keys, lengths and band (batch strides 0)
+        q0, k0, L, S, lo_off, hi_off = packed_sequence(CU_Q, CU_K, b, lo_off, hi_off)
+        if start_n >= S:
+            return
+    kT = load_tile(at_token(K + b * stride_kb + hk * stride_kh, k0, stride_ks, VARLEN)
+                   + offs_e[:, None] * stride_ke + offs_n[None, :] * stride_ks,
                    offs_e, offs_n, E, S, BLOCK_E != E, not EVEN_N)
-    vT = load_tile(V + b * stride_vb + hk * stride_vh + offs_ev[:, None] * stride_ve + offs_n[None, :] * stride_vs,
+    vT = load_tile(at_token(V + b * stride_vb + hk * stride_vh, k0, stride_vs, VARLEN)
+                   + offs_ev[:, None] * stride_ve + offs_n[None, :] * stride_vs,
                    offs_ev, offs_n, EV, S, BLOCK_EV != EV, not EVEN_N)
     dk = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_EV], dtype=tl.float32)
@@ -529,14 +569,17 @@ def _attn_bwd_onepass_kernel(
     tiles = query_tiles(start_n, L, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     for g in range(0, HEADS):
         h = h0 + g
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DO + b * stride_dob + h * stride_doh
+        q_base = at_token(Q + b * stride_qb + h * stride_qh, q0, stride_ql, VARLEN)
+        do_base = at_token(DO + b * stride_dob + h * stride_doh, q0, stride_dol, VARLEN)
         mask_base = M + b * stride_mb + h * stride_mh
-        stats_base = STATS + (b * H + h) * L * 2
-        delta_base = DELTA + (b * H + h) * L
-        dq_base = DQ_ACC + (b * H + h) * L * E
+        row0 = first_row(b, h, H, rows, q0, VARLEN)
+        stats_base = STATS + row0 * 2
+        delta_base = DELTA + row0
+        dq_base = DQ_ACC + row0 * E
         mods = load_mods(ALIBI, RNG, b, h, H, L, S, stride_ab, b0, softcap, softcap_inv, drop_threshold,
                          drop_scale, HAS_ALIBI, HAS_DROPOUT)
+        if VARLEN:
+            mods = packed_mods(mods, b0 + b, h)
         dk, dv = _onepass_range(
             dk, dv, kT, vT, tiles, start_n, (q_base, do_base, mask_base, stats_base, delta_base, dq_base),
             (offs_n, offs_m0, offs_e, offs_ev), (stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms),
@@ -548,9 +591,11 @@ def _attn_bwd_onepass_kernel(
     dk = dk * scale
     if HAS_DROPOUT:
         dv = dv * drop_scale
-    store_tile(DK + b * stride_dkb + j * stride_dkh + offs_n[:, None] * stride_dks + offs_e[None, :] * stride_dke,
+    store_tile(at_token(DK + b * stride_dkb + j * stride_dkh, k0, stride_dks, VARLEN)
+               + offs_n[:, None] * stride_dks + offs_e[None, :] * stride_dke,
                dk.to(DK.dtype.element_ty), offs_n, offs_e, S, E, not EVEN_N, BLOCK_E != E)
-    store_tile(DV + b * stride_dvb + j * stride_dvh + offs_n[:, None] * stride_dvs + offs_ev[None, :] * stride_dve,
+    store_tile(at_token(DV + b * stride_dvb + j * stride_dvh, k0, stride_dvs, VARLEN)
+               + offs_n[:, None] * stride_dvs + offs_ev[None, :] * stride_dve,
                dv.to(DV.dtype.element_ty), offs_n, offs_ev, S, EV, not EVEN_N, BLOCK_EV != EV)
 
 
@@ -710,18 +755,23 @@ def kv_group_parts(B: int, Hkv: int, group: int, S: int, block_n: int, device) -
 
 def _kv_part_buffers(dk, dv, parts: int):
     """Where the dK/dV programs write: dk and dv themselves, or float32 (B, Hkv·parts, S, ·) buffers
-    with one slot per part of each group."""
+    with one slot per part of each group (one buffer under every batch index for a packed batch's views,
+    whose batch stride is 0)."""
     if parts == 1:
         return dk, dv
     B, Hkv, S, E = dk.shape
-    return tuple(torch.empty((B, Hkv * parts, S, t.shape[3]), dtype=torch.float32, device=t.device) for t in (dk, dv))
+    n = 1 if dk.stride(0) == 0 else B
+    return tuple(torch.empty((n, Hkv * parts, S, t.shape[3]), dtype=torch.float32, device=t.device)
+                 .expand(B, -1, -1, -1) for t in (dk, dv))
 
 
 def _sum_kv_parts(dk, dv, dk_parts, dv_parts, parts: int) -> None:
     if parts == 1:
         return
-    B, Hkv, S = dk.shape[:3]
     for t, t_parts in ((dk, dk_parts), (dv, dv_parts)):
+        if t.stride(0) == 0:  # a packed batch's views: write the one tensor once
+            t, t_parts = t[:1], t_parts[:1]
+        B, Hkv, S = t.shape[:3]
         t.copy_(t_parts.view(B, Hkv, parts, S, t.shape[3]).sum(2))
 
 
@@ -746,45 +796,97 @@ def onepass_runs(E: int, Ev: int, dtype) -> bool:
     return True
 
 
-def _launch_onepass(q, k, v, mask_ptr, m_strides, dout, stats, delta, dq, dk, dv, scale, lo_off, hi_off, mod_ptrs,
-                    mod_scalars, common):
-    """The single-pass dK/dV/dQ kernel: writes dk and dv, and dq (in q's dtype) from a float32 buffer
-    the kernel adds into, scaled once at the end."""
+def _launch_onepass(q, k, v, mask_ptr, m_strides, dout, stats, delta, dk_t, dv_t, dq_acc, parts: int, scale,
+                    band_bounds, mod_ptrs, cu_ptrs, mod_scalars, common, lengths):
+    """The single-pass dK/dV/dQ kernel: writes dK and dV into dk_t and dv_t (_kv_part_buffers' for
+    `parts`) and adds the unscaled dQ into the float32 buffer dq_acc."""
     B, H, L, E = q.shape
-    Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
-    group = H // Hkv
-    parts = kv_group_parts(B, Hkv, group, S, _first_block_n(configs.ONEPASS_CONFIGS, configs.onepass_rows, E, Ev,
-                                                            q.dtype), q.device)
-    dk_t, dv_t = _kv_part_buffers(dk, dv, parts)
-    dq_acc = torch.zeros((B, H, L, E), dtype=torch.float32, device=q.device)
+    Hkv, S = k.shape[1], k.shape[2]
     common = dict(common, I64=common["I64"] or needs_int64(dq_acc, dk_t, dv_t))
-    _attn_bwd_onepass_kernel[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), Hkv * parts, B)](
+    _attn_bwd_onepass_kernel[lambda meta: (triton.cdiv(lengths[1], meta["BLOCK_N"]), Hkv * parts, B)](
         q, k, v, mask_ptr, dout, stats, delta, dk_t, dv_t, dq_acc, *mod_ptrs,
         *q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *dk_t.stride(), *dv_t.stride(),
-        H, group, group // parts, L, S, scale, lo_off, hi_off, configs.bucket(L), configs.bucket(S), *mod_scalars,
-        **common,
+        H, H // Hkv, H // Hkv // parts, L, S, scale, *band_bounds, configs.bucket(lengths[0]),
+        configs.bucket(lengths[1]), *mod_scalars, *cu_ptrs, **common,
     )
-    _sum_kv_parts(dk, dv, dk_t, dv_t, parts)
-    dq.copy_(dq_acc.mul_(scale))
 
 
-def _launch_dkdv(q, k, v, mask_ptr, m_strides, dout, stats, delta, dk, dv, scale, lo_off, hi_off, mod_ptrs, mod_scalars,
-                 common):
-    """The two-pass path's dK/dV kernel, its kv-head groups split as kv_group_parts says."""
+def _launch_dkdv(q, k, v, mask_ptr, m_strides, dout, stats, delta, dk_t, dv_t, parts: int, scale, band_bounds,
+                 mod_ptrs, cu_ptrs, mod_scalars, common, lengths):
+    """The two-pass path's dK/dV kernel, writing dk_t and dv_t (_kv_part_buffers' for `parts`)."""
     B, H, L, E = q.shape
-    Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
-    group = H // Hkv
-    parts = kv_group_parts(B, Hkv, group, S, _first_block_n(configs.DKDV_CONFIGS, configs.dkdv_rows, E, Ev,
-                                                            q.dtype), q.device)
-    dk_t, dv_t = _kv_part_buffers(dk, dv, parts)
+    Hkv, S = k.shape[1], k.shape[2]
     common = dict(common, I64=common["I64"] or needs_int64(dk_t, dv_t))
-    _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), Hkv * parts, B)](
+    _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(lengths[1], meta["BLOCK_N"]), Hkv * parts, B)](
         q, k, v, mask_ptr, dout, stats, delta, dk_t, dv_t, *mod_ptrs,
         *q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *dk_t.stride(), *dv_t.stride(),
-        H, group, group // parts, L, S, scale, lo_off, hi_off, configs.bucket(L), configs.bucket(S), *mod_scalars,
-        **common,
+        H, H // Hkv, H // Hkv // parts, L, S, scale, *band_bounds, configs.bucket(lengths[0]),
+        configs.bucket(lengths[1]), *mod_scalars, *cu_ptrs, **common,
     )
+
+
+def _launch_preprocess(out, out_lo, dout, dlse, stats, delta, i64: bool) -> None:
+    """delta = rowsum(dO ∘ (out + out_lo)) - dlse over (B, H, L, ·) tensors (out_lo, dlse may be None)."""
+    B, H, L, Ev = out.shape
+    block_ev = configs.head_block(Ev)
+    pre_block = 64 if block_ev <= 128 else 32
+    lo_t = out_lo if out_lo is not None else out
+    dlse_t = dlse if dlse is not None else delta
+    _bwd_preprocess_kernel[(triton.cdiv(L, pre_block), H, B)](
+        out, lo_t, dout, dlse_t, stats, delta,
+        *out.stride(), *lo_t.stride(), *dout.stride(), *(dlse.stride() if dlse is not None else (0, 0, 0)), H, L,
+        EV=Ev, BLOCK_EV=block_ev, HAS_DLSE=dlse is not None, HAS_LO=out_lo is not None, BLOCK_M=pre_block, I64=i64,
+    )
+
+
+def _kernel_switches(q, E: int, Ev: int, kind: int, band_bounds, i64: bool, mods, varlen: bool) -> dict:
+    """The constexpr arguments the dK/dV, dQ and single-pass kernels share."""
+    return dict(E=E, EV=Ev, BLOCK_E=configs.head_block(E), BLOCK_EV=configs.head_block(Ev), MASK_KIND=kind,
+                HAS_LEFT=band_bounds[2], HAS_RIGHT=band_bounds[3], PRECISION=precision_for(q.dtype), I64=i64,
+                VARLEN=varlen, **mods_args(mods, q)[2])
+
+
+def _gradients(q, k, v, mask_ptr, m_strides, dout, stats, delta, dq, dk, dv, scale, band_bounds, mods,
+               onepass: bool, common, lengths, cu=None) -> None:
+    """dK, dV and dQ over (B, H, L, ·) tensors, after the preprocess: the two-pass kernels or the single
+    pass, one launch each per batch slice. `lengths` (query, key) size the grids and the autotune
+    buckets; `cu` (cu_seqlens_q, cu_seqlens_k) makes the launches packed ones (VARLEN, on
+    common.packed_view's tensors, whose batch stride is 0: one buffer under every batch index)."""
+    B, H, L, E = q.shape
+    Hkv, Ev = k.shape[1], v.shape[3]
+    candidates = (configs.ONEPASS_CONFIGS, configs.onepass_rows) if onepass else (configs.DKDV_CONFIGS,
+                                                                                   configs.dkdv_rows)
+    parts = kv_group_parts(B, Hkv, H // Hkv, lengths[1], _first_block_n(*candidates, E, Ev, q.dtype), q.device)
+    dk_t, dv_t = _kv_part_buffers(dk, dv, parts)
+    dq_acc = None
+    if onepass:  # the float32 dQ the single pass adds into, scaled once at the end
+        dq_acc = torch.zeros((1 if cu is not None else B, H, L, E), dtype=torch.float32, device=q.device)
+    lo_off, hi_off = band_bounds[:2]
+    for b0, b1, part in tcommon.batch_slices(B):  # one launch each unless B passes grid axis 2's limit
+        n = b1 - b0
+        args = (part(q), part(k), part(v), part(mask_ptr), m_strides, part(dout), part(stats), part(delta))
+        mod_ptrs, mod_scalars, _ = mods_args(mods, q, b0)
+        mod_ptrs = (part(mod_ptrs[0]), mod_ptrs[1])  # ALiBi slopes by batch; the rng whole
+        cu_ptrs = (cu[0][b0:b1 + 1], cu[1][b0:b1 + 1]) if cu is not None else (q, q)  # q: never read
+        if onepass:
+            _launch_onepass(*args, part(dk_t), part(dv_t), part(dq_acc), parts, scale, (lo_off, hi_off), mod_ptrs,
+                            cu_ptrs, mod_scalars, common, lengths)
+            continue
+        _launch_dkdv(*args, part(dk_t), part(dv_t), parts, scale, (lo_off, hi_off), mod_ptrs, cu_ptrs, mod_scalars,
+                     common, lengths)
+        _attn_bwd_dq_kernel[lambda meta, n=n: (triton.cdiv(lengths[0], meta["BLOCK_M"]), H, n)](
+            part(q), part(k), part(v), part(mask_ptr), part(dout), part(stats), part(delta), part(dq), *mod_ptrs,
+            *q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *dq.stride(),
+            H, H // Hkv, L, k.shape[2], scale, lo_off, hi_off, configs.bucket(lengths[0]), configs.bucket(lengths[1]),
+            *mod_scalars, *cu_ptrs, **common,
+        )
     _sum_kv_parts(dk, dv, dk_t, dv_t, parts)
+    if dq_acc is not None:
+        (dq[:1] if cu is not None else dq).copy_(dq_acc.mul_(scale))
+
+
+def _use_onepass(deterministic: bool, E: int, Ev: int, dtype) -> bool:
+    return not deterministic and single_pass_backward() and onepass_runs(E, Ev, dtype)
 
 
 def attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale: float, band, mask_grad: bool,
@@ -801,7 +903,8 @@ def attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale: flo
     dq, dk, dv = new_grad(q), new_grad(k), new_grad(v)
     delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
     block_e, block_ev = configs.head_block(E), configs.head_block(Ev)
-    lo_off, hi_off, has_left, has_right = tcommon.band_args(band, L, S)
+    band_bounds = tcommon.band_args(band, L, S)
+    lo_off, hi_off, has_left, has_right = band_bounds
     precision = precision_for(q.dtype)
     kind = mask_kind(mask)
     mask_t, m_strides = mask_args(mask)
@@ -809,33 +912,15 @@ def attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale: flo
 
     has_lo = out_lo is not None and out_lo.numel() > 0
     i64 = needs_int64(q, k, v, mask, out, out_lo if has_lo else None, dout, dq, dk, dv)
-    pre_block = 64 if block_ev <= 128 else 32
     dlse_strides = dlse.stride() if dlse is not None else (0, 0, 0)
     dlse_t = dlse if dlse is not None else delta
-    lo_t = out_lo if has_lo else out
-    onepass = not deterministic and single_pass_backward() and onepass_runs(E, Ev, q.dtype)
     switches = mods_args(mods, q)[2]
-    common = dict(E=E, EV=Ev, BLOCK_E=block_e, BLOCK_EV=block_ev, MASK_KIND=kind, HAS_LEFT=has_left,
-                  HAS_RIGHT=has_right, PRECISION=precision, I64=i64, **switches)
-    for b0, b1, part in tcommon.batch_slices(B):  # one launch each unless B passes grid axis 2's limit
-        n = b1 - b0
-        _bwd_preprocess_kernel[(triton.cdiv(L, pre_block), H, n)](
-            part(out), part(lo_t), part(dout), part(dlse_t), part(stats), part(delta),
-            *out.stride(), *lo_t.stride(), *dout.stride(), *dlse_strides, H, L,
-            EV=Ev, BLOCK_EV=block_ev, HAS_DLSE=dlse is not None, HAS_LO=has_lo, BLOCK_M=pre_block, I64=i64,
-        )
-        args = (part(q), part(k), part(v), part(mask_ptr), m_strides, part(dout), part(stats), part(delta))
-        mod_ptrs, mod_scalars, _ = mods_args(mods, q, b0)
-        mod_ptrs = (part(mod_ptrs[0]), mod_ptrs[1])  # ALiBi slopes by batch; the rng whole
-        if onepass:
-            _launch_onepass(*args, part(dq), part(dk), part(dv), scale, lo_off, hi_off, mod_ptrs, mod_scalars, common)
-            continue
-        _launch_dkdv(*args, part(dk), part(dv), scale, lo_off, hi_off, mod_ptrs, mod_scalars, common)
-        _attn_bwd_dq_kernel[lambda meta, n=n: (triton.cdiv(L, meta["BLOCK_M"]), H, n)](
-            part(q), part(k), part(v), part(mask_ptr), part(dout), part(stats), part(delta), part(dq), *mod_ptrs,
-            *q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *dq.stride(),
-            H, group, L, S, scale, lo_off, hi_off, configs.bucket(L), configs.bucket(S), *mod_scalars, **common,
-        )
+    for b0, b1, part in tcommon.batch_slices(B):
+        _launch_preprocess(part(out), part(out_lo) if has_lo else None, part(dout), part(dlse), part(stats),
+                           part(delta), i64)
+    _gradients(q, k, v, mask_ptr, m_strides, dout, stats, delta, dq, dk, dv, scale, band_bounds, mods,
+               _use_onepass(deterministic, E, Ev, q.dtype),
+               _kernel_switches(q, E, Ev, kind, band_bounds, i64, mods, False), (L, S))
 
     dmask = None
     if mask_grad:
@@ -862,3 +947,26 @@ def attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale: flo
             )
         dmask = dm.to(mask.dtype)
     return dq, dk, dv, dmask
+
+
+def varlen_backward(dout, dlse, q, k, v, cu_q, cu_k, max_q: int, max_k: int, out, out_lo, stats, scale: float, band,
+                    deterministic: bool = False, mods=NONE):
+    """Triton backward of a packed batch (varlen.py; backends/base.py's varlen_backward): the padded
+    path's kernels, one launch each over all sequences (VARLEN). Returns (dq, dk, dv) packed."""
+    B, E, Ev = cu_q.shape[0] - 1, q.shape[2], v.shape[2]
+    dq, dk, dv = new_grad(q), new_grad(k), new_grad(v)
+    rows = lambda t: t.permute(1, 0, 2).unsqueeze(0)  # noqa: E731  packed (T, H, D) as one (1, H, T, D) problem
+    view = lambda t: tcommon.packed_view(t, B)  # noqa: E731
+    has_lo = out_lo.numel() > 0
+    i64 = needs_int64(q, k, v, out, out_lo if has_lo else None, dout, dq, dk, dv)
+    # delta is per row: the packed rows form one problem for the preprocess.
+    delta = torch.empty((1, q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
+    stats_rows = stats.unsqueeze(0)
+    _launch_preprocess(rows(out), rows(out_lo) if has_lo else None, rows(dout),
+                       dlse.unsqueeze(0) if dlse is not None else None, stats_rows, delta, i64)
+    band_bounds = tcommon.varlen_band_args(band, max_q, max_k)
+    _gradients(view(q), view(k), view(v), q, (0, 0, 0, 0), view(dout), stats_rows, delta, view(dq), view(dk),
+               view(dv), scale, band_bounds, mods, _use_onepass(deterministic, E, Ev, q.dtype),
+               _kernel_switches(q, E, Ev, tcommon.MASK_NONE.value, band_bounds, i64, mods, True), (max_q, max_k),
+               (cu_q, cu_k))
+    return dq, dk, dv

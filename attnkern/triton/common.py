@@ -194,6 +194,71 @@ def mods_args(mods, dummy, b0: int = 0):
     return ptrs, scalars, switches
 
 
+# ----------------------------------------------------------------------------------------------------
+# Packed variable-length batches (varlen.py). The kernels take them behind the constexpr VARLEN: the
+# launch passes the packed tensors as (B, H, T, D) views with batch stride 0, L and S the packed totals
+# (Tq, Tk: the lse/stats row count) and the band as (-left, right) (varlen_band_args); each program then
+# reads its sequence's offsets and works on the sequence's own rows, keys, lengths and band.
+
+
+@triton.jit
+def packed_sequence(CU_Q, CU_K, b, neg_left, right):
+    """Sequence b of a packed batch: (q0, k0, L_b, S_b, lo_off, hi_off): its first query and key token
+    (int64), its lengths, and its bottom-right band's bounds as band_args computes them for (L_b, S_b)
+    (offset S_b - L_b, lo = offset - left, hi = offset + right, clamped to [-L_b, S_b])."""
+    q0 = tl.load(CU_Q + b)
+    k0 = tl.load(CU_K + b)
+    L = tl.load(CU_Q + b + 1) - q0
+    S = tl.load(CU_K + b + 1) - k0
+    lo_off = tl.maximum(S - L + neg_left, -L)
+    hi_off = tl.minimum(tl.maximum(S - L + right, -L), S)
+    return q0.to(tl.int64), k0.to(tl.int64), L, S, lo_off, hi_off
+
+
+@triton.jit
+def at_token(base, first, stride, VARLEN: tl.constexpr):
+    """A pointer (or offset) at a batch and head, moved to a packed sequence's first token (VARLEN) or left as
+    is."""
+    if VARLEN:
+        base += first * stride
+    return base
+
+
+@triton.jit
+def first_row(b, h, H, rows, q0, VARLEN: tl.constexpr):
+    """The first lse/stats/delta row of batch b, head h: (b·H + h)·rows, or for a packed batch (rows the
+    total Tq) h·Tq + q0."""
+    if VARLEN:
+        row = h * rows + q0
+    else:
+        row = (b * H + h) * rows
+    return row
+
+
+@triton.jit
+def packed_mods(mods, b, h):
+    """load_mods' tuple for sequence b (of the whole batch) and query head h of a packed batch: dropout
+    draws as for the sequence's own (1, Hq, L_b, S_b) problem with offset + b (varlen.sequence_rng), i.e.
+    counter head word h and counter offset word offset + b (mod 2^32)."""
+    return (mods[0], mods[1], mods[2], mods[3], mods[4], mods[5] + b.to(tl.uint32), h.to(tl.uint32), mods[7],
+            mods[8])
+
+
+def varlen_band_args(band, max_q: int, max_k: int):
+    """A packed launch's band arguments (lo_off, hi_off, HAS_LEFT, HAS_RIGHT): -left and right, which
+    packed_sequence turns into each sequence's bounds. Clamped to max_q + max_k, beyond which no
+    sequence's visibility changes, so they stay 32-bit; bottom-right bands only (varlen's alignment)."""
+    assert band.bottom_right, "packed batches align their bands bottom-right"
+    reach = max_q + max_k
+    return (-min(band.left, reach) if band.left >= 0 else 0, min(band.right, reach) if band.right >= 0 else 0,
+            band.left >= 0, band.right >= 0)
+
+
+def packed_view(t, batches: int):
+    """A packed (T, H, D) tensor as the kernels' (B, H, T, D) view: batch stride 0, no copy."""
+    return t.permute(1, 0, 2).unsqueeze(0).expand(batches, -1, -1, -1)
+
+
 @triton.jit
 def _ordered(lo, full_lo, full_hi, hi):
     """lo <= full_lo <= full_hi <= hi, shrinking [full_lo, full_hi) (the tiles spared the band compare)

@@ -8,6 +8,12 @@ the band compare only on the tiles that straddle an edge; fully masked rows end 
 output 0 and log-sum-exp -inf. Soft-capping and ALiBi change the scores before the masks; dropout zeroes
 the dropped probabilities on their way into P·V only (the statistics and the lse are those of the
 undropped softmax) and scales the output by 1/(1-p) once (score_mods.py; common.py's helpers).
+
+Packed variable-length batches (varlen.py) run the same kernel with VARLEN set (varlen_forward): one
+launch, grid (query tiles of the longest sequence, heads, sequences); a program reads its sequence's
+offsets and bottom-right band (common.packed_sequence), returns at once when its tile starts past the
+sequence's end, and otherwise is the padded program for that sequence alone. With VARLEN off the
+compiled kernel is the padded one (the offsets' pointers are unused arguments).
 """
 import os
 
@@ -15,11 +21,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ..buffers import new_lse, new_output, new_residual, new_stats
+from ..buffers import (new_lse, new_output, new_residual, new_stats, new_varlen_lse, new_varlen_output,
+                       new_varlen_residual, new_varlen_stats)
 from ..score_mods import NONE
 from . import common, configs
 from .common import (dropout_keep, index_range, key_tiles, load_mods, load_tile, mask_scores, modify_scores,
-                     mods_args, needs_int64, store_tile, LN2, LOG2E)
+                     mods_args, needs_int64, packed_mods, packed_sequence, store_tile, at_token, first_row, LN2,
+                     LOG2E)
 
 
 @triton.jit
@@ -69,8 +77,8 @@ def _fwd_tile(
     prune_configs_by={"early_config_prune": configs.prune_fwd},
 )
 @triton.heuristics({
-    "EVEN_M": lambda a: a["L"] % a["BLOCK_M"] == 0,
-    "EVEN_N": lambda a: a["S"] % a["BLOCK_N"] == 0,
+    "EVEN_M": lambda a: not a["VARLEN"] and a["L"] % a["BLOCK_M"] == 0,
+    "EVEN_N": lambda a: not a["VARLEN"] and a["S"] % a["BLOCK_N"] == 0,
 })
 @triton.jit
 def _attn_fwd_kernel(
@@ -81,10 +89,11 @@ def _attn_fwd_kernel(
     stride_mb, stride_mh, stride_ml, stride_ms,
     stride_ob, stride_oh, stride_ol, stride_oe,
     H, GROUP, L, S, scale, lo_off, hi_off, L_BUCKET, S_BUCKET,
-    stride_ab, b0, softcap, softcap_inv, drop_threshold, drop_scale,
+    stride_ab, b0, softcap, softcap_inv, drop_threshold, drop_scale, CU_Q, CU_K,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr,
     HAS_LO: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     I64: tl.constexpr,
 ):
@@ -102,15 +111,25 @@ def _attn_fwd_kernel(
     offs_e = index_range(0, BLOCK_E, I64)
     offs_ev = index_range(0, BLOCK_EV, I64)
 
-    q_base = Q + b * stride_qb + h64 * stride_qh
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
+    q0 = 0
+    k0 = 0
+    rows = L  # the lse/stats rows per head (a packed batch's total)
+    if VARLEN:  # sequence b0 + b of a packed batch: its own rows, keys, lengths and band (batch strides 0)
+        q0, k0, L, S, lo_off, hi_off = packed_sequence(CU_Q, CU_K, b, lo_off, hi_off)
+        if start_m >= L:
+            return
+
+    q_base = at_token(Q + b * stride_qb + h64 * stride_qh, q0, stride_ql, VARLEN)
+    k_base = at_token(K + b * stride_kb + hk * stride_kh, k0, stride_ks, VARLEN)
+    v_base = at_token(V + b * stride_vb + hk * stride_vh, k0, stride_vs, VARLEN)
     mask_base = M + b * stride_mb + h64 * stride_mh
     q = load_tile(q_base + offs_m[:, None] * stride_ql + offs_e[None, :] * stride_qe,
                   offs_m, offs_e, L, E, not EVEN_M, BLOCK_E != E)
 
     mods = load_mods(ALIBI, RNG, b, h64, H, L, S, stride_ab, b0, softcap, softcap_inv, drop_threshold, drop_scale,
                      HAS_ALIBI, HAS_DROPOUT)
+    if VARLEN:
+        mods = packed_mods(mods, b0 + b, h64)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -144,13 +163,14 @@ def _attn_fwd_kernel(
     log2l = tl.where(empty, float("-inf"), tl.math.log2(l_safe))
     lse = tl.where(empty, float("-inf"), m_i + log2l * LN2)
 
-    o_offs = b * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_ol + offs_ev[None, :] * stride_oe
+    o_offs = (at_token(b * stride_ob + h64 * stride_oh, q0, stride_ol, VARLEN) + offs_m[:, None] * stride_ol
+              + offs_ev[None, :] * stride_oe)
     out_hi = out.to(O.dtype.element_ty)
     store_tile(O + o_offs, out_hi, offs_m, offs_ev, L, EV, not EVEN_M, BLOCK_EV != EV)
     if HAS_LO:  # out_lo has out's layout (and strides)
         store_tile(O_LO + o_offs, (out - out_hi.to(tl.float32)).to(O.dtype.element_ty),
                    offs_m, offs_ev, L, EV, not EVEN_M, BLOCK_EV != EV)
-    row = (b * H + h64) * L + offs_m
+    row = first_row(b, h64, H, rows, q0, VARLEN) + offs_m
     # A row with NaN (or +inf) scores has l = NaN, hence NaN output, lse and log2l. Its max may still have
     # come out finite or -inf (compiled max drops NaN): store NaN, so the backward cannot take the row
     # for a fully masked one (m = -inf) and recomputes NaN probabilities for it, as torch's math path has.
@@ -192,26 +212,52 @@ def mask_args(mask):
 def attention_forward(q, k, v, mask, scale: float, band, residual: bool = False, mods=NONE):
     """Triton forward on canonical tensors (see backends/base.py; `band` a band.Band, `mods` a
     score_mods.ScoreMods). Returns (out, lse, stats, out_lo)."""
+    L, S, Ev = q.shape[2], k.shape[2], v.shape[3]
+    out, lse, stats, out_lo = new_output(q, Ev), new_lse(q), new_stats(q), new_residual(q, Ev, residual)
+    _launch(q, k, v, mask, out, out_lo, lse, stats, scale, common.band_args(band, L, S), mods, (L, S))
+    return out, lse, stats, out_lo
+
+
+def varlen_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float, band, residual: bool = False,
+                   mods=NONE):
+    """Triton forward of a packed batch (varlen.py; backends/base.py's varlen_forward): one launch over
+    (query tiles of the longest sequence, heads, sequences); programs past their sequence's end return.
+    Returns (out (Tq, Hq, Ev), lse (Hq, Tq), stats (Hq, Tq, 2), out_lo)."""
+    B, Ev = cu_q.shape[0] - 1, v.shape[2]
+    out, lse = new_varlen_output(q, Ev), new_varlen_lse(q)
+    stats, out_lo = new_varlen_stats(q), new_varlen_residual(q, Ev, residual)
+    view = lambda t: common.packed_view(t, B)  # noqa: E731
+    # lse and stats as (1, Hq, Tq[, 2]): one tensor for every batch slice (the kernel indexes their rows)
+    _launch(view(q), view(k), view(v), None, view(out), view(out_lo) if out_lo.numel() else out_lo, lse.unsqueeze(0),
+            stats.unsqueeze(0), scale, common.varlen_band_args(band, max_q, max_k), mods, (max_q, max_k),
+            (cu_q, cu_k))
+    return out, lse, stats, out_lo
+
+
+def _launch(q, k, v, mask, out, out_lo, lse, stats, scale, band_bounds, mods, lengths, cu=None):
+    """The forward kernel over (B, H, L, ·) tensors, writing out, out_lo (when not empty), lse, stats;
+    `band_bounds` band_args' (or varlen_band_args') tuple, `lengths` the (query, key) lengths that size
+    the grid and the autotune buckets (L, S; the longest sequence's for a packed batch).
+    `cu` (cu_seqlens_q, cu_seqlens_k) makes it a packed launch (VARLEN; common.packed_view's tensors)."""
     B, H, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
-    out, lse, stats, out_lo = new_output(q, Ev), new_lse(q), new_stats(q), new_residual(q, Ev, residual)
     has_lo = out_lo.numel() > 0
     assert not has_lo or out_lo.stride() == out.stride()
     mask_t, m_strides = mask_args(mask)
     from ..masks import mask_kind
 
     mask_t = mask_t if mask_t is not None else q
-    lo_off, hi_off, has_left, has_right = common.band_args(band, L, S)
+    lo_off, hi_off, has_left, has_right = band_bounds
     for b0, b1, part in common.batch_slices(B):  # one launch unless B passes grid axis 2's limit
         mod_ptrs, mod_scalars, switches = mods_args(mods, q, b0)
-        _attn_fwd_kernel[lambda meta, n=b1 - b0: (triton.cdiv(L, meta["BLOCK_M"]), H, n)](
+        cu_q, cu_k = (cu[0][b0:b1 + 1], cu[1][b0:b1 + 1]) if cu is not None else (q, q)  # q: never read
+        _attn_fwd_kernel[lambda meta, n=b1 - b0: (triton.cdiv(lengths[0], meta["BLOCK_M"]), H, n)](
             part(q), part(k), part(v), part(mask_t), part(out), part(out_lo if has_lo else out), part(lse),
             part(stats), part(mod_ptrs[0]), mod_ptrs[1],  # ALiBi slopes by batch; the rng whole
             *q.stride(), *k.stride(), *v.stride(), *m_strides, *out.stride(),
             H, H // Hkv, L, S, scale, lo_off, hi_off,
-            configs.bucket(L), configs.bucket(S), *mod_scalars, **switches,
+            configs.bucket(lengths[0]), configs.bucket(lengths[1]), *mod_scalars, cu_q, cu_k, **switches,
             E=E, EV=Ev, BLOCK_E=configs.head_block(E), BLOCK_EV=configs.head_block(Ev),
             MASK_KIND=mask_kind(mask), HAS_LEFT=has_left, HAS_RIGHT=has_right, PRECISION=precision_for(q.dtype),
-            HAS_LO=has_lo, I64=needs_int64(q, k, v, mask, out),
+            HAS_LO=has_lo, VARLEN=cu is not None, I64=needs_int64(q, k, v, mask, out),
         )
-    return out, lse, stats, out_lo

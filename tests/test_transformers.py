@@ -497,6 +497,32 @@ def test_a_sliding_call_transformers_sdpa_runs_gets_the_window_as_a_mask(monkeyp
     assert len(seen) == 1 and torch.equal(seen[0][0, 0], Band(True, 2, 0).allowed(9, 9))
 
 
+@pytest.mark.parametrize("window", [None, 3])
+def test_key_padding_calls_on_either_path_compute_the_band_with_the_padding(window, monkeypatch):
+    """A (B, n) key padding (what the mask function returns for a padded causal or sliding layer) over the
+    first n of 12 cached keys: on the kernels and on transformers' sdpa function (output_attentions=True:
+    it gets the dense mask built here), the keys past n are left out and the result is the float64
+    reference's with the band and the padding as a mask."""
+    seen = []
+    sdpa = integration.sdpa_attention_forward
+    monkeypatch.setattr(integration, "sdpa_attention_forward",
+                        lambda m, q, k, v, mask, **kw: (seen.append((k.shape[2], mask.shape)),
+                                                        sdpa(m, q, k, v, mask, **kw))[1])
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = True, 2
+    q, k, v = (torch.randn(2, h, L, 8, device=DEVICE) for h, L in ((4, 3), (2, 12), (2, 12)))
+    padding = torch.ones(2, 9, dtype=torch.bool, device=DEVICE)
+    padding[1, :2] = False
+    band = Band(True, -1 if window is None else window - 1, 0)
+    for extra in ({"output_attentions": True}, {}):
+        out, _ = integration.attention_forward(module, q, k, v, padding, sliding_window=window, **extra)
+        allowed = band.allowed(3, 9).to(DEVICE) & padding[:, None, None, :]
+        ref, _ = attnkern.reference_attention(q.double(), k[:, :, :9].double(), v[:, :, :9].double(),
+                                              attn_mask=allowed, enable_gqa=True)
+        torch.testing.assert_close(out, ref.transpose(1, 2).float(), rtol=1e-5, atol=1e-5)
+    assert seen == [(9, (2, 1, 3, 9))]
+
+
 def test_falcon_alibi_float_mask_runs_on_attnkern_under_replace_sdpa(kernel_calls):
     """ALiBi as transformers 5 hands it over: Falcon (alibi=True, "sdpa") adds the per-head bias to a float
     mask and calls torch's SDPA itself. (BLOOM computes its attention in its own code: neither the

@@ -115,7 +115,8 @@ struct RowMods {
 #ifdef ATTNKERN_AVX512_PHILOX
     if constexpr (std::is_same_v<acc_t, float>) {
       if (avx512) {
-        if (j_hi > j_lo) dropout_row_avx512<false>(z + j_lo, j_hi - j_lo, keys, bh, qi, n0 + j_lo, threshold, keep_scale);
+        if (j_hi > j_lo)
+          dropout_row_avx512<false>(z + j_lo, j_hi - j_lo, keys, bh, qi, n0 + j_lo, threshold, keep_scale);
         return;
       }
     }
@@ -140,7 +141,8 @@ struct RowMods {
     if constexpr (std::is_same_v<acc_t, float>) {
       if (avx512) {
         const int64_t j_lo = std::min(lo / 32 * 32, n), j_hi = std::min(round_up(hi, 32), n);
-        if (j_hi > j_lo) dropout_row_avx512<true>(row + j_lo, j_hi - j_lo, keys, bh, qi, n0 + j_lo, threshold, keep_scale);
+        if (j_hi > j_lo)
+          dropout_row_avx512<true>(row + j_lo, j_hi - j_lo, keys, bh, qi, n0 + j_lo, threshold, keep_scale);
         return;
       }
     }

@@ -362,9 +362,9 @@ def test_llama_padded_batch_gets_the_causal_band_and_the_key_padding(kernel_call
 
 @pytest.mark.parametrize("model", ["mistral", "gemma2"])
 def test_static_cache_generation_gets_the_band_not_a_dense_mask(model, kernel_calls):
-    """generate() with a static cache on a left-padded batch: every step's logits equal eager's, and the
-    kernels got the band with the key padding over the keys written so far (the cache's empty slots left
-    out), never a (B, 1, L, S) mask."""
+    """generate() with a static cache on a left-padded batch: every step's logits equal eager's; the prefill
+    got the band with the key padding over the prompt's keys (the cache's empty slots left out), and no
+    call a (B, 1, L, S) mask."""
     ids, keep = tokens(length=6, left_pad=2)
     steps, runs = 4, {}
     for attn in ("eager", "attnkern"):
@@ -373,20 +373,18 @@ def test_static_cache_generation_gets_the_band_not_a_dense_mask(model, kernel_ca
         net = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).to(DEVICE).eval()
         with torch.no_grad():
             out = net.generate(ids, attention_mask=keep, max_new_tokens=steps, do_sample=False,
-                                 cache_implementation="static", return_dict_in_generate=True, output_scores=True,
-                                 pad_token_id=0)
+                               cache_implementation="static", return_dict_in_generate=True, output_scores=True,
+                               pad_token_id=0)
         runs[attn] = torch.stack(out.scores)
     torch.testing.assert_close(runs["attnkern"], runs["eager"], rtol=1e-4, atol=1e-4)
     assert len(kernel_calls) == 2 * steps
+    # No mask over queries x keys: the prefill gets the band and the key padding over its 6 keys; a decoding
+    # step (a compiled cache's: transformers asks for the mask itself) gets its (B, 1, 1, S) mask.
     for c in kernel_calls:
-        assert c.backend == AUTO and c.band.bottom_right and c.band.right == 0
-        assert c.mask is not None and c.mask.dtype == torch.bool and c.mask.shape[:3] == (2, 1, 1)
-    # Keys per call: prefill over the 6 prompt keys; then a sliding layer's cache holds its W = 4 keys (the
-    # window), a full layer's the keys written so far, not the static cache's whole length.
-    sliding, full = [6] + [4] * (steps - 1), [6 + t for t in range(steps)]
-    layers, lefts = ([sliding, sliding], [3, 3]) if model == "mistral" else ([sliding, full], [3, -1])
-    assert [c.mask.shape[-1] for c in kernel_calls] == [n for step in zip(*layers) for n in step]
-    assert [c.band.left for c in kernel_calls] == lefts * steps
+        assert c.backend == AUTO and c.mask.dtype == torch.bool and c.mask.shape[:3] == (2, 1, 1)
+    lefts = [3, 3] if model == "mistral" else [3, -1]
+    assert [(c.band, c.mask.shape[-1]) for c in kernel_calls[:2]] == [(Band(True, left, 0), 6) for left in lefts]
+    assert all(c.band.is_full for c in kernel_calls[2:])
 
 
 def test_mistral_sliding_window_decoding_matches_eager(kernel_calls):
@@ -449,7 +447,7 @@ def test_the_mask_function_gives_the_band_and_the_key_padding_for_causal_and_sli
         # (q_length, kv_length, q_offset, kv_offset)
         for L, S, q_off, kv_off in ((8, 8, 0, 0), (1, 5, 4, 0), (3, 9, 6, 0), (1, W, 7, 8 - W),
                                     (2, W + 1, 9, 9 - W + 1), (3, 12, 2, 0), (2, 2, 0, 0), (1, 12, 5, 0)):
-            # as transformers: a static cache (keys past the positions seen) never skips the mask when decoding
+            # as transformers: a static cache (keys past the positions seen) asks for the mask when decoding
             static_decoding = L == 1 and S > q_off + L - kv_off
             kw = dict(batch_size=2, q_length=L, kv_length=S, q_offset=q_off, kv_offset=kv_off, mask_function=fn,
                       local_size=window, allow_is_causal_skip=not static_decoding)
@@ -462,6 +460,9 @@ def test_the_mask_function_gives_the_band_and_the_key_padding_for_causal_and_sli
                 ours = integration.MASK_FUNCTION(**kw, attention_mask=padding)
                 theirs = sdpa_mask(**kw, attention_mask=padding)
                 where = (window, L, S, q_off, kv_off, None if padding is None else padding.tolist())
+                if static_decoding:  # allow_is_causal_skip=False: the mask itself, (B, 1, 1, S)
+                    assert torch.equal(ours, theirs), where
+                    continue
                 assert ours is None or ours.shape == (2, q_off + L - kv_off), where
                 assert torch.equal(band_and_padding_as_dense(ours, L, S, window), sdpa_as_dense(theirs, L, S)), where
                 left_out += ours is None and theirs is not None

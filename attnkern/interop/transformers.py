@@ -23,7 +23,9 @@ stand for it), and the attention function computes what the "sdpa" function comp
   left out), as transformers' flash-attention mask function does. The attention function takes a 2-D mask
   as that: keys cut to n, the padding as a (B, 1, 1, n) broadcast mask, causal bottom-right with
   `window=(W - 1, 0)` on a sliding layer; the tiles outside the window are skipped. A compiled graph keeps
-  the padding as a mask (its values are not read), and a static cache's offset is read only eagerly;
+  the padding as a mask (its values are not read), and a static cache's offset is read only eagerly. A
+  mask asked for with `allow_is_causal_skip=False` is built as sdpa's: a model adds to it (Falcon's ALiBi),
+  or a compiled cache decodes (one query: a (B, 1, 1, S) mask);
 - GQA: key/value heads are read in place (enable_gqa), never repeated;
 - `scaling` and `dropout` as given; the output is (batch, length, heads, head_dim), weights None.
 - attention sinks (`s_aux`, gpt-oss): passed to the kernels as `attention(sinks=...)`;
@@ -125,12 +127,16 @@ def make_mask_function(sdpa_mask):
     or a causal layer whose single query or L == S makes top-left and bottom-right agree), else the key
     padding alone as a (batch, n) bool mask over the first n keys, as transformers' flash-attention mask
     function does: the attention function then slices the keys to n and passes the padding as a (B, 1, 1, n)
-    broadcast mask beside the band. No (B, 1, L, S) mask is built for them. Every other mask is sdpa_mask's."""
+    broadcast mask beside the band. No (B, 1, L, S) mask is built for them. Every other mask is sdpa_mask's,
+    and so is any mask asked for with allow_is_causal_skip=False."""
 
     def attnkern_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=causal_mask_function,
                       attention_mask=None, local_size=None, allow_is_causal_skip=True, **kwargs):
         window = None if mask_function is causal_mask_function else local_size
-        n = _band_keys(q_length, kv_length, q_offset, kv_offset, mask_function, window)
+        # allow_is_causal_skip=False asks for the mask itself: a model that adds to it (Falcon's ALiBi, Doge's
+        # dynamic mask), or a compiled cache's decoding step (one query: a (B, 1, 1, S) mask, O(S) anyway).
+        n = (_band_keys(q_length, kv_length, q_offset, kv_offset, mask_function, window) if allow_is_causal_skip
+             else None)
         if n is not None and attention_mask is not None and attention_mask.shape[-1] < n:
             n = None  # neither transformers' 2-D mask nor one of ours: transformers' rules
         if n is None:
@@ -144,11 +150,10 @@ def make_mask_function(sdpa_mask):
             # the model's own call): as transformers' flash-attention masks, it ends at the last query.
             end = kv_offset + n
             padding = padding[:, end - n:end] if padding.shape[-1] >= end else padding[:, -n:]
-        # Reading the padding's values would break a compiled graph (and a compiled decoding step asks for a
-        # mask: allow_is_causal_skip False): then the padding goes as it is.
+        # Reading the padding's values would break a compiled graph: then the padding goes as it is.
         unpadded = padding is None or (not torch.compiler.is_compiling() and bool(padding.all()))
         own_rule = kv_length >= window if window is not None else q_length in (1, kv_length)
-        if allow_is_causal_skip and unpadded and n == kv_length and own_rule:
+        if unpadded and n == kv_length and own_rule:
             return None
         if padding is None:
             device = kwargs.get("device", "cpu")

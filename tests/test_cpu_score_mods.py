@@ -4,13 +4,17 @@ counters per AVX2 register, csrc/cpu/philox_avx2.h) against the Python definitio
 The output exposes the mask: with q = 0 every visible key gets the same probability 1/n, and with v the
 identity (Ev = S) output column j is that probability times key j's dropout multiplier, so out != 0
 exactly where key j is kept. (q = 0 is the construction, not a lazy input: the mods' arithmetic is checked
-on random inputs by the shared cases of test_correctness.py.)"""
+on random inputs by the shared cases of test_correctness.py.) On an AVX-512 processor the kernels draw with
+csrc/cpu/philox_avx512.h; the AVX2 generator is checked too, in a process with ATTNKERN_CPU_PHILOX=avx2."""
+import os
+
 import pytest
 import torch
 
 import attnkern
 from attnkern.backends import extension
 from attnkern.philox import dropout_draws, dropout_multiplier, dropout_threshold
+from isolated import run_isolated
 from matrix import DEVICE
 
 pytestmark = pytest.mark.skipif(DEVICE != "cpu" or extension.EXTENSION_ERROR is not None,
@@ -90,3 +94,17 @@ def test_gradcheck_float64_with_mods(mods):
         return out, lse
 
     assert torch.autograd.gradcheck(fn, (q, k, v, mask), atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.skipif(os.environ.get("ATTNKERN_CPU_PHILOX") == "avx2", reason="this run is the AVX2 one")
+def test_the_avx2_generator_where_avx512_would_run(monkeypatch):
+    """The kernels pick their generator once per process (AVX-512 where the processor has it,
+    csrc/cpu/philox_avx512.h); ATTNKERN_CPU_PHILOX=avx2 keeps the AVX2 one. A fresh process with it set
+    runs the mask checks above, so both generators are held to attnkern/philox.py on such a processor."""
+    monkeypatch.setenv("ATTNKERN_CPU_PHILOX", "avx2")
+    res = run_isolated(f"""
+        import sys, pytest
+        sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", {__file__!r},
+                              "-k", "mask_is_philox_py or keep_rate"]))
+    """)
+    assert " passed" in res.stdout and "failed" not in res.stdout, res.stdout

@@ -319,12 +319,72 @@ def test_mistral_sliding_window_matches_eager_without_a_dense_mask(window, kerne
     assert [(c.backend, c.mask, c.band) for c in kernel_calls] == [(AUTO, None, Band(True, window - 1, 0))] * 2
 
 
-def test_mistral_sliding_window_with_padding_gets_the_mask(kernel_calls):
-    """Padding still comes as transformers' mask (window and padding in it); the result equals eager's."""
+def padded(keep, side):
+    """The batch's padding on the left (as generate pads) or on the right (as training collators pad)."""
+    return keep if side == "left" else keep.flip(-1)
+
+
+def assert_band_and_key_padding(kernel_calls, bands, n_keys):
+    """The kernels got each layer's causal band (bands, in call order) and the key padding alone as a
+    (B, 1, 1, n) bool mask: no mask over queries x keys was built."""
+    assert [(c.backend, c.band) for c in kernel_calls] == [(AUTO, band) for band in bands]
+    for c in kernel_calls:
+        assert c.mask.dtype == torch.bool and c.mask.shape == (2, 1, 1, n_keys), c.mask.shape
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_mistral_sliding_window_with_padding_gets_the_band_and_the_key_padding(side, kernel_calls):
+    """A padded batch: the window goes as the band and only the key padding as a mask; loss and every
+    gradient equal eager's."""
     ids, keep = tokens(length=12, left_pad=3)
-    assert_matches_eager(mistral_config(), ids, keep)
-    assert len(kernel_calls) == 2 and all(c.backend == AUTO and c.mask is not None and c.band.is_full
-                                          for c in kernel_calls)
+    assert_matches_eager(mistral_config(), ids, padded(keep, side))
+    assert_band_and_key_padding(kernel_calls, [Band(True, 3, 0)] * 2, 12)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_gemma2_padded_batch_gets_the_band_and_the_key_padding(side, kernel_calls):
+    """Gemma 2 (soft-capping; a sliding layer, then a global causal one) on a padded batch: both layers get
+    their band (the global one bottom-right: its mask came as padding) and the key padding alone."""
+    ids, keep = tokens(length=12, left_pad=3)
+    q = torch.empty(2, 4, 12, 8, device=DEVICE)
+    if attnkern.explain(q, q, q, causal=True, softcap=2.0).backend != AUTO:
+        pytest.skip(f"{AUTO} does not take softcap")
+    assert_matches_eager(gemma2_config(), ids, padded(keep, side), prepare=sharp_scores)
+    assert_band_and_key_padding(kernel_calls, [Band(True, 3, 0), Band(True, -1, 0)], 12)
+
+
+def test_llama_padded_batch_gets_the_causal_band_and_the_key_padding(kernel_calls):
+    """A full-attention causal model with padding: the causal band and the key padding, no 4-D mask."""
+    ids, keep = tokens(length=12, left_pad=3)
+    assert_matches_eager(llama("eager").config, ids, keep)
+    assert_band_and_key_padding(kernel_calls, [Band(True, -1, 0)] * 2, 12)
+
+
+@pytest.mark.parametrize("model", ["mistral", "gemma2"])
+def test_static_cache_generation_gets_the_band_not_a_dense_mask(model, kernel_calls):
+    """generate() with a static cache on a left-padded batch: every step's logits equal eager's; the prefill
+    got the band with the key padding over the prompt's keys (the cache's empty slots left out), and no
+    call a (B, 1, L, S) mask."""
+    ids, keep = tokens(length=6, left_pad=2)
+    steps, runs = 4, {}
+    for attn in ("eager", "attnkern"):
+        torch.manual_seed(0)
+        cfg = mistral_config() if model == "mistral" else gemma2_config()
+        net = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).to(DEVICE).eval()
+        with torch.no_grad():
+            out = net.generate(ids, attention_mask=keep, max_new_tokens=steps, do_sample=False,
+                               cache_implementation="static", return_dict_in_generate=True, output_scores=True,
+                               pad_token_id=0)
+        runs[attn] = torch.stack(out.scores)
+    torch.testing.assert_close(runs["attnkern"], runs["eager"], rtol=1e-4, atol=1e-4)
+    assert len(kernel_calls) == 2 * steps
+    # No mask over queries x keys: the prefill gets the band and the key padding over its 6 keys; a decoding
+    # step (a compiled cache's: transformers asks for the mask itself) gets its (B, 1, 1, S) mask.
+    for c in kernel_calls:
+        assert c.backend == AUTO and c.mask.dtype == torch.bool and c.mask.shape[:3] == (2, 1, 1)
+    lefts = [3, 3] if model == "mistral" else [3, -1]
+    assert [(c.band, c.mask.shape[-1]) for c in kernel_calls[:2]] == [(Band(True, left, 0), 6) for left in lefts]
+    assert all(c.band.is_full for c in kernel_calls[2:])
 
 
 def test_mistral_sliding_window_decoding_matches_eager(kernel_calls):
@@ -350,37 +410,72 @@ def test_mistral_sliding_window_decoding_matches_eager(kernel_calls):
     assert [(c.backend, c.mask, c.band) for c in kernel_calls] == [(AUTO, None, Band(True, window - 1, 0))] * 2 * steps
 
 
-def test_the_mask_function_leaves_out_exactly_the_sliding_masks_the_band_computes():
-    """transformers' sliding causal mask (kv > q - W and kv <= q, over absolute positions) is the band
-    window=(W - 1, 0) bottom-right wherever the mask function returns None; elsewhere it builds sdpa's."""
+def band_and_padding_as_dense(ours, L, S, window):
+    """The (B, L, S) mask the attention function computes from what the mask function returned: the band
+    (bottom-right causal, window=(W - 1, 0) for a sliding layer) over all S keys where it returned None, else
+    over the first n keys with the returned (B, n) key padding, the keys past n hidden."""
+    band = Band(True, -1 if window is None else window - 1, 0)
+    if ours is None:
+        return band.allowed(L, S).expand(2, L, S)
+    n = ours.shape[-1]
+    dense = torch.zeros(2, L, S, dtype=torch.bool)
+    dense[..., :n] = band.allowed(L, n) & ours[:, None, :]
+    return dense
+
+
+def sdpa_as_dense(theirs, L, S):
+    """transformers' sdpa mask as (B, L, S); None there means sdpa's is_causal (top-left) for L > 1."""
+    if theirs is not None:
+        return theirs[:, 0]
+    return (torch.ones(L, S, dtype=torch.bool).tril() if L > 1 else torch.ones(1, S, dtype=torch.bool)).expand(2, L, S)
+
+
+def test_the_mask_function_gives_the_band_and_the_key_padding_for_causal_and_sliding_masks():
+    """Wherever transformers asks for its causal or sliding causal mask (kv > q - W and kv <= q, over absolute
+    positions), the mask function returns None or only the key padding over the first n keys, and the band
+    with it is exactly transformers' sdpa mask: no cache, a dynamic sliding cache filling up and full, a
+    static cache (keys past the positions seen), fewer keys than the window; without and with padding (on
+    the left, on the right, and a returned mask fed back in, as generate() does with a static cache)."""
     from transformers.masking_utils import causal_mask_function, chunked_causal_mask_function, \
         sliding_window_causal_mask_function
 
     sdpa_mask = integration.ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
-    left_out = 0
-    for window in (1, 3, 5):
-        fn = sliding_window_causal_mask_function(window)
-        # (q_length, kv_length, q_offset, kv_offset): no cache, a dynamic sliding cache filling up and full,
-        # a static cache (keys longer than the positions seen), fewer keys than the window
-        for L, S, q_off, kv_off in ((8, 8, 0, 0), (1, 5, 4, 0), (3, 9, 6, 0), (1, window, 7, 8 - window),
-                                    (2, window + 1, 9, 9 - window + 1), (3, 12, 2, 0), (2, 2, 0, 0)):
+    left_out = padding_only = 0
+    for window in (None, 1, 3, 5):
+        fn = causal_mask_function if window is None else sliding_window_causal_mask_function(window)
+        W = window or 4
+        # (q_length, kv_length, q_offset, kv_offset)
+        for L, S, q_off, kv_off in ((8, 8, 0, 0), (1, 5, 4, 0), (3, 9, 6, 0), (1, W, 7, 8 - W),
+                                    (2, W + 1, 9, 9 - W + 1), (3, 12, 2, 0), (2, 2, 0, 0), (1, 12, 5, 0)):
+            # as transformers: a static cache (keys past the positions seen) asks for the mask when decoding
+            static_decoding = L == 1 and S > q_off + L - kv_off
             kw = dict(batch_size=2, q_length=L, kv_length=S, q_offset=q_off, kv_offset=kv_off, mask_function=fn,
-                      local_size=window)
-            ours, theirs = integration.MASK_FUNCTION(**kw), sdpa_mask(**kw)
-            if ours is None and theirs is not None:
-                left_out += 1
-                band = Band(bottom_right=True, left=window - 1, right=0).allowed(L, S)
-                assert torch.equal(theirs, band.expand(2, 1, L, S)), (window, L, S, q_off, kv_off)
-            else:
-                assert (ours is None and theirs is None) or torch.equal(ours, theirs)
-            padded = torch.ones(2, kv_off + S, dtype=torch.bool)
-            padded[0, kv_off] = False
-            assert integration.MASK_FUNCTION(**kw, attention_mask=padded) is not None  # padding: a mask
-    assert left_out >= 8
-    # Not transformers' sliding causal mask: built as sdpa builds it.
-    for fn in (causal_mask_function, chunked_causal_mask_function(4, torch.zeros(2, dtype=torch.long))):
-        kw = dict(batch_size=2, q_length=8, kv_length=8, mask_function=fn, local_size=4)
-        assert integration.MASK_FUNCTION(**kw) is not None
+                      local_size=window, allow_is_causal_skip=not static_decoding)
+            seen = torch.ones(2, q_off + L, dtype=torch.bool)
+            left, right = seen.clone(), seen.clone()
+            left[0, :2] = False  # the first two positions of row 0, the first key kept of row 1
+            left[1, kv_off] = False
+            right[0, -1] = False
+            for padding in (None, seen, left, right):
+                ours = integration.MASK_FUNCTION(**kw, attention_mask=padding)
+                theirs = sdpa_mask(**kw, attention_mask=padding)
+                where = (window, L, S, q_off, kv_off, None if padding is None else padding.tolist())
+                if static_decoding:  # allow_is_causal_skip=False: the mask itself, (B, 1, 1, S)
+                    assert torch.equal(ours, theirs), where
+                    continue
+                assert ours is None or ours.shape == (2, q_off + L - kv_off), where
+                assert torch.equal(band_and_padding_as_dense(ours, L, S, window), sdpa_as_dense(theirs, L, S)), where
+                left_out += ours is None and theirs is not None
+                padding_only += ours is not None
+                if ours is not None:  # fed back in: the same mask
+                    again = integration.MASK_FUNCTION(**kw, attention_mask=ours)
+                    assert again is not None and torch.equal(again, ours), where
+    assert left_out >= 8 and padding_only >= 50
+    # Not transformers' causal or sliding causal mask: built as sdpa builds it.
+    for fn, size in ((sliding_window_causal_mask_function(4), 5),
+                     (chunked_causal_mask_function(4, torch.zeros(2, dtype=torch.long)), 4)):
+        kw = dict(batch_size=2, q_length=8, kv_length=8, mask_function=fn, local_size=size)
+        assert torch.equal(integration.MASK_FUNCTION(**kw), sdpa_mask(**kw))
     assert integration.sliding_window_of(sliding_window_causal_mask_function(6)) == 6
     assert integration.sliding_window_of(causal_mask_function) is None
 
@@ -401,6 +496,32 @@ def test_a_sliding_call_transformers_sdpa_runs_gets_the_window_as_a_mask(monkeyp
                                               window=(2, 0), enable_gqa=True)
         torch.testing.assert_close(out, ref.transpose(1, 2).float(), rtol=1e-5, atol=1e-5)
     assert len(seen) == 1 and torch.equal(seen[0][0, 0], Band(True, 2, 0).allowed(9, 9))
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_key_padding_calls_on_either_path_compute_the_band_with_the_padding(window, monkeypatch):
+    """A (B, n) key padding (what the mask function returns for a padded causal or sliding layer) over the
+    first n of 12 cached keys: on the kernels and on transformers' sdpa function (output_attentions=True:
+    it gets the dense mask built here), the keys past n are left out and the result is the float64
+    reference's with the band and the padding as a mask."""
+    seen = []
+    sdpa = integration.sdpa_attention_forward
+    monkeypatch.setattr(integration, "sdpa_attention_forward",
+                        lambda m, q, k, v, mask, **kw: (seen.append((k.shape[2], mask.shape)),
+                                                        sdpa(m, q, k, v, mask, **kw))[1])
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = True, 2
+    q, k, v = (torch.randn(2, h, L, 8, device=DEVICE) for h, L in ((4, 3), (2, 12), (2, 12)))
+    padding = torch.ones(2, 9, dtype=torch.bool, device=DEVICE)
+    padding[1, :2] = False
+    band = Band(True, -1 if window is None else window - 1, 0)
+    for extra in ({"output_attentions": True}, {}):
+        out, _ = integration.attention_forward(module, q, k, v, padding, sliding_window=window, **extra)
+        allowed = band.allowed(3, 9).to(DEVICE) & padding[:, None, None, :]
+        ref, _ = attnkern.reference_attention(q.double(), k[:, :, :9].double(), v[:, :, :9].double(),
+                                              attn_mask=allowed, enable_gqa=True)
+        torch.testing.assert_close(out, ref.transpose(1, 2).float(), rtol=1e-5, atol=1e-5)
+    assert seen == [(9, (2, 1, 3, 9))]
 
 
 def test_falcon_alibi_float_mask_runs_on_attnkern_under_replace_sdpa(kernel_calls):

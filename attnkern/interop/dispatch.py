@@ -109,7 +109,8 @@ def route_sdpa(
     (None: `use_backend(...)`/ATTNKERN_BACKEND/auto). Never raises for arguments torch might accept; a
     CausalBias attn_mask together with is_causal=True raises torch's ValueError.
     `causal` (a masks.CAUSAL_* code, overriding is_causal), `window`, `softcap` and `alibi_slopes` are
-    `attention`'s, for callers that know more than SDPA's arguments say (the transformers integration).
+    `attention`'s, for callers that know more than SDPA's arguments say (the transformers integration);
+    with `causal` given, a mask and the causal band apply together, as in `attention`.
 
     Inside an explicit `torch.nn.attention.sdpa_kernel(...)` the call goes to torch, which honours it."""
     if causal is not None:
@@ -126,7 +127,7 @@ def route_sdpa(
             attn_mask is not None and not causal_bias and not _plain_tensor(attn_mask)):
         return Route(None, "strided nested tensors, mixed nested/dense inputs and tensor subclasses are left "
                            "to torch")
-    if attn_mask is not None and is_causal:
+    if attn_mask is not None and is_causal and causal is None:  # (`causal` given: attention()'s meaning, both)
         return Route(None, "attn_mask together with is_causal: torch's backends differ on it (some raise)")
     requested = config.requested_backend() if backend is None else backends.check_name(backend)
     # Where no candidate runs on the device at all (a CPU without the interpreter), say so before paying

@@ -6,19 +6,26 @@
     model.set_attn_implementation("attnkern")   # on a model already built
 
 `register()` adds an attention function to transformers' AttentionInterface and, under the same name,
-a mask function to its AttentionMaskInterface: transformers' own SDPA mask function, except that a plain
-sliding-window causal mask is not built at all (see below). The model then gets the masks its "sdpa"
-implementation would get (a bool mask, or None when `is_causal` can stand for it), and the attention
-function computes what the "sdpa" function computes:
+a mask function to its AttentionMaskInterface: transformers' own SDPA mask function, except for the causal
+and sliding-window causal masks, which the kernels' band computes (see below). The model then gets the
+masks its "sdpa" implementation would get for everything else (a bool mask, or None when `is_causal` can
+stand for it), and the attention function computes what the "sdpa" function computes:
 - causal: `is_causal` when the caller passes it, else the module's `is_causal`, and only for more than one
   query and no explicit mask (the same decision as transformers' sdpa path);
-- sliding windows (Mistral, Gemma 2/3, Qwen 2, gpt-oss, ...): transformers' sliding mask lets query
-  position p see key positions p - W + 1 .. p (`sliding_window_overlay`: kv > q - W, and causal). Where
-  that mask is all there is -- no padding, nothing overlaid, at least W keys, and the keys end at the
-  query's position (bottom-right: the dynamic caches keep that) -- the mask function returns None and the
-  layer's `sliding_window=W` argument (the one transformers' flash-attention path reads) goes to the kernels
-  as `window=(W - 1, 0)` with bottom-right causal: no dense O(L*S) mask, and the tiles outside the window
-  are skipped. Any other sliding mask (padding, a static cache, ...) is built and passed as before;
+- sliding windows (Mistral, Gemma 2/3, Qwen 2, gpt-oss, ...) and causal masks with padding or a cache:
+  transformers' sliding mask lets query position p see key positions p - W + 1 .. p
+  (`sliding_window_overlay`: kv > q - W, and causal); its causal mask, p's keys up to p. Where the mask is
+  one of these two and nothing is overlaid (no packed documents, no custom and/or mask), the mask function
+  builds no (B, 1, L, S) mask: it returns None where nothing is padded and the layer's own rule gives the
+  band (a sliding layer's `sliding_window=W`, the argument transformers' flash-attention path reads, with at
+  least W keys; a causal layer's `is_causal` with one query or L == S), else only the key padding as
+  a (B, n) bool mask over the n keys the queries can reach (a static cache's slots past the last query are
+  left out), as transformers' flash-attention mask function does. The attention function takes a 2-D mask
+  as that: keys cut to n, the padding as a (B, 1, 1, n) broadcast mask, causal bottom-right with
+  `window=(W - 1, 0)` on a sliding layer; the tiles outside the window are skipped. A compiled graph keeps
+  the padding as a mask (its values are not read), and a static cache's offset is read only eagerly. A
+  mask asked for with `allow_is_causal_skip=False` is built as sdpa's: a model adds to it (Falcon's ALiBi),
+  or a compiled cache decodes (one query: a (B, 1, 1, S) mask);
 - GQA: key/value heads are read in place (enable_gqa), never repeated;
 - `scaling` and `dropout` as given; the output is (batch, length, heads, head_dim), weights None.
 - attention sinks (`s_aux`, gpt-oss): passed to the kernels as `attention(sinks=...)`;
@@ -69,7 +76,7 @@ except ImportError:  # pragma: no cover - older transformers have no paged cache
 
 try:  # what recognizes transformers' own sliding-window causal mask (transformers >= 5)
     from transformers.masking_utils import (
-        and_masks, causal_mask_function, prepare_padding_mask, sliding_window_overlay)
+        and_masks, causal_mask_function, sliding_window_overlay)
     _AND_MASK_CODE = and_masks().__code__
     _SLIDING_OVERLAY_CODE = sliding_window_overlay(1).__code__
 except (ImportError, RuntimeError, AttributeError):  # pragma: no cover - older transformers: masks as sdpa's
@@ -96,43 +103,68 @@ def sliding_window_of(mask_function) -> Optional[int]:
     return window if isinstance(window, int) and not isinstance(window, bool) and window > 0 else None
 
 
-def _window_stands_in(q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
-                      local_size, allow_is_causal_skip) -> bool:
-    """Whether the mask transformers asks for is exactly the band `window=(W - 1, 0)`, bottom-right causal,
-    over (q_length, kv_length): then the attention function computes it from the layer's `sliding_window`."""
-    if not allow_is_causal_skip or local_size is None or sliding_window_of(mask_function) != local_size:
-        return False
+def _band_keys(q_length, kv_length, q_offset, kv_offset, mask_function, local_size) -> Optional[int]:
+    """n when the mask transformers asks for is the kernels' band over the first n keys, apart from padding:
+    `mask_function` is its plain causal mask or its sliding-window causal mask of the layers' `local_size` W
+    (`window=(W - 1, 0)`), and the query positions end where the n-th key's does (bottom-right). The keys past
+    n are a static cache's slots not written yet, which the causal rule hides. Else None."""
+    if mask_function is not causal_mask_function and (local_size is None
+                                                      or sliding_window_of(mask_function) != local_size):
+        return None
     if torch.compiler.is_exporting() or torch.jit.is_tracing():
-        return False  # as transformers' sdpa masks: an exported graph would hard-code the decision
+        return None  # as transformers' sdpa masks: an exported graph would hard-code the decision
+    if isinstance(q_offset, torch.Tensor):  # a static cache's offset: read it, except where that breaks a graph
+        if torch.compiler.is_compiling() or q_offset.numel() != 1:
+            return None
+        q_offset = int(q_offset)
     if not all(isinstance(n, int) for n in (q_length, kv_length, q_offset, kv_offset)):
-        return False  # a static cache's tensor offset: reading it would break the graph
-    # Below W keys the window cuts nothing (sdpa's own rule may then use top-left is_causal); the band
-    # is bottom-right, so the query positions must end where the keys end.
-    if kv_length < local_size or q_offset - kv_offset != kv_length - q_length:
-        return False
-    padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
-    if padding is None:
-        return True
-    if torch.compiler.is_compiling():
-        return False  # reading the padding's values would break the graph: build the mask
-    return bool(padding[:, kv_offset:kv_offset + kv_length].all())
+        return None
+    n = q_offset + q_length - kv_offset
+    return n if q_length <= n <= kv_length else None
 
 
 def make_mask_function(sdpa_mask):
-    """transformers' SDPA mask function `sdpa_mask`, returning None for a plain sliding-window causal mask
-    the kernels' band computes (`_window_stands_in`); every other mask is sdpa_mask's."""
+    """transformers' SDPA mask function `sdpa_mask`, except for the causal and sliding-window causal masks the
+    kernels' band computes (`_band_keys`). For those it returns None where the attention function needs no
+    mask at all (no padding, and the call's own rule gives the band: a sliding layer with at least W keys,
+    or a causal layer whose single query or L == S makes top-left and bottom-right agree), else the key
+    padding alone as a (batch, n) bool mask over the first n keys, as transformers' flash-attention mask
+    function does: the attention function then slices the keys to n and passes the padding as a (B, 1, 1, n)
+    broadcast mask beside the band. No (B, 1, L, S) mask is built for them. Every other mask is sdpa_mask's,
+    and so is any mask asked for with allow_is_causal_skip=False."""
 
     def attnkern_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=causal_mask_function,
                       attention_mask=None, local_size=None, allow_is_causal_skip=True, **kwargs):
         if context_parallel.active() is not None:  # a sharded sequence: the ring computes causality
             context_parallel.transformers_mask(attention_mask)
             return None
-        if _window_stands_in(q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
-                             local_size, allow_is_causal_skip):
+        window = None if mask_function is causal_mask_function else local_size
+        # allow_is_causal_skip=False asks for the mask itself: a model that adds to it (Falcon's ALiBi, Doge's
+        # dynamic mask), or a compiled cache's decoding step (one query: a (B, 1, 1, S) mask, O(S) anyway).
+        n = (_band_keys(q_length, kv_length, q_offset, kv_offset, mask_function, window) if allow_is_causal_skip
+             else None)
+        if n is not None and attention_mask is not None and attention_mask.shape[-1] < n:
+            n = None  # neither transformers' 2-D mask nor one of ours: transformers' rules
+        if n is None:
+            return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                             kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                             local_size=local_size, allow_is_causal_skip=allow_is_causal_skip, **kwargs)
+        padding = attention_mask
+        if padding is not None:
+            # transformers' 2-D mask covers positions 0 .. at least the last query's; a shorter one is a mask
+            # this function returned, fed back in (generate() with a static cache prepares the masks before
+            # the model's own call): as transformers' flash-attention masks, it ends at the last query.
+            end = kv_offset + n
+            padding = padding[:, end - n:end] if padding.shape[-1] >= end else padding[:, -n:]
+        # Reading the padding's values would break a compiled graph: then the padding goes as it is.
+        unpadded = padding is None or (not torch.compiler.is_compiling() and bool(padding.all()))
+        own_rule = kv_length >= window if window is not None else q_length in (1, kv_length)
+        if unpadded and n == kv_length and own_rule:
             return None
-        return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                         kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
-                         local_size=local_size, allow_is_causal_skip=allow_is_causal_skip, **kwargs)
+        if padding is None:
+            device = kwargs.get("device", "cpu")
+            return torch.ones(batch_size, n, dtype=torch.bool, device=device)
+        return padding
 
     return attnkern_mask
 
@@ -144,13 +176,22 @@ MASK_FUNCTION = (ALL_MASK_ATTENTION_FUNCTIONS["sdpa"] if _AND_MASK_CODE is None
 
 def _layer_window(kwargs, attention_mask, key) -> Optional[int]:
     """The layer's sliding window W where its mask was left out for the band (see `make_mask_function`):
-    no mask, `sliding_window=W` given by the layer, at least W keys; else None. (Below W keys, or with a
-    paged cache whose kernels handle windows themselves, None means what it means to transformers' sdpa.)"""
+    `sliding_window=W` given by the layer, and either no mask and at least W keys, or the key padding alone
+    (a 2-D mask); else None. (Below W keys without a mask, or with a paged cache whose kernels handle windows
+    themselves, None means what it means to transformers' sdpa.)"""
     window = kwargs.get("sliding_window")
-    if (attention_mask is not None or isinstance(window, bool) or not isinstance(window, int) or window <= 0
-            or key.shape[-2] < window or isinstance(kwargs.get("cache"), PagedAttentionCache)):
+    if (isinstance(window, bool) or not isinstance(window, int) or window <= 0
+            or isinstance(kwargs.get("cache"), PagedAttentionCache)):
         return None
-    return window
+    if attention_mask is None:
+        return window if key.shape[-2] >= window else None
+    return window if _is_key_padding(attention_mask) else None
+
+
+def _is_key_padding(attention_mask) -> bool:
+    """Whether `attention_mask` is the (batch, n) key padding `make_mask_function` gives for the band (as
+    transformers' flash-attention masks: never a 4-D sdpa mask)."""
+    return isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
 
 
 def _transformers_only(kwargs) -> Optional[str]:
@@ -240,16 +281,23 @@ def attention_forward(
     out = _packed_attention(query, key, value, scaling, packed) if packed is not None else None
     if out is not None:
         return out, None
+    if _is_key_padding(attention_mask):
+        # The causal or sliding mask left out for the band, with the key padding over the first n keys (the
+        # keys past n: a static cache's empty slots, which the causal rule hides).
+        n = attention_mask.shape[-1]
+        key, value = key[:, :, :n], value[:, :, :n]
     if reason is None:
-        if sliding is not None:  # the sliding causal mask left out for the band
-            causal, window = masks.CAUSAL_BOTTOM_RIGHT, (sliding - 1, 0)
+        mask = attention_mask
+        if sliding is not None or _is_key_padding(mask):  # the causal (sliding) mask left out for the band
+            causal, window = masks.CAUSAL_BOTTOM_RIGHT, (sliding - 1, 0) if sliding is not None else None
+            if mask is not None:
+                mask = mask[:, None, None, :]  # (B, 1, 1, n): broadcast over heads and queries
         else:
             causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
             # As transformers' sdpa path: a single query (decoding) attends every cached key, and an explicit
             # mask already holds the causal pattern.
             causal = masks.parse_causal(query.shape[2] > 1 and attention_mask is None and bool(causal))
             window = None
-        mask = attention_mask
         if mask is not None and mask.dim() == 4 and mask.shape[-1] > key.shape[-2]:
             mask = mask[..., : key.shape[-2]]  # as transformers 4.x's sdpa path: some models build it longer
         q, k, v, mask = dispatch.autocast_like_sdpa((query, key, value, mask))
@@ -268,9 +316,11 @@ def attention_forward(
             f"attn_implementation='attnkern' runs {' and '.join(kernels_only)} on its kernels only, and they do "
             f"not serve this call ({route.reason}); use 'eager' for this model")
     dispatch.log_fallback_once(route, "transformers")
-    if sliding is not None:  # transformers' sdpa needs the sliding mask that was left out: build it here
-        band = make_band(masks.CAUSAL_BOTTOM_RIGHT, (sliding - 1, 0))
-        attention_mask = band.allowed(query.shape[2], key.shape[2], query.device)[None, None]
+    if sliding is not None or _is_key_padding(attention_mask):
+        # transformers' sdpa needs the causal or sliding mask that was left out: build it here
+        band = make_band(masks.CAUSAL_BOTTOM_RIGHT, (sliding - 1, 0) if sliding is not None else None)
+        dense = band.allowed(query.shape[2], key.shape[2], query.device)[None, None]
+        attention_mask = dense if attention_mask is None else dense & attention_mask[:, None, None, :]
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   is_causal=is_causal, **kwargs)
 

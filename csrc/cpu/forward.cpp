@@ -150,8 +150,7 @@ void forward_kernel(const AttentionParams& p, const Blocking& blk) {
                 if (mods.dropout_on) {  // after the sum: the softmax statistics are those without dropout
                   int64_t lo, hi;  // outside the band's keys the probabilities are 0 (or a NaN row's NaN)
                   masker.band_columns(m0 + i, n0, nb, band_check, &lo, &hi);
-                  mods.multipliers(zb, m0 + i, n0, nbp, lo, hi);
-                  at::vec::map2([](Vec<acc_t> x, Vec<acc_t> z) { return x * z; }, row, row, zb, nbp);
+                  mods.apply_dropout(row, zb, m0 + i, n0, nbp, lo, hi);
                 }
               }
               if (alpha != acc_t(1)) {

@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "philox_avx2.h"
+#include "philox_avx512.h"
 #include "tile_math.h"
 
 namespace attnkern {
@@ -53,6 +54,7 @@ struct RowMods {
 #ifdef ATTNKERN_AVX2_PHILOX
   PhiloxKeys keys;  // key's round keys, for the vectorized generator
 #endif
+  bool avx512 = false;       // float multipliers by the AVX-512 generator (philox_avx512.h)
   int64_t bh = 0;            // b * Hq + h: the third counter word
   uint32_t threshold = 0;    // a draw below it drops its score
   acc_t keep_scale = 1;      // 1 / (1 - p), 0 for p = 1
@@ -68,6 +70,9 @@ struct RowMods {
       key = dropout_key(p.rng[0], p.rng[1]);  // the rng tensor lives on the CPU here
 #ifdef ATTNKERN_AVX2_PHILOX
       keys = PhiloxKeys(key);
+#endif
+#ifdef ATTNKERN_AVX512_PHILOX
+      avx512 = std::is_same_v<acc_t, float> && use_avx512_philox();
 #endif
       bh = b * p.Hq + h;
       threshold = p.dropout_threshold;
@@ -107,6 +112,15 @@ struct RowMods {
     if (j_lo > 0) fill(z, j_lo, acc_t(0));
     if (j_hi < n) fill(z + j_hi, n - j_hi, acc_t(0));
     int64_t j = j_lo;
+#ifdef ATTNKERN_AVX512_PHILOX
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (avx512) {
+        if (j_hi > j_lo)
+          dropout_row_avx512<false>(z + j_lo, j_hi - j_lo, keys, bh, qi, n0 + j_lo, threshold, keep_scale);
+        return;
+      }
+    }
+#endif
 #ifdef ATTNKERN_AVX2_PHILOX
     for (; j + 64 <= j_hi; j += 64) store_multipliers<2>(z + j, qi, n0 + j);  // two batches interleaved
     for (; j < j_hi; j += 32) store_multipliers<1>(z + j, qi, n0 + j);
@@ -117,6 +131,24 @@ struct RowMods {
       for (int w = 0; w < 32; ++w) z[j + w] = draws[w] >= threshold ? keep_scale : acc_t(0);
     }
 #endif
+  }
+
+  // row[0, n) *= the dropout multipliers of row qi (keys n0 .. n0 + n, as multipliers()), z scratch of
+  // dropout_width(n). With the AVX-512 generator in one pass, and only over the 32-column batches that meet
+  // [lo, hi): elsewhere the probabilities are 0 already (or a NaN row's NaN), which a multiplier of 0 leaves.
+  inline void apply_dropout(acc_t* row, acc_t* z, int64_t qi, int64_t n0, int64_t n, int64_t lo, int64_t hi) const {
+#ifdef ATTNKERN_AVX512_PHILOX
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (avx512) {
+        const int64_t j_lo = std::min(lo / 32 * 32, n), j_hi = std::min(round_up(hi, 32), n);
+        if (j_hi > j_lo)
+          dropout_row_avx512<true>(row + j_lo, j_hi - j_lo, keys, bh, qi, n0 + j_lo, threshold, keep_scale);
+        return;
+      }
+    }
+#endif
+    multipliers(z, qi, n0, n, lo, hi);
+    at::vec::map2([](Vec<acc_t> x, Vec<acc_t> y) { return x * y; }, row, row, z, n);
   }
 
 #ifdef ATTNKERN_AVX2_PHILOX

@@ -10,7 +10,8 @@ its queries attend to those n_b keys, `causal` and `window` aligned bottom-right
 
 This module holds the checks, the in-place append, the gather-based reference path (also the oracle of
 the tests) and the backend choice; the CPU kernel is the C++ op attnkern_ext::decode (csrc/cpu/decode.cpp,
-split-KV). Forward only: decoding is inference, and a call that would need a gradient is refused.
+split-KV), and so is the CUDA one (csrc/cuda/decode_kernel.h, split-KV on tensor cores; backend "cuda",
+and "cuda-emu" for its emulation on CPU tensors). Forward only: decoding is inference, and a call that would need a gradient is refused.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from typing import Optional
 import torch
 
 from . import backends, config, masks
+from .backends import cuda as cuda_backend
 from .band import Band, make_band, parse_window
 from .buffers import _poisoned
 from .problem import kernel_scale
@@ -212,7 +214,7 @@ def kvcache_reference(q, k_cache, v_cache, seqlens, block_table=None, *, band: B
 
 
 # ----------------------------------------------------------------------------------------------------
-# Backends: the C++ CPU kernel, and the reference. The GPU backends have no decode kernel yet.
+# Backends: the C++ CPU kernel, the CUDA kernel (and its emulation), and the reference.
 
 def unsupported_reason(name: str, problem: DecodeProblem) -> Optional[str]:
     """None if backend `name` runs this decode call, else why not."""
@@ -230,7 +232,28 @@ def unsupported_reason(name: str, problem: DecodeProblem) -> Optional[str]:
         if problem.dtype not in CPU_DTYPES:
             return f"the CPU decode kernel takes float16, bfloat16, float32 and float64, not {problem.dtype}"
         return None
-    return f"KV-cache decoding has no {name} kernel yet (the cpu and reference backends run it)"
+    if name in ("cuda", "cuda-emu"):
+        return _cuda_reason(name, problem)
+    return f"KV-cache decoding has no {name} kernel yet (the cpu, cuda and reference backends run it)"
+
+
+def _cuda_reason(name: str, problem: DecodeProblem) -> Optional[str]:
+    """Why the CUDA decode kernel (or its emulation, "cuda-emu") cannot run this call, or None; the
+    checks of csrc/cuda/decode_host.h, said before the op would raise."""
+    why = backends.get(name).availability(problem.device)
+    if why:
+        return why
+    if name == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key("attnkern_ext::decode", "CUDA"):
+        return "attnkern._C was built without the CUDA decode kernels; rebuild it"
+    if problem.dtype not in (torch.float16, torch.bfloat16):
+        return f"the CUDA decode kernels take float16 and bfloat16, not {problem.dtype}"
+    E, Ev = problem.q.shape[3], problem.v_cache.shape[3]
+    if max(E, Ev) > cuda_backend.MAX_HEAD_DIM:
+        return f"head dims up to {cuda_backend.MAX_HEAD_DIM} (got E={E}, Ev={Ev})"
+    B, Hkv = problem.q.shape[0], problem.k_cache.shape[2]
+    if max(B, Hkv) > cuda_backend.MAX_GRID_YZ:
+        return f"at most {cuda_backend.MAX_GRID_YZ} kv heads (grid y) and batch elements (grid z), got Hkv={Hkv} B={B}"
+    return None
 
 
 def choose_backend(problem: DecodeProblem, requested: str) -> str:
@@ -263,9 +286,25 @@ def _run_cpu(p: DecodeProblem):
     return out, lse
 
 
+def _run_cuda(p: DecodeProblem, name: str):
+    """The CUDA decode op of backend `name` ("cuda", or "cuda-emu" on CPU tensors). Head dims that are not
+    multiples of 8 run zero-padded, as the cuda backend pads them (a copy of the caches), and inputs
+    its 16-byte copies cannot read in place are copied first."""
+    q, k, v = (cuda_backend._ready(cuda_backend._padded(t)) for t in (p.q, p.k_cache, p.v_cache))
+    B, Lq, Hq, _ = q.shape
+    Ev = p.v_cache.shape[3]
+    out = _poisoned(q.new_empty((B, Lq, Hq, v.shape[3])))
+    lse = _poisoned(q.new_empty((B, Hq, Lq), dtype=torch.float32))
+    backends.get(name)._ops().decode(q, k, v, p.seqlens, p.block_table, p.scale, p.band.as_op(), p.softcap,
+                                     p.alibi, p.num_splits, out, lse)
+    return (out if out.shape[3] == Ev else out[..., :Ev].contiguous()), lse
+
+
 def run(problem: DecodeProblem, backend: str):
     if backend == "cpu":
         return _run_cpu(problem)
+    if backend in ("cuda", "cuda-emu"):
+        return _run_cuda(problem, backend)
     return kvcache_reference(problem.q, problem.k_cache, problem.v_cache, problem.seqlens, problem.block_table,
                              band=problem.band, scale=problem.scale, softcap=problem.softcap, alibi=problem.alibi,
                              compute_dtype=torch.float32 if problem.dtype in (torch.float16, torch.bfloat16) else None)
@@ -304,8 +343,9 @@ def attention_with_kvcache(
     log-sum-exp (B, Hq, Lq) (float32; -inf and out 0 for a row that sees no key).
     num_splits: how many parts each batch element's keys are split into across threads (0: chosen from
     the problem; never from the thread count, so results are bitwise reproducible).
-    backend: "auto" (the CPU kernel for CPU tensors, else the reference), "cpu" or "reference"; triton
-    and cuda have no decode kernel yet and decline with that reason. None: use_backend/ATTNKERN_BACKEND.
+    backend: "auto" (the CPU kernel for CPU tensors, else the reference), "cpu", "cuda" (float16 and
+    bfloat16 CUDA tensors; by name only for now, like attention's), "cuda-emu" (the CUDA kernel emulated
+    on CPU tensors, for tests) or "reference"; triton has no decode kernel yet and declines with that reason. None: use_backend/ATTNKERN_BACKEND.
     Inference only: a call with an input that requires grad (under grad mode) raises.
     """
     if torch.is_grad_enabled():

@@ -50,8 +50,10 @@ inline int64_t decode_num_splits(const DecodeParams& p, int64_t max_keys, int64_
   return splits < 1 ? 1 : splits;
 }
 
-// Keys per K/V tile of the head dim the problem runs on (decode_kernel.h's DecodeConfig).
-constexpr int decode_tile_keys(int head_dim) { return head_dim <= 96 ? 64 : (head_dim <= 160 ? 32 : 16); }
+// Keys per K/V tile of the head dim the problem runs on (decode_kernel.h's DecodeConfig): the largest
+// with which ptxas keeps the split kernel free of spills on sm_80 and sm_90a (64-key tiles spilled at
+// head dim 96, 32-key ones at 160 on sm_80).
+constexpr int decode_tile_keys(int head_dim) { return head_dim <= 64 ? 64 : (head_dim <= 128 ? 32 : 16); }
 
 // The split kernel (and, with several splits, the combine kernel) for one (dtype, head dim).
 template <typename T, int HD>

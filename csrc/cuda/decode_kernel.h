@@ -26,8 +26,8 @@
 namespace attnkern {
 namespace cuda {
 
-// The tiles of one head dim: FwdTraits with 4 warps (kDecodeBlockM rows) and the key tiles of the score
-// modifications' forward (the capping and ALiBi are always compiled in here).
+// The tiles of one head dim: FwdTraits with 4 warps (kDecodeBlockM rows) and decode_tile_keys keys (the
+// capping and ALiBi are always compiled in here, as in the score modifications' forward).
 template <typename T, int HD>
 struct DecodeConfig {
   using Traits = FwdTraits<HD, decode_tile_keys(HD), kDecodeBlockM / 16, T>;

@@ -5,8 +5,8 @@ Tiny shapes (the emulator runs every thread as a fiber), chosen so that each rea
 kernel: ragged lengths with 0 and 1 keys (rows that see nothing: out 0, lse -inf), paged caches with
 page size 16 and an odd one (tiles that straddle pages) and contiguous ones, GQA 4:1 (the group's heads
 as the MMA's rows) and a group of more rows than one CTA holds, Lq 1 and 3, causal, a window, softcap,
-ALiBi, head dims that are not multiples of 8 (padded), and forced split counts 1 and 3 (with more
-splits than key tiles: empty splits) besides the device-chosen one.
+ALiBi, head dims 32 to 128 (key tiles of 64 and 32) and ones that are not multiples of 8 (padded), and
+forced split counts 1 and 3 (with more splits than key tiles: empty splits) besides the device-chosen one.
 """
 import pytest
 import torch
@@ -36,6 +36,10 @@ CASES = {
                                dict(alibi_slopes=_slopes[0]), 1, torch.float16),
     "contig_e36_ev20_auto_splits": (dict(B=1, Lq=1, Hq=4, Hkv=1, before=[150], E=36, Ev=20),
                                     dict(), 0, torch.float16),
+    "paged7_e80_window_causal": (dict(B=2, Lq=3, Hq=4, Hkv=1, E=80, before=[45, 2], Lnew=1, page_size=7),
+                                 dict(window=(20, 0), causal=True), 3, torch.float16),
+    "contig_e128_softcap": (dict(B=1, Lq=1, Hq=8, Hkv=2, E=128, before=[70], Lnew=1),
+                            dict(softcap=1.5), 3, torch.bfloat16),
     "paged16_two_row_blocks": (dict(B=1, Lq=3, Hq=24, Hkv=1, before=[33], Lnew=1, page_size=16),
                                dict(causal=True), 3, torch.bfloat16),
 }

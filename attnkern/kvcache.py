@@ -10,8 +10,9 @@ its queries attend to those n_b keys, `causal` and `window` aligned bottom-right
 
 This module holds the checks, the in-place append, the gather-based reference path (also the oracle of
 the tests) and the backend choice; the CPU kernel is the C++ op attnkern_ext::decode (csrc/cpu/decode.cpp,
-split-KV), the GPU kernel attnkern/triton/decode.py (split-KV, the same merge). Forward only: decoding is
-inference, and a call that would need a gradient is refused.
+split-KV), the GPU kernels attnkern/triton/decode.py and csrc/cuda/decode_kernel.h (split-KV, the same
+merge; backend "cuda-emu" runs the CUDA one emulated on CPU tensors). Forward only: decoding is inference,
+and a call that would need a gradient is refused.
 Under torch.compile a call traces as one custom op (ops_kvcache.py) that declares the append as a mutation
 and makes the host checks of the lengths when it runs; eager calls run the same body (decode_step).
 """
@@ -25,6 +26,7 @@ from typing import Optional
 import torch
 
 from . import backends, config, masks
+from .backends import cuda as cuda_backend
 from .band import Band, make_band, parse_window
 from .buffers import _poisoned
 from .problem import kernel_scale
@@ -240,7 +242,7 @@ def kvcache_reference(q, k_cache, v_cache, seqlens, block_table=None, *, band: B
 
 # ----------------------------------------------------------------------------------------------------
 # Backends: the C++ CPU kernel, the Triton kernel (attnkern/triton/decode.py; GPUs, and CPU tensors
-# under TRITON_INTERPRET=1), and the reference. The cuda backend has no decode kernel yet.
+# under TRITON_INTERPRET=1), the CUDA kernel (and its emulation), and the reference.
 
 def unsupported_reason(name: str, problem: DecodeProblem) -> Optional[str]:
     """None if backend `name` runs this decode call, else why not."""
@@ -260,7 +262,9 @@ def unsupported_reason(name: str, problem: DecodeProblem) -> Optional[str]:
         return None
     if name == "triton":
         return _triton_reason(problem)
-    return f"KV-cache decoding has no {name} kernel yet (the cpu, triton and reference backends run it)"
+    if name in ("cuda", "cuda-emu"):
+        return _cuda_reason(name, problem)
+    return f"KV-cache decoding has no {name} kernel"
 
 
 def _triton_reason(problem: DecodeProblem) -> Optional[str]:
@@ -282,6 +286,25 @@ def _triton_reason(problem: DecodeProblem) -> Optional[str]:
     B, Hkv = problem.q.shape[0], problem.k_cache.shape[2]
     if max(B, Hkv) > triton_backend.MAX_GRID_YZ:  # grid axes 1 (kv heads) and 2 (batch)
         return f"at most {triton_backend.MAX_GRID_YZ} batch elements and kv heads (got B={B}, Hkv={Hkv})"
+    return None
+
+
+def _cuda_reason(name: str, problem: DecodeProblem) -> Optional[str]:
+    """Why the CUDA decode kernel (or its emulation, "cuda-emu") cannot run this call, or None; the
+    checks of csrc/cuda/decode_host.h, said before the op would raise."""
+    why = backends.get(name).availability(problem.device)
+    if why:
+        return why
+    if name == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key("attnkern_ext::decode", "CUDA"):
+        return "attnkern._C was built without the CUDA decode kernels; rebuild it"
+    if problem.dtype not in (torch.float16, torch.bfloat16):
+        return f"the CUDA decode kernels take float16 and bfloat16, not {problem.dtype}"
+    E, Ev = problem.q.shape[3], problem.v_cache.shape[3]
+    if max(E, Ev) > cuda_backend.MAX_HEAD_DIM:
+        return f"head dims up to {cuda_backend.MAX_HEAD_DIM} (got E={E}, Ev={Ev})"
+    B, Hkv = problem.q.shape[0], problem.k_cache.shape[2]
+    if max(B, Hkv) > cuda_backend.MAX_GRID_YZ:
+        return f"at most {cuda_backend.MAX_GRID_YZ} kv heads (grid y) and batch elements (grid z), got Hkv={Hkv} B={B}"
     return None
 
 
@@ -327,11 +350,27 @@ def _run_triton(p: DecodeProblem):
                               p.alibi, p.num_splits)
 
 
+def _run_cuda(p: DecodeProblem, name: str):
+    """The CUDA decode op of backend `name` ("cuda", or "cuda-emu" on CPU tensors). Head dims that are not
+    multiples of 8 run zero-padded, as the cuda backend pads them (a copy of the caches), and inputs
+    its 16-byte copies cannot read in place are copied first."""
+    q, k, v = (cuda_backend._ready(cuda_backend._padded(t)) for t in (p.q, p.k_cache, p.v_cache))
+    B, Lq, Hq, _ = q.shape
+    Ev = p.v_cache.shape[3]
+    out = _poisoned(q.new_empty((B, Lq, Hq, v.shape[3])))
+    lse = _poisoned(q.new_empty((B, Hq, Lq), dtype=torch.float32))
+    backends.get(name)._ops().decode(q, k, v, p.seqlens, p.block_table, p.scale, p.band.as_op(), p.softcap,
+                                     p.alibi, p.num_splits, out, lse)
+    return (out if out.shape[3] == Ev else out[..., :Ev].contiguous()), lse
+
+
 def run(problem: DecodeProblem, backend: str):
     if backend == "cpu":
         return _run_cpu(problem)
     if backend == "triton":
         return _run_triton(problem)
+    if backend in ("cuda", "cuda-emu"):
+        return _run_cuda(problem, backend)
     return kvcache_reference(problem.q, problem.k_cache, problem.v_cache, problem.seqlens, problem.block_table,
                              band=problem.band, scale=problem.scale, softcap=problem.softcap, alibi=problem.alibi,
                              compute_dtype=torch.float32 if problem.dtype in (torch.float16, torch.bfloat16) else None)
@@ -371,9 +410,9 @@ def attention_with_kvcache(
     num_splits: how many parts each batch element's keys are split into across threads (0: chosen from
     the problem; never from the thread count, so results are bitwise reproducible).
     backend: "auto" (the CPU kernel for CPU tensors, the Triton kernel for CUDA tensors, else the
-    reference), "cpu", "triton" (split-KV as the CPU kernel; CPU tensors only under TRITON_INTERPRET=1)
-    or "reference"; cuda has no decode kernel yet and declines with that reason. None:
-    use_backend/ATTNKERN_BACKEND.
+    reference), "cpu", "triton" (split-KV as the CPU kernel; CPU tensors only under TRITON_INTERPRET=1),
+    "cuda" (float16 and bfloat16 CUDA tensors; by name only for now, like attention's), "cuda-emu" (the
+    CUDA kernel emulated on CPU tensors, for tests) or "reference". None: use_backend/ATTNKERN_BACKEND.
     Inference only: a call with an input that requires grad (under grad mode) raises.
     """
     if torch.is_grad_enabled():

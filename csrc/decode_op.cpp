@@ -79,12 +79,16 @@ DecodeParams decode_params(const at::Tensor& q, const at::Tensor& k_cache, const
     TORCH_CHECK(k_cache.size(0) == p.B, "attnkern decode: a contiguous k_cache must have the query's batch size B = ",
                 p.B, " in dim 0, got shape ", shape_str(k_cache.sizes()));
   }
+  // The lengths and the block table are read on the host: a copy of them for a device's tensors.
+  const at::Tensor lens = seqlens.cpu();
+  const at::Tensor table = paged ? block_table->cpu() : at::Tensor();
+  const auto lens_at = lens.accessor<int32_t, 1>();
   for (int64_t b = 0; b < p.B; ++b) {
-    const int64_t n = p.seqlen(b);
+    const int64_t n = lens_at[b];
     TORCH_CHECK(n >= 0 && n <= capacity, "attnkern decode: seqlens[", b, "] = ", n, " is outside [0, ", capacity,
                 "], the keys the cache holds per batch element");
     for (int64_t j = 0; paged && j < n; j += p.page_size) {
-      const int64_t page = p.page_of(b, j);
+      const int64_t page = table.accessor<int32_t, 2>()[b][j / p.page_size];
       TORCH_CHECK(page >= 0 && page < p.num_pages, "attnkern decode: block_table[", b, ", ", j / p.page_size,
                   "] = ", page, " is not a page of the cache [0, ", p.num_pages, ")");
     }
@@ -132,4 +136,8 @@ DecodeParams decode_params(const at::Tensor& q, const at::Tensor& k_cache, const
 
 }  // namespace attnkern
 
+// The cuda-emu module (attnkern/backends/cuda_emu.py) links this unit for decode_params alone, with
+// ATTNKERN_DECODE_PARAMS_ONLY: the op itself is attnkern._C's.
+#ifndef ATTNKERN_DECODE_PARAMS_ONLY
 TORCH_LIBRARY_FRAGMENT(attnkern_ext, m) { m.def(attnkern::kDecodeSchema); }
+#endif

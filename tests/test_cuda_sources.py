@@ -89,6 +89,14 @@ def test_kernel_names_mark_the_score_modification_variants():
                  "(AttentionParams, float const*, float*)") == "attention_bwd_dmask_kernel"
 
 
+def test_kernel_names_of_the_decode_kernels():
+    short = compile_check.short_kernel_name
+    assert short("void attnkern::cuda::decode_splitkv_kernel<attnkern::cuda::FwdTraits<64, 64, 4, __half>>"
+                 "(attnkern::DecodeParams, attnkern::cuda::DecodeWorkspace)") == "decode_splitkv_kernel"
+    assert short("void attnkern::cuda::decode_combine_kernel<__half, 64>(attnkern::DecodeParams, "
+                 "attnkern::cuda::DecodeWorkspace)") == "decode_combine_kernel"
+
+
 @needs_nvcc
 def test_every_unit_compiles_for_sm80_and_sm90a_without_spills():
     # Every instantiation unit through nvcc + ptxas: a compile error anywhere, or a register spill in a
@@ -113,6 +121,8 @@ def test_every_unit_compiles_for_sm80_and_sm90a_without_spills():
             expected = {"attention_bwd_preprocess_kernel", "attention_bwd_dkdv_kernel",
                         "attention_bwd_dkdv_kernel[window]", "attention_bwd_dkdv_kernel[mask][window]",
                         "attention_bwd_dq_kernel", "attention_bwd_dq_kernel[mask]", "attention_bwd_dmask_kernel"}
+        elif r["unit"].startswith("decode"):  # KV-cache decoding: the split-KV kernel and the split merge
+            expected = {"decode_splitkv_kernel", "decode_combine_kernel"}
         else:
             assert r["unit"].startswith("mods"), r["unit"]
             expected = {"attention_fwd_kernel[mask][window][mods]", "attention_bwd_preprocess_kernel",
@@ -125,3 +135,4 @@ def test_every_unit_compiles_for_sm80_and_sm90a_without_spills():
 @needs_nvcc
 def test_op_layer_parses_against_torch_headers():
     assert compile_check.syntax_check_ops() == ""
+    assert compile_check.syntax_check_ops("decode_ops_cuda.cpp") == ""

@@ -59,7 +59,7 @@ def build_dir() -> str:
 
 def _headers() -> List[str]:
     return sorted(glob.glob(os.path.join(CSRC, "cuda", "*.h")) + glob.glob(os.path.join(EMU_DIR, "*.h")) +
-                  [os.path.join(CSRC, "params.h"), os.path.join(CSRC, "op_args.h")])
+                  [os.path.join(CSRC, n) for n in ("params.h", "op_args.h", "decode_params.h", "decode_op.h")])
 
 
 def _sources_digest(files: List[str], extra: str) -> str:
@@ -126,7 +126,7 @@ def _build_and_load(verbose: bool) -> None:
     if include is None:
         raise RuntimeError("no CUDA headers found (set CUDA_HOME)")
     host = [os.path.join(EMU_DIR, "runtime.cpp"), os.path.join(EMU_DIR, "ops_emu.cpp"),
-            os.path.join(CSRC, "op_args.cpp")]
+            os.path.join(CSRC, "op_args.cpp"), os.path.join(CSRC, "decode_op.cpp")]
     units = _kernel_units()
     flags = " ".join(KERNEL_FLAGS + INSTRUMENT) + include
     # Kernel objects are keyed by what each compiles from; the module by all of it and the host sources.
@@ -141,7 +141,8 @@ def _build_and_load(verbose: bool) -> None:
     cpp_extension.load(
         name=f"attnkern_cuda_emu_{digest}",
         sources=host,
-        extra_cflags=["-O2", "-std=c++20", f"-I{include}", f"-I{CSRC}", "-w"],
+        # decode_op.cpp for its argument checks only: attnkern._C defines the attnkern_ext::decode op.
+        extra_cflags=["-O2", "-std=c++20", f"-I{include}", f"-I{CSRC}", "-w", "-DATTNKERN_DECODE_PARAMS_ONLY"],
         extra_ldflags=objs,
         build_directory=out,
         is_python_module=False,

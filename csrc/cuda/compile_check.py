@@ -4,10 +4,10 @@
 
 Every unit in csrc/cuda/inst/ goes through nvcc with `-Xptxas -v`; per kernel it reports registers,
 spill bytes and static shared memory. It fails on a compile error, and on any register spill in the
-kernels of the head dims the benchmarks time (64 and 128, forward and backward, and the score-modification
-kernels of those head dims). The op layer
-(ops_cuda.cpp, host code) is syntax-checked against torch's headers with the host compiler. Needs nvcc,
-not a GPU and not a CUDA build of torch: the kernel units include no torch headers.
+kernels of the head dims the benchmarks time (64 and 128, forward and backward, the score-modification
+kernels and the KV-cache decode kernels of those head dims). The op layer
+(ops_cuda.cpp and decode_ops_cuda.cpp, host code) is syntax-checked against torch's headers with the host
+compiler. Needs nvcc, not a GPU and not a CUDA build of torch: the kernel units include no torch headers.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.dirname(HERE)
 # Kernels that must not spill: those of the head dims the throughput benchmarks time. The others are
 # reported (head dims 160..256 spill a little at these tile sizes) but do not fail the check.
-BUDGETED = re.compile(r"(fwd|bwd|mods)_hdim(64|128)_")
+BUDGETED = re.compile(r"(fwd|bwd|mods|decode)_hdim(64|128)_")
 SPILL_BUDGET = 0  # bytes of spill stores allowed in BUDGETED units
 
 
@@ -46,7 +46,7 @@ def demangle(names):
 
 
 def short_kernel_name(name: str) -> str:
-    m = re.search(r"(attention_\w+_kernel)", name)
+    m = re.search(r"((?:attention|decode)_\w+_kernel)", name)
     if not m:
         return name[:60]
     # The variants are the kernel template's trailing bools: for the forward and dK/dV passes kHasMask
@@ -118,8 +118,9 @@ def cuda_include_dir(nvcc: str):
     return None
 
 
-def syntax_check_ops() -> str:
-    """'' if ops_cuda.cpp parses against torch's and CUDA's headers, else the errors."""
+def syntax_check_ops(unit: str = "ops_cuda.cpp") -> str:
+    """'' if the op-layer unit (ops_cuda.cpp, decode_ops_cuda.cpp) parses against torch's and CUDA's
+    headers, else the errors."""
     try:
         from torch.utils.cpp_extension import include_paths
     except ImportError as exc:
@@ -137,7 +138,7 @@ def syntax_check_ops() -> str:
         cmd = [os.environ.get("CXX", "g++"), "-std=c++20", "-fsyntax-only", "-I", CSRC, "-I", cuda_include]
         for p in include_paths():
             cmd += ["-I", p]
-        cmd += ["-idirafter", shim, os.path.join(HERE, "ops_cuda.cpp")]
+        cmd += ["-idirafter", shim, os.path.join(HERE, unit)]
         res = subprocess.run(cmd, capture_output=True, text=True)
     return "" if res.returncode == 0 else res.stderr.strip()[-3000:]
 
@@ -176,12 +177,13 @@ def main(argv=None) -> int:
             failed += bad
             print(f"{'FAIL' if bad else 'ok  '}  {r['unit']:<22} {k['arch']:<6} {k['kernel']:<36} "
                   f"regs {k['registers']:>3}  spills {k['spills']:>5}  smem {k['smem']}")
-    ops_error = syntax_check_ops()
-    if ops_error:
-        failed += 1
-        print(f"FAIL  ops_cuda.cpp does not parse:\n{ops_error}")
-    else:
-        print("ok    ops_cuda.cpp parses against torch's and CUDA's headers")
+    for host_unit in ("ops_cuda.cpp", "decode_ops_cuda.cpp"):
+        ops_error = syntax_check_ops(host_unit)
+        if ops_error:
+            failed += 1
+            print(f"FAIL  {host_unit} does not parse:\n{ops_error}")
+        else:
+            print(f"ok    {host_unit} parses against torch's and CUDA's headers")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

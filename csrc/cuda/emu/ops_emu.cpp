@@ -248,3 +248,39 @@ TORCH_LIBRARY_IMPL(attnkern_emu, CompositeExplicitAutograd, m) {
   m.impl("run_broken_kernel", &attnkern::run_broken_kernel);
   m.impl("attribute_calls", []() -> int64_t { return attnkern::emu::attribute_calls(); });
 }
+
+// attnkern_ext::decode's twin: the split-KV decode kernels (decode_kernel.h) on CPU tensors, with the
+// checks and the split count of decode_ops_cuda.cpp (a device of kEmuSms SMs, so that small problems
+// choose several splits too).
+#include "../../decode_op.h"
+#include "../decode_host.h"
+
+namespace attnkern {
+namespace {
+
+constexpr int64_t kEmuSms = 8;
+
+void decode_emu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& seqlens,
+                const std::optional<at::Tensor>& block_table, double scale, at::IntArrayRef band, double softcap,
+                const std::optional<at::Tensor>& alibi, int64_t num_splits, const at::Tensor& out,
+                const at::Tensor& lse) {
+  const DecodeParams p =
+      decode_params(q, k_cache, v_cache, seqlens, block_table, scale, band, softcap, alibi, num_splits, out, lse);
+  cuda::check_decode_call(p, q, k_cache, v_cache, out, "attnkern cuda-emu");
+  const cuda::DecodePlan plan = cuda::plan_decode(p, q, k_cache, block_table, kEmuSms);
+  const emu::GlobalRanges ranges{span(q, "query"),       span(k_cache, "k_cache"),
+                                 span(v_cache, "v_cache"), span(seqlens, "seqlens"),
+                                 span(block_table, "block_table"), span(alibi, "alibi"),
+                                 span(out, "out"),       span(lse, "lse"),
+                                 span(plan.ws_out, "split outputs (workspace)"),
+                                 span(plan.ws_lse, "split lse (workspace)")};
+  const cudaError_t err = cuda::run_decode_plan(plan, p, q.scalar_type(), nullptr);
+  TORCH_CHECK(err == cudaSuccess, "attnkern cuda-emu decode: error ", int(err));
+}
+
+}  // namespace
+}  // namespace attnkern
+
+TORCH_LIBRARY_FRAGMENT(attnkern_emu, m) { m.def(attnkern::kDecodeSchema); }
+
+TORCH_LIBRARY_IMPL(attnkern_emu, CPU, m) { m.impl("decode", &attnkern::decode_emu); }

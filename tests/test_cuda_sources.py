@@ -99,11 +99,15 @@ def test_kernel_names_of_the_decode_kernels():
 
 @needs_nvcc
 def test_every_unit_compiles_for_sm80_and_sm90a_without_spills():
-    # Every instantiation unit through nvcc + ptxas: a compile error anywhere, or a register spill in a
-    # head-dim 64/128 kernel (score-modification kernels included), fails.
+    # Every instantiation unit through nvcc + ptxas for sm_90a, and the head-dim 64/128 units (those the
+    # spill rule holds) for sm_80 too: a compile error anywhere, or a register spill in a head-dim 64/128
+    # kernel (score-modification kernels included), fails. (`python csrc/cuda/compile_check.py` compiles
+    # every unit for both; in CI the other head dims' sm_80 pass would add minutes and no rule.)
     units = sorted(glob.glob(os.path.join(CUDA_DIR, "inst", "*.cu")))
     assert len(units) == len(generate_instances.expected_files()) - 1
-    results = compile_check.compile_units(units, ["80", "90a"], os.cpu_count() or 1)
+    ruled = [u for u in units if "hdim64_" in u or "hdim128_" in u]
+    results = compile_check.compile_units(ruled, ["80", "90a"], os.cpu_count() or 1)
+    results += compile_check.compile_units([u for u in units if u not in ruled], ["90a"], os.cpu_count() or 1)
     errors = {r["unit"]: r["error"] for r in results if r["error"]}
     assert errors == {}
     violations = [(r["unit"], k["arch"], k["kernel"], k["spills"]) for r in results for k in r["kernels"]
@@ -128,7 +132,8 @@ def test_every_unit_compiles_for_sm80_and_sm90a_without_spills():
             expected = {"attention_fwd_kernel[mask][window][mods]", "attention_bwd_preprocess_kernel",
                         "attention_bwd_dkdv_kernel[mask][window][mods]", "attention_bwd_dq_kernel[mask][mods]",
                         "attention_bwd_dmask_kernel[mods]"}
-        assert kernels == {(a, n) for a in ("sm_80", "sm_90a") for n in expected}, r["unit"]
+        archs = ("sm_80", "sm_90a") if "hdim64_" in r["unit"] or "hdim128_" in r["unit"] else ("sm_90a",)
+        assert kernels == {(a, n) for a in archs for n in expected}, r["unit"]
         assert all(0 < k["registers"] <= 255 for k in r["kernels"]), r["unit"]
 
 

@@ -8,44 +8,28 @@
 #include <algorithm>
 #include <cstdint>
 #include <optional>
+#include <string>
 
 #include "../decode_op.h"
 #include "decode_dispatch.h"
 #include "dispatch.h"  // kHeadDims
+#include "host_checks.h"
 
 namespace attnkern {
 namespace cuda {
 
 // The instantiated head dim a decode call runs on: the smallest in kHeadDims >= max(E, Ev), or -1.
-inline int decode_head_dim(int64_t e) {
-  for (int hd : kHeadDims) {
-    if (e <= hd) return hd;
-  }
-  return -1;
-}
-
 // What the kernels assume beyond the op's checks: fp16/bf16, head dims that are multiples of 8 up to 256,
 // tensors the 16-byte cp.async copies read in place, and kv heads and batch on grid y and z. `who`
 // prefixes the messages ("attnkern cuda", "attnkern cuda-emu").
 inline void check_decode_call(const DecodeParams& p, const at::Tensor& q, const at::Tensor& k_cache,
                               const at::Tensor& v_cache, const at::Tensor& out, const char* who) {
-  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, who,
-              " decode: the CUDA kernels take float16 and bfloat16, got ", q.scalar_type());
-  TORCH_CHECK(p.E % 8 == 0 && p.Ev % 8 == 0, who, " decode: head dims must be multiples of 8, got E=", p.E,
-              " Ev=", p.Ev);
-  TORCH_CHECK(decode_head_dim(std::max(p.E, p.Ev)) > 0, who, " decode: head dims up to 256, got E=", p.E, " Ev=",
-              p.Ev);
+  const std::string decode = std::string(who) + " decode";
+  check_dtype_and_head_dims(q.scalar_type(), p.E, p.Ev, decode.c_str());
   TORCH_CHECK(p.Hkv <= 65535 && p.B <= 65535, who, " decode: at most 65535 kv heads (grid y) and batch elements ",
               "(grid z), got Hkv=", p.Hkv, " B=", p.B);
   for (const auto& [t, name] : {std::pair{&q, "query"}, {&k_cache, "k_cache"}, {&v_cache, "v_cache"}, {&out, "out"}}) {
-    TORCH_CHECK(t->stride(3) == 1 || t->size(3) == 1, who, " decode: ", name,
-                " needs a unit-stride head dim (last dim), got strides ", t->strides());
-    TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0, who, " decode: ", name,
-                " must start at a 16-byte aligned address");
-    for (int d = 0; d < 3; ++d) {
-      TORCH_CHECK(t->size(d) == 1 || (t->stride(d) * t->element_size()) % 16 == 0, who, " decode: ", name,
-                  " stride of dim ", d, " must be a multiple of 16 bytes, got strides ", t->strides());
-    }
+    check_cp_async_layout(*t, name, decode.c_str());
   }
 }
 
@@ -59,7 +43,7 @@ struct DecodePlan {
 inline DecodePlan plan_decode(const DecodeParams& p, const at::Tensor& q, const at::Tensor& k_cache,
                               const std::optional<at::Tensor>& block_table, int64_t num_sms) {
   DecodePlan plan;
-  plan.head_dim = decode_head_dim(std::max(p.E, p.Ev));
+  plan.head_dim = head_dim_bucket(std::max(p.E, p.Ev));
   // The most keys a batch element can hold: the split count must not depend on the lengths' values.
   const bool paged = block_table.has_value() && block_table->defined();
   const int64_t capacity = paged ? block_table->size(1) * p.page_size : k_cache.size(1);

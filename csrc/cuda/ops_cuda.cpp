@@ -13,46 +13,22 @@
 
 #include "../op_args.h"
 #include "dispatch.h"
+#include "host_checks.h"
 #include "varlen_args.h"
 
 namespace attnkern {
 namespace {
 
-// The instantiated head dim a problem runs on: the smallest in cuda::kHeadDims >= max(E, Ev).
-int head_dim_bucket(int64_t e) {
-  for (int hd : cuda::kHeadDims) {
-    if (e <= hd) return hd;
-  }
-  return -1;
-}
-
-// What the kernels assume of a tensor: cp.async copies 16-byte chunks, so the head dim is unit-stride
-// and every row (and the base) is 16-byte aligned.
-void check_layout(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.stride(3) == 1 || t.size(3) == 1, "attnkern cuda: ", name,
-              " needs a unit-stride head dim (last dim), got strides ", t.strides());
-  const int64_t elem = t.element_size();
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "attnkern cuda: ", name,
-              " must start at a 16-byte aligned address");
-  for (int d = 0; d < 3; ++d) {
-    TORCH_CHECK(t.size(d) == 1 || (t.stride(d) * elem) % 16 == 0, "attnkern cuda: ", name, " stride of dim ", d,
-                " must be a multiple of 16 bytes, got strides ", t.strides());
-  }
-}
+void check_layout(const at::Tensor& t, const char* name) { check_cp_async_layout(t, name, "attnkern cuda"); }
 
 void check_problem(const AttentionParams& p, const at::Tensor& q) {
-  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
-              "attnkern cuda: the CUDA kernels take float16 and bfloat16, got ", q.scalar_type());
+  check_dtype_and_head_dims(q.scalar_type(), p.E, p.Ev, "attnkern cuda");
   int major = 0, minor = 0;
   const int dev = q.device().index();
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
   TORCH_CHECK(major >= 8, "attnkern cuda: the kernels need compute capability 8.0 or newer, got ", major, ".",
               minor);
-  TORCH_CHECK(p.E % 8 == 0 && p.Ev % 8 == 0, "attnkern cuda: head dims must be multiples of 8, got E=", p.E,
-              " Ev=", p.Ev);
-  TORCH_CHECK(head_dim_bucket(std::max(p.E, p.Ev)) > 0, "attnkern cuda: head dims up to 256, got E=", p.E,
-              " Ev=", p.Ev);
   // Heads ride on grid y; batches past grid z's limit run as several launches (launch.h).
   TORCH_CHECK(p.Hq <= 65535, "attnkern cuda: at most 65535 query heads (grid y), got ", p.Hq);
 }

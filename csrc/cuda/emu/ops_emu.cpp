@@ -9,39 +9,17 @@
 
 #include "../../op_args.h"
 #include "../dispatch.h"
+#include "../host_checks.h"
 #include "../varlen_args.h"
 #include "runtime.h"
 
 namespace attnkern {
 namespace {
 
-int head_dim_bucket(int64_t e) {
-  for (int hd : cuda::kHeadDims) {
-    if (e <= hd) return hd;
-  }
-  return -1;
-}
-
-// cp.async copies 16-byte chunks: a unit-stride head dim and 16-byte aligned rows and base.
-void check_layout(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.stride(3) == 1 || t.size(3) == 1, "attnkern cuda-emu: ", name,
-              " needs a unit-stride head dim (last dim), got strides ", t.strides());
-  const int64_t elem = t.element_size();
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "attnkern cuda-emu: ", name,
-              " must start at a 16-byte aligned address");
-  for (int d = 0; d < 3; ++d) {
-    TORCH_CHECK(t.size(d) == 1 || (t.stride(d) * elem) % 16 == 0, "attnkern cuda-emu: ", name, " stride of dim ", d,
-                " must be a multiple of 16 bytes, got strides ", t.strides());
-  }
-}
+void check_layout(const at::Tensor& t, const char* name) { check_cp_async_layout(t, name, "attnkern cuda-emu"); }
 
 void check_problem(const AttentionParams& p, const at::Tensor& q) {
-  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
-              "attnkern cuda-emu: the CUDA kernels take float16 and bfloat16, got ", q.scalar_type());
-  TORCH_CHECK(p.E % 8 == 0 && p.Ev % 8 == 0, "attnkern cuda-emu: head dims must be multiples of 8, got E=", p.E,
-              " Ev=", p.Ev);
-  TORCH_CHECK(head_dim_bucket(std::max(p.E, p.Ev)) > 0, "attnkern cuda-emu: head dims up to 256, got E=", p.E,
-              " Ev=", p.Ev);
+  check_dtype_and_head_dims(q.scalar_type(), p.E, p.Ev, "attnkern cuda-emu");
 }
 
 // The bytes a tensor view spans (strides are non-negative here), named for the reports.

@@ -172,6 +172,41 @@ def test_cpu_strided_inputs(dtype):
     assert not any(msgs), "\n".join(m for m in msgs if m)
 
 
+# The CPU kernel's two tile paths (csrc/cpu/decode.cpp): K/V read in place by AVX-512 dot products
+# (decode_avx512.h; head dims multiples of 16, float accumulation, where the processor has AVX-512F) and
+# the packed GEMM panels (ATTNKERN_CPU_DECODE=gemm, and every other case). Query rows per kv head 1, 3, 5,
+# 12 (the in-place path's 4/2/1-row blocks), key counts off every block size, Ev != E, a NaN key.
+TILE_PATH_SHAPES = {
+    "rows1_e16_ev48": dict(B=2, Lq=1, Hq=2, Hkv=2, E=16, Ev=48, before=[1, 203], Lnew=1, page_size=16),
+    "rows3_e64": dict(B=2, Lq=1, Hq=3, Hkv=1, before=[17, 130], Lnew=0),
+    "rows5_e32_paged": dict(B=1, Lq=5, Hq=2, Hkv=2, E=32, before=[113], Lnew=5, page_size=16),
+    "rows12_e128_ev64": dict(B=2, Lq=3, Hq=8, Hkv=2, E=128, Ev=64, before=[600, 9], Lnew=2, page_size=256),
+}
+
+
+@needs_cpu
+@pytest.mark.parametrize("path", ["in_place", "gemm"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("shape", list(TILE_PATH_SHAPES), ids=str)
+def test_cpu_tile_paths(shape, dtype, path, monkeypatch):
+    if path == "gemm":
+        monkeypatch.setenv("ATTNKERN_CPU_DECODE", "gemm")
+    else:
+        monkeypatch.delenv("ATTNKERN_CPU_DECODE", raising=False)
+    case = make_case(dtype=dtype, seed=len(shape), **TILE_PATH_SHAPES[shape])
+    run_and_check(case, "cpu", causal=True, num_splits=2)
+    run_and_check(case, "cpu", softcap=4.0, window=(50, 2))
+    k = case["k_cache"].clone()
+    k[0, 0, 0, 1] = float("nan")  # key 0 of batch element 0 (page 0 or row 0): visible to every row
+    if case["block_table"] is not None:
+        k = case["k_cache"].clone()
+        k[int(case["block_table"][0, 0]), 0, 0, 1] = float("nan")
+    out = attnkern.attention_with_kvcache(case["q"], k, case["v_cache"].clone(), case["k_new"], case["v_new"],
+                                          case["cache_seqlens"], block_table=case["block_table"], backend="cpu")
+    assert torch.isnan(out[0, :, : out.shape[2] // case["k_cache"].shape[2]]).all()  # kv head 0's query heads
+    assert not torch.isnan(out[1:]).any()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).replace("torch.", ""))
 def test_reference_backend(dtype):
     case = make_case(B=2, Lq=3, Hq=8, Hkv=1, before=[40, 300], Lnew=3, page_size=16, dtype=dtype, seed=2)

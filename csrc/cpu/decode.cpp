@@ -19,9 +19,13 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
 #include <memory>
+#include <vector>
 
 #include "../decode_op.h"
+#include "decode_avx512.h"
 #include "isa.h"
 #include "tile_math.h"
 
@@ -32,6 +36,7 @@ namespace {
 constexpr int64_t kTileKeys = 128;          // most keys per tile
 constexpr int64_t kAutoSplitKeys = 512;     // keys per split when the problem chooses
 constexpr int64_t kTasksWithoutSplit = 64;  // batch size at which splitting the keys stops paying
+constexpr int64_t kPrefetchKeys = 16;       // key rows the in-place path requests ahead (decode_avx512.h)
 
 // The keys [begin, end) some query row of batch element b sees (band and length).
 struct KeyRange {
@@ -50,6 +55,27 @@ int64_t splits_for(const DecodeParams& p, int64_t keys) {
   if (p.num_splits > 0) return std::min(p.num_splits, keys);
   if (p.B >= kTasksWithoutSplit) return 1;
   return (keys + kAutoSplitKeys - 1) / kAutoSplitKeys;
+}
+
+// Key j's row of batch element b in a cache (k or v), at kv head 0.
+template <typename scalar_t>
+inline const scalar_t* cache_row(const DecodeParams& p, const void* cache, const Strides4D& st, int64_t b, int64_t j) {
+  return static_cast<const scalar_t*>(cache) + p.page_of(b, j) * st.s0 + (j % p.page_size) * st.s1;
+}
+
+// Whether the tiles take the in-place AVX-512 path (decode_avx512.h) rather than packed GEMM panels:
+// float accumulation, unit-stride head dims that are multiples of 16, AVX-512F here, and
+// ATTNKERN_CPU_DECODE not "gemm" (read per call, so tests can compare the two paths).
+template <typename acc_t>
+bool direct_tiles(const DecodeParams& p) {
+#ifdef ATTNKERN_AVX512_TARGET
+  if constexpr (std::is_same_v<acc_t, float>) {
+    const char* env = std::getenv("ATTNKERN_CPU_DECODE");
+    if (env && std::strcmp(env, "gemm") == 0) return false;
+    return has_avx512f() && p.k_st.s3 == 1 && p.v_st.s3 == 1 && p.E % 16 == 0 && p.Ev % 16 == 0;
+  }
+#endif
+  return false;
 }
 
 #ifdef ATTNKERN_AVX2_MICROKERNEL
@@ -88,11 +114,9 @@ template <typename scalar_t, typename acc_t>
 void gather_tile(const DecodeParams& p, int64_t b, int64_t n0, int64_t nb, acc_t* kt, int64_t kt_head, acc_t* vp,
                  int64_t v_panel, int64_t v_head) {
   constexpr int64_t NR = kNR<acc_t>;
-  const auto* k = static_cast<const scalar_t*>(p.k);
-  const auto* v = static_cast<const scalar_t*>(p.v);
   const int64_t nbp = round_up(nb, NR), Evp = round_up(p.Ev, NR);
-  auto key_row = [&](const scalar_t* base, const Strides4D& st, int64_t j) {
-    return base + p.page_of(b, j) * st.s0 + (j % p.page_size) * st.s1;
+  auto key_row = [&](const void* cache, const Strides4D& st, int64_t j) {
+    return cache_row<scalar_t>(p, cache, st, b, j);
   };
   int64_t jj = 0;
 #ifdef ATTNKERN_AVX2_MICROKERNEL
@@ -101,7 +125,7 @@ void gather_tile(const DecodeParams& p, int64_t b, int64_t n0, int64_t nb, acc_t
       const int64_t E8 = p.E / 8 * 8;
       for (; jj + 8 <= nb; jj += 8) {
         const scalar_t* rows[8];
-        for (int t = 0; t < 8; ++t) rows[t] = key_row(k, p.k_st, n0 + jj + t);
+        for (int t = 0; t < 8; ++t) rows[t] = key_row(p.k, p.k_st, n0 + jj + t);
         for (int64_t hk = 0; hk < p.Hkv; ++hk) {
           acc_t* kd = kt + hk * kt_head + (jj / NR) * p.E * NR + jj % NR;
           const int64_t off = hk * p.k_st.s2;
@@ -120,7 +144,7 @@ void gather_tile(const DecodeParams& p, int64_t b, int64_t n0, int64_t nb, acc_t
   }
 #endif
   for (; jj < nbp; ++jj) {  // the remaining keys of K (and its padding), one at a time
-    const scalar_t* row = jj < nb ? key_row(k, p.k_st, n0 + jj) : nullptr;
+    const scalar_t* row = jj < nb ? key_row(p.k, p.k_st, n0 + jj) : nullptr;
     for (int64_t hk = 0; hk < p.Hkv; ++hk) {
       acc_t* kd = kt + hk * kt_head + (jj / NR) * p.E * NR + jj % NR;
       if (!row) {
@@ -132,7 +156,7 @@ void gather_tile(const DecodeParams& p, int64_t b, int64_t n0, int64_t nb, acc_t
     }
   }
   for (jj = 0; jj < nb; ++jj) {
-    const scalar_t* row = key_row(v, p.v_st, n0 + jj);
+    const scalar_t* row = key_row(p.v, p.v_st, n0 + jj);
     for (int64_t hk = 0; hk < p.Hkv; ++hk) {
       const scalar_t* vs = row + hk * p.v_st.s2;
       for (int64_t e0 = 0; e0 < Evp; e0 += NR) {
@@ -216,6 +240,31 @@ void merge_splits(const DecodeParams& p, int64_t b, int64_t R, int64_t n_splits,
   }
 }
 
+// The in-place path's two passes (decode_avx512.h); only float accumulation reaches them.
+template <typename scalar_t, typename acc_t>
+void tile_scores(const acc_t* q, const DecodeParams& p, int64_t R, const scalar_t* const* key_rows,
+                 const scalar_t* const* value_rows, int64_t nb, int64_t n_rows, acc_t* s, int64_t ld_s) {
+#ifdef ATTNKERN_AVX512_TARGET
+  if constexpr (std::is_same_v<acc_t, float>) {
+    tile_scores_avx512(q, p.Hkv, R, p.E, p.Ev, key_rows, value_rows, p.k_st.s2, p.v_st.s2, nb, n_rows, s, ld_s);
+    return;
+  }
+#endif
+  TORCH_CHECK(false, "attnkern decode: the in-place tile path takes float accumulation only");
+}
+
+template <typename scalar_t, typename acc_t>
+void tile_pv(const acc_t* probs, int64_t ld_p, const DecodeParams& p, int64_t R, const scalar_t* const* value_rows,
+             int64_t nb, acc_t* o, int64_t ld_o) {
+#ifdef ATTNKERN_AVX512_TARGET
+  if constexpr (std::is_same_v<acc_t, float>) {
+    tile_pv_avx512(probs, ld_p, p.Hkv, R, p.Ev, value_rows, p.v_st.s2, nb, o, ld_o);
+    return;
+  }
+#endif
+  TORCH_CHECK(false, "attnkern decode: the in-place tile path takes float accumulation only");
+}
+
 // Keys per tile: the K/V tiles of every kv head together stay within about 256 KiB (L2).
 int64_t tile_keys(const DecodeParams& p, int64_t elem_bytes, int64_t nr) {
   const int64_t fit = (int64_t(256) << 10) / std::max<int64_t>(1, p.Hkv * (p.E + p.Ev) * elem_bytes);
@@ -227,7 +276,10 @@ void decode_kernel(const DecodeParams& p) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int64_t NR = kNR<acc_t>;
   const int64_t R = p.group * p.Lq;  // the rows of one kv head: row r is query r % Lq of head g = r / Lq
-  const int64_t BN = tile_keys(p, sizeof(acc_t), NR), BNp = round_up(BN, NR), Evp = round_up(p.Ev, NR);
+  // The in-place path keeps no K/V copy, so its tiles are only bounded by the score rows of every kv head.
+  const bool direct = direct_tiles<acc_t>(p);
+  const int64_t BN = direct ? kTileKeys : tile_keys(p, sizeof(acc_t), NR);
+  const int64_t BNp = round_up(BN, NR), Evp = round_up(p.Ev, NR);
   const acc_t scale = static_cast<acc_t>(p.scale);
 
   int64_t n_splits = 1;
@@ -258,9 +310,11 @@ void decode_kernel(const DecodeParams& p) {
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     Scratch<acc_t> q_buf, kt_buf, v_buf, s_buf, o_buf, stat_buf;
     acc_t* q_all = q_buf.get(p.Hkv * R * p.E);
-    acc_t* kt = kt_buf.get(p.Hkv * kt_head);
-    acc_t* vp = v_buf.get(p.Hkv * v_head);
-    acc_t* sb = s_buf.get(R * BNp);
+    acc_t* kt = direct ? nullptr : kt_buf.get(p.Hkv * kt_head);  // packed K/V panels (GEMM path)
+    acc_t* vp = direct ? nullptr : v_buf.get(p.Hkv * v_head);
+    // In-place path: the tile's key and value rows, and the next tile's first kPrefetchKeys key rows.
+    std::vector<const scalar_t*> key_rows(direct ? BN + kPrefetchKeys : 0), value_rows(direct ? BN : 0);
+    acc_t* sb = s_buf.get((direct ? p.Hkv : 1) * R * BNp);  // scores: every kv head's (in place) or one's
     acc_t* o_all = o_buf.get(p.Hkv * R * Evp);
     acc_t* m_all = stat_buf.get(2 * p.Hkv * R + p.Ev);
     acc_t* l_all = m_all + p.Hkv * R;
@@ -285,13 +339,23 @@ void decode_kernel(const DecodeParams& p) {
       }
       for (int64_t n0 = k0; n0 < k1; n0 += BN) {
         const int64_t nb = std::min(BN, k1 - n0), nbp = round_up(nb, NR);
-        gather_tile<scalar_t, acc_t>(p, b, n0, nb, kt, kt_head, vp, BNp * NR, v_head);
+        if (direct) {
+          const int64_t n_rows = std::min(nb + kPrefetchKeys, k1 - n0);
+          for (int64_t j = 0; j < n_rows; ++j) key_rows[j] = cache_row<scalar_t>(p, p.k, p.k_st, b, n0 + j);
+          for (int64_t j = 0; j < nb; ++j) value_rows[j] = cache_row<scalar_t>(p, p.v, p.v_st, b, n0 + j);
+          tile_scores(q_all, p, R, key_rows.data(), value_rows.data(), nb, n_rows, sb, BNp);
+        } else {
+          gather_tile<scalar_t, acc_t>(p, b, n0, nb, kt, kt_head, vp, BNp * NR, v_head);
+        }
         for (int64_t hk = 0; hk < p.Hkv; ++hk) {
           acc_t *m_i = m_all + hk * R, *l_i = l_all + hk * R, *ob = o_all + hk * R * Evp;
-          gemm<acc_t, false, false>(R, nbp, p.E, q_all + hk * R * p.E, p.E, kt + hk * kt_head, p.E * NR, sb, BNp);
+          acc_t* sh = direct ? sb + hk * R * BNp : sb;  // this kv head's R score rows
+          if (!direct) {
+            gemm<acc_t, false, false>(R, nbp, p.E, q_all + hk * R * p.E, p.E, kt + hk * kt_head, p.E * NR, sh, BNp);
+          }
           for (int64_t r = 0; r < R; ++r) {
             const int64_t h = hk * p.group + r / p.Lq, i = r % p.Lq;
-            acc_t* row = sb + r * BNp;
+            acc_t* row = sh + r * BNp;
             scale_row(row, nbp, scale);
             mod_row(p, row, b, h, i, kr.offset, n0, nb, nbp);
             // As forward.cpp: std::max keeps a NaN m_i; a row of NaN and -inf only becomes NaN.
@@ -311,8 +375,9 @@ void decode_kernel(const DecodeParams& p) {
               at::vec::map([alpha](Vec<acc_t> x) { return x * Vec<acc_t>(alpha); }, orow, orow, Evp);
             }
           }
-          gemm<acc_t, false, true>(R, Evp, nb, sb, BNp, vp + hk * v_head, BNp * NR, ob, Evp);
+          if (!direct) gemm<acc_t, false, true>(R, Evp, nb, sh, BNp, vp + hk * v_head, BNp * NR, ob, Evp);
         }
+        if (direct) tile_pv(sb, BNp, p, R, value_rows.data(), nb, o_all, Evp);
       }
 
       for (int64_t hk = 0; hk < p.Hkv; ++hk) {

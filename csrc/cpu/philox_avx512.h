@@ -9,11 +9,11 @@
 // instead of 36 on AVX2 (64-bit products in place, three-way XORs in one op).
 #pragma once
 
+#include "isa.h"
 #include "philox_avx2.h"
 
-#if defined(ATTNKERN_AVX2_PHILOX) && defined(__GNUC__)
+#if defined(ATTNKERN_AVX2_PHILOX) && defined(ATTNKERN_AVX512_TARGET)
 #define ATTNKERN_AVX512_PHILOX 1
-#define ATTNKERN_TARGET_AVX512 __attribute__((target("avx512f")))
 #endif
 
 #ifdef ATTNKERN_AVX512_PHILOX
@@ -34,7 +34,7 @@ namespace {
 inline bool use_avx512_philox() {
   static const bool on = [] {
     const char* env = std::getenv("ATTNKERN_CPU_PHILOX");
-    return !(env && std::strcmp(env, "avx2") == 0) && __builtin_cpu_supports("avx512f");
+    return !(env && std::strcmp(env, "avx2") == 0) && has_avx512f();
   }();
   return on;
 }

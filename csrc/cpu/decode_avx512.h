@@ -130,8 +130,9 @@ ATTNKERN_TARGET_AVX512 void tile_scores_avx512(const float* q, int64_t Hkv, int6
 }
 
 // o[(hk * R + r) * ld_o + e] += sum_j p[(hk * R + r) * ld_p + j] * v_(j, hk)[e] over the keys j < nb of a
-// tile (value_rows[j]: key j's value row, head 0), Ev a multiple of 16. Four keys at a time, so each
-// output chunk is loaded and stored once per four products; the probabilities past nb are never read.
+// tile (value_rows[j]: key j's value row, head 0), Ev a multiple of 16. Four keys at a time: each chunk of
+// 16 value columns is loaded (and widened) once for all R rows, and each output chunk is loaded and
+// stored once per four products; the probabilities past nb are never read.
 template <typename scalar_t>
 ATTNKERN_TARGET_AVX512 void tile_pv_avx512(const float* p, int64_t ld_p, int64_t Hkv, int64_t R, int64_t Ev,
                                            const scalar_t* const* value_rows, int64_t head_stride, int64_t nb,
@@ -143,18 +144,19 @@ ATTNKERN_TARGET_AVX512 void tile_pv_avx512(const float* p, int64_t ld_p, int64_t
       const scalar_t* v1 = value_rows[j + 1] + hk * head_stride;
       const scalar_t* v2 = value_rows[j + 2] + hk * head_stride;
       const scalar_t* v3 = value_rows[j + 3] + hk * head_stride;
-      for (int64_t r = 0; r < R; ++r) {
-        const float* pr = p + (hk * R + r) * ld_p + j;
-        const __m512 p0 = _mm512_set1_ps(pr[0]), p1 = _mm512_set1_ps(pr[1]);
-        const __m512 p2 = _mm512_set1_ps(pr[2]), p3 = _mm512_set1_ps(pr[3]);
-        float* orow = o + (hk * R + r) * ld_o;
-        for (int64_t e = 0; e < Ev; e += 16) {
-          __m512 acc = _mm512_loadu_ps(orow + e);
-          acc = _mm512_fmadd_ps(p0, load16(v0 + e), acc);
-          acc = _mm512_fmadd_ps(p1, load16(v1 + e), acc);
-          acc = _mm512_fmadd_ps(p2, load16(v2 + e), acc);
-          acc = _mm512_fmadd_ps(p3, load16(v3 + e), acc);
-          _mm512_storeu_ps(orow + e, acc);
+      const float* ph = p + hk * R * ld_p + j;
+      float* oh = o + hk * R * ld_o;
+      for (int64_t e = 0; e < Ev; e += 16) {
+        const __m512 x0 = load16(v0 + e), x1 = load16(v1 + e), x2 = load16(v2 + e), x3 = load16(v3 + e);
+        for (int64_t r = 0; r < R; ++r) {
+          const float* pr = ph + r * ld_p;
+          float* orow = oh + r * ld_o + e;
+          __m512 acc = _mm512_loadu_ps(orow);
+          acc = _mm512_fmadd_ps(_mm512_set1_ps(pr[0]), x0, acc);
+          acc = _mm512_fmadd_ps(_mm512_set1_ps(pr[1]), x1, acc);
+          acc = _mm512_fmadd_ps(_mm512_set1_ps(pr[2]), x2, acc);
+          acc = _mm512_fmadd_ps(_mm512_set1_ps(pr[3]), x3, acc);
+          _mm512_storeu_ps(orow, acc);
         }
       }
     }
@@ -162,11 +164,11 @@ ATTNKERN_TARGET_AVX512 void tile_pv_avx512(const float* p, int64_t ld_p, int64_t
   for (; j < nb; ++j) {
     for (int64_t hk = 0; hk < Hkv; ++hk) {
       const scalar_t* v0 = value_rows[j] + hk * head_stride;
-      for (int64_t r = 0; r < R; ++r) {
-        const __m512 p0 = _mm512_set1_ps(p[(hk * R + r) * ld_p + j]);
-        float* orow = o + (hk * R + r) * ld_o;
-        for (int64_t e = 0; e < Ev; e += 16) {
-          _mm512_storeu_ps(orow + e, _mm512_fmadd_ps(p0, load16(v0 + e), _mm512_loadu_ps(orow + e)));
+      for (int64_t e = 0; e < Ev; e += 16) {
+        const __m512 x0 = load16(v0 + e);
+        for (int64_t r = 0; r < R; ++r) {
+          float* orow = o + (hk * R + r) * ld_o + e;
+          _mm512_storeu_ps(orow, _mm512_fmadd_ps(_mm512_set1_ps(p[(hk * R + r) * ld_p + j]), x0, _mm512_loadu_ps(orow)));
         }
       }
     }

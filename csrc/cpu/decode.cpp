@@ -242,11 +242,11 @@ void merge_splits(const DecodeParams& p, int64_t b, int64_t R, int64_t n_splits,
 
 // The in-place path's two passes (decode_avx512.h); only float accumulation reaches them.
 template <typename scalar_t, typename acc_t>
-void tile_scores(const acc_t* q, const DecodeParams& p, int64_t R, const scalar_t* const* key_rows,
-                 const scalar_t* const* value_rows, int64_t nb, int64_t n_rows, acc_t* s, int64_t ld_s) {
+void tile_scores(const acc_t* q, const DecodeParams& p, int64_t R, const scalar_t* const* key_rows, int64_t nb,
+                 int64_t n_rows, acc_t* s, int64_t ld_s) {
 #ifdef ATTNKERN_AVX512_TARGET
   if constexpr (std::is_same_v<acc_t, float>) {
-    tile_scores_avx512(q, p.Hkv, R, p.E, p.Ev, key_rows, value_rows, p.k_st.s2, p.v_st.s2, nb, n_rows, s, ld_s);
+    tile_scores_avx512(q, p.Hkv, R, p.E, key_rows, p.k_st.s2, nb, n_rows, s, ld_s);
     return;
   }
 #endif
@@ -343,7 +343,7 @@ void decode_kernel(const DecodeParams& p) {
           const int64_t n_rows = std::min(nb + kPrefetchKeys, k1 - n0);
           for (int64_t j = 0; j < n_rows; ++j) key_rows[j] = cache_row<scalar_t>(p, p.k, p.k_st, b, n0 + j);
           for (int64_t j = 0; j < nb; ++j) value_rows[j] = cache_row<scalar_t>(p, p.v, p.v_st, b, n0 + j);
-          tile_scores(q_all, p, R, key_rows.data(), value_rows.data(), nb, n_rows, sb, BNp);
+          tile_scores(q_all, p, R, key_rows.data(), nb, n_rows, sb, BNp);
         } else {
           gather_tile<scalar_t, acc_t>(p, b, n0, nb, kt, kt_head, vp, BNp * NR, v_head);
         }

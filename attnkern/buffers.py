@@ -47,6 +47,17 @@ def new_stats(q: torch.Tensor) -> torch.Tensor:
     return _poisoned(q.new_empty((B, H, L, 2), dtype=dtype))
 
 
+def forward_buffers(q: torch.Tensor, Ev: int, residual: bool):
+    """(out, lse, stats, out_lo) of a forward: new_output, new_lse, new_stats and new_residual, with the
+    accumulator dtype decided once (every backend's forward and the ops' fake take them from here)."""
+    B, H, L, _ = q.shape
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = new_output(q, Ev)
+    lse = _poisoned(q.new_empty((B, H, L), dtype=dtype))
+    stats = _poisoned(q.new_empty((B, H, L, 2), dtype=dtype))
+    return out, lse, stats, new_residual(q, Ev, residual)
+
+
 def new_grad(t: torch.Tensor) -> torch.Tensor:
     """A gradient buffer for input t: t's layout when t is dense, else contiguous."""
     return _poisoned(torch.empty_like(t))

@@ -17,11 +17,19 @@ def requested_backend() -> str:
     stack = getattr(_local, "stack", None)
     if stack:
         return stack[-1]
-    name = os.environ.get("ATTNKERN_BACKEND", "auto").strip() or "auto"
+    value = os.environ.get("ATTNKERN_BACKEND", "auto")
+    name = _checked_env.get(value)  # every call reads the variable; a value is checked once
+    if name is not None:
+        return name
     try:
-        return backends.check_name(name)
+        name = backends.check_name(value.strip() or "auto")
     except ValueError as exc:
         raise ValueError(f"environment variable ATTNKERN_BACKEND: {exc}") from None
+    _checked_env[value] = name
+    return name
+
+
+_checked_env: dict = {}  # ATTNKERN_BACKEND values seen -> their checked backend names
 
 
 @contextlib.contextmanager

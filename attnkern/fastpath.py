@@ -81,6 +81,7 @@ def remember(sig: Optional[tuple], query, key, value, attn_mask, problem: Attent
     if sig is None or problem.mods.alibi is not None or problem.mods.rng is not None:
         return  # tensors of their own, made canonical per call
     if problem.q is query and problem.k is key and problem.v is value and problem.mask is attn_mask:
+        problem.output_shape()  # memoized in the problem, hence in every call that reuses it
         # Kept without its tensors: the entry must not hold the caller's memory alive between calls.
         _last.entry = (sig, _with_tensors(problem, None, None, None, None), choice)
 

@@ -43,7 +43,7 @@ from torch import Tensor
 from . import backends, config, op_checks
 from .band import Band
 from .score_mods import ScoreMods
-from .buffers import new_grad, new_lse, new_output, new_residual, new_stats
+from .buffers import forward_buffers, new_grad
 
 
 CONTRACT = "v5"
@@ -80,7 +80,7 @@ def _attention_forward_fake(q, k, v, mask, scale, band, softcap, alibi, dropout_
     op_checks.check_forward_args(q, k, v, mask, scale, band, backend, residual, deterministic)
     op_checks.check_mods(softcap, alibi, dropout_p, rng, q)
     Ev = v.shape[-1]
-    return new_output(q, Ev), new_lse(q), new_stats(q), new_residual(q, Ev, residual)
+    return forward_buffers(q, Ev, residual)
 
 
 @torch.library.custom_op(f"attnkern::attention_backward_{CONTRACT}", mutates_args=())

@@ -105,8 +105,13 @@ class AttentionProblem:
         return self.q.numel() == 0 or self.S == 0 or self.Ev == 0 or self.B == 0
 
     def output_shape(self) -> Tuple[int, ...]:
-        heads = (self.Hq,) if self.has_head_dim else ()
-        return (*self.batch_shape, *heads, self.L, self.Ev)
+        # Kept once computed: the call fast path (fastpath.py) reuses a problem, memo included, for calls
+        # with the same shapes.
+        shape = self.__dict__.get("_output_shape")
+        if shape is None:
+            heads = (self.Hq,) if self.has_head_dim else ()
+            shape = self.__dict__["_output_shape"] = (*self.batch_shape, *heads, self.L, self.Ev)
+        return shape
 
     def lse_shape(self) -> Tuple[int, ...]:
         heads = (self.Hq,) if self.has_head_dim else ()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from . import extension
-from ..buffers import (new_grad, new_lse, new_mask_grad, new_output, new_residual, new_stats, new_varlen_lse,
+from ..buffers import (forward_buffers, new_grad, new_lse, new_mask_grad, new_stats, new_varlen_lse,
                        new_varlen_output, new_varlen_residual, new_varlen_stats)
 from ..varlen import sequence_bounds
 from .base import Backend
@@ -43,7 +43,7 @@ class CpuBackend(Backend):
 
     def forward(self, q, k, v, mask, scale, band, mods, residual):
         Ev = v.shape[-1]
-        out, lse, stats, out_lo = new_output(q, Ev), new_lse(q), new_stats(q), new_residual(q, Ev, residual)
+        out, lse, stats, out_lo = forward_buffers(q, Ev, residual)
         torch.ops.attnkern_ext.forward(q, k, v, mask, scale, band.as_op(), *mods.op_args(), out, lse, stats,
                                        out_lo if out_lo.numel() else None)
         return out, lse, stats, out_lo

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from ..buffers import new_grad, new_lse, new_output, new_residual, new_stats
+from ..buffers import forward_buffers, new_grad
 from .base import Backend
 
 
@@ -36,7 +36,7 @@ class ReferenceBackend(Backend):
             softcap=mods.softcap, alibi_slopes=mods.alibi, dropout_p=mods.dropout_p, dropout_rng=mods.rng,
         )
         Ev = v.shape[-1]
-        out, lse, stats, out_lo = new_output(q, Ev), new_lse(q), new_stats(q), new_residual(q, Ev, residual)
+        out, lse, stats, out_lo = forward_buffers(q, Ev, residual)
         out.copy_(o)
         if out_lo.numel():
             out_lo.copy_(o - out.to(cd))

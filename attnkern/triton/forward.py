@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..buffers import (new_lse, new_output, new_residual, new_stats, new_varlen_lse, new_varlen_output,
-                       new_varlen_residual, new_varlen_stats)
+from ..buffers import (forward_buffers, new_varlen_lse, new_varlen_output, new_varlen_residual,
+                       new_varlen_stats)
 from ..score_mods import NONE
 from . import common, configs
 from .common import (dropout_keep, index_range, key_tiles, load_mods, load_tile, mask_scores, modify_scores,
@@ -217,7 +217,7 @@ def attention_forward(q, k, v, mask, scale: float, band, residual: bool = False,
     """Triton forward on canonical tensors (see backends/base.py; `band` a band.Band, `mods` a
     score_mods.ScoreMods). Returns (out, lse, stats, out_lo)."""
     L, S, Ev = q.shape[2], k.shape[2], v.shape[3]
-    out, lse, stats, out_lo = new_output(q, Ev), new_lse(q), new_stats(q), new_residual(q, Ev, residual)
+    out, lse, stats, out_lo = forward_buffers(q, Ev, residual)
     _launch(q, k, v, mask, out, out_lo, lse, stats, scale, common.band_args(band, L, S), mods, (L, S))
     return out, lse, stats, out_lo
 

@@ -223,7 +223,8 @@ def test_bench_overhead_writes_its_table_and_json(tmp_path, capsys):
     assert doc["config"]["B"] == 1 and doc["config"]["S"] == 16 and doc["config"]["rounds"] == 3
     got = {(r["mode"], r["provider"]) for r in doc["results"]}
     assert got == {(m, p) for m in ("no_grad", "grad")
-                   for p in ("attnkern.sdpa", "attnkern.attention", "torch.sdpa", "kernel")}
+                   for p in ("attnkern.sdpa", "attnkern.attention", "torch.sdpa", "kernel")} | {
+                       ("no_grad", "attnkern.kvcache")}  # decoding: forward only
     for r in doc["results"]:
         assert len(r["times_us"]) == 3 and r["min_us"] <= r["median_us"] and r["vs_torch"] > 0
         if r["provider"] == "torch.sdpa":

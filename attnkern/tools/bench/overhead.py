@@ -15,6 +15,9 @@ Providers:
     torch.sdpa          torch.nn.functional.scaled_dot_product_attention(q, k, v)
     kernel              the backend attnkern chooses, called directly (backends/<name>.forward): the time
                         no wrapper can remove, for reading the others against
+    attnkern.kvcache    attnkern.attention_with_kvcache on the same problem as a decode step sees it: q
+                        (B, L, H, E), a full cache (B, S, H, E) of the same keys and values, no append
+                        (no_grad only: decoding is forward-only)
 Modes: "no_grad" (inference: inputs without requires_grad, under torch.no_grad) and "grad" (inputs that
 require grad, autograd on: the forward that records the graph; no backward runs).
 """
@@ -31,7 +34,7 @@ import torch.nn.functional as F
 from .grid import DTYPES
 
 SCHEMA = "attnkern-bench-overhead/1"
-PROVIDERS = ("attnkern.sdpa", "attnkern.attention", "torch.sdpa", "kernel")
+PROVIDERS = ("attnkern.sdpa", "attnkern.attention", "torch.sdpa", "kernel", "attnkern.kvcache")
 BASELINE = "torch.sdpa"
 MODES = ("no_grad", "grad")
 
@@ -81,12 +84,19 @@ def _callables(q, k, v) -> Dict[str, Callable[[], object]]:
     scale, band, mods = problem.scale, problem.band, problem.mods
     residual = problem.needs_grad
     qd, kd, vd = q.detach(), k.detach(), v.detach()  # the kernel alone records no graph
-    return {
+    fns = {
         "attnkern.sdpa": lambda: attnkern.scaled_dot_product_attention(q, k, v),
         "attnkern.attention": lambda: attnkern.attention(q, k, v, return_lse=False),
         "torch.sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
         "kernel": lambda: backend.forward(qd, kd, vd, None, scale, band, mods, residual),
-    }, backend.name
+    }
+    if not residual:  # decoding: no autograd
+        q_step = qd.transpose(1, 2)  # (B, L, H, E), a view, as a model's projection gives it
+        k_cache, v_cache = kd.transpose(1, 2).contiguous(), vd.transpose(1, 2).contiguous()
+        lengths = torch.full((q.shape[0],), k.shape[2], dtype=torch.int32, device=q.device)
+        fns["attnkern.kvcache"] = lambda: attnkern.attention_with_kvcache(q_step, k_cache, v_cache,
+                                                                           cache_seqlens=lengths)
+    return fns, backend.name
 
 
 def _time_batch(fn: Callable[[], object], calls: int, device: torch.device) -> float:

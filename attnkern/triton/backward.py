@@ -45,9 +45,9 @@ from ..config import single_pass_backward
 from ..masks import mask_kind
 from ..score_mods import NONE
 from . import common as tcommon, configs
-from .common import (dropout_keep, index_range, key_tiles, load_mods, load_row_stats, load_tile, mask_scores,
-                     modify_scores, mods_args, needs_int64, packed_mods, packed_sequence, query_tiles, store_tile,
-                     at_token, first_row, LOG2E)
+from .common import (dropout_keep, index_range, key_tiles, load_mods, load_row_stats, load_tile, map_args,
+                     mask_scores, modify_scores, mods_args, needs_int64, packed_mods, packed_sequence, query_tiles,
+                     store_tile, tile_flags, at_token, first_row, LOG2E, MASK_NONE)
 from .forward import mask_args, precision_for
 
 
@@ -88,7 +88,7 @@ def _bwd_preprocess_kernel(
 
 @triton.jit
 def _dkdv_tile(
-    dk, dv, kT, v, start_m, start_n, ptrs, offs, strides, problem, mods,
+    dk, dv, kT, v, start_m, start_n, ptrs, offs, strides, problem, mods, apply_mask,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, APPLY_BAND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr,
@@ -121,7 +121,7 @@ def _dkdv_tile(
     sT = tl.trans(tl.dot(q, kT, input_precision=PRECISION) * scale)
     sT, tT = modify_scores(sT, offs_m[None, :], offs_n[:, None], mods, SOFTCAP, HAS_ALIBI)
     sT = mask_scores(sT, offs_m[None, :], offs_n[:, None], mask_base, stride_ml, stride_ms, L, S, lo_off, hi_off,
-                     MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N)
+                     apply_mask, MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N)
     pT = tl.math.exp2((sT - row_max[None, :]) * LOG2E - log2l[None, :])
     do = load_tile(do_base + offs_m[:, None] * stride_dol + offs_ev[None, :] * stride_doe,
                    offs_m, offs_ev, L, EV, CHECK_M, BLOCK_EV != EV)
@@ -141,8 +141,32 @@ def _dkdv_tile(
 
 
 @triton.jit
+def _dkdv_step(
+    dk, dv, kT, v, start_m, start_n, ptrs, offs, strides, problem, mods, bmap,
+    E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
+    MASK_KIND: tl.constexpr, APPLY_BAND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """_dkdv_tile as the user mask's block map has it (`bmap`: tile_flags'): a tile the mask hides is
+    skipped, one it leaves unchanged computed without mask loads."""
+    if MASK_KIND == MASK_NONE:
+        dk, dv = _dkdv_tile(dk, dv, kT, v, start_m, start_n, ptrs, offs, strides, problem, mods, True,
+                            E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
+                            PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
+    else:
+        sees, masks = tile_flags(bmap, start_m, start_n, problem[0], problem[1], BLOCK_M, BLOCK_N)
+        if sees != 0:
+            dk, dv = _dkdv_tile(dk, dv, kT, v, start_m, start_n, ptrs, offs, strides, problem, mods, masks != 0,
+                                E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
+                            PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
+    return dk, dv
+
+
+@triton.jit
 def _dkdv_range(
-    dk, dv, kT, v, tiles, start_n, ptrs, offs, strides, problem, mods,
+    dk, dv, kT, v, tiles, start_n, ptrs, offs, strides, problem, mods, bmap,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr,
@@ -156,15 +180,15 @@ def _dkdv_range(
     feature, dO's, the mask's row and column), problem (L, S, scale, lo_off, hi_off), mods (load_mods)."""
     lo, full_lo, full_hi, hi = tiles
     for start_m in range(lo, full_lo, BLOCK_M):
-        dk, dv = _dkdv_tile(dk, dv, kT, v, start_m, start_n, ptrs, offs, strides, problem, mods,
+        dk, dv = _dkdv_step(dk, dv, kT, v, start_m, start_n, ptrs, offs, strides, problem, mods, bmap,
                             E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
                             PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
     for start_m in range(full_lo, full_hi, BLOCK_M):
-        dk, dv = _dkdv_tile(dk, dv, kT, v, start_m, start_n, ptrs, offs, strides, problem, mods,
+        dk, dv = _dkdv_step(dk, dv, kT, v, start_m, start_n, ptrs, offs, strides, problem, mods, bmap,
                             E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
                             PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
     for start_m in range(full_hi, hi, BLOCK_M):
-        dk, dv = _dkdv_tile(dk, dv, kT, v, start_m, start_n, ptrs, offs, strides, problem, mods,
+        dk, dv = _dkdv_step(dk, dv, kT, v, start_m, start_n, ptrs, offs, strides, problem, mods, bmap,
                             E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
                             PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
     return dk, dv
@@ -182,11 +206,12 @@ def _dkdv_range(
 })
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, M, DO, STATS, DELTA, DK, DV, ALIBI, RNG,
+    Q, K, V, M, BMAP, DO, STATS, DELTA, DK, DV, ALIBI, RNG,
     stride_qb, stride_qh, stride_ql, stride_qe,
     stride_kb, stride_kh, stride_ks, stride_ke,
     stride_vb, stride_vh, stride_vs, stride_ve,
     stride_mb, stride_mh, stride_ml, stride_ms,
+    stride_cb, stride_ch, stride_cm, stride_cn,
     stride_dob, stride_doh, stride_dol, stride_doe,
     stride_dkb, stride_dkh, stride_dks, stride_dke,
     stride_dvb, stride_dvh, stride_dvs, stride_dve,
@@ -247,7 +272,7 @@ def _attn_bwd_dkdv_kernel(
         dk, dv = _dkdv_range(
             dk, dv, kT, v, tiles, start_n, (q_base, do_base, mask_base, stats_base, delta_base),
             (offs_n, offs_m0, offs_e, offs_ev), (stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms),
-            (L, S, scale, lo_off, hi_off), mods,
+            (L, S, scale, lo_off, hi_off), mods, (BMAP + b * stride_cb + h * stride_ch, stride_cm, stride_cn),
             E=E, EV=EV, BLOCK_E=BLOCK_E, BLOCK_EV=BLOCK_EV, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT,
             HAS_RIGHT=HAS_RIGHT, CHECK_M=not EVEN_M, CHECK_N=not EVEN_N, PRECISION=PRECISION, SOFTCAP=SOFTCAP,
             HAS_ALIBI=HAS_ALIBI, HAS_DROPOUT=HAS_DROPOUT, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
@@ -265,7 +290,7 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_tile(
-    dq, rows, start_n, ptrs, offs, strides, problem, mods,
+    dq, rows, start_m, start_n, ptrs, offs, strides, problem, mods, apply_mask,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, APPLY_BAND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr,
@@ -286,7 +311,7 @@ def _dq_tile(
     s = tl.dot(q, kT, input_precision=PRECISION) * scale
     s, t = modify_scores(s, offs_m[:, None], offs_n[None, :], mods, SOFTCAP, HAS_ALIBI)
     s = mask_scores(s, offs_m[:, None], offs_n[None, :], mask_base, stride_ml, stride_ms, L, S, lo_off, hi_off,
-                    MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N)
+                    apply_mask, MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N)
     p = tl.math.exp2((s - row_max[:, None]) * LOG2E - log2l[:, None])
     dp = tl.dot(do, vT, input_precision=PRECISION)
     if HAS_DROPOUT:  # dP = (dO Vᵀ) ∘ Z
@@ -299,8 +324,31 @@ def _dq_tile(
 
 
 @triton.jit
+def _dq_step(
+    dq, rows, start_m, start_n, ptrs, offs, strides, problem, mods, bmap,
+    E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
+    MASK_KIND: tl.constexpr, APPLY_BAND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """_dq_tile as the user mask's block map has it (see _dkdv_step)."""
+    if MASK_KIND == MASK_NONE:
+        dq = _dq_tile(dq, rows, start_m, start_n, ptrs, offs, strides, problem, mods, True,
+                            E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
+                            PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
+    else:
+        sees, masks = tile_flags(bmap, start_m, start_n, problem[0], problem[1], BLOCK_M, BLOCK_N)
+        if sees != 0:
+            dq = _dq_tile(dq, rows, start_m, start_n, ptrs, offs, strides, problem, mods, masks != 0,
+                                E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
+                            PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
+    return dq
+
+
+@triton.jit
 def _dq_range(
-    dq, rows, tiles, ptrs, offs, strides, problem, mods,
+    dq, rows, tiles, start_m, ptrs, offs, strides, problem, mods, bmap,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr,
@@ -314,15 +362,15 @@ def _dq_range(
     the mask's row and column), problem (L, S, scale, lo_off, hi_off), mods (load_mods)."""
     lo, full_lo, full_hi, hi = tiles
     for start_n in range(lo, full_lo, BLOCK_N):
-        dq = _dq_tile(dq, rows, start_n, ptrs, offs, strides, problem, mods,
+        dq = _dq_step(dq, rows, start_m, start_n, ptrs, offs, strides, problem, mods, bmap,
                       E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
                       PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
     for start_n in range(full_lo, full_hi, BLOCK_N):
-        dq = _dq_tile(dq, rows, start_n, ptrs, offs, strides, problem, mods,
+        dq = _dq_step(dq, rows, start_m, start_n, ptrs, offs, strides, problem, mods, bmap,
                       E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
                       PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
     for start_n in range(full_hi, hi, BLOCK_N):
-        dq = _dq_tile(dq, rows, start_n, ptrs, offs, strides, problem, mods,
+        dq = _dq_step(dq, rows, start_m, start_n, ptrs, offs, strides, problem, mods, bmap,
                       E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
                       PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
     return dq
@@ -340,11 +388,12 @@ def _dq_range(
 })
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, M, DO, STATS, DELTA, DQ, ALIBI, RNG,
+    Q, K, V, M, BMAP, DO, STATS, DELTA, DQ, ALIBI, RNG,
     stride_qb, stride_qh, stride_ql, stride_qe,
     stride_kb, stride_kh, stride_ks, stride_ke,
     stride_vb, stride_vh, stride_vs, stride_ve,
     stride_mb, stride_mh, stride_ml, stride_ms,
+    stride_cb, stride_ch, stride_cm, stride_cn,
     stride_dob, stride_doh, stride_dol, stride_doe,
     stride_dqb, stride_dqh, stride_dql, stride_dqe,
     H, GROUP, L, S, scale, lo_off, hi_off, L_BUCKET, S_BUCKET,
@@ -397,8 +446,9 @@ def _attn_bwd_dq_kernel(
 
     tiles = key_tiles(start_m, S, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     dq = _dq_range(
-        dq, (q, do, row_max, log2l, delta), tiles, (k_base, v_base, mask_base), (offs_m, offs_n0, offs_e, offs_ev),
-        (stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms), (L, S, scale, lo_off, hi_off), mods,
+        dq, (q, do, row_max, log2l, delta), tiles, start_m, (k_base, v_base, mask_base),
+        (offs_m, offs_n0, offs_e, offs_ev), (stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms),
+        (L, S, scale, lo_off, hi_off), mods, (BMAP + b * stride_cb + h * stride_ch, stride_cm, stride_cn),
         E=E, EV=EV, BLOCK_E=BLOCK_E, BLOCK_EV=BLOCK_EV, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT,
         CHECK_M=not EVEN_M, CHECK_N=not EVEN_N, PRECISION=PRECISION, SOFTCAP=SOFTCAP, HAS_ALIBI=HAS_ALIBI,
         HAS_DROPOUT=HAS_DROPOUT, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
@@ -426,7 +476,7 @@ def _atomic_add_tile(ptrs, x, rows, cols, n_rows, n_cols, CHECK_ROWS: tl.constex
 
 @triton.jit
 def _onepass_tile(
-    dk, dv, kT, vT, start_m, start_n, ptrs, offs, strides, problem, mods,
+    dk, dv, kT, vT, start_m, start_n, ptrs, offs, strides, problem, mods, apply_mask,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, APPLY_BAND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr,
@@ -453,7 +503,7 @@ def _onepass_tile(
     s = tl.dot(q, kT, input_precision=PRECISION) * scale
     s, t = modify_scores(s, offs_m[:, None], offs_n[None, :], mods, SOFTCAP, HAS_ALIBI)
     s = mask_scores(s, offs_m[:, None], offs_n[None, :], mask_base, stride_ml, stride_ms, L, S, lo_off, hi_off,
-                    MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N)
+                    apply_mask, MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N)
     p = tl.math.exp2((s - row_max[:, None]) * LOG2E - log2l[:, None])
     do = load_tile(do_base + offs_m[:, None] * stride_dol + offs_ev[None, :] * stride_doe,
                    offs_m, offs_ev, L, EV, CHECK_M, BLOCK_EV != EV)
@@ -477,8 +527,31 @@ def _onepass_tile(
 
 
 @triton.jit
+def _onepass_step(
+    dk, dv, kT, vT, start_m, start_n, ptrs, offs, strides, problem, mods, bmap,
+    E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
+    MASK_KIND: tl.constexpr, APPLY_BAND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """_onepass_tile as the user mask's block map has it (see _dkdv_step)."""
+    if MASK_KIND == MASK_NONE:
+        dk, dv = _onepass_tile(dk, dv, kT, vT, start_m, start_n, ptrs, offs, strides, problem, mods, True,
+                            E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
+                            PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
+    else:
+        sees, masks = tile_flags(bmap, start_m, start_n, problem[0], problem[1], BLOCK_M, BLOCK_N)
+        if sees != 0:
+            dk, dv = _onepass_tile(dk, dv, kT, vT, start_m, start_n, ptrs, offs, strides, problem, mods, masks != 0,
+                                E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
+                            PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
+    return dk, dv
+
+
+@triton.jit
 def _onepass_range(
-    dk, dv, kT, vT, tiles, start_n, ptrs, offs, strides, problem, mods,
+    dk, dv, kT, vT, tiles, start_n, ptrs, offs, strides, problem, mods, bmap,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr,
@@ -489,15 +562,15 @@ def _onepass_range(
     band's edge tiles, a few each, are not pipelined); ptrs adds dq_base, the head's float32 dQ rows."""
     lo, full_lo, full_hi, hi = tiles
     for start_m in tl.range(lo, full_lo, BLOCK_M, num_stages=1):
-        dk, dv = _onepass_tile(dk, dv, kT, vT, start_m, start_n, ptrs, offs, strides, problem, mods,
+        dk, dv = _onepass_step(dk, dv, kT, vT, start_m, start_n, ptrs, offs, strides, problem, mods, bmap,
                                E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
                                PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
     for start_m in range(full_lo, full_hi, BLOCK_M):
-        dk, dv = _onepass_tile(dk, dv, kT, vT, start_m, start_n, ptrs, offs, strides, problem, mods,
+        dk, dv = _onepass_step(dk, dv, kT, vT, start_m, start_n, ptrs, offs, strides, problem, mods, bmap,
                                E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
                                PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
     for start_m in tl.range(full_hi, hi, BLOCK_M, num_stages=1):
-        dk, dv = _onepass_tile(dk, dv, kT, vT, start_m, start_n, ptrs, offs, strides, problem, mods,
+        dk, dv = _onepass_step(dk, dv, kT, vT, start_m, start_n, ptrs, offs, strides, problem, mods, bmap,
                                E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
                                PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
     return dk, dv
@@ -516,11 +589,12 @@ def _onepass_range(
 })
 @triton.jit
 def _attn_bwd_onepass_kernel(
-    Q, K, V, M, DO, STATS, DELTA, DK, DV, DQ_ACC, ALIBI, RNG,
+    Q, K, V, M, BMAP, DO, STATS, DELTA, DK, DV, DQ_ACC, ALIBI, RNG,
     stride_qb, stride_qh, stride_ql, stride_qe,
     stride_kb, stride_kh, stride_ks, stride_ke,
     stride_vb, stride_vh, stride_vs, stride_ve,
     stride_mb, stride_mh, stride_ml, stride_ms,
+    stride_cb, stride_ch, stride_cm, stride_cn,
     stride_dob, stride_doh, stride_dol, stride_doe,
     stride_dkb, stride_dkh, stride_dks, stride_dke,
     stride_dvb, stride_dvh, stride_dvs, stride_dve,
@@ -583,7 +657,7 @@ def _attn_bwd_onepass_kernel(
         dk, dv = _onepass_range(
             dk, dv, kT, vT, tiles, start_n, (q_base, do_base, mask_base, stats_base, delta_base, dq_base),
             (offs_n, offs_m0, offs_e, offs_ev), (stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms),
-            (L, S, scale, lo_off, hi_off), mods,
+            (L, S, scale, lo_off, hi_off), mods, (BMAP + b * stride_cb + h * stride_ch, stride_cm, stride_cn),
             E=E, EV=EV, BLOCK_E=BLOCK_E, BLOCK_EV=BLOCK_EV, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT,
             HAS_RIGHT=HAS_RIGHT, CHECK_M=not EVEN_M, CHECK_N=not EVEN_N, PRECISION=PRECISION, SOFTCAP=SOFTCAP,
             HAS_ALIBI=HAS_ALIBI, HAS_DROPOUT=HAS_DROPOUT, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
@@ -691,7 +765,7 @@ def _attn_bwd_dmask_kernel(
                     s = tl.dot(q, kT, input_precision=PRECISION) * scale
                     s, _ = modify_scores(s, offs_m[:, None], offs_n[None, :], mods, SOFTCAP, HAS_ALIBI)
                     s = mask_scores(s, offs_m[:, None], offs_n[None, :], mask_base, stride_ml, stride_ms,
-                                    L, S, lo_off, hi_off, 2, True, HAS_LEFT, HAS_RIGHT, True, True)
+                                    L, S, lo_off, hi_off, True, 2, True, HAS_LEFT, HAS_RIGHT, True, True)
                     p = tl.math.exp2((s - row_max[:, None]) * LOG2E - log2l[:, None])
                     dp = tl.dot(do, vT, input_precision=PRECISION)
                     if HAS_DROPOUT:
@@ -796,7 +870,7 @@ def onepass_runs(E: int, Ev: int, dtype) -> bool:
     return True
 
 
-def _launch_onepass(q, k, v, mask_ptr, m_strides, dout, stats, delta, dk_t, dv_t, dq_acc, parts: int, scale,
+def _launch_onepass(q, k, v, mask_ptr, m_strides, bmap, c_strides, dout, stats, delta, dk_t, dv_t, dq_acc, parts: int, scale,
                     band_bounds, mod_ptrs, cu_ptrs, mod_scalars, common, lengths):
     """The single-pass dK/dV/dQ kernel: writes dK and dV into dk_t and dv_t (_kv_part_buffers' for
     `parts`) and adds the unscaled dQ into the float32 buffer dq_acc."""
@@ -804,22 +878,22 @@ def _launch_onepass(q, k, v, mask_ptr, m_strides, dout, stats, delta, dk_t, dv_t
     Hkv, S = k.shape[1], k.shape[2]
     common = dict(common, I64=common["I64"] or needs_int64(dq_acc, dk_t, dv_t))
     _attn_bwd_onepass_kernel[lambda meta: (triton.cdiv(lengths[1], meta["BLOCK_N"]), Hkv * parts, B)](
-        q, k, v, mask_ptr, dout, stats, delta, dk_t, dv_t, dq_acc, *mod_ptrs,
-        *q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *dk_t.stride(), *dv_t.stride(),
+        q, k, v, mask_ptr, bmap, dout, stats, delta, dk_t, dv_t, dq_acc, *mod_ptrs,
+        *q.stride(), *k.stride(), *v.stride(), *m_strides, *c_strides, *dout.stride(), *dk_t.stride(), *dv_t.stride(),
         H, H // Hkv, H // Hkv // parts, L, S, scale, *band_bounds, configs.bucket(lengths[0]),
         configs.bucket(lengths[1]), *mod_scalars, *cu_ptrs, **common,
     )
 
 
-def _launch_dkdv(q, k, v, mask_ptr, m_strides, dout, stats, delta, dk_t, dv_t, parts: int, scale, band_bounds,
+def _launch_dkdv(q, k, v, mask_ptr, m_strides, bmap, c_strides, dout, stats, delta, dk_t, dv_t, parts: int, scale, band_bounds,
                  mod_ptrs, cu_ptrs, mod_scalars, common, lengths):
     """The two-pass path's dK/dV kernel, writing dk_t and dv_t (_kv_part_buffers' for `parts`)."""
     B, H, L, E = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     common = dict(common, I64=common["I64"] or needs_int64(dk_t, dv_t))
     _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(lengths[1], meta["BLOCK_N"]), Hkv * parts, B)](
-        q, k, v, mask_ptr, dout, stats, delta, dk_t, dv_t, *mod_ptrs,
-        *q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *dk_t.stride(), *dv_t.stride(),
+        q, k, v, mask_ptr, bmap, dout, stats, delta, dk_t, dv_t, *mod_ptrs,
+        *q.stride(), *k.stride(), *v.stride(), *m_strides, *c_strides, *dout.stride(), *dk_t.stride(), *dv_t.stride(),
         H, H // Hkv, H // Hkv // parts, L, S, scale, *band_bounds, configs.bucket(lengths[0]),
         configs.bucket(lengths[1]), *mod_scalars, *cu_ptrs, **common,
     )
@@ -846,7 +920,7 @@ def _kernel_switches(q, E: int, Ev: int, kind: int, band_bounds, i64: bool, mods
                 VARLEN=varlen, **mods_args(mods, q)[2])
 
 
-def _gradients(q, k, v, mask_ptr, m_strides, dout, stats, delta, dq, dk, dv, scale, band_bounds, mods,
+def _gradients(q, k, v, mask_ptr, m_strides, bmap, c_strides, dout, stats, delta, dq, dk, dv, scale, band_bounds, mods,
                onepass: bool, common, lengths, cu=None) -> None:
     """dK, dV and dQ over (B, H, L, ·) tensors, after the preprocess: the two-pass kernels or the single
     pass, one launch each per batch slice. `lengths` (query, key) size the grids and the autotune
@@ -864,7 +938,8 @@ def _gradients(q, k, v, mask_ptr, m_strides, dout, stats, delta, dq, dk, dv, sca
     lo_off, hi_off = band_bounds[:2]
     for b0, b1, part in tcommon.batch_slices(B):  # one launch each unless B passes grid axis 2's limit
         n = b1 - b0
-        args = (part(q), part(k), part(v), part(mask_ptr), m_strides, part(dout), part(stats), part(delta))
+        args = (part(q), part(k), part(v), part(mask_ptr), m_strides, part(bmap), c_strides, part(dout), part(stats),
+                part(delta))
         mod_ptrs, mod_scalars, _ = mods_args(mods, q, b0)
         mod_ptrs = (part(mod_ptrs[0]), mod_ptrs[1])  # ALiBi slopes by batch; the rng whole
         cu_ptrs = (cu[0][b0:b1 + 1], cu[1][b0:b1 + 1]) if cu is not None else (q, q)  # q: never read
@@ -875,8 +950,8 @@ def _gradients(q, k, v, mask_ptr, m_strides, dout, stats, delta, dq, dk, dv, sca
         _launch_dkdv(*args, part(dk_t), part(dv_t), parts, scale, (lo_off, hi_off), mod_ptrs, cu_ptrs, mod_scalars,
                      common, lengths)
         _attn_bwd_dq_kernel[lambda meta, n=n: (triton.cdiv(lengths[0], meta["BLOCK_M"]), H, n)](
-            part(q), part(k), part(v), part(mask_ptr), part(dout), part(stats), part(delta), part(dq), *mod_ptrs,
-            *q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *dq.stride(),
+            part(q), part(k), part(v), part(mask_ptr), part(bmap), part(dout), part(stats), part(delta), part(dq),
+            *mod_ptrs, *q.stride(), *k.stride(), *v.stride(), *m_strides, *c_strides, *dout.stride(), *dq.stride(),
             H, H // Hkv, L, k.shape[2], scale, lo_off, hi_off, configs.bucket(lengths[0]), configs.bucket(lengths[1]),
             *mod_scalars, *cu_ptrs, **common,
         )
@@ -909,6 +984,7 @@ def attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale: flo
     kind = mask_kind(mask)
     mask_t, m_strides = mask_args(mask)
     mask_ptr = mask_t if mask_t is not None else q
+    bmap, c_strides = map_args(mask, q)  # the forward's, from the cache, unless the mask changed since
 
     has_lo = out_lo is not None and out_lo.numel() > 0
     i64 = needs_int64(q, k, v, mask, out, out_lo if has_lo else None, dout, dq, dk, dv)
@@ -918,7 +994,7 @@ def attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale: flo
     for b0, b1, part in tcommon.batch_slices(B):
         _launch_preprocess(part(out), part(out_lo) if has_lo else None, part(dout), part(dlse), part(stats),
                            part(delta), i64)
-    _gradients(q, k, v, mask_ptr, m_strides, dout, stats, delta, dq, dk, dv, scale, band_bounds, mods,
+    _gradients(q, k, v, mask_ptr, m_strides, bmap, c_strides, dout, stats, delta, dq, dk, dv, scale, band_bounds, mods,
                _use_onepass(deterministic, E, Ev, q.dtype),
                _kernel_switches(q, E, Ev, kind, band_bounds, i64, mods, False), (L, S))
 
@@ -965,7 +1041,7 @@ def varlen_backward(dout, dlse, q, k, v, cu_q, cu_k, max_q: int, max_k: int, out
     _launch_preprocess(rows(out), rows(out_lo) if has_lo else None, rows(dout),
                        dlse.unsqueeze(0) if dlse is not None else None, stats_rows, delta, i64)
     band_bounds = tcommon.varlen_band_args(band, max_q, max_k)
-    _gradients(view(q), view(k), view(v), q, (0, 0, 0, 0), view(dout), stats_rows, delta, view(dq), view(dk),
+    _gradients(view(q), view(k), view(v), q, (0, 0, 0, 0), q, (0, 0, 0, 0), view(dout), stats_rows, delta, view(dq), view(dk),
                view(dv), scale, band_bounds, mods, _use_onepass(deterministic, E, Ev, q.dtype),
                _kernel_switches(q, E, Ev, tcommon.MASK_NONE.value, band_bounds, i64, mods, True), (max_q, max_k),
                (cu_q, cu_k))

@@ -7,7 +7,7 @@ exp(s - m) = exp2((s - m) · log2(e)). The log-sum-exp handed to Python is in na
 import triton
 import triton.language as tl
 
-from .. import masks
+from .. import block_map, masks
 
 # constexpr so compiled kernels may read them (plain globals only work under the interpreter); Python
 # code reads `.value`.
@@ -16,6 +16,10 @@ LN2 = tl.constexpr(0.6931471805599453)
 # The kernels' MASK_KIND, by name (masks.py's codes).
 MASK_NONE = tl.constexpr(masks.MASK_NONE)
 MASK_BOOL = tl.constexpr(masks.MASK_BOOL)
+# The block map's sub-tile edge and flags (block_map.py).
+MAP_TILE = tl.constexpr(block_map.TILE)
+MAP_SEES = tl.constexpr(block_map.SEES)
+MAP_MASKS = tl.constexpr(block_map.MASKS)
 
 
 @triton.jit
@@ -75,7 +79,7 @@ def store_tile(ptrs, x, rows, cols, n_rows, n_cols, CHECK_ROWS: tl.constexpr, CH
 
 @triton.jit
 def mask_scores(
-    s, qi, kj, mask_base, stride_ml, stride_ms, L, S, lo_off, hi_off,
+    s, qi, kj, mask_base, stride_ml, stride_ms, L, S, lo_off, hi_off, apply_mask,
     MASK_KIND: tl.constexpr, APPLY_BAND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     CHECK_Q: tl.constexpr, CHECK_K: tl.constexpr,
 ):
@@ -85,17 +89,20 @@ def mask_scores(
     `qi` and `kj` are the query-row and key-column indices shaped to broadcast against `s`
     ([:, None] and [None, :], or the transpose for the kernels that hold Sᵀ). Masked scores become -inf.
     APPLY_BAND is off for tiles that key_tiles/query_tiles found inside the band for every row.
+    `apply_mask` (a runtime flag: tile_flags' MASKS) off skips the user mask (no loads) on a tile the
+    block map found it leaves unchanged.
     """
     if MASK_KIND != MASK_NONE:
-        m_ptrs = mask_base + qi * stride_ml + kj * stride_ms
-        if CHECK_Q or CHECK_K:
-            m = tl.load(m_ptrs, mask=(qi < L) & (kj < S), other=0)
-        else:
-            m = tl.load(m_ptrs)
-        if MASK_KIND == MASK_BOOL:
-            s = tl.where(m != 0, s, float("-inf"))
-        else:
-            s = s + m.to(tl.float32)
+        if apply_mask:
+            m_ptrs = mask_base + qi * stride_ml + kj * stride_ms
+            if CHECK_Q or CHECK_K:
+                m = tl.load(m_ptrs, mask=(qi < L) & (kj < S), other=0)
+            else:
+                m = tl.load(m_ptrs)
+            if MASK_KIND == MASK_BOOL:
+                s = tl.where(m != 0, s, float("-inf"))
+            else:
+                s = s + m.to(tl.float32)
     if APPLY_BAND:
         if HAS_RIGHT:
             s = tl.where(kj <= qi + hi_off, s, float("-inf"))
@@ -104,6 +111,32 @@ def mask_scores(
     if CHECK_K:
         s = tl.where(kj < S, s, float("-inf"))
     return s
+
+
+@triton.jit
+def tile_flags(bmap, start_m, start_n, L, S, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """What the user mask does to the score tile of rows [start_m, +BLOCK_M) and keys [start_n,
+    +BLOCK_N): (sees, masks), each nonzero when some of the tile's block-map sub-tiles have that flag
+    (block_map.py). `bmap` is (map base at this batch and head, row stride, column stride). A tile with
+    sees == 0 is hidden entirely (skip it); masks == 0 leaves every score as it is (no mask loads).
+    Sub-tiles past the scores' edge read as 0, which flags nothing."""
+    tl.static_assert(BLOCK_M // MAP_TILE * MAP_TILE == BLOCK_M and BLOCK_N // MAP_TILE * MAP_TILE == BLOCK_N,
+                     "tiles are whole block-map sub-tiles")
+    base, stride_cm, stride_cn = bmap
+    rows = start_m // MAP_TILE + tl.arange(0, BLOCK_M // MAP_TILE)
+    cols = start_n // MAP_TILE + tl.arange(0, BLOCK_N // MAP_TILE)
+    inside = (rows[:, None] < tl.cdiv(L, MAP_TILE)) & (cols[None, :] < tl.cdiv(S, MAP_TILE))
+    f = tl.load(base + rows[:, None] * stride_cm + cols[None, :] * stride_cn, mask=inside, other=0).to(tl.int32)
+    return tl.max(tl.max(f & MAP_SEES, 1), 0), tl.max(tl.max(f & MAP_MASKS, 1), 0)
+
+
+def map_args(mask, dummy):
+    """(block map, its 4 strides) of a canonical mask for the kernels (block_map.block_map, cached), or
+    (`dummy`, zeros) without a mask."""
+    if mask is None:
+        return dummy, (0, 0, 0, 0)
+    bmap = block_map.block_map(mask)
+    return bmap, block_map.map_strides(bmap)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -25,21 +25,47 @@ from ..buffers import (new_lse, new_output, new_residual, new_stats, new_varlen_
                        new_varlen_residual, new_varlen_stats)
 from ..score_mods import NONE
 from . import common, configs
-from .common import (dropout_keep, index_range, key_tiles, load_mods, load_tile, mask_scores, modify_scores,
-                     mods_args, needs_int64, packed_mods, packed_sequence, store_tile, at_token, first_row, LN2,
-                     LOG2E)
+from .common import (dropout_keep, index_range, key_tiles, load_mods, load_tile, map_args, mask_scores,
+                     modify_scores, mods_args, needs_int64, packed_mods, packed_sequence, store_tile, tile_flags,
+                     at_token, first_row, LN2, LOG2E, MASK_NONE)
 
 
 @triton.jit
-def _fwd_tile(
-    acc, l_i, m_i, q, start_n, ptrs, offs, strides, problem, mods,
+def _fwd_step(
+    acc, l_i, m_i, q, start_m, start_n, ptrs, offs, strides, problem, mods, bmap,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, APPLY_BAND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One key tile of the online softmax. Groups: ptrs (k_base, v_base, mask_base) at this batch and
+    """One key tile of the online softmax, as the user mask's block map has it (block_map.py; `bmap`
+    (map base at this batch and head, its row and column strides)): a tile the mask hides is skipped,
+    one it leaves unchanged is computed without mask loads. The other groups are _fwd_tile'."""
+    if MASK_KIND == MASK_NONE:
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, start_n, ptrs, offs, strides, problem, mods, True,
+                                    E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M,
+                                    CHECK_N, PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
+    else:
+        sees, masks = tile_flags(bmap, start_m, start_n, problem[0], problem[1], BLOCK_M, BLOCK_N)
+        if sees != 0:
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, start_n, ptrs, offs, strides, problem, mods, masks != 0,
+                                        E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT,
+                                        CHECK_M, CHECK_N, PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M,
+                                        BLOCK_N)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_tile(
+    acc, l_i, m_i, q, start_n, ptrs, offs, strides, problem, mods, apply_mask,
+    E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
+    MASK_KIND: tl.constexpr, APPLY_BAND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One key tile of the online softmax (apply_mask: mask_scores'). Groups: ptrs (k_base, v_base, mask_base) at this batch and
     head, offs (offs_m, offs_n0, offs_e, offs_ev), strides (K's key and feature, V's, the mask's row and
     column), problem (L, S, scale, lo_off, hi_off), mods (load_mods)."""
     k_base, v_base, mask_base = ptrs
@@ -53,7 +79,7 @@ def _fwd_tile(
     s = tl.dot(q, kT, input_precision=PRECISION) * scale
     s, _ = modify_scores(s, offs_m[:, None], offs_n[None, :], mods, SOFTCAP, HAS_ALIBI)
     s = mask_scores(s, offs_m[:, None], offs_n[None, :], mask_base, stride_ml, stride_ms, L, S, lo_off, hi_off,
-                    MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N)
+                    apply_mask, MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row with nothing visible yet keeps m = -inf; subtract 0 instead so exp2 sees -inf, not NaN.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -82,11 +108,12 @@ def _fwd_tile(
 })
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, M, O, O_LO, LSE, STATS, ALIBI, RNG,
+    Q, K, V, M, BMAP, O, O_LO, LSE, STATS, ALIBI, RNG,
     stride_qb, stride_qh, stride_ql, stride_qe,
     stride_kb, stride_kh, stride_ks, stride_ke,
     stride_vb, stride_vh, stride_vs, stride_ve,
     stride_mb, stride_mh, stride_ml, stride_ms,
+    stride_cb, stride_ch, stride_cm, stride_cn,
     stride_ob, stride_oh, stride_ol, stride_oe,
     H, GROUP, L, S, scale, lo_off, hi_off, L_BUCKET, S_BUCKET,
     stride_ab, b0, softcap, softcap_inv, drop_threshold, drop_scale, CU_Q, CU_K,
@@ -146,16 +173,17 @@ def _attn_fwd_kernel(
     offs = (offs_m, offs_n0, offs_e, offs_ev)
     strides = (stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms)
     problem = (L, S, scale, lo_off, hi_off)
+    bmap = (BMAP + b * stride_cb + h64 * stride_ch, stride_cm, stride_cn)  # the mask's block map
     for start_n in range(lo, full_lo, BLOCK_N):
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, start_n, ptrs, offs, strides, problem, mods,
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, start_m, start_n, ptrs, offs, strides, problem, mods, bmap,
                                   E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, HAS_LEFT, HAS_RIGHT, not EVEN_M,
                                   not EVEN_N, PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
     for start_n in range(full_lo, full_hi, BLOCK_N):
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, start_n, ptrs, offs, strides, problem, mods,
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, start_m, start_n, ptrs, offs, strides, problem, mods, bmap,
                                   E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False, HAS_LEFT, HAS_RIGHT, not EVEN_M,
                                   not EVEN_N, PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
     for start_n in range(full_hi, hi, BLOCK_N):
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, start_n, ptrs, offs, strides, problem, mods,
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, start_m, start_n, ptrs, offs, strides, problem, mods, bmap,
                                   E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, HAS_LEFT, HAS_RIGHT, not EVEN_M,
                                   not EVEN_N, PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
 
@@ -248,6 +276,7 @@ def _launch(q, k, v, mask, out, out_lo, lse, stats, scale, band_bounds, mods, le
     has_lo = out_lo.numel() > 0
     assert not has_lo or out_lo.stride() == out.stride()
     mask_t, m_strides = mask_args(mask)
+    bmap, c_strides = map_args(mask, q)
     from ..masks import mask_kind
 
     mask_t = mask_t if mask_t is not None else q
@@ -256,9 +285,9 @@ def _launch(q, k, v, mask, out, out_lo, lse, stats, scale, band_bounds, mods, le
         mod_ptrs, mod_scalars, switches = mods_args(mods, q, b0)
         cu_q, cu_k = (cu[0][b0:b1 + 1], cu[1][b0:b1 + 1]) if cu is not None else (q, q)  # q: never read
         _attn_fwd_kernel[lambda meta, n=b1 - b0: (triton.cdiv(lengths[0], meta["BLOCK_M"]), H, n)](
-            part(q), part(k), part(v), part(mask_t), part(out), part(out_lo if has_lo else out), part(lse),
+            part(q), part(k), part(v), part(mask_t), part(bmap), part(out), part(out_lo if has_lo else out), part(lse),
             part(stats), part(mod_ptrs[0]), mod_ptrs[1],  # ALiBi slopes by batch; the rng whole
-            *q.stride(), *k.stride(), *v.stride(), *m_strides, *out.stride(),
+            *q.stride(), *k.stride(), *v.stride(), *m_strides, *c_strides, *out.stride(),
             H, H // Hkv, L, S, scale, lo_off, hi_off,
             configs.bucket(lengths[0]), configs.bucket(lengths[1]), *mod_scalars, cu_q, cu_k, **switches,
             E=E, EV=Ev, BLOCK_E=configs.head_block(E), BLOCK_EV=configs.head_block(Ev),

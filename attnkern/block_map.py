@@ -1,0 +1,117 @@
+"""Block maps: what a mask does to each tile of the scores, found once per mask and reused.
+
+A kernel that streams (query tile × key tile) score blocks need not read the mask on every tile: a
+tile the mask hides entirely can be skipped (no loads, no products), and a tile the mask leaves
+unchanged can be computed as if there were no mask (no mask loads). The block map records this per
+sub-tile of TILE × TILE scores, two flags each:
+
+    SEES   some score of the sub-tile stays visible (a bool mask holds a True there; for float masks
+           always set: a -inf entry added to a NaN or +inf score gives NaN, as torch's math path has
+           it, so only a bool mask, which replaces scores, may hide a tile from a kernel)
+    MASKS  some score is changed by the mask (a False; a float entry other than ±0.0)
+
+so a sub-tile is empty (MASKS only), full (SEES only) or partial (both). A kernel's tile spans whole
+sub-tiles (its block sizes are multiples of TILE) and ORs their flags: empty iff no sub-tile SEES,
+full iff none MASKS. The sub-tile grain keeps one map right for every autotune config. Sub-tiles past
+the scores' edge are not in the map; kernels read them as 0 (no flag), which changes no OR.
+
+The map has the mask's canonical shape (masks.py) at sub-tile grain: (Bm, Hm, ceil(Lm/TILE),
+ceil(Sm/TILE)), a broadcast dim (1, or a stride-0 expanded one) staying 1, read with stride 0. It is
+computed with a few torch reductions on the mask's device and cached by the mask's memory, version
+counter (in-place changes bump it), shape, strides and dtype, while the tensor it views is alive; so
+the backward, and every layer handed the same mask, reuse the forward's map.
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+from collections import OrderedDict
+
+import torch
+
+TILE = 16  # the sub-tile edge: the smallest BLOCK_M / BLOCK_N of any kernel config
+SEES = 1
+MASKS = 2
+CACHE_SIZE = 16  # masks remembered (a model typically has one or two per step)
+
+_cache: "OrderedDict[tuple, tuple]" = OrderedDict()
+_lock = threading.Lock()
+
+
+def classify(mask: torch.Tensor) -> torch.Tensor:
+    """The block map (int8 SEES | MASKS flags per TILE × TILE sub-tile) of a canonical 4-D bool or
+    float mask (Bm, Hm, Lm, Sm); not cached (block_map caches)."""
+    if mask.dim() != 4:
+        raise ValueError(f"block map: the mask must be the canonical 4-D (Bm, Hm, Lm, Sm) view, got shape "
+                         f"{tuple(mask.shape)}")
+    # A stride-0 dim holds one value along it: classify that one (the map broadcasts it back).
+    mask = mask[tuple(slice(0, 1) if st == 0 and n > 1 else slice(None) for n, st in zip(mask.shape, mask.stride()))]
+    if mask.dtype == torch.bool:
+        sees, masks = mask, ~mask
+    elif mask.is_floating_point():
+        masks = mask != 0  # NaN too
+        sees = None
+    else:
+        raise ValueError(f"block map: the mask must be bool or floating point, got {mask.dtype}")
+    flags = _any_per_tile(masks).to(torch.int8) * MASKS
+    flags += _any_per_tile(sees).to(torch.int8) if sees is not None else SEES
+    return flags
+
+
+def _any_per_tile(x: torch.Tensor) -> torch.Tensor:
+    """Per TILE × TILE sub-tile of the last two dims (a dim of 1 stays 1): whether any element is True.
+    Padding past the edge is False, so it changes nothing."""
+    Bm, Hm, Lm, Sm = x.shape
+    tm, ts = (TILE if Lm > 1 else 1), (TILE if Sm > 1 else 1)
+    nm, ns = -(-Lm // tm), -(-Sm // ts)
+    x = torch.nn.functional.pad(x.to(torch.uint8), (0, ns * ts - Sm, 0, nm * tm - Lm))
+    return x.view(Bm, Hm, nm, tm, ns, ts).amax(dim=(3, 5)).bool()
+
+
+def map_strides(bmap: torch.Tensor):
+    """The map's strides for the kernels: a dim of size 1 is read with stride 0."""
+    return tuple(0 if n == 1 else st for n, st in zip(bmap.shape, bmap.stride()))
+
+
+def _version(t: torch.Tensor):
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors keep no version counter: nothing proves the cache current
+        return None
+
+
+def block_map(mask: torch.Tensor) -> torch.Tensor:
+    """classify(mask), cached: a later call on the same memory with the same version counter, shape,
+    strides and dtype, while the tensor that owns the view is alive, returns the same map. Not cached
+    while a CUDA graph captures (the classification is then part of the graph, so each replay
+    reclassifies whatever the mask buffer holds) nor for tensors without a version counter."""
+    version = _version(mask)
+    capturing = mask.is_cuda and torch.cuda.is_current_stream_capturing()
+    if version is None or capturing:
+        return classify(mask)
+    key = (mask.device, mask.data_ptr(), version, tuple(mask.shape), tuple(mask.stride()), mask.dtype)
+    owner = mask._base if mask._base is not None else mask
+    with _lock:
+        hit = _cache.get(key)
+        if hit is not None:
+            ref, bmap = hit
+            if ref() is owner:
+                _cache.move_to_end(key)
+                return bmap
+            del _cache[key]  # the memory was freed and reused by another tensor
+    bmap = classify(mask)
+    with _lock:
+        _cache[key] = (weakref.ref(owner), bmap)
+        while len(_cache) > CACHE_SIZE:
+            _cache.popitem(last=False)
+    return bmap
+
+
+def clear_cache() -> None:
+    with _lock:
+        _cache.clear()
+
+
+def cache_size() -> int:
+    with _lock:
+        return len(_cache)

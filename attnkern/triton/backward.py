@@ -27,6 +27,10 @@ exps per score). Grouped-query attention needs neither atomics nor a materialize
 a dK/dV program loops over its kv head's query heads, or, when that grid would leave SMs idle (MQA,
 small batch), over one part of them, the parts summed after in a fixed order (kv_group_parts).
 
+The dK/dV, dQ and single-pass kernels read the user mask's block map as the forward does (block_map.py:
+hidden tiles skipped, unchanged ones without mask loads); the dMask pass reads the mask on every tile,
+since it writes a gradient for every mask entry.
+
 Packed variable-length batches (varlen.py; varlen_backward) run the dK/dV, dQ and single-pass kernels
 with VARLEN set, one launch each over every sequence, as the forward does (forward.py); the preprocess
 takes the packed rows as one problem. A packed batch has no mask, hence no dMask pass.
@@ -152,15 +156,17 @@ def _dkdv_step(
     """_dkdv_tile as the user mask's block map has it (`bmap`: tile_flags'): a tile the mask hides is
     skipped, one it leaves unchanged computed without mask loads."""
     if MASK_KIND == MASK_NONE:
-        dk, dv = _dkdv_tile(dk, dv, kT, v, start_m, start_n, ptrs, offs, strides, problem, mods, True,
-                            E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
-                            PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
+        dk, dv = _dkdv_tile(
+            dk, dv, kT, v, start_m, start_n, ptrs, offs, strides, problem, mods, True, E, EV, BLOCK_E, BLOCK_EV,
+            MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N, PRECISION, SOFTCAP, HAS_ALIBI,
+            HAS_DROPOUT, BLOCK_M, BLOCK_N)
     else:
         sees, masks = tile_flags(bmap, start_m, start_n, problem[0], problem[1], BLOCK_M, BLOCK_N)
         if sees != 0:
-            dk, dv = _dkdv_tile(dk, dv, kT, v, start_m, start_n, ptrs, offs, strides, problem, mods, masks != 0,
-                                E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
-                            PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
+            dk, dv = _dkdv_tile(
+                dk, dv, kT, v, start_m, start_n, ptrs, offs, strides, problem, mods, masks != 0, E, EV, BLOCK_E,
+                BLOCK_EV, MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N, PRECISION, SOFTCAP,
+                HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
     return dk, dv
 
 
@@ -290,7 +296,7 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_tile(
-    dq, rows, start_m, start_n, ptrs, offs, strides, problem, mods, apply_mask,
+    dq, rows, start_n, ptrs, offs, strides, problem, mods, apply_mask,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, APPLY_BAND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr,
@@ -334,15 +340,17 @@ def _dq_step(
 ):
     """_dq_tile as the user mask's block map has it (see _dkdv_step)."""
     if MASK_KIND == MASK_NONE:
-        dq = _dq_tile(dq, rows, start_m, start_n, ptrs, offs, strides, problem, mods, True,
-                            E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
-                            PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
+        dq = _dq_tile(
+            dq, rows, start_n, ptrs, offs, strides, problem, mods, True, E, EV, BLOCK_E, BLOCK_EV, MASK_KIND,
+            APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N, PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M,
+            BLOCK_N)
     else:
         sees, masks = tile_flags(bmap, start_m, start_n, problem[0], problem[1], BLOCK_M, BLOCK_N)
         if sees != 0:
-            dq = _dq_tile(dq, rows, start_m, start_n, ptrs, offs, strides, problem, mods, masks != 0,
-                                E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
-                            PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
+            dq = _dq_tile(
+                dq, rows, start_n, ptrs, offs, strides, problem, mods, masks != 0, E, EV, BLOCK_E, BLOCK_EV,
+                MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N, PRECISION, SOFTCAP, HAS_ALIBI,
+                HAS_DROPOUT, BLOCK_M, BLOCK_N)
     return dq
 
 
@@ -537,15 +545,17 @@ def _onepass_step(
 ):
     """_onepass_tile as the user mask's block map has it (see _dkdv_step)."""
     if MASK_KIND == MASK_NONE:
-        dk, dv = _onepass_tile(dk, dv, kT, vT, start_m, start_n, ptrs, offs, strides, problem, mods, True,
-                            E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
-                            PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
+        dk, dv = _onepass_tile(
+            dk, dv, kT, vT, start_m, start_n, ptrs, offs, strides, problem, mods, True, E, EV, BLOCK_E, BLOCK_EV,
+            MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N, PRECISION, SOFTCAP, HAS_ALIBI,
+            HAS_DROPOUT, BLOCK_M, BLOCK_N)
     else:
         sees, masks = tile_flags(bmap, start_m, start_n, problem[0], problem[1], BLOCK_M, BLOCK_N)
         if sees != 0:
-            dk, dv = _onepass_tile(dk, dv, kT, vT, start_m, start_n, ptrs, offs, strides, problem, mods, masks != 0,
-                                E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
-                            PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
+            dk, dv = _onepass_tile(
+                dk, dv, kT, vT, start_m, start_n, ptrs, offs, strides, problem, mods, masks != 0, E, EV, BLOCK_E,
+                BLOCK_EV, MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N, PRECISION, SOFTCAP,
+                HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
     return dk, dv
 
 
@@ -870,8 +880,8 @@ def onepass_runs(E: int, Ev: int, dtype) -> bool:
     return True
 
 
-def _launch_onepass(q, k, v, mask_ptr, m_strides, bmap, c_strides, dout, stats, delta, dk_t, dv_t, dq_acc, parts: int, scale,
-                    band_bounds, mod_ptrs, cu_ptrs, mod_scalars, common, lengths):
+def _launch_onepass(q, k, v, mask_ptr, m_strides, bmap, c_strides, dout, stats, delta, dk_t, dv_t, dq_acc,
+                    parts: int, scale, band_bounds, mod_ptrs, cu_ptrs, mod_scalars, common, lengths):
     """The single-pass dK/dV/dQ kernel: writes dK and dV into dk_t and dv_t (_kv_part_buffers' for
     `parts`) and adds the unscaled dQ into the float32 buffer dq_acc."""
     B, H, L, E = q.shape
@@ -885,8 +895,8 @@ def _launch_onepass(q, k, v, mask_ptr, m_strides, bmap, c_strides, dout, stats, 
     )
 
 
-def _launch_dkdv(q, k, v, mask_ptr, m_strides, bmap, c_strides, dout, stats, delta, dk_t, dv_t, parts: int, scale, band_bounds,
-                 mod_ptrs, cu_ptrs, mod_scalars, common, lengths):
+def _launch_dkdv(q, k, v, mask_ptr, m_strides, bmap, c_strides, dout, stats, delta, dk_t, dv_t, parts: int, scale,
+                 band_bounds, mod_ptrs, cu_ptrs, mod_scalars, common, lengths):
     """The two-pass path's dK/dV kernel, writing dk_t and dv_t (_kv_part_buffers' for `parts`)."""
     B, H, L, E = q.shape
     Hkv, S = k.shape[1], k.shape[2]
@@ -1041,8 +1051,8 @@ def varlen_backward(dout, dlse, q, k, v, cu_q, cu_k, max_q: int, max_k: int, out
     _launch_preprocess(rows(out), rows(out_lo) if has_lo else None, rows(dout),
                        dlse.unsqueeze(0) if dlse is not None else None, stats_rows, delta, i64)
     band_bounds = tcommon.varlen_band_args(band, max_q, max_k)
-    _gradients(view(q), view(k), view(v), q, (0, 0, 0, 0), q, (0, 0, 0, 0), view(dout), stats_rows, delta, view(dq), view(dk),
-               view(dv), scale, band_bounds, mods, _use_onepass(deterministic, E, Ev, q.dtype),
+    _gradients(view(q), view(k), view(v), q, (0, 0, 0, 0), q, (0, 0, 0, 0), view(dout), stats_rows, delta,
+               view(dq), view(dk), view(dv), scale, band_bounds, mods, _use_onepass(deterministic, E, Ev, q.dtype),
                _kernel_switches(q, E, Ev, tcommon.MASK_NONE.value, band_bounds, i64, mods, True), (max_q, max_k),
                (cu_q, cu_k))
     return dq, dk, dv

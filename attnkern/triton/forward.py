@@ -5,9 +5,12 @@ denominator) beside the log-sum-exp for the backward, and, when asked (HAS_LO), 
 output's rounding residual out_lo = O32 - out, so that the backward's delta is float32-accurate.
 A banded problem (causal, sliding window; band.py) visits only the key tiles its rows see and applies
 the band compare only on the tiles that straddle an edge; fully masked rows end with l = 0, which gives
-output 0 and log-sum-exp -inf. Soft-capping and ALiBi change the scores before the masks; dropout zeroes
-the dropped probabilities on their way into P·V only (the statistics and the lse are those of the
-undropped softmax) and scales the output by 1/(1-p) once (score_mods.py; common.py's helpers).
+output 0 and log-sum-exp -inf. A user mask comes with its block map (block_map.py, computed once per
+mask and cached): a key tile a bool mask hides from the whole query block is skipped like a tile outside
+the band, and a tile the mask leaves unchanged is computed without mask loads. Soft-capping and ALiBi
+change the scores before the masks; dropout zeroes the dropped probabilities on their way into P·V
+only (the statistics and the lse are those of the undropped softmax) and scales the output by 1/(1-p)
+once (score_mods.py; common.py's helpers).
 
 Packed variable-length batches (varlen.py) run the same kernel with VARLEN set (varlen_forward): one
 launch, grid (query tiles of the longest sequence, heads, sequences); a program reads its sequence's
@@ -41,18 +44,19 @@ def _fwd_step(
 ):
     """One key tile of the online softmax, as the user mask's block map has it (block_map.py; `bmap`
     (map base at this batch and head, its row and column strides)): a tile the mask hides is skipped,
-    one it leaves unchanged is computed without mask loads. The other groups are _fwd_tile'."""
+    one it leaves unchanged is computed without mask loads. The other groups are _fwd_tile's."""
     if MASK_KIND == MASK_NONE:
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, start_n, ptrs, offs, strides, problem, mods, True,
-                                    E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M,
-                                    CHECK_N, PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
+        acc, l_i, m_i = _fwd_tile(
+            acc, l_i, m_i, q, start_n, ptrs, offs, strides, problem, mods, True, E, EV, BLOCK_E, BLOCK_EV,
+            MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N, PRECISION, SOFTCAP, HAS_ALIBI,
+            HAS_DROPOUT, BLOCK_M, BLOCK_N)
     else:
         sees, masks = tile_flags(bmap, start_m, start_n, problem[0], problem[1], BLOCK_M, BLOCK_N)
         if sees != 0:
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, start_n, ptrs, offs, strides, problem, mods, masks != 0,
-                                        E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT,
-                                        CHECK_M, CHECK_N, PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M,
-                                        BLOCK_N)
+            acc, l_i, m_i = _fwd_tile(
+                acc, l_i, m_i, q, start_n, ptrs, offs, strides, problem, mods, masks != 0, E, EV, BLOCK_E, BLOCK_EV,
+                MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N, PRECISION, SOFTCAP, HAS_ALIBI,
+                HAS_DROPOUT, BLOCK_M, BLOCK_N)
     return acc, l_i, m_i
 
 
@@ -65,9 +69,9 @@ def _fwd_tile(
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One key tile of the online softmax (apply_mask: mask_scores'). Groups: ptrs (k_base, v_base, mask_base) at this batch and
-    head, offs (offs_m, offs_n0, offs_e, offs_ev), strides (K's key and feature, V's, the mask's row and
-    column), problem (L, S, scale, lo_off, hi_off), mods (load_mods)."""
+    """One key tile of the online softmax (apply_mask: mask_scores'). Groups: ptrs (k_base, v_base,
+    mask_base) at this batch and head, offs (offs_m, offs_n0, offs_e, offs_ev), strides (K's key and
+    feature, V's, the mask's row and column), problem (L, S, scale, lo_off, hi_off), mods (load_mods)."""
     k_base, v_base, mask_base = ptrs
     offs_m, offs_n0, offs_e, offs_ev = offs
     stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms = strides

@@ -1,9 +1,9 @@
 """Block maps: what a mask does to each tile of the scores, found once per mask and reused.
 
 A kernel that streams (query tile × key tile) score blocks need not read the mask on every tile: a
-tile the mask hides entirely can be skipped (no loads, no products), and a tile the mask leaves
-unchanged can be computed as if there were no mask (no mask loads). The block map records this per
-sub-tile of TILE × TILE scores, two flags each:
+tile the mask hides entirely need not be visited, and a tile the mask leaves unchanged can be computed
+as if there were no mask (no mask loads). The block map records this per sub-tile of TILE × TILE
+scores, two flags each:
 
     SEES   some score of the sub-tile stays visible (a bool mask holds a True there; for float masks
            always set: a -inf entry added to a NaN or +inf score gives NaN, as torch's math path has
@@ -11,9 +11,16 @@ sub-tile of TILE × TILE scores, two flags each:
     MASKS  some score is changed by the mask (a False; a float entry other than ±0.0)
 
 so a sub-tile is empty (MASKS only), full (SEES only) or partial (both). A kernel's tile spans whole
-sub-tiles (its block sizes are multiples of TILE) and ORs their flags: empty iff no sub-tile SEES,
-full iff none MASKS. The sub-tile grain keeps one map right for every autotune config. Sub-tiles past
-the scores' edge are not in the map; kernels read them as 0 (no flag), which changes no OR.
+sub-tiles (its block sizes are multiples of TILE) and ORs their flags; the sub-tile grain keeps one map
+right for every autotune config. Sub-tiles past the scores' edge are not in the map; kernels read them
+as 0 (no flag), which changes no OR.
+
+Kernels skip hidden tiles by narrowing their loops to spans (BlockMap): a query block visits the keys
+from its rows' first to their last visible sub-tile, a key block the rows likewise. A per-tile branch
+around the loads would also skip hidden tiles between visible ones, but Triton does not pipeline
+loads under a branch (the compile report showed the K/V loads turn synchronous, and spills): narrowed
+loop bounds keep the loop as it was. Padding, block-diagonal (document) and banded masks hide tiles at
+the ends of the ranges, which is where spans skip them.
 
 The map has the mask's canonical shape (masks.py) at sub-tile grain: (Bm, Hm, ceil(Lm/TILE),
 ceil(Sm/TILE)), a broadcast dim (1, or a stride-0 expanded one) staying 1, read with stride 0. It is
@@ -26,6 +33,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import OrderedDict
+from typing import NamedTuple
 
 import torch
 
@@ -68,9 +76,9 @@ def _any_per_tile(x: torch.Tensor) -> torch.Tensor:
     return x.view(Bm, Hm, nm, tm, ns, ts).amax(dim=(3, 5)).bool()
 
 
-def map_strides(bmap: torch.Tensor):
-    """The map's strides for the kernels: a dim of size 1 is read with stride 0."""
-    return tuple(0 if n == 1 else st for n, st in zip(bmap.shape, bmap.stride()))
+def kernel_strides(t: torch.Tensor):
+    """A map's strides for the kernels: a dim of size 1 is read with stride 0."""
+    return tuple(0 if n == 1 else st for n, st in zip(t.shape, t.stride()))
 
 
 def _version(t: torch.Tensor):
@@ -80,16 +88,53 @@ def _version(t: torch.Tensor):
         return None
 
 
-def block_map(mask: torch.Tensor) -> torch.Tensor:
-    """classify(mask), cached: a later call on the same memory with the same version counter, shape,
-    strides and dtype, while the tensor that owns the view is alive, returns the same map. Not cached
-    while a CUDA graph captures (the classification is then part of the graph, so each replay
+class BlockMap(NamedTuple):
+    """A mask's block map and the spans derived from it, for scores of L rows and S keys.
+
+    flags: int8 (Bm, Hm, R, C), SEES | MASKS per sub-tile (classify).
+    key_spans: int32 (Bm, Hm, R, 2): per query sub-tile row, the keys [lo, hi) its visible sub-tiles
+        cover (lo = S, hi = 0: none); a broadcast row dim (R = 1) stands for every row.
+    query_spans: int32 (Bm, Hm, C, 2): per key sub-tile column, the rows [lo, hi) that see some of it.
+    Kernels narrow their loops to the spans: the tiles a mask hides at either end of a block's range
+    are never visited; hidden tiles between visible ones are computed (masked) like partial ones."""
+
+    flags: torch.Tensor
+    key_spans: torch.Tensor
+    query_spans: torch.Tensor
+
+
+def spans(flags: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    """int32 (..., 2) [lo, hi) spans, in elements of a dim of `n`, of the SEES sub-tiles along `dim`
+    (-1: keys per row, -2: rows per column) of a flags map; (n, 0) where none. A broadcast dim (size 1)
+    spans all n."""
+    sees = (flags & SEES) != 0
+    cells = sees.shape[dim]
+    any_ = sees.any(dim)
+    as_int = sees.to(torch.int32)
+    first = as_int.argmax(dim)
+    last = cells - as_int.flip(dim).argmax(dim)  # one past the last SEES cell
+    unit = TILE if cells > 1 else n
+    lo = torch.where(any_, first * unit, n)
+    hi = torch.where(any_, torch.clamp(last * unit, max=n), 0)
+    return torch.stack((lo, hi), -1).to(torch.int32).contiguous()
+
+
+def build(mask: torch.Tensor, L: int, S: int) -> BlockMap:
+    """The BlockMap of a canonical mask for L × S scores; not cached (block_map caches)."""
+    flags = classify(mask)
+    return BlockMap(flags, spans(flags, S, -1), spans(flags, L, -2))
+
+
+def block_map(mask: torch.Tensor, L: int, S: int) -> BlockMap:
+    """build(mask, L, S), cached: a later call on the same memory with the same version counter, shape,
+    strides, dtype and (L, S), while the tensor that owns the view is alive, returns the same maps. Not
+    cached while a CUDA graph captures (the classification is then part of the graph, so each replay
     reclassifies whatever the mask buffer holds) nor for tensors without a version counter."""
     version = _version(mask)
     capturing = mask.is_cuda and torch.cuda.is_current_stream_capturing()
     if version is None or capturing:
-        return classify(mask)
-    key = (mask.device, mask.data_ptr(), version, tuple(mask.shape), tuple(mask.stride()), mask.dtype)
+        return build(mask, L, S)
+    key = (mask.device, mask.data_ptr(), version, tuple(mask.shape), tuple(mask.stride()), mask.dtype, L, S)
     owner = mask._base if mask._base is not None else mask
     with _lock:
         hit = _cache.get(key)
@@ -99,7 +144,7 @@ def block_map(mask: torch.Tensor) -> torch.Tensor:
                 _cache.move_to_end(key)
                 return bmap
             del _cache[key]  # the memory was freed and reused by another tensor
-    bmap = classify(mask)
+    bmap = build(mask, L, S)
     with _lock:
         _cache[key] = (weakref.ref(owner), bmap)
         while len(_cache) > CACHE_SIZE:

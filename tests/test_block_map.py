@@ -50,26 +50,44 @@ def test_classes_of_a_float_mask_and_of_broadcast_dims():
     expanded = keys.view(1, 1, 1, S).expand(1, 4, 3 * T, S)
     got = block_map.classify(expanded)
     assert got.shape == (1, 1, 1, 2) and got[0, 0, 0].tolist() == [FULL, PARTIAL]
-    assert block_map.map_strides(got) == (0, 0, 0, got.stride(3))
+    assert block_map.kernel_strides(got) == (0, 0, 0, got.stride(3))
 
 
 def test_cache_reuses_and_sees_in_place_changes():
     block_map.clear_cache()
-    m = torch.ones(2, 1, 1, 3 * T, dtype=torch.bool)
-    first = block_map.block_map(m)
-    assert block_map.block_map(m) is first  # same tensor, same version
-    assert block_map.block_map(m.view(2, 1, 1, 3 * T)) is first  # a new view of the same memory
+    L, S = 5, 3 * T
+    m = torch.ones(2, 1, 1, S, dtype=torch.bool)
+    first = block_map.block_map(m, L, S)
+    assert block_map.block_map(m, L, S) is first  # same tensor, same version
+    assert block_map.block_map(m.view(2, 1, 1, S), L, S) is first  # a new view of the same memory
     m[1, 0, 0, :T] = False  # in place: the version counter moves
-    second = block_map.block_map(m)
-    assert second is not first and second[1, 0, 0, 0].item() == EMPTY and first[1, 0, 0, 0].item() == FULL
-    other = torch.ones(2, 1, 1, 3 * T, dtype=torch.bool)
-    assert block_map.block_map(other) is not second  # other memory
+    second = block_map.block_map(m, L, S)
+    assert second is not first and second.flags[1, 0, 0, 0].item() == EMPTY and first.flags[1, 0, 0, 0].item() == FULL
+    other = torch.ones(2, 1, 1, S, dtype=torch.bool)
+    assert block_map.block_map(other, L, S) is not second  # other memory
     for _ in range(block_map.CACHE_SIZE + 2):
-        block_map.block_map(torch.ones(1, 1, 1, T, dtype=torch.bool))
+        block_map.block_map(torch.ones(1, 1, 1, T, dtype=torch.bool), L, T)
     assert block_map.cache_size() <= block_map.CACHE_SIZE
     with torch.inference_mode():  # no version counter: classified every call, never cached
         inf_mask = torch.ones(1, 1, 1, T, dtype=torch.bool)
-        assert block_map.block_map(inf_mask) is not block_map.block_map(inf_mask)
+        assert block_map.block_map(inf_mask, L, T) is not block_map.block_map(inf_mask, L, T)
+
+
+def test_spans_of_padding_and_document_masks():
+    """Per query sub-tile row, the keys its visible sub-tiles span (and per key column, the rows);
+    (n, 0) where nothing is visible; a broadcast dim spans everything."""
+    L, S = 3 * T, 2 * T + 5
+    keys = torch.arange(S) < T + 2  # key padding: sub-tiles 0 (full) and 1 (partial) visible, 2 hidden
+    bm = block_map.build(keys.view(1, 1, 1, S), L, S)
+    assert bm.key_spans[0, 0].tolist() == [[0, 2 * T]]  # one broadcast row: keys [0, 2T)
+    assert bm.query_spans[0, 0].tolist() == [[0, L], [0, L], [L, 0]]  # the last key column: no row
+    docs = torch.zeros(L, S, dtype=torch.bool)
+    docs[:T, :T] = True
+    docs[T:, T:] = True
+    docs[2 * T:, :] = False  # the last row of sub-tiles sees nothing
+    bm = block_map.build(docs.view(1, 1, L, S), L, S)
+    assert bm.key_spans[0, 0].tolist() == [[0, T], [T, S], [S, 0]]
+    assert bm.query_spans[0, 0].tolist() == [[0, T], [T, 2 * T], [T, 2 * T]]
 
 
 def _document_mask(L, S, docs):

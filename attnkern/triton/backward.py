@@ -28,8 +28,8 @@ a dK/dV program loops over its kv head's query heads, or, when that grid would l
 small batch), over one part of them, the parts summed after in a fixed order (kv_group_parts).
 
 The dK/dV, dQ and single-pass kernels read the user mask's block map as the forward does (block_map.py:
-hidden tiles skipped, unchanged ones without mask loads); the dMask pass reads the mask on every tile,
-since it writes a gradient for every mask entry.
+loops narrowed to the rows or keys the mask shows, unchanged tiles without mask loads); the dMask pass
+reads the mask on every tile, since it writes a gradient for every mask entry.
 
 Packed variable-length batches (varlen.py; varlen_backward) run the dK/dV, dQ and single-pass kernels
 with VARLEN set, one launch each over every sequence, as the forward does (forward.py); the preprocess
@@ -51,7 +51,7 @@ from ..score_mods import NONE
 from . import common as tcommon, configs
 from .common import (dropout_keep, index_range, key_tiles, load_mods, load_row_stats, load_tile, map_args,
                      mask_scores, modify_scores, mods_args, needs_int64, packed_mods, packed_sequence, query_tiles,
-                     store_tile, tile_flags, at_token, first_row, LOG2E, MASK_NONE)
+                     store_tile, span_tiles, tile_masks, at_token, first_row, LOG2E, MASK_NONE)
 from .forward import mask_args, precision_for
 
 
@@ -92,7 +92,7 @@ def _bwd_preprocess_kernel(
 
 @triton.jit
 def _dkdv_tile(
-    dk, dv, kT, v, start_m, start_n, ptrs, offs, strides, problem, mods, apply_mask,
+    dk, dv, kT, v, start_m, start_n, ptrs, offs, strides, problem, mods, bmap,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, APPLY_BAND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr,
@@ -124,6 +124,7 @@ def _dkdv_tile(
         delta = tl.load(delta_base + offs_m)
     sT = tl.trans(tl.dot(q, kT, input_precision=PRECISION) * scale)
     sT, tT = modify_scores(sT, offs_m[None, :], offs_n[:, None], mods, SOFTCAP, HAS_ALIBI)
+    apply_mask = tile_masks(bmap, start_m, start_n, L, S, BLOCK_M, BLOCK_N) if MASK_KIND != MASK_NONE else True
     sT = mask_scores(sT, offs_m[None, :], offs_n[:, None], mask_base, stride_ml, stride_ms, L, S, lo_off, hi_off,
                      apply_mask, MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N)
     pT = tl.math.exp2((sT - row_max[None, :]) * LOG2E - log2l[None, :])
@@ -145,32 +146,6 @@ def _dkdv_tile(
 
 
 @triton.jit
-def _dkdv_step(
-    dk, dv, kT, v, start_m, start_n, ptrs, offs, strides, problem, mods, bmap,
-    E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
-    MASK_KIND: tl.constexpr, APPLY_BAND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-    CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr,
-    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """_dkdv_tile as the user mask's block map has it (`bmap`: tile_flags'): a tile the mask hides is
-    skipped, one it leaves unchanged computed without mask loads."""
-    if MASK_KIND == MASK_NONE:
-        dk, dv = _dkdv_tile(
-            dk, dv, kT, v, start_m, start_n, ptrs, offs, strides, problem, mods, True, E, EV, BLOCK_E, BLOCK_EV,
-            MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N, PRECISION, SOFTCAP, HAS_ALIBI,
-            HAS_DROPOUT, BLOCK_M, BLOCK_N)
-    else:
-        sees, masks = tile_flags(bmap, start_m, start_n, problem[0], problem[1], BLOCK_M, BLOCK_N)
-        if sees != 0:
-            dk, dv = _dkdv_tile(
-                dk, dv, kT, v, start_m, start_n, ptrs, offs, strides, problem, mods, masks != 0, E, EV, BLOCK_E,
-                BLOCK_EV, MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N, PRECISION, SOFTCAP,
-                HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
-    return dk, dv
-
-
-@triton.jit
 def _dkdv_range(
     dk, dv, kT, v, tiles, start_n, ptrs, offs, strides, problem, mods, bmap,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
@@ -186,15 +161,15 @@ def _dkdv_range(
     feature, dO's, the mask's row and column), problem (L, S, scale, lo_off, hi_off), mods (load_mods)."""
     lo, full_lo, full_hi, hi = tiles
     for start_m in range(lo, full_lo, BLOCK_M):
-        dk, dv = _dkdv_step(dk, dv, kT, v, start_m, start_n, ptrs, offs, strides, problem, mods, bmap,
+        dk, dv = _dkdv_tile(dk, dv, kT, v, start_m, start_n, ptrs, offs, strides, problem, mods, bmap,
                             E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
                             PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
     for start_m in range(full_lo, full_hi, BLOCK_M):
-        dk, dv = _dkdv_step(dk, dv, kT, v, start_m, start_n, ptrs, offs, strides, problem, mods, bmap,
+        dk, dv = _dkdv_tile(dk, dv, kT, v, start_m, start_n, ptrs, offs, strides, problem, mods, bmap,
                             E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
                             PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
     for start_m in range(full_hi, hi, BLOCK_M):
-        dk, dv = _dkdv_step(dk, dv, kT, v, start_m, start_n, ptrs, offs, strides, problem, mods, bmap,
+        dk, dv = _dkdv_tile(dk, dv, kT, v, start_m, start_n, ptrs, offs, strides, problem, mods, bmap,
                             E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
                             PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
     return dk, dv
@@ -212,12 +187,13 @@ def _dkdv_range(
 })
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, M, BMAP, DO, STATS, DELTA, DK, DV, ALIBI, RNG,
+    Q, K, V, M, BMAP, SPANS, DO, STATS, DELTA, DK, DV, ALIBI, RNG,
     stride_qb, stride_qh, stride_ql, stride_qe,
     stride_kb, stride_kh, stride_ks, stride_ke,
     stride_vb, stride_vh, stride_vs, stride_ve,
     stride_mb, stride_mh, stride_ml, stride_ms,
     stride_cb, stride_ch, stride_cm, stride_cn,
+    stride_pb, stride_ph, stride_pi,
     stride_dob, stride_doh, stride_dol, stride_doe,
     stride_dkb, stride_dkh, stride_dks, stride_dke,
     stride_dvb, stride_dvh, stride_dvs, stride_dve,
@@ -271,12 +247,16 @@ def _attn_bwd_dkdv_kernel(
         row0 = first_row(b, h, H, rows, q0, VARLEN)
         stats_base = STATS + row0 * 2
         delta_base = DELTA + row0
+        head_tiles = tiles
+        if MASK_KIND != MASK_NONE:  # and the rows the mask shows these keys (block_map.py)
+            head_tiles = span_tiles(tiles, (SPANS + b * stride_pb + h * stride_ph, stride_pi), start_n, S, BLOCK_N,
+                                    BLOCK_M)
         mods = load_mods(ALIBI, RNG, b, h, H, L, S, stride_ab, b0, softcap, softcap_inv, drop_threshold,
                          drop_scale, HAS_ALIBI, HAS_DROPOUT)
         if VARLEN:
             mods = packed_mods(mods, b0 + b, h)
         dk, dv = _dkdv_range(
-            dk, dv, kT, v, tiles, start_n, (q_base, do_base, mask_base, stats_base, delta_base),
+            dk, dv, kT, v, head_tiles, start_n, (q_base, do_base, mask_base, stats_base, delta_base),
             (offs_n, offs_m0, offs_e, offs_ev), (stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms),
             (L, S, scale, lo_off, hi_off), mods, (BMAP + b * stride_cb + h * stride_ch, stride_cm, stride_cn),
             E=E, EV=EV, BLOCK_E=BLOCK_E, BLOCK_EV=BLOCK_EV, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT,
@@ -296,7 +276,7 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_tile(
-    dq, rows, start_n, ptrs, offs, strides, problem, mods, apply_mask,
+    dq, rows, start_m, start_n, ptrs, offs, strides, problem, mods, bmap,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, APPLY_BAND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr,
@@ -316,6 +296,7 @@ def _dq_tile(
                    offs_ev, offs_n, EV, S, BLOCK_EV != EV, CHECK_N)
     s = tl.dot(q, kT, input_precision=PRECISION) * scale
     s, t = modify_scores(s, offs_m[:, None], offs_n[None, :], mods, SOFTCAP, HAS_ALIBI)
+    apply_mask = tile_masks(bmap, start_m, start_n, L, S, BLOCK_M, BLOCK_N) if MASK_KIND != MASK_NONE else True
     s = mask_scores(s, offs_m[:, None], offs_n[None, :], mask_base, stride_ml, stride_ms, L, S, lo_off, hi_off,
                     apply_mask, MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N)
     p = tl.math.exp2((s - row_max[:, None]) * LOG2E - log2l[:, None])
@@ -326,31 +307,6 @@ def _dq_tile(
     if SOFTCAP:  # the raw scores' gradient
         ds = ds * (1.0 - t * t)
     dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PRECISION)
-    return dq
-
-
-@triton.jit
-def _dq_step(
-    dq, rows, start_m, start_n, ptrs, offs, strides, problem, mods, bmap,
-    E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
-    MASK_KIND: tl.constexpr, APPLY_BAND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-    CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr,
-    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """_dq_tile as the user mask's block map has it (see _dkdv_step)."""
-    if MASK_KIND == MASK_NONE:
-        dq = _dq_tile(
-            dq, rows, start_n, ptrs, offs, strides, problem, mods, True, E, EV, BLOCK_E, BLOCK_EV, MASK_KIND,
-            APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N, PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M,
-            BLOCK_N)
-    else:
-        sees, masks = tile_flags(bmap, start_m, start_n, problem[0], problem[1], BLOCK_M, BLOCK_N)
-        if sees != 0:
-            dq = _dq_tile(
-                dq, rows, start_n, ptrs, offs, strides, problem, mods, masks != 0, E, EV, BLOCK_E, BLOCK_EV,
-                MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N, PRECISION, SOFTCAP, HAS_ALIBI,
-                HAS_DROPOUT, BLOCK_M, BLOCK_N)
     return dq
 
 
@@ -370,15 +326,15 @@ def _dq_range(
     the mask's row and column), problem (L, S, scale, lo_off, hi_off), mods (load_mods)."""
     lo, full_lo, full_hi, hi = tiles
     for start_n in range(lo, full_lo, BLOCK_N):
-        dq = _dq_step(dq, rows, start_m, start_n, ptrs, offs, strides, problem, mods, bmap,
+        dq = _dq_tile(dq, rows, start_m, start_n, ptrs, offs, strides, problem, mods, bmap,
                       E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
                       PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
     for start_n in range(full_lo, full_hi, BLOCK_N):
-        dq = _dq_step(dq, rows, start_m, start_n, ptrs, offs, strides, problem, mods, bmap,
+        dq = _dq_tile(dq, rows, start_m, start_n, ptrs, offs, strides, problem, mods, bmap,
                       E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
                       PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
     for start_n in range(full_hi, hi, BLOCK_N):
-        dq = _dq_step(dq, rows, start_m, start_n, ptrs, offs, strides, problem, mods, bmap,
+        dq = _dq_tile(dq, rows, start_m, start_n, ptrs, offs, strides, problem, mods, bmap,
                       E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
                       PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
     return dq
@@ -396,12 +352,13 @@ def _dq_range(
 })
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, M, BMAP, DO, STATS, DELTA, DQ, ALIBI, RNG,
+    Q, K, V, M, BMAP, SPANS, DO, STATS, DELTA, DQ, ALIBI, RNG,
     stride_qb, stride_qh, stride_ql, stride_qe,
     stride_kb, stride_kh, stride_ks, stride_ke,
     stride_vb, stride_vh, stride_vs, stride_ve,
     stride_mb, stride_mh, stride_ml, stride_ms,
     stride_cb, stride_ch, stride_cm, stride_cn,
+    stride_pb, stride_ph, stride_pi,
     stride_dob, stride_doh, stride_dol, stride_doe,
     stride_dqb, stride_dqh, stride_dql, stride_dqe,
     H, GROUP, L, S, scale, lo_off, hi_off, L_BUCKET, S_BUCKET,
@@ -453,6 +410,8 @@ def _attn_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
 
     tiles = key_tiles(start_m, S, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    if MASK_KIND != MASK_NONE:  # and the keys the mask shows these rows (block_map.py)
+        tiles = span_tiles(tiles, (SPANS + b * stride_pb + h * stride_ph, stride_pi), start_m, L, BLOCK_M, BLOCK_N)
     dq = _dq_range(
         dq, (q, do, row_max, log2l, delta), tiles, start_m, (k_base, v_base, mask_base),
         (offs_m, offs_n0, offs_e, offs_ev), (stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms),
@@ -484,7 +443,7 @@ def _atomic_add_tile(ptrs, x, rows, cols, n_rows, n_cols, CHECK_ROWS: tl.constex
 
 @triton.jit
 def _onepass_tile(
-    dk, dv, kT, vT, start_m, start_n, ptrs, offs, strides, problem, mods, apply_mask,
+    dk, dv, kT, vT, start_m, start_n, ptrs, offs, strides, problem, mods, bmap,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, APPLY_BAND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr,
@@ -510,6 +469,7 @@ def _onepass_tile(
         delta = tl.load(delta_base + offs_m)
     s = tl.dot(q, kT, input_precision=PRECISION) * scale
     s, t = modify_scores(s, offs_m[:, None], offs_n[None, :], mods, SOFTCAP, HAS_ALIBI)
+    apply_mask = tile_masks(bmap, start_m, start_n, L, S, BLOCK_M, BLOCK_N) if MASK_KIND != MASK_NONE else True
     s = mask_scores(s, offs_m[:, None], offs_n[None, :], mask_base, stride_ml, stride_ms, L, S, lo_off, hi_off,
                     apply_mask, MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N)
     p = tl.math.exp2((s - row_max[:, None]) * LOG2E - log2l[:, None])
@@ -535,31 +495,6 @@ def _onepass_tile(
 
 
 @triton.jit
-def _onepass_step(
-    dk, dv, kT, vT, start_m, start_n, ptrs, offs, strides, problem, mods, bmap,
-    E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
-    MASK_KIND: tl.constexpr, APPLY_BAND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-    CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr,
-    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """_onepass_tile as the user mask's block map has it (see _dkdv_step)."""
-    if MASK_KIND == MASK_NONE:
-        dk, dv = _onepass_tile(
-            dk, dv, kT, vT, start_m, start_n, ptrs, offs, strides, problem, mods, True, E, EV, BLOCK_E, BLOCK_EV,
-            MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N, PRECISION, SOFTCAP, HAS_ALIBI,
-            HAS_DROPOUT, BLOCK_M, BLOCK_N)
-    else:
-        sees, masks = tile_flags(bmap, start_m, start_n, problem[0], problem[1], BLOCK_M, BLOCK_N)
-        if sees != 0:
-            dk, dv = _onepass_tile(
-                dk, dv, kT, vT, start_m, start_n, ptrs, offs, strides, problem, mods, masks != 0, E, EV, BLOCK_E,
-                BLOCK_EV, MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N, PRECISION, SOFTCAP,
-                HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
-    return dk, dv
-
-
-@triton.jit
 def _onepass_range(
     dk, dv, kT, vT, tiles, start_n, ptrs, offs, strides, problem, mods, bmap,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
@@ -572,15 +507,15 @@ def _onepass_range(
     band's edge tiles, a few each, are not pipelined); ptrs adds dq_base, the head's float32 dQ rows."""
     lo, full_lo, full_hi, hi = tiles
     for start_m in tl.range(lo, full_lo, BLOCK_M, num_stages=1):
-        dk, dv = _onepass_step(dk, dv, kT, vT, start_m, start_n, ptrs, offs, strides, problem, mods, bmap,
+        dk, dv = _onepass_tile(dk, dv, kT, vT, start_m, start_n, ptrs, offs, strides, problem, mods, bmap,
                                E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
                                PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
     for start_m in range(full_lo, full_hi, BLOCK_M):
-        dk, dv = _onepass_step(dk, dv, kT, vT, start_m, start_n, ptrs, offs, strides, problem, mods, bmap,
+        dk, dv = _onepass_tile(dk, dv, kT, vT, start_m, start_n, ptrs, offs, strides, problem, mods, bmap,
                                E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
                                PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
     for start_m in tl.range(full_hi, hi, BLOCK_M, num_stages=1):
-        dk, dv = _onepass_step(dk, dv, kT, vT, start_m, start_n, ptrs, offs, strides, problem, mods, bmap,
+        dk, dv = _onepass_tile(dk, dv, kT, vT, start_m, start_n, ptrs, offs, strides, problem, mods, bmap,
                                E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
                                PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
     return dk, dv
@@ -599,12 +534,13 @@ def _onepass_range(
 })
 @triton.jit
 def _attn_bwd_onepass_kernel(
-    Q, K, V, M, BMAP, DO, STATS, DELTA, DK, DV, DQ_ACC, ALIBI, RNG,
+    Q, K, V, M, BMAP, SPANS, DO, STATS, DELTA, DK, DV, DQ_ACC, ALIBI, RNG,
     stride_qb, stride_qh, stride_ql, stride_qe,
     stride_kb, stride_kh, stride_ks, stride_ke,
     stride_vb, stride_vh, stride_vs, stride_ve,
     stride_mb, stride_mh, stride_ml, stride_ms,
     stride_cb, stride_ch, stride_cm, stride_cn,
+    stride_pb, stride_ph, stride_pi,
     stride_dob, stride_doh, stride_dol, stride_doe,
     stride_dkb, stride_dkh, stride_dks, stride_dke,
     stride_dvb, stride_dvh, stride_dvs, stride_dve,
@@ -660,12 +596,16 @@ def _attn_bwd_onepass_kernel(
         stats_base = STATS + row0 * 2
         delta_base = DELTA + row0
         dq_base = DQ_ACC + row0 * E
+        head_tiles = tiles
+        if MASK_KIND != MASK_NONE:  # and the rows the mask shows these keys (block_map.py)
+            head_tiles = span_tiles(tiles, (SPANS + b * stride_pb + h * stride_ph, stride_pi), start_n, S, BLOCK_N,
+                                    BLOCK_M)
         mods = load_mods(ALIBI, RNG, b, h, H, L, S, stride_ab, b0, softcap, softcap_inv, drop_threshold,
                          drop_scale, HAS_ALIBI, HAS_DROPOUT)
         if VARLEN:
             mods = packed_mods(mods, b0 + b, h)
         dk, dv = _onepass_range(
-            dk, dv, kT, vT, tiles, start_n, (q_base, do_base, mask_base, stats_base, delta_base, dq_base),
+            dk, dv, kT, vT, head_tiles, start_n, (q_base, do_base, mask_base, stats_base, delta_base, dq_base),
             (offs_n, offs_m0, offs_e, offs_ev), (stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms),
             (L, S, scale, lo_off, hi_off), mods, (BMAP + b * stride_cb + h * stride_ch, stride_cm, stride_cn),
             E=E, EV=EV, BLOCK_E=BLOCK_E, BLOCK_EV=BLOCK_EV, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT,
@@ -880,30 +820,32 @@ def onepass_runs(E: int, Ev: int, dtype) -> bool:
     return True
 
 
-def _launch_onepass(q, k, v, mask_ptr, m_strides, bmap, c_strides, dout, stats, delta, dk_t, dv_t, dq_acc,
-                    parts: int, scale, band_bounds, mod_ptrs, cu_ptrs, mod_scalars, common, lengths):
+def _launch_onepass(q, k, v, mask_ptr, m_strides, bmap, spans, c_strides, p_strides, dout, stats, delta, dk_t, dv_t,
+                    dq_acc, parts: int, scale, band_bounds, mod_ptrs, cu_ptrs, mod_scalars, common, lengths):
     """The single-pass dK/dV/dQ kernel: writes dK and dV into dk_t and dv_t (_kv_part_buffers' for
     `parts`) and adds the unscaled dQ into the float32 buffer dq_acc."""
     B, H, L, E = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     common = dict(common, I64=common["I64"] or needs_int64(dq_acc, dk_t, dv_t))
     _attn_bwd_onepass_kernel[lambda meta: (triton.cdiv(lengths[1], meta["BLOCK_N"]), Hkv * parts, B)](
-        q, k, v, mask_ptr, bmap, dout, stats, delta, dk_t, dv_t, dq_acc, *mod_ptrs,
-        *q.stride(), *k.stride(), *v.stride(), *m_strides, *c_strides, *dout.stride(), *dk_t.stride(), *dv_t.stride(),
+        q, k, v, mask_ptr, bmap, spans, dout, stats, delta, dk_t, dv_t, dq_acc, *mod_ptrs,
+        *q.stride(), *k.stride(), *v.stride(), *m_strides, *c_strides, *p_strides, *dout.stride(), *dk_t.stride(),
+        *dv_t.stride(),
         H, H // Hkv, H // Hkv // parts, L, S, scale, *band_bounds, configs.bucket(lengths[0]),
         configs.bucket(lengths[1]), *mod_scalars, *cu_ptrs, **common,
     )
 
 
-def _launch_dkdv(q, k, v, mask_ptr, m_strides, bmap, c_strides, dout, stats, delta, dk_t, dv_t, parts: int, scale,
-                 band_bounds, mod_ptrs, cu_ptrs, mod_scalars, common, lengths):
+def _launch_dkdv(q, k, v, mask_ptr, m_strides, bmap, spans, c_strides, p_strides, dout, stats, delta, dk_t, dv_t,
+                 parts: int, scale, band_bounds, mod_ptrs, cu_ptrs, mod_scalars, common, lengths):
     """The two-pass path's dK/dV kernel, writing dk_t and dv_t (_kv_part_buffers' for `parts`)."""
     B, H, L, E = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     common = dict(common, I64=common["I64"] or needs_int64(dk_t, dv_t))
     _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(lengths[1], meta["BLOCK_N"]), Hkv * parts, B)](
-        q, k, v, mask_ptr, bmap, dout, stats, delta, dk_t, dv_t, *mod_ptrs,
-        *q.stride(), *k.stride(), *v.stride(), *m_strides, *c_strides, *dout.stride(), *dk_t.stride(), *dv_t.stride(),
+        q, k, v, mask_ptr, bmap, spans, dout, stats, delta, dk_t, dv_t, *mod_ptrs,
+        *q.stride(), *k.stride(), *v.stride(), *m_strides, *c_strides, *p_strides, *dout.stride(), *dk_t.stride(),
+        *dv_t.stride(),
         H, H // Hkv, H // Hkv // parts, L, S, scale, *band_bounds, configs.bucket(lengths[0]),
         configs.bucket(lengths[1]), *mod_scalars, *cu_ptrs, **common,
     )
@@ -930,7 +872,7 @@ def _kernel_switches(q, E: int, Ev: int, kind: int, band_bounds, i64: bool, mods
                 VARLEN=varlen, **mods_args(mods, q)[2])
 
 
-def _gradients(q, k, v, mask_ptr, m_strides, bmap, c_strides, dout, stats, delta, dq, dk, dv, scale, band_bounds, mods,
+def _gradients(q, k, v, mask_ptr, m_strides, maps, dout, stats, delta, dq, dk, dv, scale, band_bounds, mods,
                onepass: bool, common, lengths, cu=None) -> None:
     """dK, dV and dQ over (B, H, L, ·) tensors, after the preprocess: the two-pass kernels or the single
     pass, one launch each per batch slice. `lengths` (query, key) size the grids and the autotune
@@ -948,8 +890,9 @@ def _gradients(q, k, v, mask_ptr, m_strides, bmap, c_strides, dout, stats, delta
     lo_off, hi_off = band_bounds[:2]
     for b0, b1, part in tcommon.batch_slices(B):  # one launch each unless B passes grid axis 2's limit
         n = b1 - b0
-        args = (part(q), part(k), part(v), part(mask_ptr), m_strides, part(bmap), c_strides, part(dout), part(stats),
-                part(delta))
+        bmap, key_spans, query_spans, c_strides, kp_strides, qp_strides = maps
+        args = (part(q), part(k), part(v), part(mask_ptr), m_strides, part(bmap), part(query_spans), c_strides,
+                qp_strides, part(dout), part(stats), part(delta))
         mod_ptrs, mod_scalars, _ = mods_args(mods, q, b0)
         mod_ptrs = (part(mod_ptrs[0]), mod_ptrs[1])  # ALiBi slopes by batch; the rng whole
         cu_ptrs = (cu[0][b0:b1 + 1], cu[1][b0:b1 + 1]) if cu is not None else (q, q)  # q: never read
@@ -960,8 +903,9 @@ def _gradients(q, k, v, mask_ptr, m_strides, bmap, c_strides, dout, stats, delta
         _launch_dkdv(*args, part(dk_t), part(dv_t), parts, scale, (lo_off, hi_off), mod_ptrs, cu_ptrs, mod_scalars,
                      common, lengths)
         _attn_bwd_dq_kernel[lambda meta, n=n: (triton.cdiv(lengths[0], meta["BLOCK_M"]), H, n)](
-            part(q), part(k), part(v), part(mask_ptr), part(bmap), part(dout), part(stats), part(delta), part(dq),
-            *mod_ptrs, *q.stride(), *k.stride(), *v.stride(), *m_strides, *c_strides, *dout.stride(), *dq.stride(),
+            part(q), part(k), part(v), part(mask_ptr), part(bmap), part(key_spans), part(dout), part(stats),
+            part(delta), part(dq), *mod_ptrs, *q.stride(), *k.stride(), *v.stride(), *m_strides, *c_strides,
+            *kp_strides, *dout.stride(), *dq.stride(),
             H, H // Hkv, L, k.shape[2], scale, lo_off, hi_off, configs.bucket(lengths[0]), configs.bucket(lengths[1]),
             *mod_scalars, *cu_ptrs, **common,
         )
@@ -994,7 +938,7 @@ def attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale: flo
     kind = mask_kind(mask)
     mask_t, m_strides = mask_args(mask)
     mask_ptr = mask_t if mask_t is not None else q
-    bmap, c_strides = map_args(mask, q)  # the forward's, from the cache, unless the mask changed since
+    maps = map_args(mask, L, S, q)  # the forward's, from the cache, unless the mask changed since
 
     has_lo = out_lo is not None and out_lo.numel() > 0
     i64 = needs_int64(q, k, v, mask, out, out_lo if has_lo else None, dout, dq, dk, dv)
@@ -1004,7 +948,7 @@ def attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale: flo
     for b0, b1, part in tcommon.batch_slices(B):
         _launch_preprocess(part(out), part(out_lo) if has_lo else None, part(dout), part(dlse), part(stats),
                            part(delta), i64)
-    _gradients(q, k, v, mask_ptr, m_strides, bmap, c_strides, dout, stats, delta, dq, dk, dv, scale, band_bounds, mods,
+    _gradients(q, k, v, mask_ptr, m_strides, maps, dout, stats, delta, dq, dk, dv, scale, band_bounds, mods,
                _use_onepass(deterministic, E, Ev, q.dtype),
                _kernel_switches(q, E, Ev, kind, band_bounds, i64, mods, False), (L, S))
 
@@ -1051,7 +995,7 @@ def varlen_backward(dout, dlse, q, k, v, cu_q, cu_k, max_q: int, max_k: int, out
     _launch_preprocess(rows(out), rows(out_lo) if has_lo else None, rows(dout),
                        dlse.unsqueeze(0) if dlse is not None else None, stats_rows, delta, i64)
     band_bounds = tcommon.varlen_band_args(band, max_q, max_k)
-    _gradients(view(q), view(k), view(v), q, (0, 0, 0, 0), q, (0, 0, 0, 0), view(dout), stats_rows, delta,
+    _gradients(view(q), view(k), view(v), q, (0, 0, 0, 0), map_args(None, 0, 0, q), view(dout), stats_rows, delta,
                view(dq), view(dk), view(dv), scale, band_bounds, mods, _use_onepass(deterministic, E, Ev, q.dtype),
                _kernel_switches(q, E, Ev, tcommon.MASK_NONE.value, band_bounds, i64, mods, True), (max_q, max_k),
                (cu_q, cu_k))

@@ -89,7 +89,7 @@ def mask_scores(
     `qi` and `kj` are the query-row and key-column indices shaped to broadcast against `s`
     ([:, None] and [None, :], or the transpose for the kernels that hold Sᵀ). Masked scores become -inf.
     APPLY_BAND is off for tiles that key_tiles/query_tiles found inside the band for every row.
-    `apply_mask` (a runtime flag: tile_flags' MASKS) off skips the user mask (no loads) on a tile the
+    `apply_mask` (a runtime flag: tile_masks') off skips the user mask (no loads) on a tile the
     block map found it leaves unchanged.
     """
     if MASK_KIND != MASK_NONE:
@@ -114,12 +114,11 @@ def mask_scores(
 
 
 @triton.jit
-def tile_flags(bmap, start_m, start_n, L, S, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """What the user mask does to the score tile of rows [start_m, +BLOCK_M) and keys [start_n,
-    +BLOCK_N): (sees, masks), each nonzero when some of the tile's block-map sub-tiles have that flag
-    (block_map.py). `bmap` is (map base at this batch and head, row stride, column stride). A tile with
-    sees == 0 is hidden entirely (skip it); masks == 0 leaves every score as it is (no mask loads).
-    Sub-tiles past the scores' edge read as 0, which flags nothing."""
+def tile_masks(bmap, start_m, start_n, L, S, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Whether the user mask changes some score of the tile of rows [start_m, +BLOCK_M) and keys
+    [start_n, +BLOCK_N): some of the tile's block-map sub-tiles has MASKS (block_map.py); a tile without
+    takes no mask loads. `bmap` is (flags base at this batch and head, row stride, column stride).
+    Sub-tiles past the scores' edge read as 0 (no flag)."""
     tl.static_assert(BLOCK_M // MAP_TILE * MAP_TILE == BLOCK_M and BLOCK_N // MAP_TILE * MAP_TILE == BLOCK_N,
                      "tiles are whole block-map sub-tiles")
     base, stride_cm, stride_cn = bmap
@@ -127,16 +126,36 @@ def tile_flags(bmap, start_m, start_n, L, S, BLOCK_M: tl.constexpr, BLOCK_N: tl.
     cols = start_n // MAP_TILE + tl.arange(0, BLOCK_N // MAP_TILE)
     inside = (rows[:, None] < tl.cdiv(L, MAP_TILE)) & (cols[None, :] < tl.cdiv(S, MAP_TILE))
     f = tl.load(base + rows[:, None] * stride_cm + cols[None, :] * stride_cn, mask=inside, other=0).to(tl.int32)
-    return tl.max(tl.max(f & MAP_SEES, 1), 0), tl.max(tl.max(f & MAP_MASKS, 1), 0)
+    return tl.max(tl.max(f & MAP_MASKS, 1), 0) != 0
 
 
-def map_args(mask, dummy):
-    """(block map, its 4 strides) of a canonical mask for the kernels (block_map.block_map, cached), or
-    (`dummy`, zeros) without a mask."""
+@triton.jit
+def span_tiles(tiles, spans, start, n, BLOCK: tl.constexpr, BLOCK_OTHER: tl.constexpr):
+    """key_tiles' (or query_tiles') (lo, full_lo, full_hi, hi) narrowed to the user mask's span for the
+    block of BLOCK rows (keys) at `start`, of n: from the first to the last element its rows' visible
+    block-map sub-tiles cover (block_map.BlockMap), lo kept a multiple of BLOCK_OTHER. `spans` is (base
+    at this batch and head, stride between sub-tiles; lo at +0, hi at +1). Nothing visible: lo > hi,
+    no tile."""
+    base, stride = spans
+    lo, full_lo, full_hi, hi = tiles
+    cells = start // MAP_TILE + tl.arange(0, BLOCK // MAP_TILE)
+    inside = cells < tl.cdiv(n, MAP_TILE)
+    span_lo = tl.min(tl.load(base + cells * stride, mask=inside, other=2147483647), 0)
+    span_hi = tl.max(tl.load(base + cells * stride + 1, mask=inside, other=0), 0)
+    lo = tl.maximum(lo, span_lo // BLOCK_OTHER * BLOCK_OTHER)
+    hi = tl.minimum(hi, span_hi)
+    return _ordered(lo, full_lo, full_hi, hi)
+
+
+def map_args(mask, L: int, S: int, dummy):
+    """The block-map arguments of a canonical mask for L × S scores (block_map.block_map, cached):
+    (flags, key spans, query spans, their kernel strides (4, 3, 3)); `dummy` pointers and zero strides
+    without a mask."""
     if mask is None:
-        return dummy, (0, 0, 0, 0)
-    bmap = block_map.block_map(mask)
-    return bmap, block_map.map_strides(bmap)
+        return dummy, dummy, dummy, (0, 0, 0, 0), (0, 0, 0), (0, 0, 0)
+    bm = block_map.block_map(mask, L, S)
+    return (bm.flags, bm.key_spans, bm.query_spans, block_map.kernel_strides(bm.flags),
+            block_map.kernel_strides(bm.key_spans)[:3], block_map.kernel_strides(bm.query_spans)[:3])
 
 
 # ----------------------------------------------------------------------------------------------------

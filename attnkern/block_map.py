@@ -1,32 +1,30 @@
 """Block maps: what a mask does to each tile of the scores, found once per mask and reused.
 
-A kernel that streams (query tile × key tile) score blocks need not read the mask on every tile: a
-tile the mask hides entirely need not be visited, and a tile the mask leaves unchanged can be computed
-as if there were no mask (no mask loads). The block map records this per sub-tile of TILE × TILE
-scores, two flags each:
+A kernel that streams (query tile × key tile) score blocks need not visit a tile the mask hides
+entirely. The block map records, per sub-tile of TILE × TILE scores, two flags:
 
     SEES   some score of the sub-tile stays visible (a bool mask holds a True there; for float masks
            always set: a -inf entry added to a NaN or +inf score gives NaN, as torch's math path has
            it, so only a bool mask, which replaces scores, may hide a tile from a kernel)
     MASKS  some score is changed by the mask (a False; a float entry other than ±0.0)
 
-so a sub-tile is empty (MASKS only), full (SEES only) or partial (both). A kernel's tile spans whole
-sub-tiles (its block sizes are multiples of TILE) and ORs their flags; the sub-tile grain keeps one map
-right for every autotune config. Sub-tiles past the scores' edge are not in the map; kernels read them
-as 0 (no flag), which changes no OR.
+so a sub-tile is empty (MASKS only), full (SEES only) or partial (both). Kernel tiles are whole
+sub-tiles (every config's block sizes are multiples of TILE), so one map serves every autotune config.
 
-Kernels skip hidden tiles by narrowing their loops to spans (BlockMap): a query block visits the keys
-from its rows' first to their last visible sub-tile, a key block the rows likewise. A per-tile branch
-around the loads would also skip hidden tiles between visible ones, but Triton does not pipeline
-loads under a branch (the compile report showed the K/V loads turn synchronous, and spills): narrowed
-loop bounds keep the loop as it was. Padding, block-diagonal (document) and banded masks hide tiles at
-the ends of the ranges, which is where spans skip them.
+The Triton kernels use the spans derived from it (BlockMap): a query block visits the keys from its
+rows' first to their last visible sub-tile, a key block the rows likewise, so that the tiles a bool
+mask hides at the ends of a block's range (padding, block-diagonal document masks, bands) are never
+visited. Two per-tile uses were compiled and measured with the compile report and left out, as Triton
+3.9 compiles them: a branch around a hidden tile's loads (the K/V loads stop being pipelined, and
+spills appear), and skipping the mask loads of full tiles by a branch or a predicated load (spills in
+the float-mask forward and the dK/dV kernel). Hidden tiles between visible ones are computed as partial
+tiles; full tiles load the mask.
 
 The map has the mask's canonical shape (masks.py) at sub-tile grain: (Bm, Hm, ceil(Lm/TILE),
 ceil(Sm/TILE)), a broadcast dim (1, or a stride-0 expanded one) staying 1, read with stride 0. It is
 computed with a few torch reductions on the mask's device and cached by the mask's memory, version
-counter (in-place changes bump it), shape, strides and dtype, while the tensor it views is alive; so
-the backward, and every layer handed the same mask, reuse the forward's map.
+counter (in-place changes bump it), shape, strides, dtype and the score lengths, while the tensor it
+views is alive; so the backward, and every layer handed the same mask, reuse the forward's.
 """
 from __future__ import annotations
 

@@ -1,11 +1,10 @@
-"""Block maps (attnkern/block_map.py): the per-sub-tile classification of a mask, its cache, and the
-Triton kernels that skip the tiles a bool mask hides and read no mask on the tiles it leaves unchanged.
+"""Block maps (attnkern/block_map.py): the per-sub-tile classification of a mask, its spans, its
+cache, and the Triton kernels that narrow their loops to a bool mask's spans.
 
 The kernels' results are checked against the float64 reference by the tolerance rule (forward and every
-gradient, the float mask's included) on the masks the map is for: key and query padding, block-diagonal
+gradient, the float mask's included) on the masks spans are for: key and query padding, block-diagonal
 document masks, random masks with fully masked rows, bool and float, with Lq != Lk, GQA, odd lengths and
-both backward paths. The interpreter runs the kernels with 32 × 32 tiles, two block-map sub-tiles a side,
-so a tile's flags are the OR of several sub-tiles'.
+both backward paths. The interpreter runs the kernels with 32 × 32 tiles, two block-map sub-tiles a side.
 """
 import pytest
 import torch
@@ -145,8 +144,8 @@ def test_masked_kernels_match_the_reference(name, shape, kind, monkeypatch):
 
 @pytest.mark.skipif(not TRITON_DTYPES, reason="the Triton backend does not run here")
 def test_a_learned_mask_of_zeros_gets_its_gradient():
-    """A float mask of zeros takes the no-mask path everywhere, yet its gradient (the dMask pass) is
-    still the score gradient."""
+    """A float mask of zeros is full everywhere (nothing to skip) and still gets its gradient (the dMask
+    pass), the score gradient."""
     gen = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 2, 33, 16, generator=gen) for _ in range(3))
     mask = torch.zeros(1, 2, 33, 33)
@@ -159,10 +158,10 @@ def test_a_learned_mask_of_zeros_gets_its_gradient():
 
 @pytest.mark.skipif(not TRITON_DTYPES, reason="the Triton backend does not run here")
 def test_hidden_tiles_are_skipped():
-    """A key tile that a bool mask hides from a whole query tile is never read: a NaN value there does
-    not reach the output (as for keys outside a causal band), while a NaN under a partly hidden tile
-    does (0 · NaN in the product of P and V), which shows that the tile is what is skipped. The mask's
-    halves are 128 wide: whole tiles for every config."""
+    """Key tiles past the last one a bool mask shows a query block are never read: a NaN value there
+    does not reach the output (as for keys outside a causal band), while a NaN under a partly hidden
+    tile does (0 · NaN in the product of P and V), which shows that the tile is what is skipped. The
+    mask's halves are 128 wide: whole tiles for every config."""
     gen = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(1, 1, 256, 16, generator=gen) for _ in range(3))
     mask = torch.ones(1, 1, 256, 256, dtype=torch.bool)
@@ -181,9 +180,26 @@ def test_hidden_tiles_are_skipped():
 
 
 @pytest.mark.skipif(not TRITON_DTYPES, reason="the Triton backend does not run here")
+@pytest.mark.parametrize("deterministic", [True, False], ids=["two-pass", "single-pass"])
+def test_hidden_tiles_are_skipped_in_the_backward(deterministic, monkeypatch):
+    """As above for the gradients: a NaN key that the mask hides from the first half of the rows leaves
+    their dQ finite (its tiles are not visited: 0 · NaN would be NaN), on both backward paths."""
+    monkeypatch.setenv("ATTNKERN_SINGLE_PASS", "1")
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, 1, 256, 16, generator=gen).to(DEVICE) for _ in range(3))
+    k[..., 200, :] = float("nan")
+    mask = torch.ones(1, 1, 256, 256, dtype=torch.bool, device=DEVICE)
+    mask[..., :128, 128:] = False
+    q.requires_grad_()
+    out = attnkern.attention(q, k, v, attn_mask=mask, backend="triton", return_lse=False, deterministic=deterministic)
+    out.backward(torch.ones_like(out))
+    assert torch.isfinite(q.grad[..., :128, :]).all() and torch.isnan(q.grad[..., 128:, :]).all()
+
+
+@pytest.mark.skipif(not TRITON_DTYPES, reason="the Triton backend does not run here")
 def test_kernels_follow_an_in_place_mask_change():
-    """Same mask tensor, changed in place between calls: the second call must not reuse the first map
-    (it would skip tiles the mask now shows)."""
+    """Same mask tensor, changed in place between calls: the second call must not reuse the first spans
+    (they would skip the key tile the mask now shows)."""
     gen = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(1, 1, 40, 16, generator=gen).to(DEVICE) for _ in range(3))
     mask = torch.zeros(1, 1, 1, 40, dtype=torch.bool, device=DEVICE)

@@ -27,9 +27,9 @@ exps per score). Grouped-query attention needs neither atomics nor a materialize
 a dK/dV program loops over its kv head's query heads, or, when that grid would leave SMs idle (MQA,
 small batch), over one part of them, the parts summed after in a fixed order (kv_group_parts).
 
-The dK/dV, dQ and single-pass kernels read the user mask's block map as the forward does (block_map.py:
-loops narrowed to the rows or keys the mask shows, unchanged tiles without mask loads); the dMask pass
-reads the mask on every tile, since it writes a gradient for every mask entry.
+The dK/dV, dQ and single-pass kernels narrow their loops to a bool mask's spans as the forward does
+(block_map.py): a key block visits the rows from the first to the last the mask shows it, a query block
+the keys.
 
 Packed variable-length batches (varlen.py; varlen_backward) run the dK/dV, dQ and single-pass kernels
 with VARLEN set, one launch each over every sequence, as the forward does (forward.py); the preprocess
@@ -51,7 +51,7 @@ from ..score_mods import NONE
 from . import common as tcommon, configs
 from .common import (dropout_keep, index_range, key_tiles, load_mods, load_row_stats, load_tile, map_args,
                      mask_scores, modify_scores, mods_args, needs_int64, packed_mods, packed_sequence, query_tiles,
-                     store_tile, span_tiles, tile_masks, at_token, first_row, LOG2E, MASK_NONE)
+                     span_tiles, store_tile, at_token, first_row, LOG2E, MASK_BOOL)
 from .forward import mask_args, precision_for
 
 
@@ -92,7 +92,7 @@ def _bwd_preprocess_kernel(
 
 @triton.jit
 def _dkdv_tile(
-    dk, dv, kT, v, start_m, start_n, ptrs, offs, strides, problem, mods, bmap,
+    dk, dv, kT, v, start_m, start_n, ptrs, offs, strides, problem, mods,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, APPLY_BAND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr,
@@ -124,9 +124,8 @@ def _dkdv_tile(
         delta = tl.load(delta_base + offs_m)
     sT = tl.trans(tl.dot(q, kT, input_precision=PRECISION) * scale)
     sT, tT = modify_scores(sT, offs_m[None, :], offs_n[:, None], mods, SOFTCAP, HAS_ALIBI)
-    apply_mask = tile_masks(bmap, start_m, start_n, L, S, BLOCK_M, BLOCK_N) if MASK_KIND != MASK_NONE else True
     sT = mask_scores(sT, offs_m[None, :], offs_n[:, None], mask_base, stride_ml, stride_ms, L, S, lo_off, hi_off,
-                     apply_mask, MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N)
+                     MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N)
     pT = tl.math.exp2((sT - row_max[None, :]) * LOG2E - log2l[None, :])
     do = load_tile(do_base + offs_m[:, None] * stride_dol + offs_ev[None, :] * stride_doe,
                    offs_m, offs_ev, L, EV, CHECK_M, BLOCK_EV != EV)
@@ -147,7 +146,7 @@ def _dkdv_tile(
 
 @triton.jit
 def _dkdv_range(
-    dk, dv, kT, v, tiles, start_n, ptrs, offs, strides, problem, mods, bmap,
+    dk, dv, kT, v, tiles, start_n, ptrs, offs, strides, problem, mods,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr,
@@ -161,15 +160,15 @@ def _dkdv_range(
     feature, dO's, the mask's row and column), problem (L, S, scale, lo_off, hi_off), mods (load_mods)."""
     lo, full_lo, full_hi, hi = tiles
     for start_m in range(lo, full_lo, BLOCK_M):
-        dk, dv = _dkdv_tile(dk, dv, kT, v, start_m, start_n, ptrs, offs, strides, problem, mods, bmap,
+        dk, dv = _dkdv_tile(dk, dv, kT, v, start_m, start_n, ptrs, offs, strides, problem, mods,
                             E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
                             PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
     for start_m in range(full_lo, full_hi, BLOCK_M):
-        dk, dv = _dkdv_tile(dk, dv, kT, v, start_m, start_n, ptrs, offs, strides, problem, mods, bmap,
+        dk, dv = _dkdv_tile(dk, dv, kT, v, start_m, start_n, ptrs, offs, strides, problem, mods,
                             E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
                             PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
     for start_m in range(full_hi, hi, BLOCK_M):
-        dk, dv = _dkdv_tile(dk, dv, kT, v, start_m, start_n, ptrs, offs, strides, problem, mods, bmap,
+        dk, dv = _dkdv_tile(dk, dv, kT, v, start_m, start_n, ptrs, offs, strides, problem, mods,
                             E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
                             PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
     return dk, dv
@@ -187,12 +186,11 @@ def _dkdv_range(
 })
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, M, BMAP, SPANS, DO, STATS, DELTA, DK, DV, ALIBI, RNG,
+    Q, K, V, M, SPANS, DO, STATS, DELTA, DK, DV, ALIBI, RNG,
     stride_qb, stride_qh, stride_ql, stride_qe,
     stride_kb, stride_kh, stride_ks, stride_ke,
     stride_vb, stride_vh, stride_vs, stride_ve,
     stride_mb, stride_mh, stride_ml, stride_ms,
-    stride_cb, stride_ch, stride_cm, stride_cn,
     stride_pb, stride_ph, stride_pi,
     stride_dob, stride_doh, stride_dol, stride_doe,
     stride_dkb, stride_dkh, stride_dks, stride_dke,
@@ -248,7 +246,7 @@ def _attn_bwd_dkdv_kernel(
         stats_base = STATS + row0 * 2
         delta_base = DELTA + row0
         head_tiles = tiles
-        if MASK_KIND != MASK_NONE:  # and the rows the mask shows these keys (block_map.py)
+        if MASK_KIND == MASK_BOOL:  # and the rows the mask shows these keys (block_map.py)
             head_tiles = span_tiles(tiles, (SPANS + b * stride_pb + h * stride_ph, stride_pi), start_n, S, BLOCK_N,
                                     BLOCK_M)
         mods = load_mods(ALIBI, RNG, b, h, H, L, S, stride_ab, b0, softcap, softcap_inv, drop_threshold,
@@ -258,7 +256,7 @@ def _attn_bwd_dkdv_kernel(
         dk, dv = _dkdv_range(
             dk, dv, kT, v, head_tiles, start_n, (q_base, do_base, mask_base, stats_base, delta_base),
             (offs_n, offs_m0, offs_e, offs_ev), (stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms),
-            (L, S, scale, lo_off, hi_off), mods, (BMAP + b * stride_cb + h * stride_ch, stride_cm, stride_cn),
+            (L, S, scale, lo_off, hi_off), mods,
             E=E, EV=EV, BLOCK_E=BLOCK_E, BLOCK_EV=BLOCK_EV, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT,
             HAS_RIGHT=HAS_RIGHT, CHECK_M=not EVEN_M, CHECK_N=not EVEN_N, PRECISION=PRECISION, SOFTCAP=SOFTCAP,
             HAS_ALIBI=HAS_ALIBI, HAS_DROPOUT=HAS_DROPOUT, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
@@ -276,7 +274,7 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_tile(
-    dq, rows, start_m, start_n, ptrs, offs, strides, problem, mods, bmap,
+    dq, rows, start_n, ptrs, offs, strides, problem, mods,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, APPLY_BAND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr,
@@ -296,9 +294,8 @@ def _dq_tile(
                    offs_ev, offs_n, EV, S, BLOCK_EV != EV, CHECK_N)
     s = tl.dot(q, kT, input_precision=PRECISION) * scale
     s, t = modify_scores(s, offs_m[:, None], offs_n[None, :], mods, SOFTCAP, HAS_ALIBI)
-    apply_mask = tile_masks(bmap, start_m, start_n, L, S, BLOCK_M, BLOCK_N) if MASK_KIND != MASK_NONE else True
     s = mask_scores(s, offs_m[:, None], offs_n[None, :], mask_base, stride_ml, stride_ms, L, S, lo_off, hi_off,
-                    apply_mask, MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N)
+                    MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N)
     p = tl.math.exp2((s - row_max[:, None]) * LOG2E - log2l[:, None])
     dp = tl.dot(do, vT, input_precision=PRECISION)
     if HAS_DROPOUT:  # dP = (dO Vᵀ) ∘ Z
@@ -312,7 +309,7 @@ def _dq_tile(
 
 @triton.jit
 def _dq_range(
-    dq, rows, tiles, start_m, ptrs, offs, strides, problem, mods, bmap,
+    dq, rows, tiles, ptrs, offs, strides, problem, mods,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr,
@@ -326,15 +323,15 @@ def _dq_range(
     the mask's row and column), problem (L, S, scale, lo_off, hi_off), mods (load_mods)."""
     lo, full_lo, full_hi, hi = tiles
     for start_n in range(lo, full_lo, BLOCK_N):
-        dq = _dq_tile(dq, rows, start_m, start_n, ptrs, offs, strides, problem, mods, bmap,
+        dq = _dq_tile(dq, rows, start_n, ptrs, offs, strides, problem, mods,
                       E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
                       PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
     for start_n in range(full_lo, full_hi, BLOCK_N):
-        dq = _dq_tile(dq, rows, start_m, start_n, ptrs, offs, strides, problem, mods, bmap,
+        dq = _dq_tile(dq, rows, start_n, ptrs, offs, strides, problem, mods,
                       E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
                       PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
     for start_n in range(full_hi, hi, BLOCK_N):
-        dq = _dq_tile(dq, rows, start_m, start_n, ptrs, offs, strides, problem, mods, bmap,
+        dq = _dq_tile(dq, rows, start_n, ptrs, offs, strides, problem, mods,
                       E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
                       PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
     return dq
@@ -352,12 +349,11 @@ def _dq_range(
 })
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, M, BMAP, SPANS, DO, STATS, DELTA, DQ, ALIBI, RNG,
+    Q, K, V, M, SPANS, DO, STATS, DELTA, DQ, ALIBI, RNG,
     stride_qb, stride_qh, stride_ql, stride_qe,
     stride_kb, stride_kh, stride_ks, stride_ke,
     stride_vb, stride_vh, stride_vs, stride_ve,
     stride_mb, stride_mh, stride_ml, stride_ms,
-    stride_cb, stride_ch, stride_cm, stride_cn,
     stride_pb, stride_ph, stride_pi,
     stride_dob, stride_doh, stride_dol, stride_doe,
     stride_dqb, stride_dqh, stride_dql, stride_dqe,
@@ -410,12 +406,11 @@ def _attn_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
 
     tiles = key_tiles(start_m, S, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    if MASK_KIND != MASK_NONE:  # and the keys the mask shows these rows (block_map.py)
+    if MASK_KIND == MASK_BOOL:  # and the keys the mask shows these rows (block_map.py)
         tiles = span_tiles(tiles, (SPANS + b * stride_pb + h * stride_ph, stride_pi), start_m, L, BLOCK_M, BLOCK_N)
     dq = _dq_range(
-        dq, (q, do, row_max, log2l, delta), tiles, start_m, (k_base, v_base, mask_base),
-        (offs_m, offs_n0, offs_e, offs_ev), (stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms),
-        (L, S, scale, lo_off, hi_off), mods, (BMAP + b * stride_cb + h * stride_ch, stride_cm, stride_cn),
+        dq, (q, do, row_max, log2l, delta), tiles, (k_base, v_base, mask_base), (offs_m, offs_n0, offs_e, offs_ev),
+        (stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms), (L, S, scale, lo_off, hi_off), mods,
         E=E, EV=EV, BLOCK_E=BLOCK_E, BLOCK_EV=BLOCK_EV, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT,
         CHECK_M=not EVEN_M, CHECK_N=not EVEN_N, PRECISION=PRECISION, SOFTCAP=SOFTCAP, HAS_ALIBI=HAS_ALIBI,
         HAS_DROPOUT=HAS_DROPOUT, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
@@ -443,7 +438,7 @@ def _atomic_add_tile(ptrs, x, rows, cols, n_rows, n_cols, CHECK_ROWS: tl.constex
 
 @triton.jit
 def _onepass_tile(
-    dk, dv, kT, vT, start_m, start_n, ptrs, offs, strides, problem, mods, bmap,
+    dk, dv, kT, vT, start_m, start_n, ptrs, offs, strides, problem, mods,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, APPLY_BAND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr,
@@ -469,9 +464,8 @@ def _onepass_tile(
         delta = tl.load(delta_base + offs_m)
     s = tl.dot(q, kT, input_precision=PRECISION) * scale
     s, t = modify_scores(s, offs_m[:, None], offs_n[None, :], mods, SOFTCAP, HAS_ALIBI)
-    apply_mask = tile_masks(bmap, start_m, start_n, L, S, BLOCK_M, BLOCK_N) if MASK_KIND != MASK_NONE else True
     s = mask_scores(s, offs_m[:, None], offs_n[None, :], mask_base, stride_ml, stride_ms, L, S, lo_off, hi_off,
-                    apply_mask, MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N)
+                    MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N)
     p = tl.math.exp2((s - row_max[:, None]) * LOG2E - log2l[:, None])
     do = load_tile(do_base + offs_m[:, None] * stride_dol + offs_ev[None, :] * stride_doe,
                    offs_m, offs_ev, L, EV, CHECK_M, BLOCK_EV != EV)
@@ -496,7 +490,7 @@ def _onepass_tile(
 
 @triton.jit
 def _onepass_range(
-    dk, dv, kT, vT, tiles, start_n, ptrs, offs, strides, problem, mods, bmap,
+    dk, dv, kT, vT, tiles, start_n, ptrs, offs, strides, problem, mods,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr,
@@ -507,15 +501,15 @@ def _onepass_range(
     band's edge tiles, a few each, are not pipelined); ptrs adds dq_base, the head's float32 dQ rows."""
     lo, full_lo, full_hi, hi = tiles
     for start_m in tl.range(lo, full_lo, BLOCK_M, num_stages=1):
-        dk, dv = _onepass_tile(dk, dv, kT, vT, start_m, start_n, ptrs, offs, strides, problem, mods, bmap,
+        dk, dv = _onepass_tile(dk, dv, kT, vT, start_m, start_n, ptrs, offs, strides, problem, mods,
                                E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
                                PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
     for start_m in range(full_lo, full_hi, BLOCK_M):
-        dk, dv = _onepass_tile(dk, dv, kT, vT, start_m, start_n, ptrs, offs, strides, problem, mods, bmap,
+        dk, dv = _onepass_tile(dk, dv, kT, vT, start_m, start_n, ptrs, offs, strides, problem, mods,
                                E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
                                PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
     for start_m in tl.range(full_hi, hi, BLOCK_M, num_stages=1):
-        dk, dv = _onepass_tile(dk, dv, kT, vT, start_m, start_n, ptrs, offs, strides, problem, mods, bmap,
+        dk, dv = _onepass_tile(dk, dv, kT, vT, start_m, start_n, ptrs, offs, strides, problem, mods,
                                E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
                                PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
     return dk, dv
@@ -534,12 +528,11 @@ def _onepass_range(
 })
 @triton.jit
 def _attn_bwd_onepass_kernel(
-    Q, K, V, M, BMAP, SPANS, DO, STATS, DELTA, DK, DV, DQ_ACC, ALIBI, RNG,
+    Q, K, V, M, SPANS, DO, STATS, DELTA, DK, DV, DQ_ACC, ALIBI, RNG,
     stride_qb, stride_qh, stride_ql, stride_qe,
     stride_kb, stride_kh, stride_ks, stride_ke,
     stride_vb, stride_vh, stride_vs, stride_ve,
     stride_mb, stride_mh, stride_ml, stride_ms,
-    stride_cb, stride_ch, stride_cm, stride_cn,
     stride_pb, stride_ph, stride_pi,
     stride_dob, stride_doh, stride_dol, stride_doe,
     stride_dkb, stride_dkh, stride_dks, stride_dke,
@@ -597,7 +590,7 @@ def _attn_bwd_onepass_kernel(
         delta_base = DELTA + row0
         dq_base = DQ_ACC + row0 * E
         head_tiles = tiles
-        if MASK_KIND != MASK_NONE:  # and the rows the mask shows these keys (block_map.py)
+        if MASK_KIND == MASK_BOOL:  # and the rows the mask shows these keys (block_map.py)
             head_tiles = span_tiles(tiles, (SPANS + b * stride_pb + h * stride_ph, stride_pi), start_n, S, BLOCK_N,
                                     BLOCK_M)
         mods = load_mods(ALIBI, RNG, b, h, H, L, S, stride_ab, b0, softcap, softcap_inv, drop_threshold,
@@ -607,7 +600,7 @@ def _attn_bwd_onepass_kernel(
         dk, dv = _onepass_range(
             dk, dv, kT, vT, head_tiles, start_n, (q_base, do_base, mask_base, stats_base, delta_base, dq_base),
             (offs_n, offs_m0, offs_e, offs_ev), (stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms),
-            (L, S, scale, lo_off, hi_off), mods, (BMAP + b * stride_cb + h * stride_ch, stride_cm, stride_cn),
+            (L, S, scale, lo_off, hi_off), mods,
             E=E, EV=EV, BLOCK_E=BLOCK_E, BLOCK_EV=BLOCK_EV, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT,
             HAS_RIGHT=HAS_RIGHT, CHECK_M=not EVEN_M, CHECK_N=not EVEN_N, PRECISION=PRECISION, SOFTCAP=SOFTCAP,
             HAS_ALIBI=HAS_ALIBI, HAS_DROPOUT=HAS_DROPOUT, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
@@ -715,7 +708,7 @@ def _attn_bwd_dmask_kernel(
                     s = tl.dot(q, kT, input_precision=PRECISION) * scale
                     s, _ = modify_scores(s, offs_m[:, None], offs_n[None, :], mods, SOFTCAP, HAS_ALIBI)
                     s = mask_scores(s, offs_m[:, None], offs_n[None, :], mask_base, stride_ml, stride_ms,
-                                    L, S, lo_off, hi_off, True, 2, True, HAS_LEFT, HAS_RIGHT, True, True)
+                                    L, S, lo_off, hi_off, 2, True, HAS_LEFT, HAS_RIGHT, True, True)
                     p = tl.math.exp2((s - row_max[:, None]) * LOG2E - log2l[:, None])
                     dp = tl.dot(do, vT, input_precision=PRECISION)
                     if HAS_DROPOUT:
@@ -820,31 +813,31 @@ def onepass_runs(E: int, Ev: int, dtype) -> bool:
     return True
 
 
-def _launch_onepass(q, k, v, mask_ptr, m_strides, bmap, spans, c_strides, p_strides, dout, stats, delta, dk_t, dv_t,
-                    dq_acc, parts: int, scale, band_bounds, mod_ptrs, cu_ptrs, mod_scalars, common, lengths):
+def _launch_onepass(q, k, v, mask_ptr, m_strides, spans, p_strides, dout, stats, delta, dk_t, dv_t, dq_acc,
+                    parts: int, scale, band_bounds, mod_ptrs, cu_ptrs, mod_scalars, common, lengths):
     """The single-pass dK/dV/dQ kernel: writes dK and dV into dk_t and dv_t (_kv_part_buffers' for
     `parts`) and adds the unscaled dQ into the float32 buffer dq_acc."""
     B, H, L, E = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     common = dict(common, I64=common["I64"] or needs_int64(dq_acc, dk_t, dv_t))
     _attn_bwd_onepass_kernel[lambda meta: (triton.cdiv(lengths[1], meta["BLOCK_N"]), Hkv * parts, B)](
-        q, k, v, mask_ptr, bmap, spans, dout, stats, delta, dk_t, dv_t, dq_acc, *mod_ptrs,
-        *q.stride(), *k.stride(), *v.stride(), *m_strides, *c_strides, *p_strides, *dout.stride(), *dk_t.stride(),
+        q, k, v, mask_ptr, spans, dout, stats, delta, dk_t, dv_t, dq_acc, *mod_ptrs,
+        *q.stride(), *k.stride(), *v.stride(), *m_strides, *p_strides, *dout.stride(), *dk_t.stride(),
         *dv_t.stride(),
         H, H // Hkv, H // Hkv // parts, L, S, scale, *band_bounds, configs.bucket(lengths[0]),
         configs.bucket(lengths[1]), *mod_scalars, *cu_ptrs, **common,
     )
 
 
-def _launch_dkdv(q, k, v, mask_ptr, m_strides, bmap, spans, c_strides, p_strides, dout, stats, delta, dk_t, dv_t,
-                 parts: int, scale, band_bounds, mod_ptrs, cu_ptrs, mod_scalars, common, lengths):
+def _launch_dkdv(q, k, v, mask_ptr, m_strides, spans, p_strides, dout, stats, delta, dk_t, dv_t, parts: int,
+                 scale, band_bounds, mod_ptrs, cu_ptrs, mod_scalars, common, lengths):
     """The two-pass path's dK/dV kernel, writing dk_t and dv_t (_kv_part_buffers' for `parts`)."""
     B, H, L, E = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     common = dict(common, I64=common["I64"] or needs_int64(dk_t, dv_t))
     _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(lengths[1], meta["BLOCK_N"]), Hkv * parts, B)](
-        q, k, v, mask_ptr, bmap, spans, dout, stats, delta, dk_t, dv_t, *mod_ptrs,
-        *q.stride(), *k.stride(), *v.stride(), *m_strides, *c_strides, *p_strides, *dout.stride(), *dk_t.stride(),
+        q, k, v, mask_ptr, spans, dout, stats, delta, dk_t, dv_t, *mod_ptrs,
+        *q.stride(), *k.stride(), *v.stride(), *m_strides, *p_strides, *dout.stride(), *dk_t.stride(),
         *dv_t.stride(),
         H, H // Hkv, H // Hkv // parts, L, S, scale, *band_bounds, configs.bucket(lengths[0]),
         configs.bucket(lengths[1]), *mod_scalars, *cu_ptrs, **common,
@@ -872,7 +865,7 @@ def _kernel_switches(q, E: int, Ev: int, kind: int, band_bounds, i64: bool, mods
                 VARLEN=varlen, **mods_args(mods, q)[2])
 
 
-def _gradients(q, k, v, mask_ptr, m_strides, maps, dout, stats, delta, dq, dk, dv, scale, band_bounds, mods,
+def _gradients(q, k, v, mask_ptr, m_strides, spans, dout, stats, delta, dq, dk, dv, scale, band_bounds, mods,
                onepass: bool, common, lengths, cu=None) -> None:
     """dK, dV and dQ over (B, H, L, ·) tensors, after the preprocess: the two-pass kernels or the single
     pass, one launch each per batch slice. `lengths` (query, key) size the grids and the autotune
@@ -890,9 +883,9 @@ def _gradients(q, k, v, mask_ptr, m_strides, maps, dout, stats, delta, dq, dk, d
     lo_off, hi_off = band_bounds[:2]
     for b0, b1, part in tcommon.batch_slices(B):  # one launch each unless B passes grid axis 2's limit
         n = b1 - b0
-        bmap, key_spans, query_spans, c_strides, kp_strides, qp_strides = maps
-        args = (part(q), part(k), part(v), part(mask_ptr), m_strides, part(bmap), part(query_spans), c_strides,
-                qp_strides, part(dout), part(stats), part(delta))
+        key_spans, query_spans, kp_strides, qp_strides = spans
+        args = (part(q), part(k), part(v), part(mask_ptr), m_strides, part(query_spans), qp_strides, part(dout),
+                part(stats), part(delta))
         mod_ptrs, mod_scalars, _ = mods_args(mods, q, b0)
         mod_ptrs = (part(mod_ptrs[0]), mod_ptrs[1])  # ALiBi slopes by batch; the rng whole
         cu_ptrs = (cu[0][b0:b1 + 1], cu[1][b0:b1 + 1]) if cu is not None else (q, q)  # q: never read
@@ -903,9 +896,9 @@ def _gradients(q, k, v, mask_ptr, m_strides, maps, dout, stats, delta, dq, dk, d
         _launch_dkdv(*args, part(dk_t), part(dv_t), parts, scale, (lo_off, hi_off), mod_ptrs, cu_ptrs, mod_scalars,
                      common, lengths)
         _attn_bwd_dq_kernel[lambda meta, n=n: (triton.cdiv(lengths[0], meta["BLOCK_M"]), H, n)](
-            part(q), part(k), part(v), part(mask_ptr), part(bmap), part(key_spans), part(dout), part(stats),
-            part(delta), part(dq), *mod_ptrs, *q.stride(), *k.stride(), *v.stride(), *m_strides, *c_strides,
-            *kp_strides, *dout.stride(), *dq.stride(),
+            part(q), part(k), part(v), part(mask_ptr), part(key_spans), part(dout), part(stats), part(delta),
+            part(dq), *mod_ptrs, *q.stride(), *k.stride(), *v.stride(), *m_strides, *kp_strides, *dout.stride(),
+            *dq.stride(),
             H, H // Hkv, L, k.shape[2], scale, lo_off, hi_off, configs.bucket(lengths[0]), configs.bucket(lengths[1]),
             *mod_scalars, *cu_ptrs, **common,
         )
@@ -938,7 +931,7 @@ def attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale: flo
     kind = mask_kind(mask)
     mask_t, m_strides = mask_args(mask)
     mask_ptr = mask_t if mask_t is not None else q
-    maps = map_args(mask, L, S, q)  # the forward's, from the cache, unless the mask changed since
+    spans = map_args(mask, L, S, q)  # the forward's, from the cache, unless the mask changed since
 
     has_lo = out_lo is not None and out_lo.numel() > 0
     i64 = needs_int64(q, k, v, mask, out, out_lo if has_lo else None, dout, dq, dk, dv)
@@ -948,7 +941,7 @@ def attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale: flo
     for b0, b1, part in tcommon.batch_slices(B):
         _launch_preprocess(part(out), part(out_lo) if has_lo else None, part(dout), part(dlse), part(stats),
                            part(delta), i64)
-    _gradients(q, k, v, mask_ptr, m_strides, maps, dout, stats, delta, dq, dk, dv, scale, band_bounds, mods,
+    _gradients(q, k, v, mask_ptr, m_strides, spans, dout, stats, delta, dq, dk, dv, scale, band_bounds, mods,
                _use_onepass(deterministic, E, Ev, q.dtype),
                _kernel_switches(q, E, Ev, kind, band_bounds, i64, mods, False), (L, S))
 

@@ -4,6 +4,7 @@ Scores, masks and row maxima stay in natural units: s = (q·k) · scale + mask, 
 (finfo.min included) adds without overflowing; only differences from the row max enter base 2,
 exp(s - m) = exp2((s - m) · log2(e)). The log-sum-exp handed to Python is in natural log.
 """
+import torch
 import triton
 import triton.language as tl
 
@@ -16,10 +17,8 @@ LN2 = tl.constexpr(0.6931471805599453)
 # The kernels' MASK_KIND, by name (masks.py's codes).
 MASK_NONE = tl.constexpr(masks.MASK_NONE)
 MASK_BOOL = tl.constexpr(masks.MASK_BOOL)
-# The block map's sub-tile edge and flags (block_map.py).
+# The block map's sub-tile edge (block_map.py).
 MAP_TILE = tl.constexpr(block_map.TILE)
-MAP_SEES = tl.constexpr(block_map.SEES)
-MAP_MASKS = tl.constexpr(block_map.MASKS)
 
 
 @triton.jit
@@ -79,7 +78,7 @@ def store_tile(ptrs, x, rows, cols, n_rows, n_cols, CHECK_ROWS: tl.constexpr, CH
 
 @triton.jit
 def mask_scores(
-    s, qi, kj, mask_base, stride_ml, stride_ms, L, S, lo_off, hi_off, apply_mask,
+    s, qi, kj, mask_base, stride_ml, stride_ms, L, S, lo_off, hi_off,
     MASK_KIND: tl.constexpr, APPLY_BAND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     CHECK_Q: tl.constexpr, CHECK_K: tl.constexpr,
 ):
@@ -89,20 +88,17 @@ def mask_scores(
     `qi` and `kj` are the query-row and key-column indices shaped to broadcast against `s`
     ([:, None] and [None, :], or the transpose for the kernels that hold Sᵀ). Masked scores become -inf.
     APPLY_BAND is off for tiles that key_tiles/query_tiles found inside the band for every row.
-    `apply_mask` (a runtime flag: tile_masks') off skips the user mask (no loads) on a tile the
-    block map found it leaves unchanged.
     """
     if MASK_KIND != MASK_NONE:
-        if apply_mask:
-            m_ptrs = mask_base + qi * stride_ml + kj * stride_ms
-            if CHECK_Q or CHECK_K:
-                m = tl.load(m_ptrs, mask=(qi < L) & (kj < S), other=0)
-            else:
-                m = tl.load(m_ptrs)
-            if MASK_KIND == MASK_BOOL:
-                s = tl.where(m != 0, s, float("-inf"))
-            else:
-                s = s + m.to(tl.float32)
+        m_ptrs = mask_base + qi * stride_ml + kj * stride_ms
+        if CHECK_Q or CHECK_K:
+            m = tl.load(m_ptrs, mask=(qi < L) & (kj < S), other=0)
+        else:
+            m = tl.load(m_ptrs)
+        if MASK_KIND == MASK_BOOL:
+            s = tl.where(m != 0, s, float("-inf"))
+        else:
+            s = s + m.to(tl.float32)
     if APPLY_BAND:
         if HAS_RIGHT:
             s = tl.where(kj <= qi + hi_off, s, float("-inf"))
@@ -114,28 +110,13 @@ def mask_scores(
 
 
 @triton.jit
-def tile_masks(bmap, start_m, start_n, L, S, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Whether the user mask changes some score of the tile of rows [start_m, +BLOCK_M) and keys
-    [start_n, +BLOCK_N): some of the tile's block-map sub-tiles has MASKS (block_map.py); a tile without
-    takes no mask loads. `bmap` is (flags base at this batch and head, row stride, column stride).
-    Sub-tiles past the scores' edge read as 0 (no flag)."""
-    tl.static_assert(BLOCK_M // MAP_TILE * MAP_TILE == BLOCK_M and BLOCK_N // MAP_TILE * MAP_TILE == BLOCK_N,
-                     "tiles are whole block-map sub-tiles")
-    base, stride_cm, stride_cn = bmap
-    rows = start_m // MAP_TILE + tl.arange(0, BLOCK_M // MAP_TILE)
-    cols = start_n // MAP_TILE + tl.arange(0, BLOCK_N // MAP_TILE)
-    inside = (rows[:, None] < tl.cdiv(L, MAP_TILE)) & (cols[None, :] < tl.cdiv(S, MAP_TILE))
-    f = tl.load(base + rows[:, None] * stride_cm + cols[None, :] * stride_cn, mask=inside, other=0).to(tl.int32)
-    return tl.max(tl.max(f & MAP_MASKS, 1), 0) != 0
-
-
-@triton.jit
 def span_tiles(tiles, spans, start, n, BLOCK: tl.constexpr, BLOCK_OTHER: tl.constexpr):
     """key_tiles' (or query_tiles') (lo, full_lo, full_hi, hi) narrowed to the user mask's span for the
     block of BLOCK rows (keys) at `start`, of n: from the first to the last element its rows' visible
     block-map sub-tiles cover (block_map.BlockMap), lo kept a multiple of BLOCK_OTHER. `spans` is (base
     at this batch and head, stride between sub-tiles; lo at +0, hi at +1). Nothing visible: lo > hi,
     no tile."""
+    tl.static_assert(BLOCK // MAP_TILE * MAP_TILE == BLOCK, "blocks are whole block-map sub-tiles")
     base, stride = spans
     lo, full_lo, full_hi, hi = tiles
     cells = start // MAP_TILE + tl.arange(0, BLOCK // MAP_TILE)
@@ -148,14 +129,14 @@ def span_tiles(tiles, spans, start, n, BLOCK: tl.constexpr, BLOCK_OTHER: tl.cons
 
 
 def map_args(mask, L: int, S: int, dummy):
-    """The block-map arguments of a canonical mask for L × S scores (block_map.block_map, cached):
-    (flags, key spans, query spans, their kernel strides (4, 3, 3)); `dummy` pointers and zero strides
-    without a mask."""
-    if mask is None:
-        return dummy, dummy, dummy, (0, 0, 0, 0), (0, 0, 0), (0, 0, 0)
+    """The span arguments of a canonical bool mask for L × S scores (block_map.block_map, cached): (key
+    spans, query spans, their kernel strides (3 each)); `dummy` pointers and zero strides without one (a
+    float mask hides no tile: the kernels take no spans for it)."""
+    if mask is None or mask.dtype != torch.bool:
+        return dummy, dummy, (0, 0, 0), (0, 0, 0)
     bm = block_map.block_map(mask, L, S)
-    return (bm.flags, bm.key_spans, bm.query_spans, block_map.kernel_strides(bm.flags),
-            block_map.kernel_strides(bm.key_spans)[:3], block_map.kernel_strides(bm.query_spans)[:3])
+    return (bm.key_spans, bm.query_spans, block_map.kernel_strides(bm.key_spans)[:3],
+            block_map.kernel_strides(bm.query_spans)[:3])
 
 
 # ----------------------------------------------------------------------------------------------------

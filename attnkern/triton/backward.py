@@ -27,6 +27,10 @@ exps per score). Grouped-query attention needs neither atomics nor a materialize
 a dK/dV program loops over its kv head's query heads, or, when that grid would leave SMs idle (MQA,
 small batch), over one part of them, the parts summed after in a fixed order (kv_group_parts).
 
+The dK/dV, dQ and single-pass kernels narrow their loops to a bool mask's spans as the forward does
+(block_map.py): a key block visits the rows from the first to the last the mask shows it, a query block
+the keys.
+
 Packed variable-length batches (varlen.py; varlen_backward) run the dK/dV, dQ and single-pass kernels
 with VARLEN set, one launch each over every sequence, as the forward does (forward.py); the preprocess
 takes the packed rows as one problem. A packed batch has no mask, hence no dMask pass.
@@ -45,9 +49,9 @@ from ..config import single_pass_backward
 from ..masks import mask_kind
 from ..score_mods import NONE
 from . import common as tcommon, configs
-from .common import (dropout_keep, index_range, key_tiles, load_mods, load_row_stats, load_tile, mask_scores,
-                     modify_scores, mods_args, needs_int64, packed_mods, packed_sequence, query_tiles, store_tile,
-                     at_token, first_row, LOG2E)
+from .common import (dropout_keep, index_range, key_tiles, load_mods, load_row_stats, load_tile, map_args,
+                     mask_scores, modify_scores, mods_args, needs_int64, packed_mods, packed_sequence, query_tiles,
+                     span_tiles, store_tile, at_token, first_row, LOG2E, MASK_BOOL)
 from .forward import mask_args, precision_for
 
 
@@ -182,11 +186,12 @@ def _dkdv_range(
 })
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, M, DO, STATS, DELTA, DK, DV, ALIBI, RNG,
+    Q, K, V, M, SPANS, DO, STATS, DELTA, DK, DV, ALIBI, RNG,
     stride_qb, stride_qh, stride_ql, stride_qe,
     stride_kb, stride_kh, stride_ks, stride_ke,
     stride_vb, stride_vh, stride_vs, stride_ve,
     stride_mb, stride_mh, stride_ml, stride_ms,
+    stride_pb, stride_ph, stride_pi,
     stride_dob, stride_doh, stride_dol, stride_doe,
     stride_dkb, stride_dkh, stride_dks, stride_dke,
     stride_dvb, stride_dvh, stride_dvs, stride_dve,
@@ -240,12 +245,16 @@ def _attn_bwd_dkdv_kernel(
         row0 = first_row(b, h, H, rows, q0, VARLEN)
         stats_base = STATS + row0 * 2
         delta_base = DELTA + row0
+        head_tiles = tiles
+        if MASK_KIND == MASK_BOOL:  # and the rows the mask shows these keys (block_map.py)
+            head_tiles = span_tiles(tiles, (SPANS + b * stride_pb + h * stride_ph, stride_pi), start_n, S, BLOCK_N,
+                                    BLOCK_M)
         mods = load_mods(ALIBI, RNG, b, h, H, L, S, stride_ab, b0, softcap, softcap_inv, drop_threshold,
                          drop_scale, HAS_ALIBI, HAS_DROPOUT)
         if VARLEN:
             mods = packed_mods(mods, b0 + b, h)
         dk, dv = _dkdv_range(
-            dk, dv, kT, v, tiles, start_n, (q_base, do_base, mask_base, stats_base, delta_base),
+            dk, dv, kT, v, head_tiles, start_n, (q_base, do_base, mask_base, stats_base, delta_base),
             (offs_n, offs_m0, offs_e, offs_ev), (stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms),
             (L, S, scale, lo_off, hi_off), mods,
             E=E, EV=EV, BLOCK_E=BLOCK_E, BLOCK_EV=BLOCK_EV, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT,
@@ -340,11 +349,12 @@ def _dq_range(
 })
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, M, DO, STATS, DELTA, DQ, ALIBI, RNG,
+    Q, K, V, M, SPANS, DO, STATS, DELTA, DQ, ALIBI, RNG,
     stride_qb, stride_qh, stride_ql, stride_qe,
     stride_kb, stride_kh, stride_ks, stride_ke,
     stride_vb, stride_vh, stride_vs, stride_ve,
     stride_mb, stride_mh, stride_ml, stride_ms,
+    stride_pb, stride_ph, stride_pi,
     stride_dob, stride_doh, stride_dol, stride_doe,
     stride_dqb, stride_dqh, stride_dql, stride_dqe,
     H, GROUP, L, S, scale, lo_off, hi_off, L_BUCKET, S_BUCKET,
@@ -396,6 +406,8 @@ def _attn_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
 
     tiles = key_tiles(start_m, S, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    if MASK_KIND == MASK_BOOL:  # and the keys the mask shows these rows (block_map.py)
+        tiles = span_tiles(tiles, (SPANS + b * stride_pb + h * stride_ph, stride_pi), start_m, L, BLOCK_M, BLOCK_N)
     dq = _dq_range(
         dq, (q, do, row_max, log2l, delta), tiles, (k_base, v_base, mask_base), (offs_m, offs_n0, offs_e, offs_ev),
         (stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms), (L, S, scale, lo_off, hi_off), mods,
@@ -516,11 +528,12 @@ def _onepass_range(
 })
 @triton.jit
 def _attn_bwd_onepass_kernel(
-    Q, K, V, M, DO, STATS, DELTA, DK, DV, DQ_ACC, ALIBI, RNG,
+    Q, K, V, M, SPANS, DO, STATS, DELTA, DK, DV, DQ_ACC, ALIBI, RNG,
     stride_qb, stride_qh, stride_ql, stride_qe,
     stride_kb, stride_kh, stride_ks, stride_ke,
     stride_vb, stride_vh, stride_vs, stride_ve,
     stride_mb, stride_mh, stride_ml, stride_ms,
+    stride_pb, stride_ph, stride_pi,
     stride_dob, stride_doh, stride_dol, stride_doe,
     stride_dkb, stride_dkh, stride_dks, stride_dke,
     stride_dvb, stride_dvh, stride_dvs, stride_dve,
@@ -576,12 +589,16 @@ def _attn_bwd_onepass_kernel(
         stats_base = STATS + row0 * 2
         delta_base = DELTA + row0
         dq_base = DQ_ACC + row0 * E
+        head_tiles = tiles
+        if MASK_KIND == MASK_BOOL:  # and the rows the mask shows these keys (block_map.py)
+            head_tiles = span_tiles(tiles, (SPANS + b * stride_pb + h * stride_ph, stride_pi), start_n, S, BLOCK_N,
+                                    BLOCK_M)
         mods = load_mods(ALIBI, RNG, b, h, H, L, S, stride_ab, b0, softcap, softcap_inv, drop_threshold,
                          drop_scale, HAS_ALIBI, HAS_DROPOUT)
         if VARLEN:
             mods = packed_mods(mods, b0 + b, h)
         dk, dv = _onepass_range(
-            dk, dv, kT, vT, tiles, start_n, (q_base, do_base, mask_base, stats_base, delta_base, dq_base),
+            dk, dv, kT, vT, head_tiles, start_n, (q_base, do_base, mask_base, stats_base, delta_base, dq_base),
             (offs_n, offs_m0, offs_e, offs_ev), (stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms),
             (L, S, scale, lo_off, hi_off), mods,
             E=E, EV=EV, BLOCK_E=BLOCK_E, BLOCK_EV=BLOCK_EV, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT,
@@ -796,30 +813,32 @@ def onepass_runs(E: int, Ev: int, dtype) -> bool:
     return True
 
 
-def _launch_onepass(q, k, v, mask_ptr, m_strides, dout, stats, delta, dk_t, dv_t, dq_acc, parts: int, scale,
-                    band_bounds, mod_ptrs, cu_ptrs, mod_scalars, common, lengths):
+def _launch_onepass(q, k, v, mask_ptr, m_strides, spans, p_strides, dout, stats, delta, dk_t, dv_t, dq_acc,
+                    parts: int, scale, band_bounds, mod_ptrs, cu_ptrs, mod_scalars, common, lengths):
     """The single-pass dK/dV/dQ kernel: writes dK and dV into dk_t and dv_t (_kv_part_buffers' for
     `parts`) and adds the unscaled dQ into the float32 buffer dq_acc."""
     B, H, L, E = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     common = dict(common, I64=common["I64"] or needs_int64(dq_acc, dk_t, dv_t))
     _attn_bwd_onepass_kernel[lambda meta: (triton.cdiv(lengths[1], meta["BLOCK_N"]), Hkv * parts, B)](
-        q, k, v, mask_ptr, dout, stats, delta, dk_t, dv_t, dq_acc, *mod_ptrs,
-        *q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *dk_t.stride(), *dv_t.stride(),
+        q, k, v, mask_ptr, spans, dout, stats, delta, dk_t, dv_t, dq_acc, *mod_ptrs,
+        *q.stride(), *k.stride(), *v.stride(), *m_strides, *p_strides, *dout.stride(), *dk_t.stride(),
+        *dv_t.stride(),
         H, H // Hkv, H // Hkv // parts, L, S, scale, *band_bounds, configs.bucket(lengths[0]),
         configs.bucket(lengths[1]), *mod_scalars, *cu_ptrs, **common,
     )
 
 
-def _launch_dkdv(q, k, v, mask_ptr, m_strides, dout, stats, delta, dk_t, dv_t, parts: int, scale, band_bounds,
-                 mod_ptrs, cu_ptrs, mod_scalars, common, lengths):
+def _launch_dkdv(q, k, v, mask_ptr, m_strides, spans, p_strides, dout, stats, delta, dk_t, dv_t, parts: int,
+                 scale, band_bounds, mod_ptrs, cu_ptrs, mod_scalars, common, lengths):
     """The two-pass path's dK/dV kernel, writing dk_t and dv_t (_kv_part_buffers' for `parts`)."""
     B, H, L, E = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     common = dict(common, I64=common["I64"] or needs_int64(dk_t, dv_t))
     _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(lengths[1], meta["BLOCK_N"]), Hkv * parts, B)](
-        q, k, v, mask_ptr, dout, stats, delta, dk_t, dv_t, *mod_ptrs,
-        *q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *dk_t.stride(), *dv_t.stride(),
+        q, k, v, mask_ptr, spans, dout, stats, delta, dk_t, dv_t, *mod_ptrs,
+        *q.stride(), *k.stride(), *v.stride(), *m_strides, *p_strides, *dout.stride(), *dk_t.stride(),
+        *dv_t.stride(),
         H, H // Hkv, H // Hkv // parts, L, S, scale, *band_bounds, configs.bucket(lengths[0]),
         configs.bucket(lengths[1]), *mod_scalars, *cu_ptrs, **common,
     )
@@ -846,7 +865,7 @@ def _kernel_switches(q, E: int, Ev: int, kind: int, band_bounds, i64: bool, mods
                 VARLEN=varlen, **mods_args(mods, q)[2])
 
 
-def _gradients(q, k, v, mask_ptr, m_strides, dout, stats, delta, dq, dk, dv, scale, band_bounds, mods,
+def _gradients(q, k, v, mask_ptr, m_strides, spans, dout, stats, delta, dq, dk, dv, scale, band_bounds, mods,
                onepass: bool, common, lengths, cu=None) -> None:
     """dK, dV and dQ over (B, H, L, ·) tensors, after the preprocess: the two-pass kernels or the single
     pass, one launch each per batch slice. `lengths` (query, key) size the grids and the autotune
@@ -864,7 +883,9 @@ def _gradients(q, k, v, mask_ptr, m_strides, dout, stats, delta, dq, dk, dv, sca
     lo_off, hi_off = band_bounds[:2]
     for b0, b1, part in tcommon.batch_slices(B):  # one launch each unless B passes grid axis 2's limit
         n = b1 - b0
-        args = (part(q), part(k), part(v), part(mask_ptr), m_strides, part(dout), part(stats), part(delta))
+        key_spans, query_spans, kp_strides, qp_strides = spans
+        args = (part(q), part(k), part(v), part(mask_ptr), m_strides, part(query_spans), qp_strides, part(dout),
+                part(stats), part(delta))
         mod_ptrs, mod_scalars, _ = mods_args(mods, q, b0)
         mod_ptrs = (part(mod_ptrs[0]), mod_ptrs[1])  # ALiBi slopes by batch; the rng whole
         cu_ptrs = (cu[0][b0:b1 + 1], cu[1][b0:b1 + 1]) if cu is not None else (q, q)  # q: never read
@@ -875,8 +896,9 @@ def _gradients(q, k, v, mask_ptr, m_strides, dout, stats, delta, dq, dk, dv, sca
         _launch_dkdv(*args, part(dk_t), part(dv_t), parts, scale, (lo_off, hi_off), mod_ptrs, cu_ptrs, mod_scalars,
                      common, lengths)
         _attn_bwd_dq_kernel[lambda meta, n=n: (triton.cdiv(lengths[0], meta["BLOCK_M"]), H, n)](
-            part(q), part(k), part(v), part(mask_ptr), part(dout), part(stats), part(delta), part(dq), *mod_ptrs,
-            *q.stride(), *k.stride(), *v.stride(), *m_strides, *dout.stride(), *dq.stride(),
+            part(q), part(k), part(v), part(mask_ptr), part(key_spans), part(dout), part(stats), part(delta),
+            part(dq), *mod_ptrs, *q.stride(), *k.stride(), *v.stride(), *m_strides, *kp_strides, *dout.stride(),
+            *dq.stride(),
             H, H // Hkv, L, k.shape[2], scale, lo_off, hi_off, configs.bucket(lengths[0]), configs.bucket(lengths[1]),
             *mod_scalars, *cu_ptrs, **common,
         )
@@ -909,6 +931,7 @@ def attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale: flo
     kind = mask_kind(mask)
     mask_t, m_strides = mask_args(mask)
     mask_ptr = mask_t if mask_t is not None else q
+    spans = map_args(mask, L, S, q)  # the forward's, from the cache, unless the mask changed since
 
     has_lo = out_lo is not None and out_lo.numel() > 0
     i64 = needs_int64(q, k, v, mask, out, out_lo if has_lo else None, dout, dq, dk, dv)
@@ -918,7 +941,7 @@ def attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale: flo
     for b0, b1, part in tcommon.batch_slices(B):
         _launch_preprocess(part(out), part(out_lo) if has_lo else None, part(dout), part(dlse), part(stats),
                            part(delta), i64)
-    _gradients(q, k, v, mask_ptr, m_strides, dout, stats, delta, dq, dk, dv, scale, band_bounds, mods,
+    _gradients(q, k, v, mask_ptr, m_strides, spans, dout, stats, delta, dq, dk, dv, scale, band_bounds, mods,
                _use_onepass(deterministic, E, Ev, q.dtype),
                _kernel_switches(q, E, Ev, kind, band_bounds, i64, mods, False), (L, S))
 
@@ -965,8 +988,8 @@ def varlen_backward(dout, dlse, q, k, v, cu_q, cu_k, max_q: int, max_k: int, out
     _launch_preprocess(rows(out), rows(out_lo) if has_lo else None, rows(dout),
                        dlse.unsqueeze(0) if dlse is not None else None, stats_rows, delta, i64)
     band_bounds = tcommon.varlen_band_args(band, max_q, max_k)
-    _gradients(view(q), view(k), view(v), q, (0, 0, 0, 0), view(dout), stats_rows, delta, view(dq), view(dk),
-               view(dv), scale, band_bounds, mods, _use_onepass(deterministic, E, Ev, q.dtype),
+    _gradients(view(q), view(k), view(v), q, (0, 0, 0, 0), map_args(None, 0, 0, q), view(dout), stats_rows, delta,
+               view(dq), view(dk), view(dv), scale, band_bounds, mods, _use_onepass(deterministic, E, Ev, q.dtype),
                _kernel_switches(q, E, Ev, tcommon.MASK_NONE.value, band_bounds, i64, mods, True), (max_q, max_k),
                (cu_q, cu_k))
     return dq, dk, dv

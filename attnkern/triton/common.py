@@ -4,10 +4,11 @@ Scores, masks and row maxima stay in natural units: s = (q·k) · scale + mask, 
 (finfo.min included) adds without overflowing; only differences from the row max enter base 2,
 exp(s - m) = exp2((s - m) · log2(e)). The log-sum-exp handed to Python is in natural log.
 """
+import torch
 import triton
 import triton.language as tl
 
-from .. import masks
+from .. import block_map, masks
 
 # constexpr so compiled kernels may read them (plain globals only work under the interpreter); Python
 # code reads `.value`.
@@ -16,6 +17,8 @@ LN2 = tl.constexpr(0.6931471805599453)
 # The kernels' MASK_KIND, by name (masks.py's codes).
 MASK_NONE = tl.constexpr(masks.MASK_NONE)
 MASK_BOOL = tl.constexpr(masks.MASK_BOOL)
+# The block map's sub-tile edge (block_map.py).
+MAP_TILE = tl.constexpr(block_map.TILE)
 
 
 @triton.jit
@@ -104,6 +107,36 @@ def mask_scores(
     if CHECK_K:
         s = tl.where(kj < S, s, float("-inf"))
     return s
+
+
+@triton.jit
+def span_tiles(tiles, spans, start, n, BLOCK: tl.constexpr, BLOCK_OTHER: tl.constexpr):
+    """key_tiles' (or query_tiles') (lo, full_lo, full_hi, hi) narrowed to the user mask's span for the
+    block of BLOCK rows (keys) at `start`, of n: from the first to the last element its rows' visible
+    block-map sub-tiles cover (block_map.BlockMap), lo kept a multiple of BLOCK_OTHER. `spans` is (base
+    at this batch and head, stride between sub-tiles; lo at +0, hi at +1). Nothing visible: lo > hi,
+    no tile."""
+    tl.static_assert(BLOCK // MAP_TILE * MAP_TILE == BLOCK, "blocks are whole block-map sub-tiles")
+    base, stride = spans
+    lo, full_lo, full_hi, hi = tiles
+    cells = start // MAP_TILE + tl.arange(0, BLOCK // MAP_TILE)
+    inside = cells < tl.cdiv(n, MAP_TILE)
+    span_lo = tl.min(tl.load(base + cells * stride, mask=inside, other=2147483647), 0)
+    span_hi = tl.max(tl.load(base + cells * stride + 1, mask=inside, other=0), 0)
+    lo = tl.maximum(lo, span_lo // BLOCK_OTHER * BLOCK_OTHER)
+    hi = tl.minimum(hi, span_hi)
+    return _ordered(lo, full_lo, full_hi, hi)
+
+
+def map_args(mask, L: int, S: int, dummy):
+    """The span arguments of a canonical bool mask for L × S scores (block_map.block_map, cached): (key
+    spans, query spans, their kernel strides (3 each)); `dummy` pointers and zero strides without one (a
+    float mask hides no tile: the kernels take no spans for it)."""
+    if mask is None or mask.dtype != torch.bool:
+        return dummy, dummy, (0, 0, 0), (0, 0, 0)
+    bm = block_map.block_map(mask, L, S)
+    return (bm.key_spans, bm.query_spans, block_map.kernel_strides(bm.key_spans)[:3],
+            block_map.kernel_strides(bm.query_spans)[:3])
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -5,9 +5,12 @@ denominator) beside the log-sum-exp for the backward, and, when asked (HAS_LO), 
 output's rounding residual out_lo = O32 - out, so that the backward's delta is float32-accurate.
 A banded problem (causal, sliding window; band.py) visits only the key tiles its rows see and applies
 the band compare only on the tiles that straddle an edge; fully masked rows end with l = 0, which gives
-output 0 and log-sum-exp -inf. Soft-capping and ALiBi change the scores before the masks; dropout zeroes
-the dropped probabilities on their way into P·V only (the statistics and the lse are those of the
-undropped softmax) and scales the output by 1/(1-p) once (score_mods.py; common.py's helpers).
+output 0 and log-sum-exp -inf. A bool mask comes with its block map (block_map.py, computed once per
+mask and cached): the block visits only the keys from the first to the last sub-tile the mask shows its
+rows (span_tiles: it narrows the loop as the band does). Soft-capping and ALiBi change the scores before
+the masks; dropout zeroes the dropped probabilities on their way into P·V only (the statistics and the
+lse are those of the undropped softmax) and scales the output by 1/(1-p) once (score_mods.py; common.py's
+helpers).
 
 Packed variable-length batches (varlen.py) run the same kernel with VARLEN set (varlen_forward): one
 launch, grid (query tiles of the longest sequence, heads, sequences); a program reads its sequence's
@@ -25,9 +28,9 @@ from ..buffers import (forward_buffers, new_varlen_lse, new_varlen_output, new_v
                        new_varlen_stats)
 from ..score_mods import NONE
 from . import common, configs
-from .common import (dropout_keep, index_range, key_tiles, load_mods, load_tile, mask_scores, modify_scores,
-                     mods_args, needs_int64, packed_mods, packed_sequence, store_tile, at_token, first_row, LN2,
-                     LOG2E)
+from .common import (dropout_keep, index_range, key_tiles, load_mods, load_tile, map_args, mask_scores,
+                     modify_scores, mods_args, needs_int64, packed_mods, packed_sequence, span_tiles, store_tile,
+                     at_token, first_row, LN2, LOG2E, MASK_BOOL)
 
 
 @triton.jit
@@ -82,11 +85,12 @@ def _fwd_tile(
 })
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, M, O, O_LO, LSE, STATS, ALIBI, RNG,
+    Q, K, V, M, SPANS, O, O_LO, LSE, STATS, ALIBI, RNG,
     stride_qb, stride_qh, stride_ql, stride_qe,
     stride_kb, stride_kh, stride_ks, stride_ke,
     stride_vb, stride_vh, stride_vs, stride_ve,
     stride_mb, stride_mh, stride_ml, stride_ms,
+    stride_pb, stride_ph, stride_pi,
     stride_ob, stride_oh, stride_ol, stride_oe,
     H, GROUP, L, S, scale, lo_off, hi_off, L_BUCKET, S_BUCKET,
     stride_ab, b0, softcap, softcap_inv, drop_threshold, drop_scale, CU_Q, CU_K,
@@ -141,6 +145,8 @@ def _attn_fwd_kernel(
     # 20 bytes instead of 12 for the float32 float-mask causal E = 64 default config on sm_90 (fp16 grid,
     # mods and sm_80 configs unchanged in registers, spills and shared memory). Keep the compiled kernel.
     tiles = key_tiles(start_m, S, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    if MASK_KIND == MASK_BOOL:  # and the keys the mask shows these rows (block_map.py)
+        tiles = span_tiles(tiles, (SPANS + b * stride_pb + h64 * stride_ph, stride_pi), start_m, L, BLOCK_M, BLOCK_N)
     lo, full_lo, full_hi, hi = tiles
     ptrs = (k_base, v_base, mask_base)
     offs = (offs_m, offs_n0, offs_e, offs_ev)
@@ -248,6 +254,7 @@ def _launch(q, k, v, mask, out, out_lo, lse, stats, scale, band_bounds, mods, le
     has_lo = out_lo.numel() > 0
     assert not has_lo or out_lo.stride() == out.stride()
     mask_t, m_strides = mask_args(mask)
+    key_spans, _, p_strides, _ = map_args(mask, L, S, q)
     from ..masks import mask_kind
 
     mask_t = mask_t if mask_t is not None else q
@@ -256,9 +263,9 @@ def _launch(q, k, v, mask, out, out_lo, lse, stats, scale, band_bounds, mods, le
         mod_ptrs, mod_scalars, switches = mods_args(mods, q, b0)
         cu_q, cu_k = (cu[0][b0:b1 + 1], cu[1][b0:b1 + 1]) if cu is not None else (q, q)  # q: never read
         _attn_fwd_kernel[lambda meta, n=b1 - b0: (triton.cdiv(lengths[0], meta["BLOCK_M"]), H, n)](
-            part(q), part(k), part(v), part(mask_t), part(out), part(out_lo if has_lo else out), part(lse),
-            part(stats), part(mod_ptrs[0]), mod_ptrs[1],  # ALiBi slopes by batch; the rng whole
-            *q.stride(), *k.stride(), *v.stride(), *m_strides, *out.stride(),
+            part(q), part(k), part(v), part(mask_t), part(key_spans), part(out), part(out_lo if has_lo else out),
+            part(lse), part(stats), part(mod_ptrs[0]), mod_ptrs[1],  # ALiBi slopes by batch; the rng whole
+            *q.stride(), *k.stride(), *v.stride(), *m_strides, *p_strides, *out.stride(),
             H, H // Hkv, L, S, scale, lo_off, hi_off,
             configs.bucket(lengths[0]), configs.bucket(lengths[1]), *mod_scalars, cu_q, cu_k, **switches,
             E=E, EV=Ev, BLOCK_E=configs.head_block(E), BLOCK_EV=configs.head_block(Ev),

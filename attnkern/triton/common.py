@@ -80,16 +80,16 @@ def row_bias(m_raw, qk_scale):
 @triton.jit
 def log2_softmax_step(s, m_i, qk_scale):
     """One key tile of an online softmax in log2 units: s the tile's raw products q·k (masked ones -inf),
-    m_i the rows' raw max so far. Returns (p, alpha, m_new): p = exp2(fma(s, qk_scale, -c)) with c the new
-    max's row bias (row_bias; minus its residual too, past 2^24), alpha the factor that moves what was
+    m_i the rows' raw max so far. Returns (p, alpha, m_new): p = exp2(fma(s, qk_scale, -c) - r) with (c, r)
+    the new max's row bias and residual (row_bias), alpha the factor that moves what was
     summed against the old bias onto the new one."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     c_new, r_new = row_bias(m_new, qk_scale)
     c_old, r_old = row_bias(m_i, qk_scale)
     c_new = tl.where(c_new == float("-inf"), 0.0, c_new)  # nothing visible yet: exp2(-inf), not NaN
-    e = tl.fma(s, qk_scale, -c_new[:, None])
-    if tl.max(tl.abs(r_new), 0) != 0.0:  # a row past 2^24 in log2 units: its residual too
-        e = e - r_new[:, None]
+    # Minus the residual (0 below 2^24) on every row: one add per score, where a branch on "some row is past
+    # 2^24" would take a maximum across the warps' rows on every tile.
+    e = tl.fma(s, qk_scale, -c_new[:, None]) - r_new[:, None]
     return tl.math.exp2(e), tl.math.exp2((c_old - c_new) + (r_old - r_new)), m_new
 
 

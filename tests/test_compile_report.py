@@ -27,6 +27,16 @@ def test_wgmma_work_counts_per_warpgroup():
     assert (two.mma_efficiency, two.exp_per_score) == (2.0, 2.0)
 
 
+def test_float_ops_per_score():
+    # 4 warps over a 64x64 tile: 32 lanes x 4 warps = 128 scores per instruction, so 32 FFMAs, 32 muls and
+    # 32 subs are 1 + 1 + 1 per score; max, selp and ex2 are not counted.
+    body = "\n".join([WGMMA] + ["fma.rn.f32 %r1, %r2, %r3, %r4;", "mul.f32 %r1, %r2, %r3;", "sub.f32 %r1, %r2, %r3;",
+                                 "max.f32 %r1, %r2, %r3;", "selp.f32 %r1, %r2, %r3, %p1;",
+                                 "ex2.approx.ftz.f32 %r9, %r8;"] * 32)
+    eff = asm_stats.efficiency(_ptx(body), 4, 64 * 64 * 16, 64 * 64)
+    assert eff.fops_per_score == 3.0 and eff.exp_per_score == 1.0
+
+
 def test_mma_sync_work_and_shared_loads():
     # 4 warps, each 16 rows x 64 cols over K = 16: 8 m16n8k16 per warp; 4 ldmatrix.
     body = "\n".join([MMA] * 8 + ["ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%r1,%r2,%r3,%r4}, [%r5];"] * 4

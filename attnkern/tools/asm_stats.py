@@ -16,6 +16,10 @@ products. Per iteration of it, with W warps per block (CTA):
 - exp_per_score = ex2 lanes executed (`ex2.approx` instructions × 32 lanes × W) / (BLOCK_M·BLOCK_N):
   about 1 (plus the forward's per-row rescale) when each score's exponential is taken once; 2 when
   every exp is taken twice.
+- fops_per_score = float32 add/sub/mul/fma lanes executed (`add|sub|mul|fma[.rn].f32` × 32 × W) /
+  (BLOCK_M·BLOCK_N): the arithmetic around the products, per score element (scaling, the row-max
+  subtraction, the row sums, the rescale of the accumulator and the backward's dS all count; compares
+  versions of one kernel, not kernels with each other).
 - smem_loads_per_mma = explicit shared-memory loads (`ldmatrix`, `ld.shared`) / MMA instructions. A
   wgmma that reads an operand straight from shared memory through a descriptor needs none.
 - async_kv: the loop copies its streamed tiles global→shared with `cp.async` or TMA
@@ -34,6 +38,7 @@ _LABEL = re.compile(r"^(\$L__BB\d+_\d+):")
 _BRANCH = re.compile(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);")
 _MMA = re.compile(r"\b(wgmma\.mma_async|mma\.sync)\S*?\.m(\d+)n(\d+)k(\d+)")
 _EX2 = re.compile(r"\bex2\.approx\S*")
+_FOP = re.compile(r"^(?:add|sub|mul|fma)(?:\.rn)?(?:\.ftz)?\.f32\b")
 _SMEM_LOAD = re.compile(r"\b(ldmatrix|ld\.shared)\S*")
 _ASYNC_COPY = re.compile(r"\bcp\.async\.(?:cg|ca|bulk)\S*")
 
@@ -46,6 +51,7 @@ class LoopStats:
     executed_macs: int  # per iteration, whole block
     mma_kind: str  # "wgmma", "mma.sync" or "mixed"
     exp_lanes: int  # per iteration, whole block
+    fop_lanes: int  # float32 add/sub/mul/fma, per iteration, whole block
     smem_loads: int
     async_copies: int
 
@@ -67,7 +73,7 @@ def _loops(lines: List[str]):
 
 
 def _body_stats(lines: List[str], first: int, last: int, num_warps: int) -> LoopStats:
-    mma = macs = exps = smem = copies = 0
+    mma = macs = exps = fops = smem = copies = 0
     kinds = set()
     for line in lines[first:last + 1]:
         s = line.strip()
@@ -85,12 +91,15 @@ def _body_stats(lines: List[str], first: int, last: int, num_warps: int) -> Loop
         if m:
             exps += (2 if m.group(0).endswith("16x2") else 1) * 32 * num_warps
             continue
+        if _FOP.match(s):
+            fops += 32 * num_warps
+            continue
         if _SMEM_LOAD.search(s):
             smem += 1
         elif _ASYNC_COPY.search(s):
             copies += 1
     kind = "mixed" if len(kinds) > 1 else (kinds.pop() if kinds else "")
-    return LoopStats(first, last, mma, macs, kind, exps, smem, copies)
+    return LoopStats(first, last, mma, macs, kind, exps, fops, smem, copies)
 
 
 def main_loops(ptx: str, num_warps: int) -> List[LoopStats]:
@@ -111,6 +120,7 @@ class Efficiency:
     async_kv: Optional[bool]
     mma_kind: str
     main_loops: int
+    fops_per_score: Optional[float] = None
 
 
 def efficiency(ptx: str, num_warps: int, useful_macs: int, scores: int) -> Efficiency:
@@ -119,10 +129,11 @@ def efficiency(ptx: str, num_warps: int, useful_macs: int, scores: int) -> Effic
     loop with MMA instructions (e.g. scalar float32 products)."""
     loops = main_loops(ptx, num_warps)
     if not loops:
-        return Efficiency(None, None, None, None, "", 0)
+        return Efficiency(None, None, None, None, "", 0, None)
     eff = max(l.executed_macs / useful_macs for l in loops)
     exps = max(l.exp_lanes / scores for l in loops)
+    fops = max(l.fop_lanes / scores for l in loops)
     smem = max(l.smem_loads / l.mma_instructions for l in loops)
     kinds = {l.mma_kind for l in loops}
     return Efficiency(round(eff, 3), round(exps, 3), round(smem, 3), all(l.async_copies > 0 for l in loops),
-                      kinds.pop() if len(kinds) == 1 else "mixed", len(loops))
+                      kinds.pop() if len(kinds) == 1 else "mixed", len(loops), round(fops, 3))

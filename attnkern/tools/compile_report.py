@@ -53,6 +53,7 @@ class Record:
     smem_limit: int = -1
     mma_efficiency: Optional[float] = None
     exp_per_score: Optional[float] = None
+    fops_per_score: Optional[float] = None  # measured, no rule (asm_stats)
     smem_loads_per_mma: Optional[float] = None
     async_kv: Optional[bool] = None
     mma_kind: str = ""

@@ -397,6 +397,7 @@ def compile_choice(entry: KernelEntry, launch: Launch, c: Choice, arch: int, bas
     passes = 3 if meta.get("PRECISION") == "tf32x3" else 1
     eff = asm_stats.efficiency(ptx, c.num_warps, entry.useful_macs(blocks) * passes, blocks["M"] * blocks["N"])
     rec.mma_efficiency, rec.exp_per_score = eff.mma_efficiency, eff.exp_per_score
+    rec.fops_per_score = eff.fops_per_score
     rec.smem_loads_per_mma, rec.async_kv, rec.mma_kind = eff.smem_loads_per_mma, eff.async_kv, eff.mma_kind
     return rec
 

@@ -3,7 +3,9 @@ two-pass dK/dV + dQ kernels (the deterministic path), and (only when a float mas
 dMask pass.
 
 All of them recompute P = exp2((S - m) · log2(e) - log2 l) from the forward's per-row statistics (row
-max m, log2 of the denominator) instead of storing L×S probabilities; subtracting m first keeps P exact even
+max m, log2 of the denominator) instead of storing L×S probabilities (in log2 units where common.py's
+LOG2_SCORES holds: exp2(fma(q·k, scale · log2(e), -m · log2(e)) - log2 l), except the dMask pass, which
+runs only for float masks); subtracting m first keeps P exact even
 for huge scores, where an lse could not hold log2 l. Fully masked rows read m = +inf, log2 l = 0, so P
 is 0 there rather than exp2(-inf + inf) = NaN. The preprocess forms delta = rowsum(dO ∘ O) − dlse,
 where dlse is the gradient of the returned log-sum-exp and O = out + out_lo (the forward's rounding
@@ -50,7 +52,8 @@ from ..masks import mask_kind
 from ..score_mods import NONE
 from . import common as tcommon, configs
 from .common import (dropout_keep, index_range, key_tiles, load_mods, load_row_stats, load_tile, map_args,
-                     mask_scores, modify_scores, mods_args, needs_int64, packed_mods, packed_sequence, query_tiles,
+                     mask_scores, modify_scores, mods_args, needs_int64, packed_mods, packed_sequence,
+                     probabilities, query_tiles,
                      span_tiles, store_tile, at_token, first_row, LOG2E, MASK_BOOL)
 from .forward import mask_args, precision_for
 
@@ -96,7 +99,7 @@ def _dkdv_tile(
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, APPLY_BAND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr,
-    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, LOG2_SCORES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Accumulate one query tile's contribution to a key block's dK, dV. Works on Sᵀ (keys × queries).
@@ -113,20 +116,22 @@ def _dkdv_tile(
     q_base, do_base, mask_base, stats_base, delta_base = ptrs
     offs_n, offs_m0, offs_e, offs_ev = offs
     stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms = strides
-    L, S, scale, lo_off, hi_off = problem
+    L, S, scale, lo_off, hi_off, qk_scale = problem
     offs_m = start_m + offs_m0
     q = load_tile(q_base + offs_m[:, None] * stride_ql + offs_e[None, :] * stride_qe,
                   offs_m, offs_e, L, E, CHECK_M, BLOCK_E != E)
-    row_max, log2l = load_row_stats(stats_base, offs_m, L, CHECK_M)  # rows past L: P = 0
+    row_max, log2l = load_row_stats(stats_base, offs_m, L, CHECK_M, LOG2_SCORES)  # rows past L: P = 0
     if CHECK_M:
         delta = tl.load(delta_base + offs_m, mask=offs_m < L, other=0.0)
     else:
         delta = tl.load(delta_base + offs_m)
-    sT = tl.trans(tl.dot(q, kT, input_precision=PRECISION) * scale)
-    sT, tT = modify_scores(sT, offs_m[None, :], offs_n[:, None], mods, SOFTCAP, HAS_ALIBI)
+    sT = tl.trans(tl.dot(q, kT, input_precision=PRECISION))
+    tT = sT
+    if not LOG2_SCORES:
+        sT, tT = modify_scores(sT * scale, offs_m[None, :], offs_n[:, None], mods, SOFTCAP, HAS_ALIBI)
     sT = mask_scores(sT, offs_m[None, :], offs_n[:, None], mask_base, stride_ml, stride_ms, L, S, lo_off, hi_off,
                      MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N)
-    pT = tl.math.exp2((sT - row_max[None, :]) * LOG2E - log2l[None, :])
+    pT = probabilities(sT, row_max[None, :], log2l[None, :], qk_scale, LOG2_SCORES)
     do = load_tile(do_base + offs_m[:, None] * stride_dol + offs_ev[None, :] * stride_doe,
                    offs_m, offs_ev, L, EV, CHECK_M, BLOCK_EV != EV)
     if HAS_DROPOUT:
@@ -150,7 +155,7 @@ def _dkdv_range(
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr,
-    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, LOG2_SCORES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One query head's query tiles against the key block at start_n, in order: `tiles` =
@@ -162,22 +167,22 @@ def _dkdv_range(
     for start_m in range(lo, full_lo, BLOCK_M):
         dk, dv = _dkdv_tile(dk, dv, kT, v, start_m, start_n, ptrs, offs, strides, problem, mods,
                             E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
-                            PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
+                            PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, LOG2_SCORES, BLOCK_M, BLOCK_N)
     for start_m in range(full_lo, full_hi, BLOCK_M):
         dk, dv = _dkdv_tile(dk, dv, kT, v, start_m, start_n, ptrs, offs, strides, problem, mods,
                             E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
-                            PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
+                            PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, LOG2_SCORES, BLOCK_M, BLOCK_N)
     for start_m in range(full_hi, hi, BLOCK_M):
         dk, dv = _dkdv_tile(dk, dv, kT, v, start_m, start_n, ptrs, offs, strides, problem, mods,
                             E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
-                            PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
+                            PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, LOG2_SCORES, BLOCK_M, BLOCK_N)
     return dk, dv
 
 
 @triton.autotune(
     configs=configs.configs_for(configs.DKDV_CONFIGS),
     key=["L_BUCKET", "S_BUCKET", "E", "EV", "MASK_KIND", "HAS_LEFT", "HAS_RIGHT", "PRECISION", "SOFTCAP",
-         "HAS_ALIBI", "HAS_DROPOUT", "VARLEN"],
+         "HAS_ALIBI", "HAS_DROPOUT", "VARLEN", "LOG2_SCORES"],
     prune_configs_by={"early_config_prune": configs.prune_dkdv},
 )
 @triton.heuristics({
@@ -195,11 +200,12 @@ def _attn_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dol, stride_doe,
     stride_dkb, stride_dkh, stride_dks, stride_dke,
     stride_dvb, stride_dvh, stride_dvs, stride_dve,
-    H, GROUP, HEADS, L, S, scale, lo_off, hi_off, L_BUCKET, S_BUCKET,
+    H, GROUP, HEADS, L, S, scale, qk_scale, lo_off, hi_off, L_BUCKET, S_BUCKET,
     stride_ab, b0, softcap, softcap_inv, drop_threshold, drop_scale, CU_Q, CU_K,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
+    LOG2_SCORES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     I64: tl.constexpr,
 ):
@@ -256,10 +262,10 @@ def _attn_bwd_dkdv_kernel(
         dk, dv = _dkdv_range(
             dk, dv, kT, v, head_tiles, start_n, (q_base, do_base, mask_base, stats_base, delta_base),
             (offs_n, offs_m0, offs_e, offs_ev), (stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms),
-            (L, S, scale, lo_off, hi_off), mods,
+            (L, S, scale, lo_off, hi_off, qk_scale), mods,
             E=E, EV=EV, BLOCK_E=BLOCK_E, BLOCK_EV=BLOCK_EV, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT,
             HAS_RIGHT=HAS_RIGHT, CHECK_M=not EVEN_M, CHECK_N=not EVEN_N, PRECISION=PRECISION, SOFTCAP=SOFTCAP,
-            HAS_ALIBI=HAS_ALIBI, HAS_DROPOUT=HAS_DROPOUT, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+            HAS_ALIBI=HAS_ALIBI, HAS_DROPOUT=HAS_DROPOUT, LOG2_SCORES=LOG2_SCORES, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
 
     dk = dk * scale
     if HAS_DROPOUT:
@@ -278,7 +284,7 @@ def _dq_tile(
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, APPLY_BAND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr,
-    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, LOG2_SCORES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One key tile's share of a query block's dQ; the groups are _dq_range's."""
@@ -286,17 +292,19 @@ def _dq_tile(
     k_base, v_base, mask_base = ptrs
     offs_m, offs_n0, offs_e, offs_ev = offs
     stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms = strides
-    L, S, scale, lo_off, hi_off = problem
+    L, S, scale, lo_off, hi_off, qk_scale = problem
     offs_n = start_n + offs_n0
     kT = load_tile(k_base + offs_e[:, None] * stride_ke + offs_n[None, :] * stride_ks,
                    offs_e, offs_n, E, S, BLOCK_E != E, CHECK_N)
     vT = load_tile(v_base + offs_ev[:, None] * stride_ve + offs_n[None, :] * stride_vs,
                    offs_ev, offs_n, EV, S, BLOCK_EV != EV, CHECK_N)
-    s = tl.dot(q, kT, input_precision=PRECISION) * scale
-    s, t = modify_scores(s, offs_m[:, None], offs_n[None, :], mods, SOFTCAP, HAS_ALIBI)
+    s = tl.dot(q, kT, input_precision=PRECISION)
+    t = s
+    if not LOG2_SCORES:
+        s, t = modify_scores(s * scale, offs_m[:, None], offs_n[None, :], mods, SOFTCAP, HAS_ALIBI)
     s = mask_scores(s, offs_m[:, None], offs_n[None, :], mask_base, stride_ml, stride_ms, L, S, lo_off, hi_off,
                     MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N)
-    p = tl.math.exp2((s - row_max[:, None]) * LOG2E - log2l[:, None])
+    p = probabilities(s, row_max[:, None], log2l[:, None], qk_scale, LOG2_SCORES)
     dp = tl.dot(do, vT, input_precision=PRECISION)
     if HAS_DROPOUT:  # dP = (dO Vᵀ) ∘ Z
         dp = tl.where(dropout_keep(offs_m, start_n, mods, BLOCK_M, BLOCK_N), dp * mods[8], 0.0)
@@ -313,7 +321,7 @@ def _dq_range(
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr,
-    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, LOG2_SCORES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """The key tiles of one query block, in order: `tiles` = key_tiles' (lo, full_lo, full_hi, hi); the
@@ -325,22 +333,22 @@ def _dq_range(
     for start_n in range(lo, full_lo, BLOCK_N):
         dq = _dq_tile(dq, rows, start_n, ptrs, offs, strides, problem, mods,
                       E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
-                      PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
+                      PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, LOG2_SCORES, BLOCK_M, BLOCK_N)
     for start_n in range(full_lo, full_hi, BLOCK_N):
         dq = _dq_tile(dq, rows, start_n, ptrs, offs, strides, problem, mods,
                       E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
-                      PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
+                      PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, LOG2_SCORES, BLOCK_M, BLOCK_N)
     for start_n in range(full_hi, hi, BLOCK_N):
         dq = _dq_tile(dq, rows, start_n, ptrs, offs, strides, problem, mods,
                       E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
-                      PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
+                      PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, LOG2_SCORES, BLOCK_M, BLOCK_N)
     return dq
 
 
 @triton.autotune(
     configs=configs.configs_for(configs.DQ_CONFIGS),
     key=["L_BUCKET", "S_BUCKET", "E", "EV", "MASK_KIND", "HAS_LEFT", "HAS_RIGHT", "PRECISION", "SOFTCAP",
-         "HAS_ALIBI", "HAS_DROPOUT", "VARLEN"],
+         "HAS_ALIBI", "HAS_DROPOUT", "VARLEN", "LOG2_SCORES"],
     prune_configs_by={"early_config_prune": configs.prune_dq},
 )
 @triton.heuristics({
@@ -357,11 +365,12 @@ def _attn_bwd_dq_kernel(
     stride_pb, stride_ph, stride_pi,
     stride_dob, stride_doh, stride_dol, stride_doe,
     stride_dqb, stride_dqh, stride_dql, stride_dqe,
-    H, GROUP, L, S, scale, lo_off, hi_off, L_BUCKET, S_BUCKET,
+    H, GROUP, L, S, scale, qk_scale, lo_off, hi_off, L_BUCKET, S_BUCKET,
     stride_ab, b0, softcap, softcap_inv, drop_threshold, drop_scale, CU_Q, CU_K,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
+    LOG2_SCORES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     I64: tl.constexpr,
 ):
@@ -391,7 +400,7 @@ def _attn_bwd_dq_kernel(
     do = load_tile(at_token(DO + b * stride_dob + h * stride_doh, q0, stride_dol, VARLEN) + offs_m[:, None] * stride_dol
                    + offs_ev[None, :] * stride_doe, offs_m, offs_ev, L, EV, not EVEN_M, BLOCK_EV != EV)
     row0 = first_row(b, h, H, rows, q0, VARLEN)
-    row_max, log2l = load_row_stats(STATS + row0 * 2, offs_m, L, not EVEN_M)
+    row_max, log2l = load_row_stats(STATS + row0 * 2, offs_m, L, not EVEN_M, LOG2_SCORES)
     if EVEN_M:
         delta = tl.load(DELTA + row0 + offs_m)
     else:
@@ -410,10 +419,11 @@ def _attn_bwd_dq_kernel(
         tiles = span_tiles(tiles, (SPANS + b * stride_pb + h * stride_ph, stride_pi), start_m, L, BLOCK_M, BLOCK_N)
     dq = _dq_range(
         dq, (q, do, row_max, log2l, delta), tiles, (k_base, v_base, mask_base), (offs_m, offs_n0, offs_e, offs_ev),
-        (stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms), (L, S, scale, lo_off, hi_off), mods,
+        (stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms), (L, S, scale, lo_off, hi_off, qk_scale),
+        mods,
         E=E, EV=EV, BLOCK_E=BLOCK_E, BLOCK_EV=BLOCK_EV, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT,
         CHECK_M=not EVEN_M, CHECK_N=not EVEN_N, PRECISION=PRECISION, SOFTCAP=SOFTCAP, HAS_ALIBI=HAS_ALIBI,
-        HAS_DROPOUT=HAS_DROPOUT, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+        HAS_DROPOUT=HAS_DROPOUT, LOG2_SCORES=LOG2_SCORES, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
 
     dq = dq * scale
     store_tile(at_token(DQ + b * stride_dqb + h * stride_dqh, q0, stride_dql, VARLEN)
@@ -442,7 +452,7 @@ def _onepass_tile(
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, APPLY_BAND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr,
-    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, LOG2_SCORES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One query tile against a key block: S and dP formed once, then dV, dK accumulated in registers
@@ -453,20 +463,22 @@ def _onepass_tile(
     q_base, do_base, mask_base, stats_base, delta_base, dq_base = ptrs
     offs_n, offs_m0, offs_e, offs_ev = offs
     stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms = strides
-    L, S, scale, lo_off, hi_off = problem
+    L, S, scale, lo_off, hi_off, qk_scale = problem
     offs_m = start_m + offs_m0
     q = load_tile(q_base + offs_m[:, None] * stride_ql + offs_e[None, :] * stride_qe,
                   offs_m, offs_e, L, E, CHECK_M, BLOCK_E != E)
-    row_max, log2l = load_row_stats(stats_base, offs_m, L, CHECK_M)  # rows past L: P = 0
+    row_max, log2l = load_row_stats(stats_base, offs_m, L, CHECK_M, LOG2_SCORES)  # rows past L: P = 0
     if CHECK_M:
         delta = tl.load(delta_base + offs_m, mask=offs_m < L, other=0.0)
     else:
         delta = tl.load(delta_base + offs_m)
-    s = tl.dot(q, kT, input_precision=PRECISION) * scale
-    s, t = modify_scores(s, offs_m[:, None], offs_n[None, :], mods, SOFTCAP, HAS_ALIBI)
+    s = tl.dot(q, kT, input_precision=PRECISION)
+    t = s
+    if not LOG2_SCORES:
+        s, t = modify_scores(s * scale, offs_m[:, None], offs_n[None, :], mods, SOFTCAP, HAS_ALIBI)
     s = mask_scores(s, offs_m[:, None], offs_n[None, :], mask_base, stride_ml, stride_ms, L, S, lo_off, hi_off,
                     MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N)
-    p = tl.math.exp2((s - row_max[:, None]) * LOG2E - log2l[:, None])
+    p = probabilities(s, row_max[:, None], log2l[:, None], qk_scale, LOG2_SCORES)
     do = load_tile(do_base + offs_m[:, None] * stride_dol + offs_ev[None, :] * stride_doe,
                    offs_m, offs_ev, L, EV, CHECK_M, BLOCK_EV != EV)
     if HAS_DROPOUT:
@@ -494,7 +506,7 @@ def _onepass_range(
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr,
-    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, LOG2_SCORES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One query head's query tiles against the key block at start_n, in order, as _dkdv_range (the
@@ -503,22 +515,22 @@ def _onepass_range(
     for start_m in tl.range(lo, full_lo, BLOCK_M, num_stages=1):
         dk, dv = _onepass_tile(dk, dv, kT, vT, start_m, start_n, ptrs, offs, strides, problem, mods,
                                E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
-                               PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
+                               PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, LOG2_SCORES, BLOCK_M, BLOCK_N)
     for start_m in range(full_lo, full_hi, BLOCK_M):
         dk, dv = _onepass_tile(dk, dv, kT, vT, start_m, start_n, ptrs, offs, strides, problem, mods,
                                E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
-                               PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
+                               PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, LOG2_SCORES, BLOCK_M, BLOCK_N)
     for start_m in tl.range(full_hi, hi, BLOCK_M, num_stages=1):
         dk, dv = _onepass_tile(dk, dv, kT, vT, start_m, start_n, ptrs, offs, strides, problem, mods,
                                E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
-                               PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
+                               PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, LOG2_SCORES, BLOCK_M, BLOCK_N)
     return dk, dv
 
 
 @triton.autotune(
     configs=configs.configs_for(configs.ONEPASS_CONFIGS),
     key=["L_BUCKET", "S_BUCKET", "E", "EV", "MASK_KIND", "HAS_LEFT", "HAS_RIGHT", "PRECISION", "SOFTCAP",
-         "HAS_ALIBI", "HAS_DROPOUT", "VARLEN"],
+         "HAS_ALIBI", "HAS_DROPOUT", "VARLEN", "LOG2_SCORES"],
     prune_configs_by={"early_config_prune": configs.prune_onepass},
     reset_to_zero=["DQ_ACC"],  # each benchmarked config adds into it
 )
@@ -537,11 +549,12 @@ def _attn_bwd_onepass_kernel(
     stride_dob, stride_doh, stride_dol, stride_doe,
     stride_dkb, stride_dkh, stride_dks, stride_dke,
     stride_dvb, stride_dvh, stride_dvs, stride_dve,
-    H, GROUP, HEADS, L, S, scale, lo_off, hi_off, L_BUCKET, S_BUCKET,
+    H, GROUP, HEADS, L, S, scale, qk_scale, lo_off, hi_off, L_BUCKET, S_BUCKET,
     stride_ab, b0, softcap, softcap_inv, drop_threshold, drop_scale, CU_Q, CU_K,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
+    LOG2_SCORES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     I64: tl.constexpr,
 ):
@@ -600,10 +613,10 @@ def _attn_bwd_onepass_kernel(
         dk, dv = _onepass_range(
             dk, dv, kT, vT, head_tiles, start_n, (q_base, do_base, mask_base, stats_base, delta_base, dq_base),
             (offs_n, offs_m0, offs_e, offs_ev), (stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms),
-            (L, S, scale, lo_off, hi_off), mods,
+            (L, S, scale, lo_off, hi_off, qk_scale), mods,
             E=E, EV=EV, BLOCK_E=BLOCK_E, BLOCK_EV=BLOCK_EV, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT,
             HAS_RIGHT=HAS_RIGHT, CHECK_M=not EVEN_M, CHECK_N=not EVEN_N, PRECISION=PRECISION, SOFTCAP=SOFTCAP,
-            HAS_ALIBI=HAS_ALIBI, HAS_DROPOUT=HAS_DROPOUT, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+            HAS_ALIBI=HAS_ALIBI, HAS_DROPOUT=HAS_DROPOUT, LOG2_SCORES=LOG2_SCORES, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
 
     dk = dk * scale
     if HAS_DROPOUT:
@@ -695,7 +708,7 @@ def _attn_bwd_dmask_kernel(
                               offs_m, offs_e, L, E, True, BLOCK_E != E)
                 do = load_tile(do_base + offs_m[:, None] * stride_dol + offs_ev[None, :] * stride_doe,
                                offs_m, offs_ev, L, EV, True, BLOCK_EV != EV)
-                row_max, log2l = load_row_stats(STATS + row0 * 2, offs_m, L, True)
+                row_max, log2l = load_row_stats(STATS + row0 * 2, offs_m, L, True, False)
                 delta = tl.load(DELTA + row0 + offs_m, mask=offs_m < L, other=0.0)
                 row_pdp = tl.zeros([BLOCK_M], dtype=tl.float32)
                 row_p = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -824,8 +837,8 @@ def _launch_onepass(q, k, v, mask_ptr, m_strides, spans, p_strides, dout, stats,
         q, k, v, mask_ptr, spans, dout, stats, delta, dk_t, dv_t, dq_acc, *mod_ptrs,
         *q.stride(), *k.stride(), *v.stride(), *m_strides, *p_strides, *dout.stride(), *dk_t.stride(),
         *dv_t.stride(),
-        H, H // Hkv, H // Hkv // parts, L, S, scale, *band_bounds, configs.bucket(lengths[0]),
-        configs.bucket(lengths[1]), *mod_scalars, *cu_ptrs, **common,
+        H, H // Hkv, H // Hkv // parts, L, S, scale, tcommon.qk_scale_of(scale), *band_bounds,
+        configs.bucket(lengths[0]), configs.bucket(lengths[1]), *mod_scalars, *cu_ptrs, **common,
     )
 
 
@@ -839,8 +852,8 @@ def _launch_dkdv(q, k, v, mask_ptr, m_strides, spans, p_strides, dout, stats, de
         q, k, v, mask_ptr, spans, dout, stats, delta, dk_t, dv_t, *mod_ptrs,
         *q.stride(), *k.stride(), *v.stride(), *m_strides, *p_strides, *dout.stride(), *dk_t.stride(),
         *dv_t.stride(),
-        H, H // Hkv, H // Hkv // parts, L, S, scale, *band_bounds, configs.bucket(lengths[0]),
-        configs.bucket(lengths[1]), *mod_scalars, *cu_ptrs, **common,
+        H, H // Hkv, H // Hkv // parts, L, S, scale, tcommon.qk_scale_of(scale), *band_bounds,
+        configs.bucket(lengths[0]), configs.bucket(lengths[1]), *mod_scalars, *cu_ptrs, **common,
     )
 
 
@@ -858,11 +871,14 @@ def _launch_preprocess(out, out_lo, dout, dlse, stats, delta, i64: bool) -> None
     )
 
 
-def _kernel_switches(q, E: int, Ev: int, kind: int, band_bounds, i64: bool, mods, varlen: bool) -> dict:
-    """The constexpr arguments the dK/dV, dQ and single-pass kernels share."""
+def _kernel_switches(q, E: int, Ev: int, kind: int, band_bounds, i64: bool, mods, varlen: bool, scale) -> dict:
+    """The constexpr arguments the dK/dV, dQ and single-pass kernels share (LOG2_SCORES as the forward's
+    launch chose it for the same problem)."""
+    switches = mods_args(mods, q)[2]
     return dict(E=E, EV=Ev, BLOCK_E=configs.head_block(E), BLOCK_EV=configs.head_block(Ev), MASK_KIND=kind,
                 HAS_LEFT=band_bounds[2], HAS_RIGHT=band_bounds[3], PRECISION=precision_for(q.dtype), I64=i64,
-                VARLEN=varlen, **mods_args(mods, q)[2])
+                VARLEN=varlen, LOG2_SCORES=tcommon.log2_scores(scale, kind, switches["SOFTCAP"], switches["HAS_ALIBI"]),
+                **switches)
 
 
 def _gradients(q, k, v, mask_ptr, m_strides, spans, dout, stats, delta, dq, dk, dv, scale, band_bounds, mods,
@@ -899,7 +915,8 @@ def _gradients(q, k, v, mask_ptr, m_strides, spans, dout, stats, delta, dq, dk, 
             part(q), part(k), part(v), part(mask_ptr), part(key_spans), part(dout), part(stats), part(delta),
             part(dq), *mod_ptrs, *q.stride(), *k.stride(), *v.stride(), *m_strides, *kp_strides, *dout.stride(),
             *dq.stride(),
-            H, H // Hkv, L, k.shape[2], scale, lo_off, hi_off, configs.bucket(lengths[0]), configs.bucket(lengths[1]),
+            H, H // Hkv, L, k.shape[2], scale, tcommon.qk_scale_of(scale), lo_off, hi_off,
+            configs.bucket(lengths[0]), configs.bucket(lengths[1]),
             *mod_scalars, *cu_ptrs, **common,
         )
     _sum_kv_parts(dk, dv, dk_t, dv_t, parts)
@@ -943,7 +960,7 @@ def attention_backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale: flo
                            part(delta), i64)
     _gradients(q, k, v, mask_ptr, m_strides, spans, dout, stats, delta, dq, dk, dv, scale, band_bounds, mods,
                _use_onepass(deterministic, E, Ev, q.dtype),
-               _kernel_switches(q, E, Ev, kind, band_bounds, i64, mods, False), (L, S))
+               _kernel_switches(q, E, Ev, kind, band_bounds, i64, mods, False, scale), (L, S))
 
     dmask = None
     if mask_grad:
@@ -990,6 +1007,7 @@ def varlen_backward(dout, dlse, q, k, v, cu_q, cu_k, max_q: int, max_k: int, out
     band_bounds = tcommon.varlen_band_args(band, max_q, max_k)
     _gradients(view(q), view(k), view(v), q, (0, 0, 0, 0), map_args(None, 0, 0, q), view(dout), stats_rows, delta,
                view(dq), view(dk), view(dv), scale, band_bounds, mods, _use_onepass(deterministic, E, Ev, q.dtype),
-               _kernel_switches(q, E, Ev, tcommon.MASK_NONE.value, band_bounds, i64, mods, True), (max_q, max_k),
+               _kernel_switches(q, E, Ev, tcommon.MASK_NONE.value, band_bounds, i64, mods, True,
+                                scale), (max_q, max_k),
                (cu_q, cu_k))
     return dq, dk, dv

@@ -1,9 +1,21 @@
 """Tile helpers shared by the forward and backward kernels.
 
-Scores, masks and row maxima stay in natural units: s = (q·k) · scale + mask, so any finite float mask
-(finfo.min included) adds without overflowing; only differences from the row max enter base 2,
-exp(s - m) = exp2((s - m) · log2(e)). The log-sum-exp handed to Python is in natural log.
+Two forms of the scores, chosen per launch by the constexpr LOG2_SCORES (log2_scores says when):
+- log2 units, for kernels without a float mask, soft-capping or ALiBi (and with a positive scale): masks,
+  bands and bounds set the raw products x = q·k to -inf, the row max is taken over x and scaled once per
+  row, c = max(x) · qk_scale with qk_scale = scale · log2(e), and each score costs one FFMA,
+  exp2(fma(x, qk_scale, -c)) (row_bias). The FMA forms x · qk_scale - c exactly before rounding it
+  once, so scores of 3e6 keep the bits their differences need. The statistics handed on keep natural
+  units (backends/base.py's contract): m = max(x) · scale, and log2 l takes what the backward's
+  to_log2(m) misses of the forward's bias (probabilities).
+- natural units otherwise: s = (q·k) · scale + mask, so any finite float mask (finfo.min included) adds
+  without overflowing (in log2 units finfo.min · log2(e) would overflow to -inf and turn a row that
+  torch averages into an empty one); only differences from the row max enter base 2,
+  exp(s - m) = exp2((s - m) · log2(e)).
+The log-sum-exp handed to Python is in natural log.
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -19,6 +31,76 @@ MASK_NONE = tl.constexpr(masks.MASK_NONE)
 MASK_BOOL = tl.constexpr(masks.MASK_BOOL)
 # The block map's sub-tile edge (block_map.py).
 MAP_TILE = tl.constexpr(block_map.TILE)
+# Under TRITON_INTERPRET=1 there is no PTX to inline (mul_rn).
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+def log2_scores(scale: float, mask_kind: int, softcap: bool, alibi: bool) -> bool:
+    """Whether a launch takes the scores in log2 units (module docstring): no float mask, no soft-capping
+    or ALiBi (they need natural-unit scores), and a scale > 0 whose product with log2(e) stays well inside
+    float32 (the row max is scaled after the max is taken, which needs a positive scale). Scores past
+    float32's max / log2(e) (about 2.4e38; natural units hold them to 3.4e38) overflow there."""
+    return (mask_kind in (masks.MASK_NONE, masks.MASK_BOOL) and not softcap and not alibi
+            and 0.0 < scale < 2.0e38)
+
+
+def qk_scale_of(scale: float) -> float:
+    """scale · log2(e) as the float32 product the kernels take for qk_scale under LOG2_SCORES (the forward
+    and the backward must scale by the same bits). An argument rather than a product formed in the
+    kernel: it then stays in the constant bank instead of holding a register (the backward's E = 128
+    configs spill 4-16 bytes more otherwise)."""
+    import numpy as np
+
+    return float(np.float32(scale) * np.float32(LOG2E.value))
+
+
+@triton.jit
+def mul_rn(a, b):
+    """a · b rounded once to float32, kept out of the compiler's FMA contraction (a PTX mul.rn): a row
+    bias must have the same bits wherever it is used (subtracted from another product it would else be
+    fused into an FMA on the GPU and lose its rounding there only)."""
+    if INTERPRETED:  # no PTX to inline; numpy rounds every product
+        c = a * b
+    else:
+        c = tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+    return c
+
+
+@triton.jit
+def row_bias(m_raw, qk_scale):
+    """A row's bias in log2 units for a raw-product max m_raw: (c, r) with c = m_raw · qk_scale rounded
+    (-inf for a row that sees nothing yet) and r its rounding residual where |c| >= 2^24, else 0.
+    fma(x, qk_scale, -c) is exact before its one rounding, so the row's largest score gets
+    exp2(residual): harmless (the same in the denominator) while |c| < 2^24 (residual <= 1), but past it
+    (scores of 1e36: residuals of 1e29) it would overflow; those rows subtract r as well."""
+    c = mul_rn(m_raw, tl.zeros_like(m_raw) + qk_scale)
+    big = (tl.abs(c) >= 16777216.0) & (tl.abs(c) < float("inf"))
+    r = tl.where(big, tl.fma(m_raw, qk_scale, -c), 0.0)
+    return c, r
+
+
+@triton.jit
+def log2_softmax_step(s, m_i, qk_scale):
+    """One key tile of an online softmax in log2 units: s the tile's raw products q·k (masked ones -inf),
+    m_i the rows' raw max so far. Returns (p, alpha, m_new): p = exp2(fma(s, qk_scale, -c) - r) with (c, r)
+    the new max's row bias and residual (row_bias), alpha the factor that moves what was
+    summed against the old bias onto the new one."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    c_new, r_new = row_bias(m_new, qk_scale)
+    c_old, r_old = row_bias(m_i, qk_scale)
+    c_new = tl.where(c_new == float("-inf"), 0.0, c_new)  # nothing visible yet: exp2(-inf), not NaN
+    # Minus the residual (0 below 2^24) on every row: one add per score, where a branch on "some row is past
+    # 2^24" would take a maximum across the warps' rows on every tile.
+    e = tl.fma(s, qk_scale, -c_new[:, None]) - r_new[:, None]
+    return tl.math.exp2(e), tl.math.exp2((c_old - c_new) + (r_old - r_new)), m_new
+
+
+@triton.jit
+def to_log2(m):
+    """m · log2(e), rounded once to float32: the row bias the backward derives from a natural-unit row
+    max, and the forward from its own to fold the difference into log2 l (so both get the same bits)."""
+    return mul_rn(m, tl.zeros_like(m) + LOG2E)
 
 
 @triton.jit
@@ -32,10 +114,10 @@ def index_range(start, BLOCK: tl.constexpr, I64: tl.constexpr):
 
 
 @triton.jit
-def load_row_stats(stats_base, offs_m, L, CHECK: tl.constexpr):
+def load_row_stats(stats_base, offs_m, L, CHECK: tl.constexpr, LOG2_SCORES: tl.constexpr):
     """The forward's per-row softmax statistics (row max m, log2 denominator), ready for
-    P = exp2((s - m) · log2(e) - log2l): fully masked rows and rows past L get m = +inf, log2l = 0, so
-    P = 0."""
+    P = exp2((s - m) · log2(e) - log2l), or with LOG2_SCORES m in log2 units (to_log2) for probabilities:
+    fully masked rows and rows past L get m = +inf, log2l = 0, so P = 0."""
     if CHECK:
         m = tl.load(stats_base + offs_m * 2, mask=offs_m < L, other=float("inf"))
         log2l = tl.load(stats_base + offs_m * 2 + 1, mask=offs_m < L, other=0.0)
@@ -43,7 +125,24 @@ def load_row_stats(stats_base, offs_m, L, CHECK: tl.constexpr):
         m = tl.load(stats_base + offs_m * 2)
         log2l = tl.load(stats_base + offs_m * 2 + 1)
     empty = m == float("-inf")
-    return tl.where(empty, float("inf"), m), tl.where(empty, 0.0, log2l)
+    m = tl.where(empty, float("inf"), m)
+    if LOG2_SCORES:
+        m = to_log2(m)
+    return m, tl.where(empty, 0.0, log2l)
+
+
+@triton.jit
+def probabilities(s, row_max, log2l, qk_scale, LOG2_SCORES: tl.constexpr):
+    """The backward's P from the forward's statistics (load_row_stats'; row_max, log2l broadcast against
+    s). Under LOG2_SCORES s holds the raw products q·k and row_max is already in log2 units:
+    P = exp2(s · qk_scale - row_max - log2 l), one FFMA and a subtraction per score (log2 l stays apart:
+    folded into the row bias, its rounding at large logits would move P). Else natural units:
+    P = exp2((s - m) · log2(e) - log2 l)."""
+    if LOG2_SCORES:
+        p = tl.math.exp2(tl.fma(s, qk_scale, -row_max) - log2l)
+    else:
+        p = tl.math.exp2((s - row_max) * LOG2E - log2l)
+    return p
 
 
 @triton.jit

@@ -13,7 +13,9 @@ looks up the page of each key. Keys at or past n_b are never loaded (the cache h
 Launch 2, one program per (row block, kv head, batch element): merges the splits in split order
 (bitwise reproducible) as csrc/cpu/decode.cpp does:
     M = max_s m_s,  l = sum_s l_s e^(m_s - M),  out = sum_s acc_s e^(m_s - M) / l,  lse = M + ln l;
-a row no split saw gives out 0 and lse -inf; a NaN state in any split gives a NaN row.
+a row no split saw gives out 0 and lse -inf; a NaN state in any split gives a NaN row. Without
+soft-capping and ALiBi the scores are in log2 units (common.py's LOG2_SCORES: one FFMA per score), and
+so is m, with 2^ for e^.
 With one split the first launch writes the output itself and there is no merge.
 """
 import torch
@@ -22,7 +24,7 @@ import triton.language as tl
 
 from ..buffers import _poisoned
 from . import configs
-from .common import LN2, LOG2E, modify_scores
+from .common import LN2, LOG2E, MASK_NONE, log2_scores, log2_softmax_step, modify_scores, qk_scale_of, row_bias
 from .forward import precision_for
 
 
@@ -34,13 +36,17 @@ def _row_ids(rb, Lq, GROUP, hk, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _store_result(O, LSE, acc, m, l, b, i, h, row_ok, offs_ev, Hq, Lq,
-                  stride_ob, stride_ol, stride_oh, stride_oe, EV: tl.constexpr):
-    """out = acc / l and lse = m + ln l of the rows; a row with l = 0 (no visible key) gets 0 and -inf."""
+def _store_result(O, LSE, acc, m, r, l, b, i, h, row_ok, offs_ev, Hq, Lq,
+                  stride_ob, stride_ol, stride_oh, stride_oe, EV: tl.constexpr, LOG2_SCORES: tl.constexpr):
+    """out = acc / l and lse = m + ln l of the rows (m the row max in natural units, or with LOG2_SCORES
+    the bias c + r in log2 units: common.row_bias); a row with l = 0 (no visible key) gets 0 and -inf."""
     empty = l == 0.0
     l_safe = tl.where(empty, 1.0, l)
     out = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), m + tl.math.log2(l_safe) * LN2)
+    if LOG2_SCORES:
+        lse = tl.where(empty, float("-inf"), (m + (r + tl.math.log2(l_safe))) * LN2)
+    else:
+        lse = tl.where(empty, float("-inf"), m + tl.math.log2(l_safe) * LN2)
     o_ptrs = O + b * stride_ob + i[:, None] * stride_ol + h[:, None] * stride_oh + offs_ev[None, :] * stride_oe
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_ev[None, :] < EV))
     tl.store(LSE + (b * Hq + h) * Lq + i, lse, mask=row_ok)
@@ -54,11 +60,12 @@ def _decode_split_kernel(
     stride_vp, stride_vs, stride_vh, stride_ve,
     stride_ob, stride_ol, stride_oh, stride_oe,
     stride_bt, stride_ab,
-    Lq, GROUP, Hq, page_size, num_splits, row_blocks, scale, softcap, softcap_inv, left, right,
+    Lq, GROUP, Hq, page_size, num_splits, row_blocks, scale, qk_scale, softcap, softcap_inv, left, right,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGED: tl.constexpr, TILE_IN_PAGE: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr, DIRECT: tl.constexpr,
+    LOG2_SCORES: tl.constexpr,
 ):
     split = tl.program_id(0) // row_blocks
     rb = tl.program_id(0) % row_blocks
@@ -117,28 +124,38 @@ def _decode_split_kernel(
             v_rows = v_head + offs_n.to(tl.int64) * stride_vs
         kT = tl.load(k_rows[None, :] + offs_e[:, None] * stride_ke, mask=key_ok[None, :] & (offs_e[:, None] < E),
                      other=0.0)
-        s = tl.dot(q, kT, input_precision=PRECISION) * scale
-        s, _ = modify_scores(s, i[:, None], offs_n[None, :], mods, SOFTCAP, HAS_ALIBI)
+        s = tl.dot(q, kT, input_precision=PRECISION)
+        if not LOG2_SCORES:
+            s, _ = modify_scores(s * scale, i[:, None], offs_n[None, :], mods, SOFTCAP, HAS_ALIBI)
         visible = key_ok[None, :]
         if HAS_RIGHT:
             visible = visible & (offs_n[None, :] <= i[:, None] + off + right)
         if HAS_LEFT:
             visible = visible & (offs_n[None, :] >= i[:, None] + off - left)
         s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no visible key yet: exp2(-inf), not NaN
-        p = tl.math.exp2((s - m_safe[:, None]) * LOG2E)
-        alpha = tl.math.exp2((m_i - m_safe) * LOG2E)
+        if LOG2_SCORES:  # m_i the raw max; one FFMA per score, as the forward's
+            p, alpha, m_new = log2_softmax_step(s, m_i, qk_scale)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no visible key yet: exp2(-inf), not NaN
+            p = tl.math.exp2((s - m_safe[:, None]) * LOG2E)
+            alpha = tl.math.exp2((m_i - m_safe) * LOG2E)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_rows[:, None] + offs_ev[None, :] * stride_ve, mask=key_ok[:, None] & (offs_ev[None, :] < EV),
                     other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
 
+    residual = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if LOG2_SCORES:  # the bias in log2 units (the merge's m then too: _decode_merge_kernel)
+        m_i, residual = row_bias(m_i, qk_scale)
+        m_i = tl.where(l_i == 0.0, float("-inf"), m_i)
     if DIRECT:
-        _store_result(O, LSE, acc, m_i, l_i, b, i, h, row_ok, offs_ev, Hq, Lq,
-                      stride_ob, stride_ol, stride_oh, stride_oe, EV)
+        _store_result(O, LSE, acc, m_i, residual, l_i, b, i, h, row_ok, offs_ev, Hq, Lq,
+                      stride_ob, stride_ol, stride_oh, stride_oe, EV, LOG2_SCORES)
     else:  # partial state of (b, hk, split): rows padded to row_blocks * BLOCK_M, EV to BLOCK_EV
+        # (LOG2_SCORES: m is c without r, whose 2^r then stays in l: past 2^24 in log2 units splits are
+        # weighed to the rounding of their maxima there, as natural units round the scores themselves)
         rows = ((b * tl.num_programs(1) + hk) * num_splits + split) * (row_blocks * BLOCK_M) + r
         tl.store(PART_ACC + rows[:, None] * BLOCK_EV + offs_ev[None, :], acc)
         tl.store(PART_ML + rows * 2, m_i)
@@ -150,7 +167,7 @@ def _decode_merge_kernel(
     PART_ACC, PART_ML, O, LSE,
     stride_ob, stride_ol, stride_oh, stride_oe,
     Lq, GROUP, Hq, num_splits, row_blocks,
-    EV: tl.constexpr, BLOCK_EV: tl.constexpr, BLOCK_M: tl.constexpr,
+    EV: tl.constexpr, BLOCK_EV: tl.constexpr, BLOCK_M: tl.constexpr, LOG2_SCORES: tl.constexpr,
 ):
     rb = tl.program_id(0)
     hk = tl.program_id(1).to(tl.int64)
@@ -174,13 +191,16 @@ def _decode_merge_kernel(
         rows = first + s * split_rows
         m = tl.load(PART_ML + rows * 2)
         l = tl.load(PART_ML + rows * 2 + 1)
-        w = tl.where(l > 0.0, tl.math.exp2((m - m_safe) * LOG2E), 0.0)
+        if LOG2_SCORES:  # the split kernel's m in log2 units
+            w = tl.where(l > 0.0, tl.math.exp2(m - m_safe), 0.0)
+        else:
+            w = tl.where(l > 0.0, tl.math.exp2((m - m_safe) * LOG2E), 0.0)
         l_total += tl.where(l > 0.0, l, 0.0) * w
         part = tl.load(PART_ACC + rows[:, None] * BLOCK_EV + offs_ev[None, :])
         acc += tl.where(w[:, None] > 0.0, part, 0.0) * w[:, None]
     l_total = tl.where(nan, float("nan"), l_total)
-    _store_result(O, LSE, acc, big_m, l_total, b, i, h, row_ok, offs_ev, Hq, Lq,
-                  stride_ob, stride_ol, stride_oh, stride_oe, EV)
+    _store_result(O, LSE, acc, big_m, tl.zeros([BLOCK_M], dtype=tl.float32), l_total, b, i, h, row_ok, offs_ev,
+                  Hq, Lq, stride_ob, stride_ol, stride_oh, stride_oe, EV, LOG2_SCORES)
 
 
 # Keys per split, at the least, when the problem chooses the split count: fewer would spend more on the
@@ -242,20 +262,22 @@ def decode_forward(q, k_cache, v_cache, seqlens, block_table, band, scale: float
         part_ml = q.new_empty((rows, 2), dtype=torch.float32)
     table = block_table if paged else seqlens  # a pointer never read without a block table
     slopes = alibi if alibi is not None else lse
+    log2 = log2_scores(scale, MASK_NONE.value, softcap > 0, alibi is not None)
     _decode_split_kernel[(splits * row_blocks, Hkv, B)](
         q, k_cache, v_cache, seqlens, table, slopes, out, lse, part_acc, part_ml,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
         block_table.stride(0) if paged else 0, alibi.stride(0) if alibi is not None and alibi.shape[0] > 1 else 0,
-        Lq, group, Hq, page_size, splits, row_blocks, scale, softcap, 1.0 / softcap if softcap > 0 else 0.0,
-        left, right,
+        Lq, group, Hq, page_size, splits, row_blocks, scale, qk_scale_of(scale), softcap,
+        1.0 / softcap if softcap > 0 else 0.0, left, right,
         E=E, EV=Ev, BLOCK_E=block_e, BLOCK_EV=block_ev, BLOCK_M=block_m, BLOCK_N=block_n,
         PAGED=paged, TILE_IN_PAGE=paged and page_size % block_n == 0, HAS_LEFT=band.left >= 0,
         HAS_RIGHT=band.right >= 0, SOFTCAP=softcap > 0, HAS_ALIBI=alibi is not None,
-        PRECISION=precision_for(q.dtype), DIRECT=splits == 1, num_warps=warps, num_stages=stages,
+        PRECISION=precision_for(q.dtype), DIRECT=splits == 1, LOG2_SCORES=log2, num_warps=warps,
+        num_stages=stages,
     )
     if splits > 1:
         _decode_merge_kernel[(row_blocks, Hkv, B)](
             part_acc, part_ml, out, lse, *out.stride(), Lq, group, Hq, splits, row_blocks,
-            EV=Ev, BLOCK_EV=block_ev, BLOCK_M=block_m, num_warps=4,
+            EV=Ev, BLOCK_EV=block_ev, BLOCK_M=block_m, LOG2_SCORES=log2, num_warps=4,
         )
     return out, lse

@@ -30,7 +30,7 @@ from ..score_mods import NONE
 from . import common, configs
 from .common import (dropout_keep, index_range, key_tiles, load_mods, load_tile, map_args, mask_scores,
                      modify_scores, mods_args, needs_int64, packed_mods, packed_sequence, span_tiles, store_tile,
-                     at_token, first_row, LN2, LOG2E, MASK_BOOL)
+                     at_token, first_row, log2_softmax_step, row_bias, to_log2, LN2, LOG2E, MASK_BOOL)
 
 
 @triton.jit
@@ -39,29 +39,35 @@ def _fwd_tile(
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, APPLY_BAND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr,
-    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, LOG2_SCORES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One key tile of the online softmax. Groups: ptrs (k_base, v_base, mask_base) at this batch and
     head, offs (offs_m, offs_n0, offs_e, offs_ev), strides (K's key and feature, V's, the mask's row and
-    column), problem (L, S, scale, lo_off, hi_off), mods (load_mods)."""
+    column), problem (L, S, scale, lo_off, hi_off, qk_scale = scale · log2(e)), mods (load_mods). m_i is
+    the row max of the raw products q·k under LOG2_SCORES (common.py), else of the natural-unit scores."""
     k_base, v_base, mask_base = ptrs
     offs_m, offs_n0, offs_e, offs_ev = offs
     stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms = strides
-    L, S, scale, lo_off, hi_off = problem
+    L, S, scale, lo_off, hi_off, qk_scale = problem
     offs_n = start_n + offs_n0
     # K is read transposed, (BLOCK_E, BLOCK_N), straight from memory.
     kT = load_tile(k_base + offs_e[:, None] * stride_ke + offs_n[None, :] * stride_ks,
                    offs_e, offs_n, E, S, BLOCK_E != E, CHECK_N)
-    s = tl.dot(q, kT, input_precision=PRECISION) * scale
-    s, _ = modify_scores(s, offs_m[:, None], offs_n[None, :], mods, SOFTCAP, HAS_ALIBI)
+    s = tl.dot(q, kT, input_precision=PRECISION)
+    if not LOG2_SCORES:
+        s = s * scale
+        s, _ = modify_scores(s, offs_m[:, None], offs_n[None, :], mods, SOFTCAP, HAS_ALIBI)
     s = mask_scores(s, offs_m[:, None], offs_n[None, :], mask_base, stride_ml, stride_ms, L, S, lo_off, hi_off,
                     MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N)
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    # A row with nothing visible yet keeps m = -inf; subtract 0 instead so exp2 sees -inf, not NaN.
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2((s - m_safe[:, None]) * LOG2E)
-    alpha = tl.math.exp2((m_i - m_safe) * LOG2E)
+    if LOG2_SCORES:  # m_i is the raw max (units of q·k); one FFMA per score
+        p, alpha, m_new = log2_softmax_step(s, m_i, qk_scale)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with nothing visible yet keeps m = -inf; subtract 0 instead so exp2 sees -inf, not NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2((s - m_safe[:, None]) * LOG2E)
+        alpha = tl.math.exp2((m_i - m_safe) * LOG2E)
     l_i = l_i * alpha + tl.sum(p, 1)  # the softmax's denominator counts every score, dropped or not
     if HAS_DROPOUT:  # P ∘ kept; the keep scale 1/(1-p) multiplies the output once, at the end
         p = tl.where(dropout_keep(offs_m, start_n, mods, BLOCK_M, BLOCK_N), p, 0.0)
@@ -76,7 +82,7 @@ def _fwd_tile(
     configs=configs.configs_for(configs.FWD_CONFIGS),
     # HAS_LO (training: the residual store needs registers) tunes apart from the inference forward.
     key=["L_BUCKET", "S_BUCKET", "E", "EV", "MASK_KIND", "HAS_LEFT", "HAS_RIGHT", "PRECISION", "HAS_LO",
-         "SOFTCAP", "HAS_ALIBI", "HAS_DROPOUT"],
+         "SOFTCAP", "HAS_ALIBI", "HAS_DROPOUT", "LOG2_SCORES"],
     prune_configs_by={"early_config_prune": configs.prune_fwd},
 )
 @triton.heuristics({
@@ -92,12 +98,12 @@ def _attn_fwd_kernel(
     stride_mb, stride_mh, stride_ml, stride_ms,
     stride_pb, stride_ph, stride_pi,
     stride_ob, stride_oh, stride_ol, stride_oe,
-    H, GROUP, L, S, scale, lo_off, hi_off, L_BUCKET, S_BUCKET,
+    H, GROUP, L, S, scale, qk_scale, lo_off, hi_off, L_BUCKET, S_BUCKET,
     stride_ab, b0, softcap, softcap_inv, drop_threshold, drop_scale, CU_Q, CU_K,
     E: tl.constexpr, EV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr,
     HAS_LO: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    VARLEN: tl.constexpr,
+    VARLEN: tl.constexpr, LOG2_SCORES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     I64: tl.constexpr,
 ):
@@ -151,19 +157,22 @@ def _attn_fwd_kernel(
     ptrs = (k_base, v_base, mask_base)
     offs = (offs_m, offs_n0, offs_e, offs_ev)
     strides = (stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms)
-    problem = (L, S, scale, lo_off, hi_off)
+    problem = (L, S, scale, lo_off, hi_off, qk_scale)
     for start_n in range(lo, full_lo, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, start_n, ptrs, offs, strides, problem, mods,
                                   E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, HAS_LEFT, HAS_RIGHT, not EVEN_M,
-                                  not EVEN_N, PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
+                                  not EVEN_N, PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, LOG2_SCORES, BLOCK_M,
+                                  BLOCK_N)
     for start_n in range(full_lo, full_hi, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, start_n, ptrs, offs, strides, problem, mods,
                                   E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False, HAS_LEFT, HAS_RIGHT, not EVEN_M,
-                                  not EVEN_N, PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
+                                  not EVEN_N, PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, LOG2_SCORES, BLOCK_M,
+                                  BLOCK_N)
     for start_n in range(full_hi, hi, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, start_n, ptrs, offs, strides, problem, mods,
                                   E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, HAS_LEFT, HAS_RIGHT, not EVEN_M,
-                                  not EVEN_N, PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N)
+                                  not EVEN_N, PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, LOG2_SCORES, BLOCK_M,
+                                  BLOCK_N)
 
     empty = l_i == 0.0  # every key masked: output 0, lse -inf
     l_safe = tl.where(empty, 1.0, l_i)
@@ -171,7 +180,13 @@ def _attn_fwd_kernel(
     if HAS_DROPOUT:
         out = out * drop_scale
     log2l = tl.where(empty, float("-inf"), tl.math.log2(l_safe))
-    lse = tl.where(empty, float("-inf"), m_i + log2l * LN2)
+    if LOG2_SCORES:  # hand on m in natural units; log2 l takes what the backward's to_log2(m) misses
+        c, r = row_bias(m_i, qk_scale)
+        lse = tl.where(empty, float("-inf"), (c + (r + log2l)) * LN2)
+        m_i = m_i * scale  # the max of the scaled scores, as in natural units
+        log2l = tl.where(empty, float("-inf"), log2l + ((c - to_log2(m_i)) + r))
+    else:
+        lse = tl.where(empty, float("-inf"), m_i + log2l * LN2)
 
     o_offs = (at_token(b * stride_ob + h64 * stride_oh, q0, stride_ol, VARLEN) + offs_m[:, None] * stride_ol
               + offs_ev[None, :] * stride_oe)
@@ -266,9 +281,10 @@ def _launch(q, k, v, mask, out, out_lo, lse, stats, scale, band_bounds, mods, le
             part(q), part(k), part(v), part(mask_t), part(key_spans), part(out), part(out_lo if has_lo else out),
             part(lse), part(stats), part(mod_ptrs[0]), mod_ptrs[1],  # ALiBi slopes by batch; the rng whole
             *q.stride(), *k.stride(), *v.stride(), *m_strides, *p_strides, *out.stride(),
-            H, H // Hkv, L, S, scale, lo_off, hi_off,
+            H, H // Hkv, L, S, scale, common.qk_scale_of(scale), lo_off, hi_off,
             configs.bucket(lengths[0]), configs.bucket(lengths[1]), *mod_scalars, cu_q, cu_k, **switches,
             E=E, EV=Ev, BLOCK_E=configs.head_block(E), BLOCK_EV=configs.head_block(Ev),
             MASK_KIND=mask_kind(mask), HAS_LEFT=has_left, HAS_RIGHT=has_right, PRECISION=precision_for(q.dtype),
             HAS_LO=has_lo, VARLEN=cu is not None, I64=needs_int64(q, k, v, mask, out),
+            LOG2_SCORES=common.log2_scores(scale, mask_kind(mask), switches["SOFTCAP"], switches["HAS_ALIBI"]),
         )

@@ -111,14 +111,15 @@ class KernelEntry:
     in_grid: bool = True  # run by the benchmark grid's calls
     deterministic: Optional[bool] = None
     decode: bool = False  # launched by attention_with_kvcache (record_decode_launches), not attention
+    varlen: bool = False  # launched by varlen_attention (record_varlen_launches): the VARLEN variant
 
     def runs_for(self, p: "Problem") -> bool:
         """Whether a call of problem p launches this kernel: decode kernels only for the plain problems
         (no mask, no score modifications, aligned), which record_decode_launches turns into a decode
         call; attention kernels for every problem but float32 ones' residual forward (float32 outputs
         save none) and, for the mask-gradient pass, only learned (float) masks."""
-        if self.decode:
-            return p.mask == 0 and not (p.mods or p.ragged or p.i64)
+        if self.decode or self.varlen:  # neither takes an attention mask
+            return p.mask == 0 and not (p.mods or p.ragged or p.i64) and not (self.residual and p.dtype == "float32")
         if self.residual and p.dtype == "float32":
             return False
         return not self.mask_grad or p.mask == 2
@@ -145,6 +146,14 @@ KERNELS = (
     # merge of the splits (no products).
     KernelEntry("decode", "_decode_split_kernel", (QK, ("M", "EV", "N")), in_grid=False, decode=True),
     KernelEntry("decode-merge", "_decode_merge_kernel", (), in_grid=False, decode=True),
+    # Packed variable-length batches (varlen_attention): the same kernels with VARLEN set (per-sequence
+    # offsets and bounds read in the prologue, programs past their sequence return; never EVEN_M/N).
+    KernelEntry("varlen-fwd+lo", "_attn_fwd_kernel", (QK, ("M", "EV", "N")), residual=True, in_grid=False,
+                varlen=True),
+    KernelEntry("varlen-dkdv", "_attn_bwd_dkdv_kernel", (QK, ("N", "EV", "M"), ("N", "M", "EV"), ("N", "E", "M")),
+                in_grid=False, deterministic=True, varlen=True),
+    KernelEntry("varlen-dq", "_attn_bwd_dq_kernel", (QK, ("M", "N", "EV"), ("M", "E", "N")), in_grid=False,
+                deterministic=True, varlen=True),
 )
 KERNEL_BY_NAME = {k.name: k for k in KERNELS}
 LAUNCH_MODULES = (forward, backward, decode)
@@ -247,6 +256,24 @@ def record_decode_launches(p: Problem) -> Dict[str, Launch]:
     launches: Dict[str, Launch] = {}
     with _recording(launches):
         decode.decode_forward(q, k_cache, v_cache, seqlens, table, band, 0.125, 0.0, None, 0)
+    return launches
+
+
+def record_varlen_launches(p: Problem, residual: bool, deterministic: Optional[bool]) -> Dict[str, Launch]:
+    """The launches of one varlen forward and backward of p's dtype and head dim: 3 sequences of
+    p.length, p.length // 2 + 3 and 17 tokens (queries and keys alike), 2 heads, causal per p."""
+    torch.manual_seed(0)
+    lengths = [p.length, p.length // 2 + 3, 17]
+    cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    T, H, E, dt = sum(lengths), 2, p.head_dim, DTYPES[p.dtype]
+    q, k, v = (torch.randn(T, H, E, dtype=dt) for _ in range(3))
+    band = make_band(CAUSAL_BOTTOM_RIGHT if p.causal else CAUSAL_NONE, None)
+    launches: Dict[str, Launch] = {}
+    with _recording(launches), _deterministic(deterministic):
+        out, lse, stats, out_lo = forward.varlen_forward(q, k, v, cu, cu, max(lengths), max(lengths), 0.125, band,
+                                                         residual)
+        backward.varlen_backward(torch.randn_like(out), None, q, k, v, cu, cu, max(lengths), max(lengths), out,
+                                 out_lo, stats, 0.125, band, deterministic=bool(deterministic))
     return launches
 
 
@@ -354,8 +381,12 @@ def run_job(job: Job) -> List[Record]:
     """Compile every choice of one kernel's launch for one problem and target."""
     entry = KERNEL_BY_NAME[job.kernel]
     with configs.for_target(job.arch):  # launch code that picks a config per GPU picks it for this one
-        launches = (record_decode_launches(job.problem) if entry.decode else
-                    record_launches(job.problem, entry.residual, entry.mask_grad, entry.deterministic))
+        if entry.decode:
+            launches = record_decode_launches(job.problem)
+        elif entry.varlen:
+            launches = record_varlen_launches(job.problem, entry.residual, entry.deterministic)
+        else:
+            launches = record_launches(job.problem, entry.residual, entry.mask_grad, entry.deterministic)
     launch = launches.get(entry.attr)
     base = dict(backend="triton", kernel=entry.name, target=f"sm_{job.arch}", problem=job.problem.label(),
                 in_grid=entry.in_grid and job.problem.in_grid())
@@ -450,9 +481,10 @@ def ci_jobs() -> List[Job]:
     default config of every kernel, tier and dtype class in its heaviest form (float mask, causal),
     plus one int64-indexing forward; the default config of the forward and both backward paths with
     every score modification (mods_problems) on sm_90 and sm_80, and their mask-gradient pass at E = 64
-    on sm_90; the decode kernel's split pass at E = 128 in fp16 and bf16 on sm_90."""
+    on sm_90; the decode kernel's split pass at E = 128 in fp16 and bf16 on sm_90; the varlen forward and
+    two-pass backward at E = 128, fp16, causal, on sm_90."""
     grid = [Problem("float16", 64), Problem("float16", 128)]
-    out = jobs_for(grid, [90, 86], [k.name for k in KERNELS if not k.decode])
+    out = jobs_for(grid, [90, 86], [k.name for k in KERNELS if not (k.decode or k.varlen)])
     out += jobs_for([Problem("float16", 128, ragged=True)], [90], ["fwd", "dkdv", "dq"])
     heavy = [Problem(dt, t, 2, True) for dt in ("float16", "float32") for t in configs.TIERS]
     out += [Job(j.kernel, j.problem, j.arch, default_only=True)
@@ -462,6 +494,7 @@ def ci_jobs() -> List[Job]:
             for j in jobs_for(mods_problems(), [90, 80], ["fwd", "fwd+lo", "dkdv", "dq", "onepass"])
             + jobs_for(mods_dmask_problems()[:1], [90], ["dmask"])]
     out += [Job("decode", Problem(dt, 128), 90, default_only=True) for dt in ("float16", "bfloat16")]
+    out += [Job(k.name, Problem("float16", 128, 0, True), 90, default_only=True) for k in KERNELS if k.varlen]
     return out
 
 

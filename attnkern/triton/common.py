@@ -97,6 +97,21 @@ def log2_softmax_step(s, m_i, qk_scale):
 
 
 @triton.jit
+def softmax_step(s, m_i, qk_scale, LOG2_SCORES: tl.constexpr):
+    """One key tile of an online softmax: (p, alpha, m_new). With LOG2_SCORES s holds the raw products
+    (log2_softmax_step); else the natural-unit scores, p = exp(s - m_new) and alpha = exp(m_i - m_new)
+    in base 2. A row with nothing visible yet keeps m = -inf and subtracts 0, so exp2 sees -inf, not NaN."""
+    if LOG2_SCORES:
+        p, alpha, m_new = log2_softmax_step(s, m_i, qk_scale)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2((s - m_safe[:, None]) * LOG2E)
+        alpha = tl.math.exp2((m_i - m_safe) * LOG2E)
+    return p, alpha, m_new
+
+
+@triton.jit
 def to_log2(m):
     """m · log2(e), rounded once to float32: the row bias the backward derives from a natural-unit row
     max, and the forward from its own to fold the difference into log2 l (so both get the same bits)."""

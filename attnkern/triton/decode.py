@@ -24,7 +24,7 @@ import triton.language as tl
 
 from ..buffers import _poisoned
 from . import configs
-from .common import LN2, LOG2E, MASK_NONE, log2_scores, log2_softmax_step, modify_scores, qk_scale_of, row_bias
+from .common import LN2, LOG2E, MASK_NONE, log2_scores, modify_scores, qk_scale_of, row_bias, softmax_step
 from .forward import precision_for
 
 
@@ -133,13 +133,7 @@ def _decode_split_kernel(
         if HAS_LEFT:
             visible = visible & (offs_n[None, :] >= i[:, None] + off - left)
         s = tl.where(visible, s, float("-inf"))
-        if LOG2_SCORES:  # m_i the raw max; one FFMA per score, as the forward's
-            p, alpha, m_new = log2_softmax_step(s, m_i, qk_scale)
-        else:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no visible key yet: exp2(-inf), not NaN
-            p = tl.math.exp2((s - m_safe[:, None]) * LOG2E)
-            alpha = tl.math.exp2((m_i - m_safe) * LOG2E)
+        p, alpha, m_new = softmax_step(s, m_i, qk_scale, LOG2_SCORES)  # as the forward's
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_rows[:, None] + offs_ev[None, :] * stride_ve, mask=key_ok[:, None] & (offs_ev[None, :] < EV),
                     other=0.0)

@@ -30,7 +30,7 @@ from ..score_mods import NONE
 from . import common, configs
 from .common import (dropout_keep, index_range, key_tiles, load_mods, load_tile, map_args, mask_scores,
                      modify_scores, mods_args, needs_int64, packed_mods, packed_sequence, span_tiles, store_tile,
-                     at_token, first_row, log2_softmax_step, row_bias, to_log2, LN2, LOG2E, MASK_BOOL)
+                     at_token, first_row, row_bias, softmax_step, to_log2, LN2, MASK_BOOL)
 
 
 @triton.jit
@@ -60,14 +60,7 @@ def _fwd_tile(
         s, _ = modify_scores(s, offs_m[:, None], offs_n[None, :], mods, SOFTCAP, HAS_ALIBI)
     s = mask_scores(s, offs_m[:, None], offs_n[None, :], mask_base, stride_ml, stride_ms, L, S, lo_off, hi_off,
                     MASK_KIND, APPLY_BAND, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N)
-    if LOG2_SCORES:  # m_i is the raw max (units of q·k); one FFMA per score
-        p, alpha, m_new = log2_softmax_step(s, m_i, qk_scale)
-    else:
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with nothing visible yet keeps m = -inf; subtract 0 instead so exp2 sees -inf, not NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2((s - m_safe[:, None]) * LOG2E)
-        alpha = tl.math.exp2((m_i - m_safe) * LOG2E)
+    p, alpha, m_new = softmax_step(s, m_i, qk_scale, LOG2_SCORES)  # LOG2_SCORES: m_i the raw max of q·k
     l_i = l_i * alpha + tl.sum(p, 1)  # the softmax's denominator counts every score, dropped or not
     if HAS_DROPOUT:  # P ∘ kept; the keep scale 1/(1-p) multiplies the output once, at the end
         p = tl.where(dropout_keep(offs_m, start_n, mods, BLOCK_M, BLOCK_N), p, 0.0)

@@ -5,9 +5,10 @@
 // every cache element is read, converted, written and read again, and the micro-kernel's 6-row blocks
 // run mostly empty. Here the scores are dot products of the query rows with key rows as they lie in the
 // cache (16 products at a time in 16 accumulators, summed by one reduction tree), and P·V adds each
-// value row, scaled by its probabilities, to the output rows. Both passes walk a tile key by key and,
-// within a key, kv head by kv head, so the cache streams in address order (in a page, a key's heads are
-// adjacent). bfloat16 and float16 widen to float on load; all arithmetic is float.
+// value row, scaled by its probabilities, to the output rows. Both passes walk a tile in small blocks of
+// keys (16 for the scores, 4 for P·V) and, within a block, kv head by kv head, so each block's rows are
+// read together (in a page, a key's heads are adjacent). bfloat16 and float16 widen to float on load;
+// all arithmetic is float.
 //
 // Used for float accumulation, unit-stride head dims that are multiples of 16, on processors with
 // AVX-512F (decode.cpp checks; ATTNKERN_CPU_DECODE=gemm selects the packed path instead, for tests).
@@ -169,7 +170,8 @@ ATTNKERN_TARGET_AVX512 void tile_pv_avx512(const float* p, int64_t ld_p, int64_t
         const __m512 x0 = load16(v0 + e);
         for (int64_t r = 0; r < R; ++r) {
           float* orow = o + (hk * R + r) * ld_o + e;
-          _mm512_storeu_ps(orow, _mm512_fmadd_ps(_mm512_set1_ps(p[(hk * R + r) * ld_p + j]), x0, _mm512_loadu_ps(orow)));
+          const __m512 pj = _mm512_set1_ps(p[(hk * R + r) * ld_p + j]);
+          _mm512_storeu_ps(orow, _mm512_fmadd_ps(pj, x0, _mm512_loadu_ps(orow)));
         }
       }
     }

@@ -54,7 +54,7 @@ from . import common as tcommon, configs
 from .common import (dropout_keep, index_range, key_tiles, load_mods, load_row_stats, load_tile, map_args,
                      mask_scores, modify_scores, mods_args, needs_int64, packed_mods, packed_sequence,
                      probabilities, query_tiles,
-                     span_tiles, store_tile, at_token, first_row, LOG2E, MASK_BOOL)
+                     span_tiles, store_tile, at_token, first_row, whole_tiles, aligned, LOG2E, MASK_BOOL)
 from .forward import mask_args, precision_for
 
 
@@ -207,8 +207,15 @@ def _attn_bwd_dkdv_kernel(
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
     LOG2_SCORES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-    I64: tl.constexpr,
+    I64: tl.constexpr, ROW_ALIGN: tl.constexpr,
 ):
+    # Strides of a ragged head dim (40, 120, ...): multiples of 8 that Triton cannot prove (common.aligned)
+    stride_qb, stride_qh, stride_ql = aligned(stride_qb, stride_qh, stride_ql, ROW_ALIGN)
+    stride_kb, stride_kh, stride_ks = aligned(stride_kb, stride_kh, stride_ks, ROW_ALIGN)
+    stride_vb, stride_vh, stride_vs = aligned(stride_vb, stride_vh, stride_vs, ROW_ALIGN)
+    stride_dob, stride_doh, stride_dol = aligned(stride_dob, stride_doh, stride_dol, ROW_ALIGN)
+    stride_dkb, stride_dkh, stride_dks = aligned(stride_dkb, stride_dkh, stride_dks, ROW_ALIGN)
+    stride_dvb, stride_dvh, stride_dvs = aligned(stride_dvb, stride_dvh, stride_dvs, ROW_ALIGN)
     pid_n = tl.program_id(0)
     # Program axis 1: HEADS consecutive query heads of one kv head's group (HEADS = GROUP: the whole
     # group, written to the kv head's dK/dV; fewer: a part, written to slot j of a per-part buffer).
@@ -241,7 +248,9 @@ def _attn_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_EV], dtype=tl.float32)
 
     # The query tiles that see this key block: the band's edge tiles compare per element, the inner
-    # ones do not.
+    # ones do not. Every tile checks the rows' bounds when L is ragged: unchecked inner tiles (whole_tiles,
+    # as the forward and dQ take) measured more spills here, sm_90 fp16 L = 1000: E = 128 causal 360 ->
+    # 536 bytes, varlen 348 -> 488 (one more compiled copy of the tile body in the loop).
     tiles = query_tiles(start_n, L, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     for g in range(0, HEADS):
         h = h0 + g
@@ -325,10 +334,11 @@ def _dq_range(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """The key tiles of one query block, in order: `tiles` = key_tiles' (lo, full_lo, full_hi, hi); the
-    band's edge tiles [lo, full_lo) and [full_hi, hi) compare per element, the inner ones do not.
-    Groups: rows (q, dO, row max, log2 l, delta of the block's rows), ptrs (k_base, v_base, mask_base)
-    at this batch and head, offs (offs_m, offs_n0, offs_e, offs_ev), strides (K's key and feature, V's,
-    the mask's row and column), problem (L, S, scale, lo_off, hi_off), mods (load_mods)."""
+    band's edge tiles [lo, full_lo) and [full_hi, hi) compare per element and check key bounds, the
+    inner ones (whole_tiles) do neither. Groups: rows (q, dO, row max, log2 l, delta of the block's
+    rows), ptrs (k_base, v_base, mask_base) at this batch and head, offs (offs_m, offs_n0, offs_e,
+    offs_ev), strides (K's key and feature, V's, the mask's row and column), problem (L, S, scale, lo_off,
+    hi_off), mods (load_mods)."""
     lo, full_lo, full_hi, hi = tiles
     for start_n in range(lo, full_lo, BLOCK_N):
         dq = _dq_tile(dq, rows, start_n, ptrs, offs, strides, problem, mods,
@@ -336,7 +346,7 @@ def _dq_range(
                       PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, LOG2_SCORES, BLOCK_M, BLOCK_N)
     for start_n in range(full_lo, full_hi, BLOCK_N):
         dq = _dq_tile(dq, rows, start_n, ptrs, offs, strides, problem, mods,
-                      E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False, HAS_LEFT, HAS_RIGHT, CHECK_M, CHECK_N,
+                      E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False, HAS_LEFT, HAS_RIGHT, CHECK_M, False,
                       PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, LOG2_SCORES, BLOCK_M, BLOCK_N)
     for start_n in range(full_hi, hi, BLOCK_N):
         dq = _dq_tile(dq, rows, start_n, ptrs, offs, strides, problem, mods,
@@ -372,8 +382,14 @@ def _attn_bwd_dq_kernel(
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
     LOG2_SCORES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-    I64: tl.constexpr,
+    I64: tl.constexpr, ROW_ALIGN: tl.constexpr,
 ):
+    # Strides of a ragged head dim (40, 120, ...): multiples of 8 that Triton cannot prove (common.aligned)
+    stride_qb, stride_qh, stride_ql = aligned(stride_qb, stride_qh, stride_ql, ROW_ALIGN)
+    stride_kb, stride_kh, stride_ks = aligned(stride_kb, stride_kh, stride_ks, ROW_ALIGN)
+    stride_vb, stride_vh, stride_vs = aligned(stride_vb, stride_vh, stride_vs, ROW_ALIGN)
+    stride_dob, stride_doh, stride_dol = aligned(stride_dob, stride_doh, stride_dol, ROW_ALIGN)
+    stride_dqb, stride_dqh, stride_dql = aligned(stride_dqb, stride_dqh, stride_dql, ROW_ALIGN)
     pid_m = tl.program_id(0)
     if HAS_RIGHT and not HAS_LEFT:  # causal-like: the longest rows first
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -414,7 +430,8 @@ def _attn_bwd_dq_kernel(
         mods = packed_mods(mods, b0 + b, h)
     dq = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
 
-    tiles = key_tiles(start_m, S, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    tiles = whole_tiles(key_tiles(start_m, S, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT), S, BLOCK_N,
+                        EVEN_N)
     if MASK_KIND == MASK_BOOL:  # and the keys the mask shows these rows (block_map.py)
         tiles = span_tiles(tiles, (SPANS + b * stride_pb + h * stride_ph, stride_pi), start_m, L, BLOCK_M, BLOCK_N)
     dq = _dq_range(
@@ -556,11 +573,18 @@ def _attn_bwd_onepass_kernel(
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
     LOG2_SCORES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-    I64: tl.constexpr,
+    I64: tl.constexpr, ROW_ALIGN: tl.constexpr,
 ):
     """Single-pass backward: one program per (key block, kv head, batch) sweeps the query tiles of every
     query head of its group once, owning dK, dV of its keys and adding dQ into DQ_ACC, a dense float32
     (B, H, L, E) buffer, with atomics (so the order of the additions, and the last bits, vary per run)."""
+    # Strides of a ragged head dim (40, 120, ...): multiples of 8 that Triton cannot prove (common.aligned)
+    stride_qb, stride_qh, stride_ql = aligned(stride_qb, stride_qh, stride_ql, ROW_ALIGN)
+    stride_kb, stride_kh, stride_ks = aligned(stride_kb, stride_kh, stride_ks, ROW_ALIGN)
+    stride_vb, stride_vh, stride_vs = aligned(stride_vb, stride_vh, stride_vs, ROW_ALIGN)
+    stride_dob, stride_doh, stride_dol = aligned(stride_dob, stride_doh, stride_dol, ROW_ALIGN)
+    stride_dkb, stride_dkh, stride_dks = aligned(stride_dkb, stride_dkh, stride_dks, ROW_ALIGN)
+    stride_dvb, stride_dvh, stride_dvs = aligned(stride_dvb, stride_dvh, stride_dvs, ROW_ALIGN)
     pid_n = tl.program_id(0)
     # Program axis 1: HEADS consecutive query heads of one kv head's group (HEADS = GROUP: the whole
     # group, written to the kv head's dK/dV; fewer: a part, written to slot j of a per-part buffer).
@@ -591,7 +615,7 @@ def _attn_bwd_onepass_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_EV], dtype=tl.float32)
 
     # The query tiles that see this key block: the band's edge tiles compare per element (a few tiles
-    # each: not pipelined), the inner ones do not.
+    # each: not pipelined), the inner ones do not; all check row bounds when L is ragged (as _dkdv_range).
     tiles = query_tiles(start_n, L, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     for g in range(0, HEADS):
         h = h0 + g
@@ -893,6 +917,7 @@ def _gradients(q, k, v, mask_ptr, m_strides, spans, dout, stats, delta, dq, dk, 
                                                                                    configs.dkdv_rows)
     parts = kv_group_parts(B, Hkv, H // Hkv, lengths[1], _first_block_n(*candidates, E, Ev, q.dtype), q.device)
     dk_t, dv_t = _kv_part_buffers(dk, dv, parts)
+    common = dict(common, ROW_ALIGN=tcommon.stride_align(q, k, v, dout, dq, dk_t, dv_t))
     dq_acc = None
     if onepass:  # the float32 dQ the single pass adds into, scaled once at the end
         dq_acc = torch.zeros((1 if cu is not None else B, H, L, E), dtype=torch.float32, device=q.device)

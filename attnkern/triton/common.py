@@ -416,6 +416,18 @@ def _ordered(lo, full_lo, full_hi, hi):
 
 
 @triton.jit
+def whole_tiles(tiles, n, BLOCK: tl.constexpr, EVEN: tl.constexpr):
+    """key_tiles' (or query_tiles') (lo, full_lo, full_hi, hi) with the inner tiles [full_lo, full_hi)
+    also inside [0, n) whole, so that they skip the bounds checks: when n is not a multiple of BLOCK
+    (EVEN false), the partial last tile joins the edge range [full_hi, hi), whose tiles check bounds.
+    Inner tiles start at multiples of BLOCK (or the range is empty), hence end by n // BLOCK * BLOCK."""
+    lo, full_lo, full_hi, hi = tiles
+    if not EVEN:
+        lo, full_lo, full_hi, hi = _ordered(lo, full_lo, tl.minimum(full_hi, n // BLOCK * BLOCK), hi)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
 def key_tiles(start_m, S, lo_off, hi_off, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
     """The key tiles of query rows [start_m, start_m + BLOCK_M): (lo, full_lo, full_hi, hi). Keys in
@@ -468,6 +480,36 @@ def needs_int64(*tensors) -> bool:
         t is not None and sum((size - 1) * abs(st) for size, st in zip(t.shape, t.stride())) >= 2**31
         for t in tensors
     )
+
+
+# Triton proves a stride argument a multiple of 16 (elements) when it is one, and then loads whole
+# 16-byte vectors, asynchronously; a head dim such as 40, 72 or 120 makes the row strides multiples of 8
+# only, and without a hint every load is element by element and synchronous. ROW_ALIGN (stride_align)
+# is what the strides are all multiples of, up to 16; below 16 the kernels rebuild each stride as
+# stride // ROW_ALIGN * ROW_ALIGN (the same value), from which Triton proves it (a tl.multiple_of on a
+# scalar argument is ignored by Triton 3.9's analysis).
+def stride_align(*tensors) -> int:
+    """The largest power of two up to 16 that divides every stride of `tensors` but a unit feature
+    stride (None skipped)."""
+    align = 16
+    for t in tensors:
+        if t is not None:
+            strides = t.stride()[:-1] if t.stride(-1) == 1 else t.stride()
+            for st in strides:
+                while st % align:
+                    align //= 2
+    return align
+
+
+@triton.jit
+def aligned(stride_b, stride_h, stride_l, ROW_ALIGN: tl.constexpr):
+    """A tensor's batch, head and row strides with the divisibility stride_align found (unchanged at
+    16, which Triton proves itself)."""
+    if ROW_ALIGN < 16 and ROW_ALIGN > 1:
+        stride_b = stride_b // ROW_ALIGN * ROW_ALIGN
+        stride_h = stride_h // ROW_ALIGN * ROW_ALIGN
+        stride_l = stride_l // ROW_ALIGN * ROW_ALIGN
+    return stride_b, stride_h, stride_l
 
 
 # Grid axes 1 and 2 hold at most 65535 programs (axis 0: 2**31 - 1). The launches keep heads on axis 1

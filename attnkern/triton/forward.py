@@ -30,7 +30,7 @@ from ..score_mods import NONE
 from . import common, configs
 from .common import (dropout_keep, index_range, key_tiles, load_mods, load_tile, map_args, mask_scores,
                      modify_scores, mods_args, needs_int64, packed_mods, packed_sequence, span_tiles, store_tile,
-                     at_token, first_row, row_bias, softmax_step, to_log2, LN2, MASK_BOOL)
+                     at_token, first_row, row_bias, softmax_step, to_log2, whole_tiles, aligned, LN2, MASK_BOOL)
 
 
 @triton.jit
@@ -98,8 +98,13 @@ def _attn_fwd_kernel(
     HAS_LO: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, LOG2_SCORES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-    I64: tl.constexpr,
+    I64: tl.constexpr, ROW_ALIGN: tl.constexpr,
 ):
+    # Strides of a ragged head dim (40, 120, ...): multiples of 8 that Triton cannot prove (common.aligned)
+    stride_qb, stride_qh, stride_ql = aligned(stride_qb, stride_qh, stride_ql, ROW_ALIGN)
+    stride_kb, stride_kh, stride_ks = aligned(stride_kb, stride_kh, stride_ks, ROW_ALIGN)
+    stride_vb, stride_vh, stride_vs = aligned(stride_vb, stride_vh, stride_vs, ROW_ALIGN)
+    stride_ob, stride_oh, stride_ol = aligned(stride_ob, stride_oh, stride_ol, ROW_ALIGN)
     pid_m = tl.program_id(0)
     if HAS_RIGHT and not HAS_LEFT:  # causal-like: the longest rows (most key tiles) first, for the tail
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -138,12 +143,14 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_EV], dtype=tl.float32)
 
-    # The key tiles this block sees: the band's edge tiles compare per element, the inner ones do not.
+    # The key tiles this block sees: the band's edge tiles compare per element (and check bounds: a partial
+    # last tile is one of them, whole_tiles), the inner ones do neither.
     # The three loops stay here rather than in a range helper like backward.py's _dkdv_range: moved into
     # one (Triton 3.9), the PTX has the same instructions but in another order, and ptxas then spills
     # 20 bytes instead of 12 for the float32 float-mask causal E = 64 default config on sm_90 (fp16 grid,
     # mods and sm_80 configs unchanged in registers, spills and shared memory). Keep the compiled kernel.
-    tiles = key_tiles(start_m, S, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    tiles = whole_tiles(key_tiles(start_m, S, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT), S, BLOCK_N,
+                        EVEN_N)
     if MASK_KIND == MASK_BOOL:  # and the keys the mask shows these rows (block_map.py)
         tiles = span_tiles(tiles, (SPANS + b * stride_pb + h64 * stride_ph, stride_pi), start_m, L, BLOCK_M, BLOCK_N)
     lo, full_lo, full_hi, hi = tiles
@@ -156,10 +163,10 @@ def _attn_fwd_kernel(
                                   E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, True, HAS_LEFT, HAS_RIGHT, not EVEN_M,
                                   not EVEN_N, PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, LOG2_SCORES, BLOCK_M,
                                   BLOCK_N)
-    for start_n in range(full_lo, full_hi, BLOCK_N):
+    for start_n in range(full_lo, full_hi, BLOCK_N):  # whole tiles inside the band: no compares
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, start_n, ptrs, offs, strides, problem, mods,
                                   E, EV, BLOCK_E, BLOCK_EV, MASK_KIND, False, HAS_LEFT, HAS_RIGHT, not EVEN_M,
-                                  not EVEN_N, PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, LOG2_SCORES, BLOCK_M,
+                                  False, PRECISION, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, LOG2_SCORES, BLOCK_M,
                                   BLOCK_N)
     for start_n in range(full_hi, hi, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, start_n, ptrs, offs, strides, problem, mods,
@@ -279,5 +286,6 @@ def _launch(q, k, v, mask, out, out_lo, lse, stats, scale, band_bounds, mods, le
             E=E, EV=Ev, BLOCK_E=configs.head_block(E), BLOCK_EV=configs.head_block(Ev),
             MASK_KIND=mask_kind(mask), HAS_LEFT=has_left, HAS_RIGHT=has_right, PRECISION=precision_for(q.dtype),
             HAS_LO=has_lo, VARLEN=cu is not None, I64=needs_int64(q, k, v, mask, out),
+            ROW_ALIGN=common.stride_align(q, k, v, out, out_lo if has_lo else None),
             LOG2_SCORES=common.log2_scores(scale, mask_kind(mask), switches["SOFTCAP"], switches["HAS_ALIBI"]),
         )

@@ -82,6 +82,20 @@ def test_rules_spare_what_cannot_run_or_is_not_benchmarked():
     assert compile_report.violations([_record(in_grid=False, spill_bytes=8, async_kv=False)]) == []
 
 
+def test_ragged_head_dims_must_load_asynchronously():
+    """Outside the grid, a ragged head dim's forward and two-pass backward still must not load
+    synchronously (their strides' alignment reaches the kernel); fp32, the single pass and one-stage
+    configs (nothing to pipeline) may."""
+    ragged = dict(in_grid=False, async_kv=False, problem="float16 E=120 mask=0 causal=1 ragged")
+    for kernel in ("fwd", "fwd+lo", "dkdv", "dq"):
+        bad = compile_report.failures(compile_report.violations([_record(kernel=kernel, **ragged)]))
+        assert len(bad) == 1 and "ragged head dim" in bad[0][1]
+    assert compile_report.violations([_record(**ragged, kernel="onepass")]) == []
+    assert compile_report.violations([_record(**dict(ragged, problem="float32 E=120 mask=0 causal=1 ragged"))]) == []
+    assert compile_report.violations([_record(**dict(ragged, async_kv=True))]) == []
+    assert compile_report.violations([_record(**dict(ragged, config="64x32 w4 s1"))]) == []  # one stage
+
+
 def test_soft_capped_kernels_need_two_exps_per_score():
     """A soft-capped kernel takes tanh's exp and the softmax's: 2 per score is no duplication, 3 is."""
     assert compile_report.violations([_record(exps_needed=2, exp_per_score=2.06)]) == []

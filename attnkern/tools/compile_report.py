@@ -16,7 +16,10 @@ A record breaks a rule (exit status 1) when, for a config the target can choose:
   autotuner itself never picks such a config: Triton times a config that fails to launch as infinitely
   slow. The table notes the others;
 - and, for what the benchmark grid runs (in_grid: fp16/bf16, E = 64, 128, no mask): it spills
-  registers, or its main loop loads its streamed tiles synchronously (no cp.async/TMA).
+  registers, or its main loop loads its streamed tiles synchronously (no cp.async/TMA);
+- the forward or two-pass backward (RAGGED_ASYNC) in fp16/bf16 at a ragged head dim (row strides
+  multiples of 8, not 16: the kernels take the strides' alignment as a constant) loads synchronously
+  in a config of two or more stages.
 Violations that no config can fix are listed in KNOWN with the reason: the report prints them as
 KNOWN and they do not fail it; everything else does.
 """
@@ -26,6 +29,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import sys
 from dataclasses import asdict, dataclass
 from typing import List, Optional, Tuple
@@ -61,6 +65,8 @@ class Record:
     exps_needed: int = 1  # exps each score needs: 2 with soft-capping (its tanh), else 1
 
 
+# Kernels that load their tiles asynchronously at a ragged head dim too (triton/common.py: stride_align).
+RAGGED_ASYNC = ("fwd", "fwd+lo", "dkdv", "dq", "varlen-fwd+lo", "varlen-dkdv", "varlen-dq")
 MMA_TOLERANCE = 1.01  # executed / useful above this: duplicated work
 EXP_DUPLICATED = 1.5
 
@@ -131,7 +137,18 @@ def violations(records) -> List[Tuple[object, str]]:
             add(r, "spill", f"spills {r.spill_bytes} B in a benchmarked config")
         if r.in_grid and r.async_kv is False:
             add(r, "sync", "synchronous tile loads in the main loop of a benchmarked config")
+        elif _ragged_half(r) and r.async_kv is False:
+            add(r, "sync", "synchronous tile loads in the main loop at a ragged head dim")
     return out
+
+
+def _ragged_half(r) -> bool:
+    """An fp16/bf16 record of a RAGGED_ASYNC kernel at a ragged head dim, in a config of 2 or more stages
+    (one stage pipelines nothing at any head dim: the E = 256 tier's backward configs)."""
+    words = r.problem.split()
+    stages = re.search(r"\bs(\d+)$", r.config)
+    return (r.kernel in RAGGED_ASYNC and "ragged" in words and words[0] in ("float16", "bfloat16")
+            and stages is not None and int(stages.group(1)) > 1)
 
 
 def failures(bad) -> list:

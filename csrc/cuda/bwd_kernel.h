@@ -165,6 +165,18 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dkdv_kernel(co
     const T* d = static_cast<const T*>(p.dout) + b * p.dout_st.b + h * p.dout_st.h + int64_t(m0) * p.dout_st.l;
     load_tile_async<QTile, kThreads, kHD>(sQ + stage * QTile::kElems, q, p.q_st.l, int(p.L - m0), int(p.E), tid);
     load_tile_async<QTile, kThreads, kHD>(sdO + stage * QTile::kElems, d, p.dout_st.l, int(p.L - m0), int(p.Ev), tid);
+    // The tile's row statistics ride in the same copy group, raw (m, log2 l, delta; rows past L
+    // zero-filled): the thread that copies a row fixes it up once its copies land (below).
+    if (tid < kBM) {
+      static_assert(kBM <= kThreads, "one thread per row of a query tile's statistics");
+      const bool in = m0 + tid < p.L;
+      const int64_t row = (b * p.Hq + h) * p.stat_len() + (in ? m0 + tid : 0);
+      const float* src = static_cast<const float*>(p.stats) + row * 2;
+      float* st = sStat + stage * 3 * kBM + tid;
+      cp_async_4(st, src, in);
+      cp_async_4(st + kBM, src + 1, in);
+      cp_async_4(st + 2 * kBM, delta + row, in);
+    }
   };
   if (n_iters > 0) prefetch(0, 0);
   cp_async_commit();
@@ -176,16 +188,11 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dkdv_kernel(co
     tile_of(it, h, m0);
     if (it + 1 < n_iters) prefetch(it + 1, stage ^ 1);
     cp_async_commit();
-    // This tile's row statistics into shared memory (plain loads: 3 * kBM floats).
-    float* st = sStat + stage * 3 * kBM;
-    for (int r = tid; r < kBM; r += kThreads) {
-      float m, l2;
-      row_stats(p, b * p.Hq + h, m0 + r, m, l2);
-      st[r] = m;
-      st[kBM + r] = l2;
-      st[2 * kBM + r] = m0 + r < p.L ? delta[(b * p.Hq + h) * p.stat_len() + m0 + r] : 0.f;
-    }
     cp_async_wait<1>();
+    // This thread's copies of the tile's row statistics have landed; row_stats' conventions before the
+    // barrier shares them: rows past L and fully masked rows get m = +inf, log2 l = 0 (P = 0, not NaN).
+    float* st = sStat + stage * 3 * kBM;
+    if (tid < kBM && (m0 + tid >= p.L || st[tid] == kNegInf)) st[tid] = INFINITY, st[kBM + tid] = 0.f;
     __syncthreads();
     const T* sQs = sQ + stage * QTile::kElems;
     const T* sdOs = sdO + stage * QTile::kElems;

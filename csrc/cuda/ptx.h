@@ -41,7 +41,10 @@ inline int64_t max_grid_yz() {
 
 #ifdef ATTNKERN_CUDA_EMU
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
-  emu::cp_async_16(smem, gmem, valid);
+  emu::cp_async(smem, gmem, 16, valid);
+}
+__device__ __forceinline__ void cp_async_4(void* smem, const void* gmem, bool valid) {
+  emu::cp_async(smem, gmem, 4, valid);
 }
 __device__ __forceinline__ void cp_async_commit() { emu::cp_async_commit(); }
 template <int N>
@@ -68,6 +71,13 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
   const int src_bytes = valid ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem),
+               "r"(src_bytes));
+}
+
+// 4-byte async copy (one float; .ca: .cg takes 16 bytes only), zero-filled when not `valid`.
+__device__ __forceinline__ void cp_async_4(void* smem, const void* gmem, bool valid) {
+  const int src_bytes = valid ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem),
                "r"(src_bytes));
 }
 

@@ -126,6 +126,7 @@ const char* coll_name(Coll c) {
 struct AsyncCopy {
   unsigned char* dst;
   unsigned char data[16];
+  int bytes;  // 4, 8 or 16
   int group;  // -1: not committed yet
 };
 
@@ -478,10 +479,10 @@ void retire(Fiber& f, int tid, int upto_group) {
     AsyncCopy& c = f.copies[i];
     if (c.group >= 0 && c.group < upto_group) {
       const size_t off = c.dst - cuda::smem_raw;
-      for (size_t b = 0; b < 16; ++b) g_shadow[off + b].pending = kNoThread;
-      std::memcpy(c.dst, c.data, 16);
+      for (int b = 0; b < c.bytes; ++b) g_shadow[off + b].pending = kNoThread;
+      std::memcpy(c.dst, c.data, c.bytes);
       // The copy's write lands now, as this thread's write in this barrier interval.
-      for (size_t b = 0; b < 16; ++b) {
+      for (int b = 0; b < c.bytes; ++b) {
         Shadow& s = g_shadow[off + b];
         s.writer = int16_t(tid), s.w_epoch = L.epoch, s.w_warp_epoch = L.warps[tid / 32].sync_epoch;
       }
@@ -627,25 +628,30 @@ float ex2_approx_ftz(float x) {
   return y < FLT_MIN ? 0.f : y;
 }
 
-void cp_async_16(void* smem, const void* gmem, bool valid) {
+void cp_async(void* smem, const void* gmem, int bytes, bool valid) {
   Launch& L = *g_launch;
   const int tid = L.cur;
   const uintptr_t d = reinterpret_cast<uintptr_t>(smem), s = reinterpret_cast<uintptr_t>(gmem);
+  if (bytes != 4 && bytes != 8 && bytes != 16) fail("cp.async of " + std::to_string(bytes) + " bytes: 4, 8 or 16");
   if (!in_smem(d)) fail("cp.async destination " + hex(smem) + " is not in shared memory");
-  if (d % 16 || s % 16) fail("cp.async of 16 bytes from " + hex(gmem) + " to " + hex(smem) + ": not 16-byte aligned");
+  if (d % bytes || s % bytes) {
+    fail("cp.async of " + std::to_string(bytes) + " bytes from " + hex(gmem) + " to " + hex(smem) + ": not " +
+         std::to_string(bytes) + "-byte aligned");
+  }
   const size_t off = d - smem_base();
-  shared_access(off, 16, true, tid, "cp.async destination");
+  shared_access(off, bytes, true, tid, "cp.async destination");
   AsyncCopy c;
   c.dst = static_cast<unsigned char*>(smem);
+  c.bytes = bytes;
   c.group = -1;
   if (valid) {
-    global_access(s, 16, false, "cp.async source");
-    std::memcpy(c.data, gmem, 16);
+    global_access(s, bytes, false, "cp.async source");
+    std::memcpy(c.data, gmem, bytes);
   } else {
-    std::memset(c.data, 0, 16);  // src-size 0: zero-fill
+    std::memset(c.data, 0, bytes);  // src-size 0: zero-fill
   }
-  std::memset(smem, 0xff, 16);  // poison until retired
-  for (size_t b = 0; b < 16; ++b) g_shadow[off + b].pending = int16_t(tid);
+  std::memset(smem, 0xff, bytes);  // poison until retired
+  for (int b = 0; b < bytes; ++b) g_shadow[off + b].pending = int16_t(tid);
   L.fibers[tid].copies.push_back(c);
 }
 

@@ -39,7 +39,7 @@ void syncthreads();
 void syncwarp();
 uint32_t shfl_xor(uint32_t bits, int lane_mask, unsigned member_mask, int width);
 
-void cp_async_16(void* smem, const void* gmem, bool valid);
+void cp_async(void* smem, const void* gmem, int bytes, bool valid);  // bytes: 4, 8 or 16
 void cp_async_commit();
 void cp_async_wait(int n);
 void ldmatrix_x4(uint32_t (&r)[4], const void* smem, bool trans);

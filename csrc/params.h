@@ -102,6 +102,16 @@ struct AttentionParams {
   int64_t total_q = 0;
   int64_t rng_offset_add = 0;
 
+  // The CUDA dK/dV pass's split of each kv head's query-head group (GQA/MQA with too few key blocks to
+  // fill the GPU, cuda/bwd_host.h): kv_parts CTAs per (key block, kv head, batch), each over group /
+  // kv_parts of the group's query heads, write their float32 dK (times scale) and dV into dkv_parts,
+  // laid out [kv_parts][Hkv][dkv_rows][E + Ev] (dK in the first E columns, dV after; dkv_rows = B * S
+  // rows, batch b's key j on row b * S + j, or the packed key tokens of a varlen batch), and a second
+  // kernel sums the parts in a fixed order (deterministic). kv_parts 1: no split, dkv_parts null.
+  int64_t kv_parts = 1;
+  float* dkv_parts = nullptr;
+  int64_t dkv_rows = 0;
+
   // has_left/has_right and band_lo/band_hi from the op's band for a problem of L rows and S keys.
   ATTNKERN_HOST_DEVICE void set_band(const int64_t (&spec)[3]) {
     for (int d = 0; d < 3; ++d) band_spec[d] = spec[d];

@@ -121,6 +121,52 @@ def test_score_mods_over_batch_slices(monkeypatch):
     _check_case(case, torch.float16)
 
 
+def test_gqa_group_split_rule(emu):
+    """The dK/dV pass splits a kv head's query-head group over CTAs when B·Hkv key blocks of 64 leave SMs
+    idle (the emulated device has 8): the fewest parts dividing the group that fill it, or the whole
+    group, and no more than grid y holds."""
+    assert emu.kv_group_parts(1, 1, 4, 70) == 4  # 2 key blocks -> 8 CTAs
+    assert emu.kv_group_parts(1, 2, 8, 130) == 2  # 6 -> 12
+    assert emu.kv_group_parts(1, 1, 6, 64) == 6  # 1 -> 6: still short, the whole group
+    assert emu.kv_group_parts(2, 2, 2, 130) == 1  # 12 CTAs: no split
+    assert emu.kv_group_parts(1, 4, 1, 64) == 1  # no group to split
+    assert emu.kv_group_parts(1, 1, 4, 0) == 1  # no keys
+
+
+def test_gqa_group_split_respects_the_grid_limit(emu, monkeypatch):
+    monkeypatch.setenv("ATTNKERN_EMU_MAX_GRID_YZ", "3")
+    assert emu.kv_group_parts(1, 1, 6, 64) == 3  # 6 parts would need grid y = 6
+    assert emu.kv_group_parts(1, 2, 4, 64) == 1  # 2 parts: grid y = 4
+
+
+# GQA/MQA backward with and without the group split (parts from the rule above, asserted per case): each
+# against the reference, and bitwise equal over two runs (the parts are summed in a fixed order).
+SPLIT_CASES = [
+    (Case("mqa_split4", L=17, S=70, E=32, Hq=4, Hkv=1, causal="bottom_right"), 4),
+    (Case("gqa_8_2_split2", L=33, S=130, E=64, Hq=8, Hkv=2), 2),
+    (Case("gqa_no_split", L=17, S=130, E=32, B=2, Hq=4, Hkv=2), 1),
+    (Case("mqa_split_mods_window", L=17, S=70, E=40, Hq=4, Hkv=1, window=(8, 3), softcap=1.5, dropout=0.2,
+          mask="float_grad"), 4),
+    (Case("mqa_split_e256_bool", L=17, S=40, E=256, Hq=2, Hkv=1, mask="bool"), 2),  # column split too
+]
+
+
+@pytest.mark.parametrize("case,parts", SPLIT_CASES, ids=[c.name for c, _ in SPLIT_CASES])
+def test_gqa_group_split(emu, case, parts):
+    assert emu.kv_group_parts(case.B, case.Hkv, case.Hq // case.Hkv, case.S) == parts
+    _check_case(case, torch.float16)
+    q, k, v, mask = make_inputs(case, torch.float16, "cpu", seed=3)
+
+    def grads():
+        q_, k_, v_ = (t.detach().requires_grad_() for t in (q, k, v))
+        m = mask.detach().requires_grad_(mask.requires_grad) if mask is not None else None
+        out, _ = attnkern.attention(q_, k_, v_, attn_mask=m, backend="cuda-emu", **as_kwargs(case, "cpu"))
+        return torch.autograd.grad(out, grad_leaves(q_, k_, v_, m), torch.ones_like(out))
+
+    for a, b in zip(grads(), grads()):
+        assert torch.equal(a, b)
+
+
 def _check_case(case, dtype):
     """`case` on cuda-emu against the float64 reference (test_correctness.py's check)."""
     q, k, v, mask = make_inputs(case, dtype, "cpu", seed=len(case.name) + case.E)

@@ -34,6 +34,10 @@ CASES = [
     # a sliding window (left and right bounds) with Lq != Lk per sequence, head dims 40 / 24 (zero-padded
     # to 40, run at 64), 65 rows: two forward row blocks
     ("window_cross", [65, 1, 9], [33, 17, 1], 2, 2, 40, 24, dict(window=(8, 3))),
+    # MQA over 3 sequences of at most 65 keys: 6 dK/dV CTAs, under the emulated 8 SMs, so the group of 4
+    # splits in 2 parts (float32 partial sums on the packed key rows); a sequence without keys and one
+    # without queries.
+    ("mqa_group_split", [17, 5, 0], [65, 0, 9], 4, 1, 32, 32, dict(causal=True)),
 ]
 
 
@@ -80,6 +84,11 @@ def test_varlen_matches_reference(case, dtype):
     _, lq, lk, Hq, Hkv, E, Ev, kw = case
     q, k, v, dout, dlse = _inputs(lq, lk, Hq, Hkv, E, Ev, dtype, seed=len(case[0]))
     _check_against_reference(lq, lk, q, k, v, dout, dlse, dtype, **kw)
+
+
+def test_mqa_case_takes_the_group_split():
+    cuda_emu.load()
+    assert torch.ops.attnkern_emu.kv_group_parts(3, 1, 4, 65) == 2  # CASES' mqa_group_split
 
 
 def test_no_block_reads_another_sequences_tokens():

@@ -3,7 +3,9 @@
 //   preprocess   delta = rowsum(dO * O) - dlse, one warp per query row (O = out + out_lo when the forward
 //                saved the rounding residual out_lo: delta to float32 accuracy)
 //   dK/dV pass   one CTA per (block of kBlockN keys, kv head, batch); warp w owns 16 keys. It loops
-//                over its kv head's query-head group and the query tiles that see its keys:
+//                over its kv head's query-head group and the query tiles that see its keys (GQA/MQA
+//                with too few key blocks to fill the GPU: kv_parts CTAs per block, each over a part of
+//                the group, their float32 sums added after by the sum kernel, in part order):
 //                  S^T = K Q^T, P^T = 2^((S^T - m) log2 e - log2 l)   (m, l: the forward's row stats)
 //                  dP^T = V dO^T, dS^T = P^T (dP^T - delta)
 //                  dV += P^T dO, dK += dS^T Q       (accumulated in registers, written once)
@@ -132,7 +134,9 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dkdv_kernel(co
   delta += tok0;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane >> 2, t = lane & 3;
   const int n_block = blockIdx.x / Traits::kSplit, split = blockIdx.x % Traits::kSplit;
-  const int64_t hk = blockIdx.y;
+  // Grid y: (kv head, part of its query-head group); heads [h0, h0 + heads) are this CTA's.
+  const int64_t hk = blockIdx.y / p.kv_parts, part = blockIdx.y % p.kv_parts;
+  const int64_t heads = p.group / p.kv_parts, h0 = hk * p.group + part * heads;
   const int n0 = n_block * kBN;
   if (n0 >= p.S) return;  // past the keys of its sequence (a packed batch's shorter ones)
   const int col0 = split * kOT * 8;  // first dK/dV column of this CTA
@@ -147,14 +151,14 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dkdv_kernel(co
   if (p.has_right) m_lo = int(clamp64(int64_t(n0) - p.band_hi, 0, p.L)) / kBM * kBM;
   if (kLeft && p.has_left) m_hi = int(clamp64(int64_t(n0) + kBN - p.band_lo, 0, p.L));
   const int m_tiles = m_lo < m_hi ? (m_hi - m_lo + kBM - 1) / kBM : 0;
-  const int n_iters = int(p.group) * m_tiles;  // (query head of the group, query tile) pairs
+  const int n_iters = int(heads) * m_tiles;  // (query head of the part, query tile) pairs
 
   float dk[kOT][4], dv[kOT][4];
   zero(dk), zero(dv);
   const int wrow = warp * 16;
 
   auto tile_of = [&](int it, int64_t& h, int& m0) {
-    h = hk * p.group + it / m_tiles;
+    h = h0 + it / m_tiles;
     m0 = m_lo + (it % m_tiles) * kBM;
   };
   auto prefetch = [&](int it, int stage) {
@@ -239,10 +243,32 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dkdv_kernel(co
   }
   cp_async_wait<0>();
 
-  // Write dK (times scale) and dV: this warp's 16 keys, this CTA's columns.
+  // Write dK (times scale) and dV: this warp's 16 keys, this CTA's columns; with the group split, this
+  // part's float32 sums into its rows of the workspace (attention_bwd_sum_kv_parts_kernel adds the parts).
   T* dkb = static_cast<T*>(p.dk) + b * p.dk_st.b + hk * p.dk_st.h;
   T* dvb = static_cast<T*>(p.dv) + b * p.dv_st.b + hk * p.dv_st.h;
   const float scale = static_cast<float>(p.scale);
+  // Two separate store loops: one loop with the branch inside spilled (hdim 128 on sm_90a: 8 B).
+  if (p.kv_parts > 1) {
+    const int64_t width = p.E + p.Ev;  // a workspace row: dK's columns, then dV's
+    float* ws = p.dkv_parts + ((part * p.Hkv + hk) * p.dkv_rows + b * p.S) * width;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int64_t key = n0 + wrow + g + 8 * r;
+      if (key >= p.S) continue;
+#pragma unroll
+      for (int ot = 0; ot < kOT; ++ot) {
+        const int col = col0 + ot * 8 + 2 * t;
+        if (col < p.E) {
+          *reinterpret_cast<float2*>(ws + key * width + col) = make_float2(dk[ot][2 * r] * scale, dk[ot][2 * r + 1] * scale);
+        }
+        if (col < p.Ev) {
+          *reinterpret_cast<float2*>(ws + key * width + p.E + col) = make_float2(dv[ot][2 * r], dv[ot][2 * r + 1]);
+        }
+      }
+    }
+    return;
+  }
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int64_t key = n0 + wrow + g + 8 * r;
@@ -258,6 +284,35 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dkdv_kernel(co
         *reinterpret_cast<uint32_t*>(dvb + key * p.dv_st.l + col) = pack2<T>(dv[ot][2 * r], dv[ot][2 * r + 1]);
       }
     }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// dK and dV from the dK/dV pass's float32 parts (p.kv_parts > 1): each element the sum of its parts in
+// part order, rounded once. One CTA per (kSumKeys keys, kv head, batch); a thread takes column pairs
+// (E and Ev are even, so a pair never straddles dK and dV).
+constexpr int kSumKeys = 8;
+
+template <typename T>
+__global__ void attention_bwd_sum_kv_parts_kernel(const AttentionParams params) {
+  AttentionParams p = params;
+  int64_t tok0;
+  const int64_t b = enter_batch<T>(p, tok0);
+  const int64_t hk = blockIdx.y, key0 = int64_t(blockIdx.x) * kSumKeys;
+  const int64_t width = p.E + p.Ev, plane = p.Hkv * p.dkv_rows * width;  // plane: between parts
+  const float* ws = p.dkv_parts + (hk * p.dkv_rows + b * p.S + key0) * width;
+  T* dk = static_cast<T*>(p.dk) + b * p.dk_st.b + hk * p.dk_st.h + key0 * p.dk_st.l;
+  T* dv = static_cast<T*>(p.dv) + b * p.dv_st.b + hk * p.dv_st.h + key0 * p.dv_st.l;
+  const int64_t keys = p.S - key0 < kSumKeys ? p.S - key0 : kSumKeys;
+  for (int64_t pair = threadIdx.x; pair < keys * width / 2; pair += blockDim.x) {
+    const int64_t key = 2 * pair / width, col = 2 * pair % width;
+    float2 acc = make_float2(0.f, 0.f);
+    for (int64_t part = 0; part < p.kv_parts; ++part) {
+      const float2 x = *reinterpret_cast<const float2*>(ws + part * plane + key * width + col);
+      acc.x += x.x, acc.y += x.y;
+    }
+    T* dst = col < p.E ? dk + key * p.dk_st.l + col : dv + key * p.dv_st.l + (col - p.E);
+    *reinterpret_cast<uint32_t*>(dst) = pack2<T>(acc.x, acc.y);
   }
 }
 

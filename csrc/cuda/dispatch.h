@@ -18,7 +18,11 @@ constexpr int kHeadDims[] = {32, 64, 96, 128, 160, 192, 256};
 template <typename T, int HD>
 cudaError_t run_attention_fwd(const AttentionParams& p, cudaStream_t stream);
 
-// `delta`: a float32 (B, Hq, L) scratch buffer.
+// Keys per CTA of the backward's dK/dV pass (BwdTraits::kBlockN of every configuration): what the op
+// layer's split of GQA/MQA groups over CTAs (bwd_host.h) counts in.
+constexpr int kDkDvBlockKeys = 64;
+
+// `delta`: a float32 (B, Hq, L) scratch buffer; with p.kv_parts > 1, p.dkv_parts the dK/dV parts' workspace.
 template <typename T, int HD>
 cudaError_t run_attention_bwd(const AttentionParams& p, float* delta, cudaStream_t stream);
 

@@ -115,6 +115,7 @@ AttentionParams batch_slice(const AttentionParams& p, int64_t b0, int64_t n) {
   s.dq = advance(p.dq, b0 * p.dq_st.b, sizeof(T));
   s.dk = advance(p.dk, b0 * p.dk_st.b, sizeof(T));
   s.dv = advance(p.dv, b0 * p.dv_st.b, sizeof(T));
+  s.dkv_parts = p.dkv_parts ? p.dkv_parts + b0 * p.S * (p.E + p.Ev) : nullptr;  // rows b * S + j
   s.alibi = p.alibi ? p.alibi + b0 * p.alibi_st_b : nullptr;
   s.batch_base = p.batch_base + b0;  // the dropout mask of batch b0 onwards
   if (p.Bm > 1) {
@@ -174,14 +175,21 @@ cudaError_t run_attention_fwd(const AttentionParams& p, cudaStream_t stream) {
   return launch_fwd<T, Traits>(attention_fwd_kernel<Traits, false, false>, p, stream);
 }
 
+// The dK/dV pass: kv_parts CTAs per (key block, kv head) on grid y, then, with a split group, the sum of
+// the parts into dK and dV.
 template <typename Traits, bool kHasMask, bool kLeft, bool kMods = false>
 cudaError_t launch_dkdv(const AttentionParams& p, const float* delta, cudaStream_t stream) {
+  static_assert(Traits::kBlockN == kDkDvBlockKeys, "the op layer's group split counts CTAs of kDkDvBlockKeys");
   auto kernel = attention_bwd_dkdv_kernel<Traits, kHasMask, kLeft, kMods>;
   cudaError_t err = allow_smem(kernel, Traits::kSmemBytes);
   if (err != cudaSuccess) return err;
-  const dim3 grid(unsigned((p.S + Traits::kBlockN - 1) / Traits::kBlockN * Traits::kSplit), unsigned(p.Hkv),
-                  unsigned(p.B));
+  const dim3 grid(unsigned((p.S + Traits::kBlockN - 1) / Traits::kBlockN * Traits::kSplit),
+                  unsigned(p.Hkv * p.kv_parts), unsigned(p.B));
   ATTNKERN_LAUNCH(kernel, grid, Traits::kThreads, Traits::kSmemBytes, stream)(p, delta);
+  if ((err = cudaGetLastError()) != cudaSuccess || p.kv_parts == 1) return err;
+  using T = typename Traits::T;
+  const dim3 grid_sum(unsigned((p.S + kSumKeys - 1) / kSumKeys), unsigned(p.Hkv), unsigned(p.B));
+  ATTNKERN_LAUNCH(attention_bwd_sum_kv_parts_kernel<T>, grid_sum, 128, 0, stream)(p);
   return cudaGetLastError();
 }
 

@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "../op_args.h"
+#include "bwd_host.h"
 #include "dispatch.h"
 #include "host_checks.h"
 #include "varlen_args.h"
@@ -31,6 +32,12 @@ void check_problem(const AttentionParams& p, const at::Tensor& q) {
               minor);
   // Heads ride on grid y; batches past grid z's limit run as several launches (launch.h).
   TORCH_CHECK(p.Hq <= 65535, "attnkern cuda: at most 65535 query heads (grid y), got ", p.Hq);
+}
+
+int sm_count(const at::Tensor& q) {
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, q.device().index()));
+  return sms;
 }
 
 template <typename T>
@@ -85,7 +92,7 @@ void backward_cuda(const at::Tensor& dout, const std::optional<at::Tensor>& dlse
                   double dropout_p, const std::optional<at::Tensor>& rng,
                    const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
                    const std::optional<at::Tensor>& dmask) {
-  const AttentionParams p =
+  AttentionParams p =
       backward_params(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, band, {softcap, alibi, dropout_p, rng}, dq,
                       dk, dv, dmask);
   check_problem(p, q);
@@ -96,6 +103,7 @@ void backward_cuda(const at::Tensor& dout, const std::optional<at::Tensor>& dlse
   const c10::cuda::CUDAGuard guard(q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const at::Tensor delta = at::empty({p.B, p.Hq, p.L}, q.options().dtype(at::kFloat));
+  const at::Tensor kv_parts = cuda::plan_kv_parts(p, q, p.B * p.S, sm_count(q), 65535);
   const int hd = head_dim_bucket(std::max(p.E, p.Ev));
   const cudaError_t err =
       q.scalar_type() == at::kHalf ? run_bwd<__half>(hd, p, delta.data_ptr<float>(), stream)
@@ -132,8 +140,8 @@ void varlen_backward_cuda(const at::Tensor& dout, const std::optional<at::Tensor
                           const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv, double dropout_p,
                           const std::optional<at::Tensor>& rng) {
   const c10::cuda::CUDAGuard guard(q.device());
-  const AttentionParams p = varlen_backward_params(dout, dlse, q, k, v, cu_q, cu_k, out, out_lo, stats, scale, band,
-                                                   softcap, alibi, dropout_p, rng, dq, dk, dv);
+  AttentionParams p = varlen_backward_params(dout, dlse, q, k, v, cu_q, cu_k, out, out_lo, stats, scale, band,
+                                             softcap, alibi, dropout_p, rng, dq, dk, dv);
   check_problem(p, q);
   const std::pair<const at::Tensor*, const char*> packed[] = {
       {&q, "query"}, {&k, "key"}, {&v, "value"}, {&out, "out"}, {&dout, "grad_out"},
@@ -142,6 +150,7 @@ void varlen_backward_cuda(const at::Tensor& dout, const std::optional<at::Tensor
   if (p.out_lo) check_layout(packed_view(*out_lo), "out_lo");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const at::Tensor delta = at::empty({p.Hq, p.total_q}, q.options().dtype(at::kFloat));  // (Hq, Tq), like lse
+  const at::Tensor kv_parts = cuda::plan_kv_parts(p, q, k.size(0), sm_count(q), 65535);
   const int hd = head_dim_bucket(std::max(p.E, p.Ev));
   const cudaError_t err =
       q.scalar_type() == at::kHalf ? run_bwd<__half>(hd, p, delta.data_ptr<float>(), stream)

@@ -46,6 +46,7 @@ __device__ __forceinline__ int64_t enter_batch(AttentionParams& p, int64_t& tok0
   p.v = skip(p.v, k0 * p.v_st.l, kT);
   p.dk = skip(p.dk, k0 * p.dk_st.l, kT);
   p.dv = skip(p.dv, k0 * p.dv_st.l, kT);
+  p.dkv_parts = skip(p.dkv_parts, k0 * (p.E + p.Ev), kF);  // rows of the packed key tokens
   p.lse = skip(p.lse, q0, kF);
   p.stats = skip(p.stats, 2 * q0, kF);
   p.dlse = skip(p.dlse, q0 * p.dlse_st.l, kF);

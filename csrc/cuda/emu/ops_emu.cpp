@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "../../op_args.h"
+#include "../bwd_host.h"
 #include "../dispatch.h"
 #include "../host_checks.h"
 #include "../varlen_args.h"
@@ -17,6 +18,10 @@ namespace attnkern {
 namespace {
 
 void check_layout(const at::Tensor& t, const char* name) { check_cp_async_layout(t, name, "attnkern cuda-emu"); }
+
+// The emulated device's SM count, where the kernels' host code sizes grids by it (the backward's GQA
+// split, the decode's split count): a small one, so that small problems take those paths too.
+constexpr int64_t kEmuSms = 8;
 
 void check_problem(const AttentionParams& p, const at::Tensor& q) {
   check_dtype_and_head_dims(q.scalar_type(), p.E, p.Ev, "attnkern cuda-emu");
@@ -89,7 +94,7 @@ void backward_emu(const at::Tensor& dout, const std::optional<at::Tensor>& dlse,
                   double dropout_p, const std::optional<at::Tensor>& rng, const at::Tensor& dq, const at::Tensor& dk,
                   const at::Tensor& dv,
                   const std::optional<at::Tensor>& dmask) {
-  const AttentionParams p =
+  AttentionParams p =
       backward_params(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, band, {softcap, alibi, dropout_p, rng}, dq,
                       dk, dv, dmask);
   check_problem(p, q);
@@ -98,12 +103,14 @@ void backward_emu(const at::Tensor& dout, const std::optional<at::Tensor>& dlse,
   check_layout(dout, "grad_out"), check_layout(dq, "grad_query"), check_layout(dk, "grad_key");
   check_layout(dv, "grad_value");
   const at::Tensor delta = at::empty({p.B, p.Hq, p.L}, q.options().dtype(at::kFloat));
+  const at::Tensor kv_parts = cuda::plan_kv_parts(p, q, p.B * p.S, kEmuSms, emu::max_grid_yz());
   const emu::GlobalRanges ranges{span(dout, "grad_out"),    span(dlse, "grad_lse"), span(q, "query"),
                                  span(k, "key"),            span(v, "value"),       span(mask, "attn_mask"),
                                  span(out, "out"),          span(out_lo, "out_lo"), span(stats, "stats"),
                                  span(dq, "grad_query"),
                                  span(dk, "grad_key"),      span(dv, "grad_value"), span(dmask, "grad_mask"),
-                                 span(alibi, "alibi"),      span(rng, "rng"),       span(delta, "delta (scratch)")};
+                                 span(alibi, "alibi"),      span(rng, "rng"),       span(delta, "delta (scratch)"),
+                                 span(kv_parts, "dK/dV parts (workspace)")};
   const int hd = head_dim_bucket(std::max(p.E, p.Ev));
   const cudaError_t err = q.scalar_type() == at::kHalf ? run_bwd<__half>(hd, p, delta.data_ptr<float>())
                                                        : run_bwd<__nv_bfloat16>(hd, p, delta.data_ptr<float>());
@@ -140,7 +147,7 @@ void varlen_backward_emu(const at::Tensor& dout, const std::optional<at::Tensor>
                          double scale, at::IntArrayRef band, double softcap, const std::optional<at::Tensor>& alibi,
                          const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv, double dropout_p,
                          const std::optional<at::Tensor>& rng) {
-  const AttentionParams p = varlen_backward_params(dout, dlse, q, k, v, cu_q, cu_k, out, out_lo, stats, scale, band,
+  AttentionParams p = varlen_backward_params(dout, dlse, q, k, v, cu_q, cu_k, out, out_lo, stats, scale, band,
                                                    softcap, alibi, dropout_p, rng, dq, dk, dv);
   check_problem(p, q);
   const std::pair<const at::Tensor*, const char*> packed[] = {
@@ -149,12 +156,13 @@ void varlen_backward_emu(const at::Tensor& dout, const std::optional<at::Tensor>
   for (const auto& [t, name] : packed) check_layout(packed_view(*t), name);
   if (p.out_lo) check_layout(packed_view(*out_lo), "out_lo");
   const at::Tensor delta = at::empty({p.Hq, p.total_q}, q.options().dtype(at::kFloat));  // (Hq, Tq), like lse
+  const at::Tensor kv_parts = cuda::plan_kv_parts(p, q, k.size(0), kEmuSms, emu::max_grid_yz());
   const emu::GlobalRanges ranges{span(dout, "grad_out"),    span(dlse, "grad_lse"),       span(q, "query"),
                                  span(k, "key"),            span(v, "value"),             span(cu_q, "cu_seqlens_q"),
                                  span(cu_k, "cu_seqlens_k"), span(out, "out"),            span(out_lo, "out_lo"),
                                  span(stats, "stats"),      span(dq, "grad_query"),       span(dk, "grad_key"),
                                  span(dv, "grad_value"),    span(alibi, "alibi"),         span(rng, "rng"),
-                                 span(delta, "delta (scratch)")};
+                                 span(delta, "delta (scratch)"), span(kv_parts, "dK/dV parts (workspace)")};
   const int hd = head_dim_bucket(std::max(p.E, p.Ev));
   const cudaError_t err = q.scalar_type() == at::kHalf ? run_bwd<__half>(hd, p, delta.data_ptr<float>())
                                                        : run_bwd<__nv_bfloat16>(hd, p, delta.data_ptr<float>());
@@ -208,6 +216,7 @@ TORCH_LIBRARY(attnkern_emu, m) {
   m.def("run_broken_kernel(int which) -> ()");
   m.def("warp_gemm_check(Tensor q, Tensor k, Tensor v) -> (Tensor, Tensor, Tensor)");
   m.def("attribute_calls() -> int");
+  m.def("kv_group_parts(int B, int Hkv, int group, int S) -> int");
   m.def(attnkern::kForwardSchema);
   m.def(attnkern::kBackwardSchema);
   m.def(attnkern::kVarlenForwardSchema);
@@ -225,6 +234,10 @@ TORCH_LIBRARY_IMPL(attnkern_emu, CPU, m) {
 TORCH_LIBRARY_IMPL(attnkern_emu, CompositeExplicitAutograd, m) {
   m.impl("run_broken_kernel", &attnkern::run_broken_kernel);
   m.impl("attribute_calls", []() -> int64_t { return attnkern::emu::attribute_calls(); });
+  // The backward's group split as the emulated device chooses it (tests: which cases take it).
+  m.impl("kv_group_parts", [](int64_t B, int64_t Hkv, int64_t group, int64_t S) -> int64_t {
+    return attnkern::cuda::kv_group_parts(B, Hkv, group, S, attnkern::kEmuSms, attnkern::emu::max_grid_yz());
+  });
 }
 
 // attnkern_ext::decode's twin: the split-KV decode kernels (decode_kernel.h) on CPU tensors, with the
@@ -235,8 +248,6 @@ TORCH_LIBRARY_IMPL(attnkern_emu, CompositeExplicitAutograd, m) {
 
 namespace attnkern {
 namespace {
-
-constexpr int64_t kEmuSms = 8;
 
 void decode_emu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& seqlens,
                 const std::optional<at::Tensor>& block_table, double scale, at::IntArrayRef band, double softcap,

@@ -208,8 +208,8 @@ def print_table(records, bad, markdown: bool = False, file=None) -> None:
 
 def _cuda_compile_check():
     """csrc/cuda/compile_check.py of a source checkout, or None (an installed package has no csrc/)."""
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "cuda",
-                        "compile_check.py")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # above attnkern/
+    path = os.path.join(root, "csrc", "cuda", "compile_check.py")
     if not os.path.exists(path):
         return None
     spec = importlib.util.spec_from_file_location("attnkern_cuda_compile_check", path)

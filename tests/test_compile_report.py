@@ -172,3 +172,32 @@ def test_cli_refuses_the_interpreter_and_bad_flags(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["compile-report", "--backend", "rocm"])
     assert exc.value.code == 2 and "--backend" in capsys.readouterr().err
+
+
+def _counts(mma, ldmatrix=0, ex2=0, sync=None, asynchronous=None):
+    return {"launches": 1, "ctas": 1, "mma": mma, "ldmatrix": ldmatrix, "ex2_lanes": ex2,
+            "async_load_bytes": {"key": 64, "value": 64} if asynchronous is None else asynchronous,
+            "sync_load_bytes": sync or {}}
+
+
+def test_cuda_counted_figures():
+    """attnkern.tools.cuda_counts turns the emulator's counts into records: 64 x 64 scores at E = Ev = 64
+    need 64·64·128 products = 256 m16n8k16 instructions."""
+    from attnkern.tools import cuda_counts
+
+    fwd = "void attnkern::cuda::attention_fwd_kernel<attnkern::cuda::FwdTraits<64, 64, 4, __half>, false>(P)"
+    recs = cuda_counts.records_from_counts({fwd: _counts(256, 128, 64 * 64)}, 64, 64, 64 * 64, "float16 E=64",
+                                           True, lambda n: "fwd")
+    (r,) = recs
+    assert (r.mma_efficiency, r.exp_per_score, r.smem_loads_per_mma, r.async_kv, r.config) == \
+        (1.0, 1.0, 0.5, True, "Fwd<64,64,4>")
+    assert compile_report.violations(recs) == []
+    twice = cuda_counts.records_from_counts({fwd: _counts(512, 0, 2 * 64 * 64, sync={"value": 64})}, 64, 64,
+                                            64 * 64, "float16 E=64", True, lambda n: "fwd")
+    (r,) = twice
+    assert (r.mma_efficiency, r.exp_per_score, r.async_kv, r.sync_bytes_per_score) == (2.0, 2.0, False, round(64 / 4096, 3))
+    rules = [why for _, why in compile_report.violations(twice)]
+    assert any("MMA" in w for w in rules) and any("exps" in w for w in rules) and any("synchronous" in w for w in rules)
+    # Kernels without products (the backward's preprocess, the group split's sum) are left out.
+    assert cuda_counts.records_from_counts({"attention_bwd_preprocess_kernel<__half>": _counts(0)}, 64, 64, 1,
+                                           "float16 E=64", True, str) == []

@@ -270,3 +270,24 @@ def test_explain_and_list_providers_know_cuda_emu():
     from attnkern.tools.bench.providers import by_name
 
     assert "attnkern:cuda-emu" in by_name()
+
+
+def test_main_loop_figures_counted_on_the_emulation(emu):
+    """compile-report's CUDA main-loop figures: what the kernels execute on the emulator. In the benchmark
+    grid's problems (fp16, E = 64 and 128, no mask) the forward, dK/dV and dQ duplicate no product, take
+    each exp once (the forward's row rescale adds under 7%), and stream their tiles with cp.async only."""
+    from attnkern.tools import compile_report, cuda_counts
+
+    recs, note = cuda_counts.cuda_loop_records(compile_report._cuda_compile_check().short_kernel_name)
+    assert note == "" and compile_report.failures(compile_report.violations(recs)) == []
+    grid = {(r.kernel, r.problem.split()[1]): r for r in recs if r.in_grid}
+    assert sorted(grid) == sorted((f"attention_{k}_kernel", f"E={e}") for k in ("fwd", "bwd_dkdv", "bwd_dq")
+                                  for e in (64, 128))
+    for r in grid.values():
+        assert r.mma_efficiency == 1.0 and 1.0 <= r.exp_per_score < 1.07 and r.async_kv, r
+    # 16 query rows per warp: at E = 128 the forward loads 9 ldmatrix.x4 per 16 MMAs (FlashAttention-2's
+    # 32-row warps: 0.31).
+    assert grid[("attention_fwd_kernel", "E=128")].smem_loads_per_mma == 0.562
+    # A user mask is read element by element from global memory: 1 byte per score (bool) in the forward.
+    masked = {(r.kernel, r.problem.split()[-1]): r for r in recs if not r.in_grid}
+    assert masked[("attention_fwd_kernel[mask]", "bool-mask")].sync_bytes_per_score == 1.0

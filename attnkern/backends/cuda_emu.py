@@ -4,7 +4,9 @@ The kernel sources are the same (csrc/cuda/inst/*.cu compiled as host C++ with A
 which maps the PTX primitives of ptx.h to csrc/cuda/emu/runtime.cpp); each CUDA thread runs as a
 fiber, and every shared and global access is checked (races, cp.async reads before their wait,
 out-of-bounds, launch limits). It exists to test the CUDA kernels without a GPU: it is slow, takes
-CPU tensors, and is chosen by name only (backend="cuda-emu"), never by "auto".
+CPU tensors, and is chosen by name only (backend="cuda-emu"), never by "auto". It also counts what
+each kernel executes (torch.ops.attnkern_emu.kernel_counts(): MMA, ldmatrix, exp, bytes loaded per
+tensor), from which `attnkern compile-report` computes the CUDA kernels' main-loop figures.
 
 It goes through the "cuda" backend's Python glue (padding, layouts, cut-back) unchanged; only the ops
 differ (torch.ops.attnkern_emu, same schemas as attnkern_ext). The emulator is built on first use

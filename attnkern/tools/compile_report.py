@@ -4,7 +4,9 @@ Triton kernels: attnkern.tools.triton_compile compiles every kernel as a call la
 config its autotuner can choose on sm_80, sm_86 and sm_90 (registers, spills, shared memory, and the
 main-loop figures of attnkern.tools.asm_stats). CUDA kernels (a source checkout with nvcc): every unit of
 csrc/cuda/inst through nvcc with `ptxas -v` (registers, spills, static shared memory: their tiles live
-in dynamic shared memory sized at launch, which ptxas does not see; no main-loop figures yet).
+in dynamic shared memory sized at launch, which ptxas does not see), and their main-loop figures
+counted on their CPU emulation (target "emulated", attnkern.tools.cuda_counts: the instructions the
+kernels execute on a few problems, not read from PTX).
 
 A record breaks a rule (exit status 1) when, for a config the target can choose:
 - it does not compile, or its autotuner's prune leaves a call no config;
@@ -63,6 +65,7 @@ class Record:
     mma_kind: str = ""
     error: str = ""
     exps_needed: int = 1  # exps each score needs: 2 with soft-capping (its tanh), else 1
+    sync_bytes_per_score: Optional[float] = None  # plain global loads per score (CUDA, emulated)
 
 
 # Kernels that load their tiles asynchronously at a ragged head dim too (triton/common.py: stride_align).
@@ -108,6 +111,13 @@ KNOWN = (
     Known("exp", ("fwd", "dkdv"), ALL_TARGETS, (64, 128), dtypes=("float32",),
           reason="the same with float32 (tf32x3) operands at E=64 and 128 under a float mask; cause not "
                  "diagnosed yet. Not in the benchmark grid"),
+    Known("mma", ("attention_bwd_dkdv_kernel[mask][window]",), ("emulated",), (128,), backend="cuda",
+          reason="the CUDA dK/dV kernel with a user mask splits dK/dV's columns over 2 CTAs from head dim "
+                 "128 on (the unmasked one above 128) to fit its registers beside the per-element mask "
+                 "reads; each CTA recomputes S and dP: 1.5x the products, 2 exps per score. Not in the "
+                 "benchmark grid"),
+    Known("exp", ("attention_bwd_dkdv_kernel[mask][window]",), ("emulated",), (128,), backend="cuda",
+          reason="the same column split, seen in the exps"),
 )
 
 
@@ -165,7 +175,7 @@ def _fmt(x, spec="") -> str:
 
 
 COLUMNS = ("backend", "kernel", "target", "problem", "config", "regs", "spill", "smem", "mma", "mma_eff",
-           "exp/score", "ld/mma", "async", "grid", "note")
+           "exp/score", "ld/mma", "async", "syncB/score", "grid", "note")
 
 
 def table_rows(records, bad) -> List[List[str]]:
@@ -179,9 +189,11 @@ def table_rows(records, bad) -> List[List[str]]:
             note = "over the shared memory: autotune skips it"
         if not r.chosen:
             note = "pruned on this target" + (f" ({r.error})" if r.error else "")
-        rows.append([r.backend, r.kernel, r.target, r.problem, r.config, _fmt(r.registers), _fmt(r.spill_bytes),
-                     _fmt(r.smem_bytes), r.mma_kind or "-", _fmt(r.mma_efficiency, ".2f"), _fmt(r.exp_per_score, ".2f"),
-                     _fmt(r.smem_loads_per_mma, ".2f"), _fmt(r.async_kv), _fmt(r.in_grid),
+        unset = lambda x: None if x < 0 else x  # noqa: E731 (-1: not measured for this record)
+        rows.append([r.backend, r.kernel, r.target, r.problem, r.config, _fmt(unset(r.registers)),
+                     _fmt(unset(r.spill_bytes)), _fmt(unset(r.smem_bytes)), r.mma_kind or "-", _fmt(r.mma_efficiency, ".2f"), _fmt(r.exp_per_score, ".2f"),
+                     _fmt(r.smem_loads_per_mma, ".2f"), _fmt(r.async_kv), _fmt(r.sync_bytes_per_score, ".2f"),
+                     _fmt(r.in_grid),
                      (("" if note.startswith("KNOWN") else "FAIL: ") + note) if id(r) in reasons else note])
     return rows
 
@@ -218,8 +230,9 @@ def _cuda_compile_check():
     return mod
 
 
-def cuda_records(archs: List[str], jobs: int, only: str = ""):
-    """Records of the CUDA kernels (registers, spills, static shared memory), or [] with a reason."""
+def cuda_records(archs: List[str], jobs: int, only: str = "", loops: bool = True):
+    """Records of the CUDA kernels (registers, spills, static shared memory; with `loops`, the main-loop
+    figures counted on the CPU emulation, attnkern.tools.cuda_counts), or [] with a reason."""
     cc = _cuda_compile_check()
     if cc is None:
         return [], "no csrc/cuda here (not a source checkout)"
@@ -241,7 +254,12 @@ def cuda_records(archs: List[str], jobs: int, only: str = ""):
                               cc.BUDGETED.match(res["unit"]) is not None, True, registers=k["registers"],
                               spill_bytes=k["spills"], smem_bytes=k["smem"],
                               smem_limit=MAX_SHARED.get(arch, 48 * 1024)))
-    return out, ""
+    if not loops:
+        return out, ""
+    from .cuda_counts import cuda_loop_records
+
+    more, note = cuda_loop_records(cc.short_kernel_name)
+    return out + more, note
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:

@@ -6,6 +6,9 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <map>
+#include <sstream>
+#include <string>
 
 #include "../../op_args.h"
 #include "../bwd_host.h"
@@ -212,11 +215,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> warp_gemm_check(const at::Tensor&
 }  // namespace
 }  // namespace attnkern
 
+namespace attnkern {
+namespace {
+
+// emu::kernel_counts() as JSON: {kernel: {"launches", "ctas", "mma", "ldmatrix", "ex2_lanes",
+// "async_load_bytes": {tensor: bytes}, "sync_load_bytes": {tensor: bytes}}} (demangled kernel names
+// and the tensor names of the spans hold no quote or backslash).
+std::string kernel_counts_json() {
+  std::ostringstream os;
+  auto bytes = [&os](const std::map<std::string, int64_t>& m) {
+    os << "{";
+    const char* sep = "";
+    for (const auto& [name, n] : m) os << sep << "\"" << name << "\": " << n, sep = ", ";
+    os << "}";
+  };
+  os << "{";
+  const char* sep = "";
+  for (const auto& [kernel, c] : emu::kernel_counts()) {
+    os << sep << "\"" << kernel << "\": {\"launches\": " << c.launches << ", \"ctas\": " << c.ctas
+       << ", \"mma\": " << c.mma << ", \"ldmatrix\": " << c.ldmatrix << ", \"ex2_lanes\": " << c.ex2_lanes
+       << ", \"async_load_bytes\": ";
+    bytes(c.async_load_bytes);
+    os << ", \"sync_load_bytes\": ";
+    bytes(c.sync_load_bytes);
+    os << "}";
+    sep = ", ";
+  }
+  os << "}";
+  return os.str();
+}
+
+}  // namespace
+}  // namespace attnkern
+
 TORCH_LIBRARY(attnkern_emu, m) {
   m.def("run_broken_kernel(int which) -> ()");
   m.def("warp_gemm_check(Tensor q, Tensor k, Tensor v) -> (Tensor, Tensor, Tensor)");
   m.def("attribute_calls() -> int");
   m.def("kv_group_parts(int B, int Hkv, int group, int S) -> int");
+  m.def("kernel_counts() -> str");
+  m.def("reset_kernel_counts() -> ()");
   m.def(attnkern::kForwardSchema);
   m.def(attnkern::kBackwardSchema);
   m.def(attnkern::kVarlenForwardSchema);
@@ -234,6 +272,9 @@ TORCH_LIBRARY_IMPL(attnkern_emu, CPU, m) {
 TORCH_LIBRARY_IMPL(attnkern_emu, CompositeExplicitAutograd, m) {
   m.impl("run_broken_kernel", &attnkern::run_broken_kernel);
   m.impl("attribute_calls", []() -> int64_t { return attnkern::emu::attribute_calls(); });
+  // What the kernels executed since the last reset (compile-report's CUDA main-loop figures).
+  m.impl("kernel_counts", []() -> std::string { return attnkern::kernel_counts_json(); });
+  m.impl("reset_kernel_counts", []() { attnkern::emu::reset_kernel_counts(); });
   // The backward's group split as the emulated device chooses it (tests: which cases take it).
   m.impl("kv_group_parts", [](int64_t B, int64_t Hkv, int64_t group, int64_t S) -> int64_t {
     return attnkern::cuda::kv_group_parts(B, Hkv, group, S, attnkern::kEmuSms, attnkern::emu::max_grid_yz());

@@ -182,9 +182,13 @@ struct Launch {
   uint32_t epoch = 1;
   bool failed = false;
   std::string error;
+  KernelCounts* counts = nullptr;  // this kernel's entry of g_counts
+  int64_t mma_lanes = 0, ldmatrix_lanes = 0;  // lanes arriving at a collective (32 per instruction)
 };
 
 Launch* g_launch = nullptr;                 // the launch running now (null: no kernel running)
+std::mutex g_one_launch_at_a_time;           // one shared-memory window, one set of shadows
+std::map<std::string, KernelCounts> g_counts;  // kernel_counts(); guarded by g_one_launch_at_a_time
 std::vector<GlobalRange> g_ranges;          // global memory a kernel may touch
 std::map<const void*, int> g_smem_optin;    // kernel -> its dynamic shared-memory attribute
 std::vector<Shadow> g_shadow(cuda::kSmemWindow);
@@ -331,7 +335,10 @@ void on_access(uintptr_t a, size_t n, bool write) {
   if (a >= st && a < st + kStackBytes) return;                          // the thread's registers and locals
   if (a >= L->host_stack_lo && a < L->host_stack_hi) return;            // the launch's arguments
   for (const GlobalRange& r : g_ranges) {
-    if (a >= reinterpret_cast<uintptr_t>(r.begin) && a + n <= reinterpret_cast<uintptr_t>(r.end)) return;
+    if (a >= reinterpret_cast<uintptr_t>(r.begin) && a + n <= reinterpret_cast<uintptr_t>(r.end)) {
+      if (!write) L->counts->sync_load_bytes[r.name] += int64_t(n);
+      return;
+    }
   }
   Dl_info info;
   if (dladdr(reinterpret_cast<void*>(a), &info) && info.dli_fbase) return;  // constants of a loaded module
@@ -611,21 +618,32 @@ uint32_t shfl_xor(uint32_t bits, int lane_mask, unsigned member_mask, int width)
 }
 
 void ldmatrix_x4(uint32_t (&r)[4], const void* smem, bool trans) {
+  ++g_launch->ldmatrix_lanes;
   Fiber& f = g_launch->fibers[g_launch->cur];
   f.args.addr = smem, f.args.regs = r;
   collective(trans ? Coll::kLdmatrixTrans : Coll::kLdmatrix, true);
 }
 
 void mma_16816(MmaType type, float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  ++g_launch->mma_lanes;
   Fiber& f = g_launch->fibers[g_launch->cur];
   f.args.type = type, f.args.c = c, f.args.a = a, f.args.b0 = b0, f.args.b1 = b1;
   collective(Coll::kMma, true);
 }
 
 float ex2_approx_ftz(float x) {
+  if (g_launch) ++g_launch->counts->ex2_lanes;
   if (std::fabs(x) < FLT_MIN) x = 0.f;  // .ftz: subnormal inputs and outputs flush to zero
   const float y = std::exp2(x);
   return y < FLT_MIN ? 0.f : y;
+}
+
+// The name of the tensor holding [a, a + n) (global_access has checked that one does).
+const char* range_name(uintptr_t a, size_t n) {
+  for (const GlobalRange& r : g_ranges) {
+    if (a >= reinterpret_cast<uintptr_t>(r.begin) && a + n <= reinterpret_cast<uintptr_t>(r.end)) return r.name;
+  }
+  return "?";
 }
 
 void cp_async(void* smem, const void* gmem, int bytes, bool valid) {
@@ -646,6 +664,7 @@ void cp_async(void* smem, const void* gmem, int bytes, bool valid) {
   c.group = -1;
   if (valid) {
     global_access(s, bytes, false, "cp.async source");
+    L.counts->async_load_bytes[range_name(s, bytes)] += bytes;
     std::memcpy(c.data, gmem, bytes);
   } else {
     std::memset(c.data, 0, bytes);  // src-size 0: zero-fill
@@ -677,6 +696,15 @@ void cp_async_wait(int n) {
 std::atomic<int64_t> g_attribute_calls{0};
 
 int64_t attribute_calls() { return g_attribute_calls.load(); }
+
+std::map<std::string, KernelCounts> kernel_counts() {
+  std::lock_guard<std::mutex> lock(g_one_launch_at_a_time);
+  return g_counts;
+}
+void reset_kernel_counts() {
+  std::lock_guard<std::mutex> lock(g_one_launch_at_a_time);
+  g_counts.clear();
+}
 
 cudaError_t get_device(int* device) {
   *device = 0;
@@ -712,8 +740,7 @@ GlobalRanges::~GlobalRanges() { g_ranges.resize(g_ranges.size() - count_); }
 
 void launch(const void* kernel, const char* name, dim3 grid, dim3 block, size_t smem_bytes,
             void (*thunk)(const void*), const void* ctx) {
-  static std::mutex one_launch_at_a_time;  // one shared-memory window, one set of shadows
-  std::lock_guard<std::mutex> lock(one_launch_at_a_time);
+  std::lock_guard<std::mutex> lock(g_one_launch_at_a_time);
   Launch L;
   L.kernel = demangle(kernel, name);
   L.grid = grid, L.block = block, L.smem = smem_bytes;
@@ -746,9 +773,13 @@ void launch(const void* kernel, const char* name, dim3 grid, dim3 block, size_t 
     uint32_t& epoch;
     ~Reset() {
       epoch = std::max(epoch, L.epoch);
+      if (L.counts) L.counts->mma += L.mma_lanes / 32, L.counts->ldmatrix += L.ldmatrix_lanes / 32;
       g_launch = nullptr;
     }
   } reset{L, epoch};
+  L.counts = &g_counts[L.kernel];
+  ++L.counts->launches;
+  L.counts->ctas += int64_t(grid.x) * grid.y * grid.z;
   g_launch = &L;
   for (unsigned bz = 0; bz < grid.z; ++bz) {
     for (unsigned by = 0; by < grid.y; ++by) {

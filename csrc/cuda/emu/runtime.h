@@ -14,6 +14,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <initializer_list>
+#include <map>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -53,6 +55,17 @@ cudaError_t get_last_error();
 cudaError_t get_device(int* device);  // device 0
 // How many times the kernels have set a function attribute (tests: once per kernel, not per call).
 int64_t attribute_calls();
+
+// What the emulated kernels executed, per kernel (demangled name), summed over launches since the last
+// reset: the instruction mix compile-report's CUDA main-loop figures are computed from. mma and ldmatrix
+// are warp instructions (m16n8k16, x4), ex2 counts lanes; loads are bytes read from the tensors passed
+// in, by tensor name, through cp.async or plain (synchronous) loads.
+struct KernelCounts {
+  int64_t launches = 0, ctas = 0, mma = 0, ldmatrix = 0, ex2_lanes = 0;
+  std::map<std::string, int64_t> async_load_bytes, sync_load_bytes;
+};
+std::map<std::string, KernelCounts> kernel_counts();
+void reset_kernel_counts();
 
 // Runs thunk(ctx) (a kernel call) once per thread of every block of the grid; throws
 // std::runtime_error naming the kernel, block, thread and address of the first failed check, or the

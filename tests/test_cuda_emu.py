@@ -289,5 +289,10 @@ def test_main_loop_figures_counted_on_the_emulation(emu):
     # 32-row warps: 0.31).
     assert grid[("attention_fwd_kernel", "E=128")].smem_loads_per_mma == 0.562
     # A user mask is read element by element from global memory: 1 byte per score (bool) in the forward.
-    masked = {(r.kernel, r.problem.split()[-1]): r for r in recs if not r.in_grid}
+    masked = {(r.kernel, r.problem.split()[-1]): r for r in recs if "mask" in r.problem}
     assert masked[("attention_fwd_kernel[mask]", "bool-mask")].sync_bytes_per_score == 1.0
+    # Masked kernels at E = 128 (dK/dV on 16-row query tiles, without the column split) duplicate nothing
+    # either; above 128 dK/dV's column split recomputes S and dP (KNOWN).
+    assert len(masked) == 7 and all(r.mma_efficiency == 1.0 and r.exp_per_score < 1.07 for r in masked.values())
+    (split,) = [r for r in recs if r.kernel == "attention_bwd_dkdv_kernel" and "E=256" in r.problem]
+    assert (split.mma_efficiency, split.exp_per_score) == (1.5, 2.0)

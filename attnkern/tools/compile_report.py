@@ -111,13 +111,13 @@ KNOWN = (
     Known("exp", ("fwd", "dkdv"), ALL_TARGETS, (64, 128), dtypes=("float32",),
           reason="the same with float32 (tf32x3) operands at E=64 and 128 under a float mask; cause not "
                  "diagnosed yet. Not in the benchmark grid"),
-    Known("mma", ("attention_bwd_dkdv_kernel[mask][window]",), ("emulated",), (128,), backend="cuda",
-          reason="the CUDA dK/dV kernel with a user mask splits dK/dV's columns over 2 CTAs from head dim "
-                 "128 on (the unmasked one above 128) to fit its registers beside the per-element mask "
-                 "reads; each CTA recomputes S and dP: 1.5x the products, 2 exps per score. Not in the "
-                 "benchmark grid"),
-    Known("exp", ("attention_bwd_dkdv_kernel[mask][window]",), ("emulated",), (128,), backend="cuda",
-          reason="the same column split, seen in the exps"),
+    Known("mma", ("attention_bwd_dkdv_kernel", "attention_bwd_dkdv_kernel[mask][window]"), ("emulated",),
+          (160, 192, 256), backend="cuda",
+          reason="the CUDA dK/dV kernel splits dK/dV's columns over 2 CTAs above head dim 128, where the two "
+                 "fp32 accumulators would not fit in registers beside Kᵀ and V; each CTA recomputes S and dP: "
+                 "1.5x the products, 2 exps per score. Not in the benchmark grid"),
+    Known("exp", ("attention_bwd_dkdv_kernel", "attention_bwd_dkdv_kernel[mask][window]"), ("emulated",),
+          (160, 192, 256), backend="cuda", reason="the same column split, seen in the exps"),
 )
 
 

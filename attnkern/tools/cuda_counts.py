@@ -44,7 +44,7 @@ STREAMED = {
     "attention_bwd_dmask_kernel": ("key", "value"),
 }
 # (head dim, mask, in the benchmark grid): fp16, B = 1, H = 2, L = S = 256.
-PROBLEMS = ((64, None, True), (128, None, True), (128, "bool", False), (128, "float", False))
+PROBLEMS = ((64, None, True), (128, None, True), (128, "bool", False), (128, "float", False), (256, None, False))
 SHAPE = dict(B=1, H=2, L=256, S=256)
 TARGET = "emulated"
 

@@ -38,14 +38,16 @@ template <typename T, int HD>
 struct BwdConfig {
   static constexpr int kTile = HD <= 64 ? 64 : (HD <= 192 ? 32 : 16);
   using DkDv = BwdTraits<HD, kTile, 4, (HD <= 128 ? 1 : 2), T>;
-  // With a user mask the per-element mask reads need registers too: query tiles of at most 32 rows,
-  // and the column split from head dim 128 on.
-  using DkDvMasked = BwdTraits<HD, (kTile < 32 ? kTile : 32), 4, (HD < 128 ? 1 : 2), T>;
+  // With a user mask the per-element mask reads need registers too: query tiles of at most 32 rows, 16
+  // at head dim 128 (there 32 rows spilled without the column split, and the split computed S and dP
+  // in both CTAs: 1.5x the products, 2 exps per score).
+  using DkDvMasked = BwdTraits<HD, (HD == 128 ? 16 : (kTile < 32 ? kTile : 32)), 4, (HD <= 128 ? 1 : 2), T>;
   using Dq = DqTraits<HD, kTile, 4, T>;
   // The kMods variants (soft-capping, ALiBi, dropout, with any mask and band): the masked tiling, with
-  // tiles of 16 from head dim 192 on, and key tiles of 32 for dQ and dMask at head dim 32.
+  // tiles of 16 from head dim 192 on (dK/dV's query tiles at 128 too, without the column split), and
+  // key tiles of 32 for dQ and dMask at head dim 32.
   static constexpr int kModsTile = HD <= 32 ? 32 : (HD <= 64 ? 64 : (HD < 192 ? 32 : 16));
-  using DkDvMods = BwdTraits<HD, (kModsTile < 32 ? kModsTile : 32), 4, (HD < 128 ? 1 : 2), T>;
+  using DkDvMods = BwdTraits<HD, (HD == 128 ? 16 : (kModsTile < 32 ? kModsTile : 32)), 4, (HD <= 128 ? 1 : 2), T>;
   using DqMods = DqTraits<HD, kModsTile, 4, T>;
 };
 
@@ -256,7 +258,7 @@ cudaError_t run_attention_bwd(const AttentionParams& p, float* delta, cudaStream
   using Dq = typename BwdConfig<T, HD>::Dq;
   const bool has_mask = p.mask_kind != MaskKind::kNone;
   // A user mask or a window's left bound costs the per-element reads/compares registers: those launches
-  // take the masked tiling (the column split from head dim 128 on).
+  // take the masked tiling (the column split above head dim 128).
   auto dkdv = [&](const AttentionParams& s, const float* d) {
     return has_mask ? launch_dkdv<DkDvMasked, true, true>(s, d, stream)
            : s.has_left ? launch_dkdv<DkDvMasked, false, true>(s, d, stream)

@@ -124,7 +124,8 @@ def test_every_unit_compiles_for_sm80_and_sm90a_without_spills():
         elif r["unit"].startswith("bwd"):
             expected = {"attention_bwd_preprocess_kernel", "attention_bwd_dkdv_kernel",
                         "attention_bwd_dkdv_kernel[window]", "attention_bwd_dkdv_kernel[mask][window]",
-                        "attention_bwd_dq_kernel", "attention_bwd_dq_kernel[mask]", "attention_bwd_dmask_kernel"}
+                        "attention_bwd_dq_kernel", "attention_bwd_dq_kernel[mask]", "attention_bwd_dmask_kernel",
+                        "attention_bwd_sum_kv_parts_kernel"}  # the GQA group split's sum of the dK/dV parts
         elif r["unit"].startswith("decode"):  # KV-cache decoding: the split-KV kernel and the split merge
             expected = {"decode_splitkv_kernel", "decode_combine_kernel"}
         else:

@@ -132,7 +132,7 @@ def test_every_unit_compiles_for_sm80_and_sm90a_without_spills():
             assert r["unit"].startswith("mods"), r["unit"]
             expected = {"attention_fwd_kernel[mask][window][mods]", "attention_bwd_preprocess_kernel",
                         "attention_bwd_dkdv_kernel[mask][window][mods]", "attention_bwd_dq_kernel[mask][mods]",
-                        "attention_bwd_dmask_kernel[mods]"}
+                        "attention_bwd_dmask_kernel[mods]", "attention_bwd_sum_kv_parts_kernel"}
         archs = ("sm_80", "sm_90a") if "hdim64_" in r["unit"] or "hdim128_" in r["unit"] else ("sm_90a",)
         assert kernels == {(a, n) for a in archs for n in expected}, r["unit"]
         assert all(0 < k["registers"] <= 255 for k in r["kernels"]), r["unit"]

@@ -178,6 +178,30 @@ AttentionParams forward_params(const at::Tensor& q, const at::Tensor& k, const a
   return p;
 }
 
+void set_mask_map(AttentionParams& p, const std::optional<at::Tensor>& map, const at::Tensor& q) {
+  if (!map.has_value() || !map->defined()) return;
+  const at::Tensor& t = *map;
+  TORCH_CHECK(p.mask_kind != MaskKind::kNone, "attnkern: mask_map given without an attn_mask");
+  check_same_device(t, "mask_map", q);
+  TORCH_CHECK(t.scalar_type() == at::kChar, "attnkern: mask_map must be int8 (attnkern.block_map), got ",
+              t.scalar_type());
+  const int64_t cells[4] = {p.Bm, p.Hm, p.Lm > 1 ? (p.L + kMapTile - 1) / kMapTile : 1,
+                            p.Sm > 1 ? (p.S + kMapTile - 1) / kMapTile : 1};
+  TORCH_CHECK(t.dim() == 4, "attnkern: mask_map must be 4-D, got shape ", shape_str(t.sizes()));
+  for (int d = 0; d < 4; ++d) {
+    TORCH_CHECK(t.size(d) == 1 || t.size(d) == cells[d], "attnkern: mask_map must have shape (", cells[0], ", ",
+                cells[1], ", ", cells[2], ", ", cells[3], ") or 1 on a dim (the mask's 16 x 16 sub-tiles), got ",
+                shape_str(t.sizes()));
+  }
+  Strides4 st = strides_of(t);
+  if (t.size(0) == 1) st.b = 0;
+  if (t.size(1) == 1) st.h = 0;
+  if (t.size(2) == 1) st.l = 0;
+  if (t.size(3) == 1) st.e = 0;
+  p.mask_map = t.data_ptr<int8_t>();
+  p.map_st = st;
+}
+
 AttentionParams backward_params(const at::Tensor& dout, const std::optional<at::Tensor>& dlse,
                                 const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const std::optional<at::Tensor>& mask, const at::Tensor& out,

@@ -30,7 +30,7 @@ struct ModArgs {
 // CUDA kernels' attnkern_emu (cuda/emu/ops_emu.cpp), so the two cannot drift apart.
 inline constexpr const char* kForwardSchema =
     "forward(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float scale, int[] band, "
-    "float softcap, Tensor? alibi, float dropout_p, Tensor? rng, Tensor(a!) out, Tensor(b!) lse, Tensor(c!) stats, Tensor(d!)? out_lo=None) -> ()";
+    "float softcap, Tensor? alibi, float dropout_p, Tensor? rng, Tensor(a!) out, Tensor(b!) lse, Tensor(c!) stats, Tensor(d!)? out_lo=None, Tensor? mask_map=None) -> ()";
 inline constexpr const char* kBackwardSchema =
     "backward(Tensor grad_out, Tensor? grad_lse, Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
     "Tensor out, Tensor? out_lo, Tensor stats, float scale, int[] band, float softcap, Tensor? alibi, "
@@ -56,6 +56,10 @@ AttentionParams forward_params(const at::Tensor& q, const at::Tensor& k, const a
                                const ModArgs& mods, const at::Tensor& out, const at::Tensor* lse,
                                const at::Tensor& stats,
                                const std::optional<at::Tensor>& out_lo);
+
+// Checks the forward's optional mask_map (the mask's block map: int8 (Bm, Hm, ceil(L / 16), ceil(S / 16)),
+// any dim 1) against p's mask and sets p.mask_map (kernels that read it: the CUDA forward).
+void set_mask_map(AttentionParams& p, const std::optional<at::Tensor>& map, const at::Tensor& q);
 
 // The forward's checks plus dout, dlse, and the gradient buffers dq, dk, dv, dmask.
 AttentionParams backward_params(const at::Tensor& dout, const std::optional<at::Tensor>& dlse,

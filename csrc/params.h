@@ -19,6 +19,8 @@ namespace attnkern {
 enum class MaskKind : int32_t { kNone = 0, kBool = 1, kFloat = 2 };
 // Element type of a float mask (kernels see no c10 types: CUDA kernel units include no torch headers).
 enum class MaskElem : int32_t { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
+// Block-map flags (attnkern/block_map.py: SEES, MASKS) and its sub-tile edge (TILE).
+constexpr int kMapSees = 1, kMapMasks = 2, kMapTile = 16;
 
 struct Strides4 {
   int64_t b = 0, h = 0, l = 0, e = 0;  // batch, head, row (query or key), column (head dim or key)
@@ -38,6 +40,12 @@ struct AttentionParams {
   int64_t Bm = 1, Hm = 1, Lm = 1, Sm = 1;  // the mask's own (canonical) sizes
   MaskKind mask_kind = MaskKind::kNone;
   MaskElem mask_elem = MaskElem::kFloat32;  // a float mask's element type (float32 or q's dtype)
+  // The mask's block map (attnkern/block_map.py), read by the CUDA forward: int8 flags kMapSees |
+  // kMapMasks per 16 x 16 sub-tile of the scores, (Bm, Hm, ceil(L / 16), ceil(S / 16)) with any dim 1
+  // (broadcast, stride 0 in map_st: (b, h, row, column)). A tile no sub-tile of which sees a key is
+  // skipped (bool masks), one none of which the mask changes skips the mask reads. null: no map.
+  const int8_t* mask_map = nullptr;
+  Strides4 map_st;
 
   double scale = 1.0;
   // The band: offsets from the row index of the first and last key a row sees (offset - left and

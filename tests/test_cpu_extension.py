@@ -99,15 +99,36 @@ def test_forward_op_direct_call_works():
     (lambda a: a.update(stats=torch.empty(2, 4, 5)), r"stats must have shape \(2, 4, 5, 2\)"),
     (lambda a: a.update(stats=torch.empty(2, 4, 5, 2, dtype=torch.float64)), r"stats must be Float"),
     (lambda a: a.update(stats=torch.empty(2, 4, 2, 5).transpose(-1, -2)), r"stats must be contiguous"),
+    # The mask's block map (attnkern.block_map: int8 flags per 16 x 16 sub-tile; read by the CUDA forward).
+    (lambda a: a.update(mask_map=torch.zeros(1, 1, 1, 1, dtype=torch.int8)), r"mask_map given without an attn_mask"),
+    (lambda a: a.update(mask=torch.ones(2, 1, 5, 7, dtype=torch.bool), mask_map=torch.zeros(2, 1, 1, 1)),
+     r"mask_map must be int8 \(attnkern.block_map\), got Float"),
+    (lambda a: a.update(mask=torch.ones(2, 1, 5, 7, dtype=torch.bool), mask_map=torch.zeros(2, 1, 1, 2, dtype=torch.int8)),
+     r"mask_map must have shape \(2, 1, 1, 1\) or 1 on a dim \(the mask's 16 x 16 sub-tiles\), got \(2, 1, 1, 2\)"),
+    (lambda a: a.update(mask=torch.ones(2, 1, 5, 7, dtype=torch.bool), mask_map=torch.zeros(2, 1, 1, dtype=torch.int8)),
+     r"mask_map must be 4-D, got shape \(2, 1, 1\)"),
 ])
 def test_forward_op_refuses_bad_arguments(mutate, message):
     q, k, v, out, lse, stats = _buffers()
     args = dict(q=q, k=k, v=v, mask=None, scale=0.5, band=[1, -1, -1], softcap=0.0, alibi=None, dropout_p=0.0,
-                rng=None, out=out, lse=lse, stats=stats)
+                rng=None, out=out, lse=lse, stats=stats, mask_map=None)
     mutate(args)
     with pytest.raises(RuntimeError, match=message):
         OPS.forward(args["q"], args["k"], args["v"], args["mask"], args["scale"], args["band"], args["softcap"],
-                    args["alibi"], args["dropout_p"], args["rng"], args["out"], args["lse"], args["stats"])
+                    args["alibi"], args["dropout_p"], args["rng"], args["out"], args["lse"], args["stats"], None,
+                    args["mask_map"])
+
+
+def test_forward_op_takes_a_block_map():
+    """The CPU kernels do not read the map; a valid one (broadcast dims of 1 included) changes nothing."""
+    from attnkern import block_map
+
+    q, k, v, out, lse, stats = _buffers()
+    mask = torch.rand(2, 1, 5, 7) < 0.7
+    mask[..., 0] = True
+    OPS.forward(q, k, v, mask, 0.5, [0, -1, -1], *NO_MODS, out, lse, stats, None, block_map.block_map(mask, 5, 7).flags)
+    ref, _ = attnkern.reference_attention(q, k, v, attn_mask=mask, scale=0.5, enable_gqa=True)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("mutate,message", [

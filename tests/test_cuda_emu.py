@@ -10,6 +10,7 @@ matrix leaves out for the CUDA kernels.
   (the dropout mask and the ALiBi slopes of the whole batch, not of the slice).
 The shared cases themselves run on "cuda-emu" through tests/matrix.py.
 """
+import json
 import re
 
 import pytest
@@ -288,11 +289,57 @@ def test_main_loop_figures_counted_on_the_emulation(emu):
     # 16 query rows per warp: at E = 128 the forward loads 9 ldmatrix.x4 per 16 MMAs (FlashAttention-2's
     # 32-row warps: 0.31).
     assert grid[("attention_fwd_kernel", "E=128")].smem_loads_per_mma == 0.562
-    # A user mask is read element by element from global memory: 1 byte per score (bool) in the forward.
+    # A user mask that changes every tile is read element by element from global memory: 1 byte per score
+    # (bool) in the forward, plus its block map's flags (one byte per lane and key tile).
     masked = {(r.kernel, r.problem.split()[-1]): r for r in recs if "mask" in r.problem}
-    assert masked[("attention_fwd_kernel[mask]", "bool-mask")].sync_bytes_per_score == 1.0
+    assert 1.0 < masked[("attention_fwd_kernel[mask]", "bool-mask")].sync_bytes_per_score < 1.05
     # Masked kernels at E = 128 (dK/dV on 16-row query tiles, without the column split) duplicate nothing
-    # either; above 128 dK/dV's column split recomputes S and dP (KNOWN).
-    assert len(masked) == 7 and all(r.mma_efficiency == 1.0 and r.exp_per_score < 1.07 for r in masked.values())
+    # either (the masked forward's 32-key tiles rescale its rows twice as often: 1.12 exps per score);
+    # above 128 dK/dV's column split recomputes S and dP (KNOWN).
+    assert len(masked) == 7 and all(r.mma_efficiency == 1.0 and r.exp_per_score < 1.13 for r in masked.values())
     (split,) = [r for r in recs if r.kernel == "attention_bwd_dkdv_kernel" and "E=256" in r.problem]
     assert (split.mma_efficiency, split.exp_per_score) == (1.5, 2.0)
+
+
+def _forward_counts(emu, q, k, v, mask, mask_map):
+    B, H, L, E = q.shape
+    out, lse, stats = torch.empty_like(q), torch.empty(B, H, L), torch.empty(B, H, L, 2)
+    emu.reset_kernel_counts()
+    emu.forward(q, k, v, mask, 0.125, [0, -1, -1], 0.0, None, 0.0, None, out, lse, stats, None, mask_map)
+    (counts,) = json.loads(emu.kernel_counts()).values()
+    return (out, lse, stats), counts
+
+
+@pytest.mark.parametrize("E", [64, 128])
+def test_block_map_skips_hidden_tiles_and_unchanged_mask_reads(emu, E):
+    """The forward with the mask's block map: key tiles a bool mask hides from a whole query block are
+    neither loaded nor computed, tiles the mask leaves unchanged are not read; the results are bitwise
+    those of the element-by-element path (the hidden tiles' scores are -inf: P = 0, statistics unchanged)."""
+    from attnkern import block_map
+
+    g = torch.Generator().manual_seed(5)
+    B, H, L, S = 2, 2, 70, 300
+    q, k, v = (torch.randn(B, H, n, E, generator=g, dtype=torch.float16) for n in (L, S, S))
+    pad = torch.zeros(B, 1, 1, S, dtype=torch.bool)
+    pad[0, ..., :90] = True  # batch 0 sees 90 keys, batch 1 all of them but the last 7
+    pad[1, ..., : S - 7] = True
+    bias = torch.randn(1, H, L, S, generator=g, dtype=torch.float16)
+    bias[..., 128:] = 0  # unchanged from key 128 on: no reads there
+    for mask in (pad.expand(B, 1, L, S), bias):
+        plain, c_plain = _forward_counts(emu, q, k, v, mask, None)
+        mapped, c_map = _forward_counts(emu, q, k, v, mask, block_map.block_map(mask, L, S).flags)
+        for a, b in zip(plain, mapped):
+            assert torch.equal(a, b)
+        read, read_plain = c_map["sync_load_bytes"]["attn_mask"], c_plain["sync_load_bytes"]["attn_mask"]
+        if mask.dtype == torch.bool:
+            # Batch 0's blocks skip the key tiles past key 90: fewer products and fewer K bytes loaded;
+            # only the tiles that cross key 90 (batch 0) or key 293 (batch 1) read the mask.
+            assert c_map["mma"] < c_plain["mma"] and c_map["async_load_bytes"]["key"] < c_plain["async_load_bytes"]["key"]
+        else:  # a float mask hides nothing: every tile is computed, the zero ones without reads
+            assert c_map["mma"] == c_plain["mma"]
+        assert 0 < read < read_plain
+    # Through the op (the backend builds and caches the map) against the float64 reference.
+    ref64 = attnkern.attention(q.double(), k.double(), v.double(), attn_mask=pad, scale=0.125, backend="reference")
+    ref_lp = attnkern.attention(q, k, v, attn_mask=pad, scale=0.125, backend="reference")
+    out = attnkern.attention(q, k, v, attn_mask=pad, scale=0.125, backend="cuda-emu")
+    assert_all([check(n, x, r, lp, torch.float16, 2.0) for n, x, r, lp in zip(("out", "lse"), out, ref64, ref_lp)])

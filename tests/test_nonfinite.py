@@ -181,3 +181,33 @@ def test_nonfinite_dlse_on_fully_masked_rows_changes_nothing(pair, dlse_value):
                 for n, g, g64, glp in zip(["dq", "dk", "dv", "dmask"], grads, grads64, grads_lp)]
     failures = [f for f in failures if f]
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("pair", pairs(), ids=pair_id)
+def test_a_bool_mask_hides_a_nonfinite_key(pair):
+    """A bool mask replaces the scores it hides (as the reference's masked_fill does, and as the kernels'
+    skipping of hidden tiles implies), so a NaN key every row has masked off changes nothing: output and
+    gradients are finite, the masked key's dK is 0. torch's math path, which adds -inf to the NaN score,
+    returns NaN here; the CUDA kernels once did the same (their mask was added, not applied)."""
+    backend, dtype = pair
+    gen = torch.Generator().manual_seed(7)
+    q, k, v, do = (torch.randn(B, H, n, E, generator=gen, dtype=torch.float64) for n in (L, S, S, L))
+    k[0, 1, KEY, :] = NAN
+    mask = torch.ones(L, S, dtype=torch.bool)
+    mask[:, KEY] = False
+    q, k, v, do = (t.to(dtype).to(DEVICE) for t in (q, k, v, do))
+    mask = mask.to(DEVICE)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out, lse = attnkern.attention(*leaves, attn_mask=mask, backend=backend)
+    out.backward(do)
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out64, lse64 = reference_attention(*ref, mask)
+    out64.backward(do.double())
+    low = [t.detach().requires_grad_() for t in (q, k, v)]
+    out_lp, lse_lp = reference_attention(*low, mask)
+    out_lp.backward(do)
+    assert torch.isfinite(out64).all() and torch.equal(ref[1].grad[0, 1, KEY], torch.zeros_like(ref[1].grad[0, 1, KEY]))
+    failures = [_compare("out", out, out64, out_lp, dtype, 2.0), _compare("lse", lse, lse64, lse_lp, dtype, 2.0)]
+    failures += [_compare(n, t.grad, r.grad, lp.grad, dtype, 3.0) for n, t, r, lp in zip(["dq", "dk", "dv"], leaves, ref, low)]
+    failures = [f for f in failures if f]
+    assert not failures, "\n".join(failures)

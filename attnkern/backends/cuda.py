@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import block_map
 from . import extension
 from ..buffers import (new_grad, new_lse, new_mask_grad, new_output, new_residual, new_stats, new_varlen_lse,
                        new_varlen_output, new_varlen_residual, new_varlen_stats)
@@ -110,8 +111,12 @@ class CudaBackend(Backend):
         # The output (and its residual) is laid out like the caller's query, padded or not.
         Evp = v.shape[-1]
         out, lse, stats, out_lo = new_output(q0, Evp), new_lse(q), new_stats(q), new_residual(q0, Evp, residual)
+        # The mask's block map (cached per mask): the forward skips the key tiles it hides from a whole
+        # query block and the mask reads of the tiles it leaves unchanged (the kernel with score
+        # modifications reads every tile).
+        mask_map = None if mask is None or mods.any else block_map.block_map(mask, q.shape[2], k.shape[2]).flags
         self._ops().forward(q, k, v, mask, scale, band.as_op(), *mods.op_args(), out, lse, stats,
-                            out_lo if out_lo.numel() else None)
+                            out_lo if out_lo.numel() else None, mask_map)
         if out_lo.numel():
             out_lo = _cut(out_lo, lambda: new_output(q0, Ev), Ev)
         return _cut(out, lambda: new_output(q0, Ev), Ev), lse, stats, out_lo

@@ -12,10 +12,12 @@ void forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  const std::optional<at::Tensor>& mask, double scale, at::IntArrayRef band,
                  double softcap, const std::optional<at::Tensor>& alibi, double dropout_p,
                  const std::optional<at::Tensor>& rng, const at::Tensor& out,
-                 const at::Tensor& lse, const at::Tensor& stats, const std::optional<at::Tensor>& out_lo) {
+                 const at::Tensor& lse, const at::Tensor& stats, const std::optional<at::Tensor>& out_lo,
+                 const std::optional<at::Tensor>& mask_map) {
   cpu::check_isa();
-  const AttentionParams p =
+  AttentionParams p =
       forward_params(q, k, v, mask, scale, band, {softcap, alibi, dropout_p, rng}, out, &lse, stats, out_lo);
+  set_mask_map(p, mask_map, q);  // checked as every device does; the CPU kernels do not read it
   if (p.B * p.Hq * p.L == 0) return;
   cpu::attention_forward(p, q.scalar_type());
 }

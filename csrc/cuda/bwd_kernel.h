@@ -221,13 +221,13 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dkdv_kernel(co
           const int qi = j * 8 + 2 * t + c;
           if constexpr (kMods) {
             float th;
-            const float x = mods_mask_score(s[j][2 * r + c], m0 + qi, key, p, mask, mods, th);
+            const float x = mods_mask_score<true>(s[j][2 * r + c], m0 + qi, key, p, mask, mods, th);
             const float pv = fast_exp2((x - st[qi]) * kLog2e - st[kBM + qi]);
             const float z = mods.dropout ? mods.dropout_one(m0 + qi, key) : 1.f;
             s[j][2 * r + c] = pv * z;
             dp[j][2 * r + c] = pv * (dp[j][2 * r + c] * z - st[2 * kBM + qi]) * (1.f - th * th);
           } else {
-            const float x = mask_score<kHasMask, kLeft>(s[j][2 * r + c], m0 + qi, key, p, mask, check);
+            const float x = mask_score<kHasMask, kLeft, kHasMask || kLeft>(s[j][2 * r + c], m0 + qi, key, p, mask, check);
             const float pv = fast_exp2((x - st[qi]) * kLog2e - st[kBM + qi]);
             s[j][2 * r + c] = pv;
             dp[j][2 * r + c] = pv * (dp[j][2 * r + c] - st[2 * kBM + qi]);

@@ -8,6 +8,8 @@
 //     O += P V   (P reused from the S accumulators as the A operand, converted to T)
 // Banded problems (causal, window) visit only the key tiles the block sees; only tiles that cross an
 // edge of the band (or the key bound, or any tile when there is a user mask) pay for per-element masking.
+// A user mask's block map (attnkern/block_map.py) skips the key tiles it hides from the whole block and
+// the mask reads of tiles it leaves unchanged.
 // Writes O, the lse and the per-row statistics (row max, log2 denominator) the backward recomputes P
 // from, and, when p.out_lo is set, the output's rounding residual (for the backward's delta).
 // The kMods variant (soft-capping, ALiBi, dropout: mods.h) caps and biases the scaled scores before the
@@ -60,9 +62,16 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_fwd_kernel(const A
   const int n_end = keys.end;
   const int n_blocks = keys.begin < n_end ? (n_end - keys.begin + kBN - 1) / kBN : 0;  // tiles from keys.begin
 
+  // The mask's block map (p.mask_map): key tiles in which no row of the block sees a key are neither
+  // loaded nor computed (their scores are all -inf: P = 0, the row statistics unchanged), and tiles the
+  // mask does not change are computed without reading it. A tile's flags are read when it is prefetched.
+  constexpr bool kMap = kHasMask && !kMods;
+  int next_flags = kMap && n_blocks > 0 ? tile_map_flags<kBM, kBN>(p, b, h, m0, keys.begin, lane)
+                                        : kMapSees | kMapMasks;
+
   load_tile_async<QTile, kThreads, kHD>(sQ, q, p.q_st.l, int(p.L - m0), int(p.E), tid);
   cp_async_commit();
-  if (n_blocks > 0) {
+  if (n_blocks > 0 && (next_flags & kMapSees)) {
     load_kv_async<KVTile, kThreads, kHD>(sK, sV, k, v, p, keys.begin, n_end, tid);
   }
   cp_async_commit();
@@ -75,13 +84,18 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_fwd_kernel(const A
   for (int nb = 0; nb < n_blocks; ++nb) {
     const int stage = nb & 1;
     const int n0 = keys.begin + nb * kBN;
+    const int flags = next_flags;
     if (nb + 1 < n_blocks) {  // prefetch the next tile into the other stage
-      load_kv_async<KVTile, kThreads, kHD>(sK + (stage ^ 1) * KVTile::kElems, sV + (stage ^ 1) * KVTile::kElems, k,
-                                           v, p, n0 + kBN, n_end, tid);
+      if constexpr (kMap) next_flags = tile_map_flags<kBM, kBN>(p, b, h, m0, n0 + kBN, lane);
+      if (next_flags & kMapSees) {
+        load_kv_async<KVTile, kThreads, kHD>(sK + (stage ^ 1) * KVTile::kElems, sV + (stage ^ 1) * KVTile::kElems,
+                                             k, v, p, n0 + kBN, n_end, tid);
+      }
     }
     cp_async_commit();
     cp_async_wait<1>();  // Q and this tile have landed
     __syncthreads();
+    if (!kMap || (flags & kMapSees)) {  // else hidden by the mask: nothing to compute
     const T* sKs = sK + stage * KVTile::kElems;
     const T* sVs = sV + stage * KVTile::kElems;
 
@@ -106,7 +120,7 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_fwd_kernel(const A
             float tanh_unused;
             x = mods_mask_score(x, i, n0 + j * 8 + 2 * t + c, p, mask, mods, tanh_unused);
           } else {
-            x = mask_score<kHasMask, kLeft>(x, i, n0 + j * 8 + 2 * t + c, p, mask, check);
+            x = mask_score<kHasMask, kLeft>(x, i, n0 + j * 8 + 2 * t + c, p, mask, check, flags & kMapMasks);
           }
           mx = fmaxf(mx, x);
         }
@@ -146,6 +160,7 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_fwd_kernel(const A
 
     // O += P V
     warp_mma_pb<T, KVTile, kNT, kOT>(o, s, sVs, 0, lane);
+    }
     __syncthreads();  // everyone is done with this stage before the next prefetch overwrites it
   }
   cp_async_wait<0>();

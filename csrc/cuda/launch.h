@@ -172,7 +172,7 @@ cudaError_t run_attention_fwd(const AttentionParams& p, cudaStream_t stream) {
   // costs registers the others keep).
   const bool has_mask = p.mask_kind != MaskKind::kNone;
   if (has_mask && p.has_left) return launch_fwd<T, MaskedWindow>(attention_fwd_kernel<MaskedWindow, true, true>, p, stream);
-  if (has_mask) return launch_fwd<T, Traits>(attention_fwd_kernel<Traits, true, false>, p, stream);
+  if (has_mask) return launch_fwd<T, MaskedWindow>(attention_fwd_kernel<MaskedWindow, true, false>, p, stream);
   if (p.has_left) return launch_fwd<T, Traits>(attention_fwd_kernel<Traits, false, true>, p, stream);
   return launch_fwd<T, Traits>(attention_fwd_kernel<Traits, false, false>, p, stream);
 }

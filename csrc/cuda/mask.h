@@ -16,8 +16,8 @@ constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -INFINITY;
 
 // The user mask of one (batch, head), read element by element from global memory through its
-// strides (broadcast dims have stride 0). Returns what to add to a score: 0 or -inf for a bool mask,
-// the value for a float mask.
+// strides (broadcast dims have stride 0). apply() gives the masked score; at() what is added to it:
+// 0 or -inf for a bool mask, the value for a float mask.
 struct MaskReader {
   const void* base;
   MaskKind kind;
@@ -36,6 +36,13 @@ struct MaskReader {
 
   __device__ __forceinline__ static int64_t elem_bytes(MaskElem e) {
     return e == MaskElem::kFloat64 ? 8 : (e == MaskElem::kFloat32 ? 4 : 2);
+  }
+
+  // The score x with the mask applied at (i, j): a bool mask replaces a hidden score by -inf (so a NaN
+  // score there is hidden too, as torch's masked_fill), a float mask is added.
+  __device__ __forceinline__ float apply(float x, int64_t i, int64_t j) const {
+    const float a = at(i, j);
+    return kind == MaskKind::kBool && a != 0.f ? kNegInf : x + a;
   }
 
   __device__ __forceinline__ float at(int64_t i, int64_t j) const {
@@ -91,20 +98,46 @@ __device__ __forceinline__ void load_kv_async(T* sK, T* sV, const T* k, const T*
 // band's left bound for the one launch that cannot have it (the dK/dV pass without a window, whose
 // registers at head dim 128 are exactly used up).
 // mask_scaled does the same to a score already scaled (and modified: mods.h).
-template <bool kHasMask, bool kLeft = true>
+// read_mask false: a tile the mask's block map shows unchanged by the mask (no element read).
+// kRowBound: rows past L (a tile's padding rows, whose P the dK/dV pass sums over) see no key, so that
+// a NaN key a mask or window hides cannot reach its dK/dV through them; the forward and dQ never use
+// those rows, and the plain dK/dV pass (no mask, no window) keeps its registers (4 B of spill at head
+// dim 128 with the compare).
+template <bool kHasMask, bool kLeft = true, bool kRowBound = false>
 __device__ __forceinline__ float mask_scaled(float x, int64_t i, int64_t j, const AttentionParams& p,
-                                            const MaskReader& mask, bool check) {
+                                            const MaskReader& mask, bool check, bool read_mask = true) {
   if (!check) return x;
-  if (j >= p.S || (p.has_right && j > i + p.band_hi)) return kNegInf;
+  if (j >= p.S || (kRowBound && i >= p.L) || (p.has_right && j > i + p.band_hi)) return kNegInf;
   if (kLeft && p.has_left && j < i + p.band_lo) return kNegInf;
-  if (kHasMask && i < p.L) x += mask.at(i, j);
+  if (kHasMask && read_mask && (kRowBound || i < p.L)) x = mask.apply(x, i, j);  // no row past the mask
   return x;
 }
 
-template <bool kHasMask, bool kLeft = true>
+template <bool kHasMask, bool kLeft = true, bool kRowBound = false>
 __device__ __forceinline__ float mask_score(float s, int64_t i, int64_t j, const AttentionParams& p,
-                                           const MaskReader& mask, bool check) {
-  return mask_scaled<kHasMask, kLeft>(s * static_cast<float>(p.scale), i, j, p, mask, check);
+                                           const MaskReader& mask, bool check, bool read_mask = true) {
+  return mask_scaled<kHasMask, kLeft, kRowBound>(s * static_cast<float>(p.scale), i, j, p, mask, check, read_mask);
+}
+
+// The block-map flags (kMapSees | kMapMasks, params.h) of the scores [m0, m0 + kRows) x [n0, n0 + kCols)
+// of batch b, query head h: the OR over their 16 x 16 sub-tiles, one lane of each warp reading one
+// sub-tile's byte, OR-ed across the warp by shuffles (every warp computes the same, so the CTA takes one
+// branch). Without a map: both flags (every tile partial).
+template <int kRows, int kCols>
+__device__ __forceinline__ int tile_map_flags(const AttentionParams& p, int64_t b, int64_t h, int64_t m0, int64_t n0,
+                                              int lane) {
+  constexpr int kC = kCols / kMapTile;
+  static_assert(kRows % kMapTile == 0 && kCols % kMapTile == 0 && kRows / kMapTile * kC <= 32,
+                "one sub-tile per lane");
+  if (!p.mask_map) return kMapSees | kMapMasks;
+  const int64_t row = m0 / kMapTile + lane / kC, col = n0 / kMapTile + lane % kC;
+  int f = 0;
+  if (lane < kRows / kMapTile * kC && row * kMapTile < p.L && col * kMapTile < p.S) {
+    f = p.mask_map[b * p.map_st.b + h * p.map_st.h + row * p.map_st.l + col * p.map_st.e];
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) f |= __shfl_xor_sync(0xffffffffu, f, o);
+  return f;
 }
 
 }  // namespace cuda

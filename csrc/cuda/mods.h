@@ -87,12 +87,15 @@ template <bool kMods>
 using ScoreModsOf = std::conditional_t<kMods, ScoreModsState, NoScoreMods>;
 
 // One score element of a kMods kernel: scale, cap, ALiBi, then the user mask (present or not: read at
-// run time here), the band (left bound included) and the key bound as mask_scaled. tanh_out: see cap().
+// run time here), the band (left bound included) and the key bound as mask_scaled (kRowBound: see there).
+// tanh_out: see cap().
+template <bool kRowBound = false>
 __device__ __forceinline__ float mods_mask_score(float s, int64_t i, int64_t j, const AttentionParams& p,
                                                  const MaskReader& mask, const ScoreModsState& mods,
                                                  float& tanh_out) {
   const float x = mods.apply(s * static_cast<float>(p.scale), i, j, tanh_out);
-  return mask.base ? mask_scaled<true, true>(x, i, j, p, mask, true) : mask_scaled<false, true>(x, i, j, p, mask, true);
+  return mask.base ? mask_scaled<true, true, kRowBound>(x, i, j, p, mask, true)
+                   : mask_scaled<false, true, kRowBound>(x, i, j, p, mask, true);
 }
 
 }  // namespace cuda

@@ -70,9 +70,11 @@ void forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const std::optional<at::Tensor>& mask, double scale, at::IntArrayRef band,
                  double softcap, const std::optional<at::Tensor>& alibi, double dropout_p,
                  const std::optional<at::Tensor>& rng, const at::Tensor& out,
-                  const at::Tensor& lse, const at::Tensor& stats, const std::optional<at::Tensor>& out_lo) {
-  const AttentionParams p =
+                  const at::Tensor& lse, const at::Tensor& stats, const std::optional<at::Tensor>& out_lo,
+                  const std::optional<at::Tensor>& mask_map) {
+  AttentionParams p =
       forward_params(q, k, v, mask, scale, band, {softcap, alibi, dropout_p, rng}, out, &lse, stats, out_lo);
+  set_mask_map(p, mask_map, q);
   check_problem(p, q);
   check_layout(q, "query"), check_layout(k, "key"), check_layout(v, "value"), check_layout(out, "out");
   if (p.out_lo) check_layout(*out_lo, "out_lo");

@@ -75,16 +75,18 @@ void forward_emu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
                  double scale, at::IntArrayRef band,
                  double softcap, const std::optional<at::Tensor>& alibi, double dropout_p,
                  const std::optional<at::Tensor>& rng, const at::Tensor& out, const at::Tensor& lse,
-                 const at::Tensor& stats, const std::optional<at::Tensor>& out_lo) {
-  const AttentionParams p =
+                 const at::Tensor& stats, const std::optional<at::Tensor>& out_lo,
+                 const std::optional<at::Tensor>& mask_map) {
+  AttentionParams p =
       forward_params(q, k, v, mask, scale, band, {softcap, alibi, dropout_p, rng}, out, &lse, stats, out_lo);
+  set_mask_map(p, mask_map, q);
   check_problem(p, q);
   check_layout(q, "query"), check_layout(k, "key"), check_layout(v, "value"), check_layout(out, "out");
   if (p.out_lo) check_layout(*out_lo, "out_lo");
   if (p.B * p.Hq * p.L == 0) return;
   const emu::GlobalRanges ranges{span(q, "query"), span(k, "key"),     span(v, "value"),  span(mask, "attn_mask"),
                                  span(out, "out"), span(lse, "lse"), span(stats, "stats"), span(out_lo, "out_lo"),
-                                 span(alibi, "alibi"), span(rng, "rng")};
+                                 span(alibi, "alibi"), span(rng, "rng"), span(mask_map, "mask_map")};
   const int hd = head_dim_bucket(std::max(p.E, p.Ev));
   const cudaError_t err = q.scalar_type() == at::kHalf ? run_fwd<__half>(hd, p) : run_fwd<__nv_bfloat16>(hd, p);
   TORCH_CHECK(err == cudaSuccess, "attnkern cuda-emu forward: error ", int(err));

@@ -11,8 +11,10 @@ entirely. The block map records, per sub-tile of TILE × TILE scores, two flags:
 so a sub-tile is empty (MASKS only), full (SEES only) or partial (both). Kernel tiles are whole
 sub-tiles (every config's block sizes are multiples of TILE), so one map serves every autotune config.
 
-The Triton kernels use the spans derived from it (BlockMap): a query block visits the keys from its
-rows' first to their last visible sub-tile, a key block the rows likewise, so that the tiles a bool
+The CUDA forward reads the flags (its key tiles are whole sub-tiles too): a key tile no sub-tile of
+which SEES, for all the rows of a query block, is neither loaded nor computed, and a tile no sub-tile
+of which MASKS is computed without reading the mask. The Triton kernels use the spans derived from it
+(BlockMap): a query block visits the keys from its rows' first to their last visible sub-tile, a key block the rows likewise, so that the tiles a bool
 mask hides at the ends of a block's range (padding, block-diagonal document masks, bands) are never
 visited. Two per-tile uses were compiled and measured with the compile report and left out, as Triton
 3.9 compiles them: a branch around a hidden tile's loads (the K/V loads stop being pipelined, and

@@ -96,70 +96,70 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_fwd_kernel(const A
     cp_async_wait<1>();  // Q and this tile have landed
     __syncthreads();
     if (!kMap || (flags & kMapSees)) {  // else hidden by the mask: nothing to compute
-    const T* sKs = sK + stage * KVTile::kElems;
-    const T* sVs = sV + stage * KVTile::kElems;
+      const T* sKs = sK + stage * KVTile::kElems;
+      const T* sVs = sV + stage * KVTile::kElems;
 
-    // S = Q K^T
-    float s[kNT][4];
-    zero(s);
-    warp_mma_abt<T, QTile, KVTile, kHD, kNT>(s, sQ, wrow, sKs, lane);
+      // S = Q K^T
+      float s[kNT][4];
+      zero(s);
+      warp_mma_abt<T, QTile, KVTile, kHD, kNT>(s, sQ, wrow, sKs, lane);
 
-    // Scale and mask, then the online softmax update of rows g and g + 8.
-    // A window's tiles are mostly edge tiles: its variant masks every tile (one code path, fewer registers).
-    const bool check = kLeft || kHasMask || n0 + kBN > p.S || keys.check(p, n0, kBN);
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int64_t i = m0 + wrow + g + 8 * r;
-      float mx = kNegInf;
-#pragma unroll
-      for (int j = 0; j < kNT; ++j) {
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          float& x = s[j][2 * r + c];
-          if constexpr (kMods) {
-            float tanh_unused;
-            x = mods_mask_score(x, i, n0 + j * 8 + 2 * t + c, p, mask, mods, tanh_unused);
-          } else {
-            x = mask_score<kHasMask, kLeft>(x, i, n0 + j * 8 + 2 * t + c, p, mask, check, flags & kMapMasks);
-          }
-          mx = fmaxf(mx, x);
-        }
-      }
-      const float m_new = fmaxf(row_max[r], quad_max(mx));
-      const float m_safe = m_new == kNegInf ? 0.f : m_new;  // nothing visible yet: keep P at 0, not NaN
-      const float alpha = fast_exp2((row_max[r] - m_safe) * kLog2e);
-      float sum = 0.f;
-#pragma unroll
-      for (int j = 0; j < kNT; ++j) {
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          float& x = s[j][2 * r + c];
-          x = fast_exp2((x - m_safe) * kLog2e);
-          sum += x;
-        }
-      }
-      row_sum[r] = row_sum[r] * alpha + sum;  // this thread's part; the quad's parts add up at the end
-      row_max[r] = m_new;
-      if constexpr (kMods) {
-        if (mods.dropout) {  // after the sum: the statistics are those of the undropped P
-#pragma unroll
-          for (int j = 0; j < kNT; ++j) {
-            float z0, z1;
-            mods.dropout_pair(i, n0 + j * 8 + 2 * t, z0, z1);
-            s[j][2 * r] *= z0;
-            s[j][2 * r + 1] *= z1;
+      // Scale and mask, then the online softmax update of rows g and g + 8.
+      // A window's tiles are mostly edge tiles: its variant masks every tile (one code path, fewer registers).
+      const bool check = kLeft || kHasMask || n0 + kBN > p.S || keys.check(p, n0, kBN);
+  #pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int64_t i = m0 + wrow + g + 8 * r;
+        float mx = kNegInf;
+  #pragma unroll
+        for (int j = 0; j < kNT; ++j) {
+  #pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            float& x = s[j][2 * r + c];
+            if constexpr (kMods) {
+              float tanh_unused;
+              x = mods_mask_score(x, i, n0 + j * 8 + 2 * t + c, p, mask, mods, tanh_unused);
+            } else {
+              x = mask_score<kHasMask, kLeft>(x, i, n0 + j * 8 + 2 * t + c, p, mask, check, flags & kMapMasks);
+            }
+            mx = fmaxf(mx, x);
           }
         }
+        const float m_new = fmaxf(row_max[r], quad_max(mx));
+        const float m_safe = m_new == kNegInf ? 0.f : m_new;  // nothing visible yet: keep P at 0, not NaN
+        const float alpha = fast_exp2((row_max[r] - m_safe) * kLog2e);
+        float sum = 0.f;
+  #pragma unroll
+        for (int j = 0; j < kNT; ++j) {
+  #pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            float& x = s[j][2 * r + c];
+            x = fast_exp2((x - m_safe) * kLog2e);
+            sum += x;
+          }
+        }
+        row_sum[r] = row_sum[r] * alpha + sum;  // this thread's part; the quad's parts add up at the end
+        row_max[r] = m_new;
+        if constexpr (kMods) {
+          if (mods.dropout) {  // after the sum: the statistics are those of the undropped P
+  #pragma unroll
+            for (int j = 0; j < kNT; ++j) {
+              float z0, z1;
+              mods.dropout_pair(i, n0 + j * 8 + 2 * t, z0, z1);
+              s[j][2 * r] *= z0;
+              s[j][2 * r + 1] *= z1;
+            }
+          }
+        }
+  #pragma unroll
+        for (int i2 = 0; i2 < kOT; ++i2) {
+          o[i2][2 * r] *= alpha;
+          o[i2][2 * r + 1] *= alpha;
+        }
       }
-#pragma unroll
-      for (int i2 = 0; i2 < kOT; ++i2) {
-        o[i2][2 * r] *= alpha;
-        o[i2][2 * r + 1] *= alpha;
-      }
-    }
 
-    // O += P V
-    warp_mma_pb<T, KVTile, kNT, kOT>(o, s, sVs, 0, lane);
+      // O += P V
+      warp_mma_pb<T, KVTile, kNT, kOT>(o, s, sVs, 0, lane);
     }
     __syncthreads();  // everyone is done with this stage before the next prefetch overwrites it
   }

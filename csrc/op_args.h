@@ -35,7 +35,7 @@ inline constexpr const char* kBackwardSchema =
     "backward(Tensor grad_out, Tensor? grad_lse, Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
     "Tensor out, Tensor? out_lo, Tensor stats, float scale, int[] band, float softcap, Tensor? alibi, "
     "float dropout_p, Tensor? rng, Tensor(a!) grad_query, "
-    "Tensor(b!) grad_key, Tensor(c!) grad_value, Tensor(d!)? grad_mask) -> ()";
+    "Tensor(b!) grad_key, Tensor(c!) grad_value, Tensor(d!)? grad_mask, Tensor? mask_map=None) -> ()";
 
 // The varlen ops' schemas (attnkern/varlen.py's packed layouts: q (Tq, Hq, E), k/v (Tk, Hkv, E/Ev), out
 // (Tq, Hq, Ev), lse (Hq, Tq), stats (Hq, Tq, 2), cu_seqlens int32 (B + 1,)), shared by attnkern_ext
@@ -57,8 +57,9 @@ AttentionParams forward_params(const at::Tensor& q, const at::Tensor& k, const a
                                const at::Tensor& stats,
                                const std::optional<at::Tensor>& out_lo);
 
-// Checks the forward's optional mask_map (the mask's block map: int8 (Bm, Hm, ceil(L / 16), ceil(S / 16)),
-// any dim 1) against p's mask and sets p.mask_map (kernels that read it: the CUDA forward).
+// Checks the optional mask_map of the forward and backward (the mask's block map: int8 (Bm, Hm,
+// ceil(L / 16), ceil(S / 16)), any dim 1) against p's mask and sets p.mask_map (kernels that read it:
+// the CUDA forward and dQ).
 void set_mask_map(AttentionParams& p, const std::optional<at::Tensor>& map, const at::Tensor& q);
 
 // The forward's checks plus dout, dlse, and the gradient buffers dq, dk, dv, dmask.

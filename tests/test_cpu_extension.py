@@ -141,16 +141,18 @@ def test_forward_op_takes_a_block_map():
      r"grad_mask must have shape \(1, 1, 5, 7\)"),
     (lambda a: a.update(out_lo=torch.zeros(2, 4, 5, 9)), r"out_lo must have shape \(2, 4, 5, 8\) \(like out\)"),
     (lambda a: a.update(out_lo=torch.zeros(2, 4, 5, 8, dtype=torch.float16)), r"out_lo must have the query's dtype"),
+    (lambda a: a.update(mask=torch.zeros(1, 1, 5, 7), mask_map=torch.zeros(1, 1, 1, 1, dtype=torch.uint8)),
+     r"mask_map must be int8"),
 ])
 def test_backward_op_refuses_bad_arguments(mutate, message):
     q, k, v, out, lse, stats = _buffers()
     OPS.forward(q, k, v, None, 0.5, [1, -1, -1], *NO_MODS, out, lse, stats)
     args = dict(dout=torch.randn_like(out), dlse=None, mask=None, dq=torch.empty_like(q), dk=torch.empty_like(k),
-                dv=torch.empty_like(v), dmask=None, out_lo=None)
+                dv=torch.empty_like(v), dmask=None, out_lo=None, mask_map=None)
     mutate(args)
     with pytest.raises(RuntimeError, match=message):
         OPS.backward(args["dout"], args["dlse"], q, k, v, args["mask"], out, args["out_lo"], stats, 0.5, [1, -1, -1],
-                     *NO_MODS, args["dq"], args["dk"], args["dv"], args["dmask"])
+                     *NO_MODS, args["dq"], args["dk"], args["dv"], args["dmask"], args["mask_map"])
 
 
 def test_extension_is_optional(monkeypatch):

@@ -312,8 +312,8 @@ def _forward_counts(emu, q, k, v, mask, mask_map):
 
 @pytest.mark.parametrize("E", [64, 128])
 def test_block_map_skips_hidden_tiles_and_unchanged_mask_reads(emu, E):
-    """The forward with the mask's block map: key tiles a bool mask hides from a whole query block are
-    neither loaded nor computed, tiles the mask leaves unchanged are not read; the results are bitwise
+    """The forward and dQ with the mask's block map: key tiles a bool mask hides from a whole query block
+    are neither loaded nor computed, tiles the mask leaves unchanged are not read; the results are bitwise
     those of the element-by-element path (the hidden tiles' scores are -inf: P = 0, statistics unchanged)."""
     from attnkern import block_map
 
@@ -325,11 +325,27 @@ def test_block_map_skips_hidden_tiles_and_unchanged_mask_reads(emu, E):
     pad[1, ..., : S - 7] = True
     bias = torch.randn(1, H, L, S, generator=g, dtype=torch.float16)
     bias[..., 128:] = 0  # unchanged from key 128 on: no reads there
+    dout = torch.randn(B, H, L, E, generator=g, dtype=torch.float16)
     for mask in (pad.expand(B, 1, L, S), bias):
+        flags = block_map.block_map(mask, L, S).flags
         plain, c_plain = _forward_counts(emu, q, k, v, mask, None)
-        mapped, c_map = _forward_counts(emu, q, k, v, mask, block_map.block_map(mask, L, S).flags)
+        mapped, c_map = _forward_counts(emu, q, k, v, mask, flags)
         for a, b in zip(plain, mapped):
             assert torch.equal(a, b)
+        # dQ reads the map too (dK/dV does not): the same gradients, and fewer products where tiles hide.
+        grads = []
+        for mask_map in (None, flags):
+            dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+            emu.reset_kernel_counts()
+            emu.backward(dout, None, q, k, v, mask, plain[0], None, plain[2], 0.125, [0, -1, -1], 0.0, None, 0.0, None,
+                         dq, dk, dv, None, mask_map)
+            dq_counts = next(c for n, c in json.loads(emu.kernel_counts()).items() if "bwd_dq_kernel" in n)
+            grads.append(((dq, dk, dv), dq_counts))
+        for a, b in zip(grads[0][0], grads[1][0]):
+            assert torch.equal(a, b)
+        (_, dq_plain), (_, dq_map) = grads
+        assert (dq_map["mma"] < dq_plain["mma"]) == (mask.dtype == torch.bool)
+        assert dq_map["sync_load_bytes"]["attn_mask"] < dq_plain["sync_load_bytes"]["attn_mask"]
         read, read_plain = c_map["sync_load_bytes"]["attn_mask"], c_plain["sync_load_bytes"]["attn_mask"]
         if mask.dtype == torch.bool:
             # Batch 0's blocks skip the key tiles past key 90: fewer products and fewer K bytes loaded;

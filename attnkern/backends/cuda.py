@@ -68,6 +68,15 @@ def _ready_packed(t: torch.Tensor) -> torch.Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
+def _mask_map(mask, mods, q, k):
+    """The mask's block map (attnkern/block_map.py, cached per mask): the forward and dQ skip the key tiles
+    it hides from a whole query block and the mask reads of the tiles it leaves unchanged. None without a
+    mask, and with score modifications (their kernels read every tile)."""
+    if mask is None or mods.any:
+        return None
+    return block_map.block_map(mask, q.shape[2], k.shape[2]).flags
+
+
 class CudaBackend(Backend):
     name = "cuda"
     # Packed batches: the varlen ops run every sequence in one launch per pass (csrc/cuda/varlen.h).
@@ -111,10 +120,7 @@ class CudaBackend(Backend):
         # The output (and its residual) is laid out like the caller's query, padded or not.
         Evp = v.shape[-1]
         out, lse, stats, out_lo = new_output(q0, Evp), new_lse(q), new_stats(q), new_residual(q0, Evp, residual)
-        # The mask's block map (cached per mask): the forward skips the key tiles it hides from a whole
-        # query block and the mask reads of the tiles it leaves unchanged (the kernel with score
-        # modifications reads every tile).
-        mask_map = None if mask is None or mods.any else block_map.block_map(mask, q.shape[2], k.shape[2]).flags
+        mask_map = _mask_map(mask, mods, q, k)
         self._ops().forward(q, k, v, mask, scale, band.as_op(), *mods.op_args(), out, lse, stats,
                             out_lo if out_lo.numel() else None, mask_map)
         if out_lo.numel():
@@ -131,7 +137,7 @@ class CudaBackend(Backend):
         dq, dk, dv = new_grad(q), new_grad(k), new_grad(v)
         dmask = new_mask_grad(mask, stats.dtype) if mask_grad else None
         self._ops().backward(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, band.as_op(), *mods.op_args(),
-                             dq, dk, dv, dmask)
+                             dq, dk, dv, dmask, _mask_map(mask, mods, q, k))
         dq, dk, dv = (_cut(g, lambda t=t: new_grad(t), t.shape[-1]) for g, t in ((dq, q0), (dk, k0), (dv, v0)))
         return dq, dk, dv, (dmask.to(mask.dtype) if dmask is not None else None)
 

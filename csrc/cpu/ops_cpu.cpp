@@ -28,11 +28,12 @@ void backward_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& dlse,
                   double scale, at::IntArrayRef band, double softcap, const std::optional<at::Tensor>& alibi,
                   double dropout_p, const std::optional<at::Tensor>& rng,
                   const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
-                  const std::optional<at::Tensor>& dmask) {
+                  const std::optional<at::Tensor>& dmask, const std::optional<at::Tensor>& mask_map) {
   cpu::check_isa();
-  const AttentionParams p =
+  AttentionParams p =
       backward_params(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, band, {softcap, alibi, dropout_p, rng}, dq,
                       dk, dv, dmask);
+  set_mask_map(p, mask_map, q);  // checked as every device does; the CPU kernels do not read it
   if (p.B * p.Hkv * p.S == 0 && p.B * p.Hq * p.L == 0) return;
   cpu::attention_backward(p, q.scalar_type());
 }

@@ -329,7 +329,7 @@ __device__ __forceinline__ void compute_ds(float (&s)[Traits::kBlockN / 8][4], c
                                            int64_t n0, const float (&m)[2], const float (&log2l)[2],
                                            const float (&dl)[2], bool check, const AttentionParams& p,
                                            const MaskReader& mask, const ScoreModsOf<kMods>& mods,
-                                           float* p_sum = nullptr) {
+                                           float* p_sum = nullptr, bool read_mask = true) {
   using T = typename Traits::T;
   using QTile = typename Traits::QTile;
   using KVTile = typename Traits::KVTile;
@@ -359,7 +359,7 @@ __device__ __forceinline__ void compute_ds(float (&s)[Traits::kBlockN / 8][4], c
       } else {
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
-          const float x = mask_score<kHasMask>(s[j][2 * r + c], i, n0 + j * 8 + 2 * t + c, p, mask, check);
+          const float x = mask_score<kHasMask>(s[j][2 * r + c], i, n0 + j * 8 + 2 * t + c, p, mask, check, read_mask);
           const float pv = fast_exp2((x - m[r]) * kLog2e - log2l[r]);
           s[j][2 * r + c] = pv * (dp[j][2 * r + c] - dl[r]);
           if (p_sum) p_sum[r] += pv;
@@ -408,10 +408,16 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dq_kernel(cons
   const int n_end = keys.end;
   const int n_blocks = keys.begin < n_end ? (n_end - keys.begin + kBN - 1) / kBN : 0;  // tiles from keys.begin
 
+  // The mask's block map, as in the forward: hidden key tiles are neither loaded nor computed (their dS is
+  // 0), unchanged ones are computed without reading the mask.
+  constexpr bool kMap = kHasMask && !kMods;
+  int next_flags = kMap && n_blocks > 0 ? tile_map_flags<kBM, kBN>(p, b, h, m0, keys.begin, lane)
+                                        : kMapSees | kMapMasks;
+
   load_tile_async<QTile, kThreads, kHD>(sQ, q, p.q_st.l, int(p.L - m0), int(p.E), tid);
   load_tile_async<QTile, kThreads, kHD>(sdO, d, p.dout_st.l, int(p.L - m0), int(p.Ev), tid);
   cp_async_commit();
-  if (n_blocks > 0) {
+  if (n_blocks > 0 && (next_flags & kMapSees)) {
     load_kv_async<KVTile, kThreads, kHD>(sK, sV, k, v, p, keys.begin, n_end, tid);
   }
   cp_async_commit();
@@ -429,23 +435,29 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dq_kernel(cons
   for (int nb = 0; nb < n_blocks; ++nb) {
     const int stage = nb & 1;
     const int n0 = keys.begin + nb * kBN;
+    const int flags = next_flags;
     if (nb + 1 < n_blocks) {
-      load_kv_async<KVTile, kThreads, kHD>(sK + (stage ^ 1) * KVTile::kElems, sV + (stage ^ 1) * KVTile::kElems, k,
-                                           v, p, n0 + kBN, n_end, tid);
+      if constexpr (kMap) next_flags = tile_map_flags<kBM, kBN>(p, b, h, m0, n0 + kBN, lane);
+      if (next_flags & kMapSees) {
+        load_kv_async<KVTile, kThreads, kHD>(sK + (stage ^ 1) * KVTile::kElems, sV + (stage ^ 1) * KVTile::kElems,
+                                             k, v, p, n0 + kBN, n_end, tid);
+      }
     }
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
-    const T* sKs = sK + stage * KVTile::kElems;
-    const T* sVs = sV + stage * KVTile::kElems;
+    if (!kMap || (flags & kMapSees)) {  // else hidden by the mask: dS = 0
+      const T* sKs = sK + stage * KVTile::kElems;
+      const T* sVs = sV + stage * KVTile::kElems;
 
-    float ds[kNT][4];
-    const bool check = n0 + kBN > p.S || keys.check(p, n0, kBN) || kHasMask;
-    compute_ds<Traits, kHasMask, kMods, true>(ds, sQ, sdO, sKs, sVs, wrow, lane, m0, n0, m, log2l, dl, check, p, mask,
-                                              mods);
+      float ds[kNT][4];
+      const bool check = n0 + kBN > p.S || keys.check(p, n0, kBN) || kHasMask;
+      compute_ds<Traits, kHasMask, kMods, true>(ds, sQ, sdO, sKs, sVs, wrow, lane, m0, n0, m, log2l, dl, check, p,
+                                                mask, mods, nullptr, flags & kMapMasks);
 
-    // dQ += dS K
-    warp_mma_pb<T, KVTile, kNT, kOT>(dq, ds, sKs, 0, lane);
+      // dQ += dS K
+      warp_mma_pb<T, KVTile, kNT, kOT>(dq, ds, sKs, 0, lane);
+    }
     __syncthreads();
   }
   cp_async_wait<0>();

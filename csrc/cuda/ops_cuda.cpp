@@ -93,10 +93,11 @@ void backward_cuda(const at::Tensor& dout, const std::optional<at::Tensor>& dlse
                    double scale, at::IntArrayRef band, double softcap, const std::optional<at::Tensor>& alibi,
                   double dropout_p, const std::optional<at::Tensor>& rng,
                    const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
-                   const std::optional<at::Tensor>& dmask) {
+                   const std::optional<at::Tensor>& dmask, const std::optional<at::Tensor>& mask_map) {
   AttentionParams p =
       backward_params(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, band, {softcap, alibi, dropout_p, rng}, dq,
                       dk, dv, dmask);
+  set_mask_map(p, mask_map, q);
   check_problem(p, q);
   check_layout(q, "query"), check_layout(k, "key"), check_layout(v, "value"), check_layout(out, "out");
   if (p.out_lo) check_layout(*out_lo, "out_lo");

@@ -98,10 +98,11 @@ void backward_emu(const at::Tensor& dout, const std::optional<at::Tensor>& dlse,
                   double scale, at::IntArrayRef band, double softcap, const std::optional<at::Tensor>& alibi,
                   double dropout_p, const std::optional<at::Tensor>& rng, const at::Tensor& dq, const at::Tensor& dk,
                   const at::Tensor& dv,
-                  const std::optional<at::Tensor>& dmask) {
+                  const std::optional<at::Tensor>& dmask, const std::optional<at::Tensor>& mask_map) {
   AttentionParams p =
       backward_params(dout, dlse, q, k, v, mask, out, out_lo, stats, scale, band, {softcap, alibi, dropout_p, rng}, dq,
                       dk, dv, dmask);
+  set_mask_map(p, mask_map, q);
   check_problem(p, q);
   check_layout(q, "query"), check_layout(k, "key"), check_layout(v, "value"), check_layout(out, "out");
   if (p.out_lo) check_layout(*out_lo, "out_lo");
@@ -115,7 +116,7 @@ void backward_emu(const at::Tensor& dout, const std::optional<at::Tensor>& dlse,
                                  span(dq, "grad_query"),
                                  span(dk, "grad_key"),      span(dv, "grad_value"), span(dmask, "grad_mask"),
                                  span(alibi, "alibi"),      span(rng, "rng"),       span(delta, "delta (scratch)"),
-                                 span(kv_parts, "dK/dV parts (workspace)")};
+                                 span(kv_parts, "dK/dV parts (workspace)"), span(mask_map, "mask_map")};
   const int hd = head_dim_bucket(std::max(p.E, p.Ev));
   const cudaError_t err = q.scalar_type() == at::kHalf ? run_bwd<__half>(hd, p, delta.data_ptr<float>())
                                                        : run_bwd<__nv_bfloat16>(hd, p, delta.data_ptr<float>());

@@ -125,6 +125,7 @@ AttentionParams batch_slice(const AttentionParams& p, int64_t b0, int64_t n) {
     s.mask = advance(p.mask, b0 * p.mask_st.b, mask_elem_bytes(p));
     s.dmask = advance(p.dmask, b0 * p.Hm * p.Lm * p.Sm, sizeof(float));
   }
+  s.mask_map = p.mask_map ? p.mask_map + b0 * p.map_st.b : nullptr;  // map_st.b is 0 on a broadcast batch
   return s;
 }
 

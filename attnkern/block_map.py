@@ -11,9 +11,10 @@ entirely. The block map records, per sub-tile of TILE × TILE scores, two flags:
 so a sub-tile is empty (MASKS only), full (SEES only) or partial (both). Kernel tiles are whole
 sub-tiles (every config's block sizes are multiples of TILE), so one map serves every autotune config.
 
-The CUDA forward and dQ read the flags (their key tiles are whole sub-tiles too): a key tile no sub-tile of
-which SEES, for all the rows of a query block, is neither loaded nor computed, and a tile no sub-tile
-of which MASKS is computed without reading the mask. The Triton kernels use the spans derived from it
+The CUDA forward, dQ and dK/dV read the flags (their tiles are whole sub-tiles too): a key tile no sub-tile
+of which SEES, for all the rows of a query block, is neither loaded nor computed (in dK/dV: a query tile,
+for all the keys of a key block), and a tile no sub-tile of which MASKS is computed without reading the
+mask. The Triton kernels use the spans derived from it
 (BlockMap): a query block visits the keys from its rows' first to their last visible sub-tile, a key block the rows likewise, so that the tiles a bool
 mask hides at the ends of a block's range (padding, block-diagonal document masks, bands) are never
 visited. Two per-tile uses were compiled and measured with the compile report and left out, as Triton

@@ -59,7 +59,7 @@ AttentionParams forward_params(const at::Tensor& q, const at::Tensor& k, const a
 
 // Checks the optional mask_map of the forward and backward (the mask's block map: int8 (Bm, Hm,
 // ceil(L / 16), ceil(S / 16)), any dim 1) against p's mask and sets p.mask_map (kernels that read it:
-// the CUDA forward and dQ).
+// the CUDA forward, dQ and dK/dV).
 void set_mask_map(AttentionParams& p, const std::optional<at::Tensor>& map, const at::Tensor& q);
 
 // The forward's checks plus dout, dlse, and the gradient buffers dq, dk, dv, dmask.

@@ -40,7 +40,7 @@ struct AttentionParams {
   int64_t Bm = 1, Hm = 1, Lm = 1, Sm = 1;  // the mask's own (canonical) sizes
   MaskKind mask_kind = MaskKind::kNone;
   MaskElem mask_elem = MaskElem::kFloat32;  // a float mask's element type (float32 or q's dtype)
-  // The mask's block map (attnkern/block_map.py), read by the CUDA forward: int8 flags kMapSees |
+  // The mask's block map (attnkern/block_map.py), read by the CUDA forward, dQ and dK/dV: int8 flags kMapSees |
   // kMapMasks per 16 x 16 sub-tile of the scores, (Bm, Hm, ceil(L / 16), ceil(S / 16)) with any dim 1
   // (broadcast, stride 0 in map_st: (b, h, row, column)). A tile no sub-tile of which sees a key is
   // skipped (bool masks), one none of which the mask changes skips the mask reads. null: no map.

@@ -312,8 +312,8 @@ def _forward_counts(emu, q, k, v, mask, mask_map):
 
 @pytest.mark.parametrize("E", [64, 128])
 def test_block_map_skips_hidden_tiles_and_unchanged_mask_reads(emu, E):
-    """The forward and dQ with the mask's block map: key tiles a bool mask hides from a whole query block
-    are neither loaded nor computed, tiles the mask leaves unchanged are not read; the results are bitwise
+    """The forward, dQ and dK/dV with the mask's block map: tiles a bool mask hides whole are neither
+    loaded nor computed, tiles the mask leaves unchanged are not read; the results are bitwise
     those of the element-by-element path (the hidden tiles' scores are -inf: P = 0, statistics unchanged)."""
     from attnkern import block_map
 
@@ -332,20 +332,25 @@ def test_block_map_skips_hidden_tiles_and_unchanged_mask_reads(emu, E):
         mapped, c_map = _forward_counts(emu, q, k, v, mask, flags)
         for a, b in zip(plain, mapped):
             assert torch.equal(a, b)
-        # dQ reads the map too (dK/dV does not): the same gradients, and fewer products where tiles hide.
+        # dQ and dK/dV read the map too: the same gradients, fewer products where tiles hide, fewer mask
+        # reads where tiles are unchanged.
         grads = []
         for mask_map in (None, flags):
             dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
             emu.reset_kernel_counts()
             emu.backward(dout, None, q, k, v, mask, plain[0], None, plain[2], 0.125, [0, -1, -1], 0.0, None, 0.0, None,
                          dq, dk, dv, None, mask_map)
-            dq_counts = next(c for n, c in json.loads(emu.kernel_counts()).items() if "bwd_dq_kernel" in n)
-            grads.append(((dq, dk, dv), dq_counts))
+            counts = json.loads(emu.kernel_counts())
+            grads.append(((dq, dk, dv), [next(c for n, c in counts.items() if f"bwd_{kernel}_kernel" in n)
+                                         for kernel in ("dq", "dkdv")]))
         for a, b in zip(grads[0][0], grads[1][0]):
             assert torch.equal(a, b)
-        (_, dq_plain), (_, dq_map) = grads
-        assert (dq_map["mma"] < dq_plain["mma"]) == (mask.dtype == torch.bool)
-        assert dq_map["sync_load_bytes"]["attn_mask"] < dq_plain["sync_load_bytes"]["attn_mask"]
+        for bwd_plain, bwd_map in zip(grads[0][1], grads[1][1]):
+            assert (bwd_map["mma"] < bwd_plain["mma"]) == (mask.dtype == torch.bool)
+            assert bwd_map["sync_load_bytes"]["attn_mask"] < bwd_plain["sync_load_bytes"]["attn_mask"]
+        if mask.dtype == torch.bool:  # dK/dV's hidden query tiles are not loaded either
+            dkdv_plain, dkdv_map = grads[0][1][1], grads[1][1][1]
+            assert dkdv_map["async_load_bytes"]["query"] < dkdv_plain["async_load_bytes"]["query"]
         read, read_plain = c_map["sync_load_bytes"]["attn_mask"], c_plain["sync_load_bytes"]["attn_mask"]
         if mask.dtype == torch.bool:
             # Batch 0's blocks skip the key tiles past key 90: fewer products and fewer K bytes loaded;
@@ -363,7 +368,7 @@ def test_block_map_skips_hidden_tiles_and_unchanged_mask_reads(emu, E):
 
 def test_block_map_over_batch_slices(emu, monkeypatch):
     """Launches over batch slices (grid z limited to 2 here) read each slice's own rows of the block map:
-    per-batch padding masks give the same outputs and dQ as without the map, and the reference's."""
+    per-batch padding masks give the same outputs and gradients as without the map, and the reference's."""
     from attnkern import block_map
 
     monkeypatch.setenv("ATTNKERN_EMU_MAX_GRID_YZ", "2")

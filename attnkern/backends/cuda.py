@@ -69,8 +69,8 @@ def _ready_packed(t: torch.Tensor) -> torch.Tensor:
 
 
 def _mask_map(mask, mods, q, k):
-    """The mask's block map (attnkern/block_map.py, cached per mask): the forward and dQ skip the key tiles
-    it hides from a whole query block and the mask reads of the tiles it leaves unchanged. None without a
+    """The mask's block map (attnkern/block_map.py, cached per mask): the forward, dQ and dK/dV skip the
+    tiles it hides whole and the mask reads of the tiles it leaves unchanged. None without a
     mask, and with score modifications (their kernels read every tile)."""
     if mask is None or mods.any:
         return None

@@ -182,7 +182,17 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dkdv_kernel(co
       cp_async_4(st + 2 * kBM, delta + row, in);
     }
   };
-  if (n_iters > 0) prefetch(0, 0);
+  // The mask's block map, as in the forward: query tiles that see none of this CTA's keys are neither
+  // loaded nor computed (their P and dS are 0), unchanged ones are computed without reading the mask.
+  constexpr bool kMap = kHasMask && !kMods;
+  auto flags_of = [&](int it) {
+    int64_t h;
+    int m0;
+    tile_of(it, h, m0);
+    return tile_map_flags<kBM, kBN>(p, b, h, m0, n0, lane);
+  };
+  int next_flags = kMap && n_iters > 0 ? flags_of(0) : kMapSees | kMapMasks;
+  if (n_iters > 0 && (next_flags & kMapSees)) prefetch(0, 0);
   cp_async_commit();
 
   for (int it = 0; it < n_iters; ++it) {
@@ -190,9 +200,16 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dkdv_kernel(co
     int64_t h;
     int m0;
     tile_of(it, h, m0);
-    if (it + 1 < n_iters) prefetch(it + 1, stage ^ 1);
+    const int flags = next_flags;
+    if (it + 1 < n_iters) {
+      if constexpr (kMap) next_flags = flags_of(it + 1);
+      if (next_flags & kMapSees) prefetch(it + 1, stage ^ 1);
+    }
     cp_async_commit();
     cp_async_wait<1>();
+    // Hidden by the mask: nothing to add. No barrier: this stage was not loaded and nobody reads it, and
+    // the last reads of the other stage (the next prefetch's) ended in the previous iteration's barrier.
+    if (kMap && !(flags & kMapSees)) continue;
     // This thread's copies of the tile's row statistics have landed; row_stats' conventions before the
     // barrier shares them: rows past L and fully masked rows get m = +inf, log2 l = 0 (P = 0, not NaN).
     float* st = sStat + stage * 3 * kBM;
@@ -227,7 +244,8 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dkdv_kernel(co
             s[j][2 * r + c] = pv * z;
             dp[j][2 * r + c] = pv * (dp[j][2 * r + c] * z - st[2 * kBM + qi]) * (1.f - th * th);
           } else {
-            const float x = mask_score<kHasMask, kLeft, kHasMask || kLeft>(s[j][2 * r + c], m0 + qi, key, p, mask, check);
+            const float x = mask_score<kHasMask, kLeft, kHasMask || kLeft>(s[j][2 * r + c], m0 + qi, key, p, mask, check,
+                                                                      flags & kMapMasks);
             const float pv = fast_exp2((x - st[qi]) * kLog2e - st[kBM + qi]);
             s[j][2 * r + c] = pv;
             dp[j][2 * r + c] = pv * (dp[j][2 * r + c] - st[2 * kBM + qi]);

@@ -1,6 +1,8 @@
 // Attention forward on tensor cores (sm80+), FlashAttention-2 style.
 //
-// One CTA per (block of kBlockM query rows, query head, batch); warp w owns rows [16w, 16w + 16).
+// One CTA per (block of kBlockM query rows, query head, batch); warp w owns rows [16 kMT w, 16 kMT (w + 1)):
+// kMT = 2 (32 rows per warp) where the registers allow, so that each K and V fragment a warp loads from
+// shared memory serves two row tiles.
 // Q is loaded once into shared memory; K/V tiles of kBlockN keys stream through a two-stage cp.async
 // pipeline (the next tile loads while this one computes). Per tile, in registers:
 //     S = Q K^T (mma m16n8k16, fp32 accumulators); scale; user mask, band (causal, window), key bound
@@ -36,6 +38,7 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_fwd_kernel(const A
   constexpr int kThreads = Traits::kThreads;
   constexpr int kNT = kBN / 8;  // n8 tiles of a warp's score rows
   constexpr int kOT = kHD / 8;  // n8 tiles of a warp's output rows
+  constexpr int kMT = Traits::kMTiles;  // m16 tiles of a warp's rows
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
@@ -66,8 +69,10 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_fwd_kernel(const A
   // loaded nor computed (their scores are all -inf: P = 0, the row statistics unchanged), and tiles the
   // mask does not change are computed without reading it. A tile's flags are read when it is prefetched.
   constexpr bool kMap = kHasMask && !kMods;
-  int next_flags = kMap && n_blocks > 0 ? tile_map_flags<kBM, kBN>(p, b, h, m0, keys.begin, lane)
-                                        : kMapSees | kMapMasks;
+  int next_flags = kMapSees | kMapMasks;
+  if constexpr (kMap) {
+    if (n_blocks > 0) next_flags = tile_map_flags<kBM, kBN>(p, b, h, m0, keys.begin, lane);
+  }
 
   load_tile_async<QTile, kThreads, kHD>(sQ, q, p.q_st.l, int(p.L - m0), int(p.E), tid);
   cp_async_commit();
@@ -76,10 +81,12 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_fwd_kernel(const A
   }
   cp_async_commit();
 
-  float o[kOT][4];
+  float o[kMT][kOT][4];
   zero(o);
-  float row_max[2] = {kNegInf, kNegInf}, row_sum[2] = {0.f, 0.f};  // rows g and g + 8 of the warp
-  const int wrow = warp * 16;
+  float row_max[kMT][2], row_sum[kMT][2];  // rows g and g + 8 of each of the warp's row tiles
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) row_max[mt][0] = row_max[mt][1] = kNegInf, row_sum[mt][0] = row_sum[mt][1] = 0.f;
+  const int wrow = warp * 16 * kMT;
 
   for (int nb = 0; nb < n_blocks; ++nb) {
     const int stage = nb & 1;
@@ -100,66 +107,69 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_fwd_kernel(const A
       const T* sVs = sV + stage * KVTile::kElems;
 
       // S = Q K^T
-      float s[kNT][4];
+      float s[kMT][kNT][4];
       zero(s);
-      warp_mma_abt<T, QTile, KVTile, kHD, kNT>(s, sQ, wrow, sKs, lane);
+      warp_mma_abt<T, QTile, KVTile, kHD, kMT, kNT>(s, sQ, wrow, sKs, lane);
 
       // Scale and mask, then the online softmax update of rows g and g + 8.
       // A window's tiles are mostly edge tiles: its variant masks every tile (one code path, fewer registers).
       const bool check = kLeft || kHasMask || n0 + kBN > p.S || keys.check(p, n0, kBN);
-  #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int64_t i = m0 + wrow + g + 8 * r;
-        float mx = kNegInf;
-  #pragma unroll
-        for (int j = 0; j < kNT; ++j) {
-  #pragma unroll
-          for (int c = 0; c < 2; ++c) {
-            float& x = s[j][2 * r + c];
-            if constexpr (kMods) {
-              float tanh_unused;
-              x = mods_mask_score(x, i, n0 + j * 8 + 2 * t + c, p, mask, mods, tanh_unused);
-            } else {
-              x = mask_score<kHasMask, kLeft>(x, i, n0 + j * 8 + 2 * t + c, p, mask, check, flags & kMapMasks);
-            }
-            mx = fmaxf(mx, x);
-          }
-        }
-        const float m_new = fmaxf(row_max[r], quad_max(mx));
-        const float m_safe = m_new == kNegInf ? 0.f : m_new;  // nothing visible yet: keep P at 0, not NaN
-        const float alpha = fast_exp2((row_max[r] - m_safe) * kLog2e);
-        float sum = 0.f;
-  #pragma unroll
-        for (int j = 0; j < kNT; ++j) {
-  #pragma unroll
-          for (int c = 0; c < 2; ++c) {
-            float& x = s[j][2 * r + c];
-            x = fast_exp2((x - m_safe) * kLog2e);
-            sum += x;
-          }
-        }
-        row_sum[r] = row_sum[r] * alpha + sum;  // this thread's part; the quad's parts add up at the end
-        row_max[r] = m_new;
-        if constexpr (kMods) {
-          if (mods.dropout) {  // after the sum: the statistics are those of the undropped P
-  #pragma unroll
-            for (int j = 0; j < kNT; ++j) {
-              float z0, z1;
-              mods.dropout_pair(i, n0 + j * 8 + 2 * t, z0, z1);
-              s[j][2 * r] *= z0;
-              s[j][2 * r + 1] *= z1;
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int64_t i = m0 + wrow + 16 * mt + g + 8 * r;
+          float mx = kNegInf;
+#pragma unroll
+          for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+              float& x = s[mt][j][2 * r + c];
+              if constexpr (kMods) {
+                float tanh_unused;
+                x = mods_mask_score(x, i, n0 + j * 8 + 2 * t + c, p, mask, mods, tanh_unused);
+              } else {
+                x = mask_score<kHasMask, kLeft>(x, i, n0 + j * 8 + 2 * t + c, p, mask, check, flags & kMapMasks);
+              }
+              mx = fmaxf(mx, x);
             }
           }
-        }
-  #pragma unroll
-        for (int i2 = 0; i2 < kOT; ++i2) {
-          o[i2][2 * r] *= alpha;
-          o[i2][2 * r + 1] *= alpha;
+          const float m_new = fmaxf(row_max[mt][r], quad_max(mx));
+          const float m_safe = m_new == kNegInf ? 0.f : m_new;  // nothing visible yet: keep P at 0, not NaN
+          const float alpha = fast_exp2((row_max[mt][r] - m_safe) * kLog2e);
+          float sum = 0.f;
+#pragma unroll
+          for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+              float& x = s[mt][j][2 * r + c];
+              x = fast_exp2((x - m_safe) * kLog2e);
+              sum += x;
+            }
+          }
+          row_sum[mt][r] = row_sum[mt][r] * alpha + sum;  // this thread's part; the quad's parts add up at the end
+          row_max[mt][r] = m_new;
+          if constexpr (kMods) {
+            if (mods.dropout) {  // after the sum: the statistics are those of the undropped P
+#pragma unroll
+              for (int j = 0; j < kNT; ++j) {
+                float z0, z1;
+                mods.dropout_pair(i, n0 + j * 8 + 2 * t, z0, z1);
+                s[mt][j][2 * r] *= z0;
+                s[mt][j][2 * r + 1] *= z1;
+              }
+            }
+          }
+#pragma unroll
+          for (int i2 = 0; i2 < kOT; ++i2) {
+            o[mt][i2][2 * r] *= alpha;
+            o[mt][i2][2 * r + 1] *= alpha;
+          }
         }
       }
 
       // O += P V
-      warp_mma_pb<T, KVTile, kNT, kOT>(o, s, sVs, 0, lane);
+      warp_mma_pb<T, KVTile, kMT, kNT, kOT>(o, s, sVs, 0, lane);
     }
     __syncthreads();  // everyone is done with this stage before the next prefetch overwrites it
   }
@@ -170,37 +180,42 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_fwd_kernel(const A
   float* lse = static_cast<float*>(p.lse) + (b * p.Hq + h) * p.stat_len();
   float* stats = static_cast<float*>(p.stats) + (b * p.Hq + h) * p.stat_len() * 2;
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t i = m0 + wrow + g + 8 * r;
-    const float l = quad_sum(row_sum[r]);
-    if (i >= p.L) continue;
-    // l == 0: every key masked, output 0. l is NaN when the row's scores hold NaN or +inf: its output,
-    // lse and statistics are then NaN (the row max may have dropped the NaN: fmaxf ignores it), as in
-    // torch's math path, and the backward recomputes NaN probabilities for the row.
-    const bool empty = l == 0.f;
-    const float inv = empty ? 0.f : 1.f / l;
+  for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
-    for (int ot = 0; ot < kOT; ++ot) {
-      const int col = ot * 8 + 2 * t;
-      if (col < p.Ev) {
-        *reinterpret_cast<uint32_t*>(out + i * p.out_st.l + col) = pack2<T>(o[ot][2 * r] * inv, o[ot][2 * r + 1] * inv);
-      }
-    }
-    if (p.out_lo) {  // the rounding residual, for the backward's delta (a loop of its own: registers)
-      T* lo = static_cast<T*>(p.out_lo) + b * p.out_lo_st.b + h * p.out_lo_st.h + i * p.out_lo_st.l;
+    for (int r = 0; r < 2; ++r) {
+      const int64_t i = m0 + wrow + 16 * mt + g + 8 * r;
+      const float l = quad_sum(row_sum[mt][r]);
+      if (i >= p.L) continue;
+      // l == 0: every key masked, output 0. l is NaN when the row's scores hold NaN or +inf: its output,
+      // lse and statistics are then NaN (the row max may have dropped the NaN: fmaxf ignores it), as in
+      // torch's math path, and the backward recomputes NaN probabilities for the row.
+      const bool empty = l == 0.f;
+      const float inv = empty ? 0.f : 1.f / l;
 #pragma unroll
       for (int ot = 0; ot < kOT; ++ot) {
         const int col = ot * 8 + 2 * t;
         if (col < p.Ev) {
-          *reinterpret_cast<uint32_t*>(lo + col) = pack2_residual<T>(o[ot][2 * r] * inv, o[ot][2 * r + 1] * inv);
+          *reinterpret_cast<uint32_t*>(out + i * p.out_st.l + col) =
+              pack2<T>(o[mt][ot][2 * r] * inv, o[mt][ot][2 * r + 1] * inv);
         }
       }
-    }
-    if (t == 0) {
-      const float log2l = empty ? kNegInf : log2f(l);
-      lse[i] = empty ? kNegInf : row_max[r] + log2l * kLn2;
-      stats[2 * i] = empty ? kNegInf : (isnan(l) ? l : row_max[r]);
-      stats[2 * i + 1] = log2l;
+      if (p.out_lo) {  // the rounding residual, for the backward's delta (a loop of its own: registers)
+        T* lo = static_cast<T*>(p.out_lo) + b * p.out_lo_st.b + h * p.out_lo_st.h + i * p.out_lo_st.l;
+#pragma unroll
+        for (int ot = 0; ot < kOT; ++ot) {
+          const int col = ot * 8 + 2 * t;
+          if (col < p.Ev) {
+            *reinterpret_cast<uint32_t*>(lo + col) =
+                pack2_residual<T>(o[mt][ot][2 * r] * inv, o[mt][ot][2 * r + 1] * inv);
+          }
+        }
+      }
+      if (t == 0) {
+        const float log2l = empty ? kNegInf : log2f(l);
+        lse[i] = empty ? kNegInf : row_max[mt][r] + log2l * kLn2;
+        stats[2 * i] = empty ? kNegInf : (isnan(l) ? l : row_max[mt][r]);
+        stats[2 * i + 1] = log2l;
+      }
     }
   }
 }

@@ -17,13 +17,16 @@
 namespace attnkern {
 namespace cuda {
 
-// Forward: kBlockN keys per tile, 4 warps (64 query rows per CTA). Larger head dims take smaller key
-// tiles so the output accumulators (head_dim / 2 floats per thread) and scores fit in registers.
+// Forward: kBlockN keys per tile, 4 warps of 32 query rows (128 per CTA; each K/V fragment loaded from
+// shared memory serves two m16 row tiles) up to head dim 128, of 16 rows above. The output accumulators
+// (head_dim / 2 floats per thread and row tile) and the scores must fit in registers: key tiles of 64
+// up to head dim 64, then 32 (128 x 64 at head dim 128 spilled 308 B).
 template <typename T, int HD>
 struct FwdConfig {
-  using Traits = FwdTraits<HD, (HD <= 64 ? 128 : (HD <= 128 ? 64 : 32)), 4, T>;
-  // A user mask and a window together: key tiles of 32 from head dim 128 on (the 64-key tiles spilled).
-  using MaskedWindow = FwdTraits<HD, (HD <= 64 ? 128 : (HD < 128 ? 64 : 32)), 4, T>;
+  using Traits = FwdTraits<HD, (HD <= 64 ? 64 : 32), 4, T, (HD <= 128 ? 2 : 1)>;
+  // With a user mask (and any window): key tiles of 32; 32 rows per warp up to head dim 96 (at 128 the
+  // mask reads' registers spilled 4 B on sm_80).
+  using MaskedWindow = FwdTraits<HD, 32, 4, T, (HD <= 96 ? 2 : 1)>;
   // The kMods variant (soft-capping, ALiBi, dropout, with any mask and band): the capping and the dropout
   // draws need registers of their own, so key tiles of 64 up to head dim 96, 32 to 160, then 16.
   using Mods = FwdTraits<HD, (HD <= 96 ? 64 : (HD <= 160 ? 32 : 16)), 4, T>;

@@ -292,10 +292,13 @@ def test_main_loop_figures_counted_on_the_emulation(emu):
     fwd64, fwd128 = (grid[("attention_fwd_kernel", f"E={e}")] for e in (64, 128))
     assert (fwd64.smem_loads_per_mma, fwd128.smem_loads_per_mma) == (0.312, 0.375)
     assert (fwd64.exp_per_score, fwd128.exp_per_score) == (1.062, 1.125)
+    # dQ's warps too at E = 64 (10 loads per 24 MMAs); at E = 128 only with a user mask (below).
+    assert grid[("attention_bwd_dq_kernel", "E=64")].smem_loads_per_mma == 0.417
     # A user mask that changes every tile is read element by element from global memory: 1 byte per score
     # (bool) in the forward, plus its block map's flags (one byte per lane and key tile).
     masked = {(r.kernel, r.problem.split()[-1]): r for r in recs if "mask" in r.problem}
     assert 1.0 < masked[("attention_fwd_kernel[mask]", "bool-mask")].sync_bytes_per_score < 1.05
+    assert masked[("attention_bwd_dq_kernel[mask]", "bool-mask")].smem_loads_per_mma == 0.417
     # Masked kernels at E = 128 (dK/dV on 16-row query tiles, without the column split) duplicate nothing
     # either (the masked forward's 32-key tiles rescale its rows twice as often: 1.12 exps per score);
     # above 128 dK/dV's column split recomputes S and dP (KNOWN).

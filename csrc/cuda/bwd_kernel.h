@@ -45,13 +45,14 @@ struct BwdTraits {
   static_assert(kHeadDim % (16 * kSplit) == 0, "split head dims in whole k16 tiles");
 };
 
-template <int kHeadDim_, int kBlockN_, int kNWarps_, typename T_>
+template <int kHeadDim_, int kBlockN_, int kNWarps_, typename T_, int kMTiles_ = 1>
 struct DqTraits {
   using T = T_;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kNWarps = kNWarps_;
   static constexpr int kThreads = kNWarps * 32;
-  static constexpr int kBlockM = 16 * kNWarps;  // query rows per CTA
+  static constexpr int kMTiles = kMTiles_;  // 16-row tiles per warp (2: each K/V fragment serves 32 rows)
+  static constexpr int kBlockM = 16 * kMTiles * kNWarps;  // query rows per CTA
   static constexpr int kBlockN = kBlockN_;      // keys per tile
   static constexpr int kWidth = smem_width(kHeadDim);
   using QTile = SmemTile<kBlockM, kWidth>;
@@ -336,51 +337,56 @@ __global__ void attention_bwd_sum_kv_parts_kernel(const AttentionParams params) 
 
 // ---------------------------------------------------------------------------------------------------
 // Shared by the dQ and dMask passes: for one tile of query rows (in sQ/sdO, stats in registers) and one
-// tile of keys (in sKs/sVs), compute dS (in s) for this warp's 16 rows. p_sum, when given, gets this
-// thread's P of each of its two rows added (the dMask pass's sums over keys). kMods: with the score
-// modifications, dS = P (dP Z - delta), times the cap's derivative when kCapGrad (dQ: dR; the mask's
-// gradient is dS itself).
-template <typename Traits, bool kHasMask, bool kMods = false, bool kCapGrad = false>
-__device__ __forceinline__ void compute_ds(float (&s)[Traits::kBlockN / 8][4], const typename Traits::T* sQ,
+// tile of keys (in sKs/sVs), compute dS (in s) for this warp's 16 kMT rows (kMT row tiles of 16). p_sum,
+// when given, gets this thread's P of each of its rows added (2 mt + r: the dMask pass's sums over
+// keys). kMods: with the score modifications, dS = P (dP Z - delta), times the cap's derivative when
+// kCapGrad (dQ: dR; the mask's gradient is dS itself).
+template <typename Traits, bool kHasMask, bool kMods = false, bool kCapGrad = false, int kMT = Traits::kMTiles,
+          int kNT = Traits::kBlockN / 8>
+__device__ __forceinline__ void compute_ds(float (&s)[kMT][kNT][4], const typename Traits::T* sQ,
                                            const typename Traits::T* sdO, const typename Traits::T* sKs,
                                            const typename Traits::T* sVs, int wrow, int lane, int64_t m0,
-                                           int64_t n0, const float (&m)[2], const float (&log2l)[2],
-                                           const float (&dl)[2], bool check, const AttentionParams& p,
+                                           int64_t n0, const float (&m)[kMT][2], const float (&log2l)[kMT][2],
+                                           const float (&dl)[kMT][2], bool check, const AttentionParams& p,
                                            const MaskReader& mask, const ScoreModsOf<kMods>& mods,
                                            float* p_sum = nullptr, bool read_mask = true) {
   using T = typename Traits::T;
   using QTile = typename Traits::QTile;
   using KVTile = typename Traits::KVTile;
-  constexpr int kHD = Traits::kHeadDim, kNT = Traits::kBlockN / 8;
+  constexpr int kHD = Traits::kHeadDim;
   const int g = lane >> 2, t = lane & 3;
-  float dp[kNT][4];
+  float dp[kMT][kNT][4];
   zero(s), zero(dp);
-  warp_mma_abt<T, QTile, KVTile, kHD, kNT>(s, sQ, wrow, sKs, lane);
-  warp_mma_abt<T, QTile, KVTile, kHD, kNT>(dp, sdO, wrow, sVs, lane);
+  warp_mma_abt<T, QTile, KVTile, kHD, kMT, kNT>(s, sQ, wrow, sKs, lane);
+  warp_mma_abt<T, QTile, KVTile, kHD, kMT, kNT>(dp, sdO, wrow, sVs, lane);
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t i = m0 + wrow + g + 8 * r;
+  for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
-    for (int j = 0; j < kNT; ++j) {
-      if constexpr (kMods) {
-        float z[2] = {1.f, 1.f};
-        if (mods.dropout) mods.dropout_pair(i, n0 + j * 8 + 2 * t, z[0], z[1]);
+    for (int r = 0; r < 2; ++r) {
+      const int64_t i = m0 + wrow + 16 * mt + g + 8 * r;
 #pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          float th;
-          const float x = mods_mask_score(s[j][2 * r + c], i, n0 + j * 8 + 2 * t + c, p, mask, mods, th);
-          const float pv = fast_exp2((x - m[r]) * kLog2e - log2l[r]);
-          const float ds = pv * (dp[j][2 * r + c] * z[c] - dl[r]);
-          s[j][2 * r + c] = kCapGrad ? ds * (1.f - th * th) : ds;
-          if (p_sum) p_sum[r] += pv;
-        }
-      } else {
+      for (int j = 0; j < kNT; ++j) {
+        if constexpr (kMods) {
+          float z[2] = {1.f, 1.f};
+          if (mods.dropout) mods.dropout_pair(i, n0 + j * 8 + 2 * t, z[0], z[1]);
 #pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const float x = mask_score<kHasMask>(s[j][2 * r + c], i, n0 + j * 8 + 2 * t + c, p, mask, check, read_mask);
-          const float pv = fast_exp2((x - m[r]) * kLog2e - log2l[r]);
-          s[j][2 * r + c] = pv * (dp[j][2 * r + c] - dl[r]);
-          if (p_sum) p_sum[r] += pv;
+          for (int c = 0; c < 2; ++c) {
+            float th;
+            const float x = mods_mask_score(s[mt][j][2 * r + c], i, n0 + j * 8 + 2 * t + c, p, mask, mods, th);
+            const float pv = fast_exp2((x - m[mt][r]) * kLog2e - log2l[mt][r]);
+            const float ds = pv * (dp[mt][j][2 * r + c] * z[c] - dl[mt][r]);
+            s[mt][j][2 * r + c] = kCapGrad ? ds * (1.f - th * th) : ds;
+            if (p_sum) p_sum[2 * mt + r] += pv;
+          }
+        } else {
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const float x =
+                mask_score<kHasMask>(s[mt][j][2 * r + c], i, n0 + j * 8 + 2 * t + c, p, mask, check, read_mask);
+            const float pv = fast_exp2((x - m[mt][r]) * kLog2e - log2l[mt][r]);
+            s[mt][j][2 * r + c] = pv * (dp[mt][j][2 * r + c] - dl[mt][r]);
+            if (p_sum) p_sum[2 * mt + r] += pv;
+          }
         }
       }
     }
@@ -396,7 +402,7 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dq_kernel(cons
   using KVTile = typename Traits::KVTile;
   constexpr int kHD = Traits::kHeadDim, kBM = Traits::kBlockM, kBN = Traits::kBlockN;
   constexpr int kThreads = Traits::kThreads;
-  constexpr int kNT = kBN / 8, kOT = kHD / 8;
+  constexpr int kNT = kBN / 8, kOT = kHD / 8, kMT = Traits::kMTiles;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
@@ -413,7 +419,7 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dq_kernel(cons
   const int64_t h = blockIdx.y, hk = h / p.group;
   const int m0 = m_block * kBM;
   if (m0 >= p.L) return;  // past the rows of its sequence (a packed batch's shorter ones)
-  const int wrow = warp * 16;
+  const int wrow = warp * 16 * kMT;
 
   const T* q = static_cast<const T*>(p.q) + b * p.q_st.b + h * p.q_st.h + int64_t(m0) * p.q_st.l;
   const T* d = static_cast<const T*>(p.dout) + b * p.dout_st.b + h * p.dout_st.h + int64_t(m0) * p.dout_st.l;
@@ -429,8 +435,10 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dq_kernel(cons
   // The mask's block map, as in the forward: hidden key tiles are neither loaded nor computed (their dS is
   // 0), unchanged ones are computed without reading the mask.
   constexpr bool kMap = kHasMask && !kMods;
-  int next_flags = kMap && n_blocks > 0 ? tile_map_flags<kBM, kBN>(p, b, h, m0, keys.begin, lane)
-                                        : kMapSees | kMapMasks;
+  int next_flags = kMapSees | kMapMasks;
+  if constexpr (kMap) {
+    if (n_blocks > 0) next_flags = tile_map_flags<kBM, kBN>(p, b, h, m0, keys.begin, lane);
+  }
 
   load_tile_async<QTile, kThreads, kHD>(sQ, q, p.q_st.l, int(p.L - m0), int(p.E), tid);
   load_tile_async<QTile, kThreads, kHD>(sdO, d, p.dout_st.l, int(p.L - m0), int(p.Ev), tid);
@@ -440,14 +448,17 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dq_kernel(cons
   }
   cp_async_commit();
 
-  float m[2], log2l[2], dl[2];
+  float m[kMT][2], log2l[kMT][2], dl[kMT][2];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t i = m0 + wrow + g + 8 * r;
-    row_stats(p, b * p.Hq + h, i, m[r], log2l[r]);
-    dl[r] = i < p.L ? delta[(b * p.Hq + h) * p.stat_len() + i] : 0.f;
+  for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int64_t i = m0 + wrow + 16 * mt + g + 8 * r;
+      row_stats(p, b * p.Hq + h, i, m[mt][r], log2l[mt][r]);
+      dl[mt][r] = i < p.L ? delta[(b * p.Hq + h) * p.stat_len() + i] : 0.f;
+    }
   }
-  float dq[kOT][4];
+  float dq[kMT][kOT][4];
   zero(dq);
 
   for (int nb = 0; nb < n_blocks; ++nb) {
@@ -468,13 +479,13 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dq_kernel(cons
       const T* sKs = sK + stage * KVTile::kElems;
       const T* sVs = sV + stage * KVTile::kElems;
 
-      float ds[kNT][4];
+      float ds[kMT][kNT][4];
       const bool check = n0 + kBN > p.S || keys.check(p, n0, kBN) || kHasMask;
       compute_ds<Traits, kHasMask, kMods, true>(ds, sQ, sdO, sKs, sVs, wrow, lane, m0, n0, m, log2l, dl, check, p,
                                                 mask, mods, nullptr, flags & kMapMasks);
 
       // dQ += dS K
-      warp_mma_pb<T, KVTile, kNT, kOT>(dq, ds, sKs, 0, lane);
+      warp_mma_pb<T, KVTile, kMT, kNT, kOT>(dq, ds, sKs, 0, lane);
     }
     __syncthreads();
   }
@@ -483,15 +494,18 @@ __global__ void __launch_bounds__(Traits::kThreads) attention_bwd_dq_kernel(cons
   T* dqb = static_cast<T*>(p.dq) + b * p.dq_st.b + h * p.dq_st.h;
   const float scale = static_cast<float>(p.scale);
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t i = m0 + wrow + g + 8 * r;
-    if (i >= p.L) continue;
+  for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
-    for (int ot = 0; ot < kOT; ++ot) {
-      const int col = ot * 8 + 2 * t;
-      if (col < p.E) {
-        *reinterpret_cast<uint32_t*>(dqb + i * p.dq_st.l + col) =
-            pack2<T>(dq[ot][2 * r] * scale, dq[ot][2 * r + 1] * scale);
+    for (int r = 0; r < 2; ++r) {
+      const int64_t i = m0 + wrow + 16 * mt + g + 8 * r;
+      if (i >= p.L) continue;
+#pragma unroll
+      for (int ot = 0; ot < kOT; ++ot) {
+        const int col = ot * 8 + 2 * t;
+        if (col < p.E) {
+          *reinterpret_cast<uint32_t*>(dqb + i * p.dq_st.l + col) =
+              pack2<T>(dq[mt][ot][2 * r] * scale, dq[mt][ot][2 * r + 1] * scale);
+        }
       }
     }
   }
@@ -515,6 +529,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) attention_bwd_dmask_kerne
   constexpr int kHD = Traits::kHeadDim, kBM = Traits::kBlockM, kBN = Traits::kBlockN;
   constexpr int kThreads = Traits::kThreads;
   constexpr int kNT = kBN / 8;
+  static_assert(Traits::kMTiles == 1, "dMask: one 16-row tile per warp");
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
@@ -547,13 +562,13 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) attention_bwd_dmask_kerne
         __syncthreads();
         load_tile_async<QTile, kThreads, kHD>(sQ, q, p.q_st.l, int(p.L - m0), int(p.E), tid);
         load_tile_async<QTile, kThreads, kHD>(sdO, d, p.dout_st.l, int(p.L - m0), int(p.Ev), tid);
-        float m[2], log2l[2], dl[2];
+        float m[1][2], log2l[1][2], dl[1][2];  // one row tile per warp (Traits::kMTiles == 1)
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const int64_t i = m0 + wrow + g + 8 * r;
-          row_stats(p, b * p.Hq + h, i, m[r], log2l[r]);
-          dl[r] = i < p.L ? delta[(b * p.Hq + h) * p.L + i] : 0.f;
-          if (sum_s) dl[r] = 0.f;  // compute_ds then leaves P dP
+          row_stats(p, b * p.Hq + h, i, m[0][r], log2l[0][r]);
+          dl[0][r] = i < p.L ? delta[(b * p.Hq + h) * p.L + i] : 0.f;
+          if (sum_s) dl[0][r] = 0.f;  // compute_ds then leaves P dP
         }
         float row_pdp[2] = {0.f, 0.f}, row_p[2] = {0.f, 0.f};  // sum_s: this thread's part of A and B
         for (int64_t n0 = c0; n0 < c1; n0 += kBN) {
@@ -562,19 +577,19 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) attention_bwd_dmask_kerne
           cp_async_commit();
           cp_async_wait<0>();
           __syncthreads();
-          float ds[kNT][4];
+          float ds[1][kNT][4];
           compute_ds<Traits, true, kMods, false>(ds, sQ, sdO, sK, sV, wrow, lane, m0, n0, m, log2l, dl, true, p,
                                                  mask, mods, sum_s ? row_p : nullptr);
           if (sum_s) {
 #pragma unroll
             for (int j = 0; j < kNT; ++j) {
-              row_pdp[0] += ds[j][0] + ds[j][1];
-              row_pdp[1] += ds[j][2] + ds[j][3];
+              row_pdp[0] += ds[0][j][0] + ds[0][j][1];
+              row_pdp[1] += ds[0][j][2] + ds[0][j][3];
             }
           } else {
 #pragma unroll
             for (int j = 0; j < kNT; ++j) {
-              acc[j][0] += ds[j][0], acc[j][1] += ds[j][1], acc[j][2] += ds[j][2], acc[j][3] += ds[j][3];
+              acc[j][0] += ds[0][j][0], acc[j][1] += ds[0][j][1], acc[j][2] += ds[0][j][2], acc[j][3] += ds[0][j][3];
             }
           }
         }

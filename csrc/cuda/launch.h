@@ -34,8 +34,10 @@ struct FwdConfig {
 
 // dK/dV: 4 warps (64 keys per CTA), query tiles of 64 rows up to head dim 64, else 32 (16 over head
 // dim 192); head dims over 128 split dK/dV across two CTAs (each recomputing S and dP) so the dK and dV
-// accumulators fit in registers. dQ and dMask: 4 warps (64 rows), key tiles of 64 up to head dim 64,
-// else 32 (16 over head dim 192). Head dim 256 takes the 16-row tiles so that its backward fits the
+// accumulators fit in registers. dQ: 4 warps of 32 rows (128 per CTA) up to head dim 96, and at 128 with
+// a user mask (the plain kernel, which also serves packed batches, spilled 28-32 B with 32 rows there),
+// else of 16; key tiles of 32 (16 at 256). dMask: 4 warps of 16 rows, key tiles of 64 up to head dim
+// 64, else 32 (16 over head dim 192). Head dim 256 takes the 16-row tiles so that its backward fits the
 // 99 KB of shared memory of sm_86/sm_89 (with 32 it needed 129 KB: no launch there).
 template <typename T, int HD>
 struct BwdConfig {
@@ -45,7 +47,10 @@ struct BwdConfig {
   // at head dim 128 (there 32 rows spilled without the column split, and the split computed S and dP
   // in both CTAs: 1.5x the products, 2 exps per score).
   using DkDvMasked = BwdTraits<HD, (HD == 128 ? 16 : (kTile < 32 ? kTile : 32)), 4, (HD <= 128 ? 1 : 2), T>;
-  using Dq = DqTraits<HD, kTile, 4, T>;
+  static constexpr int kDqTile = kTile < 32 ? kTile : 32;
+  using Dq = DqTraits<HD, kDqTile, 4, T, (HD <= 96 ? 2 : 1)>;
+  using DqMasked = DqTraits<HD, kDqTile, 4, T, (HD <= 128 ? 2 : 1)>;
+  using Dm = DqTraits<HD, kTile, 4, T>;
   // The kMods variants (soft-capping, ALiBi, dropout, with any mask and band): the masked tiling, with
   // tiles of 16 from head dim 192 on (dK/dV's query tiles at 128 too, without the column split), and
   // key tiles of 32 for dQ and dMask at head dim 32.
@@ -199,9 +204,9 @@ cudaError_t launch_dkdv(const AttentionParams& p, const float* delta, cudaStream
   return cudaGetLastError();
 }
 
-// The backward's passes: preprocess, dK/dV (dkdv(slice, delta)), dQ (kernel dq) and, for a float mask that
-// requires grad, dMask (kernel dm); dQ and dMask on tiles of Dq.
-template <typename T, typename Dq, typename DkDvLaunch, typename DqKernel, typename DmKernel>
+// The backward's passes: preprocess, dK/dV (dkdv(slice, delta)), dQ (kernel dq, tiles of Dq) and, for a
+// float mask that requires grad, dMask (kernel dm, tiles of Dm).
+template <typename T, typename Dq, typename Dm, typename DkDvLaunch, typename DqKernel, typename DmKernel>
 cudaError_t launch_bwd(const AttentionParams& p, float* delta, cudaStream_t stream, DkDvLaunch dkdv, DqKernel dq,
                        DmKernel dm) {
   if (p.B * p.Hq == 0) return cudaSuccess;
@@ -230,14 +235,14 @@ cudaError_t launch_bwd(const AttentionParams& p, float* delta, cudaStream_t stre
   if (p.dmask && p.L > 0 && p.S > 0) {
     // dMask: Bm * Hm mask slices on grid z. A mask shared by the batch (Bm == 1) is summed over it inside
     // the kernel: one launch over the whole batch; a per-batch mask (Bm == B) is sliced with the batch.
-    if ((err = allow_smem(dm, Dq::kSmemBytes)) != cudaSuccess) return err;
+    if ((err = allow_smem(dm, Dm::kSmemBytes)) != cudaSuccess) return err;
     const int64_t per_launch = p.Bm > 1 ? max_grid_yz() / p.Hm : p.B;
     if (per_launch < 1) return cudaErrorInvalidConfiguration;  // more mask heads than grid z holds (declined)
     err = for_batch_slices<T>(p, delta, per_launch, [&](const AttentionParams& s, float* d) {
       const bool sum_l = s.Lm == 1 && s.L > 1, sum_s = s.Sm == 1 && s.S > 1;
-      const dim3 grid_m(sum_l ? 1u : unsigned((s.L + Dq::kBlockM - 1) / Dq::kBlockM),
-                        sum_s ? 1u : unsigned((s.S + Dq::kBlockN - 1) / Dq::kBlockN), unsigned(s.Bm * s.Hm));
-      ATTNKERN_LAUNCH(dm, grid_m, Dq::kThreads, Dq::kSmemBytes, stream)(s, d, static_cast<float*>(s.dmask));
+      const dim3 grid_m(sum_l ? 1u : unsigned((s.L + Dm::kBlockM - 1) / Dm::kBlockM),
+                        sum_s ? 1u : unsigned((s.S + Dm::kBlockN - 1) / Dm::kBlockN), unsigned(s.Bm * s.Hm));
+      ATTNKERN_LAUNCH(dm, grid_m, Dm::kThreads, Dm::kSmemBytes, stream)(s, d, static_cast<float*>(s.dmask));
       return cudaGetLastError();
     });
   }
@@ -250,8 +255,8 @@ cudaError_t run_attention_bwd_mods(const AttentionParams& p, float* delta, cudaS
   using DkDv = typename BwdConfig<T, HD>::DkDvMods;
   using Dq = typename BwdConfig<T, HD>::DqMods;
   auto dkdv = [&](const AttentionParams& s, const float* d) { return launch_dkdv<DkDv, true, true, true>(s, d, stream); };
-  return launch_bwd<T, Dq>(p, delta, stream, dkdv, attention_bwd_dq_kernel<Dq, true, true>,
-                           attention_bwd_dmask_kernel<Dq, true>);
+  return launch_bwd<T, Dq, Dq>(p, delta, stream, dkdv, attention_bwd_dq_kernel<Dq, true, true>,
+                               attention_bwd_dmask_kernel<Dq, true>);
 }
 
 template <typename T, int HD>
@@ -260,6 +265,7 @@ cudaError_t run_attention_bwd(const AttentionParams& p, float* delta, cudaStream
   using DkDv = typename BwdConfig<T, HD>::DkDv;
   using DkDvMasked = typename BwdConfig<T, HD>::DkDvMasked;
   using Dq = typename BwdConfig<T, HD>::Dq;
+  using DqMasked = typename BwdConfig<T, HD>::DqMasked;
   const bool has_mask = p.mask_kind != MaskKind::kNone;
   // A user mask or a window's left bound costs the per-element reads/compares registers: those launches
   // take the masked tiling (the column split above head dim 128).
@@ -268,9 +274,11 @@ cudaError_t run_attention_bwd(const AttentionParams& p, float* delta, cudaStream
            : s.has_left ? launch_dkdv<DkDvMasked, false, true>(s, d, stream)
                         : launch_dkdv<DkDv, false, false>(s, d, stream);
   };
-  return launch_bwd<T, Dq>(p, delta, stream, dkdv,
-                           has_mask ? attention_bwd_dq_kernel<Dq, true> : attention_bwd_dq_kernel<Dq, false>,
-                           attention_bwd_dmask_kernel<Dq>);
+  using Dm = typename BwdConfig<T, HD>::Dm;
+  if (has_mask) return launch_bwd<T, DqMasked, Dm>(p, delta, stream, dkdv, attention_bwd_dq_kernel<DqMasked, true>,
+                                                   attention_bwd_dmask_kernel<Dm>);
+  return launch_bwd<T, Dq, Dm>(p, delta, stream, dkdv, attention_bwd_dq_kernel<Dq, false>,
+                               attention_bwd_dmask_kernel<Dm>);
 }
 
 }  // namespace cuda

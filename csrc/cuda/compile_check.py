@@ -3,9 +3,8 @@
     python csrc/cuda/compile_check.py [--jobs N] [--arch 80 90a] [--only fwd_hdim64] [--json out.json]
 
 Every unit in csrc/cuda/inst/ goes through nvcc with `-Xptxas -v`; per kernel it reports registers,
-spill bytes and static shared memory. It fails on a compile error, and on any register spill in the
-kernels of the head dims the benchmarks time (64 and 128, forward and backward, the score-modification
-kernels and the KV-cache decode kernels of those head dims). The op layer
+spill bytes and static shared memory. It fails on a compile error, and on any register spill, in every
+head dim and variant (forward, backward, score modifications, KV-cache decode). The op layer
 (ops_cuda.cpp and decode_ops_cuda.cpp, host code) is syntax-checked against torch's headers with the host
 compiler. Needs nvcc, not a GPU and not a CUDA build of torch: the kernel units include no torch headers.
 """
@@ -24,10 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.dirname(HERE)
-# Kernels that must not spill: those of the head dims the throughput benchmarks time. The others are
-# reported (head dims 160..256 spill a little at these tile sizes) but do not fail the check.
+# The units of the head dims the throughput benchmarks time (the compile report's grid).
 BUDGETED = re.compile(r"(fwd|bwd|mods|decode)_hdim(64|128)_")
-SPILL_BUDGET = 0  # bytes of spill stores allowed in BUDGETED units
+SPILL_BUDGET = 0  # bytes of spill stores allowed in any kernel
 
 
 def nvcc_path():
@@ -150,8 +148,9 @@ def compile_units(units, archs, jobs):
 
 
 def is_violation(unit: str, kernel) -> bool:
-    """Whether a compiled kernel breaks the spill rule (only the benchmarked head dims are held to it)."""
-    return kernel["spills"] > SPILL_BUDGET and BUDGETED.match(unit) is not None
+    """Whether a compiled kernel of `unit` breaks the spill rule (every unit is held to it: until
+    2026-12-02 head dims 96 and 160-256 spilled up to 108 B and were only reported)."""
+    return kernel["spills"] > SPILL_BUDGET
 
 
 def main(argv=None) -> int:
